@@ -1,0 +1,63 @@
+// Custom Functions enter the graph as a primitive whose vjp calls the user's backward.
+#include "autograd/function.h"
+
+#include "autograd/grad_mode.h"
+#include "autograd/node.h"
+
+namespace kiln::autograd {
+
+class FunctionPrimitive final : public Primitive {
+ public:
+  explicit FunctionPrimitive(std::shared_ptr<Function> fn) : fn_(std::move(fn)) {}
+  const char* name() const override { return fn_->name(); }
+  std::vector<TensorMeta> infer(const std::vector<Tensor>&) const override {
+    KILN_FAIL(fn_->name(), "custom functions run through autograd::apply, not dispatch");
+  }
+  bool differentiable() const override { return true; }
+  bool vjp_needs_inputs() const override { return false; }
+  bool vjp_needs_outputs() const override { return false; }
+  std::vector<Tensor> vjp(const std::vector<Tensor>&, const std::vector<Tensor>&, const std::vector<Tensor>& cot,
+                          const std::vector<bool>& wanted) const override {
+    KILN_CHECK(!fn_->released_, fn_->name(),
+               "backward called a second time, but the saved tensors were freed by the first backward; pass "
+               "retain_graph=true to the first backward");
+    fn_->needs_input_grad_ = wanted;
+    std::vector<Tensor> g = fn_->backward(cot);
+    KILN_CHECK(g.size() == wanted.size(), fn_->name(), "backward returned {} gradients for {} inputs", g.size(),
+               wanted.size());
+    return g;
+  }
+  void release_saved() const override {
+    fn_->saved_.clear();
+    fn_->released_ = true;
+  }
+
+ private:
+  std::shared_ptr<Function> fn_;
+};
+
+void Function::save_for_backward(std::vector<Tensor> tensors) { saved_ = std::move(tensors); }
+
+const std::vector<Tensor>& Function::saved() const {
+  KILN_CHECK(!released_, name(), "saved tensors were freed by a previous backward; pass retain_graph=true to it");
+  return saved_;
+}
+
+std::vector<Tensor> apply(const std::shared_ptr<Function>& fn, const std::vector<Tensor>& inputs) {
+  std::vector<Tensor> outputs;
+  {
+    NoGradGuard no_grad;
+    outputs = fn->forward(inputs);
+  }
+  // Fresh handles, so an output that is an input (or aliases one) gets its own history.
+  for (Tensor& o : outputs) {
+    KILN_CHECK(o.defined(), fn->name(), "forward returned an undefined tensor");
+    o = o.detach();
+  }
+  bool any = false;
+  for (const Tensor& t : inputs) any = any || t.requires_grad();
+  if (grad_enabled() && any) record(std::make_shared<FunctionPrimitive>(fn), inputs, outputs);
+  return outputs;
+}
+
+}  // namespace kiln::autograd

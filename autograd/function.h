@@ -1,0 +1,43 @@
+// Custom autograd Function: the user writes forward (run with grad mode off) and backward (one
+// gradient per input; undefined where none), saving what backward needs. Used where memory must be
+// controlled by hand: chunked linear-loss, activation checkpointing, the NF4 linear.
+//
+//   struct Square : autograd::Function {
+//     std::vector<Tensor> forward(const std::vector<Tensor>& in) override {
+//       save_for_backward({in[0]}); return {in[0] * in[0]}; }
+//     std::vector<Tensor> backward(const std::vector<Tensor>& g) override {
+//       return {g[0] * saved()[0] * 2.0}; }
+//   };
+//   Tensor y = autograd::apply(std::make_shared<Square>(), {x})[0];
+#pragma once
+#include <memory>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace kiln::autograd {
+
+class Function {
+ public:
+  virtual ~Function() = default;
+  virtual const char* name() const { return "custom_function"; }
+  virtual std::vector<Tensor> forward(const std::vector<Tensor>& inputs) = 0;
+  virtual std::vector<Tensor> backward(const std::vector<Tensor>& grad_outputs) = 0;
+
+  void save_for_backward(std::vector<Tensor> tensors);
+  const std::vector<Tensor>& saved() const;  // error once a backward without retain_graph freed them
+  // Which inputs need a gradient; valid inside backward.
+  const std::vector<bool>& needs_input_grad() const { return needs_input_grad_; }
+
+ private:
+  friend class FunctionPrimitive;
+  std::vector<Tensor> saved_;
+  std::vector<bool> needs_input_grad_;
+  bool released_ = false;
+};
+
+// Runs fn->forward(inputs) and, if grad mode is on and an input requires grad, records a node whose
+// backward calls fn->backward.
+std::vector<Tensor> apply(const std::shared_ptr<Function>& fn, const std::vector<Tensor>& inputs);
+
+}  // namespace kiln::autograd

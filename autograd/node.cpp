@@ -1,0 +1,47 @@
+// Recording a node for an op that ran with grad mode on.
+#include "autograd/node.h"
+
+#include <atomic>
+
+namespace kiln::autograd {
+namespace {
+std::atomic<uint64_t> g_sequence{0};
+
+Tensor save(const Tensor& t, std::vector<uint64_t>& versions) {
+  versions.push_back(t.storage() ? t.storage()->version() : 0);
+  return t.detach();
+}
+}  // namespace
+
+void record(const PrimitivePtr& op, const std::vector<Tensor>& inputs, std::vector<Tensor>& outputs) {
+  auto node = std::make_shared<Node>();
+  node->op = op;
+  node->sequence = g_sequence.fetch_add(1);
+  for (const Tensor& t : inputs) {
+    node->input_meta.push_back({t.shape(), t.dtype(), t.device()});
+    Edge e;
+    if (t.requires_grad()) {
+      if (t.grad_fn()) {
+        e.node = t.grad_fn();
+        e.output_nr = t.impl()->output_nr;
+      } else {
+        e.leaf = t.impl();
+      }
+    }
+    node->edges.push_back(std::move(e));
+    if (op->vjp_needs_inputs()) node->saved_inputs.push_back(save(t, node->saved_versions));
+  }
+  for (const Tensor& t : outputs) {
+    node->output_meta.push_back({t.shape(), t.dtype(), t.device()});
+    if (op->vjp_needs_outputs()) node->saved_outputs.push_back(save(t, node->saved_versions));
+  }
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    TensorImpl& o = *outputs[i].impl();
+    if (!is_floating(o.dtype)) continue;
+    o.requires_grad = true;
+    o.grad_fn = node;
+    o.output_nr = static_cast<int>(i);
+  }
+}
+
+}  // namespace kiln::autograd

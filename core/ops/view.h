@@ -1,0 +1,84 @@
+// View primitives: they alias their input's storage with new shape/strides/offset and run no
+// kernel. Each carries the input shape its vjp needs.
+#pragma once
+#include "core/primitive.h"
+
+namespace kiln::prim {
+
+class View final : public Primitive {
+ public:
+  View(Shape in, Shape out) : in_(std::move(in)), out_(std::move(out)) {}
+  const char* name() const override { return "view"; }
+  std::string attributes() const override;
+  std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
+  bool is_view() const override { return true; }
+  Tensor make_view(const std::vector<Tensor>& inputs) const override;
+  bool differentiable() const override { return true; }
+  bool vjp_needs_inputs() const override { return false; }
+  bool vjp_needs_outputs() const override { return false; }
+  std::vector<Tensor> vjp(const std::vector<Tensor>&, const std::vector<Tensor>&, const std::vector<Tensor>& cot,
+                          const std::vector<bool>&) const override;
+
+ private:
+  Shape in_, out_;
+};
+
+class Permute final : public Primitive {
+ public:
+  explicit Permute(std::vector<int64_t> dims) : dims_(std::move(dims)) {}
+  const char* name() const override { return "permute"; }
+  std::string attributes() const override;
+  std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
+  bool is_view() const override { return true; }
+  Tensor make_view(const std::vector<Tensor>& inputs) const override;
+  bool differentiable() const override { return true; }
+  bool vjp_needs_inputs() const override { return false; }
+  bool vjp_needs_outputs() const override { return false; }
+  std::vector<Tensor> vjp(const std::vector<Tensor>&, const std::vector<Tensor>&, const std::vector<Tensor>& cot,
+                          const std::vector<bool>&) const override;
+
+ private:
+  std::vector<int64_t> dims_;  // wrapped
+};
+
+// Elements start, start+step, ... (< end) of one dim; start/end already clamped, step >= 1.
+class Slice final : public Primitive {
+ public:
+  Slice(Shape in, int64_t dim, int64_t start, int64_t end, int64_t step)
+      : in_(std::move(in)), dim_(dim), start_(start), end_(end), step_(step) {}
+  const char* name() const override { return "slice"; }
+  std::string attributes() const override;
+  std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
+  bool is_view() const override { return true; }
+  Tensor make_view(const std::vector<Tensor>& inputs) const override;
+  bool differentiable() const override { return true; }
+  bool vjp_needs_inputs() const override { return false; }
+  bool vjp_needs_outputs() const override { return false; }
+  std::vector<Tensor> vjp(const std::vector<Tensor>&, const std::vector<Tensor>&, const std::vector<Tensor>& cot,
+                          const std::vector<bool>&) const override;
+  int64_t length() const { return end_ <= start_ ? 0 : (end_ - start_ + step_ - 1) / step_; }
+
+ private:
+  Shape in_;
+  int64_t dim_, start_, end_, step_;
+};
+
+class Expand final : public Primitive {
+ public:
+  Expand(Shape in, Shape out) : in_(std::move(in)), out_(std::move(out)) {}
+  const char* name() const override { return "expand"; }
+  std::string attributes() const override;
+  std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
+  bool is_view() const override { return true; }
+  Tensor make_view(const std::vector<Tensor>& inputs) const override;
+  bool differentiable() const override { return true; }
+  bool vjp_needs_inputs() const override { return false; }
+  bool vjp_needs_outputs() const override { return false; }
+  std::vector<Tensor> vjp(const std::vector<Tensor>&, const std::vector<Tensor>&, const std::vector<Tensor>& cot,
+                          const std::vector<bool>&) const override;
+
+ private:
+  Shape in_, out_;
+};
+
+}  // namespace kiln::prim

@@ -1,0 +1,47 @@
+// Shared test helpers: random inputs of any dtype (optionally as non-contiguous views), tensor
+// comparison with tolerances, and the float64 finite-difference gradient check every op goes through.
+#pragma once
+#include <catch2/catch_test_macros.hpp>
+#include <functional>
+#include <vector>
+
+#include "autograd/engine.h"
+#include "autograd/grad_mode.h"
+#include "core/dispatch.h"
+#include "core/ops.h"
+
+namespace kiln::test {
+
+// Fresh random values from a test-local generator (seeded per call site by `seed`). Integer
+// dtypes draw from [-5, 5); bool from {false, true}. With `noncontiguous`, the result is a
+// transposed or strided view of a larger tensor holding the same values.
+Tensor random_tensor(const Shape& shape, DType dtype, uint64_t seed, bool noncontiguous = false);
+// Values away from zero (|x| in [0.5, 2)), for ops with a kink or pole at 0 (abs, log, div, pow).
+Tensor random_away_from_zero(const Shape& shape, DType dtype, uint64_t seed, bool positive = false);
+// Returns a view with the same shape and values whose strides are not contiguous.
+Tensor make_noncontiguous(const Tensor& t);
+
+// Max |a-b| <= atol + rtol*|b| elementwise (compared in f64); shapes must match. NaNs must coincide.
+bool all_close(const Tensor& a, const Tensor& b, double rtol = 1e-5, double atol = 1e-8);
+// Like all_close, but a Catch2 failure prints the worst element and both values.
+void require_close(const Tensor& a, const Tensor& b, double rtol = 1e-5, double atol = 1e-8);
+// Exact equality of values (after casting both to f64).
+void require_equal(const Tensor& a, const Tensor& b);
+
+// Float64 finite-difference check of every input that requires grad:
+// L(x) = sum(f(x) * r) with a fixed random r; compares autograd's dL/dx with central differences.
+using TestFn = std::function<Tensor(const std::vector<Tensor>&)>;
+void check_gradients(const TestFn& f, const std::vector<Tensor>& inputs, double eps = 1e-6, double rtol = 1e-5,
+                     double atol = 1e-7);
+
+// Counts the ops that pass through dispatch while alive (by name).
+struct OpCounter : DispatchObserver {
+  std::vector<std::string> names;
+  ObserverScope scope{this};
+  void on_op(const Primitive& op, const std::vector<Tensor>&, const std::vector<Tensor>&) override {
+    names.emplace_back(op.name());
+  }
+  int count(const std::string& name) const;
+};
+
+}  // namespace kiln::test
