@@ -61,7 +61,7 @@ class Checkpoint final : public Function {
 }  // namespace
 
 std::vector<Tensor> checkpoint(CheckpointFn fn, const std::vector<Tensor>& inputs) {
-  return autograd::apply(std::make_shared<Checkpoint>(std::move(fn)), inputs);
+  return autograd::apply(std::make_shared<Checkpoint>(std::move(fn)), inputs, /*always_record=*/true);
 }
 
 }  // namespace kiln::autograd

@@ -65,6 +65,16 @@ struct Run {
     for (size_t i = 0; i < cot.size(); ++i) {
       if (!cot[i].defined()) cot[i] = zeros(n.output_meta[i].shape, n.output_meta[i].dtype, n.output_meta[i].device);
     }
+    std::vector<Tensor> outputs = n.saved_outputs;
+    if (create_graph) {  // reattach the saved outputs to this node so the vjp itself is differentiable
+      for (size_t i = 0; i < outputs.size(); ++i) {
+        if (!is_floating(outputs[i].dtype())) continue;
+        outputs[i] = outputs[i].detach();
+        outputs[i].impl()->requires_grad = true;
+        outputs[i].impl()->grad_fn = n.shared_from_this();
+        outputs[i].impl()->output_nr = static_cast<int>(i);
+      }
+    }
     std::vector<bool> wanted;
     for (const Edge& e : n.edges) wanted.push_back(e.active());
     std::vector<Tensor> grads;
@@ -72,7 +82,7 @@ struct Run {
       bool prev = grad_enabled();
       set_grad_enabled(create_graph);
       try {
-        grads = n.op->vjp(n.saved_inputs, n.saved_outputs, cot, wanted);
+        grads = n.op->vjp(n.saved_inputs, outputs, cot, wanted);
       } catch (...) {
         set_grad_enabled(prev);
         throw;

@@ -43,7 +43,7 @@ const std::vector<Tensor>& Function::saved() const {
   return saved_;
 }
 
-std::vector<Tensor> apply(const std::shared_ptr<Function>& fn, const std::vector<Tensor>& inputs) {
+std::vector<Tensor> apply(const std::shared_ptr<Function>& fn, const std::vector<Tensor>& inputs, bool always_record) {
   std::vector<Tensor> outputs;
   {
     NoGradGuard no_grad;
@@ -54,7 +54,7 @@ std::vector<Tensor> apply(const std::shared_ptr<Function>& fn, const std::vector
     KILN_CHECK(o.defined(), fn->name(), "forward returned an undefined tensor");
     o = o.detach();
   }
-  bool any = false;
+  bool any = always_record;
   for (const Tensor& t : inputs) any = any || t.requires_grad();
   if (grad_enabled() && any) record(std::make_shared<FunctionPrimitive>(fn), inputs, outputs);
   return outputs;

@@ -37,7 +37,9 @@ class Function {
 };
 
 // Runs fn->forward(inputs) and, if grad mode is on and an input requires grad, records a node whose
-// backward calls fn->backward.
-std::vector<Tensor> apply(const std::shared_ptr<Function>& fn, const std::vector<Tensor>& inputs);
+// backward calls fn->backward. `always_record` records it whenever grad mode is on, for functions
+// that reach trainable tensors other than through their inputs (checkpoint's captured parameters).
+std::vector<Tensor> apply(const std::shared_ptr<Function>& fn, const std::vector<Tensor>& inputs,
+                          bool always_record = false);
 
 }  // namespace kiln::autograd

@@ -7,11 +7,32 @@ namespace kiln::autograd {
 namespace {
 std::atomic<uint64_t> g_sequence{0};
 
-Tensor save(const Tensor& t, std::vector<uint64_t>& versions) {
+Tensor save(const Tensor& t, bool keep_history, std::vector<uint64_t>& versions) {
   versions.push_back(t.storage() ? t.storage()->version() : 0);
-  return t.detach();
+  return keep_history ? t : t.detach();
 }
 }  // namespace
+
+Node::~Node() {
+  std::vector<std::shared_ptr<Node>> pending;
+  auto detach_children = [&pending](Node& n) {
+    for (Edge& e : n.edges) {
+      if (e.node) pending.push_back(std::move(e.node));
+    }
+    for (Tensor& t : n.saved_inputs) {
+      const std::shared_ptr<TensorImpl>& impl = t.impl();
+      if (impl && impl.use_count() == 1 && impl->grad_fn) pending.push_back(std::move(impl->grad_fn));
+    }
+    n.edges.clear();
+    n.saved_inputs.clear();
+  };
+  detach_children(*this);
+  while (!pending.empty()) {
+    std::shared_ptr<Node> n = std::move(pending.back());
+    pending.pop_back();
+    if (n.use_count() == 1) detach_children(*n);
+  }
+}
 
 void record(const PrimitivePtr& op, const std::vector<Tensor>& inputs, std::vector<Tensor>& outputs) {
   auto node = std::make_shared<Node>();
@@ -29,11 +50,11 @@ void record(const PrimitivePtr& op, const std::vector<Tensor>& inputs, std::vect
       }
     }
     node->edges.push_back(std::move(e));
-    if (op->vjp_needs_inputs()) node->saved_inputs.push_back(save(t, node->saved_versions));
+    if (op->vjp_needs_inputs()) node->saved_inputs.push_back(save(t, true, node->saved_versions));
   }
   for (const Tensor& t : outputs) {
     node->output_meta.push_back({t.shape(), t.dtype(), t.device()});
-    if (op->vjp_needs_outputs()) node->saved_outputs.push_back(save(t, node->saved_versions));
+    if (op->vjp_needs_outputs()) node->saved_outputs.push_back(save(t, false, node->saved_versions));
   }
   for (size_t i = 0; i < outputs.size(); ++i) {
     TensorImpl& o = *outputs[i].impl();

@@ -19,16 +19,24 @@ struct Edge {
   bool active() const { return node != nullptr || leaf != nullptr; }
 };
 
-struct Node {
+struct Node : std::enable_shared_from_this<Node> {
   PrimitivePtr op;
-  std::vector<Tensor> saved_inputs;   // detached; undefined where the vjp does not read them
-  std::vector<Tensor> saved_outputs;  // detached
+  // Inputs keep their history (so create_graph can differentiate the vjp); outputs are saved
+  // detached to avoid a cycle through this node and get it back as grad_fn when create_graph needs it.
+  std::vector<Tensor> saved_inputs;
+  std::vector<Tensor> saved_outputs;
   std::vector<uint64_t> saved_versions;
   std::vector<TensorMeta> input_meta;
   std::vector<TensorMeta> output_meta;
   std::vector<Edge> edges;  // one per input
   uint64_t sequence = 0;    // creation order: a node's inputs always have smaller sequence numbers
   bool released = false;    // saved tensors freed by a backward without retain_graph
+
+  Node() = default;
+  Node(const Node&) = delete;
+  Node& operator=(const Node&) = delete;
+  // Frees the chain of nodes behind this one iteratively, so very deep graphs cannot overflow the stack.
+  ~Node();
 };
 
 // Called by dispatch after a differentiable op ran with grad mode on and some input requiring grad.

@@ -1,0 +1,459 @@
+// Tests of embedding, rms_norm, rotary_embedding and cross_entropy: the fused op, its composite
+// fallback and a plain double-loop reference on random inputs in every float dtype, finite-difference
+// gradients of both in f64, and the errors. Attention is in test_nn_attention.cpp.
+#include <catch2/catch_test_macros.hpp>
+#include <catch2/matchers/catch_matchers_string.hpp>
+#include <cmath>
+
+#include "core/ops/nn.h"
+#include "tests/helpers.h"
+
+using namespace kiln;
+using Catch::Matchers::ContainsSubstring;
+
+namespace {
+
+const DType kFloats[] = {DType::f64, DType::f32, DType::bf16, DType::f16};
+
+struct Tol {
+  double rtol, atol;
+};
+// Tolerance for a result rounded once to `d` after computing in f32 (f64 for f64).
+Tol tol_for(DType d) {
+  switch (d) {
+    case DType::f64: return {1e-10, 1e-12};
+    case DType::f32: return {1e-5, 1e-5};
+    case DType::bf16: return {2e-2, 2e-2};
+    default: return {4e-3, 4e-3};
+  }
+}
+
+// Host values of any tensor as doubles (no kiln op on the way).
+std::vector<double> vals(const Tensor& t) {
+  return visit_dtype(t.dtype(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    std::vector<double> out;
+    if constexpr (!std::is_same_v<T, bool>) {
+      for (const T& x : t.to_vector<T>()) out.push_back(static_cast<double>(static_cast<compute_t<T>>(x)));
+    }
+    return out;
+  });
+}
+
+Tensor f64_tensor(const std::vector<double>& v, const Shape& s) { return from_vector<double>(v, s); }
+
+void check_close(const Tensor& got, const Tensor& want, DType d) {
+  const Tol t = tol_for(d);
+  test::require_close(got, want, t.rtol, t.atol);
+}
+
+Tensor random_ids(const Shape& shape, int64_t high, DType dtype, uint64_t seed) {
+  Generator gen(seed);
+  autograd::NoGradGuard no_grad;
+  Tensor ids = randint(0, high, shape, DType::i64, kCPU, &gen);
+  return dtype == DType::i64 ? ids : cast(ids, dtype);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- embedding
+
+TEST_CASE("embedding gathers rows in every dtype and layout", "[nn_ops]") {
+  for (DType dt : kFloats) {
+    for (DType it : {DType::i64, DType::i32}) {
+      for (bool nc : {false, true}) {
+        INFO(dtype_name(dt) << " ids " << dtype_name(it) << " noncontiguous " << nc);
+        const int64_t v = 7, d = 5;
+        Tensor w = test::random_tensor({v, d}, dt, 1, nc);
+        Tensor ids = random_ids({3, 4}, v, it, 2);
+        if (nc) ids = test::make_noncontiguous(ids);
+        Tensor y = embedding(w, ids);
+        REQUIRE(y.shape() == Shape{3, 4, d});
+        REQUIRE(y.dtype() == dt);
+        std::vector<double> wv = vals(w), iv = vals(ids), ref;
+        for (double id : iv) {
+          for (int64_t j = 0; j < d; ++j) ref.push_back(wv[static_cast<size_t>(static_cast<int64_t>(id) * d + j)]);
+        }
+        test::require_equal(y, f64_tensor(ref, {3, 4, d}));
+      }
+    }
+  }
+  // 0-d ids give one row
+  Tensor w = test::random_tensor({4, 3}, DType::f32, 3);
+  Tensor y = embedding(w, from_vector<int64_t>({2}, {}));
+  REQUIRE(y.shape() == Shape{3});
+  test::require_equal(y, select(w, 0, 2));
+}
+
+TEST_CASE("embedding backward scatter-adds repeated ids", "[nn_ops]") {
+  for (DType dt : kFloats) {
+    INFO(dtype_name(dt));
+    const int64_t v = 6, d = 9;
+    Tensor ids = random_ids({5, 7}, v - 1, DType::i32, 4);  // id v-1 never appears: its row stays 0
+    Tensor g = test::random_tensor({5, 7, d}, dt, 5, true);
+    Tensor dw = dispatch1(std::make_shared<const prim::EmbeddingBackward>(v), {g, ids});
+    REQUIRE(dw.shape() == Shape{v, d});
+    std::vector<double> gv = vals(g), iv = vals(ids), ref(static_cast<size_t>(v * d), 0.0);
+    for (size_t n = 0; n < iv.size(); ++n) {
+      for (int64_t j = 0; j < d; ++j) ref[static_cast<size_t>(static_cast<int64_t>(iv[n]) * d + j)] += gv[n * d + j];
+    }
+    check_close(dw, f64_tensor(ref, {v, d}), dt);
+  }
+}
+
+TEST_CASE("embedding gradients match finite differences", "[nn_ops]") {
+  Tensor ids = random_ids({4, 3}, 5, DType::i64, 6);  // 12 ids over 5 rows: repeats
+  Tensor w = test::random_tensor({5, 3}, DType::f64, 7).set_requires_grad();
+  test::check_gradients([&](const std::vector<Tensor>& in) { return embedding(in[0], ids); }, {w});
+  Tensor wn = test::random_tensor({5, 3}, DType::f64, 8, true).set_requires_grad();
+  test::check_gradients([&](const std::vector<Tensor>& in) { return embedding(in[0], ids); }, {wn});
+  // embedding_backward is linear in its gradient input; its vjp is an embedding
+  Tensor g = test::random_tensor({4, 3, 3}, DType::f64, 9).set_requires_grad();
+  test::check_gradients(
+      [&](const std::vector<Tensor>& in) {
+        return dispatch1(std::make_shared<const prim::EmbeddingBackward>(5), {in[0], ids});
+      },
+      {g});
+}
+
+TEST_CASE("embedding rejects bad input", "[nn_ops]") {
+  Tensor w = test::random_tensor({7, 3}, DType::f32, 10);
+  REQUIRE_THROWS_WITH(embedding(w, from_vector<int64_t>({1, 7}, {2})),
+                      ContainsSubstring("[embedding]") && ContainsSubstring("id 7") && ContainsSubstring("V = 7"));
+  REQUIRE_THROWS_WITH(embedding(w, from_vector<int32_t>({-1}, {1})),
+                      ContainsSubstring("[embedding]") && ContainsSubstring("id -1"));
+  REQUIRE_THROWS_WITH(embedding(w, test::random_tensor({2}, DType::f32, 11)),
+                      ContainsSubstring("[embedding]") && ContainsSubstring("i64 or i32"));
+  REQUIRE_THROWS_WITH(embedding(test::random_tensor({7}, DType::f32, 12), from_vector<int64_t>({1}, {1})),
+                      ContainsSubstring("[embedding]") && ContainsSubstring("2-d"));
+  REQUIRE_THROWS_AS(embedding(random_ids({3}, 5, DType::i64, 13).reshape({3, 1}), from_vector<int64_t>({0}, {1})),
+                    kiln::Error);
+}
+
+// ---------------------------------------------------------------- rms_norm
+
+namespace {
+
+Tensor rms_norm_reference(const Tensor& x, const Tensor& w, double eps) {
+  const int64_t d = x.size(-1), rows = x.numel() / d;
+  std::vector<double> xv = vals(x), wv = vals(w), out(xv.size());
+  for (int64_t r = 0; r < rows; ++r) {
+    double ss = 0;
+    for (int64_t j = 0; j < d; ++j) ss += xv[static_cast<size_t>(r * d + j)] * xv[static_cast<size_t>(r * d + j)];
+    const double rstd = 1.0 / std::sqrt(ss / static_cast<double>(d) + eps);
+    for (int64_t j = 0; j < d; ++j) {
+      out[static_cast<size_t>(r * d + j)] = xv[static_cast<size_t>(r * d + j)] * rstd * wv[static_cast<size_t>(j)];
+    }
+  }
+  return f64_tensor(out, x.shape());
+}
+
+}  // namespace
+
+TEST_CASE("rms_norm fused and composite match a reference", "[nn_ops]") {
+  const Shape shapes[] = {{3, 5, 7}, {1, 13}, {4, 1}, {6}, {2, 64}};
+  for (DType dt : kFloats) {
+    for (const Shape& s : shapes) {
+      for (bool nc : {false, true}) {
+        INFO(dtype_name(dt) << " " << shape_str(s) << " noncontiguous " << nc);
+        Tensor x = test::random_tensor(s, dt, 20, nc);
+        Tensor w = test::random_tensor({s.back()}, dt, 21, nc);
+        Tensor ref = rms_norm_reference(x, w, 1e-5);
+        Tensor fused = rms_norm(x, w, 1e-5);
+        Tensor comp = rms_norm_composite(x, w, 1e-5);
+        REQUIRE(fused.dtype() == dt);
+        REQUIRE(comp.dtype() == dt);
+        check_close(fused, ref, dt);
+        check_close(comp, ref, dt);
+        check_close(fused, comp, dt);
+      }
+    }
+  }
+}
+
+TEST_CASE("rms_norm gradients match finite differences and the composite", "[nn_ops]") {
+  for (bool nc : {false, true}) {
+    INFO("noncontiguous " << nc);
+    Tensor x = test::random_tensor({3, 2, 5}, DType::f64, 22, nc).set_requires_grad();
+    Tensor w = test::random_tensor({5}, DType::f64, 23).set_requires_grad();
+    test::check_gradients([](const std::vector<Tensor>& in) { return rms_norm(in[0], in[1], 1e-6); }, {x, w});
+    test::check_gradients([](const std::vector<Tensor>& in) { return rms_norm_composite(in[0], in[1], 1e-6); }, {x, w});
+  }
+  // the backward kernel in low precision against the composite's autograd
+  for (DType dt : kFloats) {
+    INFO(dtype_name(dt));
+    Tensor x = test::random_tensor({37, 11}, dt, 24).set_requires_grad();  // 37 rows: more than one dw block
+    Tensor w = test::random_tensor({11}, dt, 25).set_requires_grad();
+    Tensor g = test::random_tensor({37, 11}, dt, 26, true);
+    std::vector<Tensor> fused = autograd::grad({rms_norm(x, w, 1e-5)}, {x, w}, {g});
+    std::vector<Tensor> comp = autograd::grad({rms_norm_composite(x, w, 1e-5)}, {x, w}, {g});
+    const Tol t = tol_for(dt);
+    test::require_close(fused[0], comp[0], t.rtol, t.atol);
+    test::require_close(fused[1], comp[1], t.rtol, t.atol * 10);  // dw sums 37 rounded rows
+  }
+}
+
+TEST_CASE("rms_norm rejects bad input", "[nn_ops]") {
+  Tensor x = test::random_tensor({3, 4}, DType::f32, 27);
+  REQUIRE_THROWS_WITH(rms_norm(x, test::random_tensor({5}, DType::f32, 28), 1e-5),
+                      ContainsSubstring("[rms_norm]") && ContainsSubstring("(4,)"));
+  REQUIRE_THROWS_WITH(rms_norm(x, test::random_tensor({4}, DType::bf16, 29), 1e-5),
+                      ContainsSubstring("[rms_norm]") && ContainsSubstring("dtype"));
+  REQUIRE_THROWS_WITH(rms_norm_composite(x, test::random_tensor({4}, DType::f64, 30), 1e-5),
+                      ContainsSubstring("[rms_norm]"));
+  REQUIRE_THROWS_WITH(rms_norm(random_ids({3, 4}, 5, DType::i64, 31), random_ids({4}, 5, DType::i64, 32), 1e-5),
+                      ContainsSubstring("[rms_norm]") && ContainsSubstring("float"));
+  REQUIRE_THROWS_WITH(rms_norm(x, test::random_tensor({4}, DType::f32, 33), -1.0), ContainsSubstring("[rms_norm]"));
+}
+
+// ---------------------------------------------------------------- rotary_embedding
+
+namespace {
+
+// cos/sin (T, D/2) of Llama's positions t * theta^(-2i/D), with an offset so no angle is 0.
+std::pair<Tensor, Tensor> rope_tables(int64_t t, int64_t d, DType dtype) {
+  std::vector<double> c, s;
+  for (int64_t p = 0; p < t; ++p) {
+    for (int64_t i = 0; i < d / 2; ++i) {
+      const double angle = static_cast<double>(p + 3) * std::pow(10000.0, -2.0 * static_cast<double>(i) / static_cast<double>(d));
+      c.push_back(std::cos(angle));
+      s.push_back(std::sin(angle));
+    }
+  }
+  autograd::NoGradGuard no_grad;
+  return {cast(f64_tensor(c, {t, d / 2}), dtype), cast(f64_tensor(s, {t, d / 2}), dtype)};
+}
+
+// x (..., T, D); cos/sin (T, D/2) or broadcasting (..., T, D/2) given already expanded to x's lead.
+Tensor rope_reference(const Tensor& x, const Tensor& cos, const Tensor& sin) {
+  const int64_t d = x.size(-1), h = d / 2, rows = x.numel() / d;
+  Shape half = x.shape();
+  half.back() = h;
+  std::vector<double> xv = vals(x), cv = vals(broadcast_to(cos, half)), sv = vals(broadcast_to(sin, half));
+  std::vector<double> out(xv.size());
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t i = 0; i < h; ++i) {
+      const double a = xv[static_cast<size_t>(r * d + i)], b = xv[static_cast<size_t>(r * d + i + h)];
+      const double c = cv[static_cast<size_t>(r * h + i)], s = sv[static_cast<size_t>(r * h + i)];
+      out[static_cast<size_t>(r * d + i)] = a * c - b * s;
+      out[static_cast<size_t>(r * d + i + h)] = b * c + a * s;
+    }
+  }
+  return f64_tensor(out, x.shape());
+}
+
+}  // namespace
+
+TEST_CASE("rotary_embedding fused and composite match a reference", "[nn_ops]") {
+  for (DType dt : kFloats) {
+    for (DType table : {dt, DType::f32}) {
+      for (int64_t d : {2, 8, 14}) {
+        INFO(dtype_name(dt) << " tables " << dtype_name(table) << " D " << d);
+        const int64_t b = 2, h = 3, t = 5;
+        auto [cos, sin] = rope_tables(t, d, table);
+        // contiguous (B, H, T, D), and the usual permuted view of (B, T, H, D)
+        Tensor xs[] = {test::random_tensor({b, h, t, d}, dt, 40),
+                       permute(test::random_tensor({b, t, h, d}, dt, 41), {0, 2, 1, 3})};
+        for (const Tensor& x : xs) {
+          Tensor ref = rope_reference(x, cos, sin);
+          check_close(rotary_embedding(x, cos, sin), ref, dt);
+          check_close(rotary_embedding_composite(x, cos, sin), ref, dt);
+        }
+      }
+    }
+  }
+  // per-sequence tables (B, 1, T, D/2) broadcast over heads; non-contiguous tables
+  auto [c0, s0] = rope_tables(4, 6, DType::f32);
+  auto [c1, s1] = rope_tables(4 + 2, 6, DType::f32);
+  Tensor cos = test::make_noncontiguous(stack({c0, narrow(c1, 0, 2, 4)}, 0).unsqueeze(1));  // (2, 1, 4, 3)
+  Tensor sin = test::make_noncontiguous(stack({s0, narrow(s1, 0, 2, 4)}, 0).unsqueeze(1));
+  Tensor x = test::random_tensor({2, 3, 4, 6}, DType::f32, 42, true);
+  Tensor ref = rope_reference(x, cos, sin);
+  check_close(rotary_embedding(x, cos, sin), ref, DType::f32);
+  check_close(rotary_embedding_composite(x, cos, sin), ref, DType::f32);
+}
+
+TEST_CASE("rotary_embedding gradients match finite differences", "[nn_ops]") {
+  const auto [cos, sin] = rope_tables(3, 6, DType::f64);
+  Tensor x = test::random_tensor({2, 2, 3, 6}, DType::f64, 43).set_requires_grad();
+  Tensor xn = permute(test::random_tensor({2, 3, 2, 6}, DType::f64, 44), {0, 2, 1, 3}).detach().set_requires_grad();
+  for (const Tensor& in : {x, xn}) {
+    const Tensor c = cos, s = sin;  // (lambdas capture these, not the structured bindings)
+    test::check_gradients([&](const std::vector<Tensor>& v) { return rotary_embedding(v[0], c, s); }, {in});
+    test::check_gradients([&](const std::vector<Tensor>& v) { return rotary_embedding_composite(v[0], c, s); }, {in});
+  }
+  // the backward pass of a half-precision rotation against the composite's
+  Tensor xb = test::random_tensor({2, 3, 6}, DType::bf16, 45).set_requires_grad();
+  auto [cb, sb] = rope_tables(3, 6, DType::f32);
+  Tensor g = test::random_tensor({2, 3, 6}, DType::bf16, 46);
+  Tensor fused = autograd::grad({rotary_embedding(xb, cb, sb)}, {xb}, {g})[0];
+  Tensor comp = autograd::grad({rotary_embedding_composite(xb, cb, sb)}, {xb}, {g})[0];
+  check_close(fused, comp, DType::bf16);
+}
+
+TEST_CASE("rotary_embedding rejects bad input", "[nn_ops]") {
+  auto [cos, sin] = rope_tables(5, 8, DType::f32);
+  Tensor x = test::random_tensor({2, 5, 8}, DType::f32, 47);
+  auto [c7, s7] = rope_tables(5, 6, DType::f32);
+  REQUIRE_THROWS_WITH(rotary_embedding(test::random_tensor({2, 5, 7}, DType::f32, 48), c7, s7),
+                      ContainsSubstring("[rotary_embedding]") && ContainsSubstring("even"));
+  auto [c4, s4] = rope_tables(4, 8, DType::f32);
+  REQUIRE_THROWS_WITH(rotary_embedding(x, c4, s4), ContainsSubstring("[rotary_embedding]") && ContainsSubstring("(5, 4)"));
+  REQUIRE_THROWS_WITH(rotary_embedding_composite(x, c4, s4), ContainsSubstring("[rotary_embedding]"));
+  REQUIRE_THROWS_WITH(rotary_embedding(x, cast(cos, DType::f64), cast(sin, DType::f64)),
+                      ContainsSubstring("[rotary_embedding]") && ContainsSubstring("dtype"));
+  REQUIRE_THROWS_WITH(rotary_embedding(x, cos, cast(sin, DType::bf16)), ContainsSubstring("[rotary_embedding]"));
+  REQUIRE_THROWS_WITH(rotary_embedding(test::random_tensor({8}, DType::f32, 49), cos, sin),
+                      ContainsSubstring("[rotary_embedding]"));
+}
+
+// ---------------------------------------------------------------- cross_entropy
+
+namespace {
+
+const Reduction kReductions[] = {Reduction::none, Reduction::sum, Reduction::mean};
+
+Tensor cross_entropy_reference(const Tensor& logits, const Tensor& targets, int64_t ignore, Reduction red) {
+  const int64_t n = logits.size(0), v = logits.size(1);
+  std::vector<double> lv = vals(logits), tv = vals(targets), loss(static_cast<size_t>(n), 0.0);
+  double total = 0;
+  int64_t count = 0;
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t t = static_cast<int64_t>(tv[static_cast<size_t>(r)]);
+    if (t == ignore) continue;
+    double m = -INFINITY, l = 0;
+    for (int64_t j = 0; j < v; ++j) m = std::max(m, lv[static_cast<size_t>(r * v + j)]);
+    for (int64_t j = 0; j < v; ++j) l += std::exp(lv[static_cast<size_t>(r * v + j)] - m);
+    loss[static_cast<size_t>(r)] = m + std::log(l) - lv[static_cast<size_t>(r * v + t)];
+    total += loss[static_cast<size_t>(r)];
+    ++count;
+  }
+  if (red == Reduction::none) return f64_tensor(loss, {n});
+  if (red == Reduction::mean) total = count == 0 ? 0.0 : total / static_cast<double>(count);
+  return f64_tensor({total}, {});
+}
+
+// Targets in [0, V) with rows 1 and n-2 set to ignore_index.
+Tensor ce_targets(int64_t n, int64_t v, int64_t ignore, DType dtype, uint64_t seed) {
+  std::vector<double> t = vals(random_ids({n}, v, DType::i64, seed));
+  t[1] = static_cast<double>(ignore);
+  t[static_cast<size_t>(n - 2)] = static_cast<double>(ignore);
+  std::vector<int64_t> ti(t.begin(), t.end());
+  Tensor out = from_vector<int64_t>(ti, {n});
+  return dtype == DType::i64 ? out : cast(out, dtype);
+}
+
+}  // namespace
+
+TEST_CASE("cross_entropy fused and composite match a reference", "[nn_ops]") {
+  for (DType dt : kFloats) {
+    for (Reduction red : kReductions) {
+      for (int64_t ignore : {int64_t{-100}, int64_t{3}}) {
+        for (bool nc : {false, true}) {
+          INFO(dtype_name(dt) << " reduction " << prim::reduction_name(red) << " ignore " << ignore << " nc " << nc);
+          const int64_t n = 6, v = 11;
+          Tensor logits = mul(test::random_tensor({n, v}, dt, 60, nc), 3.0);
+          Tensor targets = ce_targets(n, v, ignore, nc ? DType::i32 : DType::i64, 61);
+          if (nc) targets = test::make_noncontiguous(targets);
+          Tensor ref = cross_entropy_reference(logits, targets, ignore, red);
+          Tensor fused = cross_entropy(logits, targets, ignore, red);
+          Tensor comp = cross_entropy_composite(logits, targets, ignore, red);
+          REQUIRE(fused.dtype() == dt);
+          check_close(fused, ref, dt);
+          check_close(comp, ref, dt);
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("cross_entropy with every row ignored is 0, not NaN", "[nn_ops]") {
+  Tensor logits = test::random_tensor({3, 4}, DType::f32, 62).set_requires_grad();
+  Tensor targets = from_vector<int64_t>({-100, -100, -100}, {3});
+  for (Reduction red : kReductions) {
+    INFO(prim::reduction_name(red));
+    Tensor zero = red == Reduction::none ? zeros({3}) : zeros({});
+    test::require_equal(cross_entropy(logits, targets, -100, red), zero);
+    test::require_equal(cross_entropy_composite(logits, targets, -100, red), zero);
+    Tensor g = autograd::grad({cross_entropy(logits, targets, -100, red)}, {logits}, {ones_like(zero)})[0];
+    test::require_equal(g, zeros({3, 4}));
+  }
+}
+
+TEST_CASE("cross_entropy gradients match finite differences and the composite", "[nn_ops]") {
+  for (Reduction red : kReductions) {
+    INFO(prim::reduction_name(red));
+    Tensor targets = ce_targets(5, 7, -1, DType::i64, 63);
+    Tensor logits = test::random_tensor({5, 7}, DType::f64, 64, true).set_requires_grad();
+    test::check_gradients([&](const std::vector<Tensor>& in) { return cross_entropy(in[0], targets, -1, red); },
+                          {logits});
+    test::check_gradients(
+        [&](const std::vector<Tensor>& in) { return cross_entropy_composite(in[0], targets, -1, red); }, {logits});
+    for (DType dt : {DType::f32, DType::bf16, DType::f16}) {
+      INFO(dtype_name(dt));
+      Tensor l = test::random_tensor({5, 7}, dt, 65).set_requires_grad();
+      Tensor g = red == Reduction::none ? test::random_tensor({5}, dt, 66) : full({}, 1.7, dt);
+      Tensor fused = autograd::grad({cross_entropy(l, targets, -1, red)}, {l}, {g})[0];
+      Tensor comp = autograd::grad({cross_entropy_composite(l, targets, -1, red)}, {l}, {g})[0];
+      check_close(fused, comp, dt);
+    }
+  }
+}
+
+TEST_CASE("cross_entropy rejects bad input", "[nn_ops]") {
+  Tensor logits = test::random_tensor({4, 5}, DType::f32, 67);
+  REQUIRE_THROWS_WITH(cross_entropy(logits, from_vector<int64_t>({0, 1, 5, 2}, {4})),
+                      ContainsSubstring("[cross_entropy]") && ContainsSubstring("target 5 at row 2"));
+  REQUIRE_THROWS_WITH(cross_entropy(logits, from_vector<int32_t>({0, -1, 1, 2}, {4})),
+                      ContainsSubstring("[cross_entropy]") && ContainsSubstring("target -1 at row 1"));
+  REQUIRE_THROWS_WITH(cross_entropy(logits, from_vector<int64_t>({0, 1, 2}, {3})),
+                      ContainsSubstring("[cross_entropy]") && ContainsSubstring("(4,)"));
+  REQUIRE_THROWS_WITH(cross_entropy_composite(logits, from_vector<int64_t>({0, 1, 2}, {3})),
+                      ContainsSubstring("[cross_entropy]"));
+  REQUIRE_THROWS_WITH(cross_entropy(logits, test::random_tensor({4}, DType::f32, 68)),
+                      ContainsSubstring("[cross_entropy]") && ContainsSubstring("i64 or i32"));
+  REQUIRE_THROWS_WITH(cross_entropy(test::random_tensor({2, 2, 5}, DType::f32, 69), from_vector<int64_t>({0, 1}, {2})),
+                      ContainsSubstring("[cross_entropy]") && ContainsSubstring("2-d"));
+  REQUIRE_THROWS_WITH(cross_entropy(random_ids({4, 5}, 3, DType::i64, 70), from_vector<int64_t>({0, 1, 2, 0}, {4})),
+                      ContainsSubstring("[cross_entropy]") && ContainsSubstring("float"));
+}
+
+TEST_CASE("second-order gradients through fused backward kernels fail clearly", "[nn_ops]") {
+  // (saved inputs are detached, so only a cotangent that requires grad records the backward op)
+  Tensor x = test::random_tensor({2, 3}, DType::f64, 71).set_requires_grad();
+  Tensor w = test::random_tensor({3}, DType::f64, 72).set_requires_grad();
+  Tensor r = test::random_tensor({2, 3}, DType::f64, 73).set_requires_grad();
+  Tensor gx = autograd::grad({rms_norm(x, w, 1e-6)}, {x}, {r}, false, true)[0];
+  REQUIRE_THROWS_WITH(autograd::grad({sum(gx)}, {r}), ContainsSubstring("rms_norm_composite"));
+  Tensor l = test::random_tensor({2, 3}, DType::f64, 74).set_requires_grad();
+  Tensor rl = test::random_tensor({}, DType::f64, 75).set_requires_grad();
+  Tensor gl = autograd::grad({cross_entropy(l, from_vector<int64_t>({0, 2}, {2}))}, {l}, {rl}, false, true)[0];
+  REQUIRE_THROWS_WITH(autograd::grad({sum(gl)}, {rl}), ContainsSubstring("cross_entropy_composite"));
+  // embedding's backward is linear in the gradient: its own vjp works
+  Tensor e = test::random_tensor({4, 3}, DType::f64, 76).set_requires_grad();
+  Tensor ids = from_vector<int64_t>({1, 1, 3}, {3});
+  Tensor re = test::random_tensor({3, 3}, DType::f64, 77).set_requires_grad();
+  Tensor ge = autograd::grad({embedding(e, ids)}, {e}, {re}, false, true)[0];
+  Tensor gre = autograd::grad({ge}, {re}, {ones_like(ge)})[0];
+  test::require_equal(gre, ones({3, 3}, DType::f64));
+}
+
+TEST_CASE("nn ops accept empty inputs", "[nn_ops]") {
+  Tensor w = test::random_tensor({4, 3}, DType::f32, 78).set_requires_grad();
+  Tensor ids = from_vector<int64_t>({}, {2, 0});
+  Tensor e = embedding(w, ids);
+  REQUIRE(e.shape() == Shape{2, 0, 3});
+  test::require_equal(autograd::grad({sum(e)}, {w})[0], zeros({4, 3}));
+  Tensor x = test::random_tensor({0, 5}, DType::f32, 79).set_requires_grad();
+  Tensor nw = test::random_tensor({5}, DType::f32, 80).set_requires_grad();
+  Tensor y = rms_norm(x, nw, 1e-5);
+  REQUIRE(y.shape() == Shape{0, 5});
+  test::require_equal(autograd::grad({sum(y)}, {nw})[0], zeros({5}));
+  Tensor logits = test::random_tensor({0, 4}, DType::f32, 81);
+  Tensor targets = from_vector<int64_t>({}, {0});
+  test::require_equal(cross_entropy(logits, targets), zeros({}));
+  REQUIRE(cross_entropy(logits, targets, -100, Reduction::none).shape() == Shape{0});
+  Tensor q = test::random_tensor({1, 2, 0, 4}, DType::f32, 82);
+  Tensor kv = test::random_tensor({1, 1, 3, 4}, DType::f32, 83);
+  REQUIRE(scaled_dot_product_attention(q, kv, kv).shape() == Shape{1, 2, 0, 4});
+}
