@@ -8,6 +8,9 @@
 #include "autograd/grad_mode.h"
 #include "autograd/node.h"
 #include "core/cpu/register.h"
+#if KILN_WITH_CUDA
+#include "core/cuda/register.h"
+#endif
 
 namespace kiln {
 namespace {
@@ -23,7 +26,12 @@ Registry& registry() {
 
 void ensure_registered() {
   static std::once_flag once;
-  std::call_once(once, [] { cpu::register_kernels(); });
+  std::call_once(once, [] {
+    cpu::register_kernels();
+#if KILN_WITH_CUDA
+    cuda::register_kernels();
+#endif
+  });
 }
 
 const Kernel& find_kernel(const Primitive& op, DeviceType device) {

@@ -158,5 +158,8 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore
                      Reduction reduction = Reduction::mean);
 Tensor cross_entropy_composite(const Tensor& logits, const Tensor& targets, int64_t ignore_index = -100,
                                Reduction reduction = Reduction::mean);
+// silu(gate) * up for gate and up of one shape and float dtype (Llama's MLP activation).
+Tensor swiglu(const Tensor& gate, const Tensor& up);
+Tensor swiglu_composite(const Tensor& gate, const Tensor& up);
 
 }  // namespace kiln

@@ -6,6 +6,9 @@
 #include <new>
 
 #include "core/error.h"
+#if KILN_WITH_CUDA
+#include "core/cuda/runtime.h"
+#endif
 
 namespace kiln {
 namespace {
@@ -23,7 +26,11 @@ class CpuAllocator final : public Allocator {
 
 std::array<Allocator*, kNumDeviceTypes>& allocators() {
   static CpuAllocator cpu;
+#if KILN_WITH_CUDA
+  static std::array<Allocator*, kNumDeviceTypes> table{&cpu, cuda::caching_allocator()};
+#else
   static std::array<Allocator*, kNumDeviceTypes> table{&cpu, nullptr};
+#endif
   return table;
 }
 

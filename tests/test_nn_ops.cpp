@@ -1,4 +1,4 @@
-// Tests of embedding, rms_norm, rotary_embedding and cross_entropy: the fused op, its composite
+// Tests of embedding, rms_norm, rotary_embedding, cross_entropy and swiglu: the fused op, its composite
 // fallback and a plain double-loop reference on random inputs in every float dtype, finite-difference
 // gradients of both in f64, and the errors. Attention is in test_nn_attention.cpp.
 #include <catch2/catch_test_macros.hpp>
@@ -418,6 +418,62 @@ TEST_CASE("cross_entropy rejects bad input", "[nn_ops]") {
                       ContainsSubstring("[cross_entropy]") && ContainsSubstring("float"));
 }
 
+// ---------------------------------------------------------------- swiglu
+
+TEST_CASE("swiglu fused and composite match a reference", "[nn_ops]") {
+  const Shape shapes[] = {{3, 5, 7}, {1, 13}, {6}, {}, {2, 64}};
+  for (DType dt : kFloats) {
+    for (const Shape& s : shapes) {
+      for (bool nc : {false, true}) {
+        INFO(dtype_name(dt) << " " << shape_str(s) << " noncontiguous " << nc);
+        Tensor gate = mul(test::random_tensor(s, dt, 90, nc), 4.0);  // reaches into both tails of sigmoid
+        Tensor up = test::random_tensor(s, dt, 91, nc);
+        std::vector<double> gv = vals(gate), uv = vals(up), ref;
+        for (size_t i = 0; i < gv.size(); ++i) ref.push_back(gv[i] / (1.0 + std::exp(-gv[i])) * uv[i]);
+        Tensor fused = swiglu(gate, up);
+        Tensor comp = swiglu_composite(gate, up);
+        REQUIRE(fused.dtype() == dt);
+        REQUIRE(fused.shape() == s);
+        check_close(fused, f64_tensor(ref, s), dt);
+        check_close(comp, f64_tensor(ref, s), dt);
+      }
+    }
+  }
+}
+
+TEST_CASE("swiglu gradients match finite differences and the composite", "[nn_ops]") {
+  for (bool nc : {false, true}) {
+    INFO("noncontiguous " << nc);
+    Tensor gate = mul(test::random_tensor({3, 2, 5}, DType::f64, 92, nc), 3.0).detach().set_requires_grad();
+    Tensor up = test::random_tensor({3, 2, 5}, DType::f64, 93, nc).set_requires_grad();
+    test::check_gradients([](const std::vector<Tensor>& in) { return swiglu(in[0], in[1]); }, {gate, up});
+    test::check_gradients([](const std::vector<Tensor>& in) { return swiglu_composite(in[0], in[1]); }, {gate, up});
+  }
+  for (DType dt : kFloats) {
+    INFO(dtype_name(dt));
+    Tensor gate = test::random_tensor({9, 11}, dt, 94).set_requires_grad();
+    Tensor up = test::random_tensor({9, 11}, dt, 95, true).set_requires_grad();
+    Tensor g = test::random_tensor({9, 11}, dt, 96, true);
+    std::vector<Tensor> fused = autograd::grad({swiglu(gate, up)}, {gate, up}, {g});
+    std::vector<Tensor> comp = autograd::grad({swiglu_composite(gate, up)}, {gate, up}, {g});
+    REQUIRE(fused[0].dtype() == dt);
+    check_close(fused[0], comp[0], dt);
+    check_close(fused[1], comp[1], dt);
+  }
+}
+
+TEST_CASE("swiglu rejects bad input", "[nn_ops]") {
+  Tensor gate = test::random_tensor({3, 4}, DType::f32, 97);
+  REQUIRE_THROWS_WITH(swiglu(gate, test::random_tensor({3, 5}, DType::f32, 98)),
+                      ContainsSubstring("[swiglu]") && ContainsSubstring("one shape"));
+  REQUIRE_THROWS_WITH(swiglu(gate, test::random_tensor({4}, DType::f32, 98)), ContainsSubstring("[swiglu]"));
+  REQUIRE_THROWS_WITH(swiglu(gate, test::random_tensor({3, 4}, DType::bf16, 99)),
+                      ContainsSubstring("[swiglu]") && ContainsSubstring("dtype"));
+  REQUIRE_THROWS_WITH(swiglu_composite(gate, test::random_tensor({3, 5}, DType::f32, 98)), ContainsSubstring("[swiglu]"));
+  REQUIRE_THROWS_WITH(swiglu(random_ids({3, 4}, 5, DType::i64, 100), random_ids({3, 4}, 5, DType::i64, 101)),
+                      ContainsSubstring("[swiglu]") && ContainsSubstring("float"));
+}
+
 TEST_CASE("second-order gradients through fused backward kernels fail clearly", "[nn_ops]") {
   // (saved inputs are detached, so only a cotangent that requires grad records the backward op)
   Tensor x = test::random_tensor({2, 3}, DType::f64, 71).set_requires_grad();
@@ -429,6 +485,9 @@ TEST_CASE("second-order gradients through fused backward kernels fail clearly", 
   Tensor rl = test::random_tensor({}, DType::f64, 75).set_requires_grad();
   Tensor gl = autograd::grad({cross_entropy(l, from_vector<int64_t>({0, 2}, {2}))}, {l}, {rl}, false, true)[0];
   REQUIRE_THROWS_WITH(autograd::grad({sum(gl)}, {rl}), ContainsSubstring("cross_entropy_composite"));
+  Tensor rs = test::random_tensor({2, 3}, DType::f64, 102).set_requires_grad();
+  Tensor gs = autograd::grad({swiglu(x, r)}, {x}, {rs}, false, true)[0];
+  REQUIRE_THROWS_WITH(autograd::grad({sum(gs)}, {rs}), ContainsSubstring("swiglu_composite"));
   // embedding's backward is linear in the gradient: its own vjp works
   Tensor e = test::random_tensor({4, 3}, DType::f64, 76).set_requires_grad();
   Tensor ids = from_vector<int64_t>({1, 1, 3}, {3});
@@ -453,6 +512,9 @@ TEST_CASE("nn ops accept empty inputs", "[nn_ops]") {
   Tensor targets = from_vector<int64_t>({}, {0});
   test::require_equal(cross_entropy(logits, targets), zeros({}));
   REQUIRE(cross_entropy(logits, targets, -100, Reduction::none).shape() == Shape{0});
+  Tensor sg = test::random_tensor({0, 3}, DType::f32, 103).set_requires_grad();
+  REQUIRE(swiglu(sg, sg).shape() == Shape{0, 3});
+  REQUIRE(autograd::grad({sum(swiglu(sg, sg))}, {sg})[0].shape() == Shape{0, 3});
   Tensor q = test::random_tensor({1, 2, 0, 4}, DType::f32, 82);
   Tensor kv = test::random_tensor({1, 1, 3, 4}, DType::f32, 83);
   REQUIRE(scaled_dot_product_attention(q, kv, kv).shape() == Shape{1, 2, 0, 4});

@@ -44,3 +44,23 @@ if [ ${#need[@]} -gt 0 ] || [ ${#bp[@]} -gt 0 ]; then
 fi
 echo "bootstrap: meson $(meson --version), catch2 $(dpkg-query -W -f='${Version}' libcatch2-dev 2>/dev/null ||
   dpkg-query -W -f='${Version}' catch2), fmt $(dpkg-query -W -f='${Version}' libfmt-dev)"
+
+# The cuDNN C++ frontend (header-only) for the CUDA backend, from its PyPI wheel, into third_party/.
+frontend_version=1.32.0
+frontend_dir="$(cd "$(dirname "$0")/.." && pwd)/third_party/cudnn_frontend"
+if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then
+  if [ ! -f "$frontend_dir/include/cudnn_frontend.h" ] || [ "$(cat "$frontend_dir/VERSION" 2>/dev/null)" != "$frontend_version" ]; then
+    tmp=$(mktemp -d)
+    if python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.11 --platform manylinux_2_28_x86_64 \
+         -d "$tmp" "nvidia-cudnn-frontend==$frontend_version" &&
+       python3 -c "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); [z.extract(n, sys.argv[2]) for n in z.namelist() if n.startswith('include/')]" \
+         "$(ls "$tmp"/*.whl | head -n 1)" "$tmp/x"; then
+      rm -rf "$frontend_dir" && mkdir -p "$frontend_dir" && mv "$tmp/x/include" "$frontend_dir/include"
+      echo "$frontend_version" >"$frontend_dir/VERSION"
+      echo "bootstrap: cuDNN frontend $frontend_version headers in third_party/cudnn_frontend"
+    else
+      echo "bootstrap: could not fetch the cuDNN frontend headers; CUDA will be left out of -Dcuda=auto builds" >&2
+    fi
+    rm -rf "$tmp"
+  fi
+fi

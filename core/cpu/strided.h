@@ -8,37 +8,21 @@
 #include <cstdint>
 
 #include "core/cpu/parallel.h"
+#include "core/layout.h"
 #include "core/shape.h"
 #include "core/tensor.h"
 
 namespace kiln::cpu {
-
-// Strides of `t` seen as a tensor of shape `target` (t broadcasts to target: missing/size-1 dims -> 0).
-Shape broadcast_strides(const Tensor& t, const Shape& target);
 
 template <size_t N>
 struct StridedLoop {
   Shape shape;
   std::array<Shape, N> strides;
 
-  StridedLoop(const Shape& s, const std::array<Shape, N>& st) {
-    // drop size-1 dims, then merge dims contiguous for all operands
-    for (size_t d = 0; d < s.size(); ++d) {
-      if (s[d] == 1) continue;
-      bool merge = !shape.empty();
-      for (size_t k = 0; k < N && merge; ++k) merge = strides[k].back() == st[k][d] * s[d];
-      if (merge) {
-        shape.back() *= s[d];
-        for (size_t k = 0; k < N; ++k) strides[k].back() = st[k][d];
-      } else {
-        shape.push_back(s[d]);
-        for (size_t k = 0; k < N; ++k) strides[k].push_back(st[k][d]);
-      }
-    }
-    if (shape.empty()) {
-      shape.push_back(kiln::numel(s) == 0 ? 0 : 1);
-      for (size_t k = 0; k < N; ++k) strides[k].push_back(0);
-    }
+  StridedLoop(const Shape& s, const std::array<Shape, N>& st) : shape(s) {
+    std::vector<Shape> all(st.begin(), st.end());
+    coalesce_dims(shape, all);
+    for (size_t k = 0; k < N; ++k) strides[k] = std::move(all[k]);
   }
 
   // inner(const std::array<int64_t, N>& offsets, int64_t count, const std::array<int64_t, N>& inner_strides)

@@ -1,5 +1,5 @@
 // Primitives of the neural-network ops (embedding, RMSNorm, rotary embedding, attention,
-// cross-entropy) and of their backward passes. Each forward has a dedicated CPU kernel
+// cross-entropy, SwiGLU) and of their backward passes. Each forward has a dedicated CPU kernel
 // (core/cpu/nn*.cpp) and a composite fallback in core/ops.h (the *_composite functions).
 #pragma once
 #include <string>
@@ -172,6 +172,29 @@ class CrossEntropyBackward : public Primitive {
  private:
   int64_t ignore_index_;
   Reduction reduction_;
+};
+
+// gate (...), up (...) of one shape and float dtype -> silu(gate) * up, computed in f32 (f64 for
+// f64) and rounded once: the gated MLP activation of Llama.
+class SwiGlu : public Primitive {
+ public:
+  const char* name() const override { return "swiglu"; }
+  std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
+  bool differentiable() const override { return true; }
+  std::vector<Tensor> vjp(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
+                          const std::vector<Tensor>& cotangents, const std::vector<bool>& wanted) const override;
+  bool vjp_needs_outputs() const override { return false; }
+};
+
+// (gate, up, g) of one shape -> dgate = g * up * sigmoid(gate) * (1 + gate * (1 - sigmoid(gate))),
+// dup = g * silu(gate). Second-order gradients are not implemented (use swiglu_composite).
+class SwiGluBackward : public Primitive {
+ public:
+  const char* name() const override { return "swiglu_backward"; }
+  std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
+  bool differentiable() const override { return true; }  // its vjp throws a clear error
+  std::vector<Tensor> vjp(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
+                          const std::vector<Tensor>& cotangents, const std::vector<bool>& wanted) const override;
 };
 
 const char* reduction_name(Reduction r);

@@ -1,0 +1,66 @@
+// matmul: the public function, the shape/dtype rule and the vjp of prim::Matmul. The vjp is
+// written with matmul, transpose, reshape and sum_to, so backward passes through dispatch too.
+#include "core/ops/matmul.h"
+
+#include <algorithm>
+
+#include "core/dispatch.h"
+#include "core/ops.h"
+
+namespace kiln {
+
+Tensor matmul(const Tensor& a, const Tensor& b) { return dispatch1(std::make_shared<const prim::Matmul>(), {a, b}); }
+
+namespace prim {
+
+std::vector<TensorMeta> Matmul::infer(const std::vector<Tensor>& inputs) const {
+  KILN_CHECK(inputs.size() == 2, "matmul", "expected 2 inputs, found {}", inputs.size());
+  const Tensor& a = inputs[0];
+  const Tensor& b = inputs[1];
+  KILN_CHECK(a.dim() >= 2 && b.dim() >= 2, "matmul", "expected operands of at least 2 dims, found {} @ {}",
+             shape_str(a.shape()), shape_str(b.shape()));
+  KILN_CHECK(a.dtype() == b.dtype(), "matmul", "expected operands of one dtype, found {} and {}", dtype_name(a.dtype()),
+             dtype_name(b.dtype()));
+  KILN_CHECK(is_floating(a.dtype()), "matmul", "expected floating-point operands (f64, f32, bf16, f16), found {}",
+             dtype_name(a.dtype()));
+  const Shape& as = a.shape();
+  const Shape& bs = b.shape();
+  KILN_CHECK(as[as.size() - 1] == bs[bs.size() - 2], "matmul", "inner dimensions differ: {} @ {}", shape_str(as),
+             shape_str(bs));
+  for (size_t i = 3; i <= std::min(as.size(), bs.size()); ++i) {
+    const int64_t da = as[as.size() - i], db = bs[bs.size() - i];
+    KILN_CHECK(da == db || da == 1 || db == 1, "matmul", "batch dimensions of {} and {} cannot be broadcast",
+               shape_str(as), shape_str(bs));
+  }
+  Shape batch = broadcast_shapes(Shape(as.begin(), as.end() - 2), Shape(bs.begin(), bs.end() - 2), "matmul");
+  batch.push_back(as[as.size() - 2]);
+  batch.push_back(bs[bs.size() - 1]);
+  return {TensorMeta{batch, a.dtype(), a.device()}};
+}
+
+std::vector<Tensor> Matmul::vjp(const std::vector<Tensor>& inputs, const std::vector<Tensor>&,
+                                const std::vector<Tensor>& cotangents, const std::vector<bool>& wanted) const {
+  const Tensor& a = inputs[0];  // (..., M, K)
+  const Tensor& b = inputs[1];  // (..., K, N)
+  const Tensor& g = cotangents[0];  // (batch..., M, N)
+  std::vector<Tensor> grads(2);
+  if (wanted[0]) {
+    // dA (batch..., M, K) = g @ B^T, summed over the batch dims A was broadcast along
+    grads[0] = sum_to(matmul(g, transpose(b, -2, -1)), a.shape());
+  }
+  if (wanted[1]) {
+    if (b.dim() == 2 && a.dim() > 2) {
+      // B is shared by the whole batch: fold the batch into rows, dB (K, N) = A (rows, K)^T @ g (rows, N),
+      // which needs no (batch..., K, N) intermediate.
+      const int64_t k = a.shape().back(), n = b.shape().back();
+      grads[1] = matmul(transpose(reshape(a, {-1, k}), 0, 1), reshape(g, {-1, n}));
+    } else {
+      // dB (batch..., K, N) = A^T @ g, summed over the batch dims B was broadcast along
+      grads[1] = sum_to(matmul(transpose(a, -2, -1), g), b.shape());
+    }
+  }
+  return grads;
+}
+
+}  // namespace prim
+}  // namespace kiln

@@ -1,0 +1,22 @@
+// The matmul primitive: (..., M, K) @ (..., K, N) -> (..., M, N) with numpy broadcasting of the
+// batch dims, floating dtypes only (bf16/f16 accumulate in f32). Its vjp is two more matmuls,
+// summed down to each operand's shape where the batch was broadcast.
+#pragma once
+#include <vector>
+
+#include "core/primitive.h"
+
+namespace kiln::prim {
+
+class Matmul : public Primitive {
+ public:
+  const char* name() const override { return "matmul"; }
+  std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
+  bool differentiable() const override { return true; }
+  // dA = g @ B^T and dB = A^T @ g: both inputs, no output.
+  std::vector<Tensor> vjp(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
+                          const std::vector<Tensor>& cotangents, const std::vector<bool>& wanted) const override;
+  bool vjp_needs_outputs() const override { return false; }
+};
+
+}  // namespace kiln::prim
