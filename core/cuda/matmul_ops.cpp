@@ -1,0 +1,399 @@
+// CUDA kernel of prim::Matmul through cuBLASLt, and matmul_bias (the bias-epilogue GEMM). Operands
+// whose last two dims are row-major or a transpose of row-major go in as they are (op flags and
+// leading dims); batches use strided-batch layouts, looping only over batch dims that do not merge.
+// Plans (descriptors + heuristic algorithm) are cached per thread by shape/dtype/layout/alignment.
+#include <cublasLt.h>
+#include <cuda_runtime_api.h>
+
+#include <array>
+#include <atomic>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <unordered_map>
+#include <utility>
+
+#include "core/cuda/check.h"
+#include "core/cuda/matmul.h"
+#include "core/cuda/register.h"
+#include "core/cuda/runtime.h"
+#include "core/cuda/tensor_args.h"
+#include "core/dispatch.h"
+#include "core/layout.h"
+#include "core/ops.h"
+#include "core/ops/matmul.h"
+
+namespace kiln::cuda {
+namespace {
+
+constexpr size_t kWorkspaceBytes = size_t{32} << 20;
+std::atomic<bool> g_allow_tf32{false};
+
+#define KILN_CUBLAS_CHECK(call, op)                                                                     \
+  do {                                                                                                  \
+    cublasStatus_t kiln_st_ = (call);                                                                   \
+    if (kiln_st_ != CUBLAS_STATUS_SUCCESS) {                                                            \
+      throw ::kiln::Error(fmt::format("[{}] {} failed: {}", op, #call, cublasLtGetStatusString(kiln_st_))); \
+    }                                                                                                   \
+  } while (0)
+
+// One cuBLASLt handle per device, created on first use and kept for the process.
+cublasLtHandle_t handle_for(int device) {
+  static std::mutex mu;
+  static auto* handles = new std::map<int, cublasLtHandle_t>();  // never freed: used until exit
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = handles->find(device);
+  if (it != handles->end()) return it->second;
+  cublasLtHandle_t h = nullptr;
+  KILN_CUBLAS_CHECK(cublasLtCreate(&h), "matmul");
+  handles->emplace(device, h);
+  return h;
+}
+
+// A 32 MiB workspace per (device, stream) from kiln's allocator, kept for the process (two streams
+// must not share one: their GEMMs could run at the same time).
+void* workspace_for(int device, void* stream) {
+  static std::mutex mu;
+  static auto* spaces = new std::map<std::pair<int, void*>, Tensor>();  // never freed
+  std::lock_guard<std::mutex> lock(mu);
+  auto key = std::make_pair(device, stream);
+  auto it = spaces->find(key);
+  if (it == spaces->end()) {
+    it = spaces->emplace(key, empty({static_cast<int64_t>(kWorkspaceBytes)}, DType::u8, Device(DeviceType::cuda, device)))
+             .first;
+  }
+  return it->second.raw_data();
+}
+
+struct TypeInfo {
+  cudaDataType_t data;
+  cudaDataType_t scale;
+  cublasComputeType_t compute;
+};
+
+TypeInfo type_info(DType d) {
+  switch (d) {
+    case DType::bf16: return {CUDA_R_16BF, CUDA_R_32F, CUBLAS_COMPUTE_32F};
+    case DType::f16: return {CUDA_R_16F, CUDA_R_32F, CUBLAS_COMPUTE_32F};
+    case DType::f32:
+      return {CUDA_R_32F, CUDA_R_32F, g_allow_tf32.load() ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F};
+    case DType::f64: return {CUDA_R_64F, CUDA_R_64F, CUBLAS_COMPUTE_64F};
+    default: break;
+  }
+  KILN_FAIL("matmul", "expected floating-point operands (f64, f32, bf16, f16), found {}", dtype_name(d));
+}
+
+// Largest power of two <= 256 dividing every value (bytes).
+uint32_t alignment_of(std::initializer_list<uint64_t> values) {
+  uint32_t a = 256;
+  for (uint64_t v : values) {
+    while (a > 1 && v % a != 0) a /= 2;
+  }
+  return a;
+}
+
+// One GEMM problem in cuBLASLt's column-major terms: D (m, n) = op(A) (m, k) @ op(B) (k, n) [+ bias].
+struct GemmKey {  // trivial: zeroed with memset (padding included) before filling
+  int device;
+  cudaDataType_t data;
+  cublasComputeType_t compute;
+  bool trans_a, trans_b, bias;
+  int64_t m, n, k, lda, ldb, ldc;
+  int64_t batch, stride_a, stride_b, stride_c;
+  uint32_t align_a, align_b, align_c;
+
+  friend bool operator==(const GemmKey& x, const GemmKey& y) { return std::memcmp(&x, &y, sizeof(GemmKey)) == 0; }
+};
+
+struct GemmKeyHash {
+  size_t operator()(const GemmKey& k) const {
+    // FNV-1a over the bytes (the struct is zero-initialised, padding included, before filling)
+    const auto* p = reinterpret_cast<const unsigned char*>(&k);
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < sizeof(GemmKey); ++i) h = (h ^ p[i]) * 1099511628211ull;
+    return static_cast<size_t>(h);
+  }
+};
+
+// Descriptors and the heuristic's algorithm for one GemmKey.
+struct Plan {
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+  Plan() = default;
+  Plan(const Plan&) = delete;
+  Plan& operator=(const Plan&) = delete;
+  ~Plan() {
+    if (a) cublasLtMatrixLayoutDestroy(a);
+    if (b) cublasLtMatrixLayoutDestroy(b);
+    if (c) cublasLtMatrixLayoutDestroy(c);
+    if (desc) cublasLtMatmulDescDestroy(desc);
+  }
+};
+
+cublasLtMatrixLayout_t make_layout(cudaDataType_t t, int64_t rows, int64_t cols, int64_t ld, int64_t batch,
+                                   int64_t stride) {
+  cublasLtMatrixLayout_t l = nullptr;
+  KILN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&l, t, static_cast<uint64_t>(rows), static_cast<uint64_t>(cols), ld),
+                    "matmul");
+  if (batch > 1) {
+    const int32_t count = static_cast<int32_t>(batch);
+    KILN_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof(count)),
+                      "matmul");
+    KILN_CUBLAS_CHECK(
+        cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof(stride)),
+        "matmul");
+  }
+  return l;
+}
+
+std::unique_ptr<Plan> build_plan(const GemmKey& k, const TypeInfo& ti, cublasLtHandle_t handle) {
+  auto plan = std::make_unique<Plan>();
+  KILN_CUBLAS_CHECK(cublasLtMatmulDescCreate(&plan->desc, k.compute, ti.scale), "matmul");
+  const cublasOperation_t ta = k.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, tb = k.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+  KILN_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)), "matmul");
+  KILN_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)), "matmul");
+  if (k.bias) {
+    const cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
+    KILN_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)),
+                      "matmul");
+  }
+  plan->a = k.trans_a ? make_layout(k.data, k.k, k.m, k.lda, k.batch, k.stride_a)
+                      : make_layout(k.data, k.m, k.k, k.lda, k.batch, k.stride_a);
+  plan->b = k.trans_b ? make_layout(k.data, k.n, k.k, k.ldb, k.batch, k.stride_b)
+                      : make_layout(k.data, k.k, k.n, k.ldb, k.batch, k.stride_b);
+  plan->c = make_layout(k.data, k.m, k.n, k.ldc, k.batch, k.stride_c);
+
+  cublasLtMatmulPreference_t pref = nullptr;
+  KILN_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref), "matmul");
+  std::unique_ptr<std::remove_pointer_t<cublasLtMatmulPreference_t>, decltype(&cublasLtMatmulPreferenceDestroy)> guard(
+      pref, &cublasLtMatmulPreferenceDestroy);
+  const uint64_t ws = kWorkspaceBytes;
+  KILN_CUBLAS_CHECK(
+      cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)), "matmul");
+  const std::array<std::pair<cublasLtMatmulPreferenceAttributes_t, uint32_t>, 4> aligns{{
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, k.align_a},
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, k.align_b},
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, k.align_c},
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, k.align_c},
+  }};
+  for (const auto& [attr, value] : aligns) {
+    KILN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, attr, &value, sizeof(value)), "matmul");
+  }
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(handle, plan->desc, plan->a, plan->b, plan->c, plan->c,
+                                                           pref, 1, &result, &found);
+  if (st == CUBLAS_STATUS_NOT_SUPPORTED || (st == CUBLAS_STATUS_SUCCESS && found == 0)) return nullptr;
+  KILN_CUBLAS_CHECK(st, "matmul");
+  plan->algo = result.algo;
+  return plan;
+}
+
+// The cached plan of `key` on this thread (cuBLASLt descriptors are not shared between threads);
+// null when cuBLASLt has no algorithm for it (remembered too).
+const Plan* plan_for(const GemmKey& key, const TypeInfo& ti, cublasLtHandle_t handle) {
+  thread_local std::unordered_map<GemmKey, std::unique_ptr<Plan>, GemmKeyHash> cache;
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second.get();
+  if (cache.size() >= 4096) cache.clear();  // bound the cache under endlessly changing shapes
+  return cache.emplace(key, build_plan(key, ti, handle)).first->second.get();
+}
+
+// The last two dims of an operand as cuBLASLt sees them: row-major (R, C) with row stride ld, or its
+// transpose (column-major, column stride ld). Dims of size 1 accept any stride.
+struct MatrixView {
+  bool ok = false;
+  bool col_major = false;
+  int64_t ld = 0;
+};
+
+MatrixView matrix_view(int64_t rows, int64_t cols, int64_t rs, int64_t cs) {
+  if ((cols == 1 || cs == 1) && (rows == 1 || rs >= cols)) return {true, false, rows == 1 ? std::max<int64_t>(cols, 1) : rs};
+  if ((rows == 1 || rs == 1) && (cols == 1 || cs >= rows)) return {true, true, cols == 1 ? std::max<int64_t>(rows, 1) : cs};
+  return {};
+}
+
+// An operand ready for cuBLASLt: the tensor (possibly made contiguous) and its matrix view.
+struct Operand {
+  Tensor t;
+  MatrixView view;
+};
+
+Operand prepare(const Tensor& x) {
+  const int64_t r = x.size(-2), c = x.size(-1);
+  MatrixView v = matrix_view(r, c, x.strides()[x.strides().size() - 2], x.strides().back());
+  if (v.ok) return {x, v};
+  Tensor cx = contiguous(x.detach());  // neither layout: one copy (no autograd inside a kernel)
+  return {cx, matrix_view(r, c, c, 1)};
+}
+
+// Batch strides of `t` under the output batch shape (size-1 and missing dims broadcast: 0).
+Shape batch_strides(const Tensor& t, const Shape& batch) {
+  Shape out(batch.size(), 0);
+  const size_t nb = t.shape().size() - 2, lead = batch.size() - nb;
+  for (size_t i = 0; i < nb; ++i) out[lead + i] = t.shape()[i] == 1 ? 0 : t.strides()[i];
+  return out;
+}
+
+// D (batch..., M, N) = A (batch..., M, K) @ B (batch..., K, N) [+ bias (N)] into a contiguous `out`.
+// False (nothing launched) when cuBLASLt has no algorithm for these layouts and alignments.
+bool try_gemm(const Tensor& a_in, const Tensor& b_in, const Tensor* bias, Tensor& out, const char* op) {
+  const Shape& os = out.shape();
+  const int64_t m = os[os.size() - 2], n = os.back(), k = a_in.shape().back();
+  if (out.numel() == 0) return true;
+  const int device = out.device().index;
+  DeviceGuard guard(device);
+  void* stream = stream_of(out);
+  const size_t es = itemsize(out.dtype());
+  if (k == 0) {  // an empty sum: zeros (plus the bias, which only matmul_bias has and which checks k > 0)
+    KILN_CUDA_CHECK(cudaMemsetAsync(out.raw_data(), 0, out.nbytes(), static_cast<cudaStream_t>(stream)), op);
+    return true;
+  }
+  const Operand a = prepare(a_in), b = prepare(b_in);
+  const int64_t a_rs = a.t.strides()[a.t.strides().size() - 2];
+
+  // Batch dims merged jointly for (out, a, b); all-size-1 batches merge to one dim of 1.
+  Shape batch(os.begin(), os.end() - 2);
+  std::vector<Shape> bst{contiguous_strides(batch), batch_strides(a.t, batch), batch_strides(b.t, batch)};
+  for (int64_t& v : bst[0]) v *= m * n;
+  if (batch.empty()) {
+    batch = {1};
+    bst = {{0}, {0}, {0}};
+  }
+  coalesce_dims(batch, bst);
+
+  int64_t rows = m;  // M, or batch * M when the batch folds into the rows of one GEMM
+  int64_t a_ld = a.view.ld;
+  const bool one_batch_dim = batch.size() == 1;
+  if (one_batch_dim && batch[0] > 1 && bst[2][0] == 0 && !a.view.col_major) {
+    const int64_t sa = bst[1][0];
+    if (m == 1 && sa >= k) {
+      rows = batch[0];
+      a_ld = sa;
+    } else if (m > 1 && sa == m * a_rs) {
+      rows = batch[0] * m;
+    }
+  }
+  const bool folded = rows != m;
+  const int64_t inner = folded ? 1 : batch.back();  // strided-batch count per call
+
+  const TypeInfo ti = type_info(out.dtype());
+  GemmKey key;
+  std::memset(&key, 0, sizeof(key));  // padding too: the key is hashed and compared as bytes
+  key.device = device;
+  key.data = ti.data;
+  key.compute = ti.compute;
+  key.bias = bias != nullptr;
+  // column-major: D^T (N, rows) = B^T (N, K) @ A^T (K, rows)
+  key.m = n;
+  key.n = rows;
+  key.k = k;
+  key.trans_a = b.view.col_major;
+  key.lda = b.view.ld;
+  key.trans_b = a.view.col_major;
+  key.ldb = a_ld;
+  key.ldc = n;
+  key.batch = inner;
+  key.stride_a = inner > 1 ? bst[2].back() : 0;
+  key.stride_b = inner > 1 ? bst[1].back() : 0;
+  key.stride_c = inner > 1 ? bst[0].back() : 0;
+
+  const auto* a_base = static_cast<const char*>(a.t.raw_data());
+  const auto* b_base = static_cast<const char*>(b.t.raw_data());
+  auto* c_base = static_cast<char*>(out.raw_data());
+  const auto addr = [](const void* p) { return static_cast<uint64_t>(reinterpret_cast<uintptr_t>(p)); };
+  key.align_a = alignment_of({addr(b_base), static_cast<uint64_t>(key.lda) * es, static_cast<uint64_t>(key.stride_a) * es});
+  key.align_b = alignment_of({addr(a_base), static_cast<uint64_t>(key.ldb) * es, static_cast<uint64_t>(key.stride_b) * es});
+  key.align_c = alignment_of({addr(c_base), static_cast<uint64_t>(key.ldc) * es, static_cast<uint64_t>(key.stride_c) * es});
+  // Outer batch entries (dims that did not merge) start at other offsets: require the alignment
+  // of every entry's offset as well.
+  const int64_t outer = folded ? 1 : numel(batch) / inner;
+  std::vector<std::array<int64_t, 3>> offsets(static_cast<size_t>(outer));  // (outer, {c, a, b}) in elements
+  for (int64_t i = 0; i < outer; ++i) {
+    int64_t rem = i;
+    std::array<int64_t, 3> off{0, 0, 0};
+    for (size_t d = batch.size() - 1; d-- > 0;) {
+      const int64_t idx = rem % batch[d];
+      rem /= batch[d];
+      for (size_t j = 0; j < 3; ++j) off[j] += idx * bst[j][d];
+    }
+    offsets[static_cast<size_t>(i)] = off;
+    key.align_c = std::min(key.align_c, alignment_of({static_cast<uint64_t>(off[0]) * es}));
+    key.align_b = std::min(key.align_b, alignment_of({static_cast<uint64_t>(off[1]) * es}));
+    key.align_a = std::min(key.align_a, alignment_of({static_cast<uint64_t>(off[2]) * es}));
+  }
+
+  cublasLtHandle_t handle = handle_for(device);
+  const Plan* found = plan_for(key, ti, handle);
+  if (found == nullptr) return false;
+  const Plan& plan = *found;
+  if (bias) {
+    const void* bp = bias->raw_data();
+    KILN_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp, sizeof(bp)), op);
+  }
+  void* ws = workspace_for(device, stream);
+  const float one_f = 1.0f, zero_f = 0.0f;
+  const double one_d = 1.0, zero_d = 0.0;
+  const void* alpha = ti.scale == CUDA_R_64F ? static_cast<const void*>(&one_d) : static_cast<const void*>(&one_f);
+  const void* beta = ti.scale == CUDA_R_64F ? static_cast<const void*>(&zero_d) : static_cast<const void*>(&zero_f);
+  for (const auto& off : offsets) {
+    void* c = c_base + off[0] * static_cast<int64_t>(es);
+    KILN_CUBLAS_CHECK(cublasLtMatmul(handle, plan.desc, alpha, b_base + off[2] * static_cast<int64_t>(es), plan.a,
+                                     a_base + off[1] * static_cast<int64_t>(es), plan.b, beta, c, plan.c, c, plan.c,
+                                     &plan.algo, ws, kWorkspaceBytes, static_cast<cudaStream_t>(stream)),
+                      op);
+  }
+  return true;
+}
+
+// try_gemm, retried on fresh (aligned, contiguous) copies of the operands when cuBLASLt has no
+// algorithm for their layouts.
+void gemm(const Tensor& a, const Tensor& b, Tensor& out, const char* op) {
+  if (try_gemm(a, b, nullptr, out, op)) return;
+  KILN_CHECK(try_gemm(a.detach().clone(), b.detach().clone(), nullptr, out, op), op, "cuBLASLt found no algorithm for {} @ {} in {}",
+             shape_str(a.shape()), shape_str(b.shape()), dtype_name(a.dtype()));
+}
+
+void matmul_kernel(const prim::Matmul&, const std::vector<Tensor>& in, std::vector<Tensor>& out) {
+  gemm(in[0], in[1], out[0], "matmul");
+}
+
+}  // namespace
+
+Tensor matmul_bias(const Tensor& a, const Tensor& b, const Tensor& bias) {
+  const char* op = "matmul_bias";
+  KILN_CHECK(a.device().is_cuda() && b.device() == a.device() && bias.device() == a.device(), op,
+             "expected a, b and bias on one CUDA device, found {}, {} and {}", a.device().str(), b.device().str(),
+             bias.device().str());
+  KILN_CHECK(a.dim() >= 2 && b.dim() == 2, op, "expected a (..., M, K) and b (K, N), found {} and {}",
+             shape_str(a.shape()), shape_str(b.shape()));
+  KILN_CHECK(a.dtype() == b.dtype() && bias.dtype() == a.dtype() && is_floating(a.dtype()), op,
+             "expected one float dtype, found {}, {} and {}", dtype_name(a.dtype()), dtype_name(b.dtype()),
+             dtype_name(bias.dtype()));
+  const int64_t k = a.size(-1), n = b.size(1);
+  KILN_CHECK(b.size(0) == k, op, "inner dimensions differ: {} @ {}", shape_str(a.shape()), shape_str(b.shape()));
+  KILN_CHECK(bias.dim() == 1 && bias.size(0) == n, op, "expected bias ({},), found {}", n, shape_str(bias.shape()));
+  KILN_CHECK(k > 0, op, "expected K > 0, found {} @ {}", shape_str(a.shape()), shape_str(b.shape()));
+  Shape out_shape = a.shape();
+  out_shape.back() = n;
+  Tensor a2 = reshape(a.detach(), {-1, k});  // (rows, K): a view unless a's rows do not merge
+  Tensor bias_c = contiguous(bias.detach());
+  if (reinterpret_cast<uintptr_t>(bias_c.raw_data()) % 16 != 0) bias_c = bias_c.clone();
+  Tensor out = empty({a2.size(0), n}, a.dtype(), a.device());  // (rows, N)
+  const Tensor b2 = b.detach();
+  if (!try_gemm(a2, b2, &bias_c, out, op)) {
+    // no bias-epilogue algorithm for this dtype or layout (f64, for one): a plain GEMM, then the add
+    gemm(a2, b2, out, op);
+    out = add(out, bias_c);
+  }
+  return reshape(out, out_shape);
+}
+
+void set_allow_tf32(bool allow) { g_allow_tf32.store(allow); }
+bool allow_tf32() { return g_allow_tf32.load(); }
+
+void register_matmul_kernels() { register_kernel<prim::Matmul>(DeviceType::cuda, &matmul_kernel); }
+
+}  // namespace kiln::cuda

@@ -1,0 +1,519 @@
+// Cross-entropy kernels. Rows that fit (16-byte aligned, at most 8 CTAs of 512 threads x 8 packs:
+// Llama's 128,256 in bf16/f16/f32) are held in registers by a thread-block cluster: every pack is
+// loaded once, all at once, the row's (max, sum of exp) merged across the cluster through
+// distributed shared memory in rank order, then the loss (forward) or the gradient (backward,
+// written from the registers: the logits are read once) follows. Other rows take one block per row
+// with an online softmax in f32 (f64 for f64), the backward reading the row a second time, in
+// reverse order, while its tail is in L2. Targets are validated by the row kernels (the smallest
+// bad row is flagged for the host). Sum/mean reduce per-row losses in one block in a fixed order.
+#include <cooperative_groups.h>
+
+#include "core/cuda/nn.cuh"
+#include "core/cuda/nn_common.cuh"
+
+namespace kiln::cuda {
+namespace {
+
+using namespace nn_kernels;
+
+constexpr int kStreamUnroll = 3;  // forward: packs per thread per step, double-buffered
+constexpr int kSweepUnroll = 4;   // backward: packs per thread per step, loaded then used
+
+// Adds VEC values to a running (max m, sum s of exp(x - m)).
+template <class C, int VEC>
+__device__ __forceinline__ void lse_add(C& m, C& s, const C (&a)[VEC]) {
+  C vm = a[0];
+#pragma unroll
+  for (int k = 1; k < VEC; ++k) vm = a[k] > vm ? a[k] : vm;
+  if (vm > m) {
+    s = s == C(0) ? C(0) : s * fast_exp(m - vm);
+    m = vm;
+  }
+  if (m != -INFINITY) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) s += fast_exp(a[k] - m);
+  }
+}
+
+// Merges two (max, sum) pairs.
+template <class C>
+__device__ __forceinline__ void merge_lse(C& m, C& s, C m2, C s2) {
+  const C mm = m > m2 ? m : m2;
+  if (mm == -INFINITY) return;  // both empty
+  s = (m == mm ? s : s * fast_exp(m - mm)) + (m2 == mm ? s2 : s2 * fast_exp(m2 - mm));
+  m = mm;
+}
+
+template <class C>
+__device__ void block_lse(C& m, C& s, C* red) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const C m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+    merge_lse(m, s, m2, s2);
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+  __syncthreads();
+  if (lane == 0) {
+    red[warp] = m;
+    red[32 + warp] = s;
+  }
+  __syncthreads();
+  m = -INFINITY;
+  s = 0;
+  for (int i = 0; i < nw; ++i) merge_lse(m, s, red[i], red[32 + i]);
+}
+
+// Streams the vectors of a row through registers: kStreamUnroll packs per thread per step, the next
+// step's packs loaded before the current ones are used (double buffering keeps loads in flight).
+// Step j of the walk reads row vector index(j); fn(index, pack) sees each vector once.
+template <int VEC, class T, class Index, class Fn>
+__device__ __forceinline__ void stream_row(const T* row, int64_t nvec, int64_t s1, Index index, Fn&& fn) {
+  const int64_t bd = blockDim.x, step = kStreamUnroll * bd;
+  Pack<T, VEC> cur[kStreamUnroll], nxt[kStreamUnroll];
+  auto load = [&](int64_t base, Pack<T, VEC>(&pk)[kStreamUnroll]) {
+#pragma unroll
+    for (int u = 0; u < kStreamUnroll; ++u) {
+      if (base + u * bd < nvec) pk[u] = load_pack<VEC>(vec_at<VEC>(row, index(base + u * bd), s1));
+    }
+  };
+  int64_t base = threadIdx.x;
+  if (base < nvec) load(base, cur);
+  for (; base < nvec; base += step) {
+    if (base + step < nvec) load(base + step, nxt);
+#pragma unroll
+    for (int u = 0; u < kStreamUnroll; ++u) {
+      if (base + u * bd < nvec) fn(index(base + u * bd), cur[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < kStreamUnroll; ++u) cur[u] = nxt[u];
+  }
+}
+
+// (max, sum of exp(x - max)) of one row of v logits (element stride s1 when VEC == 1), for the block;
+// the row walked with stream_row (STREAM) or kSweepUnroll packs at a time.
+template <class T, int VEC, bool STREAM>
+__device__ void row_lse(const T* row, int64_t v, int64_t s1, device_compute_t<T>& m, device_compute_t<T>& s,
+                        device_compute_t<T>* red) {
+  using C = device_compute_t<T>;
+  m = -INFINITY;
+  s = 0;
+  const int64_t nvec = v / VEC;
+  if constexpr (STREAM) {
+    stream_row<VEC>(row, nvec, s1, [](int64_t j) { return j; }, [&](int64_t, const Pack<T, VEC>& pk) {
+      C a[VEC];
+      unpack(pk, a);
+      lse_add(m, s, a);
+    });
+  } else {  // kSweepUnroll packs loaded, then used: fewer registers, no double buffering
+    const int64_t bd = blockDim.x;
+    int64_t vi = threadIdx.x;
+    for (; vi + (kSweepUnroll - 1) * bd < nvec; vi += kSweepUnroll * bd) {
+      Pack<T, VEC> pk[kSweepUnroll];
+#pragma unroll
+      for (int u = 0; u < kSweepUnroll; ++u) pk[u] = load_pack<VEC>(vec_at<VEC>(row, vi + u * bd, s1));
+#pragma unroll
+      for (int u = 0; u < kSweepUnroll; ++u) {
+        C a[VEC];
+        unpack(pk[u], a);
+        lse_add(m, s, a);
+      }
+    }
+    for (; vi < nvec; vi += bd) {
+      C a[VEC];
+      unpack(load_pack<VEC>(vec_at<VEC>(row, vi, s1)), a);
+      lse_add(m, s, a);
+    }
+  }
+  for (int64_t j = nvec * VEC + threadIdx.x; j < v; j += blockDim.x) {  // the tail when VEC does not divide v
+    const C a[1] = {static_cast<C>(to_compute(row[j]))};
+    lse_add(m, s, a);
+  }
+  block_lse(m, s, red);
+}
+
+template <class T, class I, int VEC>
+__global__ void __launch_bounds__(1024) cross_entropy_kernel(const T* __restrict__ logits, int64_t n, int64_t v, int64_t s0, int64_t s1,
+                                     const I* __restrict__ targets, int64_t ts, int64_t ignore,
+                                     device_compute_t<T>* __restrict__ loss, unsigned long long* err) {
+  using C = device_compute_t<T>;
+  __shared__ C red[64];
+  for (int64_t r = blockIdx.x; r < n; r += gridDim.x) {
+    const int64_t t = static_cast<int64_t>(targets[r * ts]);
+    if (t == ignore || t < 0 || t >= v) {
+      if (threadIdx.x == 0) {
+        loss[r] = 0;
+        if (t != ignore) record_error(err, r);
+      }
+      continue;
+    }
+    const T* row = logits + r * s0;
+    C m, s;
+    row_lse<T, VEC, true>(row, v, s1, m, s, red);
+    if (threadIdx.x == 0) loss[r] = m + log(s) - static_cast<C>(to_compute(row[t * s1]));
+  }
+}
+
+// reduction 0 (none): out[r] = loss[r]; 1 (sum) / 2 (mean): out[0] = the sum in f64 (divided by
+// the count of non-ignored rows, 0 when there is none), by one block.
+template <class T, class I>
+__global__ void cross_entropy_reduce(const device_compute_t<T>* __restrict__ loss, const I* __restrict__ targets,
+                                     int64_t ts, int64_t n, int64_t ignore, int reduction, T* __restrict__ out) {
+  using C = device_compute_t<T>;
+  if (reduction == 0) {
+    for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < n;
+         r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      out[r] = from_compute<T>(loss[r]);
+    }
+    return;
+  }
+  __shared__ double red[64];
+  double total = 0, count = 0;
+  for (int64_t r = threadIdx.x; r < n; r += blockDim.x) {
+    total += static_cast<double>(loss[r]);
+    count += static_cast<int64_t>(targets[r * ts]) != ignore ? 1.0 : 0.0;
+  }
+  block_sum2(total, count, red);
+  if (reduction == 2) total = count == 0 ? 0.0 : total / count;
+  if (threadIdx.x == 0) out[0] = from_compute<T>(static_cast<C>(total));
+}
+
+// The number of non-ignored targets (the mean's divisor).
+template <class I, class C>
+__global__ void count_targets(const I* __restrict__ targets, int64_t ts, int64_t n, int64_t ignore, C* count) {
+  __shared__ C red[64];
+  C c = 0;
+  for (int64_t r = threadIdx.x; r < n; r += blockDim.x) c += static_cast<int64_t>(targets[r * ts]) != ignore ? 1 : 0;
+  c = block_sum(c, red);
+  if (threadIdx.x == 0) *count = c;
+}
+
+// dlogits row = (softmax - onehot(t)) * scale, zero for ignored (or invalid, flagged) rows. The
+// output is contiguous: with VEC > 1 its rows are 16-byte aligned too.
+template <class T, class I, int VEC>
+__global__ void __launch_bounds__(1024) cross_entropy_backward_kernel(const T* __restrict__ logits, int64_t n, int64_t v, int64_t s0,
+                                              int64_t s1, const I* __restrict__ targets, int64_t ts, int64_t ignore,
+                                              int reduction, const device_compute_t<T>* __restrict__ grad,
+                                              int64_t gstride, const device_compute_t<T>* __restrict__ count,
+                                              T* __restrict__ out, unsigned long long* err) {
+  using C = device_compute_t<T>;
+  __shared__ C red[64];
+  const int64_t nvec = v / VEC, bd = blockDim.x;
+  for (int64_t r = blockIdx.x; r < n; r += gridDim.x) {
+    T* orow = out + r * v;
+    const int64_t t = static_cast<int64_t>(targets[r * ts]);
+    if (t == ignore || t < 0 || t >= v) {
+      if (threadIdx.x == 0 && t != ignore) record_error(err, r);
+      C z[VEC];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) z[k] = 0;
+      for (int64_t vi = threadIdx.x; vi < nvec; vi += bd) store_vec<VEC>(orow + vi * VEC, z);
+      for (int64_t j = nvec * VEC + threadIdx.x; j < v; j += bd) orow[j] = from_compute<T>(C(0));
+      continue;
+    }
+    const T* row = logits + r * s0;
+    C m, s;
+    row_lse<T, VEC, false>(row, v, s1, m, s, red);
+    const C lse = m + log(s);
+    C scale = reduction == 0 ? grad[r * gstride] : grad[0];
+    if (reduction == 2) scale /= *count;
+    auto emit = [&](int64_t vi, const Pack<T, VEC>& pk) {
+      C a[VEC];
+      unpack(pk, a);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) a[k] = (fast_exp(a[k] - lse) - (vi * VEC + k == t ? C(1) : C(0))) * scale;
+      store_vec<VEC>(orow + vi * VEC, a);
+    };
+    // walked from the end: the end of the row was read last, so it is the likeliest still in L2
+    // (without double buffering: with one 1024-thread block per SM that measured faster on the H200)
+    int64_t k = threadIdx.x;
+    for (; k + (kSweepUnroll - 1) * bd < nvec; k += kSweepUnroll * bd) {
+      Pack<T, VEC> pk[kSweepUnroll];
+#pragma unroll
+      for (int u = 0; u < kSweepUnroll; ++u) pk[u] = load_pack<VEC>(vec_at<VEC>(row, nvec - 1 - (k + u * bd), s1));
+#pragma unroll
+      for (int u = 0; u < kSweepUnroll; ++u) emit(nvec - 1 - (k + u * bd), pk[u]);
+    }
+    for (; k < nvec; k += bd) emit(nvec - 1 - k, load_pack<VEC>(vec_at<VEC>(row, nvec - 1 - k, s1)));
+    for (int64_t j = nvec * VEC + threadIdx.x; j < v; j += bd) {
+      orow[j] = from_compute<T>((fast_exp(static_cast<C>(to_compute(row[j])) - lse) - (j == t ? C(1) : C(0))) * scale);
+    }
+  }
+}
+
+// ---- rows held in registers by a cluster
+
+constexpr int kResThreads = 512;  // threads per CTA of the resident kernel (2 CTAs per SM)
+constexpr int kResItems = 8;      // 16-byte packs per thread
+constexpr int kResMaxCluster = 8;  // the portable cluster size
+
+// e^x: one MUFU.EX2 (inputs scaled by log2 e, subnormal results flushed to 0) in f32, exp in f64.
+__device__ __forceinline__ float exp_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
+  return y;
+}
+__device__ __forceinline__ double exp_ftz(double x) { return exp(x); }
+
+template <class T>
+__device__ __forceinline__ Pack<T, vec_of<T>()> load_streaming(const T* p) {
+  const int4 r = __ldcs(reinterpret_cast<const int4*>(p));
+  return *reinterpret_cast<const Pack<T, vec_of<T>()>*>(&r);
+}
+template <class T>
+__device__ __forceinline__ void store_streaming(T* p, const Pack<T, vec_of<T>()>& v) {
+  __stcs(reinterpret_cast<int4*>(p), *reinterpret_cast<const int4*>(&v));
+}
+
+// The (max, sum) pair a CTA publishes to its cluster.
+template <class C>
+struct LsePair {
+  C m, s;
+};
+
+// Row r of the (n, v) logits (rows 16-byte aligned, v a multiple of the pack) is split over the k
+// CTAs of a cluster, `per` packs each; thread t of CTA c holds packs c * per + t + i * blockDim.x.
+// Forward (loss != null): loss[r] = lse - x[t]. Backward: out row = (softmax - onehot(t)) * scale.
+template <class T, class I, bool BACKWARD>
+__global__ void __launch_bounds__(kResThreads, 2)
+    cross_entropy_resident_kernel(const T* __restrict__ logits, int64_t n, int64_t v, int64_t s0, int64_t per,
+                                  const I* __restrict__ targets, int64_t ts, int64_t ignore, int reduction,
+                                  const device_compute_t<T>* __restrict__ grad, int64_t gstride,
+                                  const device_compute_t<T>* __restrict__ count, device_compute_t<T>* __restrict__ loss,
+                                  T* __restrict__ out, unsigned long long* err) {
+  using C = device_compute_t<T>;
+  constexpr int VEC = vec_of<T>();
+  namespace cg = cooperative_groups;
+  __shared__ C red[64];
+  __shared__ LsePair<C> mine;  // this CTA's pair, read by the cluster
+  const cg::cluster_group cluster = cg::this_cluster();
+  const int k = static_cast<int>(cluster.num_blocks()), rank = static_cast<int>(cluster.block_rank());
+  const int64_t nvec = v / VEC, beg = rank * per, end = beg + per < nvec ? beg + per : nvec, bd = blockDim.x;
+  bool pending = false;  // arrived at the cluster barrier after reading the others' pairs
+  for (int64_t r = blockIdx.x / k; r < n; r += gridDim.x / k) {
+    const int64_t t = static_cast<int64_t>(targets[r * ts]);
+    T* orow = BACKWARD ? out + r * v : nullptr;  // (v)
+    if (t == ignore || t < 0 || t >= v) {  // the same decision in every CTA of the cluster
+      if (rank == 0 && threadIdx.x == 0) {
+        if (!BACKWARD) loss[r] = 0;
+        if (t != ignore) record_error(err, r);
+      }
+      if constexpr (BACKWARD) {
+        Pack<T, VEC> z;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) z.v[j] = from_compute<T>(C(0));
+        for (int64_t vi = beg + threadIdx.x; vi < end; vi += bd) store_streaming(orow + vi * VEC, z);
+      }
+      continue;
+    }
+    const T* row = logits + r * s0;  // (v)
+    Pack<T, VEC> pk[kResItems];
+#pragma unroll
+    for (int i = 0; i < kResItems; ++i) {
+      const int64_t vi = beg + threadIdx.x + i * bd;
+      if (vi < end) pk[i] = load_streaming(row + vi * VEC);
+    }
+    C xt = 0;
+    if (!BACKWARD && rank == 0 && threadIdx.x == 0) xt = static_cast<C>(to_compute(row[t]));
+    // this thread's max, then its sum of exp(x - max), from the registers
+    C m = -INFINITY, s = 0;
+#pragma unroll
+    for (int i = 0; i < kResItems; ++i) {
+      if (beg + threadIdx.x + i * bd < end) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          const C a = static_cast<C>(to_compute(pk[i].v[j]));
+          m = a > m ? a : m;
+        }
+      }
+    }
+    if (m != -INFINITY) {
+#pragma unroll
+      for (int i = 0; i < kResItems; ++i) {
+        if (beg + threadIdx.x + i * bd < end) {
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) s += exp_ftz(static_cast<C>(to_compute(pk[i].v[j])) - m);
+        }
+      }
+    }
+    block_lse(m, s, red);
+    if (k > 1) {  // merge the cluster's pairs in rank order: every CTA gets the same result
+      if (pending) cluster.barrier_wait();  // the others have read `mine` of the previous row
+      if (threadIdx.x == 0) mine = {m, s};
+      cluster.sync();
+      m = -INFINITY;
+      s = 0;
+      for (int c = 0; c < k; ++c) {
+        const LsePair<C> p = *cluster.map_shared_rank(&mine, c);
+        merge_lse(m, s, p.m, p.s);
+      }
+      cluster.barrier_arrive();
+      pending = true;
+    }
+    const C lse = m + log(s);
+    if constexpr (!BACKWARD) {
+      if (rank == 0 && threadIdx.x == 0) loss[r] = lse - xt;
+    } else {
+      C scale = reduction == 0 ? grad[r * gstride] : grad[0];
+      if (reduction == 2) scale /= *count;
+#pragma unroll
+      for (int i = 0; i < kResItems; ++i) {
+        const int64_t vi = beg + threadIdx.x + i * bd;
+        if (vi < end) {
+          Pack<T, VEC> y;
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) {
+            const C p = exp_ftz(static_cast<C>(to_compute(pk[i].v[j])) - lse);
+            y.v[j] = from_compute<T>((p - (vi * VEC + j == t ? C(1) : C(0))) * scale);
+          }
+          store_streaming(orow + vi * VEC, y);
+        }
+      }
+    }
+  }
+  if (pending) cluster.barrier_wait();  // keep `mine` alive until the cluster has read it
+}
+
+// The resident plan of rows of v logits: CTAs per row (cluster size), packs per CTA, threads per
+// CTA; k = 0 when the row does not fit (or is not 16-byte aligned: `vec`).
+struct ResidentPlan {
+  int k = 0, threads = 0;
+  int64_t per = 0;
+};
+
+template <class T>
+ResidentPlan resident_plan(bool vec, int64_t v) {
+  ResidentPlan p;
+  constexpr int64_t kCap = static_cast<int64_t>(kResThreads) * kResItems;  // packs per CTA
+  const int64_t nvec = v / vec_of<T>();
+  if (!vec || v % vec_of<T>() != 0 || nvec == 0 || nvec > kCap * kResMaxCluster) return p;
+  p.k = static_cast<int>((nvec + kCap - 1) / kCap);
+  p.per = (nvec + p.k - 1) / p.k;
+  p.threads = 32;
+  while (static_cast<int64_t>(p.threads) * kResItems < p.per) p.threads *= 2;
+  return p;
+}
+
+template <class T, class I, bool BACKWARD>
+cudaError_t launch_resident(const ResidentPlan& p, cudaStream_t stream, const T* logits, int64_t n, int64_t v,
+                            int64_t s0, const I* targets, int64_t ts, int64_t ignore, int reduction,
+                            const device_compute_t<T>* grad, int64_t gstride, const device_compute_t<T>* count,
+                            device_compute_t<T>* loss, T* out, unsigned long long* err) {
+  const int64_t clusters = n < kMaxGrid / p.k ? n : kMaxGrid / p.k;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(clusters * p.k));
+  cfg.blockDim = dim3(static_cast<unsigned>(p.threads));
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(p.k);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, cross_entropy_resident_kernel<T, I, BACKWARD>, logits, n, v, s0, p.per, targets, ts,
+                            ignore, reduction, grad, gstride, count, loss, out, err);
+}
+
+template <class T>
+bool logits_vectorisable(const void* logits, int64_t v, int64_t s0, int64_t s1) {
+  return s1 == 1 && aligned16(logits) && (s0 * static_cast<int64_t>(sizeof(T))) % 16 == 0 && v >= vec_of<T>();
+}
+
+// Threads per row: a power of two in [32, most], about 2 * unroll vectors or more each.
+int ce_threads(int64_t nvec, int unroll, int most) {
+  int t = 32;
+  while (t < most && static_cast<int64_t>(t) * unroll * 2 < nvec) t *= 2;
+  return t;
+}
+
+}  // namespace
+
+size_t cross_entropy_workspace(DType dt, int64_t n) { return static_cast<size_t>(n + 1) * (dt == DType::f64 ? 8 : 4); }
+
+cudaError_t launch_cross_entropy(DType dt, DType target_dt, const void* logits, int64_t n, int64_t v, int64_t s0,
+                                 int64_t s1, const void* targets, int64_t ts, int64_t ignore_index, int reduction,
+                                 void* out, void* workspace, unsigned long long* err, void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  return visit_float(dt, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using C = device_compute_t<T>;
+    return visit_index(target_dt, [&](auto itag) {
+      using I = typename decltype(itag)::type;
+      auto* loss = static_cast<C*>(workspace);  // (n)
+      const auto* tp = static_cast<const I*>(targets);
+      const bool vec = logits_vectorisable<T>(logits, v, s0, s1);
+      const ResidentPlan plan = resident_plan<T>(vec, v);
+      if (n > 0 && plan.k > 0) {
+        cudaError_t e = launch_resident<T, I, false>(plan, s, static_cast<const T*>(logits), n, v, s0, tp, ts,
+                                                     ignore_index, reduction, nullptr, 0, nullptr, loss, nullptr, err);
+        if (e != cudaSuccess) return e;
+      } else if (n > 0) {
+        const int threads = ce_threads(vec ? v / vec_of<T>() : v, kStreamUnroll, 512);  // 2 rows per SM
+        const int grid = static_cast<int>(n < kMaxGrid ? n : kMaxGrid);
+        if (vec) {
+          cross_entropy_kernel<T, I, vec_of<T>()><<<grid, threads, 0, s>>>(static_cast<const T*>(logits), n, v, s0,
+                                                                          s1, tp, ts, ignore_index, loss, err);
+        } else {
+          cross_entropy_kernel<T, I, 1><<<grid, threads, 0, s>>>(static_cast<const T*>(logits), n, v, s0, s1, tp, ts,
+                                                                 ignore_index, loss, err);
+        }
+        cudaError_t e = cudaGetLastError();
+        if (e != cudaSuccess) return e;
+      }
+      if (reduction == 0) {
+        if (n == 0) return cudaSuccess;
+        cross_entropy_reduce<T, I><<<grid_for(n, kThreads), kThreads, 0, s>>>(loss, tp, ts, n, ignore_index, 0,
+                                                                              static_cast<T*>(out));
+      } else {
+        cross_entropy_reduce<T, I><<<1, 1024, 0, s>>>(loss, tp, ts, n, ignore_index, reduction, static_cast<T*>(out));
+      }
+      return cudaGetLastError();
+    });
+  });
+}
+
+cudaError_t launch_cross_entropy_backward(DType dt, DType target_dt, const void* logits, int64_t n, int64_t v,
+                                          int64_t s0, int64_t s1, const void* targets, int64_t ts, int64_t ignore_index,
+                                          int reduction, const void* grad, int64_t gstride, void* out, void* workspace,
+                                          unsigned long long* err, void* stream) {
+  if (n == 0 || v == 0) return cudaSuccess;
+  auto s = static_cast<cudaStream_t>(stream);
+  return visit_float(dt, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using C = device_compute_t<T>;
+    return visit_index(target_dt, [&](auto itag) {
+      using I = typename decltype(itag)::type;
+      const auto* tp = static_cast<const I*>(targets);
+      auto* count = static_cast<C*>(workspace);
+      if (reduction == 2) {
+        count_targets<I, C><<<1, 1024, 0, s>>>(tp, ts, n, ignore_index, count);
+        cudaError_t e = cudaGetLastError();
+        if (e != cudaSuccess) return e;
+      }
+      const bool vec = logits_vectorisable<T>(logits, v, s0, s1) && aligned16(out) &&
+                       (v * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+      const auto* gp = static_cast<const C*>(grad);
+      const ResidentPlan plan = resident_plan<T>(vec, v);
+      if (plan.k > 0) {
+        return launch_resident<T, I, true>(plan, s, static_cast<const T*>(logits), n, v, s0, tp, ts, ignore_index,
+                                           reduction, gp, gstride, count, nullptr, static_cast<T*>(out), err);
+      }
+      const int threads = ce_threads(vec ? v / vec_of<T>() : v, kSweepUnroll, 1024);
+      // rows in flight: about 1024 threads' worth per SM, so their logits stay in L2 for the second read
+      const int64_t blocks = static_cast<int64_t>(sm_count()) * (1024 / threads);
+      const int grid = static_cast<int>(n < blocks ? n : blocks);
+      if (vec) {
+        cross_entropy_backward_kernel<T, I, vec_of<T>()><<<grid, threads, 0, s>>>(
+            static_cast<const T*>(logits), n, v, s0, s1, tp, ts, ignore_index, reduction, gp, gstride, count,
+            static_cast<T*>(out), err);
+      } else {
+        cross_entropy_backward_kernel<T, I, 1><<<grid, threads, 0, s>>>(static_cast<const T*>(logits), n, v, s0, s1,
+                                                                        tp, ts, ignore_index, reduction, gp, gstride,
+                                                                        count, static_cast<T*>(out), err);
+      }
+      return cudaGetLastError();
+    });
+  });
+}
+
+}  // namespace kiln::cuda

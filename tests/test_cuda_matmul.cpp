@@ -1,0 +1,207 @@
+// cuBLASLt matmul against the CPU GEMM: odd, batched, broadcast and Llama-sized shapes in every
+// float dtype, transposed views (passed without copies) and other strided operands, autograd
+// gradients on both devices, the bias-epilogue GEMM (matmul_bias) and the TF32 switch.
+#include <catch2/catch_test_macros.hpp>
+#include <catch2/matchers/catch_matchers_string.hpp>
+#include <cmath>
+
+#include "autograd/engine.h"
+#include "core/cuda/matmul.h"
+#include "core/cuda/runtime.h"
+#include "tests/helpers.h"
+
+using namespace kiln;
+using Catch::Matchers::ContainsSubstring;
+
+namespace {
+
+const Device kGPU{DeviceType::cuda, 0};
+const DType kFloats[] = {DType::f64, DType::f32, DType::bf16, DType::f16};
+
+struct Tol {
+  double rtol, atol;
+};
+// Both backends accumulate in f32 (f64 for f64) and round once; they differ in summation order,
+// which for half types can move a result across a rounding boundary. Scaled by sqrt(K).
+Tol tol_for(DType d, int64_t k) {
+  const double s = std::sqrt(static_cast<double>(std::max<int64_t>(k, 1)));
+  switch (d) {
+    case DType::f64: return {1e-10, 1e-12 * s};
+    case DType::f32: return {1e-4, 1e-5 * s};
+    case DType::bf16: return {1e-2, 1e-2 * s};
+    default: return {2e-3, 2e-3 * s};
+  }
+}
+
+// matmul on CPU and on CUDA copies of the same operands (each CUDA operand laid out by `layout`).
+using Layout = std::function<Tensor(const Tensor&)>;
+Tensor same(const Tensor& t) { return t; }
+
+void compare(const Tensor& a, const Tensor& b, const Layout& la = same, const Layout& lb = same) {
+  const Tensor ga = la(a.to(kGPU)), gb = lb(b.to(kGPU));
+  REQUIRE(ga.shape() == a.shape());
+  REQUIRE(gb.shape() == b.shape());
+  Tensor want = matmul(a, b);
+  Tensor got = matmul(ga, gb);
+  REQUIRE(got.device() == kGPU);
+  REQUIRE(got.shape() == want.shape());
+  REQUIRE(got.dtype() == want.dtype());
+  const Tol t = tol_for(a.dtype(), a.size(-1));
+  test::require_close(got.to(kCPU), want, t.rtol, t.atol);
+}
+
+// The transpose of a contiguous (.., C, R) tensor: same values as x, column-major last two dims.
+Tensor transposed_view(const Tensor& x) { return contiguous(transpose(x, -2, -1)).transpose(-2, -1); }
+
+struct Case {
+  Shape a, b;
+};
+
+}  // namespace
+
+TEST_CASE("cuda matmul matches the CPU on odd, batched and broadcast shapes", "[cuda][matmul]") {
+  if (!cuda::is_available()) SKIP("no CUDA device");
+  const Case cases[] = {
+      {{1, 1}, {1, 1}},       {{7, 13}, {13, 5}},         {{1, 9}, {9, 1}},          {{64, 64}, {64, 64}},
+      {{33, 17}, {17, 65}},   {{3, 5, 7}, {7, 2}},        {{2, 3, 4, 5}, {5, 6}},    {{4, 1, 5, 6}, {3, 6, 2}},
+      {{1, 5, 6}, {4, 6, 3}}, {{2, 3, 5, 6}, {2, 3, 6, 7}}, {{6, 1, 9}, {6, 9, 4}},  {{5, 7}, {3, 7, 2}},
+      {{3, 0, 4}, {4, 5}},    {{3, 4}, {4, 0}},           {{2, 3, 1, 8}, {8, 1}},
+  };
+  for (DType dt : kFloats) {
+    for (const Case& c : cases) {
+      INFO(dtype_name(dt) << " " << shape_str(c.a) << " @ " << shape_str(c.b));
+      compare(test::random_tensor(c.a, dt, 1), test::random_tensor(c.b, dt, 2));
+    }
+  }
+}
+
+TEST_CASE("cuda matmul with K = 0 gives zeros", "[cuda][matmul]") {
+  if (!cuda::is_available()) SKIP("no CUDA device");
+  for (DType dt : kFloats) {
+    Tensor got = matmul(zeros({2, 3, 0}, dt, kGPU), zeros({0, 4}, dt, kGPU));
+    REQUIRE(got.shape() == Shape{2, 3, 4});
+    test::require_equal(got.to(kCPU), zeros({2, 3, 4}, dt));
+  }
+}
+
+TEST_CASE("cuda matmul takes transposed and strided views", "[cuda][matmul]") {
+  if (!cuda::is_available()) SKIP("no CUDA device");
+  const Layout layouts[] = {same, transposed_view, [](const Tensor& t) { return test::make_noncontiguous(t); },
+                            [](const Tensor& t) {  // rows with padding: a slice of a wider matrix
+                              Shape wide = t.shape();
+                              wide.back() += 3;
+                              Tensor base = zeros(wide, t.dtype(), t.device());
+                              Tensor v = narrow(base, -1, 1, t.size(-1));
+                              v.copy_(t);
+                              return v;
+                            }};
+  const Case cases[] = {{{17, 33}, {33, 9}}, {{3, 12, 20}, {20, 8}}, {{2, 3, 5, 6}, {2, 3, 6, 7}}, {{4, 1, 5, 6}, {3, 6, 2}}};
+  for (DType dt : kFloats) {
+    for (const Case& c : cases) {
+      for (size_t i = 0; i < std::size(layouts); ++i) {
+        for (size_t j = 0; j < std::size(layouts); ++j) {
+          INFO(dtype_name(dt) << " " << shape_str(c.a) << " @ " << shape_str(c.b) << " layouts " << i << ", " << j);
+          compare(test::random_tensor(c.a, dt, 3), test::random_tensor(c.b, dt, 4), layouts[i], layouts[j]);
+        }
+      }
+    }
+  }
+  // x @ W^T with W (N, K): the nn::Linear pattern, batched activations
+  for (DType dt : kFloats) {
+    INFO(dtype_name(dt));
+    Tensor x = test::random_tensor({2, 7, 24}, dt, 5), w = test::random_tensor({40, 24}, dt, 6);
+    Tensor want = matmul(x, transpose(w, 0, 1));
+    Tensor got = matmul(x.to(kGPU), transpose(w.to(kGPU), 0, 1));
+    const Tol t = tol_for(dt, 24);
+    test::require_close(got.to(kCPU), want, t.rtol, t.atol);
+  }
+}
+
+TEST_CASE("cuda matmul on Llama-sized operands", "[cuda][matmul]") {
+  if (!cuda::is_available()) SKIP("no CUDA device");
+  // (512, 4096) @ (1024, 4096)^T: the k/v projection of Llama 3.1 8B on 512 tokens
+  for (DType dt : {DType::bf16, DType::f32}) {
+    INFO(dtype_name(dt));
+    Tensor x = test::random_tensor({512, 4096}, dt, 7), w = test::random_tensor({1024, 4096}, dt, 8);
+    Tensor want = matmul(x, transpose(w, 0, 1));
+    Tensor got = matmul(x.to(kGPU), transpose(w.to(kGPU), 0, 1));
+    const Tol t = tol_for(dt, 4096);
+    test::require_close(got.to(kCPU), want, t.rtol, t.atol);
+  }
+  // odd sizes, batched
+  Tensor a = test::random_tensor({3, 129, 1000}, DType::bf16, 9), b = test::random_tensor({1000, 257}, DType::bf16, 10);
+  compare(a, b);
+  compare(a, b, same, transposed_view);
+}
+
+TEST_CASE("cuda matmul gradients match the CPU", "[cuda][matmul]") {
+  if (!cuda::is_available()) SKIP("no CUDA device");
+  const Case cases[] = {{{7, 13}, {13, 5}}, {{3, 5, 7}, {7, 2}}, {{4, 1, 5, 6}, {3, 6, 2}}, {{2, 3, 5, 6}, {2, 3, 6, 7}}};
+  for (DType dt : kFloats) {
+    for (const Case& c : cases) {
+      for (bool transposed : {false, true}) {
+        INFO(dtype_name(dt) << " " << shape_str(c.a) << " @ " << shape_str(c.b) << " transposed b " << transposed);
+        Tensor a = test::random_tensor(c.a, dt, 11), b = test::random_tensor(c.b, dt, 12);
+        Tensor ga = a.to(kGPU).detach().set_requires_grad();
+        Tensor gb = (transposed ? transposed_view(b.to(kGPU)) : b.to(kGPU)).detach().set_requires_grad();
+        a.set_requires_grad();
+        b.set_requires_grad();
+        Tensor y = matmul(a, b);
+        Tensor r = test::random_tensor(y.shape(), dt, 13);
+        std::vector<Tensor> want = autograd::grad({y}, {a, b}, {r});
+        std::vector<Tensor> got = autograd::grad({matmul(ga, gb)}, {ga, gb}, {r.to(kGPU)});
+        const Tol ta = tol_for(dt, c.b.back() * 4), tb = tol_for(dt, y.numel() / c.b.back() * 4);
+        test::require_close(got[0].to(kCPU), want[0], ta.rtol, ta.atol);
+        test::require_close(got[1].to(kCPU), want[1], tb.rtol, tb.atol);
+      }
+    }
+  }
+}
+
+TEST_CASE("cuda matmul_bias adds the bias in the epilogue", "[cuda][matmul]") {
+  if (!cuda::is_available()) SKIP("no CUDA device");
+  for (DType dt : kFloats) {
+    for (bool transposed : {true, false}) {
+      INFO(dtype_name(dt) << " W^T " << transposed);
+      Tensor x = test::random_tensor({3, 5, 24}, dt, 14), bias = test::random_tensor({40}, dt, 15);
+      Tensor w = transposed ? transpose(test::random_tensor({40, 24}, dt, 16), 0, 1) : test::random_tensor({24, 40}, dt, 16);
+      Tensor want = add(matmul(x, w), bias);
+      Tensor got = cuda::matmul_bias(x.to(kGPU), w.to(kGPU).contiguous(), bias.to(kGPU));
+      Tensor got_t = cuda::matmul_bias(x.to(kGPU), transposed_view(w.to(kGPU)), bias.to(kGPU));
+      REQUIRE(got.shape() == Shape{3, 5, 40});
+      const Tol t = tol_for(dt, 24 * 4);  // the CPU reference rounds twice (product, then sum)
+      test::require_close(got.to(kCPU), want, t.rtol, t.atol);
+      test::require_close(got_t.to(kCPU), want, t.rtol, t.atol);
+    }
+  }
+  // a non-contiguous activation and odd sizes
+  Tensor x = test::make_noncontiguous(test::random_tensor({9, 13}, DType::f32, 17).to(kGPU));
+  Tensor w = test::random_tensor({7, 13}, DType::f32, 18), bias = test::random_tensor({7}, DType::f32, 19);
+  Tensor want = add(matmul(x.to(kCPU), transpose(w, 0, 1)), bias);
+  test::require_close(cuda::matmul_bias(x, transpose(w.to(kGPU), 0, 1), bias.to(kGPU)).to(kCPU), want, 1e-4, 1e-4);
+}
+
+TEST_CASE("cuda matmul_bias rejects bad input", "[cuda][matmul]") {
+  if (!cuda::is_available()) SKIP("no CUDA device");
+  Tensor x = zeros({3, 4}, DType::f32, kGPU), w = zeros({4, 5}, DType::f32, kGPU);
+  REQUIRE_THROWS_WITH(cuda::matmul_bias(x, w, zeros({4}, DType::f32, kGPU)),
+                      ContainsSubstring("[matmul_bias]") && ContainsSubstring("bias (5,)"));
+  REQUIRE_THROWS_WITH(cuda::matmul_bias(x, zeros({3, 5}, DType::f32, kGPU), zeros({5}, DType::f32, kGPU)),
+                      ContainsSubstring("[matmul_bias]") && ContainsSubstring("inner"));
+  REQUIRE_THROWS_WITH(cuda::matmul_bias(x, w, zeros({5}, DType::bf16, kGPU)),
+                      ContainsSubstring("[matmul_bias]") && ContainsSubstring("dtype"));
+  REQUIRE_THROWS_WITH(cuda::matmul_bias(x.to(kCPU), w.to(kCPU), zeros({5})), ContainsSubstring("[matmul_bias]"));
+  REQUIRE_THROWS_WITH(matmul(x, w.to(kCPU)), ContainsSubstring("[matmul]"));
+}
+
+TEST_CASE("cuda matmul in f32 with TF32 allowed stays close", "[cuda][matmul]") {
+  if (!cuda::is_available()) SKIP("no CUDA device");
+  REQUIRE_FALSE(cuda::allow_tf32());
+  Tensor a = test::random_tensor({64, 256}, DType::f32, 20), b = test::random_tensor({256, 48}, DType::f32, 21);
+  Tensor want = matmul(a, b);
+  cuda::set_allow_tf32(true);
+  Tensor got = matmul(a.to(kGPU), b.to(kGPU)).to(kCPU);
+  cuda::set_allow_tf32(false);
+  test::require_close(got, want, 1e-2, 1e-2 * 16);  // TF32 keeps 10 mantissa bits
+  test::require_close(matmul(a.to(kGPU), b.to(kGPU)).to(kCPU), want, 1e-4, 1e-5 * 16);
+}
