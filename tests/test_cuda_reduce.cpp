@@ -169,7 +169,8 @@ TEST_CASE("cuda softmax and log_softmax match the CPU along every dim", "[cuda][
   uint64_t seed = 500;
   // (200, 20000): long rows, one block each; (7, 128256): few Llama-vocab rows, split statistics;
   // (3000, 67): many short rows.
-  const Shape shapes[] = {{}, {1}, {9}, {3, 5, 7}, {4, 1, 6}, {200, 20000}, {7, 128256}, {3000, 67}};
+  // (96, 128256): enough Llama-vocab rows for the cluster path that holds each row in registers.
+  const Shape shapes[] = {{}, {1}, {9}, {3, 5, 7}, {4, 1, 6}, {200, 20000}, {7, 128256}, {96, 128256}, {3000, 67}};
   for (const Shape& s : shapes) {
     for (DType d : kFloat) {
       for (int64_t dim = -1; dim < static_cast<int64_t>(s.size()); ++dim) {

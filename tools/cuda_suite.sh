@@ -40,13 +40,18 @@ case "${1:-}" in
       for tool in memcheck racecheck; do
         echo "== compute-sanitizer --tool $tool"
         rc=0
-        timeout "${KILN_SANITIZE_TIMEOUT:-900}" compute-sanitizer --tool "$tool" --error-exitcode 99 \
+        # API calls that fail on purpose (the out-of-memory test) are not memory errors: --report-api-errors no.
+        # racecheck leaves out NVIDIA's own generated kernels (cuDNN SDPA, cuBLASLt "nvjet"): their wgmma/TMA
+        # shared-memory traffic is reported as hazards that kiln cannot act on (bench/RESULTS.md).
+        exclude=()
+        [ "$tool" = racecheck ] && exclude=(--kernel-name-exclude kns=cudnn_generated --kernel-name-exclude kns=nvjet_)
+        timeout "${KILN_SANITIZE_TIMEOUT:-900}" compute-sanitizer --tool "$tool" --error-exitcode 99 --report-api-errors no "${exclude[@]}" \
           "$bin/kiln_tests" "${KILN_SANITIZE_FILTER:-[cuda]}" >"/tmp/sanitizer-$tool.log" 2>&1 || rc=$?
         tail -3 "/tmp/sanitizer-$tool.log"
         case $rc in
           0) echo "$tool: clean" ;;
           124) echo "$tool: stopped at the time limit (KILN_SANITIZE_TIMEOUT) with no error reported so far" ;;
-          *) tail -40 "/tmp/sanitizer-$tool.log"; echo "$tool: FAILED (exit $rc)"; exit 1 ;;
+          *) grep -v '^\[' "/tmp/sanitizer-$tool.log" | grep -m 80 -A 14 '^========= [A-Z]'; echo "$tool: FAILED (exit $rc)"; exit 1 ;;
         esac
       done
     fi

@@ -67,8 +67,13 @@ __device__ __forceinline__ void store_vec(T* p, const C (&in)[VEC]) {
   }
 }
 
-// exp for the softmax-like kernels: one MUFU.EX2 in f32 (about 2 ulp), exact-rounded exp in f64.
-__device__ __forceinline__ float fast_exp(float x) { return exp2f(x * 1.4426950408889634f); }
+// exp for the softmax-like kernels: one MUFU.EX2 in f32 (about 2 ulp, results below ~1e-38 flush
+// to 0), exact-rounded exp in f64.
+__device__ __forceinline__ float fast_exp(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
+  return y;
+}
 __device__ __forceinline__ double fast_exp(double x) { return exp(x); }
 
 // Offsets of linear index i of `st`, computed in Idx (uint32_t where every offset fits: 64-bit

@@ -1,13 +1,10 @@
-// Cross-entropy kernels. Rows that fit (16-byte aligned, at most 8 CTAs of 512 threads x 8 packs:
-// Llama's 128,256 in bf16/f16/f32) are held in registers by a thread-block cluster: every pack is
-// loaded once, all at once, the row's (max, sum of exp) merged across the cluster through
-// distributed shared memory in rank order, then the loss (forward) or the gradient (backward,
-// written from the registers: the logits are read once) follows. Other rows take one block per row
-// with an online softmax in f32 (f64 for f64), the backward reading the row a second time, in
-// reverse order, while its tail is in L2. Targets are validated by the row kernels (the smallest
-// bad row is flagged for the host). Sum/mean reduce per-row losses in one block in a fixed order.
-#include <cooperative_groups.h>
-
+// Cross-entropy kernels: one block per row of logits (up to Llama's 128,256), an online softmax in
+// f32 (f64 for f64) over 16-byte loads issued several at a time (double-buffered in the forward),
+// then either the row's loss (forward) or its gradient (backward, which reads the row a second time
+// in reverse order, while its tail is still in L2, with one block per SM so the rows in flight fit
+// in L2). Targets are validated by the
+// row kernels (the smallest bad row is flagged for the host). Sum/mean reduce per-row losses in
+// one block in a fixed order.
 #include "core/cuda/nn.cuh"
 #include "core/cuda/nn_common.cuh"
 
@@ -240,180 +237,6 @@ __global__ void __launch_bounds__(1024) cross_entropy_backward_kernel(const T* _
   }
 }
 
-// ---- rows held in registers by a cluster
-
-constexpr int kResThreads = 512;  // threads per CTA of the resident kernel (2 CTAs per SM)
-constexpr int kResItems = 8;      // 16-byte packs per thread
-constexpr int kResMaxCluster = 8;  // the portable cluster size
-
-// e^x: one MUFU.EX2 (inputs scaled by log2 e, subnormal results flushed to 0) in f32, exp in f64.
-__device__ __forceinline__ float exp_ftz(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
-  return y;
-}
-__device__ __forceinline__ double exp_ftz(double x) { return exp(x); }
-
-template <class T>
-__device__ __forceinline__ Pack<T, vec_of<T>()> load_streaming(const T* p) {
-  const int4 r = __ldcs(reinterpret_cast<const int4*>(p));
-  return *reinterpret_cast<const Pack<T, vec_of<T>()>*>(&r);
-}
-template <class T>
-__device__ __forceinline__ void store_streaming(T* p, const Pack<T, vec_of<T>()>& v) {
-  __stcs(reinterpret_cast<int4*>(p), *reinterpret_cast<const int4*>(&v));
-}
-
-// The (max, sum) pair a CTA publishes to its cluster.
-template <class C>
-struct LsePair {
-  C m, s;
-};
-
-// Row r of the (n, v) logits (rows 16-byte aligned, v a multiple of the pack) is split over the k
-// CTAs of a cluster, `per` packs each; thread t of CTA c holds packs c * per + t + i * blockDim.x.
-// Forward (loss != null): loss[r] = lse - x[t]. Backward: out row = (softmax - onehot(t)) * scale.
-template <class T, class I, bool BACKWARD>
-__global__ void __launch_bounds__(kResThreads, 2)
-    cross_entropy_resident_kernel(const T* __restrict__ logits, int64_t n, int64_t v, int64_t s0, int64_t per,
-                                  const I* __restrict__ targets, int64_t ts, int64_t ignore, int reduction,
-                                  const device_compute_t<T>* __restrict__ grad, int64_t gstride,
-                                  const device_compute_t<T>* __restrict__ count, device_compute_t<T>* __restrict__ loss,
-                                  T* __restrict__ out, unsigned long long* err) {
-  using C = device_compute_t<T>;
-  constexpr int VEC = vec_of<T>();
-  namespace cg = cooperative_groups;
-  __shared__ C red[64];
-  __shared__ LsePair<C> mine;  // this CTA's pair, read by the cluster
-  const cg::cluster_group cluster = cg::this_cluster();
-  const int k = static_cast<int>(cluster.num_blocks()), rank = static_cast<int>(cluster.block_rank());
-  const int64_t nvec = v / VEC, beg = rank * per, end = beg + per < nvec ? beg + per : nvec, bd = blockDim.x;
-  bool pending = false;  // arrived at the cluster barrier after reading the others' pairs
-  for (int64_t r = blockIdx.x / k; r < n; r += gridDim.x / k) {
-    const int64_t t = static_cast<int64_t>(targets[r * ts]);
-    T* orow = BACKWARD ? out + r * v : nullptr;  // (v)
-    if (t == ignore || t < 0 || t >= v) {  // the same decision in every CTA of the cluster
-      if (rank == 0 && threadIdx.x == 0) {
-        if (!BACKWARD) loss[r] = 0;
-        if (t != ignore) record_error(err, r);
-      }
-      if constexpr (BACKWARD) {
-        Pack<T, VEC> z;
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) z.v[j] = from_compute<T>(C(0));
-        for (int64_t vi = beg + threadIdx.x; vi < end; vi += bd) store_streaming(orow + vi * VEC, z);
-      }
-      continue;
-    }
-    const T* row = logits + r * s0;  // (v)
-    Pack<T, VEC> pk[kResItems];
-#pragma unroll
-    for (int i = 0; i < kResItems; ++i) {
-      const int64_t vi = beg + threadIdx.x + i * bd;
-      if (vi < end) pk[i] = load_streaming(row + vi * VEC);
-    }
-    C xt = 0;
-    if (!BACKWARD && rank == 0 && threadIdx.x == 0) xt = static_cast<C>(to_compute(row[t]));
-    // this thread's max, then its sum of exp(x - max), from the registers
-    C m = -INFINITY, s = 0;
-#pragma unroll
-    for (int i = 0; i < kResItems; ++i) {
-      if (beg + threadIdx.x + i * bd < end) {
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          const C a = static_cast<C>(to_compute(pk[i].v[j]));
-          m = a > m ? a : m;
-        }
-      }
-    }
-    if (m != -INFINITY) {
-#pragma unroll
-      for (int i = 0; i < kResItems; ++i) {
-        if (beg + threadIdx.x + i * bd < end) {
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) s += exp_ftz(static_cast<C>(to_compute(pk[i].v[j])) - m);
-        }
-      }
-    }
-    block_lse(m, s, red);
-    if (k > 1) {  // merge the cluster's pairs in rank order: every CTA gets the same result
-      if (pending) cluster.barrier_wait();  // the others have read `mine` of the previous row
-      if (threadIdx.x == 0) mine = {m, s};
-      cluster.sync();
-      m = -INFINITY;
-      s = 0;
-      for (int c = 0; c < k; ++c) {
-        const LsePair<C> p = *cluster.map_shared_rank(&mine, c);
-        merge_lse(m, s, p.m, p.s);
-      }
-      cluster.barrier_arrive();
-      pending = true;
-    }
-    const C lse = m + log(s);
-    if constexpr (!BACKWARD) {
-      if (rank == 0 && threadIdx.x == 0) loss[r] = lse - xt;
-    } else {
-      C scale = reduction == 0 ? grad[r * gstride] : grad[0];
-      if (reduction == 2) scale /= *count;
-#pragma unroll
-      for (int i = 0; i < kResItems; ++i) {
-        const int64_t vi = beg + threadIdx.x + i * bd;
-        if (vi < end) {
-          Pack<T, VEC> y;
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) {
-            const C p = exp_ftz(static_cast<C>(to_compute(pk[i].v[j])) - lse);
-            y.v[j] = from_compute<T>((p - (vi * VEC + j == t ? C(1) : C(0))) * scale);
-          }
-          store_streaming(orow + vi * VEC, y);
-        }
-      }
-    }
-  }
-  if (pending) cluster.barrier_wait();  // keep `mine` alive until the cluster has read it
-}
-
-// The resident plan of rows of v logits: CTAs per row (cluster size), packs per CTA, threads per
-// CTA; k = 0 when the row does not fit (or is not 16-byte aligned: `vec`).
-struct ResidentPlan {
-  int k = 0, threads = 0;
-  int64_t per = 0;
-};
-
-template <class T>
-ResidentPlan resident_plan(bool vec, int64_t v) {
-  ResidentPlan p;
-  constexpr int64_t kCap = static_cast<int64_t>(kResThreads) * kResItems;  // packs per CTA
-  const int64_t nvec = v / vec_of<T>();
-  if (!vec || v % vec_of<T>() != 0 || nvec == 0 || nvec > kCap * kResMaxCluster) return p;
-  p.k = static_cast<int>((nvec + kCap - 1) / kCap);
-  p.per = (nvec + p.k - 1) / p.k;
-  p.threads = 32;
-  while (static_cast<int64_t>(p.threads) * kResItems < p.per) p.threads *= 2;
-  return p;
-}
-
-template <class T, class I, bool BACKWARD>
-cudaError_t launch_resident(const ResidentPlan& p, cudaStream_t stream, const T* logits, int64_t n, int64_t v,
-                            int64_t s0, const I* targets, int64_t ts, int64_t ignore, int reduction,
-                            const device_compute_t<T>* grad, int64_t gstride, const device_compute_t<T>* count,
-                            device_compute_t<T>* loss, T* out, unsigned long long* err) {
-  const int64_t clusters = n < kMaxGrid / p.k ? n : kMaxGrid / p.k;
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(static_cast<unsigned>(clusters * p.k));
-  cfg.blockDim = dim3(static_cast<unsigned>(p.threads));
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned>(p.k);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, cross_entropy_resident_kernel<T, I, BACKWARD>, logits, n, v, s0, p.per, targets, ts,
-                            ignore, reduction, grad, gstride, count, loss, out, err);
-}
-
 template <class T>
 bool logits_vectorisable(const void* logits, int64_t v, int64_t s0, int64_t s1) {
   return s1 == 1 && aligned16(logits) && (s0 * static_cast<int64_t>(sizeof(T))) % 16 == 0 && v >= vec_of<T>();
@@ -441,13 +264,8 @@ cudaError_t launch_cross_entropy(DType dt, DType target_dt, const void* logits, 
       using I = typename decltype(itag)::type;
       auto* loss = static_cast<C*>(workspace);  // (n)
       const auto* tp = static_cast<const I*>(targets);
-      const bool vec = logits_vectorisable<T>(logits, v, s0, s1);
-      const ResidentPlan plan = resident_plan<T>(vec, v);
-      if (n > 0 && plan.k > 0) {
-        cudaError_t e = launch_resident<T, I, false>(plan, s, static_cast<const T*>(logits), n, v, s0, tp, ts,
-                                                     ignore_index, reduction, nullptr, 0, nullptr, loss, nullptr, err);
-        if (e != cudaSuccess) return e;
-      } else if (n > 0) {
+      if (n > 0) {
+        const bool vec = logits_vectorisable<T>(logits, v, s0, s1);
         const int threads = ce_threads(vec ? v / vec_of<T>() : v, kStreamUnroll, 512);  // 2 rows per SM
         const int grid = static_cast<int>(n < kMaxGrid ? n : kMaxGrid);
         if (vec) {
@@ -492,16 +310,11 @@ cudaError_t launch_cross_entropy_backward(DType dt, DType target_dt, const void*
       }
       const bool vec = logits_vectorisable<T>(logits, v, s0, s1) && aligned16(out) &&
                        (v * static_cast<int64_t>(sizeof(T))) % 16 == 0;
-      const auto* gp = static_cast<const C*>(grad);
-      const ResidentPlan plan = resident_plan<T>(vec, v);
-      if (plan.k > 0) {
-        return launch_resident<T, I, true>(plan, s, static_cast<const T*>(logits), n, v, s0, tp, ts, ignore_index,
-                                           reduction, gp, gstride, count, nullptr, static_cast<T*>(out), err);
-      }
       const int threads = ce_threads(vec ? v / vec_of<T>() : v, kSweepUnroll, 1024);
       // rows in flight: about 1024 threads' worth per SM, so their logits stay in L2 for the second read
       const int64_t blocks = static_cast<int64_t>(sm_count()) * (1024 / threads);
       const int grid = static_cast<int>(n < blocks ? n : blocks);
+      const auto* gp = static_cast<const C*>(grad);
       if (vec) {
         cross_entropy_backward_kernel<T, I, vec_of<T>()><<<grid, threads, 0, s>>>(
             static_cast<const T*>(logits), n, v, s0, s1, tp, ts, ignore_index, reduction, gp, gstride, count,

@@ -1,6 +1,9 @@
 // CUDA reductions: one engine (an accumulator op per reduction kind) with a row kernel (threads along
 // the reduction, 16-byte loads on contiguous rows, warp shuffles) and a column kernel (threads along
-// adjacent outputs), optional split over blocks with a fixed-order combine; plus softmax rows.
+// adjacent outputs), optional split over blocks (one resident wave) with a fixed-order combine; plus
+// softmax rows (long ones held in registers by a thread-block cluster, read once).
+#include <cooperative_groups.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <limits>
@@ -32,10 +35,13 @@ template <class C> __device__ __forceinline__ bool is_finite(C v) {
   }
 }
 
-// exp for the softmax family: exp2 of x * log2(e) (MUFU.EX2, about 2 ulp) in float; exact in double.
+// exp for the softmax family: one MUFU.EX2 of x * log2(e) (about 2 ulp; subnormal results flushed to
+// 0) in float; exact in double.
 template <class C> __device__ __forceinline__ C fast_exp(C x) {
   if constexpr (std::is_same_v<C, float>) {
-    return exp2f(x * 1.4426950408889634f);
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
+    return y;
   } else {
     return fn::exp(x);
   }
@@ -419,6 +425,92 @@ __global__ void __launch_bounds__(kSoftmaxThreads)
   }
 }
 
+// ---- softmax rows held in registers by a thread-block cluster
+
+constexpr int kResThreads = 512;   // threads per CTA (2 CTAs per multiprocessor)
+constexpr int kResMaxCluster = 8;  // the portable cluster size
+
+// 16-byte packs per thread (f64 holds fewer: its exp needs the registers).
+template <class T> constexpr int res_items() { return sizeof(T) == 8 ? 4 : 8; }
+
+// Hides a register-held pack's value from the compiler, so values unpacked from it earlier are not
+// kept alive (in more registers) for reuse: each pass unpacks again.
+__device__ __forceinline__ void launder(int4& r) { asm volatile("" : "+r"(r.x), "+r"(r.y), "+r"(r.z), "+r"(r.w)); }
+
+// softmax / log_softmax of rows whose length is a multiple of the pack (rows 16-byte aligned in x
+// and y), each split over the k CTAs of a cluster, `per` packs per CTA, held in registers: x is read
+// once. The (max, sum) accumulators are merged in the block, then across the cluster in rank order
+// through distributed shared memory, so every CTA gets the same statistics.
+template <class T, bool Log>
+__global__ void __launch_bounds__(kResThreads, 2)
+    softmax_resident_kernel(const T* __restrict__ x, Indexer<1> outer, int64_t rows, int64_t len, int per,
+                            T* __restrict__ y) {
+  using Op = LseOp<T, Log ? LseOut::log_softmax_stats : LseOut::softmax_stats>;
+  using C = typename Op::C;
+  using Acc = typename Op::Acc;
+  constexpr int V = static_cast<int>(16 / sizeof(T)), ITEMS = res_items<T>();
+  namespace cg = cooperative_groups;
+  __shared__ Acc part[32];
+  __shared__ Acc mine;  // this CTA's accumulator, read by the cluster
+  const cg::cluster_group cluster = cg::this_cluster();
+  const int k = static_cast<int>(cluster.num_blocks()), rank = static_cast<int>(cluster.block_rank());
+  const int nvec = static_cast<int>(len / V), beg = rank * per, bd = blockDim.x, tid = threadIdx.x;
+  const int end = beg + per < nvec ? beg + per : nvec;
+  const Op op;
+  bool pending = false;  // arrived at the cluster barrier after reading the others' accumulators
+  for (int64_t r = blockIdx.x / k; r < rows; r += gridDim.x / k) {
+    const T* xr = x + outer.offset(r);  // (len)
+    T* yr = y + r * len;                // (len)
+    int4 raw[ITEMS];
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int vi = beg + tid + i * bd;
+      if (vi < end) raw[i] = __ldcs(reinterpret_cast<const int4*>(xr + static_cast<int64_t>(vi) * V));
+    }
+    Acc a = op.init();
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      if (beg + tid + i * bd < end) {
+        Pack<T, V> pk;
+        memcpy(&pk, &raw[i], sizeof(pk));
+        a = op.template step_pack<V>(a, pk, 0);
+      }
+      launder(raw[i]);
+    }
+    a = merge_rows(op, a, part);  // valid in thread 0
+    if (pending) cluster.barrier_wait();  // the cluster has read `mine` of the previous row
+    if (tid == 0) mine = a;
+    if (k > 1) {
+      cluster.sync();
+      a = *cluster.map_shared_rank(&mine, 0);
+      for (int c = 1; c < k; ++c) a = op.merge(a, *cluster.map_shared_rank(&mine, c));
+      cluster.barrier_arrive();
+      pending = true;
+    } else {
+      __syncthreads();
+      a = mine;
+      __syncthreads();
+    }
+    C shift, scale;
+    Op::stats(a, shift, scale);
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int vi = beg + tid + i * bd;
+      if (vi < end) {
+        Pack<T, V> pk;
+        memcpy(&pk, &raw[i], sizeof(pk));
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const C d = to_compute(pk.v[j]) - shift;
+          pk.v[j] = from_compute<T>(Log ? d - scale : fast_exp(d) * scale);
+        }
+        store_streaming(yr + static_cast<int64_t>(vi) * V, pk);
+      }
+    }
+  }
+  if (pending) cluster.barrier_wait();  // keep `mine` alive until the cluster has read it
+}
+
 template <class T, bool Log>
 __global__ void softmax_apply_kernel(int64_t n, Indexer<4> ix, T* __restrict__ y, const T* __restrict__ x,
                                      const device_compute_t<T>* shift, const device_compute_t<T>* scale) {
@@ -492,6 +584,24 @@ int column_width(DType dtype, const ReduceLayout& L, const void* x) {
   return vc;
 }
 
+// Blocks of `threads` threads of the row kernel for `kind` on dtype resident at once on one
+// multiprocessor (4 if the runtime cannot tell).
+int rows_blocks_per_sm(RedOp kind, DType dtype, int threads) {
+  int n = 0;
+  visit_cuda_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    constexpr int V = static_cast<int>(16 / sizeof(T));
+    visit_op<T>(kind, 1, [&](auto op) {
+      if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, reduce_rows_kernel<V, T, decltype(op)>, threads, 0) !=
+          cudaSuccess) {
+        (void)cudaGetLastError();
+        n = 0;
+      }
+    });
+  });
+  return n > 0 ? n : 4;
+}
+
 }  // namespace
 
 ReducePlan plan_reduce(RedOp kind, DType dtype, const ReduceLayout& L, const void* x) {
@@ -514,9 +624,12 @@ ReducePlan plan_reduce(RedOp kind, DType dtype, const ReduceLayout& L, const voi
     blocks_out = ceil_div(L.n_out, p.by);
     unit = p.bx * (contiguous ? v : 1);
   }
-  // Split long reductions over blocks when the outputs alone do not fill the GPU (about 4 blocks per
-  // multiprocessor), keeping at least 8 items per thread in each piece.
-  const int64_t target = 4 * static_cast<int64_t>(sm_count());
+  // Split long reductions over blocks when the outputs alone do not fill the GPU (one wave: as many
+  // blocks as fit at once, about 4 per multiprocessor on the column path), keeping at least 8 items
+  // per thread in each piece.
+  const int64_t per_sm = p.columns || blocks_out >= 32 * static_cast<int64_t>(sm_count())
+                             ? 4 : rows_blocks_per_sm(kind, dtype, p.bx * p.by);
+  const int64_t target = per_sm * sm_count();
   p.chunks = 1;
   p.chunk_len = std::max<int64_t>(L.n_red, 1);
   if (blocks_out < target && L.n_red > 8 * unit) {
@@ -575,6 +688,7 @@ cudaError_t launch_softmax_rows(DType dtype, bool log, const void* x, const Stri
   if (rows == 0 || len == 0) return cudaSuccess;
   auto s = static_cast<cudaStream_t>(stream);
   bool done = false;
+  cudaError_t launched = cudaSuccess;
   visit_cuda_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     if constexpr (is_float_v<T>) {
@@ -582,6 +696,33 @@ cudaError_t launch_softmax_rows(DType dtype, bool log, const void* x, const Stri
       const int64_t row_bytes = len * static_cast<int64_t>(sizeof(T));
       int bx = 0, by = 1;
       int64_t blocks = 0;
+      const int64_t nvec = len / V, cap = static_cast<int64_t>(kResThreads) * res_items<T>();  // packs per CTA
+      bool aligned = aligned16(x) && aligned16(y) && len % V == 0;
+      for (int d = 0; d < outer.ndim; ++d) aligned = aligned && (outer.strides[0][d] * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+      if (row_bytes >= (int64_t{64} << 10) && aligned && nvec <= cap * kResMaxCluster) {
+        // Long rows that fit: held in registers by a cluster of k CTAs per row (read once).
+        const int k = static_cast<int>(ceil_div(nvec, cap));
+        const int64_t clusters = std::min<int64_t>(rows, (int64_t{1} << 20) / k);
+        const Indexer<1> ix(outer, rows);
+        cudaLaunchConfig_t cfg{};
+        cfg.gridDim = dim3(static_cast<unsigned>(clusters * k));
+        cfg.blockDim = dim3(kResThreads);
+        cfg.stream = s;
+        cudaLaunchAttribute attr[1];
+        attr[0].id = cudaLaunchAttributeClusterDimension;
+        attr[0].val.clusterDim.x = static_cast<unsigned>(k);
+        attr[0].val.clusterDim.y = 1;
+        attr[0].val.clusterDim.z = 1;
+        cfg.attrs = attr;
+        cfg.numAttrs = 1;
+        const int per = static_cast<int>(ceil_div(nvec, k));
+        const T* xp = static_cast<const T*>(x);
+        T* yp = static_cast<T*>(y);
+        launched = log ? cudaLaunchKernelEx(&cfg, softmax_resident_kernel<T, true>, xp, ix, rows, len, per, yp)
+                       : cudaLaunchKernelEx(&cfg, softmax_resident_kernel<T, false>, xp, ix, rows, len, per, yp);
+        done = true;
+        return;
+      }
       if (row_bytes >= (int64_t{64} << 10)) {
         // Long rows: a block of kSoftmaxThreads per row, at most one block per multiprocessor and no
         // more rows in flight than 3/4 of L2 holds, so the second pass reads the row from L2.
@@ -607,7 +748,8 @@ cudaError_t launch_softmax_rows(DType dtype, bool log, const void* x, const Stri
       done = true;
     }
   });
-  return done ? cudaGetLastError() : cudaErrorNotSupported;
+  if (!done) return cudaErrorNotSupported;
+  return launched != cudaSuccess ? launched : cudaGetLastError();
 }
 
 cudaError_t launch_softmax_apply(DType dtype, bool log, void* y, const void* x, const void* shift, const void* scale,
