@@ -39,15 +39,20 @@ case "${1:-}" in
     if [ "${KILN_SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; then
       for tool in memcheck racecheck; do
         echo "== compute-sanitizer --tool $tool"
-        rc=0
         # API calls that fail on purpose (the out-of-memory test) are not memory errors: --report-api-errors no.
-        # racecheck leaves out NVIDIA's own generated kernels (cuDNN SDPA, cuBLASLt "nvjet"): their wgmma/TMA
-        # shared-memory traffic is reported as hazards that kiln cannot act on (bench/RESULTS.md).
+        # racecheck: NVIDIA's own generated kernels (cuDNN SDPA "cudnn_generated", cuBLASLt "nvjet_") report
+        # hazards on their wgmma/TMA shared-memory traffic that kiln cannot act on (bench/RESULTS.md): cuDNN's
+        # are not instrumented, and only hazards in other kernels fail the run.
         exclude=()
-        [ "$tool" = racecheck ] && exclude=(--kernel-name-exclude kns=cudnn_generated --kernel-name-exclude kns=nvjet_)
-        timeout "${KILN_SANITIZE_TIMEOUT:-900}" compute-sanitizer --tool "$tool" --error-exitcode 99 --report-api-errors no "${exclude[@]}" \
-          "$bin/kiln_tests" "${KILN_SANITIZE_FILTER:-[cuda]}" >"/tmp/sanitizer-$tool.log" 2>&1 || rc=$?
-        tail -3 "/tmp/sanitizer-$tool.log"
+        [ "$tool" = racecheck ] && exclude=(--kernel-name-exclude kns=cudnn_generated)
+        rc=0
+        timeout "${KILN_SANITIZE_TIMEOUT:-900}" compute-sanitizer --tool "$tool" --error-exitcode 99 --report-api-errors no \
+          "${exclude[@]}" "$bin/kiln_tests" "${KILN_SANITIZE_FILTER:-[cuda]}" >"/tmp/sanitizer-$tool.log" 2>&1 || rc=$?
+        if [ "$tool" = racecheck ] && [ $rc = 99 ] && ! grep "Race reported" "/tmp/sanitizer-$tool.log" | grep -qv "nvjet_"; then
+          echo "racecheck: hazards reported only inside cuBLASLt's nvjet kernels"
+          rc=0
+        fi
+        grep -v '^\[' "/tmp/sanitizer-$tool.log" | grep -E "SUMMARY|passed|failed" | tail -3
         case $rc in
           0) echo "$tool: clean" ;;
           124) echo "$tool: stopped at the time limit (KILN_SANITIZE_TIMEOUT) with no error reported so far" ;;
