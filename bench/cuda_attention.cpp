@@ -12,6 +12,7 @@
 #include "core/cuda/runtime.h"
 #include "core/cuda/sdpa_cudnn.h"
 #include "core/dispatch.h"
+#include "bench/cuda_timing.h"
 #include "core/ops.h"
 #include "core/ops/nn.h"
 
@@ -23,16 +24,7 @@ namespace cuda = kiln::cuda;
 
 const kiln::Device kGPU{kiln::DeviceType::cuda, 0};
 
-// Mean milliseconds per call of fn, timed with events on the current stream.
-double time_ms(const std::function<void()>& fn, int iters) {
-  for (int i = 0; i < 2; ++i) fn();
-  cuda::Event start(true), stop(true);
-  start.record();
-  for (int i = 0; i < iters; ++i) fn();
-  stop.record();
-  stop.synchronize();
-  return static_cast<double>(start.elapsed_ms(stop)) / iters;
-}
+using kiln::bench::time_ms;
 
 // (B, H, L, D) bf16 view of a random (B, L, H, D) device buffer.
 Tensor permuted_bf16(int64_t b, int64_t h, int64_t l, int64_t d) {

@@ -12,6 +12,7 @@
 
 #include "core/cuda/copy.cuh"
 #include "core/cuda/runtime.h"
+#include "bench/cuda_timing.h"
 #include "core/ops.h"
 
 namespace {
@@ -22,16 +23,7 @@ namespace cuda = kiln::cuda;
 
 const kiln::Device kGPU{kiln::DeviceType::cuda, 0};
 
-// Mean milliseconds per call of fn, timed with events on the current stream.
-double time_ms(const std::function<void()>& fn, int iters = 20) {
-  for (int i = 0; i < 3; ++i) fn();
-  cuda::Event start(true), stop(true);
-  start.record();
-  for (int i = 0; i < iters; ++i) fn();
-  stop.record();
-  stop.synchronize();
-  return static_cast<double>(start.elapsed_ms(stop)) / iters;
-}
+using kiln::bench::time_ms;
 
 double g_ref = 0.0;  // cudaMemcpy GB/s
 

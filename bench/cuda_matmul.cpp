@@ -13,6 +13,7 @@
 
 #include "autograd/grad_mode.h"
 #include "core/cuda/runtime.h"
+#include "bench/cuda_timing.h"
 #include "core/ops.h"
 
 namespace {
@@ -30,16 +31,7 @@ void check(cublasStatus_t s, const char* what) {
   }
 }
 
-// Mean milliseconds per call of fn, timed with events on the current stream after 3 warm-up calls.
-double time_ms(const std::function<void()>& fn, int iters) {
-  for (int i = 0; i < 3; ++i) fn();
-  cuda::Event start(true), stop(true);
-  start.record();
-  for (int i = 0; i < iters; ++i) fn();
-  stop.record();
-  stop.synchronize();
-  return static_cast<double>(start.elapsed_ms(stop)) / iters;
-}
+using kiln::bench::time_ms;
 
 // out (T, N) = x (T, K) @ w (N, K)^T with plain cuBLASLt: in column-major terms
 // out^T (N, T) = op_T(w as (K, N) column-major, ld K) @ x^T (K, T) column-major, ld K.

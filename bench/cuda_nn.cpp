@@ -14,6 +14,7 @@
 #include "autograd/grad_mode.h"
 #include "core/cuda/runtime.h"
 #include "core/dispatch.h"
+#include "bench/cuda_timing.h"
 #include "core/ops.h"
 #include "core/ops/nn.h"
 
@@ -26,16 +27,7 @@ namespace cuda = kiln::cuda;
 const kiln::Device kGPU{kiln::DeviceType::cuda, 0};
 int g_iters = 20;
 
-// Mean milliseconds per call of fn, timed with events on the current stream after 3 warm-up calls.
-double time_ms(const std::function<void()>& fn) {
-  for (int i = 0; i < 3; ++i) fn();
-  cuda::Event start(true), stop(true);
-  start.record();
-  for (int i = 0; i < g_iters; ++i) fn();
-  stop.record();
-  stop.synchronize();
-  return static_cast<double>(start.elapsed_ms(stop)) / g_iters;
-}
+double time_ms(const std::function<void()>& fn) { return kiln::bench::time_ms(fn, g_iters); }
 
 double g_copy = 0.0;  // cudaMemcpy D2D GB/s, the reference
 

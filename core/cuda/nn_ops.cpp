@@ -19,24 +19,6 @@
 namespace kiln::cuda {
 namespace {
 
-// A Strided<N> over `shape` for N operands of that shape with the given strides (for rows: the
-// leading dims and strides, last dim excluded), dims merged where contiguous for all of them.
-template <int N>
-Strided<N> strided_of(const Shape& shape, std::array<Shape, N> strides, const char* op) {
-  Shape s = shape;
-  std::vector<Shape> st(strides.begin(), strides.end());
-  coalesce_dims(s, st);
-  KILN_CHECK(static_cast<int>(s.size()) <= kMaxDims, op, "needs more than {} dims after merging ({}); make the inputs contiguous",
-             kMaxDims, shape_str(s));
-  Strided<N> out;
-  out.ndim = static_cast<int>(s.size());
-  for (size_t d = 0; d < s.size(); ++d) {
-    out.shape[d] = s[d];
-    for (int k = 0; k < N; ++k) out.strides[k][d] = st[static_cast<size_t>(k)][d];
-  }
-  return out;
-}
-
 Shape lead_of(const Shape& s) { return Shape(s.begin(), s.end() - 1); }
 
 // The device word index-checking kernels flag into (kNoError when nothing is wrong).
@@ -118,7 +100,7 @@ void embedding_backward_kernel(const prim::EmbeddingBackward& p, const std::vect
   DeviceGuard guard(g.device().index);
   void* stream = stream_of(out[0]);
   const Strided<1> pos = make_strided<1>(ids.shape(), {&ids}, op);
-  const Strided<1> grows = strided_of<1>(ids.shape(), {lead_of(g.strides())}, op);
+  const Strided<1> grows = make_strided<1>(ids.shape(), {lead_of(g.strides())}, op);
   const size_t bytes = embedding_backward_workspace(n);
   Tensor scratch = empty({static_cast<int64_t>(bytes)}, DType::u8, g.device());
   IndexCheck check(g, stream, op);
@@ -139,7 +121,7 @@ void rms_norm_kernel(const prim::RmsNorm& p, const std::vector<Tensor>& in, std:
   const int64_t d = x.size(-1), r = d == 0 ? 0 : x.numel() / d;
   if (r == 0) return;
   DeviceGuard guard(x.device().index);
-  const Strided<1> rows = strided_of<1>(lead_of(x.shape()), {lead_of(x.strides())}, p.name());
+  const Strided<1> rows = make_strided<1>(lead_of(x.shape()), {lead_of(x.strides())}, p.name());
   KILN_CUDA_CHECK(launch_rms_norm(x.dtype(), x.raw_data(), rows, x.strides().back(), w.raw_data(), w.strides()[0], r, d,
                                   p.eps(), out[0].raw_data(), stream_of(out[0])),
                   p.name());
@@ -151,7 +133,7 @@ void rms_norm_backward_kernel(const prim::RmsNormBackward& p, const std::vector<
   const int64_t d = x.size(-1), r = d == 0 ? 0 : x.numel() / d;
   if (d == 0) return;
   DeviceGuard guard(x.device().index);
-  const Strided<2> rows = strided_of<2>(lead_of(x.shape()), {lead_of(x.strides()), lead_of(g.strides())}, p.name());
+  const Strided<2> rows = make_strided<2>(lead_of(x.shape()), {lead_of(x.strides()), lead_of(g.strides())}, p.name());
   const size_t bytes = rms_norm_backward_workspace(x.dtype(), r, d);
   Tensor partial = empty({static_cast<int64_t>(bytes)}, DType::u8, x.device());  // (blocks, D) f32/f64
   KILN_CUDA_CHECK(launch_rms_norm_backward(x.dtype(), x.raw_data(), g.raw_data(), rows, x.strides().back(),
@@ -170,7 +152,7 @@ void rotary_kernel(const prim::RotaryEmbedding& p, const std::vector<Tensor>& in
   Shape half = x.shape();
   half.back() = h;
   const Shape cst = broadcast_strides(cos, half), sst = broadcast_strides(sin, half);
-  const Strided<3> rows = strided_of<3>(lead_of(half), {lead_of(x.strides()), lead_of(cst), lead_of(sst)}, p.name());
+  const Strided<3> rows = make_strided<3>(lead_of(half), {lead_of(x.strides()), lead_of(cst), lead_of(sst)}, p.name());
   KILN_CUDA_CHECK(launch_rotary(x.dtype(), cos.dtype(), x.raw_data(), cos.raw_data(), sin.raw_data(), rows,
                                 x.strides().back(), cst.back(), sst.back(), r, h, out[0].raw_data(), stream_of(out[0])),
                   p.name());
@@ -250,7 +232,7 @@ void swiglu_backward_kernel(const prim::SwiGluBackward& p, const std::vector<Ten
   Strided<5> st;
   if (!contiguous) {
     const Shape dense = contiguous_strides(dgate.shape());
-    st = strided_of<5>(dgate.shape(), {dense, dense, gate.strides(), up.strides(), g.strides()}, p.name());
+    st = make_strided<5>(dgate.shape(), {dense, dense, gate.strides(), up.strides(), g.strides()}, p.name());
   }
   KILN_CUDA_CHECK(launch_swiglu_backward(dgate.dtype(), gate.raw_data(), up.raw_data(), g.raw_data(), dgate.raw_data(),
                                          dup.raw_data(), dgate.numel(), contiguous ? nullptr : &st, stream_of(dgate)),

@@ -12,6 +12,10 @@ namespace kiln::cuda {
 // operands, drops size-1 dims; throws kiln::Error beyond kMaxDims merged dims.
 template <int N>
 Strided<N> make_strided(const Shape& shape, const std::array<const Tensor*, N>& operands, const char* op);
+// The same from explicit strides, one set of shape.size() per operand (e.g. the row dims of a kernel
+// that handles the last dim itself).
+template <int N>
+Strided<N> make_strided(const Shape& shape, const std::array<Shape, N>& strides, const char* op);
 
 // The current stream of the tensor's device, as a cudaStream_t (void*).
 void* stream_of(const Tensor& t);
