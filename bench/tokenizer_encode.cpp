@@ -3,6 +3,7 @@
 // cache, first pass) and warm (best of later passes); 1 MB of random-letter words (nearly every word a
 // cache miss, so BPE merges dominate); and decode.
 // Usage: tokenizer_encode [tokenizer.json] [llama3_cases.json] [seconds]
+#include "tests/tokenizer_corpus.h"
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -23,29 +24,7 @@
 
 namespace {
 
-uint64_t splitmix64(uint64_t& state) {
-  state += 0x9E3779B97F4A7C15ull;
-  uint64_t z = state;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
-// Same generator as tests/test_tokenizer.cpp and tools/make_tokenizer_fixtures.py.
-std::vector<std::string> make_corpus(const nlohmann::json& c) {
-  auto pieces = c.at("pieces").get<std::vector<std::string>>();
-  auto seps = c.at("seps").get<std::vector<std::string>>();
-  uint64_t state = c.at("seed").get<uint64_t>();
-  auto doc_bytes = c.at("doc_bytes").get<size_t>();
-  std::vector<std::string> docs(c.at("docs").get<size_t>());
-  for (std::string& doc : docs) {
-    while (doc.size() < doc_bytes) {
-      doc += pieces[splitmix64(state) % pieces.size()];
-      doc += seps[splitmix64(state) % seps.size()];
-    }
-  }
-  return docs;
-}
+using kiln::test::splitmix64;
 
 // ~1 MB of words of 2..12 random lowercase letters, capitalised now and then, with spaces/newlines.
 std::string random_words(size_t bytes) {
@@ -83,7 +62,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "cannot open %s\n", fix_path.c_str());
       return 1;
     }
-    auto docs = make_corpus(nlohmann::json::parse(f).at("corpus"));
+    auto docs = kiln::test::make_tokenizer_corpus(nlohmann::json::parse(f).at("corpus"));
     size_t bytes = 0;
     for (const auto& d : docs) bytes += d.size();
 

@@ -1,6 +1,7 @@
 // The Llama 3 tokenizer (data/tokenizer.h) against Hugging Face `tokenizers`: ids of hand-picked strings
 // and of a ~1 MB corpus regenerated from tests/data/tokenizer/llama3_cases.json (made by
 // tools/make_tokenizer_fixtures.py), round trips (invalid UTF-8 included), special tokens, chat format.
+#include "tests/tokenizer_corpus.h"
 #include <algorithm>
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
@@ -53,29 +54,6 @@ const json& fixture() {
   return j;
 }
 
-uint64_t splitmix64(uint64_t& state) {
-  state += 0x9E3779B97F4A7C15ull;
-  uint64_t z = state;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
-// The corpus of tools/make_tokenizer_fixtures.py: docs of >= doc_bytes, random piece + random separator.
-std::vector<std::string> make_corpus(const json& c) {
-  auto pieces = c.at("pieces").get<std::vector<std::string>>();
-  auto seps = c.at("seps").get<std::vector<std::string>>();
-  uint64_t state = c.at("seed").get<uint64_t>();
-  auto doc_bytes = c.at("doc_bytes").get<size_t>();
-  std::vector<std::string> docs(c.at("docs").get<size_t>());
-  for (std::string& doc : docs) {
-    while (doc.size() < doc_bytes) {
-      doc += pieces[splitmix64(state) % pieces.size()];
-      doc += seps[splitmix64(state) % seps.size()];
-    }
-  }
-  return docs;
-}
 
 std::string fnv1a(const std::vector<int32_t>& ids) {
   uint64_t h = 0xCBF29CE484222325ull;
@@ -161,7 +139,7 @@ TEST_CASE("tokenizer: Llama 3.1 ids match Hugging Face tokenizers", "[tokenizer]
 TEST_CASE("tokenizer: Llama 3.1 on a 1 MB corpus matches Hugging Face tokenizers", "[tokenizer]") {
   REQUIRE_LLAMA3(tok);
   const json& c = fixture().at("corpus");
-  auto docs = make_corpus(c);
+  auto docs = kiln::test::make_tokenizer_corpus(c);
   const json& digests = c.at("digests");
   REQUIRE(docs.size() == digests.size());
   size_t bytes = 0, mismatched = 0;
