@@ -54,7 +54,6 @@ const json& fixture() {
   return j;
 }
 
-
 std::string fnv1a(const std::vector<int32_t>& ids) {
   uint64_t h = 0xCBF29CE484222325ull;
   for (int32_t id : ids) {
