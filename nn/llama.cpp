@@ -1,0 +1,254 @@
+// Llama's modules (attention, MLP, decoder layer, model, causal-LM head), their forward passes,
+// and loading a Hugging Face folder layer by layer.
+#include "nn/llama.h"
+
+#include <filesystem>
+#include <set>
+
+#include "autograd/checkpoint.h"
+#include "autograd/grad_mode.h"
+#include "core/ops.h"
+#include "nn/safetensors.h"
+
+namespace kiln::nn {
+
+namespace {
+
+Init llama_init(const LlamaOptions& o, Generator* gen, bool loading) {
+  Init init;
+  init.kind = loading ? Init::Kind::uninitialized : o.random_init ? Init::Kind::normal : Init::Kind::zeros;
+  init.std = 0.02;  // HF: normal(0, initializer_range = 0.02)
+  init.gen = gen;
+  return init;
+}
+
+std::shared_ptr<Linear> make_linear(int64_t in, int64_t out, bool bias, DType dtype, Device device, const Init& init) {
+  return std::make_shared<Linear>(in, out, bias, dtype, device, init);
+}
+
+}  // namespace
+
+// ---- attention
+
+LlamaAttention::LlamaAttention(const LlamaConfig& c, DType dtype, Device device, const Init& init,
+                               std::shared_ptr<RotaryEmbedding> rope)
+    : heads_(c.num_attention_heads), kv_heads_(c.num_key_value_heads), head_dim_(c.head_dim), rope_(std::move(rope)) {
+  const int64_t h = c.hidden_size;
+  register_module("q_proj", make_linear(h, heads_ * head_dim_, c.attention_bias, dtype, device, init));
+  register_module("k_proj", make_linear(h, kv_heads_ * head_dim_, c.attention_bias, dtype, device, init));
+  register_module("v_proj", make_linear(h, kv_heads_ * head_dim_, c.attention_bias, dtype, device, init));
+  register_module("o_proj", make_linear(heads_ * head_dim_, h, c.attention_bias, dtype, device, init));
+}
+
+Tensor LlamaAttention::forward(const Tensor& x, int64_t start, KVCache::Layer* cache) {
+  KILN_CHECK(x.dim() == 3, "LlamaAttention", "expected x (B, T, hidden), found {}", shape_str(x.shape()));
+  const int64_t b = x.size(0), t = x.size(1);
+  auto heads = [&](const char* proj, int64_t n) {  // (B, T, n*D) -> (B, n, T, D)
+    return transpose(view(child_as<LinearBase>(proj).forward(x), {b, t, n, head_dim_}), 1, 2);
+  };
+  Tensor q = rope_->apply(heads("q_proj", heads_), start);     // (B, Hq, T, D)
+  Tensor k = rope_->apply(heads("k_proj", kv_heads_), start);  // (B, Hkv, T, D)
+  Tensor v = heads("v_proj", kv_heads_);                       // (B, Hkv, T, D)
+  if (cache) {
+    KILN_CHECK(start + t <= cache->k.size(2), "LlamaAttention", "the KV cache holds {} positions, asked for {}",
+               cache->k.size(2), start + t);
+    autograd::NoGradGuard no_grad;
+    copy_(narrow(cache->k, 2, start, t), k);
+    copy_(narrow(cache->v, 2, start, t), v);
+    k = narrow(cache->k, 2, 0, start + t);  // (B, Hkv, start+T, D)
+    v = narrow(cache->v, 2, 0, start + t);
+  }
+  Tensor o = scaled_dot_product_attention(q, k, v, /*causal=*/true);  // (B, Hq, T, D)
+  o = reshape(transpose(o, 1, 2), {b, t, heads_ * head_dim_});          // (B, T, Hq*D)
+  return child_as<LinearBase>("o_proj").forward(o);
+}
+
+// ---- MLP
+
+LlamaMLP::LlamaMLP(const LlamaConfig& c, DType dtype, Device device, const Init& init) {
+  register_module("gate_proj", make_linear(c.hidden_size, c.intermediate_size, c.mlp_bias, dtype, device, init));
+  register_module("up_proj", make_linear(c.hidden_size, c.intermediate_size, c.mlp_bias, dtype, device, init));
+  register_module("down_proj", make_linear(c.intermediate_size, c.hidden_size, c.mlp_bias, dtype, device, init));
+}
+
+Tensor LlamaMLP::forward(const Tensor& x) {
+  Tensor g = child_as<LinearBase>("gate_proj").forward(x);  // (B, T, I)
+  Tensor u = child_as<LinearBase>("up_proj").forward(x);    // (B, T, I)
+  return child_as<LinearBase>("down_proj").forward(swiglu(g, u));
+}
+
+// ---- decoder layer
+
+LlamaDecoderLayer::LlamaDecoderLayer(const LlamaConfig& c, DType dtype, Device device, const Init& init,
+                                     std::shared_ptr<RotaryEmbedding> rope) {
+  register_module("self_attn", std::make_shared<LlamaAttention>(c, dtype, device, init, std::move(rope)));
+  register_module("mlp", std::make_shared<LlamaMLP>(c, dtype, device, init));
+  register_module("input_layernorm", std::make_shared<RMSNorm>(c.hidden_size, c.rms_norm_eps, dtype, device));
+  register_module("post_attention_layernorm", std::make_shared<RMSNorm>(c.hidden_size, c.rms_norm_eps, dtype, device));
+}
+
+Tensor LlamaDecoderLayer::forward(const Tensor& x, int64_t start, KVCache::Layer* cache) {
+  Tensor h = add(x, child_as<LlamaAttention>("self_attn").forward(child_as<RMSNorm>("input_layernorm").forward(x), start, cache));
+  return add(h, child_as<LlamaMLP>("mlp").forward(child_as<RMSNorm>("post_attention_layernorm").forward(h)));
+}
+
+// ---- model
+
+LlamaModel::LlamaModel(const LlamaConfig& c, const LlamaOptions& o, const WeightSource* source) {
+  Generator gen(o.seed);
+  const Init init = llama_init(o, &gen, source != nullptr);
+  auto fill = [&](Module& m, const std::string& prefix) {
+    if (!source) return;
+    StateDict state;
+    for (auto& [name, t] : m.state_dict()) {
+      Tensor v = source->get(prefix + name);
+      KILN_CHECK(v.shape() == t.shape(), "load", "{}: tensor '{}' has shape {}, expected {}", source->origin,
+                 prefix + name, shape_str(v.shape()), shape_str(t.shape()));
+      state.emplace(name, v);
+    }
+    m.load_state_dict(state);
+  };
+  auto embed = register_module("embed_tokens", std::make_shared<Embedding>(c.vocab_size, c.hidden_size, o.dtype, o.device, init));
+  fill(*embed, "model.embed_tokens.");
+  auto rope = std::make_shared<RotaryEmbedding>(c.head_dim, c.rope_theta, c.rope_scaling);
+  auto layers = register_module("layers", std::make_shared<ModuleList>());
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    auto layer = layers->push_back(std::make_shared<LlamaDecoderLayer>(c, o.dtype, o.device, init, rope));
+    const std::string prefix = "model.layers." + std::to_string(i) + ".";
+    fill(*layer, prefix);
+    if (o.on_layer_built) o.on_layer_built(prefix, *layer);
+  }
+  auto norm = register_module("norm", std::make_shared<RMSNorm>(c.hidden_size, c.rms_norm_eps, o.dtype, o.device));
+  fill(*norm, "model.norm.");
+}
+
+Tensor LlamaModel::forward(const Tensor& ids, int64_t start, KVCache* cache, bool checkpoint) {
+  KILN_CHECK(ids.dim() == 2 && !is_floating(ids.dtype()), "Llama", "expected integer ids (B, T), found {} {}",
+             dtype_name(ids.dtype()), shape_str(ids.shape()));
+  Tensor x = child_as<Embedding>("embed_tokens").forward(ids);  // (B, T, hidden)
+  auto& layers = child_as<ModuleList>("layers");
+  KILN_CHECK(!cache || static_cast<int64_t>(cache->layers.size()) == layers.size(), "Llama",
+             "the KV cache has {} layers, the model {}", cache ? cache->layers.size() : 0, layers.size());
+  for (int64_t i = 0; i < layers.size(); ++i) {
+    auto& layer = layers.at<LlamaDecoderLayer>(i);
+    KVCache::Layer* lc = cache ? &cache->layers[static_cast<size_t>(i)] : nullptr;
+    if (checkpoint && autograd::grad_enabled() && !cache) {
+      x = autograd::checkpoint([&layer, start](const std::vector<Tensor>& in) { return std::vector<Tensor>{layer.forward(in[0], start)}; },
+                               {x})[0];
+    } else {
+      x = layer.forward(x, start, lc);
+    }
+  }
+  if (cache) cache->length = start + ids.size(1);
+  return child_as<RMSNorm>("norm").forward(x);
+}
+
+// ---- causal LM
+
+Llama::Llama(const LlamaConfig& config, const LlamaOptions& options, const WeightSource* source)
+    : config_(config), options_(options), checkpoint_(options.checkpoint_activations) {
+  config_.validate();
+  register_module("model", std::make_shared<LlamaModel>(config_, options_, source));
+  if (!config_.tie_word_embeddings) {
+    Generator gen(options.seed + 1);
+    auto head = register_module("lm_head", std::make_shared<Linear>(config_.hidden_size, config_.vocab_size, false,
+                                                                     options.dtype, options.device, llama_init(options, &gen, source != nullptr)));
+    if (source) {
+      Tensor v = source->get("lm_head.weight");
+      KILN_CHECK(v.shape() == head->weight().shape(), "load", "{}: tensor 'lm_head.weight' has shape {}, expected {}",
+                 source->origin, shape_str(v.shape()), shape_str(head->weight().shape()));
+      head->load_state_dict({{"weight", v}});
+    }
+  }
+}
+
+Tensor Llama::forward(const Tensor& ids, int64_t start, KVCache* cache) {
+  return model().forward(ids, start, cache, checkpoint_ && is_training());
+}
+
+Tensor Llama::lm_head_weight() const {
+  if (config_.tie_word_embeddings) return model().child_as<Embedding>("embed_tokens").weight();
+  return child_as<LinearBase>("lm_head").parameter("weight");
+}
+
+Tensor Llama::logits(const Tensor& hidden) {
+  if (config_.tie_word_embeddings) return matmul(hidden, transpose(lm_head_weight(), 0, 1));
+  return child_as<LinearBase>("lm_head").forward(hidden);
+}
+
+Tensor Llama::loss(const Tensor& hidden, const Tensor& targets) {
+  Tensor logits2d = reshape(logits(hidden), {-1, config_.vocab_size});  // (B*T, V)
+  return cross_entropy(cast(logits2d, DType::f32), reshape(targets, {-1}));
+}
+
+std::pair<Tensor, Tensor> Llama::sequence_losses(const Tensor& hidden, const Tensor& targets) {
+  KILN_CHECK(targets.dim() == 2, "Llama", "expected targets (B, T), found {}", shape_str(targets.shape()));
+  const int64_t b = targets.size(0), t = targets.size(1);
+  Tensor logits2d = cast(reshape(logits(hidden), {-1, config_.vocab_size}), DType::f32);  // (B*T, V)
+  Tensor per_token = reshape(cross_entropy(logits2d, reshape(targets, {-1}), -100, Reduction::none), {b, t});
+  Tensor counts = sum(cast(ne(targets, -100.0), DType::i64), {1});  // (B)
+  return {sum(per_token, {1}), counts};
+}
+
+KVCache Llama::make_cache(int64_t batch, int64_t capacity) const {
+  KILN_CHECK(batch > 0 && capacity > 0, "Llama", "a KV cache needs batch > 0 and capacity > 0, found {} and {}", batch, capacity);
+  KVCache cache;
+  cache.capacity = capacity;
+  const DType dt = model().child_as<Embedding>("embed_tokens").weight().dtype();
+  const Device dev = model().child_as<Embedding>("embed_tokens").weight().device();
+  for (int64_t i = 0; i < config_.num_hidden_layers; ++i)
+    cache.layers.push_back({zeros({batch, config_.num_key_value_heads, capacity, config_.head_dim}, dt, dev),
+                            zeros({batch, config_.num_key_value_heads, capacity, config_.head_dim}, dt, dev)});
+  return cache;
+}
+
+// ---- Hugging Face folders
+
+WeightSource open_hf_weights(const std::string& dir) {
+  namespace fs = std::filesystem;
+  const fs::path single = fs::path(dir) / "model.safetensors";
+  const fs::path index = fs::path(dir) / "model.safetensors.index.json";
+  WeightSource src;
+  src.origin = dir;
+  if (fs::exists(index)) {
+    auto ckpt = std::make_shared<ShardedCheckpoint>(ShardedCheckpoint::open(dir));
+    src.keys = ckpt->keys();
+    src.get = [ckpt, dir](const std::string& key) {
+      KILN_CHECK(ckpt->contains(key), "load", "{}: the checkpoint has no tensor '{}'", dir, key);
+      return ckpt->get(key);
+    };
+    return src;
+  }
+  KILN_CHECK(fs::exists(single), "load", "{} has neither model.safetensors nor model.safetensors.index.json", dir);
+  auto file = std::make_shared<SafetensorsFile>(SafetensorsFile::open(single.string()));
+  src.keys = file->keys();
+  src.get = [file](const std::string& key) {
+    KILN_CHECK(file->contains(key), "load", "{}: the checkpoint has no tensor '{}'", file->path(), key);
+    return file->get(key);
+  };
+  return src;
+}
+
+std::shared_ptr<Llama> Llama::from_pretrained(const std::string& dir, LlamaOptions options) {
+  const LlamaConfig config = LlamaConfig::from_file((std::filesystem::path(dir) / "config.json").string());
+  const WeightSource source = open_hf_weights(dir);
+  // Every key must be used: an unexpected one means the folder is not the model the config says.
+  std::set<std::string> expected;
+  for (const std::string& k : source.keys) {
+    const bool ignorable = k.ends_with(".rotary_emb.inv_freq") || (config.tie_word_embeddings && k == "lm_head.weight");
+    if (!ignorable) expected.insert(k);
+  }
+  std::set<std::string> used;
+  WeightSource tracked = source;
+  tracked.get = [&](const std::string& key) {
+    used.insert(key);
+    return source.get(key);
+  };
+  options.random_init = false;
+  auto model = std::make_shared<Llama>(config, options, &tracked);
+  for (const std::string& k : expected)
+    KILN_CHECK(used.count(k), "load", "{}: unexpected tensor '{}' (not part of a Llama with this config.json)", dir, k);
+  return model;
+}
+
+}  // namespace kiln::nn

@@ -1,0 +1,147 @@
+// Llama (2/3/3.1 architecture) as Hugging Face's LlamaForCausalLM lays it out, so parameter
+// names equal the keys of a HF checkpoint: grouped-query causal attention with rotary embeddings
+// (llama3 scaling), SwiGLU MLP, RMSNorm, tied or untied embeddings, optional activation
+// checkpointing per block, and a KV cache for generation.
+#pragma once
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "nn/layers.h"
+
+namespace kiln::nn {
+
+struct LlamaConfig {
+  int64_t vocab_size = 0;
+  int64_t hidden_size = 0;
+  int64_t intermediate_size = 0;
+  int64_t num_hidden_layers = 0;
+  int64_t num_attention_heads = 0;
+  int64_t num_key_value_heads = 0;
+  int64_t head_dim = 0;  // hidden_size / num_attention_heads unless set
+  int64_t max_position_embeddings = 2048;
+  double rms_norm_eps = 1e-5;
+  double rope_theta = 10000.0;
+  std::optional<RopeScaling> rope_scaling;  // only rope_type "llama3" (or none)
+  bool tie_word_embeddings = false;
+  bool attention_bias = false;
+  bool mlp_bias = false;
+  int64_t bos_token_id = -1;
+  std::vector<int64_t> eos_token_ids;
+  DType torch_dtype = DType::f32;  // the checkpoint's dtype
+
+  // A HF config.json text; `source` names it in errors. Unsupported settings are errors.
+  static LlamaConfig from_json(const std::string& text, const std::string& source = "config.json");
+  static LlamaConfig from_file(const std::string& path);
+  // A config by name ("llama3.1-8b", "tiny") or a path to a config.json.
+  static LlamaConfig named(const std::string& name_or_path);
+  std::string to_json() const;  // HF's config.json keys
+  void validate() const;
+  int64_t num_parameters() const;
+};
+
+// Keys and values of past tokens, per layer: (B, Hkv, capacity, D) buffers filled up to `length`.
+struct KVCache {
+  struct Layer {
+    Tensor k, v;
+  };
+  std::vector<Layer> layers;
+  int64_t length = 0;
+  int64_t capacity = 0;
+};
+
+class LlamaAttention : public Module {
+ public:
+  LlamaAttention(const LlamaConfig& c, DType dtype, Device device, const Init& init,
+                 std::shared_ptr<RotaryEmbedding> rope);
+  std::string type_name() const override { return "LlamaAttention"; }
+  // x (B, T, hidden) at positions start .. start+T-1 -> (B, T, hidden). With a cache, this call's
+  // keys/values are written at [start, start+T) and attention sees positions [0, start+T).
+  Tensor forward(const Tensor& x, int64_t start = 0, KVCache::Layer* cache = nullptr);
+
+ private:
+  int64_t heads_, kv_heads_, head_dim_;
+  std::shared_ptr<RotaryEmbedding> rope_;
+};
+
+class LlamaMLP : public Module {
+ public:
+  LlamaMLP(const LlamaConfig& c, DType dtype, Device device, const Init& init);
+  std::string type_name() const override { return "LlamaMLP"; }
+  Tensor forward(const Tensor& x);  // down(silu(gate(x)) * up(x))
+};
+
+class LlamaDecoderLayer : public Module {
+ public:
+  LlamaDecoderLayer(const LlamaConfig& c, DType dtype, Device device, const Init& init,
+                    std::shared_ptr<RotaryEmbedding> rope);
+  std::string type_name() const override { return "LlamaDecoderLayer"; }
+  Tensor forward(const Tensor& x, int64_t start = 0, KVCache::Layer* cache = nullptr);
+};
+
+struct LlamaOptions {
+  DType dtype = DType::f32;   // parameters and activations
+  Device device = kCPU;
+  uint64_t seed = 0;          // random init: N(0, 0.02) linears/embedding as HF initialises
+  bool random_init = true;    // false: parameters start at zero (to be loaded by the caller)
+  bool checkpoint_activations = false;
+  // Called after each decoder layer is built (and filled from `source` when loading), before the
+  // next one: quantising here keeps the peak near one layer's size (QLoRA's NF4 base).
+  std::function<void(const std::string& prefix, LlamaDecoderLayer& layer)> on_layer_built;
+};
+
+// Checkpoint tensors by HF key (any device and dtype), e.g. a HF folder's safetensors files.
+struct WeightSource {
+  std::string origin;              // for errors: the folder or file
+  std::vector<std::string> keys;   // every key it holds
+  std::function<Tensor(const std::string& key)> get;  // error naming the key when absent
+};
+
+// The inner "model": embed_tokens, layers.N, norm.
+class LlamaModel : public Module {
+ public:
+  LlamaModel(const LlamaConfig& c, const LlamaOptions& o, const WeightSource* source);
+  std::string type_name() const override { return "LlamaModel"; }
+  Tensor forward(const Tensor& ids, int64_t start, KVCache* cache, bool checkpoint);  // (B, T) -> (B, T, hidden)
+  int64_t num_layers() const { return child_as<ModuleList>("layers").size(); }
+};
+
+// LlamaForCausalLM: model + lm_head (the embedding matrix when tied).
+class Llama : public Module {
+ public:
+  Llama(const LlamaConfig& config, const LlamaOptions& options = {}, const WeightSource* source = nullptr);
+  // A HF model folder: config.json + model.safetensors or a sharded index. Weights are converted
+  // to options.dtype on options.device layer by layer; missing, unexpected or mis-shaped keys are
+  // errors naming the key.
+  static std::shared_ptr<Llama> from_pretrained(const std::string& dir, LlamaOptions options = {});
+  std::string type_name() const override { return "Llama"; }
+
+  const LlamaConfig& config() const { return config_; }
+  LlamaModel& model() const { return child_as<LlamaModel>("model"); }
+  void set_checkpoint_activations(bool on) { checkpoint_ = on; }
+
+  // ids (B, T) int -> final hidden states (B, T, hidden) after the last norm.
+  Tensor forward(const Tensor& ids, int64_t start = 0, KVCache* cache = nullptr);
+  // hidden (..., hidden) -> logits (..., vocab) in the activation dtype.
+  Tensor logits(const Tensor& hidden);
+  // The (vocab, hidden) output projection (the embedding when tied).
+  Tensor lm_head_weight() const;
+  // Mean cross-entropy of the logits at each position against `targets` (B, T) (the next token,
+  // already shifted; -100 ignored), computed in f32 over the full logits.
+  Tensor loss(const Tensor& hidden, const Tensor& targets);
+  // Per-sequence summed loss (B) and non-ignored token counts (B), for evaluation.
+  std::pair<Tensor, Tensor> sequence_losses(const Tensor& hidden, const Tensor& targets);
+
+  KVCache make_cache(int64_t batch, int64_t capacity) const;
+
+ private:
+  LlamaConfig config_;
+  LlamaOptions options_;
+  bool checkpoint_ = false;
+};
+
+// The weights of a HF model folder by key: model.safetensors, or the shards an index names.
+WeightSource open_hf_weights(const std::string& dir);
+
+}  // namespace kiln::nn

@@ -1,0 +1,297 @@
+// LoRA layers, wrapping a model's linear layers by name, merge/unmerge, and PEFT adapter folders.
+#include "nn/lora.h"
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <regex>
+#include <set>
+#include <sstream>
+
+#include "autograd/grad_mode.h"
+#include "core/ops.h"
+#include "nn/safetensors.h"
+
+namespace kiln::nn {
+
+namespace {
+
+using json = nlohmann::json;
+namespace fs = std::filesystem;
+
+constexpr const char* kPeftPrefix = "base_model.model.";
+
+std::string read_text(const fs::path& path) {
+  std::ifstream in(path);
+  KILN_CHECK(in.good(), "adapter", "cannot open {}", path.string());
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+void write_text_atomic(const fs::path& path, const std::string& text) {
+  const fs::path tmp = path.string() + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    KILN_CHECK(out.good(), "adapter", "cannot write {}", tmp.string());
+    out << text;
+    out.flush();
+    KILN_CHECK(out.good(), "adapter", "writing {} failed", tmp.string());
+  }
+  fs::rename(tmp, path);
+}
+
+// The parent module and child name of a dotted path ("a.b.c" -> (a.b, c)).
+std::pair<std::string, std::string> split_path(const std::string& path) {
+  const size_t dot = path.rfind('.');
+  if (dot == std::string::npos) return {"", path};
+  return {path.substr(0, dot), path.substr(dot + 1)};
+}
+
+Module& module_at(Module& root, const std::string& path) { return path.empty() ? root : *root.find_module(path); }
+
+// Paths of the LinearBase modules `config` targets (not the insides of LoRA layers).
+std::vector<std::string> target_paths(Module& root, const LoraConfig& config) {
+  std::vector<std::string> out;
+  for (auto& [path, m] : root.named_modules()) {
+    if (path.empty() || !dynamic_cast<LinearBase*>(m) || dynamic_cast<LoraLinear*>(m)) continue;
+    if (path.find(".lora_A") != std::string::npos || path.find(".lora_B") != std::string::npos ||
+        path.ends_with(".base_layer"))
+      continue;
+    if (config.matches(path)) out.push_back(path);
+  }
+  return out;
+}
+
+}  // namespace
+
+// ---- config
+
+double LoraConfig::scaling() const { return use_rslora ? alpha / std::sqrt(static_cast<double>(r)) : alpha / static_cast<double>(r); }
+
+void LoraConfig::validate() const {
+  KILN_CHECK(r > 0, "lora", "rank r must be positive, found {}", r);
+  KILN_CHECK(dropout >= 0 && dropout < 1, "lora", "dropout must be in [0, 1), found {}", dropout);
+  KILN_CHECK(!target_modules.empty() || !target_regex.empty(), "lora", "no target modules given");
+}
+
+bool LoraConfig::matches(const std::string& path) const {
+  if (!target_regex.empty()) return std::regex_match(path, std::regex(target_regex));
+  for (const std::string& t : target_modules)
+    if (path == t || (path.size() > t.size() && path.ends_with(t) && path[path.size() - t.size() - 1] == '.')) return true;
+  return false;
+}
+
+std::string LoraConfig::to_peft_json() const {
+  json j{{"peft_type", "LORA"},
+         {"task_type", "CAUSAL_LM"},
+         {"base_model_name_or_path", base_model_name_or_path.empty() ? json(nullptr) : json(base_model_name_or_path)},
+         {"r", r},
+         {"lora_alpha", alpha},
+         {"lora_dropout", dropout},
+         {"use_rslora", use_rslora},
+         {"use_dora", false},
+         {"bias", "none"},
+         {"fan_in_fan_out", false},
+         {"inference_mode", true},
+         {"init_lora_weights", true},
+         {"modules_to_save", nullptr},
+         {"layers_to_transform", nullptr},
+         {"layers_pattern", nullptr},
+         {"rank_pattern", json::object()},
+         {"alpha_pattern", json::object()},
+         {"revision", nullptr}};
+  if (!target_regex.empty()) j["target_modules"] = target_regex;
+  else j["target_modules"] = target_modules;
+  return j.dump(2);
+}
+
+LoraConfig LoraConfig::from_peft_json(const std::string& text, const std::string& source) {
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const json::exception& e) {
+    KILN_FAIL("adapter", "{}: invalid JSON: {}", source, e.what());
+  }
+  LoraConfig c;
+  try {
+    KILN_CHECK(j.is_object() && j.value("peft_type", std::string("LORA")) == "LORA", "adapter",
+               "{}: expected a LORA adapter config, found peft_type {}", source, j.is_object() ? j.value("peft_type", std::string("?")) : "?");
+    c.r = j.at("r").get<int64_t>();
+    c.alpha = j.at("lora_alpha").get<double>();
+    c.dropout = j.value("lora_dropout", 0.0);
+    c.use_rslora = j.value("use_rslora", false);
+    KILN_CHECK(!j.value("use_dora", false), "adapter", "{}: DoRA adapters are not supported", source);
+    KILN_CHECK(j.value("bias", std::string("none")) == "none", "adapter", "{}: bias '{}' is not supported (none)", source,
+               j.value("bias", std::string("")));
+    KILN_CHECK(!j.value("fan_in_fan_out", false), "adapter", "{}: fan_in_fan_out adapters are not supported", source);
+    for (const char* key : {"rank_pattern", "alpha_pattern"})
+      KILN_CHECK(!j.contains(key) || j[key].is_null() || j[key].empty(), "adapter", "{}: per-module {} is not supported",
+                 source, key);
+    KILN_CHECK(!j.contains("modules_to_save") || j["modules_to_save"].is_null() || j["modules_to_save"].empty(), "adapter",
+               "{}: modules_to_save is not supported", source);
+    const json& t = j.at("target_modules");
+    if (t.is_string()) c.target_regex = t.get<std::string>(), c.target_modules.clear();
+    else c.target_modules = t.get<std::vector<std::string>>();
+    if (j.contains("base_model_name_or_path") && j["base_model_name_or_path"].is_string())
+      c.base_model_name_or_path = j["base_model_name_or_path"];
+  } catch (const json::exception& e) {
+    KILN_FAIL("adapter", "{}: {}", source, e.what());
+  }
+  c.validate();
+  return c;
+}
+
+// ---- the layer
+
+LoraLinear::LoraLinear(std::shared_ptr<LinearBase> base, const LoraConfig& config, Generator* gen)
+    : LinearBase(base ? base->in_features() : 0, base ? base->out_features() : 0),
+      scaling_(config.scaling()),
+      dropout_(config.dropout) {
+  KILN_CHECK(base != nullptr, "lora", "LoraLinear needs a base layer");
+  KILN_CHECK(!dynamic_cast<LoraLinear*>(base.get()), "lora", "the layer is already wrapped with LoRA");
+  config.validate();
+  const Device device = base->parameters().empty() ? base->named_buffers().at(0).second.device()
+                                                   : base->parameters().front().device();
+  base->requires_grad_(false);
+  register_module("base_layer", std::move(base));
+  Init a_init;  // peft: kaiming_uniform(a = sqrt(5)) -> U(-1/sqrt(in), 1/sqrt(in))
+  a_init.gen = gen;
+  register_module("lora_A", std::make_shared<Linear>(in_features_, config.r, false, DType::f32, device, a_init));
+  register_module("lora_B", std::make_shared<Linear>(config.r, out_features_, false, DType::f32, device,
+                                                     Init{Init::Kind::zeros, 0.0, nullptr}));
+}
+
+Tensor LoraLinear::lora_a() const { return child_as<Linear>("lora_A").weight(); }
+Tensor LoraLinear::lora_b() const { return child_as<Linear>("lora_B").weight(); }
+
+Tensor LoraLinear::forward(const Tensor& x) {
+  Tensor y = base().forward(x);  // (..., out)
+  if (merged_) return y;
+  const DType dt = x.dtype();
+  Tensor a = lora_a(), b = lora_b();
+  if (a.dtype() != dt) a = cast(a, dt), b = cast(b, dt);  // adapters live in f32, compute in x's dtype
+  const Tensor xd = dropout_ > 0 ? dropout(x, dropout_, is_training()) : x;
+  Tensor low = matmul(matmul(xd, transpose(a, 0, 1)), transpose(b, 0, 1));  // (..., r) -> (..., out)
+  return add(y, mul(low, scaling_));
+}
+
+void LoraLinear::add_delta(const Tensor& w, double sign) const {
+  autograd::NoGradGuard no_grad;
+  const DType acc = w.dtype() == DType::f64 ? DType::f64 : DType::f32;  // rounds once into w's dtype
+  const Tensor delta = mul(matmul(cast(lora_b(), acc), cast(lora_a(), acc)), sign * scaling_);  // (out, in)
+  copy_(w, add(cast(w, acc), delta));
+}
+
+void LoraLinear::merge() {
+  KILN_CHECK(!merged_, "lora", "the adapter is already merged");
+  auto* lin = dynamic_cast<Linear*>(&base());
+  KILN_CHECK(lin != nullptr, "lora", "merge needs a Linear base, found {} (a quantised base cannot absorb the adapter)",
+             base().type_name());
+  add_delta(lin->weight(), 1.0);
+  merged_ = true;
+}
+
+void LoraLinear::unmerge() {
+  KILN_CHECK(merged_, "lora", "the adapter is not merged");
+  add_delta(dynamic_cast<Linear&>(base()).weight(), -1.0);
+  merged_ = false;
+}
+
+// ---- whole models
+
+std::vector<std::string> apply_lora(Module& root, const LoraConfig& config, uint64_t seed) {
+  config.validate();
+  const std::vector<std::string> paths = target_paths(root, config);
+  KILN_CHECK(!paths.empty(), "lora", "no linear layer matches the target modules");
+  root.requires_grad_(false);
+  Generator gen(seed);
+  for (const std::string& path : paths) {
+    auto [parent, name] = split_path(path);
+    Module& p = module_at(root, parent);
+    auto base = std::dynamic_pointer_cast<LinearBase>(p.child(name));
+    p.replace_module(name, std::make_shared<LoraLinear>(base, config, &gen));
+  }
+  return paths;
+}
+
+std::vector<std::pair<std::string, LoraLinear*>> lora_layers(Module& root) {
+  std::vector<std::pair<std::string, LoraLinear*>> out;
+  for (auto& [path, m] : root.named_modules())
+    if (auto* l = dynamic_cast<LoraLinear*>(m)) out.emplace_back(path, l);
+  return out;
+}
+
+void merge_lora(Module& root) {
+  for (auto& [path, l] : lora_layers(root)) l->merge();
+}
+
+void unmerge_lora(Module& root) {
+  for (auto& [path, l] : lora_layers(root)) l->unmerge();
+}
+
+void save_adapter(Module& root, const LoraConfig& config, const std::string& dir) {
+  const auto layers = lora_layers(root);
+  KILN_CHECK(!layers.empty(), "adapter", "the model has no LoRA layers to save");
+  fs::create_directories(dir);
+  NamedTensors tensors;
+  for (auto& [path, l] : layers) {
+    tensors.emplace_back(kPeftPrefix + path + ".lora_A.weight", l->lora_a());
+    tensors.emplace_back(kPeftPrefix + path + ".lora_B.weight", l->lora_b());
+  }
+  save_safetensors((fs::path(dir) / "adapter_model.safetensors").string(), tensors, {{"format", "pt"}});
+  write_text_atomic(fs::path(dir) / "adapter_config.json", config.to_peft_json());
+}
+
+LoraConfig read_adapter_config(const std::string& dir) {
+  const fs::path p = fs::path(dir) / "adapter_config.json";
+  return LoraConfig::from_peft_json(read_text(p), p.string());
+}
+
+LoraConfig load_adapter(Module& root, const std::string& dir) {
+  const LoraConfig config = read_adapter_config(dir);
+  const SafetensorsFile file = SafetensorsFile::open((fs::path(dir) / "adapter_model.safetensors").string());
+  // Which modules the file names, and the shapes they must have.
+  std::set<std::string> paths;
+  for (auto& [path, l] : lora_layers(root)) paths.insert(path);
+  for (const std::string& p : target_paths(root, config)) paths.insert(p);
+  KILN_CHECK(!paths.empty(), "adapter", "{}: no module of the model matches target_modules", dir);
+  std::set<std::string> expected;
+  for (const std::string& path : paths) {
+    auto& lin = dynamic_cast<LinearBase&>(module_at(root, path));
+    for (const char* which : {"lora_A", "lora_B"}) {
+      const std::string key = kPeftPrefix + path + "." + which + ".weight";
+      KILN_CHECK(file.contains(key), "adapter", "{}: missing tensor '{}'", file.path(), key);
+      const Shape want = std::string(which) == "lora_A" ? Shape{config.r, lin.in_features()} : Shape{lin.out_features(), config.r};
+      KILN_CHECK(file.info(key).shape == want, "adapter", "{}: tensor '{}' has shape {}, expected {}", file.path(), key,
+                 shape_str(file.info(key).shape), shape_str(want));
+      KILN_CHECK(is_floating(file.info(key).dtype), "adapter", "{}: tensor '{}' must be floating, found {}", file.path(),
+                 key, dtype_name(file.info(key).dtype));
+      expected.insert(key);
+    }
+  }
+  for (const std::string& key : file.keys())
+    KILN_CHECK(expected.count(key), "adapter", "{}: unexpected tensor '{}' (no such LoRA module in the model)", file.path(), key);
+  // Everything checked: wrap what is not wrapped yet, then copy.
+  std::vector<std::string> to_wrap;
+  for (const std::string& p : target_paths(root, config)) to_wrap.push_back(p);
+  if (!to_wrap.empty()) {
+    root.requires_grad_(false);
+    for (const std::string& path : to_wrap) {
+      auto [parent, name] = split_path(path);
+      Module& p = module_at(root, parent);
+      p.replace_module(name, std::make_shared<LoraLinear>(std::dynamic_pointer_cast<LinearBase>(p.child(name)), config));
+    }
+  }
+  autograd::NoGradGuard no_grad;
+  for (auto& [path, l] : lora_layers(root)) {
+    if (!paths.count(path)) continue;
+    copy_(l->lora_a(), file.get(kPeftPrefix + path + ".lora_A.weight"));
+    copy_(l->lora_b(), file.get(kPeftPrefix + path + ".lora_B.weight"));
+  }
+  return config;
+}
+
+}  // namespace kiln::nn

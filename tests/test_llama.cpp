@@ -1,0 +1,274 @@
+// Llama built from a config (forward, KV cache, activation checkpointing, HF folder loading with
+// its errors) and LoRA (wrapping by name, frozen base, merge, PEFT adapter files and their errors).
+#include <catch2/catch_test_macros.hpp>
+#include <catch2/matchers/catch_matchers_string.hpp>
+#include <filesystem>
+#include <fstream>
+#include <unistd.h>
+
+#include "nn/llama.h"
+#include "nn/lora.h"
+#include "nn/safetensors.h"
+#include "tests/helpers.h"
+
+using namespace kiln;
+using Catch::Matchers::ContainsSubstring;
+namespace fs = std::filesystem;
+
+namespace {
+
+nn::LlamaConfig tiny_config(bool tied, int64_t kv_heads = 2) {
+  nn::LlamaConfig c;
+  c.vocab_size = 37;
+  c.hidden_size = 24;
+  c.intermediate_size = 40;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = kv_heads;
+  c.head_dim = 8;
+  c.rope_theta = 10000;
+  c.rope_scaling = nn::RopeScaling{4.0, 1.0, 4.0, 8};
+  c.tie_word_embeddings = tied;
+  c.rms_norm_eps = 1e-6;
+  return c;
+}
+
+std::shared_ptr<nn::Llama> tiny_model(bool tied, DType dtype = DType::f64, uint64_t seed = 3) {
+  nn::LlamaOptions o;
+  o.dtype = dtype;
+  o.seed = seed;
+  auto m = std::make_shared<nn::Llama>(tiny_config(tied), o);
+  // Norm weights away from 1 so they matter.
+  autograd::NoGradGuard g;
+  int i = 0;
+  for (auto& [n, t] : m->named_parameters())
+    if (n.ends_with("norm.weight")) copy_(t, add(test::random_tensor(t.shape(), dtype, 100 + i++), 1.0));
+  return m;
+}
+
+Tensor random_ids(int64_t b, int64_t t, int64_t vocab, uint64_t seed) {
+  Generator gen(seed);
+  return randint(0, vocab, {b, t}, DType::i64, kCPU, &gen);
+}
+
+fs::path temp_dir(const std::string& name) {
+  fs::path p = fs::temp_directory_path() / ("kiln_test_" + name + "_" + std::to_string(::getpid()));
+  fs::remove_all(p);
+  fs::create_directories(p);
+  return p;
+}
+
+void save_hf_folder(nn::Llama& m, const fs::path& dir, const std::vector<std::string>& drop = {},
+                    const nn::NamedTensors& extra = {}) {
+  std::ofstream(dir / "config.json") << m.config().to_json();
+  nn::NamedTensors tensors;
+  for (auto& [n, t] : m.state_dict())
+    if (std::find(drop.begin(), drop.end(), n) == drop.end()) tensors.emplace_back(n, t);
+  for (auto& e : extra) tensors.push_back(e);
+  nn::save_safetensors((dir / "model.safetensors").string(), tensors);
+}
+
+}  // namespace
+
+TEST_CASE("llama: names match Hugging Face, tied and untied heads", "[llama]") {
+  auto untied = tiny_model(false);
+  auto sd = untied->state_dict();
+  for (const char* k : {"model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+                        "model.layers.1.self_attn.k_proj.weight", "model.layers.1.self_attn.v_proj.weight",
+                        "model.layers.0.self_attn.o_proj.weight", "model.layers.1.mlp.gate_proj.weight",
+                        "model.layers.1.mlp.up_proj.weight", "model.layers.0.mlp.down_proj.weight",
+                        "model.layers.0.input_layernorm.weight", "model.layers.1.post_attention_layernorm.weight",
+                        "model.norm.weight", "lm_head.weight"})
+    REQUIRE(sd.count(k) == 1);
+  REQUIRE(sd.size() == 1 + 2 * 9 + 1 + 1);
+  REQUIRE(sd.at("model.layers.0.self_attn.k_proj.weight").shape() == Shape{16, 24});
+  REQUIRE(untied->num_parameters() == untied->config().num_parameters());
+  auto tied = tiny_model(true);
+  REQUIRE(tied->state_dict().count("lm_head.weight") == 0);
+  REQUIRE(tied->num_parameters() == tied->config().num_parameters());
+  REQUIRE(tied->lm_head_weight().impl() == tied->model().child_as<nn::Embedding>("embed_tokens").weight().impl());
+}
+
+TEST_CASE("llama: the KV cache decodes token by token exactly as the full forward", "[llama]") {
+  auto m = tiny_model(false);
+  m->eval();
+  autograd::NoGradGuard g;
+  Tensor ids = random_ids(2, 9, 37, 5);
+  Tensor full = m->logits(m->forward(ids));  // (2, 9, V)
+  nn::KVCache cache = m->make_cache(2, 16);
+  // a 4-token prompt, then one token at a time
+  Tensor first = m->logits(m->forward(narrow(ids, 1, 0, 4), 0, &cache));
+  test::require_close(first, narrow(full, 1, 0, 4), 1e-10, 1e-10);
+  for (int64_t t = 4; t < 9; ++t) {
+    Tensor step = m->logits(m->forward(narrow(ids, 1, t, 1), t, &cache));
+    test::require_close(step, narrow(full, 1, t, 1), 1e-10, 1e-10);
+  }
+  REQUIRE(cache.length == 9);
+  REQUIRE_THROWS_WITH(m->forward(narrow(ids, 1, 0, 8), 9, &cache), ContainsSubstring("KV cache holds 16"));
+}
+
+TEST_CASE("llama: activation checkpointing gives the same loss and gradients", "[llama]") {
+  Tensor ids = random_ids(2, 7, 37, 8);
+  Tensor targets = random_ids(2, 7, 37, 9);
+  std::vector<std::vector<double>> grads[2];
+  double losses[2];
+  for (int ck = 0; ck < 2; ++ck) {
+    auto m = tiny_model(false);
+    m->set_checkpoint_activations(ck == 1);
+    Tensor loss = m->loss(m->forward(ids), targets);
+    loss.backward();
+    losses[ck] = loss.item<double>();
+    for (auto& [n, p] : m->named_parameters()) grads[ck].push_back(p.grad().to_vector<double>());
+  }
+  REQUIRE(losses[0] == losses[1]);
+  REQUIRE(grads[0] == grads[1]);
+}
+
+TEST_CASE("llama: a decoder layer's input gradient matches finite differences in f64", "[llama]") {
+  auto m = tiny_model(true);
+  auto& layer = m->model().child_as<nn::ModuleList>("layers").at<nn::LlamaDecoderLayer>(1);
+  test::check_gradients([&](const std::vector<Tensor>& in) { return layer.forward(in[0], 2); },
+                        {test::random_tensor({2, 5, 24}, DType::f64, 10).set_requires_grad()}, 1e-6, 1e-4, 1e-7);
+}
+
+TEST_CASE("llama: loading a Hugging Face folder, with errors naming the key", "[llama]") {
+  const fs::path dir = temp_dir("hf");
+  auto src = tiny_model(false, DType::f32, 21);
+  save_hf_folder(*src, dir);
+  nn::LlamaOptions o;
+  o.dtype = DType::f64;  // converted on load
+  auto loaded = nn::Llama::from_pretrained(dir.string(), o);
+  for (auto& [n, t] : src->state_dict()) test::require_close(cast(loaded->state_dict().at(n), DType::f32), t, 0, 0);
+
+  const fs::path missing = temp_dir("hf_missing");
+  save_hf_folder(*src, missing, {"model.layers.1.mlp.up_proj.weight"});
+  REQUIRE_THROWS_WITH(nn::Llama::from_pretrained(missing.string()), ContainsSubstring("model.layers.1.mlp.up_proj.weight"));
+  const fs::path extra = temp_dir("hf_extra");
+  save_hf_folder(*src, extra, {}, {{"model.layers.2.mlp.up_proj.weight", ones({2})}});
+  REQUIRE_THROWS_WITH(nn::Llama::from_pretrained(extra.string()), ContainsSubstring("unexpected tensor 'model.layers.2.mlp.up_proj.weight'"));
+  const fs::path shaped = temp_dir("hf_shape");
+  save_hf_folder(*src, shaped, {"model.norm.weight"}, {{"model.norm.weight", ones({23})}});
+  REQUIRE_THROWS_WITH(nn::Llama::from_pretrained(shaped.string()), ContainsSubstring("model.norm.weight") && ContainsSubstring("(23,)"));
+  // A truncated weights file names the offset problem instead of crashing.
+  fs::resize_file(shaped / "model.safetensors", fs::file_size(shaped / "model.safetensors") / 2);
+  REQUIRE_THROWS_AS(nn::Llama::from_pretrained(shaped.string()), Error);
+  for (const fs::path& p : {dir, missing, extra, shaped}) fs::remove_all(p);
+}
+
+TEST_CASE("lora: wrapping by name, frozen base, zero-init identity, gradients only to adapters", "[lora]") {
+  auto m = tiny_model(false);
+  Tensor ids = random_ids(2, 6, 37, 30);
+  Tensor targets = random_ids(2, 6, 37, 31);
+  const Tensor base_logits = m->logits(m->forward(ids)).detach();
+  nn::LoraConfig cfg;
+  cfg.r = 3;
+  cfg.alpha = 6;
+  cfg.target_modules = {"q_proj", "v_proj", "down_proj"};
+  auto wrapped = nn::apply_lora(*m, cfg, 7);
+  REQUIRE(wrapped.size() == 6);
+  REQUIRE(wrapped[0] == "model.layers.0.self_attn.q_proj");
+  auto trainable = m->named_trainable_parameters();
+  REQUIRE(trainable.size() == 12);
+  REQUIRE(trainable[0].first == "model.layers.0.self_attn.q_proj.lora_A.weight");
+  REQUIRE(m->state_dict().count("model.layers.0.self_attn.q_proj.base_layer.weight") == 1);  // peft's naming
+  // B = 0: the wrapped model computes exactly the base model.
+  test::require_close(m->logits(m->forward(ids)), base_logits, 0, 0);
+  // Give B values, then only adapter parameters receive gradients.
+  {
+    autograd::NoGradGuard g;
+    int i = 0;
+    for (auto& [path, l] : nn::lora_layers(*m)) copy_(l->lora_b(), test::random_tensor(l->lora_b().shape(), DType::f32, 40 + i++));
+  }
+  m->loss(m->forward(ids), targets).backward();
+  for (auto& [n, p] : m->named_parameters()) REQUIRE(p.grad().defined() == (n.find("lora_") != std::string::npos));
+  // rsLoRA scaling
+  nn::LoraConfig rs = cfg;
+  rs.use_rslora = true;
+  REQUIRE(rs.scaling() == 6.0 / std::sqrt(3.0));
+  REQUIRE(cfg.scaling() == 2.0);
+  nn::LoraConfig none = cfg;
+  none.target_modules = {"nope"};
+  REQUIRE_THROWS_WITH(nn::apply_lora(*tiny_model(false), none), ContainsSubstring("no linear layer matches"));
+}
+
+TEST_CASE("lora: f32 adapters compute in the activation dtype; merge and unmerge", "[lora]") {
+  auto m = tiny_model(false, DType::f64);
+  nn::LoraConfig cfg;
+  cfg.r = 2;
+  nn::apply_lora(*m, cfg, 1);
+  autograd::NoGradGuard g;
+  int i = 0;
+  for (auto& [path, l] : nn::lora_layers(*m)) {
+    REQUIRE(l->lora_a().dtype() == DType::f32);
+    copy_(l->lora_b(), test::random_tensor(l->lora_b().shape(), DType::f32, 60 + i++));
+  }
+  m->eval();
+  Tensor ids = random_ids(1, 5, 37, 61);
+  const Tensor unmerged = m->logits(m->forward(ids));
+  REQUIRE(unmerged.dtype() == DType::f64);
+  const Tensor w_before = m->find_module("model.layers.0.mlp.up_proj.base_layer")->parameter("weight").clone();
+  nn::merge_lora(*m);
+  test::require_close(m->logits(m->forward(ids)), unmerged, 1e-6, 1e-6);  // f32 products inside the merge
+  REQUIRE_THROWS_WITH(nn::merge_lora(*m), ContainsSubstring("already merged"));
+  nn::unmerge_lora(*m);
+  test::require_close(m->find_module("model.layers.0.mlp.up_proj.base_layer")->parameter("weight"), w_before, 1e-6, 1e-7);
+}
+
+TEST_CASE("lora: PEFT adapter folders round trip; bad folders are errors that change nothing", "[lora]") {
+  const fs::path dir = temp_dir("adapter");
+  auto m = tiny_model(false);
+  nn::LoraConfig cfg;
+  cfg.r = 4;
+  cfg.alpha = 8;
+  cfg.use_rslora = true;
+  nn::apply_lora(*m, cfg, 2);
+  {
+    autograd::NoGradGuard g;
+    int i = 0;
+    for (auto& [path, l] : nn::lora_layers(*m)) copy_(l->lora_b(), test::random_tensor(l->lora_b().shape(), DType::f32, 80 + i++));
+  }
+  nn::save_adapter(*m, cfg, dir.string());
+  const nn::SafetensorsFile f = nn::SafetensorsFile::open((dir / "adapter_model.safetensors").string());
+  REQUIRE(f.keys().size() == 2 * 7 * 2);
+  REQUIRE(f.contains("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"));
+  REQUIRE(f.info("base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight").shape == Shape{4, 24});
+  const nn::LoraConfig back = nn::read_adapter_config(dir.string());
+  REQUIRE(back.r == 4);
+  REQUIRE(back.use_rslora);
+  REQUIRE(back.target_modules == cfg.target_modules);
+
+  // Into a fresh base model (same base weights): the same logits.
+  auto fresh = tiny_model(false);
+  nn::load_adapter(*fresh, dir.string());
+  Tensor ids = random_ids(2, 5, 37, 90);
+  m->eval();
+  fresh->eval();
+  test::require_close(fresh->logits(fresh->forward(ids)), m->logits(m->forward(ids)), 0, 0);
+
+  // Errors: a tensor missing, a wrong shape, an extra key, DoRA; the model is untouched by each.
+  auto untouched = tiny_model(false);
+  const size_t params_before = untouched->named_parameters().size();
+  auto rewrite = [&](const std::string& drop, const nn::NamedTensors& add) {
+    nn::NamedTensors t;
+    for (const std::string& k : f.keys())
+      if (k != drop) t.emplace_back(k, f.get(k));
+    for (auto& a : add) t.push_back(a);
+    nn::save_safetensors((dir / "adapter_model.safetensors").string(), t);
+  };
+  const std::string key = "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight";
+  const Tensor kept = f.get(key).clone();
+  rewrite(key, {});
+  REQUIRE_THROWS_WITH(nn::load_adapter(*untouched, dir.string()), ContainsSubstring("missing tensor '" + key + "'"));
+  rewrite(key, {{key, ones({4, 23})}});
+  REQUIRE_THROWS_WITH(nn::load_adapter(*untouched, dir.string()), ContainsSubstring(key) && ContainsSubstring("(4, 23)"));
+  rewrite("", {{"base_model.model.model.layers.9.mlp.up_proj.lora_A.weight", ones({4, 24})}});
+  REQUIRE_THROWS_WITH(nn::load_adapter(*untouched, dir.string()), ContainsSubstring("unexpected tensor"));
+  REQUIRE(untouched->named_parameters().size() == params_before);
+  REQUIRE(nn::lora_layers(*untouched).empty());
+  std::ofstream(dir / "adapter_config.json") << R"({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_dora": true, "target_modules": ["q_proj"]})";
+  REQUIRE_THROWS_WITH(nn::load_adapter(*untouched, dir.string()), ContainsSubstring("DoRA"));
+  std::ofstream(dir / "adapter_config.json") << "{ not json";
+  REQUIRE_THROWS_WITH(nn::load_adapter(*untouched, dir.string()), ContainsSubstring("invalid JSON"));
+  (void)kept;
+  fs::remove_all(dir);
+}
