@@ -8,6 +8,7 @@
 #include "autograd/checkpoint.h"
 #include "autograd/grad_mode.h"
 #include "core/ops.h"
+#include "nn/chunked_loss.h"
 #include "nn/safetensors.h"
 
 namespace kiln::nn {
@@ -179,6 +180,12 @@ Tensor Llama::logits(const Tensor& hidden) {
 Tensor Llama::loss(const Tensor& hidden, const Tensor& targets) {
   Tensor logits2d = reshape(logits(hidden), {-1, config_.vocab_size});  // (B*T, V)
   return cross_entropy(cast(logits2d, DType::f32), reshape(targets, {-1}));
+}
+
+Tensor Llama::chunked_loss(const Tensor& hidden, const Tensor& targets) {
+  KILN_CHECK(config_.tie_word_embeddings || dynamic_cast<Linear*>(&child_as<LinearBase>("lm_head")), "Llama",
+             "the chunked loss head needs a plain lm_head, found {}", child_as<LinearBase>("lm_head").type_name());
+  return chunked_linear_loss(hidden, lm_head_weight(), targets, cross_entropy_loss());
 }
 
 std::pair<Tensor, Tensor> Llama::sequence_losses(const Tensor& hidden, const Tensor& targets) {

@@ -130,6 +130,9 @@ class Llama : public Module {
   // Mean cross-entropy of the logits at each position against `targets` (B, T) (the next token,
   // already shifted; -100 ignored), computed in f32 over the full logits.
   Tensor loss(const Tensor& hidden, const Tensor& targets);
+  // The same mean through the chunked linear+cross-entropy head (nn/chunked_loss.h): the full
+  // logits never exist. Needs a plain (tied or Linear) output projection.
+  Tensor chunked_loss(const Tensor& hidden, const Tensor& targets);
   // Per-sequence summed loss (B) and non-ignored token counts (B), for evaluation.
   std::pair<Tensor, Tensor> sequence_losses(const Tensor& hidden, const Tensor& targets);
 

@@ -28,7 +28,7 @@ constexpr const char* kLlama31_8B = R"({
 // over the default tokenizer's 4,096-token vocabulary.
 constexpr const char* kTiny = R"({
   "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-  "bos_token_id": 4000, "eos_token_id": 4001, "hidden_size": 256, "intermediate_size": 704,
+  "bos_token_id": 3840, "eos_token_id": 3841, "hidden_size": 256, "intermediate_size": 704,
   "max_position_embeddings": 2048, "num_attention_heads": 8, "num_hidden_layers": 4, "num_key_value_heads": 2,
   "head_dim": 32, "rms_norm_eps": 1e-05,
   "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -164,6 +164,12 @@ LoraLinear::LoraLinear(std::shared_ptr<LinearBase> base, const LoraConfig& confi
                                                      Init{Init::Kind::zeros, 0.0, nullptr}));
 }
 
+void LoraLinear::apply_to(std::optional<Device> device, std::optional<DType> dtype) {
+  base().apply_to(device, dtype);
+  child("lora_A")->apply_to(device, std::nullopt);
+  child("lora_B")->apply_to(device, std::nullopt);
+}
+
 Tensor LoraLinear::lora_a() const { return child_as<Linear>("lora_A").weight(); }
 Tensor LoraLinear::lora_b() const { return child_as<Linear>("lora_B").weight(); }
 
@@ -171,11 +177,12 @@ Tensor LoraLinear::forward(const Tensor& x) {
   Tensor y = base().forward(x);  // (..., out)
   if (merged_) return y;
   const DType dt = x.dtype();
-  Tensor a = lora_a(), b = lora_b();
-  if (a.dtype() != dt) a = cast(a, dt), b = cast(b, dt);  // adapters live in f32, compute in x's dtype
+  // Adapters live in f32 and compute in x's dtype; the scaling is folded into the small B (out, r)
+  // rather than applied to the (..., out) product.
+  Tensor a = lora_a(), b = mul(lora_b(), scaling_);
+  if (a.dtype() != dt) a = cast(a, dt), b = cast(b, dt);
   const Tensor xd = dropout_ > 0 ? dropout(x, dropout_, is_training()) : x;
-  Tensor low = matmul(matmul(xd, transpose(a, 0, 1)), transpose(b, 0, 1));  // (..., r) -> (..., out)
-  return add(y, mul(low, scaling_));
+  return add(y, matmul(matmul(xd, transpose(a, 0, 1)), transpose(b, 0, 1)));  // (..., r) -> (..., out)
 }
 
 void LoraLinear::add_delta(const Tensor& w, double sign) const {

@@ -47,6 +47,9 @@ class LoraLinear : public LinearBase {
   void unmerge();
   bool merged() const { return merged_; }
 
+  // The base follows the model's dtype; A and B only move (they stay f32).
+  void apply_to(std::optional<Device> device, std::optional<DType> dtype) override;
+
  private:
   void add_delta(const Tensor& weight, double sign) const;  // weight += sign * scaling * B @ A
   double scaling_;

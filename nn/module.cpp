@@ -42,14 +42,14 @@ Tensor Module::register_parameter(const std::string& name, Tensor t, bool requir
   check_new_name(name);
   KILN_CHECK(t.defined(), "Module", "{}: parameter '{}' is an undefined tensor", type_name(), name);
   if (is_floating(t.dtype()) && t.is_leaf()) t.set_requires_grad(requires_grad);
-  parameters_.push_back({name, t, true});
+  parameters_.push_back({name, t, true, true});
   return t;
 }
 
-Tensor Module::register_buffer(const std::string& name, Tensor t, bool persistent) {
+Tensor Module::register_buffer(const std::string& name, Tensor t, bool persistent, bool castable) {
   check_new_name(name);
   KILN_CHECK(t.defined(), "Module", "{}: buffer '{}' is an undefined tensor", type_name(), name);
-  buffers_.push_back({name, t, persistent});
+  buffers_.push_back({name, t, persistent, castable});
   return t;
 }
 
@@ -179,30 +179,20 @@ int64_t Module::num_parameters(bool trainable_only) const {
   return n;
 }
 
-void Module::to(Device device, std::optional<DType> dtype) {
+void Module::apply_to(std::optional<Device> device, std::optional<DType> dtype) {
   autograd::NoGradGuard no_grad;
   auto move = [&](Slot& s) {
-    Tensor t = s.tensor;
-    const bool cast_it = dtype && is_floating(t.dtype()) && t.dtype() != *dtype;
-    if (t.device() == device && !cast_it) return;
-    Tensor moved = to_device(t, device);
+    const Tensor& t = s.tensor;
+    const bool cast_it = dtype && s.castable && is_floating(t.dtype()) && t.dtype() != *dtype;
+    const bool move_it = device && t.device() != *device;
+    if (!cast_it && !move_it) return;
+    Tensor moved = move_it ? to_device(t, *device) : t;
     if (cast_it) moved = cast(moved, *dtype);
     assign_data(t, moved);
   };
   for (Slot& s : parameters_) move(s);
   for (Slot& s : buffers_) move(s);
-  for (auto& [n, m] : children_) m->to(device, dtype);
-}
-
-void Module::to(DType dtype) {
-  // Every tensor stays where it is; only floating dtypes change.
-  autograd::NoGradGuard no_grad;
-  for (auto& [n, m] : named_modules()) {
-    (void)n;
-    for (auto* slots : {&m->parameters_, &m->buffers_})
-      for (Slot& s : *slots)
-        if (is_floating(s.tensor.dtype()) && s.tensor.dtype() != dtype) assign_data(s.tensor, cast(s.tensor, dtype));
-  }
+  for (auto& [n, m] : children_) m->apply_to(device, dtype);
 }
 
 void Module::train(bool on) {

@@ -37,9 +37,9 @@ class Module {
   // Returns the stored handle; the tensor is shared, not copied. A parameter of a floating
   // dtype requires grad unless `requires_grad` is false.
   Tensor register_parameter(const std::string& name, Tensor t, bool requires_grad = true);
-  // Buffers are state that is not trained (rotary tables, NF4 scales). Non-persistent ones stay
-  // out of state_dict().
-  Tensor register_buffer(const std::string& name, Tensor t, bool persistent = true);
+  // Buffers are state that is not trained (NF4 codes and scales). Non-persistent ones stay out of
+  // state_dict(); non-castable ones keep their dtype when the module is cast (quantisation scales).
+  Tensor register_buffer(const std::string& name, Tensor t, bool persistent = true, bool castable = true);
   template <class M>
   std::shared_ptr<M> register_module(const std::string& name, std::shared_ptr<M> module) {
     add_child(name, module);
@@ -77,8 +77,12 @@ class Module {
   // ---- state
   // Moves (and optionally casts the floating parameters and buffers of) every tensor in place:
   // handles held elsewhere (optimisers, submodules) see the new data. Gradients are dropped.
-  virtual void to(Device device, std::optional<DType> dtype = std::nullopt);
-  void to(DType dtype);
+  // Layers may keep some tensors' dtype (LoRA adapters stay f32, NF4 scales stay f32).
+  void to(Device device, std::optional<DType> dtype = std::nullopt) { apply_to(device, dtype); }
+  void to(DType dtype) { apply_to(std::nullopt, dtype); }
+  // What to() does: this module's tensors, then each child's apply_to. Overridden by layers whose
+  // tensors keep their dtype.
+  virtual void apply_to(std::optional<Device> device, std::optional<DType> dtype);
   void train(bool on = true);
   void eval() { train(false); }
   bool is_training() const { return training_; }
@@ -101,6 +105,7 @@ class Module {
     std::string name;
     Tensor tensor;
     bool persistent = true;
+    bool castable = true;
   };
   void add_child(const std::string& name, std::shared_ptr<Module> module);
   void check_new_name(const std::string& name) const;

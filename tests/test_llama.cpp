@@ -212,6 +212,11 @@ TEST_CASE("lora: f32 adapters compute in the activation dtype; merge and unmerge
   REQUIRE_THROWS_WITH(nn::merge_lora(*m), ContainsSubstring("already merged"));
   nn::unmerge_lora(*m);
   test::require_close(m->find_module("model.layers.0.mlp.up_proj.base_layer")->parameter("weight"), w_before, 1e-6, 1e-7);
+  // Casting the model casts the base; the adapters stay f32.
+  m->to(DType::bf16);
+  REQUIRE(m->find_module("model.layers.0.mlp.up_proj.base_layer")->parameter("weight").dtype() == DType::bf16);
+  REQUIRE(nn::lora_layers(*m).front().second->lora_a().dtype() == DType::f32);
+  REQUIRE(m->logits(m->forward(ids)).dtype() == DType::bf16);
 }
 
 TEST_CASE("lora: PEFT adapter folders round trip; bad folders are errors that change nothing", "[lora]") {

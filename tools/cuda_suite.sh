@@ -6,6 +6,8 @@
 #                                    # compute-sanitizer memcheck and racecheck over them (KILN_SANITIZE=0 skips,
 #                                    # KILN_SANITIZE_FILTER narrows, KILN_SANITIZE_TIMEOUT bounds each); args go to kiln_tests
 #   tools/cuda_suite.sh bench        # on the GPU machine: every bench/cuda_* program, tables to stdout
+#   tools/cuda_suite.sh unpack       # on the GPU machine: only unpack (into /tmp/kiln-cuda-bin) and print the
+#                                    # environment to source, to run `kiln` or one bench by hand
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=.device-bin
@@ -18,17 +20,21 @@ case "${1:-}" in
     ninja -C build-cuda
     stage=build-cuda/device-bin
     rm -rf "$stage" "$out" && mkdir -p "$stage" "$out"
-    cp build-cuda/tests/kiln_tests "$stage/"
+    cp build-cuda/tests/kiln_tests build-cuda/examples/kiln/kiln "$stage/"
     find build-cuda/bench -maxdepth 1 -type f -executable -name 'cuda_*' -exec cp {} "$stage/" \;
     strip "$stage"/*
     tar -cJf "$out/kiln-cuda.tar.xz" -C "$stage" .  # the device machine takes at most 64 MiB per call
     ls -la "$out"
     ;;
-  run|bench)
+  run|bench|unpack)
     export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl/lib:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cudnn/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
     export NCCL_NVLS_ENABLE=0
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
     rm -rf "$bin" && mkdir -p "$bin" && tar -xJf "$out/kiln-cuda.tar.xz" -C "$bin"
+    if [ "$1" = unpack ]; then
+      echo "export LD_LIBRARY_PATH=$LD_LIBRARY_PATH NCCL_NVLS_ENABLE=0"
+      exit 0
+    fi
     if [ "$1" = bench ]; then
       for b in "$bin"/cuda_*; do echo "== $b"; "$b"; done
       exit 0

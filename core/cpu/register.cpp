@@ -10,6 +10,7 @@ void register_kernels() {
   register_reduce_kernels();
   register_matmul_kernels();
   register_nn_kernels();
+  register_optim_kernels();
 }
 
 }  // namespace kiln::cpu

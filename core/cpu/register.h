@@ -10,5 +10,6 @@ void register_elementwise_kernels();  // core/cpu/elementwise.cpp
 void register_reduce_kernels();       // core/cpu/reduce.cpp
 void register_matmul_kernels();       // core/cpu/matmul.cpp
 void register_nn_kernels();           // core/cpu/nn.cpp
+void register_optim_kernels();        // core/cpu/optim.cpp: fused multi-tensor AdamW
 
 }  // namespace kiln::cpu

@@ -11,6 +11,7 @@ void register_kernels() {
   register_matmul_kernels();
   register_nn_kernels();
   register_attention_kernels();
+  register_optim_kernels();
 }
 
 }  // namespace kiln::cuda

@@ -11,6 +11,7 @@ void register_elementwise_kernels();  // core/cuda/elementwise_ops.cpp: unary, b
 void register_reduce_kernels();       // core/cuda/reduce_ops.cpp: reductions, argmax, logsumexp, softmax
 void register_matmul_kernels();       // core/cuda/matmul_ops.cpp: cuBLASLt
 void register_nn_kernels();           // core/cuda/nn_ops.cpp: embedding, rms_norm, rope, cross-entropy, swiglu
+void register_optim_kernels();        // core/cuda/optim_ops.cpp: fused multi-tensor AdamW (one launch)
 void register_attention_kernels();    // core/cuda/attention_ops.cpp: cuDNN SDPA + flash fallback
 
 }  // namespace kiln::cuda

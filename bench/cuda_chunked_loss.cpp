@@ -1,0 +1,143 @@
+// Benchmark of the LM head + cross-entropy, forward and backward, for Llama 3.1's vocabulary (V =
+// 128256, H = 4096, bf16): kiln's naive head (matmul -> cast f32 -> cross_entropy -> backward)
+// against nn::chunked_linear_loss, frozen and trainable weight: time, effective TFLOP/s (2*N*H*V per
+// matmul pass: frozen = 2 passes, trainable = 3) and peak extra memory from the allocator's stats;
+// then the time of one chunk's parts. Usage: cuda_chunked_loss [iterations]
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <string>
+
+#include "autograd/engine.h"
+#include "autograd/grad_mode.h"
+#include "bench/cuda_timing.h"
+#include "core/cuda/runtime.h"
+#include "core/ops.h"
+#include "nn/chunked_loss.h"
+
+namespace {
+
+using kiln::DType;
+using kiln::Tensor;
+namespace cuda = kiln::cuda;
+namespace nn = kiln::nn;
+
+const kiln::Device kGPU{kiln::DeviceType::cuda, 0};
+constexpr int64_t kH = 4096, kV = 128256;
+constexpr double kPeakTflops = 989.0;  // H200 dense bf16 tensor-core peak
+int g_iters = 5;
+
+using Head = std::function<Tensor(const Tensor& x, const Tensor& w, const Tensor& t)>;
+
+Tensor naive_head(const Tensor& x, const Tensor& w, const Tensor& t) {
+  return kiln::cross_entropy(kiln::cast(kiln::matmul(x, kiln::transpose(w, 0, 1)), DType::f32), t);  // (N, V) x2
+}
+
+Head chunked_head(size_t budget) {
+  return [budget](const Tensor& x, const Tensor& w, const Tensor& t) {
+    nn::ChunkedLossOptions o;
+    o.memory_budget_bytes = budget;
+    return nn::chunked_linear_loss(x, w, t, nn::cross_entropy_loss(), o);
+  };
+}
+
+void row(const std::string& name, int64_t n, bool trainable, const Head& head, const Tensor& weight,
+         double* ref_ms = nullptr) {
+  Tensor hidden = kiln::mul(kiln::randn({n, kH}, DType::bf16, kGPU), 1.0);  // (N, H)
+  Tensor targets = kiln::randint(0, kV, {n}, DType::i64, kGPU);             // (N)
+  Tensor x = hidden.detach();
+  x.set_requires_grad(true);
+  Tensor w = weight.detach();
+  w.set_requires_grad(trainable);
+  const auto step = [&] {
+    head(x, w, targets).backward();
+    x.zero_grad();
+    w.zero_grad();
+  };
+  char label[160];
+  std::snprintf(label, sizeof(label), "%-30s N=%-6lld %-9s", name.c_str(), static_cast<long long>(n),
+                trainable ? "trainable" : "frozen");
+  try {
+    step();  // warm-up: GEMM plans, workspaces, allocator cache
+    cuda::synchronize();
+    const size_t before = cuda::memory_stats().allocated;
+    cuda::reset_peak_memory_stats();
+    step();
+    cuda::synchronize();
+    const double extra_gib = static_cast<double>(cuda::memory_stats().peak_allocated - before) / (1 << 30);
+    const double ms = kiln::bench::time_ms(step, g_iters, 0);
+    const double flops = (trainable ? 3.0 : 2.0) * 2.0 * static_cast<double>(n) * kH * kV;
+    const double tflops = flops / (ms * 1e-3) / 1e12;
+    std::printf("%s %10.2f %9.1f %7.1f%% %12.3f", label, ms, tflops, 100.0 * tflops / kPeakTflops, extra_gib);
+    if (ref_ms != nullptr && *ref_ms > 0) std::printf(" %9.3fx", ms / *ref_ms);
+    if (ref_ms != nullptr && *ref_ms == 0) *ref_ms = ms;
+    std::printf("\n");
+  } catch (const kiln::Error& e) {
+    x.zero_grad();
+    w.zero_grad();
+    cuda::synchronize();
+    cuda::empty_cache();
+    std::string msg = e.what();
+    if (msg.size() > 90) msg = msg.substr(0, 90) + "...";
+    std::printf("%s  does not fit: %s\n", label, msg.c_str());
+    if (ref_ms != nullptr) *ref_ms = -1;
+  }
+  std::fflush(stdout);
+}
+
+// Mean ms of fn over the chunk-sized pieces of one 512-token chunk's frozen-weight step.
+void parts(int64_t c) {
+  kiln::autograd::NoGradGuard no_grad;
+  Tensor x = kiln::randn({c, kH}, DType::bf16, kGPU);
+  Tensor w = kiln::mul(kiln::randn({kV, kH}, DType::bf16, kGPU), 0.02);
+  Tensor t = kiln::randint(0, kV, {c}, DType::i64, kGPU);
+  Tensor wt = kiln::transpose(w, 0, 1);
+  Tensor l16, l32, loss, dl, dl16, dh;
+  const auto show = [&](const char* name, double ms, double flops) {
+    std::printf("  %-44s %8.3f ms %8.1f TFLOP/s\n", name, ms, flops > 0 ? flops / (ms * 1e-3) / 1e12 : 0.0);
+  };
+  const double mm = 2.0 * static_cast<double>(c) * kH * kV;
+  std::printf("one chunk of %lld tokens (frozen weight), parts:\n", static_cast<long long>(c));
+  show("logits = x @ W^T (bf16)", kiln::bench::time_ms([&] { l16 = kiln::matmul(x, wt); }, 20), mm);
+  show("cast -> f32", kiln::bench::time_ms([&] { l32 = kiln::cast(l16, DType::f32); }, 20), 0);
+  Tensor leaf = l32.detach();
+  leaf.set_requires_grad(true);
+  show("loss + autograd grad (cross_entropy fwd+bwd)", kiln::bench::time_ms([&] {
+         kiln::autograd::EnableGradGuard eg;
+         Tensor s = kiln::sum(nn::cross_entropy_loss()(leaf, t));
+         dl = kiln::autograd::grad({s}, {leaf})[0];
+       }, 20), 0);
+  show("cast dlogits -> bf16", kiln::bench::time_ms([&] { dl16 = kiln::cast(dl, DType::bf16); }, 20), 0);
+  show("dh = dlogits @ W (bf16)", kiln::bench::time_ms([&] { dh = kiln::matmul(dl16, w); }, 20), mm);
+  show("dW part = dlogits^T @ x (bf16, (V, H) out)",
+       kiln::bench::time_ms([&] { dh = kiln::matmul(kiln::transpose(dl16, 0, 1), x); }, 20), mm);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (!cuda::is_available()) {
+    std::printf("no CUDA device\n");
+    return 0;
+  }
+  g_iters = argc > 1 ? std::atoi(argv[1]) : 5;
+  Tensor weight = kiln::mul(kiln::randn({kV, kH}, DType::bf16, kGPU), 0.02);  // (V, H)
+  std::printf("LM head + cross-entropy fwd+bwd, H=%lld V=%lld bf16; chunked: default 1 GiB budget -> chunk %lld\n",
+              static_cast<long long>(kH), static_cast<long long>(kV),
+              static_cast<long long>(nn::chunked_loss_chunk_size(kV, DType::bf16, size_t{1} << 30)));
+  std::printf("%-30s %-8s %-9s %10s %9s %8s %12s %10s\n", "head", "tokens", "weight", "ms", "TFLOP/s", "of peak",
+              "extra GiB", "vs naive");
+  for (int64_t n : {int64_t{16384}, int64_t{65536}}) {
+    for (bool trainable : {false, true}) {
+      double ref = 0;
+      row("naive (full logits)", n, trainable, naive_head, weight, &ref);
+      row("chunked (1 GiB budget)", n, trainable, chunked_head(size_t{1} << 30), weight, &ref);
+      if (n == 16384) {
+        row("chunked (256 MiB budget)", n, trainable, chunked_head(size_t{256} << 20), weight, &ref);
+        row("chunked (4 GiB budget)", n, trainable, chunked_head(size_t{4} << 30), weight, &ref);
+      }
+    }
+  }
+  parts(nn::chunked_loss_chunk_size(kV, DType::bf16, size_t{1} << 30));
+  return 0;
+}

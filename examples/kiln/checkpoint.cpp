@@ -1,0 +1,143 @@
+// Atomic training checkpoints and their validated reload.
+#include "examples/kiln/checkpoint.h"
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+namespace kiln::app {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace {
+
+std::string read_file(const fs::path& p) {
+  std::ifstream in(p);
+  KILN_CHECK(in.good(), "checkpoint", "cannot read {}", p.string());
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+void write_file(const fs::path& p, const std::string& text) {
+  std::ofstream out(p, std::ios::trunc);
+  out << text;
+  out.flush();
+  KILN_CHECK(out.good(), "checkpoint", "cannot write {}", p.string());
+}
+
+json points_json(const std::vector<LossPoint>& pts) {
+  json a = json::array();
+  for (const LossPoint& p : pts) a.push_back({p.step, p.loss});
+  return a;
+}
+
+std::vector<LossPoint> points_from(const json& a) {
+  std::vector<LossPoint> out;
+  for (const json& p : a) out.push_back({p.at(0).get<int64_t>(), p.at(1).get<double>()});
+  return out;
+}
+
+// Lists the `key=value;` entries that differ between two fingerprints.
+std::string fingerprint_diff(const std::string& saved, const std::string& now) {
+  auto parse = [](const std::string& s) {
+    std::map<std::string, std::string> m;
+    std::stringstream ss(s);
+    std::string item;
+    while (std::getline(ss, item, ';')) {
+      const size_t eq = item.find('=');
+      if (eq != std::string::npos) m[item.substr(0, eq)] = item.substr(eq + 1);
+    }
+    return m;
+  };
+  const auto a = parse(saved), b = parse(now);
+  std::string out;
+  for (const auto& [k, v] : b) {
+    auto it = a.find(k);
+    const std::string was = it == a.end() ? "(absent)" : it->second;
+    if (was != v) out += fmt::format("{}{}: checkpoint '{}', now '{}'", out.empty() ? "" : "; ", k, was, v);
+  }
+  return out.empty() ? "settings differ" : out;
+}
+
+}  // namespace
+
+std::string TrainerState::to_json() const {
+  json j{{"format", "kiln-trainer-state-1"},
+         {"step", step},
+         {"tokens", tokens},
+         {"data_position", json::parse(data.to_json())},
+         {"rng", {{"seed", rng.seed}, {"offset", rng.offset}}},
+         {"fingerprint", fingerprint},
+         {"train_losses", points_json(train_losses)},
+         {"eval_losses", points_json(eval_losses)}};
+  return j.dump(1);
+}
+
+TrainerState TrainerState::from_json(const std::string& text, const std::string& source) {
+  TrainerState s;
+  try {
+    const json j = json::parse(text);
+    KILN_CHECK(j.value("format", "") == "kiln-trainer-state-1", "checkpoint", "{}: not a kiln trainer state", source);
+    s.step = j.at("step").get<int64_t>();
+    s.tokens = j.at("tokens").get<int64_t>();
+    s.data = data::DataPosition::from_json(j.at("data_position").dump());
+    s.rng.seed = j.at("rng").at("seed").get<uint64_t>();
+    s.rng.offset = j.at("rng").at("offset").get<uint64_t>();
+    s.fingerprint = j.at("fingerprint").get<std::string>();
+    s.train_losses = points_from(j.at("train_losses"));
+    s.eval_losses = points_from(j.at("eval_losses"));
+  } catch (const json::exception& e) {
+    KILN_FAIL("checkpoint", "{}: corrupt trainer state: {}", source, e.what());
+  }
+  KILN_CHECK(s.step >= 0 && s.tokens >= 0, "checkpoint", "{}: negative step or token count", source);
+  return s;
+}
+
+std::string save_checkpoint(const std::string& output, nn::Module& model, const nn::LoraConfig& lora,
+                            const nn::Optimizer& optimizer, const TrainerState& state) {
+  const std::string name = fmt::format("checkpoint-{}", state.step);
+  const fs::path final_dir = fs::path(output) / name;
+  const fs::path tmp = fs::path(output) / (name + ".tmp");
+  fs::remove_all(tmp);
+  fs::create_directories(tmp);
+  nn::save_adapter(model, lora, (tmp / "adapter").string());
+  optimizer.save((tmp / "optimizer.safetensors").string());
+  write_file(tmp / "trainer_state.json", state.to_json());
+  fs::remove_all(final_dir);
+  fs::rename(tmp, final_dir);
+  const fs::path latest_tmp = fs::path(output) / "latest.tmp";
+  write_file(latest_tmp, name + "\n");
+  fs::rename(latest_tmp, fs::path(output) / "latest");
+  return final_dir.string();
+}
+
+std::optional<std::string> latest_checkpoint(const std::string& output) {
+  const fs::path p = fs::path(output) / "latest";
+  if (!fs::exists(p)) return std::nullopt;
+  std::string name = read_file(p);
+  while (!name.empty() && (name.back() == '\n' || name.back() == '\r')) name.pop_back();
+  KILN_CHECK(!name.empty() && name.find('/') == std::string::npos, "checkpoint", "{}: corrupt (names '{}')", p.string(), name);
+  const fs::path dir = fs::path(output) / name;
+  KILN_CHECK(fs::is_directory(dir), "checkpoint", "{} names {}, which does not exist", p.string(), dir.string());
+  return dir.string();
+}
+
+TrainerState load_checkpoint(const std::string& dir, nn::Module& model, nn::Optimizer& optimizer,
+                             const std::string& fingerprint) {
+  const fs::path d(dir);
+  const fs::path state_path = d / "trainer_state.json";
+  TrainerState s = TrainerState::from_json(read_file(state_path), state_path.string());
+  KILN_CHECK(s.fingerprint == fingerprint, "checkpoint", "{} was written by a run with other settings: {}", dir,
+             fingerprint_diff(s.fingerprint, fingerprint));
+  KILN_CHECK(fs::exists(d / "optimizer.safetensors"), "checkpoint", "{}: optimizer.safetensors is missing", dir);
+  nn::load_adapter(model, (d / "adapter").string());
+  optimizer.load((d / "optimizer.safetensors").string());
+  KILN_CHECK(optimizer.step_count() == s.step, "checkpoint", "{}: the optimizer has made {} steps, the trainer state says {}",
+             dir, optimizer.step_count(), s.step);
+  return s;
+}
+
+}  // namespace kiln::app

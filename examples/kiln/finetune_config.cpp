@@ -1,0 +1,208 @@
+// One table of fields drives the flags, the TOML file (same names, '-' in flags for '_'), the
+// written config.toml, and which flags override the file.
+#include "examples/kiln/finetune_config.h"
+
+#include <fmt/format.h>
+
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <toml++/toml.h>
+#include <variant>
+
+#include "core/error.h"
+
+namespace kiln::app {
+
+namespace {
+
+using C = FinetuneConfig;
+using Member = std::variant<std::string C::*, int64_t C::*, uint64_t C::*, double C::*, bool C::*,
+                            std::vector<std::string> C::*>;
+struct Field {
+  const char* name;
+  const char* help;
+  Member member;
+  bool in_fingerprint;
+};
+
+const std::vector<Field>& fields() {
+  static const std::vector<Field> f{
+      {"model", "Hugging Face model folder (config.json + safetensors)", &C::model_dir, true},
+      {"config", "named config (tiny, llama3.1-8b) or config.json for a random-weight model", &C::config, true},
+      {"random_init", "random weights for --config (required unless it is the default tiny job)", &C::random_init, true},
+      {"tokenizer", "tokenizer.json or a folder holding one", &C::tokenizer, true},
+      {"base", "nf4 (QLoRA) or bf16 (LoRA over the model's dtype)", &C::base, true},
+      {"dtype", "auto | f32 | bf16 | f16 (activations and unquantised weights)", &C::dtype, false},
+      {"device", "auto | cpu | cuda | cuda:N", &C::device, false},
+      {"lora_r", "LoRA rank", &C::lora_r, true},
+      {"lora_alpha", "LoRA alpha", &C::lora_alpha, true},
+      {"lora_dropout", "LoRA dropout", &C::lora_dropout, true},
+      {"rslora", "rank-stabilised scaling alpha/sqrt(r)", &C::rslora, true},
+      {"target_modules", "linear layers to adapt", &C::target_modules, true},
+      {"data", "training text/JSONL file or folder (default: the embedded corpus)", &C::data, true},
+      {"text_split", "plain text documents: auto | file | blank_lines | separator", &C::text_split, true},
+      {"eval_fraction", "share of documents held out for eval loss", &C::eval_fraction, true},
+      {"seq_len", "tokens per sequence", &C::seq_len, true},
+      {"batch_size", "sequences per micro-batch", &C::batch_size, true},
+      {"grad_accum", "micro-batches per optimizer step", &C::grad_accum, true},
+      {"steps", "optimizer steps (0: use --epochs)", &C::steps, true},
+      {"epochs", "passes over the training data when --steps is 0", &C::epochs, true},
+      {"lr", "peak learning rate", &C::lr, true},
+      {"schedule", "constant | linear | cosine", &C::schedule, true},
+      {"warmup", "warmup steps", &C::warmup, true},
+      {"weight_decay", "AdamW decoupled weight decay", &C::weight_decay, true},
+      {"clip", "clip gradients to this global L2 norm (0: off)", &C::clip, true},
+      {"seed", "seed of weights, adapters, data order and dropout", &C::seed, true},
+      {"checkpointing", "activation checkpointing per decoder block", &C::checkpointing, false},
+      {"chunked_head", "chunked linear+cross-entropy head (never the full logits)", &C::chunked_head, false},
+      {"eval_every", "eval loss every N steps (0: off)", &C::eval_every, false},
+      {"eval_batches", "batches per eval", &C::eval_batches, false},
+      {"save_every", "checkpoint every N steps (0: only at the end and on Ctrl-C)", &C::save_every, false},
+      {"log_every", "progress line and metrics every N steps", &C::log_every, false},
+      {"output", "folder receiving everything the run writes", &C::output, false},
+      {"resume", "continue from the latest checkpoint in --output", &C::resume, false},
+      {"sample_prompt", "prompt of the sample generated at the end", &C::sample_prompt, false},
+      {"sample_tokens", "tokens of the final sample (0: none)", &C::sample_tokens, false},
+  };
+  return f;
+}
+
+std::string flag_name(const char* name) {
+  std::string s = std::string("--") + name;
+  for (char& ch : s)
+    if (ch == '_') ch = '-';
+  return s;
+}
+
+}  // namespace
+
+void add_finetune_options(CLI::App& cmd, FinetuneConfig& c) {
+  for (const Field& f : fields()) {
+    std::visit(
+        [&](auto m) {
+          using T = std::remove_cvref_t<decltype(c.*m)>;
+          if constexpr (std::is_same_v<T, bool>) cmd.add_flag(flag_name(f.name), c.*m, f.help);
+          else cmd.add_option(flag_name(f.name), c.*m, f.help)->capture_default_str();
+        },
+        f.member);
+  }
+  cmd.add_option("--config-file", c.config_file, "TOML file with any of these settings (flags win over it)");
+}
+
+void apply_given_flags(const CLI::App& cmd, const FinetuneConfig& from, FinetuneConfig& to) {
+  for (const Field& f : fields())
+    if (cmd.get_option(flag_name(f.name))->count() > 0) std::visit([&](auto m) { to.*m = from.*m; }, f.member);
+}
+
+void FinetuneConfig::load_toml(const std::string& path) {
+  toml::table t;
+  try {
+    t = toml::parse_file(path);
+  } catch (const toml::parse_error& e) {
+    KILN_FAIL("finetune", "{}:{}: {}", path, e.source().begin.line, std::string(e.description()));
+  }
+  for (auto&& [key, node] : t) {
+    const std::string k(key.str());
+    const Field* f = nullptr;
+    for (const Field& x : fields())
+      if (k == x.name) f = &x;
+    KILN_CHECK(f != nullptr, "finetune", "{}: unknown setting '{}'", path, k);
+    std::visit(
+        [&](auto m) {
+          using T = std::remove_cvref_t<decltype(this->*m)>;
+          auto bad = [&](const char* want) { KILN_FAIL("finetune", "{}: '{}' must be {}", path, k, want); };
+          if constexpr (std::is_same_v<T, std::string>) {
+            if (!node.is_string()) bad("a string");
+            this->*m = node.as_string()->get();
+          } else if constexpr (std::is_same_v<T, bool>) {
+            if (!node.is_boolean()) bad("true or false");
+            this->*m = node.as_boolean()->get();
+          } else if constexpr (std::is_same_v<T, double>) {
+            if (!node.is_number()) bad("a number");
+            this->*m = node.value<double>().value();
+          } else if constexpr (std::is_same_v<T, std::vector<std::string>>) {
+            if (!node.is_array()) bad("an array of strings");
+            T v;
+            for (auto&& e : *node.as_array()) {
+              if (!e.is_string()) bad("an array of strings");
+              v.push_back(e.as_string()->get());
+            }
+            this->*m = v;
+          } else {
+            if (!node.is_integer() || node.as_integer()->get() < 0) bad("a non-negative integer");
+            this->*m = static_cast<T>(node.as_integer()->get());
+          }
+        },
+        f->member);
+  }
+}
+
+std::string FinetuneConfig::to_toml() const {
+  std::ostringstream out;
+  out << "# kiln finetune settings (run again with --config-file this file)\n";
+  for (const Field& f : fields()) {
+    std::visit(
+        [&](auto m) {
+          using T = std::remove_cvref_t<decltype(this->*m)>;
+          const T& v = this->*m;
+          out << f.name << " = ";
+          if constexpr (std::is_same_v<T, std::string>) {
+            out << nlohmann::json(v).dump();  // a JSON string is a valid TOML basic string
+          } else if constexpr (std::is_same_v<T, bool>) {
+            out << (v ? "true" : "false");
+          } else if constexpr (std::is_same_v<T, double>) {
+            out << fmt::format("{}", v);
+            if (fmt::format("{}", v).find_first_of(".e") == std::string::npos) out << ".0";
+          } else if constexpr (std::is_same_v<T, std::vector<std::string>>) {
+            out << "[";
+            for (size_t i = 0; i < v.size(); ++i) out << (i ? ", " : "") << nlohmann::json(v[i]).dump();
+            out << "]";
+          } else {
+            out << v;
+          }
+          out << "\n";
+        },
+        f.member);
+  }
+  return out.str();
+}
+
+std::string FinetuneConfig::fingerprint() const {
+  std::ostringstream out;
+  for (const Field& f : fields()) {
+    if (!f.in_fingerprint) continue;
+    std::visit(
+        [&](auto m) {
+          using T = std::remove_cvref_t<decltype(this->*m)>;
+          out << f.name << "=";
+          if constexpr (std::is_same_v<T, std::vector<std::string>>) {
+            for (const auto& s : this->*m) out << s << ",";
+          } else {
+            out << this->*m;
+          }
+          out << ";";
+        },
+        f.member);
+  }
+  return out.str();
+}
+
+void FinetuneConfig::validate() const {
+  KILN_CHECK(base == "nf4" || base == "bf16", "finetune", "--base must be nf4 or bf16, found '{}'", base);
+  KILN_CHECK(lora_r > 0 && lora_alpha > 0, "finetune", "--lora-r and --lora-alpha must be positive, found {} and {}", lora_r, lora_alpha);
+  KILN_CHECK(lora_dropout >= 0 && lora_dropout < 1, "finetune", "--lora-dropout must be in [0, 1), found {}", lora_dropout);
+  KILN_CHECK(seq_len >= 2 && batch_size >= 1 && grad_accum >= 1, "finetune",
+             "need --seq-len >= 2, --batch-size >= 1, --grad-accum >= 1, found {}, {}, {}", seq_len, batch_size, grad_accum);
+  KILN_CHECK(steps > 0 || epochs > 0, "finetune", "give --steps or --epochs");
+  KILN_CHECK(lr > 0 && weight_decay >= 0 && clip >= 0, "finetune", "need --lr > 0, --weight-decay >= 0, --clip >= 0");
+  KILN_CHECK(eval_fraction >= 0 && eval_fraction < 1, "finetune", "--eval-fraction must be in [0, 1), found {}", eval_fraction);
+  KILN_CHECK(text_split == "auto" || text_split == "file" || text_split == "blank_lines" || text_split == "separator",
+             "finetune", "--text-split must be auto, file, blank_lines or separator, found '{}'", text_split);
+  KILN_CHECK(!output.empty(), "finetune", "--output must name a folder");
+  KILN_CHECK(model_dir.empty() || config == "tiny" || config.empty(), "finetune", "give --model or --config, not both");
+  KILN_CHECK(!model_dir.empty() || random_init || config == "tiny", "finetune",
+             "--config {} builds a model with random weights: add --random-init (or give --model DIR)", config);
+}
+
+}  // namespace kiln::app

@@ -1,0 +1,68 @@
+// `kiln finetune`'s settings: one struct, filled from a TOML config file and/or flags (a flag wins
+// over the file), validated, and written back as the run's config.toml.
+#pragma once
+#include <CLI/CLI.hpp>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace kiln::app {
+
+struct FinetuneConfig {
+  // model
+  std::string model_dir;          // a HF folder; or
+  std::string config = "tiny";    // a named config / config.json with random weights (--random-init)
+  bool random_init = false;       // required with --config unless it is the default job
+  std::string tokenizer;          // tokenizer.json or folder; default: the model's, else kiln's default
+  std::string base = "nf4";       // nf4 (QLoRA) | bf16 (LoRA over the model dtype)
+  std::string dtype = "auto";
+  std::string device = "auto";
+  // LoRA
+  int64_t lora_r = 16;
+  double lora_alpha = 32;
+  double lora_dropout = 0.0;
+  bool rslora = false;
+  std::vector<std::string> target_modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+  // data
+  std::string data;               // text file, folder or JSONL; default: the embedded corpus
+  std::string text_split = "auto";  // auto | file | blank_lines | separator
+  double eval_fraction = 0.02;
+  int64_t seq_len = 128;
+  int64_t batch_size = 8;
+  int64_t grad_accum = 1;
+  int64_t steps = 150;            // optimizer steps (0: from epochs)
+  int64_t epochs = 0;
+  // optimisation
+  double lr = 2e-3;
+  std::string schedule = "cosine";
+  int64_t warmup = 10;
+  double weight_decay = 0.0;
+  double clip = 1.0;
+  uint64_t seed = 0;
+  bool checkpointing = false;     // activation checkpointing per block
+  bool chunked_head = true;       // chunked linear+loss head
+  // reporting and checkpoints
+  int64_t eval_every = 50;
+  int64_t eval_batches = 4;
+  int64_t save_every = 100;
+  int64_t log_every = 10;
+  std::string output = "runs/default";
+  bool resume = false;
+  std::string sample_prompt = "And God said";
+  int64_t sample_tokens = 48;
+  std::string config_file;        // TOML
+
+  void validate() const;
+  std::string to_toml() const;
+  // Applies a TOML file's keys (the names above) over the current values; unknown keys are errors.
+  void load_toml(const std::string& path);
+  // What must match between a run and its resume (model, LoRA, data and batch settings).
+  std::string fingerprint() const;
+};
+
+// Adds every flag to `cmd` bound to `c` (the TOML file is applied first: see finetune.cpp).
+void add_finetune_options(CLI::App& cmd, FinetuneConfig& c);
+// Copies into `to` the settings whose flags were given on `cmd`'s command line, taking them from `from`.
+void apply_given_flags(const CLI::App& cmd, const FinetuneConfig& from, FinetuneConfig& to);
+
+}  // namespace kiln::app

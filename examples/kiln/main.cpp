@@ -1,0 +1,22 @@
+// `kiln`: fine-tune (finetune), evaluate (eval) and sample from (generate) Llama models.
+// Errors are reported as one line and exit code 1; nothing aborts.
+#include <cstdio>
+
+#include "examples/kiln/app.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"kiln: QLoRA/LoRA fine-tuning of Llama models (kiln finetune with no arguments runs the default job)"};
+  app.require_subcommand(1);
+  kiln::app::add_finetune_command(app);
+  kiln::app::add_eval_command(app);
+  kiln::app::add_generate_command(app);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "kiln: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,312 @@
+// chunked_linear_loss: a custom autograd::Function that runs the loss chunk by chunk and takes each
+// chunk's gradients during the forward pass (autograd on the chunk's logits), the chunk-size rule,
+// and the ready-made per-token losses (cross-entropy with label smoothing and z-loss, focal loss).
+#include "nn/chunked_loss.h"
+
+#include <algorithm>
+#include <memory>
+#include <utility>
+#include <vector>
+
+#include "autograd/engine.h"
+#include "autograd/function.h"
+#include "autograd/grad_mode.h"
+#include "core/error.h"
+
+namespace kiln::nn {
+namespace {
+
+constexpr const char* kOp = "chunked_linear_loss";
+
+// f32 for bf16/f16/f32 inputs, f64 for f64 inputs.
+DType loss_dtype_for(DType compute) { return compute == DType::f64 ? DType::f64 : DType::f32; }
+
+struct ChunkPlan {
+  int64_t chunk = 1;                 // tokens per chunk (the last may be smaller)
+  int64_t group = 1;                 // tokens per gradient group, a multiple of chunk
+  std::vector<int64_t> valid;        // non-ignored tokens per chunk
+  double scale = 1.0;                // 1 (sum) or 1 / #non-ignored tokens (mean; 0 when there are none)
+  bool need_hidden = false, need_weight = false, need_bias = false;
+};
+
+class ChunkedLinearLossFunction final : public autograd::Function {
+ public:
+  ChunkedLinearLossFunction(Tensor targets, LossFn loss_fn, ChunkedLossOptions options, ChunkPlan plan)
+      : targets_(std::move(targets)), loss_fn_(std::move(loss_fn)), options_(std::move(options)), plan_(std::move(plan)) {}
+  const char* name() const override { return kOp; }
+  std::vector<Tensor> forward(const std::vector<Tensor>& inputs) override;
+  std::vector<Tensor> backward(const std::vector<Tensor>& grad_outputs) override;
+
+ private:
+  // The loss of one chunk and, when `grad`, d(chunk loss * scale)/d(logits) (n, V) in the loss dtype.
+  std::pair<Tensor, Tensor> chunk_loss(const Tensor& logits, const Tensor& targets, bool grad) const;
+
+  Tensor targets_;  // (N) int
+  LossFn loss_fn_;
+  ChunkedLossOptions options_;
+  ChunkPlan plan_;
+  Shape hidden_shape_;
+};
+
+std::pair<Tensor, Tensor> ChunkedLinearLossFunction::chunk_loss(const Tensor& logits_in, const Tensor& targets,
+                                                                bool grad) const {
+  const int64_t n = logits_in.size(0);
+  const DType ldt = logits_in.dtype();
+  const Device dev = logits_in.device();
+  Tensor valid = ne(targets, static_cast<double>(options_.ignore_index));                  // (n) bool
+  Tensor safe = where(valid, targets, scalar_tensor(0.0, targets.dtype(), dev));          // (n) in [0, V)
+  Tensor logits = logits_in;
+  if (grad) logits.set_requires_grad(true);  // a leaf: the matmul ran with grad mode off
+  Tensor chunk_sum;                          // ()
+  {
+    const bool prev = autograd::grad_enabled();
+    autograd::set_grad_enabled(grad);
+    try {
+      Tensor per = loss_fn_(logits, safe);  // (n)
+      KILN_CHECK(per.defined() && per.dim() == 1 && per.size(0) == n && is_floating(per.dtype()), kOp,
+                 "loss_fn must return per-token losses of shape ({},) and a float dtype, found {} {}", n,
+                 per.defined() ? dtype_name(per.dtype()) : "undefined", per.defined() ? shape_str(per.shape()) : "");
+      KILN_CHECK(per.device() == dev, kOp, "loss_fn returned a tensor on {}, expected {}", per.device().str(), dev.str());
+      chunk_sum = sum(where(valid, cast(per, ldt), scalar_tensor(0.0, ldt, dev)));
+    } catch (...) {
+      autograd::set_grad_enabled(prev);
+      throw;
+    }
+    autograd::set_grad_enabled(prev);
+  }
+  Tensor dlogits;  // (n, V)
+  if (grad) {
+    if (chunk_sum.requires_grad()) {
+      dlogits = autograd::grad({chunk_sum}, {logits}, {scalar_tensor(plan_.scale, ldt, dev)})[0];
+    } else {  // a loss that does not depend on the logits
+      dlogits = zeros(logits.shape(), ldt, dev);
+    }
+  }
+  return {chunk_sum.detach(), dlogits};
+}
+
+std::vector<Tensor> ChunkedLinearLossFunction::forward(const std::vector<Tensor>& inputs) {
+  const Tensor& weight = inputs[1];  // (V, H)
+  const Tensor bias = inputs.size() > 2 ? inputs[2] : Tensor();  // (V)
+  hidden_shape_ = inputs[0].shape();
+  const int64_t v = weight.size(0), h = weight.size(1);
+  const Tensor x = reshape(inputs[0], {-1, h});  // (N, H)
+  const int64_t n_tok = x.size(0);
+  const DType cdt = x.dtype(), ldt = loss_dtype_for(cdt);
+  const Device dev = x.device();
+  const bool any_grad = plan_.need_hidden || plan_.need_weight || plan_.need_bias;
+  const Tensor wt = transpose(weight, 0, 1);  // (H, V) view
+  const int64_t chunk = plan_.chunk;
+
+  Tensor loss = zeros({}, ldt, dev);
+  Tensor dh = plan_.need_hidden ? zeros({n_tok, h}, cdt, dev) : Tensor();  // (N, H)
+  Tensor db = plan_.need_bias ? zeros({v}, ldt, dev) : Tensor();           // (V) accumulated in the loss dtype
+
+  // The dlogits rows of a group of chunks (in the compute dtype), then per group: d(hidden) rows =
+  // group @ W, and dW += group^T @ hidden_group by row blocks: fewer, larger products than per chunk.
+  const bool need_group = plan_.need_hidden || plan_.need_weight;
+  Tensor group = need_group ? empty({std::min(plan_.group, n_tok), v}, cdt, dev) : Tensor();  // (G, V)
+  int64_t group_start = 0, group_fill = 0;
+  bool group_live = false;         // some chunk of the group was not skipped
+  std::vector<Tensor> dw_blocks;   // (rows, H) each, in the loss dtype
+  int64_t block_rows = v;
+  if (plan_.need_weight) {
+    // A block's temporaries (product in cdt, its cast, the sum) stay within a quarter of the budget.
+    const size_t block_row_bytes = static_cast<size_t>(h) * (itemsize(cdt) + 2 * itemsize(ldt));
+    block_rows = static_cast<int64_t>(options_.memory_budget_bytes / 4 / std::max<size_t>(block_row_bytes, 1));
+    block_rows = std::clamp<int64_t>(block_rows >= 64 ? block_rows / 64 * 64 : block_rows, 1, std::max<int64_t>(v, 1));
+  }
+  const auto flush_group = [&]() {
+    if (group_fill > 0 && group_live) {
+      const Tensor g = narrow(group, 0, 0, group_fill);         // (G, V)
+      const Tensor hg = narrow(x, 0, group_start, group_fill);  // (G, H)
+      if (plan_.need_hidden) copy_(narrow(dh, 0, group_start, group_fill), matmul(g, weight));
+      size_t bi = 0;
+      for (int64_t r = 0; plan_.need_weight && r < v; r += block_rows, ++bi) {
+        const int64_t rows = std::min(block_rows, v - r);
+        Tensor part = cast(matmul(transpose(narrow(g, 1, r, rows), 0, 1), hg), ldt);  // (rows, H)
+        if (bi == dw_blocks.size()) dw_blocks.push_back(part);
+        else dw_blocks[bi] = add(dw_blocks[bi], part);
+      }
+    }
+    group_start += group_fill;
+    group_fill = 0;
+    group_live = false;
+  };
+
+  for (int64_t s = 0, ci = 0; s < n_tok; s += chunk, ++ci) {
+    const int64_t n = std::min(chunk, n_tok - s);
+    if (need_group && group_fill + n > group.size(0)) flush_group();
+    if (plan_.valid[static_cast<size_t>(ci)] == 0) {  // every target ignored: no loss, no gradient
+      if (need_group) {
+        fill_(narrow(group, 0, group_fill, n), 0.0);
+        group_fill += n;
+      }
+      continue;
+    }
+    const Tensor xc = narrow(x, 0, s, n);  // (n, H)
+    Tensor logits = matmul(xc, wt);        // (n, V) in the compute dtype
+    if (bias.defined()) logits = add(logits, bias);
+    logits = cast(logits, ldt);  // the compute-dtype logits are freed here
+    auto [chunk_sum, dlogits] = chunk_loss(logits, narrow(targets_, 0, s, n), any_grad);
+    logits = Tensor();
+    loss = add(loss, mul(chunk_sum, plan_.scale));
+    if (!any_grad) continue;
+    if (plan_.need_bias) db = add(db, sum(dlogits, {0}));
+    if (need_group) {
+      copy_(narrow(group, 0, group_fill, n), dlogits);  // (n, V) rows, cast to the compute dtype
+      group_fill += n;
+      group_live = true;
+    }
+  }
+  if (need_group) flush_group();
+  group = Tensor();
+
+  Tensor dw;  // (V, H) in weight's dtype
+  if (plan_.need_weight) {
+    dw = empty({v, h}, weight.dtype(), dev);
+    if (dw_blocks.empty()) fill_(dw, 0.0);
+    for (size_t bi = 0; bi < dw_blocks.size(); ++bi) {
+      const int64_t r = static_cast<int64_t>(bi) * block_rows;
+      copy_(narrow(dw, 0, r, dw_blocks[bi].size(0)), dw_blocks[bi]);
+      dw_blocks[bi] = Tensor();
+    }
+  }
+  if (db.defined()) db = cast(db, bias.dtype());
+  if (any_grad) save_for_backward({dh, dw, db});
+  return {loss};
+}
+
+std::vector<Tensor> ChunkedLinearLossFunction::backward(const std::vector<Tensor>& grad_outputs) {
+  const Tensor& g = grad_outputs[0];  // () upstream gradient of the loss
+  const std::vector<Tensor>& st = saved();
+  const std::vector<bool>& want = needs_input_grad();
+  std::vector<Tensor> grads(want.size());
+  const auto scaled = [&](const Tensor& t) { return mul(t, cast(g, t.dtype())); };
+  if (want[0] && st[0].defined()) grads[0] = reshape(scaled(st[0]), hidden_shape_);
+  if (want.size() > 1 && want[1] && st[1].defined()) grads[1] = scaled(st[1]);
+  if (want.size() > 2 && want[2] && st[2].defined()) grads[2] = scaled(st[2]);
+  return grads;
+}
+
+}  // namespace
+
+size_t chunked_loss_bytes_per_token(int64_t vocab, DType compute_dtype) {
+  const DType ldt = loss_dtype_for(compute_dtype);
+  return static_cast<size_t>(std::max<int64_t>(vocab, 1)) * (2 * itemsize(compute_dtype) + 3 * itemsize(ldt));
+}
+
+int64_t chunked_loss_chunk_size(int64_t vocab, DType compute_dtype, size_t memory_budget_bytes) {
+  const int64_t fit =
+      static_cast<int64_t>(memory_budget_bytes / 2 / chunked_loss_bytes_per_token(vocab, compute_dtype));
+  if (fit >= 64) return fit / 64 * 64;
+  return std::max<int64_t>(fit, 1);
+}
+
+int64_t chunked_loss_group_size(int64_t vocab, DType compute_dtype, size_t memory_budget_bytes, int64_t chunk) {
+  const size_t row = static_cast<size_t>(std::max<int64_t>(vocab, 1)) * itemsize(compute_dtype);
+  const int64_t fit = static_cast<int64_t>(memory_budget_bytes / 2 / row);
+  chunk = std::max<int64_t>(chunk, 1);
+  return chunk * std::max<int64_t>(1, fit / chunk);
+}
+
+Tensor chunked_linear_loss(const Tensor& hidden, const Tensor& weight, const Tensor& targets, const LossFn& loss_fn,
+                           const ChunkedLossOptions& options) {
+  KILN_CHECK(hidden.defined() && weight.defined() && targets.defined(), kOp, "hidden, weight and targets must be defined");
+  KILN_CHECK(static_cast<bool>(loss_fn), kOp, "loss_fn is empty");
+  KILN_CHECK(hidden.dim() >= 2, kOp, "hidden must be (N, H) or (..., H), found shape {}", shape_str(hidden.shape()));
+  KILN_CHECK(weight.dim() == 2, kOp, "weight must be (V, H), found shape {}", shape_str(weight.shape()));
+  KILN_CHECK(is_floating(hidden.dtype()), kOp, "hidden must be a float tensor, found {}", dtype_name(hidden.dtype()));
+  KILN_CHECK(weight.dtype() == hidden.dtype(), kOp, "weight must have hidden's dtype {}, found {}",
+             dtype_name(hidden.dtype()), dtype_name(weight.dtype()));
+  const int64_t h = hidden.size(-1), v = weight.size(0);
+  KILN_CHECK(weight.size(1) == h, kOp, "weight must be (V, {}) to match hidden {}, found {}", h,
+             shape_str(hidden.shape()), shape_str(weight.shape()));
+  KILN_CHECK(v > 0 && h > 0, kOp, "vocabulary and hidden sizes must be positive, found weight {}",
+             shape_str(weight.shape()));
+  KILN_CHECK(weight.device() == hidden.device(), kOp, "weight is on {}, hidden on {}", weight.device().str(),
+             hidden.device().str());
+  KILN_CHECK(targets.device() == hidden.device(), kOp, "targets are on {}, hidden on {}", targets.device().str(),
+             hidden.device().str());
+  KILN_CHECK(targets.dtype() == DType::i64 || targets.dtype() == DType::i32, kOp, "targets must be i64 or i32, found {}",
+             dtype_name(targets.dtype()));
+  const Shape lead(hidden.shape().begin(), hidden.shape().end() - 1);
+  const int64_t n_tok = numel(lead);
+  KILN_CHECK(targets.shape() == lead || (targets.dim() == 1 && targets.size(0) == n_tok), kOp,
+             "targets must be {} or ({},) to match hidden {}, found {}", shape_str(lead), n_tok,
+             shape_str(hidden.shape()), shape_str(targets.shape()));
+  const Tensor& bias = options.bias;
+  if (bias.defined()) {
+    KILN_CHECK(bias.dim() == 1 && bias.size(0) == v, kOp, "bias must be ({},), found {}", v, shape_str(bias.shape()));
+    KILN_CHECK(bias.dtype() == hidden.dtype(), kOp, "bias must have hidden's dtype {}, found {}",
+               dtype_name(hidden.dtype()), dtype_name(bias.dtype()));
+    KILN_CHECK(bias.device() == hidden.device(), kOp, "bias is on {}, hidden on {}", bias.device().str(),
+               hidden.device().str());
+  }
+  KILN_CHECK(options.chunk_size >= 0, kOp, "chunk_size must be >= 0 (0: automatic), found {}", options.chunk_size);
+  KILN_CHECK(options.memory_budget_bytes > 0, kOp, "memory_budget_bytes must be positive");
+
+  ChunkPlan plan;
+  plan.chunk = options.chunk_size > 0 ? options.chunk_size
+                                      : chunked_loss_chunk_size(v, hidden.dtype(), options.memory_budget_bytes);
+  plan.chunk = std::min(plan.chunk, std::max<int64_t>(n_tok, 1));
+  plan.group = chunked_loss_group_size(v, hidden.dtype(), options.memory_budget_bytes, plan.chunk);
+  const Tensor flat_targets = reshape(targets, {n_tok});  // (N)
+  const std::vector<int64_t> host = cast(flat_targets, DType::i64).to_vector<int64_t>();
+  int64_t total = 0;
+  for (int64_t s = 0; s < n_tok; s += plan.chunk) {
+    int64_t count = 0;
+    for (int64_t i = s; i < std::min(n_tok, s + plan.chunk); ++i) {
+      const int64_t t = host[static_cast<size_t>(i)];
+      if (t == options.ignore_index) continue;
+      KILN_CHECK(t >= 0 && t < v, kOp, "target {} of token {} is outside [0, {}) and is not ignore_index {}", t, i, v,
+                 options.ignore_index);
+      ++count;
+    }
+    plan.valid.push_back(count);
+    total += count;
+  }
+  plan.scale = options.reduction == LossReduction::sum ? 1.0 : (total > 0 ? 1.0 / static_cast<double>(total) : 0.0);
+  const bool grad_on = autograd::grad_enabled();
+  plan.need_hidden = grad_on && hidden.requires_grad();
+  plan.need_weight = grad_on && weight.requires_grad();
+  plan.need_bias = grad_on && bias.defined() && bias.requires_grad();
+
+  std::vector<Tensor> inputs{hidden, weight};
+  if (bias.defined()) inputs.push_back(bias);
+  auto fn = std::make_shared<ChunkedLinearLossFunction>(flat_targets, loss_fn, options, std::move(plan));
+  return autograd::apply(fn, inputs)[0];
+}
+
+// ---- ready-made losses
+
+LossFn cross_entropy_loss(const CrossEntropyOptions& options) {
+  KILN_CHECK(options.label_smoothing >= 0.0 && options.label_smoothing <= 1.0, "cross_entropy_loss",
+             "label_smoothing must be in [0, 1], found {}", options.label_smoothing);
+  const double s = options.label_smoothing, z = options.z_loss_weight;
+  return [s, z](const Tensor& logits, const Tensor& targets) {
+    // Targets are valid classes (the head replaced ignored ones), so no ignore_index is needed here.
+    Tensor loss = cross_entropy(logits, targets, -1, Reduction::none);  // (n) nll
+    if (s == 0.0 && z == 0.0) return loss;
+    Tensor lse = logsumexp(logits, {1});                          // (n)
+    if (s != 0.0) loss = add(mul(loss, 1.0 - s), mul(sub(lse, mean(logits, {1})), s));
+    if (z != 0.0) loss = add(loss, mul(square(lse), z));
+    return loss;
+  };
+}
+
+LossFn z_loss(double z_weight) {
+  return [z_weight](const Tensor& logits, const Tensor&) { return mul(square(logsumexp(logits, {1})), z_weight); };
+}
+
+LossFn focal_loss(double gamma) {
+  KILN_CHECK(gamma == 0.0 || gamma >= 1.0, "focal_loss", "gamma must be 0 or >= 1, found {}", gamma);
+  return [gamma](const Tensor& logits, const Tensor& targets) {
+    Tensor nll = cross_entropy(logits, targets, -1, Reduction::none);  // (n) = -log p_t
+    if (gamma == 0.0) return nll;
+    Tensor one_minus_pt = 1.0 - exp(neg(nll));                   // (n)
+    return mul(pow(one_minus_pt, gamma), nll);
+  };
+}
+
+}  // namespace kiln::nn

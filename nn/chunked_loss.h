@@ -1,0 +1,95 @@
+// Chunked linear + loss head: loss = reduce(loss_fn(hidden @ weight^T + bias, targets)) computed over
+// chunks of tokens so the full (N, V) logits never exist, for any loss written with kiln ops, plus
+// ready-made losses (cross-entropy with label smoothing, z-loss, focal loss).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+
+#include "core/ops.h"
+#include "core/tensor.h"
+
+namespace kiln::nn {
+
+// The LossFn contract. loss_fn(logits, targets) gets one chunk of n tokens:
+//   logits  (n, V) in the loss dtype (f32; f64 when the inputs are f64), a leaf of autograd;
+//   targets (n) int, every entry a valid class in [0, V): ignored tokens are passed as class 0.
+// It returns the per-token losses (n) (any float dtype; cast to the loss dtype), written with kiln
+// ops. The head zeroes the losses of ignored tokens (targets == ignore_index), sums the chunk and
+// scales it (1 for sum, 1 / #non-ignored tokens of the whole batch for mean), so sum and mean are
+// exact across chunks whatever the chunk size. The gradient of the loss comes from autograd on the
+// chunk; a loss never needs a hand-written derivative.
+using LossFn = std::function<Tensor(const Tensor& logits, const Tensor& targets)>;
+
+// How the per-token losses of the non-ignored tokens are combined. Mean over zero tokens (every
+// target ignored) is defined as 0 with zero gradients (PyTorch gives NaN).
+enum class LossReduction { sum, mean };
+
+struct ChunkedLossOptions {
+  Tensor bias;  // optional (V), the dtype and device of weight
+  LossReduction reduction = LossReduction::mean;
+  int64_t ignore_index = -100;
+  // Tokens per chunk; 0 chooses it from memory_budget_bytes (see chunked_loss_chunk_size). A size
+  // above N is one chunk; sizes need not divide N.
+  int64_t chunk_size = 0;
+  // The extra memory of the head beyond its inputs and gradients: half for one chunk's logits and
+  // their gradient, half for the gradient group buffer (see chunked_linear_loss). With the default
+  // 1 GiB, bf16 and V = 128256: chunks of 256 tokens, groups of 2048.
+  size_t memory_budget_bytes = size_t{1} << 30;
+};
+
+// The estimated extra bytes per token of one chunk: the logits in the compute dtype, the logits in
+// the loss dtype, their gradient, the loss's temporaries (softmax-sized: one more loss-dtype row)
+// and the gradient cast back to the compute dtype: V * (2 * itemsize(compute) + 3 * itemsize(loss)).
+// For bf16 and V = 128256 that is 2 MiB per token.
+size_t chunked_loss_bytes_per_token(int64_t vocab, DType compute_dtype);
+// The largest chunk whose estimate fits half the budget, rounded down to a multiple of 64 when
+// >= 64, and at least 1. With the default 1 GiB budget, bf16 and V = 128256: 256 tokens.
+int64_t chunked_loss_chunk_size(int64_t vocab, DType compute_dtype, size_t memory_budget_bytes);
+// Tokens per gradient group: the largest multiple of `chunk` (at least one chunk) whose (G, V)
+// buffer in the compute dtype fits half the budget. 1 GiB, bf16, V = 128256, chunk 256: 2048.
+int64_t chunked_loss_group_size(int64_t vocab, DType compute_dtype, size_t memory_budget_bytes, int64_t chunk);
+
+// hidden (..., H) float, weight (V, H) of hidden's dtype and device, targets (...) int with the
+// leading shape of hidden (or flat (N)). Returns the 0-d loss in the loss dtype (f32; f64 for f64
+// inputs). Chunk by chunk: logits = hidden_chunk @ weight^T (+ bias) in the input dtype (f32
+// accumulation), upcast to the loss dtype, then loss_fn. Targets are checked on the host (one copy,
+// a sync): each must be in [0, V) or equal ignore_index; chunks whose targets are all ignored are
+// skipped (zero loss, zero gradient).
+//
+// Autograd strategy (a custom autograd::Function, no logits recomputation): when grad mode is on
+// and an input requires grad, the forward pass runs loss_fn with autograd enabled on a detached
+// leaf copy of each chunk's logits and takes d(loss)/d(logits) (n, V) at once (the loss's
+// gradient, from autograd); d(bias) += its column sums (f32). The dlogits rows, cast to the compute
+// dtype, are collected into a group buffer of chunked_loss_group_size tokens; per group (fewer,
+// larger products than per chunk, which matters for the small-output d(hidden) product):
+// d(hidden) rows = group @ weight (kept (N, H) in hidden's dtype), and, when weight needs a
+// gradient, d(weight) += group^T @ hidden_group, accumulated in f32 by row blocks and cast to
+// weight's dtype at the end. A frozen weight costs no weight-gradient work at all. Backward
+// multiplies the stored gradients by the upstream scalar. Everything the forward keeps for
+// backward: d(hidden) (N, H), d(weight) (V, H), d(bias) (V). Extra peak memory ~ the budget, plus
+// those gradients, plus (trainable weight) the f32 accumulator of d(weight) (V * H * 4 bytes).
+Tensor chunked_linear_loss(const Tensor& hidden, const Tensor& weight, const Tensor& targets, const LossFn& loss_fn,
+                           const ChunkedLossOptions& options = {});
+
+// ---- ready-made losses (per-token, written with kiln ops; see the LossFn contract)
+
+struct CrossEntropyOptions {
+  // torch.nn.functional.cross_entropy's label_smoothing: the target distribution is
+  // (1 - s) * onehot + s / V, so loss = (1 - s) * nll + s * (logsumexp - mean(logits)).
+  double label_smoothing = 0.0;
+  // PaLM's auxiliary z-loss added to each token: z_loss_weight * logsumexp(logits)^2.
+  double z_loss_weight = 0.0;
+};
+// Cross-entropy (kiln's fused cross_entropy op for the nll part). With chunked_linear_loss's
+// ignore_index and mean reduction this matches torch.nn.functional.cross_entropy(logits, targets,
+// ignore_index=..., label_smoothing=...) (plus the z-loss term when its weight is not 0).
+LossFn cross_entropy_loss(const CrossEntropyOptions& options = {});
+// z_weight * logsumexp(logits)^2 alone (PaLM).
+LossFn z_loss(double z_weight);
+// Focal loss (Lin et al.): (1 - p_t)^gamma * -log(p_t) with p_t the target's softmax probability;
+// gamma = 0 is cross-entropy. gamma must be 0 or >= 1 (a smaller positive power has an unbounded
+// derivative at p_t = 1).
+LossFn focal_loss(double gamma);
+
+}  // namespace kiln::nn

@@ -1,0 +1,57 @@
+// NF4Linear and the in-place quantisation of a module's linear layers.
+#include "nn/nf4_linear.h"
+
+#include "autograd/grad_mode.h"
+
+namespace kiln::nn {
+
+NF4Linear::NF4Linear(quant::NF4Weight weight, Tensor bias)
+    : LinearBase(weight.shape.size() == 2 ? weight.shape[1] : 0, weight.shape.size() == 2 ? weight.shape[0] : 0),
+      weight_(std::move(weight)) {
+  KILN_CHECK(weight_.shape.size() == 2, "NF4Linear", "expected a 2-d (out, in) weight, found {}", shape_str(weight_.shape));
+  weight_.validate("NF4Linear");
+  // The scales keep their dtype (f32) whatever dtype the model is cast to.
+  register_buffer("weight", weight_.packed, true, /*castable=*/false);
+  register_buffer("weight_absmax", weight_.absmax, true, false);
+  if (weight_.double_quant) {
+    register_buffer("weight_nested_absmax", weight_.nested_absmax, true, false);
+    register_buffer("weight_nested_code", weight_.nested_code, true, false);
+  }
+  if (bias.defined()) {
+    KILN_CHECK(bias.shape() == Shape{out_features_}, "NF4Linear", "expected bias ({}), found {}", out_features_,
+               shape_str(bias.shape()));
+    register_parameter("bias", bias, false);
+  }
+}
+
+std::shared_ptr<NF4Linear> NF4Linear::from_linear(const Linear& linear, bool double_quant) {
+  autograd::NoGradGuard no_grad;
+  const Tensor b = linear.bias();
+  return std::make_shared<NF4Linear>(quant::quantize_nf4(linear.weight().detach(), double_quant),
+                                     b.defined() ? b.detach() : Tensor());
+}
+
+Tensor NF4Linear::forward(const Tensor& x) {
+  KILN_CHECK(x.dim() >= 1 && x.shape().back() == in_features_, "NF4Linear", "expected input (..., {}), found {}",
+             in_features_, shape_str(x.shape()));
+  Tensor b = has_parameter("bias") ? parameter("bias") : Tensor();
+  if (b.defined() && b.dtype() != x.dtype()) b = cast(b, x.dtype());
+  return quant::nf4_linear(x, weight_, b);
+}
+
+Tensor NF4Linear::dequantized_weight(DType dtype) const { return quant::dequantize_nf4(weight_, dtype); }
+
+int64_t quantize_linears_nf4(Module& root, bool double_quant) {
+  int64_t n = 0;
+  for (auto& [path, m] : root.named_modules()) {
+    for (auto& [name, child] : m->named_children()) {
+      if (auto lin = std::dynamic_pointer_cast<Linear>(child)) {
+        m->replace_module(name, NF4Linear::from_linear(*lin, double_quant));
+        ++n;
+      }
+    }
+  }
+  return n;
+}
+
+}  // namespace kiln::nn

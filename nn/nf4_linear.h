@@ -1,0 +1,29 @@
+// NF4Linear: a frozen linear layer whose weight is stored as NF4 (quant/nf4.h), the QLoRA base.
+// Its buffers are bitsandbytes' tensors (packed codes, 8-bit absmax, nested absmax and code);
+// forward dequantises on the fly (quant::nf4_linear keeps nothing dequantised for backward).
+#pragma once
+#include "nn/layers.h"
+#include "quant/nf4.h"
+
+namespace kiln::nn {
+
+class NF4Linear : public LinearBase {
+ public:
+  // `weight` (out, in) quantised; `bias` (out) optional, kept in its dtype and frozen.
+  NF4Linear(quant::NF4Weight weight, Tensor bias = Tensor());
+  // Quantises a Linear's weight (bnb's double quantisation by default) on the weight's device.
+  static std::shared_ptr<NF4Linear> from_linear(const Linear& linear, bool double_quant = true);
+  std::string type_name() const override { return "NF4Linear"; }
+  Tensor forward(const Tensor& x) override;
+  const quant::NF4Weight& weight() const { return weight_; }
+  Tensor dequantized_weight(DType dtype) const;  // (out, in)
+
+ private:
+  quant::NF4Weight weight_;  // its tensors are this module's buffers (moved in place by to())
+};
+
+// Replaces every Linear below `root` by an NF4Linear (the bf16 weights are released as it goes);
+// returns how many were replaced.
+int64_t quantize_linears_nf4(Module& root, bool double_quant = true);
+
+}  // namespace kiln::nn

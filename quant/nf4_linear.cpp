@@ -1,0 +1,67 @@
+// The NF4 linear op: y = x @ dequantize_nf4(W)^T (+ bias) as a custom autograd Function that saves
+// nothing dequantised. Forward dequantises W, multiplies and drops it; backward dequantises W again
+// for the input gradient (the frozen base gets no weight gradient; a trainable bias gets its sum).
+#include "autograd/function.h"
+#include "quant/nf4.h"
+
+namespace kiln::quant {
+namespace {
+
+class NF4LinearFunction : public autograd::Function {
+ public:
+  NF4LinearFunction(NF4Weight w, Shape x_shape) : w_(std::move(w)), x_shape_(std::move(x_shape)) {}
+  const char* name() const override { return "nf4_linear"; }
+
+  // inputs: x (..., K) [, bias (N)]
+  std::vector<Tensor> forward(const std::vector<Tensor>& in) override {
+    const Tensor& x = in[0];
+    const int64_t k = w_.shape[1], n = w_.shape[0];
+    Tensor x2 = reshape(x, {-1, k});                   // (M, K)
+    Tensor y = matmul(x2, dequantize_nf4(w_, x.dtype()).t());  // (M, K) @ (K, N); the (N, K) weight dies here
+    if (in.size() > 1) y = add(y, in[1]);
+    Shape out_shape(x_shape_.begin(), x_shape_.end() - 1);
+    out_shape.push_back(n);
+    return {reshape(y, out_shape)};
+  }
+
+  std::vector<Tensor> backward(const std::vector<Tensor>& grads) override {
+    const Tensor& g = grads[0];  // (..., N)
+    const int64_t n = w_.shape[0];
+    std::vector<Tensor> out(needs_input_grad().size());
+    Tensor g2 = reshape(g, {-1, n});  // (M, N)
+    if (needs_input_grad()[0]) {
+      out[0] = reshape(matmul(g2, dequantize_nf4(w_, g.dtype())), x_shape_);  // (M, N) @ (N, K)
+    }
+    if (out.size() > 1 && needs_input_grad()[1]) out[1] = sum(g2, {0});
+    return out;
+  }
+
+ private:
+  NF4Weight w_;  // packed bytes and scales only (shared storage, nothing dequantised)
+  Shape x_shape_;
+};
+
+}  // namespace
+
+Tensor nf4_linear(const Tensor& x, const NF4Weight& w, const Tensor& bias) {
+  const char* op = "nf4_linear";
+  KILN_CHECK(x.defined(), op, "input is undefined");
+  KILN_CHECK(w.shape.size() == 2, op, "weight must be 2-d (N, K), found shape ({})", fmt::join(w.shape, ", "));
+  KILN_CHECK(x.dim() >= 1 && x.shape().back() == w.shape[1], op, "input (..., {}) expected for weight ({}, {}), found ({})",
+             w.shape[1], w.shape[0], w.shape[1], fmt::join(x.shape(), ", "));
+  KILN_CHECK(x.dtype() == DType::bf16 || x.dtype() == DType::f16 || x.dtype() == DType::f32, op,
+             "input must be bf16, f16 or f32, found {}", dtype_name(x.dtype()));
+  KILN_CHECK(x.device() == w.device(), op, "input is on {}, weight on {}", x.device().str(), w.device().str());
+  w.validate(op);
+  std::vector<Tensor> inputs = {x};
+  if (bias.defined()) {
+    KILN_CHECK(bias.dim() == 1 && bias.size(0) == w.shape[0], op, "bias must be ({}), found ({})", w.shape[0],
+               fmt::join(bias.shape(), ", "));
+    KILN_CHECK(bias.dtype() == x.dtype(), op, "bias dtype {} differs from the input's {}", dtype_name(bias.dtype()),
+               dtype_name(x.dtype()));
+    inputs.push_back(bias);
+  }
+  return autograd::apply(std::make_shared<NF4LinearFunction>(w, x.shape()), inputs)[0];
+}
+
+}  // namespace kiln::quant

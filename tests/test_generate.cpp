@@ -1,0 +1,357 @@
+// Generation (nn/generate.h, `kiln generate`): greedy with the KV cache against argmax over full
+// forwards, seeded temperature/top-k/top-p sampling checked against probabilities computed here,
+// stop tokens, the callback, max_new_tokens, errors, and streaming UTF-8 text.
+#include <catch2/catch_test_macros.hpp>
+#include <catch2/matchers/catch_matchers_string.hpp>
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <sstream>
+
+#include "examples/kiln/generate.h"
+#include "nn/generate.h"
+#include "nn/llama.h"
+#include "tests/helpers.h"
+
+using namespace kiln;
+using Catch::Matchers::ContainsSubstring;
+
+namespace {
+
+nn::LlamaConfig small_config(bool tied) {
+  nn::LlamaConfig c;
+  c.vocab_size = 41;
+  c.hidden_size = 32;
+  c.intermediate_size = 48;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  c.head_dim = 8;
+  c.rope_theta = 10000;
+  c.rope_scaling = nn::RopeScaling{4.0, 1.0, 4.0, 8};
+  c.tie_word_embeddings = tied;
+  return c;
+}
+
+// A random f64 Llama whose logits are spread out (the output projection scaled by `sharpness`),
+// so that greedy and nucleus choices are far from ties.
+std::shared_ptr<nn::Llama> small_model(bool tied, uint64_t seed, double sharpness) {
+  nn::LlamaOptions o;
+  o.dtype = DType::f64;
+  o.seed = seed;
+  auto m = std::make_shared<nn::Llama>(small_config(tied), o);
+  autograd::NoGradGuard g;
+  Tensor w = m->lm_head_weight();
+  copy_(w, mul(w, sharpness));
+  return m;
+}
+
+// (V) f64 logits of the last position, from a full forward over `ids` without a cache.
+std::vector<double> full_logits(nn::Llama& m, const std::vector<int64_t>& ids) {
+  autograd::NoGradGuard g;
+  const int64_t t = static_cast<int64_t>(ids.size());
+  Tensor h = m.forward(from_vector<int64_t>(ids, {1, t}));
+  return reshape(m.logits(narrow(h, 1, t - 1, 1)), {-1}).to_vector<double>();
+}
+
+int64_t argmax_of(const std::vector<double>& v) { return std::max_element(v.begin(), v.end()) - v.begin(); }
+
+// Greedy continuation by repeated full forwards.
+std::vector<int64_t> greedy_reference(nn::Llama& m, std::vector<int64_t> ids, int64_t n) {
+  std::vector<int64_t> out;
+  for (int64_t i = 0; i < n; ++i) {
+    out.push_back(argmax_of(full_logits(m, ids)));
+    ids.push_back(out.back());
+  }
+  return out;
+}
+
+// The nucleus of softmax(logits / temperature) restricted to the top_k best: ids whose mass,
+// summed from the most likely, reaches top_p.
+std::vector<int64_t> nucleus(const std::vector<double>& logits, double temperature, double top_p, int64_t top_k) {
+  std::vector<int64_t> ids(logits.size());
+  std::iota(ids.begin(), ids.end(), 0);
+  std::sort(ids.begin(), ids.end(), [&](int64_t a, int64_t b) { return logits[a] > logits[b]; });
+  if (top_k > 0) ids.resize(static_cast<size_t>(top_k));
+  std::vector<double> p;
+  double z = 0;
+  for (int64_t id : ids) z += p.emplace_back(std::exp((logits[id] - logits[ids[0]]) / temperature));
+  double mass = 0;
+  size_t n = 0;
+  while (n < ids.size() && mass < top_p) mass += p[n++] / z;
+  ids.resize(std::max<size_t>(n, 1));
+  return ids;
+}
+
+// Whether the last character of `s` is complete: the last non-continuation byte starts a sequence
+// no longer than the bytes from it to the end.
+bool ends_complete(const std::string& s) {
+  size_t cont = 0;
+  for (size_t i = s.size(); i-- > 0;) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    if ((c & 0xC0) == 0x80) {
+      ++cont;
+      continue;
+    }
+    const size_t len = c >= 0xF0 && c < 0xF8 ? 4 : c >= 0xE0 && c < 0xF0 ? 3 : c >= 0xC0 && c < 0xE0 ? 2 : 1;
+    return len <= cont + 1;
+  }
+  return true;
+}
+
+std::vector<float> random_logits(int64_t v, uint64_t seed, double scale) {
+  return mul(test::random_tensor({v}, DType::f32, seed), scale).to_vector<float>();
+}
+
+}  // namespace
+
+TEST_CASE("generate: greedy decoding with the KV cache equals argmax over full forwards", "[generate]") {
+  for (bool tied : {true, false}) {
+    auto m = small_model(tied, 11, 20.0);
+    m->train();
+    for (const std::vector<int64_t>& prompt : {std::vector<int64_t>{3}, std::vector<int64_t>{5, 17, 2, 40, 9, 0, 33}}) {
+      INFO("tied " << tied << ", prompt of " << prompt.size());
+      nn::GenerateOptions o;
+      o.max_new_tokens = 13;
+      const auto got = nn::generate(*m, prompt, o);
+      REQUIRE(got == greedy_reference(*m, prompt, 13));
+      REQUIRE(m->is_training());  // the mode is restored
+      // greedy ignores the seed and top_p / top_k
+      o.seed = 99;
+      o.top_p = 0.3;
+      o.top_k = 2;
+      REQUIRE(nn::generate(*m, prompt, o) == got);
+    }
+  }
+}
+
+TEST_CASE("generate: temperature sampling is deterministic for a seed and differs across seeds", "[generate]") {
+  auto m = small_model(false, 12, 1.0);
+  const std::vector<int64_t> prompt{1, 2, 3};
+  nn::GenerateOptions o;
+  o.max_new_tokens = 24;
+  o.temperature = 1.3;
+  o.seed = 5;
+  const auto a = nn::generate(*m, prompt, o);
+  REQUIRE(a.size() == 24);
+  REQUIRE(nn::generate(*m, prompt, o) == a);
+  o.seed = 6;
+  const auto b = nn::generate(*m, prompt, o);
+  REQUIRE(b != a);
+  REQUIRE(b != greedy_reference(*m, prompt, 24));
+  o.top_k = 4;  // deterministic through the sorted path too
+  REQUIRE(nn::generate(*m, prompt, o) == nn::generate(*m, prompt, o));
+}
+
+TEST_CASE("generate: top_p -> 0 is greedy", "[generate]") {
+  auto m = small_model(true, 13, 5.0);
+  const std::vector<int64_t> prompt{7, 8, 9, 10};
+  nn::GenerateOptions o;
+  o.max_new_tokens = 16;
+  o.temperature = 2.0;
+  o.top_p = 1e-9;
+  for (uint64_t seed : {1, 2, 3}) {
+    o.seed = seed;
+    REQUIRE(nn::generate(*m, prompt, o) == greedy_reference(*m, prompt, 16));
+  }
+  o.top_p = 1.0;
+  o.top_k = 1;  // top_k = 1 is greedy too
+  REQUIRE(nn::generate(*m, prompt, o) == greedy_reference(*m, prompt, 16));
+}
+
+TEST_CASE("generate: sampled tokens lie inside the nucleus and the top k", "[generate]") {
+  auto m = small_model(false, 14, 8.0);
+  const std::vector<int64_t> prompt{4, 20, 31};
+  struct Case {
+    double temperature, top_p;
+    int64_t top_k;
+  };
+  for (const Case c : {Case{1.0, 0.6, 0}, Case{0.7, 0.9, 0}, Case{1.5, 1.0, 3}, Case{1.2, 0.8, 5}}) {
+    std::vector<int64_t> all;
+    for (uint64_t seed = 0; seed < 6; ++seed) {
+      nn::GenerateOptions o;
+      o.max_new_tokens = 10;
+      o.temperature = c.temperature;
+      o.top_p = c.top_p;
+      o.top_k = c.top_k;
+      o.seed = seed;
+      const auto got = nn::generate(*m, prompt, o);
+      REQUIRE(got.size() == 10);
+      std::vector<int64_t> ids = prompt;
+      for (int64_t token : got) {
+        const auto allowed = nucleus(full_logits(*m, ids), c.temperature, c.top_p, c.top_k);
+        INFO("T " << c.temperature << " top_p " << c.top_p << " top_k " << c.top_k << ": token " << token << " of "
+                  << allowed.size() << " allowed");
+        REQUIRE(std::find(allowed.begin(), allowed.end(), token) != allowed.end());
+        ids.push_back(token);
+        all.push_back(token);
+      }
+    }
+    // the draws are not all the top token
+    REQUIRE(std::count(all.begin(), all.end(), all[0]) < static_cast<int64_t>(all.size()));
+  }
+}
+
+TEST_CASE("generate: sample_token draws the renormalised nucleus distribution", "[generate]") {
+  const std::vector<float> logits = random_logits(50, 3, 1.5);  // (V)
+  std::vector<double> ld(logits.begin(), logits.end());
+  nn::GenerateOptions o;
+  o.temperature = 0.8;
+  o.top_p = 0.7;
+  o.top_k = 20;
+  const auto allowed = nucleus(ld, o.temperature, o.top_p, o.top_k);
+  const nn::Candidates c = nn::sampling_candidates(logits, o);
+  REQUIRE(c.ids == allowed);
+  // probabilities computed here: softmax over the allowed ids
+  std::vector<double> want;
+  double z = 0;
+  for (int64_t id : allowed) z += want.emplace_back(std::exp(ld[id] / o.temperature));
+  for (size_t i = 0; i < want.size(); ++i) REQUIRE(std::abs(c.probs[i] - want[i] / z) < 1e-12);
+
+  Generator gen(17);
+  const int n = 20000;
+  std::vector<int> counts(logits.size(), 0);
+  for (int i = 0; i < n; ++i) counts[static_cast<size_t>(nn::sample_token(logits, o, gen))]++;
+  for (size_t id = 0; id < counts.size(); ++id) {
+    const auto pos = std::find(allowed.begin(), allowed.end(), static_cast<int64_t>(id));
+    if (pos == allowed.end()) {
+      REQUIRE(counts[id] == 0);
+      continue;
+    }
+    const double p = want[static_cast<size_t>(pos - allowed.begin())] / z;
+    INFO("id " << id << ": " << counts[id] << " draws, expected " << p * n);
+    REQUIRE(std::abs(counts[id] - p * n) <= 5 * std::sqrt(n * p * (1 - p)) + 1);
+  }
+  // plain temperature sampling (no sort) draws softmax(logits / T) too
+  o.top_p = 1.0;
+  o.top_k = 0;
+  std::fill(counts.begin(), counts.end(), 0);
+  for (int i = 0; i < n; ++i) counts[static_cast<size_t>(nn::sample_token(logits, o, gen))]++;
+  z = 0;
+  for (double l : ld) z += std::exp(l / o.temperature);
+  for (size_t id = 0; id < counts.size(); ++id) {
+    const double p = std::exp(ld[id] / o.temperature) / z;
+    REQUIRE(std::abs(counts[id] - p * n) <= 5 * std::sqrt(n * p * (1 - p)) + 1);
+  }
+  o.temperature = 0;  // greedy: the first maximum
+  REQUIRE(nn::sample_token(logits, o, gen) == argmax_of(ld));
+}
+
+TEST_CASE("generate: stop tokens, the callback and max_new_tokens end generation", "[generate]") {
+  auto m = small_model(false, 15, 8.0);
+  const std::vector<int64_t> prompt{2, 3, 5, 7};
+  const auto free_run = greedy_reference(*m, prompt, 12);
+  // the last position whose token did not occur before it: stopping on that token stops there
+  size_t k = 0;
+  for (size_t i = 1; i < free_run.size(); ++i)
+    if (std::find(free_run.begin(), free_run.begin() + static_cast<std::ptrdiff_t>(i), free_run[i]) ==
+        free_run.begin() + static_cast<std::ptrdiff_t>(i))
+      k = i;
+  INFO("stop at " << k);
+  REQUIRE(k >= 2);
+  nn::GenerateOptions o;
+  o.max_new_tokens = 12;
+  o.stop_tokens = {free_run[k], 40};
+  std::vector<int64_t> seen;
+  const auto got = nn::generate(*m, prompt, o, [&](int64_t t) {
+    seen.push_back(t);
+    return true;
+  });
+  REQUIRE(got == std::vector<int64_t>(free_run.begin(), free_run.begin() + static_cast<std::ptrdiff_t>(k) + 1));
+  REQUIRE(seen == got);
+  // the callback stops after the token it returns false for
+  o.stop_tokens.clear();
+  int calls = 0;
+  const auto cut = nn::generate(*m, prompt, o, [&](int64_t) { return ++calls < 3; });
+  REQUIRE(cut == std::vector<int64_t>(free_run.begin(), free_run.begin() + 3));
+  // max_new_tokens
+  for (int64_t n : {0, 1, 5}) {
+    o.max_new_tokens = n;
+    REQUIRE(nn::generate(*m, prompt, o) == std::vector<int64_t>(free_run.begin(), free_run.begin() + n));
+  }
+}
+
+TEST_CASE("generate: bad prompts and options are errors", "[generate]") {
+  auto m = small_model(true, 16, 1.0);
+  nn::GenerateOptions o;
+  REQUIRE_THROWS_WITH(nn::generate(*m, {}, o), ContainsSubstring("[generate]") && ContainsSubstring("empty"));
+  REQUIRE_THROWS_WITH(nn::generate(*m, {1, 41}, o), ContainsSubstring("[generate]") && ContainsSubstring("41"));
+  REQUIRE_THROWS_WITH(nn::generate(*m, {1, -1}, o), ContainsSubstring("[generate]"));
+  o.temperature = -1;
+  REQUIRE_THROWS_WITH(nn::generate(*m, {1}, o), ContainsSubstring("[generate]") && ContainsSubstring("temperature"));
+  o.temperature = 1;
+  o.top_p = 1.5;
+  REQUIRE_THROWS_WITH(nn::generate(*m, {1}, o), ContainsSubstring("[generate]") && ContainsSubstring("top_p"));
+  o.top_p = 1;
+  o.top_k = -2;
+  REQUIRE_THROWS_WITH(nn::generate(*m, {1}, o), ContainsSubstring("[generate]") && ContainsSubstring("top_k"));
+  o.top_k = 0;
+  o.max_new_tokens = -1;
+  REQUIRE_THROWS_WITH(nn::generate(*m, {1}, o), ContainsSubstring("[generate]"));
+  Generator gen(0);
+  o.max_new_tokens = 4;
+  REQUIRE_THROWS_WITH(nn::sample_token({0.5f, NAN, 1.0f}, o, gen), ContainsSubstring("NaN"));
+}
+
+TEST_CASE("generate: streamed text never splits a UTF-8 character", "[generate]") {
+  // ASCII, 2-, 3- and 4-byte characters, then a stray continuation byte and a lone lead byte
+  const std::string text = "a\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80z\x80q\xe2";
+  for (size_t step : {1, 2, 3, 5}) {
+    std::string pending, out;
+    for (size_t i = 0; i < text.size(); i += step) {
+      pending += text.substr(i, step);
+      const std::string piece = app::take_complete_utf8(pending);
+      REQUIRE(ends_complete(piece));
+      out += piece;
+      REQUIRE(pending.size() <= 3);
+    }
+    REQUIRE(out + pending == text);
+    REQUIRE(pending == "\xe2");  // the unfinished character at the end stays pending
+  }
+  std::string p = "\xf0\x9f\x98";  // 3 of 4 bytes
+  REQUIRE(app::take_complete_utf8(p).empty());
+  p += "\x80";
+  REQUIRE(app::take_complete_utf8(p) == "\xf0\x9f\x98\x80");
+  REQUIRE(p.empty());
+}
+
+TEST_CASE("generate: the command streams the decoded text of the generated tokens", "[generate]") {
+  const data::Tokenizer tok = app::load_tokenizer("", "");
+  app::GenerateCommand c;
+  c.model.config = "tiny";
+  c.model.device = "cpu";
+  c.model.seed = 4;
+  c.options.max_new_tokens = 12;
+  c.options.temperature = 1.0;
+  c.options.seed = 4;
+  auto model = app::load_model(c.model);
+  for (bool chat : {false, true}) {
+    c.chat = chat;
+    c.prompt = "In the beginning, caf\xc3\xa9 \xf0\x9f\x98\x80";
+    c.system = chat ? "Answer briefly." : "";
+    const std::vector<int64_t> ids = app::prompt_ids(tok, c);
+    REQUIRE(ids[0] == tok.bos_id());
+    if (chat) {
+      std::vector<data::ChatMessage> msgs{{"system", c.system}, {"user", c.prompt}};
+      const auto want = tok.encode_chat(msgs, true);
+      REQUIRE(ids == std::vector<int64_t>(want.begin(), want.end()));
+    }
+    const auto stops = app::stop_tokens(model->config(), tok);
+    REQUIRE(!model->config().eos_token_ids.empty());
+    for (int64_t id : model->config().eos_token_ids) REQUIRE(std::find(stops.begin(), stops.end(), id) != stops.end());
+    REQUIRE(std::find(stops.begin(), stops.end(), tok.eot_id()) != stops.end());
+    std::ostringstream out;
+    const app::GenerateResult r = app::run_generate(*model, tok, c, out);
+    nn::GenerateOptions o = c.options;
+    o.stop_tokens = stops;
+    REQUIRE(r.tokens == nn::generate(*model, ids, o));
+    std::vector<int32_t> printed;
+    for (int64_t t : r.tokens)
+      if (std::find(stops.begin(), stops.end(), t) == stops.end()) printed.push_back(static_cast<int32_t>(t));
+    REQUIRE(r.text == tok.decode(printed));
+    REQUIRE(out.str() == r.text + "\n");
+  }
+  c.chat = false;
+  c.system = "x";
+  REQUIRE_THROWS_WITH(app::prompt_ids(tok, c), ContainsSubstring("--system needs --chat"));
+}

@@ -1,0 +1,101 @@
+// NF4Linear (the QLoRA base layer): equals a linear layer over the dequantised weight, quantising a
+// Llama layer by layer while it is built or loaded, LoRA on top of an NF4 base, and its buffers
+// keeping their dtypes when the model is cast.
+#include <catch2/catch_test_macros.hpp>
+#include <catch2/matchers/catch_matchers_string.hpp>
+
+#include "nn/llama.h"
+#include "nn/lora.h"
+#include "nn/nf4_linear.h"
+#include "tests/helpers.h"
+
+using namespace kiln;
+using Catch::Matchers::ContainsSubstring;
+
+namespace {
+
+nn::LlamaConfig small_config() {
+  nn::LlamaConfig c;
+  c.vocab_size = 50;
+  c.hidden_size = 64;
+  c.intermediate_size = 96;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  c.head_dim = 16;
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("nf4 linear: the layer equals a linear over its dequantised weight", "[nf4_linear]") {
+  nn::Linear lin(70, 33, true, DType::f32);  // 70*33 is not a multiple of the block
+  auto q = nn::NF4Linear::from_linear(lin);
+  REQUIRE(q->in_features() == 70);
+  REQUIRE(q->out_features() == 33);
+  Tensor x = test::random_tensor({3, 5, 70}, DType::f32, 1);
+  const Tensor w = q->dequantized_weight(DType::f32);  // (33, 70)
+  test::require_close(q->forward(x), add(matmul(x, transpose(w, 0, 1)), lin.bias()), 1e-5, 1e-5);
+  // NF4 stays close to the original weight: |error| <= half a level gap times the block absmax.
+  const auto wv = w.to_vector<float>(), ov = lin.weight().to_vector<float>();
+  for (size_t i = 0; i < wv.size(); ++i) REQUIRE(std::abs(wv[i] - ov[i]) < 0.1f);
+  REQUIRE(q->named_parameters().size() == 1);  // the bias, frozen
+  REQUIRE_FALSE(q->parameter("bias").requires_grad());
+  REQUIRE(q->state_dict().count("weight") == 1);
+  REQUIRE(q->state_dict().at("weight").dtype() == DType::u8);
+  // Casting the module leaves the codes and scales alone.
+  q->to(DType::f64);
+  REQUIRE(q->buffer("weight_nested_absmax").dtype() == DType::f32);
+  REQUIRE(q->parameter("bias").dtype() == DType::f64);
+  REQUIRE_THROWS_WITH(q->forward(ones({2, 69})), ContainsSubstring("[NF4Linear]"));
+}
+
+TEST_CASE("nf4 linear: a Llama quantised layer by layer while it is built", "[nf4_linear]") {
+  nn::LlamaOptions o;
+  o.seed = 4;
+  auto dense = std::make_shared<nn::Llama>(small_config(), o);
+  int built = 0;
+  o.on_layer_built = [&](const std::string& prefix, nn::LlamaDecoderLayer& layer) {
+    REQUIRE(prefix == "model.layers." + std::to_string(built++) + ".");
+    REQUIRE(nn::quantize_linears_nf4(layer) == 7);
+  };
+  auto q = std::make_shared<nn::Llama>(small_config(), o);
+  REQUIRE(built == 2);
+  REQUIRE(q->find_module("model.layers.1.mlp.down_proj")->type_name() == "NF4Linear");
+  // The same seed gave the same dense weights, so the NF4 model is a close approximation.
+  Generator gen(9);
+  Tensor ids = randint(0, 50, {2, 7}, DType::i64, kCPU, &gen);
+  autograd::NoGradGuard g;
+  const Tensor ld = dense->logits(dense->forward(ids)), lq = q->logits(q->forward(ids));
+  const auto dv = ld.to_vector<float>(), qv = lq.to_vector<float>();
+  double diff = 0, scale = 0;
+  for (size_t i = 0; i < dv.size(); ++i) diff = std::max(diff, double(std::abs(dv[i] - qv[i]))), scale = std::max(scale, double(std::abs(dv[i])));
+  REQUIRE(diff > 0);
+  REQUIRE(diff < 0.2 * scale);
+}
+
+TEST_CASE("nf4 linear: LoRA over an NF4 base trains the adapters only", "[nf4_linear]") {
+  nn::LlamaOptions o;
+  o.on_layer_built = [](const std::string&, nn::LlamaDecoderLayer& layer) { nn::quantize_linears_nf4(layer); };
+  auto m = std::make_shared<nn::Llama>(small_config(), o);
+  nn::LoraConfig cfg;
+  cfg.r = 4;
+  REQUIRE(nn::apply_lora(*m, cfg, 3).size() == 14);
+  REQUIRE(m->find_module("model.layers.0.self_attn.q_proj.base_layer")->type_name() == "NF4Linear");
+  {
+    autograd::NoGradGuard g;
+    int i = 0;
+    for (auto& [p, l] : nn::lora_layers(*m)) copy_(l->lora_b(), test::random_tensor(l->lora_b().shape(), DType::f32, 30 + i++));
+  }
+  Generator gen(2);
+  Tensor ids = randint(0, 50, {2, 6}, DType::i64, kCPU, &gen);
+  m->loss(m->forward(ids), randint(0, 50, {2, 6}, DType::i64, kCPU, &gen)).backward();
+  int with_grad = 0;
+  for (auto& [n, p] : m->named_parameters()) {
+    REQUIRE(p.grad().defined() == (n.find("lora_") != std::string::npos));
+    with_grad += p.grad().defined();
+  }
+  REQUIRE(with_grad == 28);
+  auto& layer = *nn::lora_layers(*m).front().second;
+  REQUIRE_THROWS_WITH(layer.merge(), ContainsSubstring("quantised base"));
+}
