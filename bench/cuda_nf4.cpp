@@ -35,7 +35,8 @@ double copy_gbs(size_t bytes) {
   Tensor a = kiln::empty({static_cast<int64_t>(bytes / 2)}, DType::u8, kGPU);
   Tensor b = kiln::empty({static_cast<int64_t>(bytes / 2)}, DType::u8, kGPU);
   auto stream = static_cast<cudaStream_t>(cuda::current_stream().handle());
-  const double ms = time_ms([&] { cudaMemcpyAsync(b.raw_data(), a.raw_data(), bytes / 2, cudaMemcpyDeviceToDevice, stream); }, 50, 5);
+  const double ms =
+      time_ms([&] { cudaMemcpyAsync(b.raw_data(), a.raw_data(), bytes / 2, cudaMemcpyDeviceToDevice, stream); }, 50, 5);
   return static_cast<double>(bytes) / (ms * 1e-3) / 1e9;
 }
 

@@ -4,6 +4,7 @@
 #include "nn/chunked_loss.h"
 
 #include <algorithm>
+#include <functional>
 #include <memory>
 #include <utility>
 #include <vector>
@@ -38,8 +39,14 @@ class ChunkedLinearLossFunction final : public autograd::Function {
   std::vector<Tensor> backward(const std::vector<Tensor>& grad_outputs) override;
 
  private:
-  // The loss of one chunk and, when `grad`, d(chunk loss * scale)/d(logits) (n, V) in the loss dtype.
-  std::pair<Tensor, Tensor> chunk_loss(const Tensor& logits, const Tensor& targets, bool grad) const;
+  struct ChunkConstants {
+    Tensor zero;  // () in the loss dtype
+    Tensor seed;  // () the scale, d(loss)/d(chunk sum)
+  };
+  // The summed loss of one chunk's non-ignored tokens and, when `grad`, d(scale * that)/d(logits)
+  // (n, V) in the loss dtype. `between` runs after the loss's forward, before its backward.
+  std::pair<Tensor, Tensor> chunk_loss(const Tensor& logits, const Tensor& safe, const Tensor& valid, bool grad,
+                                       const ChunkConstants& k, const std::function<void()>& between) const;
 
   Tensor targets_;  // (N) int
   LossFn loss_fn_;
@@ -48,13 +55,12 @@ class ChunkedLinearLossFunction final : public autograd::Function {
   Shape hidden_shape_;
 };
 
-std::pair<Tensor, Tensor> ChunkedLinearLossFunction::chunk_loss(const Tensor& logits_in, const Tensor& targets,
-                                                                bool grad) const {
+std::pair<Tensor, Tensor> ChunkedLinearLossFunction::chunk_loss(const Tensor& logits_in, const Tensor& safe,
+                                                                const Tensor& valid, bool grad,
+                                                                const ChunkConstants& k,
+                                                                const std::function<void()>& between) const {
   const int64_t n = logits_in.size(0);
-  const DType ldt = logits_in.dtype();
   const Device dev = logits_in.device();
-  Tensor valid = ne(targets, static_cast<double>(options_.ignore_index));                  // (n) bool
-  Tensor safe = where(valid, targets, scalar_tensor(0.0, targets.dtype(), dev));          // (n) in [0, V)
   Tensor logits = logits_in;
   if (grad) logits.set_requires_grad(true);  // a leaf: the matmul ran with grad mode off
   Tensor chunk_sum;                          // ()
@@ -67,19 +73,20 @@ std::pair<Tensor, Tensor> ChunkedLinearLossFunction::chunk_loss(const Tensor& lo
                  "loss_fn must return per-token losses of shape ({},) and a float dtype, found {} {}", n,
                  per.defined() ? dtype_name(per.dtype()) : "undefined", per.defined() ? shape_str(per.shape()) : "");
       KILN_CHECK(per.device() == dev, kOp, "loss_fn returned a tensor on {}, expected {}", per.device().str(), dev.str());
-      chunk_sum = sum(where(valid, cast(per, ldt), scalar_tensor(0.0, ldt, dev)));
+      chunk_sum = sum(where(valid, cast(per, k.zero.dtype()), k.zero));
     } catch (...) {
       autograd::set_grad_enabled(prev);
       throw;
     }
     autograd::set_grad_enabled(prev);
   }
+  between();
   Tensor dlogits;  // (n, V)
   if (grad) {
     if (chunk_sum.requires_grad()) {
-      dlogits = autograd::grad({chunk_sum}, {logits}, {scalar_tensor(plan_.scale, ldt, dev)})[0];
+      dlogits = autograd::grad({chunk_sum}, {logits}, {k.seed})[0];
     } else {  // a loss that does not depend on the logits
-      dlogits = zeros(logits.shape(), ldt, dev);
+      dlogits = zeros(logits.shape(), k.zero.dtype(), dev);
     }
   }
   return {chunk_sum.detach(), dlogits};
@@ -97,15 +104,19 @@ std::vector<Tensor> ChunkedLinearLossFunction::forward(const std::vector<Tensor>
   const bool any_grad = plan_.need_hidden || plan_.need_weight || plan_.need_bias;
   const Tensor wt = transpose(weight, 0, 1);  // (H, V) view
   const int64_t chunk = plan_.chunk;
+  const int64_t n_chunks = (n_tok + chunk - 1) / chunk;
+  const ChunkConstants k{scalar_tensor(0.0, ldt, dev), scalar_tensor(plan_.scale, ldt, dev)};
+  const Tensor valid = ne(targets_, static_cast<double>(options_.ignore_index));              // (N) bool
+  const Tensor safe = where(valid, targets_, scalar_tensor(0.0, targets_.dtype(), dev));      // (N) in [0, V)
 
-  Tensor loss = zeros({}, ldt, dev);
+  Tensor loss = zeros({}, ldt, dev);  // the sum of the chunk sums, scaled at the end
   Tensor dh = plan_.need_hidden ? zeros({n_tok, h}, cdt, dev) : Tensor();  // (N, H)
   Tensor db = plan_.need_bias ? zeros({v}, ldt, dev) : Tensor();           // (V) accumulated in the loss dtype
 
-  // The dlogits rows of a group of chunks (in the compute dtype), then per group: d(hidden) rows =
-  // group @ W, and dW += group^T @ hidden_group by row blocks: fewer, larger products than per chunk.
-  const bool need_group = plan_.need_hidden || plan_.need_weight;
-  Tensor group = need_group ? empty({std::min(plan_.group, n_tok), v}, cdt, dev) : Tensor();  // (G, V)
+  // Trainable weight: the dlogits rows of a group of chunks (compute dtype); per group, d(hidden)
+  // rows = group @ W and dW += group^T @ hidden_group by row blocks (few f32 accumulation passes).
+  // Frozen weight: no group; d(hidden) rows = dlogits @ W per chunk.
+  Tensor group = plan_.need_weight ? empty({std::min(plan_.group, n_tok), v}, cdt, dev) : Tensor();  // (G, V)
   int64_t group_start = 0, group_fill = 0;
   bool group_live = false;         // some chunk of the group was not skipped
   std::vector<Tensor> dw_blocks;   // (rows, H) each, in the loss dtype
@@ -122,7 +133,7 @@ std::vector<Tensor> ChunkedLinearLossFunction::forward(const std::vector<Tensor>
       const Tensor hg = narrow(x, 0, group_start, group_fill);  // (G, H)
       if (plan_.need_hidden) copy_(narrow(dh, 0, group_start, group_fill), matmul(g, weight));
       size_t bi = 0;
-      for (int64_t r = 0; plan_.need_weight && r < v; r += block_rows, ++bi) {
+      for (int64_t r = 0; r < v; r += block_rows, ++bi) {
         const int64_t rows = std::min(block_rows, v - r);
         Tensor part = cast(matmul(transpose(narrow(g, 1, r, rows), 0, 1), hg), ldt);  // (rows, H)
         if (bi == dw_blocks.size()) dw_blocks.push_back(part);
@@ -134,36 +145,59 @@ std::vector<Tensor> ChunkedLinearLossFunction::forward(const std::vector<Tensor>
     group_live = false;
   };
 
-  for (int64_t s = 0, ci = 0; s < n_tok; s += chunk, ++ci) {
-    const int64_t n = std::min(chunk, n_tok - s);
-    if (need_group && group_fill + n > group.size(0)) flush_group();
+  // logits (n, V) in the loss dtype of chunk ci; the compute-dtype product is freed by the cast.
+  const auto chunk_logits = [&](int64_t ci) {
+    const int64_t s = ci * chunk, n = std::min(chunk, n_tok - s);
+    Tensor z = matmul(narrow(x, 0, s, n), wt);
+    if (bias.defined()) z = add(z, bias);
+    return cast(z, ldt);
+  };
+  const auto next_live = [&](int64_t ci) {  // the next chunk after ci with a non-ignored target
+    for (++ci; ci < n_chunks && plan_.valid[static_cast<size_t>(ci)] == 0;) ++ci;
+    return ci;
+  };
+  // Pipelining: the next chunk's logits are queued right after this chunk's loss forward, so the
+  // GPU has a large product to run while the host walks the loss's backward (CUDA cross_entropy
+  // synchronises the stream to check its targets, twice per chunk).
+  Tensor prefetched;
+  int64_t prefetched_ci = -1;
+  for (int64_t ci = 0; ci < n_chunks; ++ci) {
+    const int64_t s = ci * chunk, n = std::min(chunk, n_tok - s);
+    if (plan_.need_weight && group_fill + n > group.size(0)) flush_group();
     if (plan_.valid[static_cast<size_t>(ci)] == 0) {  // every target ignored: no loss, no gradient
-      if (need_group) {
+      if (plan_.need_weight) {
         fill_(narrow(group, 0, group_fill, n), 0.0);
         group_fill += n;
       }
       continue;
     }
-    const Tensor xc = narrow(x, 0, s, n);  // (n, H)
-    Tensor logits = matmul(xc, wt);        // (n, V) in the compute dtype
-    if (bias.defined()) logits = add(logits, bias);
-    logits = cast(logits, ldt);  // the compute-dtype logits are freed here
-    auto [chunk_sum, dlogits] = chunk_loss(logits, narrow(targets_, 0, s, n), any_grad);
+    Tensor logits = prefetched_ci == ci ? std::move(prefetched) : chunk_logits(ci);  // (n, V)
+    prefetched = Tensor();
+    const auto prefetch = [&] {
+      prefetched_ci = next_live(ci);
+      if (prefetched_ci < n_chunks) prefetched = chunk_logits(prefetched_ci);
+    };
+    auto [chunk_sum, dlogits] = chunk_loss(logits, narrow(safe, 0, s, n), narrow(valid, 0, s, n), any_grad, k, prefetch);
     logits = Tensor();
-    loss = add(loss, mul(chunk_sum, plan_.scale));
+    loss = add(loss, chunk_sum);
     if (!any_grad) continue;
     if (plan_.need_bias) db = add(db, sum(dlogits, {0}));
-    if (need_group) {
+    if (plan_.need_weight) {
       copy_(narrow(group, 0, group_fill, n), dlogits);  // (n, V) rows, cast to the compute dtype
       group_fill += n;
       group_live = true;
+    } else if (plan_.need_hidden) {
+      Tensor dlc = cast(dlogits, cdt);  // (n, V)
+      dlogits = Tensor();
+      copy_(narrow(dh, 0, s, n), matmul(dlc, weight));
     }
   }
-  if (need_group) flush_group();
-  group = Tensor();
+  loss = mul(loss, plan_.scale);
 
   Tensor dw;  // (V, H) in weight's dtype
   if (plan_.need_weight) {
+    flush_group();
+    group = Tensor();
     dw = empty({v, h}, weight.dtype(), dev);
     if (dw_blocks.empty()) fill_(dw, 0.0);
     for (size_t bi = 0; bi < dw_blocks.size(); ++bi) {
@@ -198,14 +232,14 @@ size_t chunked_loss_bytes_per_token(int64_t vocab, DType compute_dtype) {
 
 int64_t chunked_loss_chunk_size(int64_t vocab, DType compute_dtype, size_t memory_budget_bytes) {
   const int64_t fit =
-      static_cast<int64_t>(memory_budget_bytes / 2 / chunked_loss_bytes_per_token(vocab, compute_dtype));
+      static_cast<int64_t>(memory_budget_bytes / chunked_loss_bytes_per_token(vocab, compute_dtype));
   if (fit >= 64) return fit / 64 * 64;
   return std::max<int64_t>(fit, 1);
 }
 
 int64_t chunked_loss_group_size(int64_t vocab, DType compute_dtype, size_t memory_budget_bytes, int64_t chunk) {
   const size_t row = static_cast<size_t>(std::max<int64_t>(vocab, 1)) * itemsize(compute_dtype);
-  const int64_t fit = static_cast<int64_t>(memory_budget_bytes / 2 / row);
+  const int64_t fit = static_cast<int64_t>(memory_budget_bytes / row);
   chunk = std::max<int64_t>(chunk, 1);
   return chunk * std::max<int64_t>(1, fit / chunk);
 }

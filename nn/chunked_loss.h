@@ -32,10 +32,13 @@ struct ChunkedLossOptions {
   // Tokens per chunk; 0 chooses it from memory_budget_bytes (see chunked_loss_chunk_size). A size
   // above N is one chunk; sizes need not divide N.
   int64_t chunk_size = 0;
-  // The extra memory of the head beyond its inputs and gradients: half for one chunk's logits and
-  // their gradient, half for the gradient group buffer (see chunked_linear_loss). With the default
-  // 1 GiB, bf16 and V = 128256: chunks of 256 tokens, groups of 2048.
-  size_t memory_budget_bytes = size_t{1} << 30;
+  // The extra memory of one chunk (its logits, their gradient, the loss's temporaries; estimated by
+  // chunked_loss_bytes_per_token) beyond the inputs and gradients. With a trainable weight the
+  // gradient group buffer takes as much again (see chunked_linear_loss). With the default 2 GiB,
+  // bf16 and V = 128256: chunks of 1024 tokens (measured extra peak 1.6 GiB with cross-entropy,
+  // d(hidden) included), groups of 8192. 1 GiB halves both and costs ~5% more time on an H200
+  // (twice as many chunks; CUDA cross_entropy synchronises the stream twice per chunk).
+  size_t memory_budget_bytes = size_t{2} << 30;
 };
 
 // The estimated extra bytes per token of one chunk: the logits in the compute dtype, the logits in
@@ -43,11 +46,13 @@ struct ChunkedLossOptions {
 // and the gradient cast back to the compute dtype: V * (2 * itemsize(compute) + 3 * itemsize(loss)).
 // For bf16 and V = 128256 that is 2 MiB per token.
 size_t chunked_loss_bytes_per_token(int64_t vocab, DType compute_dtype);
-// The largest chunk whose estimate fits half the budget, rounded down to a multiple of 64 when
-// >= 64, and at least 1. With the default 1 GiB budget, bf16 and V = 128256: 256 tokens.
+// The largest chunk whose estimate fits the budget, rounded down to a multiple of 64 when >= 64,
+// and at least 1. With a 1 GiB budget, bf16 and V = 128256: 512 tokens (2 GiB: 1024). The estimate
+// covers the pipelining (the next chunk's logits exist while this chunk's gradient is taken).
 int64_t chunked_loss_chunk_size(int64_t vocab, DType compute_dtype, size_t memory_budget_bytes);
-// Tokens per gradient group: the largest multiple of `chunk` (at least one chunk) whose (G, V)
-// buffer in the compute dtype fits half the budget. 1 GiB, bf16, V = 128256, chunk 256: 2048.
+// Tokens per gradient group (trainable weight only): the largest multiple of `chunk` (at least one
+// chunk) whose (G, V) buffer in the compute dtype fits the budget. 1 GiB, bf16, V = 128256, chunk
+// 512: 4096.
 int64_t chunked_loss_group_size(int64_t vocab, DType compute_dtype, size_t memory_budget_bytes, int64_t chunk);
 
 // hidden (..., H) float, weight (V, H) of hidden's dtype and device, targets (...) int with the
@@ -58,17 +63,18 @@ int64_t chunked_loss_group_size(int64_t vocab, DType compute_dtype, size_t memor
 // skipped (zero loss, zero gradient).
 //
 // Autograd strategy (a custom autograd::Function, no logits recomputation): when grad mode is on
-// and an input requires grad, the forward pass runs loss_fn with autograd enabled on a detached
-// leaf copy of each chunk's logits and takes d(loss)/d(logits) (n, V) at once (the loss's
-// gradient, from autograd); d(bias) += its column sums (f32). The dlogits rows, cast to the compute
-// dtype, are collected into a group buffer of chunked_loss_group_size tokens; per group (fewer,
-// larger products than per chunk, which matters for the small-output d(hidden) product):
-// d(hidden) rows = group @ weight (kept (N, H) in hidden's dtype), and, when weight needs a
-// gradient, d(weight) += group^T @ hidden_group, accumulated in f32 by row blocks and cast to
-// weight's dtype at the end. A frozen weight costs no weight-gradient work at all. Backward
-// multiplies the stored gradients by the upstream scalar. Everything the forward keeps for
-// backward: d(hidden) (N, H), d(weight) (V, H), d(bias) (V). Extra peak memory ~ the budget, plus
-// those gradients, plus (trainable weight) the f32 accumulator of d(weight) (V * H * 4 bytes).
+// and an input requires grad, the forward pass runs loss_fn with autograd enabled on each chunk's
+// logits made an autograd leaf, and takes d(loss)/d(logits) (n, V) at once (the loss's
+// gradient, from autograd); d(bias) += its column sums (f32). Frozen weight: d(hidden) rows =
+// dlogits (cast to the compute dtype) @ weight per chunk, and no weight-gradient work at all.
+// Trainable weight: the dlogits rows are collected into a group buffer of chunked_loss_group_size
+// tokens; per group, d(hidden) rows = group @ weight and d(weight) += group^T @ hidden_group,
+// accumulated in f32 by row blocks (one f32 accumulation pass per group, not per chunk) and cast
+// to weight's dtype at the end. d(hidden) is kept (N, H) in hidden's dtype. Backward multiplies the
+// stored gradients by the upstream scalar. The next chunk's logits product is queued before this
+// chunk's loss backward (pipelining: CUDA cross_entropy synchronises on its target check). Extra
+// peak memory ~ the budget (frozen), ~ 2x the budget + the f32 d(weight) accumulator V * H * 4 +
+// d(weight) (trainable), plus d(hidden).
 Tensor chunked_linear_loss(const Tensor& hidden, const Tensor& weight, const Tensor& targets, const LossFn& loss_fn,
                            const ChunkedLossOptions& options = {});
 

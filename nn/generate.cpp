@@ -140,6 +140,7 @@ std::vector<int64_t> generate(Llama& model, const std::vector<int64_t>& prompt, 
   for (;;) {
     Tensor last = narrow(h, 1, h.size(1) - 1, 1);                                    // (1, 1, hidden)
     Tensor logits = reshape(cast(model.logits(last), DType::f32), {vocab});          // (V)
+    if (o.token_limit > 0 && o.token_limit < vocab) logits = narrow(logits, 0, 0, o.token_limit);  // (limit)
     const int64_t token = o.temperature <= 0 ? argmax(logits, 0).item<int64_t>()
                                              : sample_token(logits.to_vector<float>(), o, gen);
     out.push_back(token);

@@ -18,6 +18,9 @@ struct GenerateOptions {
   int64_t top_k = 0;         // 0: off; else only the k most likely tokens are candidates
   uint64_t seed = 0;         // the Philox seed of the sampling draws
   std::vector<int64_t> stop_tokens;  // generation ends after emitting one of these
+  // > 0: only ids below this are drawn (a tokenizer smaller than the model's vocabulary, as when a
+  // random-weight 8B model is paired with kiln's 4,096-id default tokenizer).
+  int64_t token_limit = 0;
 };
 
 // The tokens a sampler may draw from `logits` (V) under `o` (temperature > 0), most likely first,

@@ -79,7 +79,8 @@ NF4Weight read_impl(const Getter& get, const std::string& w_key) {
   KILN_CHECK(q.nested_blocksize > 0 && (q.nested_blocksize & (q.nested_blocksize - 1)) == 0, kOp,
              "{}: nested_blocksize must be a power of two, found {}", state_key, q.nested_blocksize);
   KILN_CHECK(!q.shape.empty(), kOp, "{}: shape is empty", state_key);
-  for (int64_t d : q.shape) KILN_CHECK(d > 0, kOp, "{}: shape ({}) has a non-positive dim", state_key, fmt::join(q.shape, ", "));
+  for (int64_t d : q.shape)
+    KILN_CHECK(d > 0, kOp, "{}: shape ({}) has a non-positive dim", state_key, fmt::join(q.shape, ", "));
 
   const int64_t n = q.numel();
   const Tensor packed = get(w_key);

@@ -18,9 +18,12 @@
 // CUDA kernel (built with --use_fast_math: approximate reciprocal, flush-to-zero), so it gives the
 // bytes of checkpoints made on a GPU. The CPU quantiser uses the IEEE reciprocal (as bnb's CPU path
 // does); the two differ by one ulp of w/absmax at most, which changes a code only when that value
-// sits within an ulp of a midpoint (about one weight in a million). offset is the correctly rounded
-// mean (summed in f64); torch's f32 mean can differ from it in the last bits, which moves only the
-// 8-bit scale codes (double_quantize_absmax takes an explicit offset to reproduce a given file).
+// sits within an ulp of a midpoint (none among the ~200k weights of tests/data/nf4). offset is the
+// correctly rounded mean (summed in f64); it equalled torch's f32 mean on every fixture, but the two
+// can differ in the last bit, which moves only 8-bit scale codes (double_quantize_absmax takes an
+// explicit offset to reproduce a given file).
+// Typical use: q = quantize_nf4(w) at load (or read_bnb_nf4 from a bnb-4bit checkpoint, then
+// to_device), y = nf4_linear(x, q, bias) in forward; save with bnb_nf4_tensors (bnb_checkpoint.h).
 #pragma once
 #include <array>
 #include <cstdint>
@@ -67,8 +70,8 @@ struct NF4Weight {
   void validate(const char* op) const;
 };
 
-// Quantises `w` (f32/bf16/f16, any shape/layout, CPU or CUDA) on its own device. `blocksize` is a
-// power of two in [64, 4096]. Synchronises once with the device when double_quant (the offset).
+// Quantises `w` (f32/bf16/f16; f64 is rounded to f32 first; any shape/layout, CPU or CUDA) on its own device.
+// `blocksize` is a power of two in [64, 4096]. Synchronises once with the device when double_quant (the offset).
 NF4Weight quantize_nf4(const Tensor& w, bool double_quant = true, int64_t blocksize = kNF4BlockSize);
 // The weight as `out` (bf16/f16/f32) of shape q.shape on q's device; ONE kernel on CUDA (packed
 // bytes + 8-bit absmax + nested absmax + offset in, values out, no intermediate buffer).

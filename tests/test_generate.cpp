@@ -355,3 +355,22 @@ TEST_CASE("generate: the command streams the decoded text of the generated token
   c.system = "x";
   REQUIRE_THROWS_WITH(app::prompt_ids(tok, c), ContainsSubstring("--system needs --chat"));
 }
+
+TEST_CASE("generate: token_limit keeps draws inside a smaller tokenizer's ids", "[generate]") {
+  auto m = small_model(false, 5, 20.0);
+  nn::GenerateOptions o;
+  o.max_new_tokens = 6;
+  o.token_limit = 9;
+  std::vector<int64_t> ids = {1, 2};
+  const auto out = nn::generate(*m, ids, o);
+  REQUIRE(out.size() == 6);
+  for (int64_t t : out) {
+    REQUIRE(t < 9);
+    auto full = full_logits(*m, ids);
+    full.resize(9);
+    REQUIRE(t == argmax_of(full));  // greedy over the allowed ids
+    ids.push_back(t);
+  }
+  o.temperature = 1.0;
+  for (int64_t t : nn::generate(*m, {3}, o)) REQUIRE(t < 9);
+}

@@ -198,7 +198,9 @@ TEST_CASE("nf4 quantise picks the nearest level and dequantise follows the forma
         for (int64_t i = 0; i < w.numel(); ++i) {
           const float x = normalised(wv[static_cast<size_t>(i)], am[static_cast<size_t>(i / 64)]);
           const int c = (i % 2 == 0) ? pk[static_cast<size_t>(i / 2)] >> 4 : pk[static_cast<size_t>(i / 2)] & 15;
-          for (size_t j = 0; j < 16; ++j) REQUIRE(std::fabs(x - quant::nf4_levels()[static_cast<size_t>(c)]) <= std::fabs(x - quant::nf4_levels()[j]) + 1e-6f);
+          for (size_t j = 0; j < 16; ++j)
+            REQUIRE(std::fabs(x - quant::nf4_levels()[static_cast<size_t>(c)]) <=
+                    std::fabs(x - quant::nf4_levels()[j]) + 1e-6f);
         }
         if (w.numel() % 2 == 1) REQUIRE((pk.back() & 15) == 7);  // padding quantises 0
         // dequantise in every dtype against the format's rules
@@ -216,7 +218,8 @@ TEST_CASE("nf4 quantise picks the nearest level and dequantise follows the forma
         const auto dv = quant::dequantize_nf4(q, DType::f32).reshape({-1}).to_vector<float>();
         for (int64_t i = 0; i < w.numel(); ++i) {
           const float a = am[static_cast<size_t>(i / 64)], sc = scales[static_cast<size_t>(i / 64)];
-          REQUIRE(std::fabs(dv[static_cast<size_t>(i)] - wv[static_cast<size_t>(i)]) <= 0.153f * a + std::fabs(sc - a) + 1e-6f);
+          REQUIRE(std::fabs(dv[static_cast<size_t>(i)] - wv[static_cast<size_t>(i)]) <=
+                  0.153f * a + std::fabs(sc - a) + 1e-6f);
         }
       }
     }
@@ -335,6 +338,8 @@ TEST_CASE("nf4 checkpoint io rejects inconsistent entries, naming the key", "[nf
       ContainsSubstring("quant_type"));
   REQUIRE_THROWS_WITH(quant::read_bnb_nf4(entries, "other.weight"), ContainsSubstring("other.weight"));
   REQUIRE_THROWS_WITH(quant::quantize_nf4(zeros({4}, DType::i64)), ContainsSubstring("[nf4_quantize]"));
+  Tensor w64 = random_tensor({3, 50}, DType::f64, 6);  // f64 quantises as its f32 rounding
+  require_bytes_equal(quant::quantize_nf4(w64).packed, quant::quantize_nf4(cast(w64, DType::f32)).packed);
   REQUIRE_THROWS_WITH(quant::quantize_nf4(random_tensor({128}, DType::f32, 1), true, 100),
                       ContainsSubstring("[nf4_quantize]"));
   quant::NF4Weight broken = q;

@@ -257,6 +257,7 @@ FinetuneResult run_finetune(const FinetuneConfig& c, const FinetuneHooks& hooks)
     go.top_p = 0.9;
     go.seed = c.seed;
     go.stop_tokens = {tok.eos_id(), tok.eot_id()};
+    go.token_limit = tok.vocab_size();
     std::vector<int64_t> prompt;
     for (int32_t id : tok.encode(c.sample_prompt, /*add_bos=*/true)) prompt.push_back(id);
     const auto out = nn::generate(*model, prompt, go);

@@ -66,6 +66,7 @@ std::vector<int64_t> stop_tokens(const nn::LlamaConfig& config, const data::Toke
 GenerateResult run_generate(nn::Llama& model, const data::Tokenizer& tok, const GenerateCommand& c, std::ostream& out) {
   const std::vector<int64_t> prompt = prompt_ids(tok, c);
   nn::GenerateOptions o = c.options;
+  o.token_limit = tok.vocab_size();  // never draw an id the tokenizer cannot print
   for (int64_t id : stop_tokens(model.config(), tok))
     if (std::find(o.stop_tokens.begin(), o.stop_tokens.end(), id) == o.stop_tokens.end()) o.stop_tokens.push_back(id);
   GenerateResult r;

@@ -59,7 +59,9 @@ __device__ __forceinline__ uint32_t nf4_code(const float* mid, float x) {
 }
 
 __device__ __forceinline__ void load_midpoints(float* mid) {
-  if (threadIdx.x < 15) mid[threadIdx.x] = static_cast<float>((static_cast<double>(c_levels[threadIdx.x]) + c_levels[threadIdx.x + 1]) / 2.0);
+  if (threadIdx.x < 15)
+    mid[threadIdx.x] =
+        static_cast<float>((static_cast<double>(c_levels[threadIdx.x]) + c_levels[threadIdx.x + 1]) / 2.0);
   __syncthreads();
 }
 
@@ -155,68 +157,84 @@ __device__ __forceinline__ float block_scale(const NF4Scales& s, int64_t b, int 
   }
 }
 
+// Output element types: one 16-byte piece holds kPerPiece values.
 template <class T> struct Out;
 template <> struct Out<float> {
-  static constexpr int kPerVec = 4;
-  __device__ static uint4 pack(const float* v) {
-    return make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3]));
-  }
+  static constexpr int kPerPiece = 4;
   __device__ static float one(float v) { return v; }
 };
 template <> struct Out<__nv_bfloat16> {
-  static constexpr int kPerVec = 8;
+  static constexpr int kPerPiece = 8;
   __device__ static uint32_t two(float a, float b) {
     __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
     return *reinterpret_cast<uint32_t*>(&h);
   }
-  __device__ static uint4 pack(const float* v) {
-    return make_uint4(two(v[0], v[1]), two(v[2], v[3]), two(v[4], v[5]), two(v[6], v[7]));
-  }
   __device__ static __nv_bfloat16 one(float v) { return __float2bfloat16_rn(v); }
 };
 template <> struct Out<__half> {
-  static constexpr int kPerVec = 8;
+  static constexpr int kPerPiece = 8;
   __device__ static uint32_t two(float a, float b) {
     __half2 h = __floats2half2_rn(a, b);
     return *reinterpret_cast<uint32_t*>(&h);
   }
-  __device__ static uint4 pack(const float* v) {
-    return make_uint4(two(v[0], v[1]), two(v[2], v[3]), two(v[4], v[5]), two(v[6], v[7]));
-  }
   __device__ static __half one(float v) { return __float2half_rn(v); }
 };
 
-// Chunks of 32 weights (16 packed bytes, one 16-byte load; 32 outputs, 16-byte stores) when kVec,
-// then the n % 32 tail (or everything when !kVec: misaligned pointers) one weight per thread.
+// 16 output bytes from `bits` (the packed codes of kPerPiece weights, first weight in the high nibble
+// of the lowest byte) scaled by `scale`.
+template <class T>
+__device__ __forceinline__ uint4 decode_piece(const float* lut, uint32_t bits, float scale) {
+  if constexpr (Out<T>::kPerPiece == 8) {
+    uint32_t w[4];
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      const uint32_t byte = (bits >> (8 * b)) & 0xffu;
+      w[b] = Out<T>::two(__fmul_rn(lut[byte >> 4], scale), __fmul_rn(lut[byte & 0x0fu], scale));
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+  } else {
+    const uint32_t b0 = bits & 0xffu, b1 = (bits >> 8) & 0xffu;
+    return make_uint4(__float_as_uint(__fmul_rn(lut[b0 >> 4], scale)), __float_as_uint(__fmul_rn(lut[b0 & 0x0fu], scale)),
+                      __float_as_uint(__fmul_rn(lut[b1 >> 4], scale)), __float_as_uint(__fmul_rn(lut[b1 & 0x0fu], scale)));
+  }
+}
+
+// kVec: each warp takes 32 chunks of 32 weights (lane l loads chunk l's 16 packed bytes: one
+// coalesced 512-byte read, and decodes its block scale), then writes the warp's 1024 outputs as
+// consecutive 16-byte pieces (fully coalesced), fetching each piece's codes and scale from the
+// owning lane with shuffles. The n % 32 tail (or everything when !kVec: misaligned pointers) goes
+// one weight per thread.
 template <class T, bool kDouble, bool kVec>
 __global__ void nf4_dequantize_kernel(const uint8_t* __restrict__ packed, NF4Scales s, int bs_shift, int nbs_shift,
                                       int64_t n, T* __restrict__ out) {
   __shared__ float lut[16];
   if (threadIdx.x < 16) lut[threadIdx.x] = c_levels[threadIdx.x];
   __syncthreads();
+  constexpr int kPieces = 32 / Out<T>::kPerPiece;  // 16-byte output pieces per chunk of 32 weights
+  const int lane = threadIdx.x & 31;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t chunks = kVec ? n / 32 : 0;
-  for (int64_t c = tid; c < chunks; c += stride) {
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(packed) + c);
-    const float scale = block_scale<kDouble>(s, (c * 32) >> bs_shift, bs_shift, nbs_shift);
-    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
-    uint4* dst = reinterpret_cast<uint4*>(out + c * 32);
+  for (int64_t base = (tid - lane); base < chunks; base += stride) {  // warp-uniform: base = first chunk of the warp
+    const int64_t c = base + lane;
+    uint4 raw = make_uint4(0, 0, 0, 0);
+    float scale = 0.0f;
+    if (c < chunks) {
+      raw = __ldg(reinterpret_cast<const uint4*>(packed) + c);
+      scale = block_scale<kDouble>(s, (c * 32) >> bs_shift, bs_shift, nbs_shift);
+    }
+    uint4* dst = reinterpret_cast<uint4*>(out + base * 32);
 #pragma unroll
-    for (int wi = 0; wi < 4; ++wi) {  // 4 bytes -> 8 values per word
-      float v[8];
-#pragma unroll
-      for (int bi = 0; bi < 4; ++bi) {
-        const uint32_t byte = (words[wi] >> (8 * bi)) & 0xffu;
-        v[2 * bi] = __fmul_rn(lut[byte >> 4], scale);
-        v[2 * bi + 1] = __fmul_rn(lut[byte & 0x0fu], scale);
-      }
-      if constexpr (Out<T>::kPerVec == 8) {
-        dst[wi] = Out<T>::pack(v);
-      } else {
-        dst[2 * wi] = Out<T>::pack(v);
-        dst[2 * wi + 1] = Out<T>::pack(v + 4);
-      }
+    for (int j = 0; j < kPieces; ++j) {
+      const int p = j * 32 + lane;          // piece of the warp's output
+      const int src = p / kPieces, sub = p % kPieces;
+      const uint32_t x = __shfl_sync(0xffffffffu, raw.x, src), y = __shfl_sync(0xffffffffu, raw.y, src);
+      const uint32_t z = __shfl_sync(0xffffffffu, raw.z, src), w = __shfl_sync(0xffffffffu, raw.w, src);
+      const float sc = __shfl_sync(0xffffffffu, scale, src);
+      const int word = sub * 4 / kPieces;   // which 4 packed bytes hold the piece
+      uint32_t bits = word == 0 ? x : word == 1 ? y : word == 2 ? z : w;
+      if constexpr (kPieces == 8) bits >>= 16 * (sub & 1);  // f32: 4 weights = 2 bytes
+      if (base + src < chunks) dst[p] = decode_piece<T>(lut, bits, sc);
     }
   }
   for (int64_t i = chunks * 32 + tid; i < n; i += stride) {
@@ -249,7 +267,7 @@ cudaError_t dequantize_typed(const uint8_t* packed, const NF4Scales& s, int64_t 
   const bool vec = (reinterpret_cast<uintptr_t>(packed) % 16 == 0) && (reinterpret_cast<uintptr_t>(out) % 16 == 0);
   const bool dq = s.absmax_u8 != nullptr;
   const int bs = log2_exact(s.blocksize), nbs = log2_exact(s.nested_blocksize);
-  const int grid = grid_for(vec ? n / 32 + n % 32 : n);
+  const int grid = grid_for(vec ? n / 32 + n % 32 : n);  // a thread per chunk (or per weight)
   if (dq && vec) nf4_dequantize_kernel<T, true, true><<<grid, kThreads, 0, st>>>(packed, s, bs, nbs, n, out);
   else if (dq) nf4_dequantize_kernel<T, true, false><<<grid, kThreads, 0, st>>>(packed, s, bs, nbs, n, out);
   else if (vec) nf4_dequantize_kernel<T, false, true><<<grid, kThreads, 0, st>>>(packed, s, bs, nbs, n, out);
