@@ -15,10 +15,10 @@ namespace kiln::nn {
 
 namespace {
 
-Init llama_init(const LlamaOptions& o, Generator* gen, bool loading) {
+Init llama_init(const LlamaConfig& c, const LlamaOptions& o, Generator* gen, bool loading) {
   Init init;
   init.kind = loading ? Init::Kind::uninitialized : o.random_init ? Init::Kind::normal : Init::Kind::zeros;
-  init.std = 0.02;  // HF: normal(0, initializer_range = 0.02)
+  init.std = c.initializer_range;  // HF: normal(0, initializer_range)
   init.gen = gen;
   return init;
 }
@@ -97,7 +97,7 @@ Tensor LlamaDecoderLayer::forward(const Tensor& x, int64_t start, KVCache::Layer
 
 LlamaModel::LlamaModel(const LlamaConfig& c, const LlamaOptions& o, const WeightSource* source) {
   Generator gen(o.seed);
-  const Init init = llama_init(o, &gen, source != nullptr);
+  const Init init = llama_init(c, o, &gen, source != nullptr);
   auto fill = [&](Module& m, const std::string& prefix) {
     if (!source) return;
     StateDict state;
@@ -153,7 +153,7 @@ Llama::Llama(const LlamaConfig& config, const LlamaOptions& options, const Weigh
   if (!config_.tie_word_embeddings) {
     Generator gen(options.seed + 1);
     auto head = register_module("lm_head", std::make_shared<Linear>(config_.hidden_size, config_.vocab_size, false,
-                                                                     options.dtype, options.device, llama_init(options, &gen, source != nullptr)));
+                                                                     options.dtype, options.device, llama_init(config_, options, &gen, source != nullptr)));
     if (source) {
       Tensor v = source->get("lm_head.weight");
       KILN_CHECK(v.shape() == head->weight().shape(), "load", "{}: tensor 'lm_head.weight' has shape {}, expected {}",

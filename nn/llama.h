@@ -23,6 +23,7 @@ struct LlamaConfig {
   int64_t max_position_embeddings = 2048;
   double rms_norm_eps = 1e-5;
   double rope_theta = 10000.0;
+  double initializer_range = 0.02;  // std of the normal init of random weights (HF's key)
   std::optional<RopeScaling> rope_scaling;  // only rope_type "llama3" (or none)
   bool tie_word_embeddings = false;
   bool attention_bias = false;

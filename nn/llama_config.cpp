@@ -25,12 +25,14 @@ constexpr const char* kLlama31_8B = R"({
   "rope_theta": 500000.0, "tie_word_embeddings": false, "torch_dtype": "bfloat16", "vocab_size": 128256})";
 
 // The default fine-tune's model: Llama 3.1's architecture at a size a 2-core CPU trains in minutes,
-// over the default tokenizer's 4,096-token vocabulary.
+// over the default tokenizer's 4,096-token vocabulary. Its random weights are drawn wider than HF's
+// 0.02 so that a frozen random base still gives LoRA features to work with (the loss then falls from
+// ln(4096) = 8.3 to about 6.6 in 400 steps).
 constexpr const char* kTiny = R"({
   "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
   "bos_token_id": 3840, "eos_token_id": 3841, "hidden_size": 256, "intermediate_size": 704,
   "max_position_embeddings": 2048, "num_attention_heads": 8, "num_hidden_layers": 4, "num_key_value_heads": 2,
-  "head_dim": 32, "rms_norm_eps": 1e-05,
+  "head_dim": 32, "rms_norm_eps": 1e-05, "initializer_range": 0.05,
   "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                    "original_max_position_embeddings": 256, "rope_type": "llama3"},
   "rope_theta": 500000.0, "tie_word_embeddings": true, "torch_dtype": "float32", "vocab_size": 4096})";
@@ -85,6 +87,7 @@ LlamaConfig LlamaConfig::from_json(const std::string& text, const std::string& s
     c.max_position_embeddings = j.value("max_position_embeddings", int64_t{2048});
     c.rms_norm_eps = j.value("rms_norm_eps", 1e-6);
     c.rope_theta = j.value("rope_theta", 10000.0);
+    c.initializer_range = j.value("initializer_range", 0.02);
     c.tie_word_embeddings = j.value("tie_word_embeddings", false);
     c.attention_bias = j.value("attention_bias", false);
     c.mlp_bias = j.value("mlp_bias", false);
@@ -150,6 +153,7 @@ void LlamaConfig::validate() const {
              "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})", num_attention_heads,
              num_key_value_heads);
   KILN_CHECK(head_dim % 2 == 0, "llama config", "head_dim must be even for rotary embeddings, found {}", head_dim);
+  KILN_CHECK(initializer_range > 0, "llama config", "initializer_range must be positive, found {}", initializer_range);
   KILN_CHECK(rms_norm_eps >= 0 && rope_theta > 1, "llama config", "need rms_norm_eps >= 0 and rope_theta > 1, found {} and {}",
              rms_norm_eps, rope_theta);
 }
@@ -175,6 +179,7 @@ std::string LlamaConfig::to_json() const {
          {"max_position_embeddings", max_position_embeddings},
          {"rms_norm_eps", rms_norm_eps},
          {"rope_theta", rope_theta},
+         {"initializer_range", initializer_range},
          {"tie_word_embeddings", tie_word_embeddings},
          {"attention_bias", attention_bias},
          {"mlp_bias", mlp_bias},

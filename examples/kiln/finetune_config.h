@@ -30,7 +30,7 @@ struct FinetuneConfig {
   int64_t seq_len = 128;
   int64_t batch_size = 8;
   int64_t grad_accum = 1;
-  int64_t steps = 150;            // optimizer steps (0: from epochs)
+  int64_t steps = 400;            // optimizer steps (0: from epochs)
   int64_t epochs = 0;
   // optimisation
   double lr = 2e-3;
@@ -42,7 +42,7 @@ struct FinetuneConfig {
   bool checkpointing = false;     // activation checkpointing per block
   bool chunked_head = true;       // chunked linear+loss head
   // reporting and checkpoints
-  int64_t eval_every = 50;
+  int64_t eval_every = 100;
   int64_t eval_batches = 4;
   int64_t save_every = 100;
   int64_t log_every = 10;
