@@ -1,7 +1,8 @@
 // Benchmark of the fused multi-tensor AdamW step (one launch for all tensors): the Llama 3 8B LoRA
 // r=16 all-linear set (448 f32 tensors, ~42M params) and a flat 1B-param tensor (f32 and bf16), as
 // time per step, GB/s of bytes read + written (f32: p,g,m,v read, p,m,v written = 28 B/param) and the
-// fraction of the cudaMemcpy device-copy bandwidth measured in the same run.
+// fraction of the cudaMemcpy device-copy bandwidth measured in the same run; clip_grad_norm_ on the
+// LoRA grads against the per-grad-op norm it replaced, and the fused multi-tensor norm / scale alone.
 // Usage: cuda_adamw
 #include <cuda_runtime_api.h>
 
@@ -103,6 +104,19 @@ int main() {
     row("8B LoRA r=16, nn::AdamW::step()", nt, s.params, 28 * s.params, time_ms([&] { opt.step(); }, 50, 5));
     row("8B LoRA r=16, clip_grad_norm_ (1 sync, read g)", nt, s.params, 4 * s.params,
         time_ms([&] { kiln::nn::clip_grad_norm_(named, 1e9); }, 20, 3));
+    row("8B LoRA r=16, clip norm by per-grad ops (old)", nt, s.params, 4 * s.params, time_ms([&] {
+          std::vector<Tensor> parts;  // (448) 0-d sums of squares
+          for (const Tensor& g : s.g) parts.push_back(kiln::sum(kiln::square(kiln::cast(g, DType::f32))));
+          (void)kiln::sum(kiln::stack(parts, 0)).item<double>();
+        }, 20, 3));
+    row("8B LoRA r=16, multi_tensor_l2_norm (no sync)", nt, s.params, 4 * s.params,
+        time_ms([&] { (void)kiln::multi_tensor_l2_norm(s.g); }, 50, 5));
+    row("8B LoRA r=16, multi_tensor_scale_ (r+w g)", nt, s.params, 8 * s.params,
+        time_ms([&] { kiln::multi_tensor_scale_(s.g, 1.0); }, 50, 5));
+    std::vector<Tensor> gb;  // (448) bf16 copies of the grads
+    for (const Tensor& g : s.g) gb.push_back(kiln::cast(g, DType::bf16));
+    row("8B LoRA r=16 bf16 grads, multi_tensor_l2_norm", nt, s.params, 2 * s.params,
+        time_ms([&] { (void)kiln::multi_tensor_l2_norm(gb); }, 50, 5));
   }
   cuda::empty_cache();
   for (DType dt : {DType::f32, DType::bf16}) {

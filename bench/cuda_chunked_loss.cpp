@@ -2,7 +2,8 @@
 // 128256, H = 4096, bf16): kiln's naive head (matmul -> cast f32 -> cross_entropy -> backward)
 // against nn::chunked_linear_loss, frozen and trainable weight: time, effective TFLOP/s (2*N*H*V per
 // matmul pass: frozen = 2 passes, trainable = 3) and peak extra memory from the allocator's stats;
-// then the time of one chunk's parts. Usage: cuda_chunked_loss [iterations]
+// then the time of one chunk's parts. Usage: cuda_chunked_loss [iterations] [tokens] (tokens: only
+// that row group, 16384 or 65536)
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
@@ -85,8 +86,8 @@ void row(const std::string& name, int64_t n, bool trainable, const Head& head, c
   std::fflush(stdout);
 }
 
-// The time of each step of one chunk with a frozen weight (each timed alone, so the loss row includes
-// cross_entropy's two stream synchronisations).
+// The time of each step of one chunk with a frozen weight, each timed alone (the loss uses
+// cross_entropy_unchecked: no stream synchronisation).
 void parts(int64_t c) {
   kiln::autograd::NoGradGuard no_grad;
   Tensor x = kiln::randn({c, kH}, DType::bf16, kGPU);
@@ -122,6 +123,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   g_iters = argc > 1 ? std::atoi(argv[1]) : 5;
+  const int64_t only = argc > 2 ? std::atoll(argv[2]) : 0;  // 0: every token count
   Tensor weight = kiln::mul(kiln::randn({kV, kH}, DType::bf16, kGPU), 0.02);  // (V, H)
   const size_t budget = nn::ChunkedLossOptions{}.memory_budget_bytes;
   std::printf("LM head + cross-entropy fwd+bwd, H=%lld V=%lld bf16; chunked: default %.1f GiB budget -> chunk %lld\n",
@@ -130,6 +132,7 @@ int main(int argc, char** argv) {
   std::printf("%-30s %-8s %-9s %10s %9s %8s %12s %10s\n", "head", "tokens", "weight", "ms", "TFLOP/s", "of peak",
               "extra GiB", "vs naive");
   for (int64_t n : {int64_t{16384}, int64_t{65536}}) {
+    if (only != 0 && n != only) continue;
     for (bool trainable : {false, true}) {
       double ref = 0;
       row("naive (full logits)", n, trainable, naive_head, weight, &ref);

@@ -158,6 +158,12 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore
                      Reduction reduction = Reduction::mean);
 Tensor cross_entropy_composite(const Tensor& logits, const Tensor& targets, int64_t ignore_index = -100,
                                Reduction reduction = Reduction::mean);
+// cross_entropy for targets the caller has already validated (each ignore_index or in [0, V), e.g.
+// checked once on the host): skips the device-side check, which on CUDA costs a host synchronisation
+// per call. An invalid target is then not reported and gives an unspecified loss (never an
+// out-of-bounds read). The backward of either form never re-checks.
+Tensor cross_entropy_unchecked(const Tensor& logits, const Tensor& targets, int64_t ignore_index = -100,
+                               Reduction reduction = Reduction::mean);
 // silu(gate) * up for gate and up of one shape and float dtype (Llama's MLP activation).
 Tensor swiglu(const Tensor& gate, const Tensor& up);
 Tensor swiglu_composite(const Tensor& gate, const Tensor& up);

@@ -1,6 +1,7 @@
 // Documents: plain-text and JSONL readers (format detected per JSONL line, errors naming file:line),
 // tokenisation with bos/eos or the Llama 3 chat format and per-token loss masks, the seeded held-out split.
 #include "data/dataset.h"
+#include "core/file_io.h"
 
 #include <algorithm>
 #include <cmath>
@@ -22,15 +23,6 @@ constexpr const char* kOp = "dataset";
 constexpr uint64_t kSplitStream = 0x53504c4954ull;  // "SPLIT": keeps the split apart from the shuffles
 
 bool is_blank(std::string_view s) { return s.find_first_not_of(" \t\r\n\v\f") == std::string_view::npos; }
-
-// As Tokenizer::apply_chat_template trims message contents.
-std::string trim_ascii(std::string_view s) {
-  const char* ws = " \t\n\r\v\f";
-  size_t b = s.find_first_not_of(ws);
-  if (b == std::string_view::npos) return {};
-  size_t e = s.find_last_not_of(ws);
-  return std::string(s.substr(b, e - b + 1));
-}
 
 // Calls fn(line, line_number) for each line (without "\n" and a trailing "\r"), numbered from 1.
 template <class Fn>
@@ -104,16 +96,8 @@ RawDocument parse_jsonl_object(const json& j, const std::string& where) {
   return doc;
 }
 
-std::string read_file(const std::filesystem::path& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) KILN_FAIL(kOp, "cannot open {:?}", path.string());
-  std::ostringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
-
 std::vector<RawDocument> load_file(const std::filesystem::path& path, const TextOptions& options) {
-  std::string content = read_file(path);
+  std::string content = read_file(path.string(), kOp);
   if (path.extension() == ".jsonl") return parse_jsonl(content, path.string());
   return parse_text(content, path.string(), options);
 }
@@ -139,7 +123,7 @@ Document tokenize_chat(const Tokenizer& tok, const RawDocument& doc) {
   size_t pos = 1;  // after bos
   for (const ChatMessage& m : doc.messages) {
     size_t head = 2 + tok.encode(m.role, false, false).size();
-    std::vector<int32_t> body = tok.encode("\n\n" + trim_ascii(m.content), false, false);
+    std::vector<int32_t> body = tok.encode("\n\n" + trim_chat_content(m.content), false, false);
     bool led = body.size() >= newlines.size() && std::equal(newlines.begin(), newlines.end(), body.begin());
     size_t skip = led ? newlines.size() : 0;
     size_t end = pos + head + body.size() + 1;

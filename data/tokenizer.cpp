@@ -3,6 +3,7 @@
 // chat format.
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include "data/tokenizer.h"
+#include "core/file_io.h"
 
 #include <pcre2.h>
 
@@ -125,13 +126,6 @@ class MergeTable {
   std::vector<Slot> slots_;
 };
 
-std::string trim_ascii(std::string_view s) {
-  const char* ws = " \t\n\r\v\f";
-  size_t b = s.find_first_not_of(ws);
-  if (b == std::string_view::npos) return {};
-  size_t e = s.find_last_not_of(ws);
-  return std::string(s.substr(b, e - b + 1));
-}
 
 }  // namespace
 
@@ -382,18 +376,23 @@ struct Tokenizer::Impl {
   }
 };
 
+std::string trim_chat_content(std::string_view s) {
+  const char* ws = " \t\n\r\v\f";
+  size_t b = s.find_first_not_of(ws);
+  if (b == std::string_view::npos) return {};
+  size_t e = s.find_last_not_of(ws);
+  return std::string(s.substr(b, e - b + 1));
+}
+
 Tokenizer::Tokenizer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Tokenizer::Tokenizer(Tokenizer&&) noexcept = default;
 Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;
 Tokenizer::~Tokenizer() = default;
 
 Tokenizer Tokenizer::from_file(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) KILN_FAIL("tokenizer", "cannot open {:?}", path);
-  std::ostringstream ss;
-  ss << f.rdbuf();
+  const std::string text = read_file(path, "tokenizer");
   try {
-    return from_json(ss.str());
+    return from_json(text);
   } catch (const Error& e) {
     throw Error(fmt::format("{} (in {})", e.what(), path));
   }
@@ -554,7 +553,7 @@ std::string Tokenizer::apply_chat_template(std::span<const ChatMessage> messages
   std::string out;
   for (size_t i = 0; i < messages.size(); ++i) {
     if (i == 0) out += "<|begin_of_text|>";
-    out += "<|start_header_id|>" + messages[i].role + "<|end_header_id|>\n\n" + trim_ascii(messages[i].content) +
+    out += "<|start_header_id|>" + messages[i].role + "<|end_header_id|>\n\n" + trim_chat_content(messages[i].content) +
            "<|eot_id|>";
   }
   if (add_generation_prompt) out += "<|start_header_id|>assistant<|end_header_id|>\n\n";
@@ -572,7 +571,7 @@ std::vector<int32_t> Tokenizer::encode_chat(std::span<const ChatMessage> message
     out.push_back(m.start_header);
     m.encode_text(messages[i].role, out);
     out.push_back(m.end_header);
-    m.encode_text("\n\n" + trim_ascii(messages[i].content), out);
+    m.encode_text("\n\n" + trim_chat_content(messages[i].content), out);
     out.push_back(m.eot);
   }
   if (add_generation_prompt) {

@@ -19,6 +19,9 @@ struct ChatMessage {
 
 // Immutable after loading; encode/decode may be called from several threads (the per-word BPE cache,
 // bounded in size, is guarded by a mutex).
+// What the chat template does to a message's content: strips ASCII whitespace at both ends.
+std::string trim_chat_content(std::string_view s);
+
 class Tokenizer {
  public:
   // Loads tokenizer.json. Throws kiln::Error("[tokenizer] ...") on a missing file, malformed JSON or

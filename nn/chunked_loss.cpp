@@ -157,8 +157,9 @@ std::vector<Tensor> ChunkedLinearLossFunction::forward(const std::vector<Tensor>
     return ci;
   };
   // Pipelining: the next chunk's logits are queued right after this chunk's loss forward, so the
-  // GPU has a large product to run while the host walks the loss's backward (CUDA cross_entropy
-  // synchronises the stream to check its targets, twice per chunk).
+  // GPU has a large product to run while the host walks the loss's backward (a loss that
+  // synchronises, e.g. one calling the checked cross_entropy, does not stall the GPU then). The
+  // ready-made losses use cross_entropy_unchecked: the targets were checked once on the host.
   Tensor prefetched;
   int64_t prefetched_ci = -1;
   for (int64_t ci = 0; ci < n_chunks; ++ci) {
@@ -319,8 +320,9 @@ LossFn cross_entropy_loss(const CrossEntropyOptions& options) {
              "label_smoothing must be in [0, 1], found {}", options.label_smoothing);
   const double s = options.label_smoothing, z = options.z_loss_weight;
   return [s, z](const Tensor& logits, const Tensor& targets) {
-    // Targets are valid classes (the head replaced ignored ones), so no ignore_index is needed here.
-    Tensor loss = cross_entropy(logits, targets, -1, Reduction::none);  // (n) nll
+    // Targets are valid classes (checked on the host by chunked_linear_loss, ignored ones replaced
+    // by 0), so neither ignore_index nor the device-side check (a CUDA sync per call) is needed.
+    Tensor loss = cross_entropy_unchecked(logits, targets, -1, Reduction::none);  // (n) nll
     if (s == 0.0 && z == 0.0) return loss;
     Tensor lse = logsumexp(logits, {1});                          // (n)
     if (s != 0.0) loss = add(mul(loss, 1.0 - s), mul(sub(lse, mean(logits, {1})), s));
@@ -336,7 +338,7 @@ LossFn z_loss(double z_weight) {
 LossFn focal_loss(double gamma) {
   KILN_CHECK(gamma == 0.0 || gamma >= 1.0, "focal_loss", "gamma must be 0 or >= 1, found {}", gamma);
   return [gamma](const Tensor& logits, const Tensor& targets) {
-    Tensor nll = cross_entropy(logits, targets, -1, Reduction::none);  // (n) = -log p_t
+    Tensor nll = cross_entropy_unchecked(logits, targets, -1, Reduction::none);  // (n) = -log p_t, valid targets
     if (gamma == 0.0) return nll;
     Tensor one_minus_pt = 1.0 - exp(neg(nll));                   // (n)
     return mul(pow(one_minus_pt, gamma), nll);

@@ -2,6 +2,7 @@
 // and loading a Hugging Face folder layer by layer.
 #include "nn/llama.h"
 
+#include <algorithm>
 #include <filesystem>
 #include <set>
 
@@ -9,6 +10,8 @@
 #include "autograd/grad_mode.h"
 #include "core/ops.h"
 #include "nn/chunked_loss.h"
+#include "nn/nf4_linear.h"
+#include "quant/bnb_checkpoint.h"
 #include "nn/safetensors.h"
 
 namespace kiln::nn {
@@ -98,16 +101,44 @@ Tensor LlamaDecoderLayer::forward(const Tensor& x, int64_t start, KVCache::Layer
 LlamaModel::LlamaModel(const LlamaConfig& c, const LlamaOptions& o, const WeightSource* source) {
   Generator gen(o.seed);
   const Init init = llama_init(c, o, &gen, source != nullptr);
+  std::set<std::string> source_keys;
+  if (source) source_keys.insert(source->keys.begin(), source->keys.end());
   auto fill = [&](Module& m, const std::string& prefix) {
     if (!source) return;
+    // Linear layers stored as bitsandbytes NF4 (a bnb-4bit checkpoint) become NF4Linear, bit for bit.
+    std::set<std::string> quantised;  // module paths under `m` loaded from bnb tensors (with a '.')
+    struct Target {
+      Module* parent;
+      std::string name, sub;
+      bool bias;
+    };
+    std::vector<Target> targets;  // found first, replaced after (replacing frees the old Linear)
+    for (auto& [path, mod] : m.named_modules())
+      for (auto& [name, child] : mod->named_children()) {
+        const std::string sub = path.empty() ? name : path + "." + name;
+        if (dynamic_cast<Linear*>(child.get()) && source_keys.count(prefix + sub + ".weight.quant_state.bitsandbytes__nf4"))
+          targets.push_back({mod, name, sub, child->has_parameter("bias")});
+      }
+    for (const auto& [parent, name, sub, has_bias] : targets) {
+      const std::string key = prefix + sub + ".weight";
+      NamedTensors parts;  // weight, weight.absmax, weight.nested_absmax, ..., weight.quant_state.bitsandbytes__nf4
+      for (auto it = source_keys.lower_bound(key); it != source_keys.end() && it->starts_with(key); ++it)
+        parts.emplace_back(*it, source->get(*it));
+      quant::NF4Weight w = quant::to_device(quant::read_bnb_nf4(parts, key), o.device);
+      Tensor bias;
+      if (has_bias) bias = to_device(cast(source->get(prefix + sub + ".bias"), o.dtype), o.device);
+      parent->replace_module(name, std::make_shared<NF4Linear>(std::move(w), bias));
+      quantised.insert(sub + ".");
+    }
     StateDict state;
     for (auto& [name, t] : m.state_dict()) {
+      if (std::any_of(quantised.begin(), quantised.end(), [&](const std::string& q) { return name.starts_with(q); })) continue;
       Tensor v = source->get(prefix + name);
       KILN_CHECK(v.shape() == t.shape(), "load", "{}: tensor '{}' has shape {}, expected {}", source->origin,
                  prefix + name, shape_str(v.shape()), shape_str(t.shape()));
       state.emplace(name, v);
     }
-    m.load_state_dict(state);
+    m.load_state_dict(state, /*strict=*/quantised.empty());
   };
   auto embed = register_module("embed_tokens", std::make_shared<Embedding>(c.vocab_size, c.hidden_size, o.dtype, o.device, init));
   fill(*embed, "model.embed_tokens.");

@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "nn/llama.h"
+#include "core/file_io.h"
 
 namespace kiln::nn {
 
@@ -86,7 +87,9 @@ LlamaConfig LlamaConfig::from_json(const std::string& text, const std::string& s
                                                                         : (c.num_attention_heads > 0 ? c.hidden_size / c.num_attention_heads : 0);
     c.max_position_embeddings = j.value("max_position_embeddings", int64_t{2048});
     c.rms_norm_eps = j.value("rms_norm_eps", 1e-6);
-    c.rope_theta = j.value("rope_theta", 10000.0);
+    // transformers >= 5 writes the RoPE settings as "rope_parameters" (theta and scaling together)
+    const json* rope = j.contains("rope_parameters") && j["rope_parameters"].is_object() ? &j["rope_parameters"] : nullptr;
+    c.rope_theta = rope && rope->contains("rope_theta") ? rope->at("rope_theta").get<double>() : j.value("rope_theta", 10000.0);
     c.initializer_range = j.value("initializer_range", 0.02);
     c.tie_word_embeddings = j.value("tie_word_embeddings", false);
     c.attention_bias = j.value("attention_bias", false);
@@ -100,10 +103,12 @@ LlamaConfig LlamaConfig::from_json(const std::string& text, const std::string& s
       if (e.is_number_integer()) c.eos_token_ids = {e.get<int64_t>()};
       else if (e.is_array()) c.eos_token_ids = e.get<std::vector<int64_t>>();
     }
-    if (j.contains("torch_dtype") && j["torch_dtype"].is_string()) c.torch_dtype = dtype_from_torch(j["torch_dtype"], source);
-    if (j.contains("rope_scaling") && !j["rope_scaling"].is_null()) {
-      const json& r = j["rope_scaling"];
-      const std::string type = r.value("rope_type", r.value("type", std::string("")));
+    for (const char* key : {"torch_dtype", "dtype"})  // "dtype" in transformers >= 5
+      if (j.contains(key) && j[key].is_string()) c.torch_dtype = dtype_from_torch(j[key], source);
+    const json* scaling = j.contains("rope_scaling") && !j["rope_scaling"].is_null() ? &j["rope_scaling"] : rope;
+    if (scaling) {
+      const json& r = *scaling;
+      const std::string type = r.value("rope_type", r.value("type", std::string(scaling == rope ? "default" : "")));
       KILN_CHECK(type == "llama3" || type == "default", "llama config",
                  "{}: rope_scaling type '{}' is not supported (llama3 or default)", source, type);
       if (type == "llama3") {
@@ -126,13 +131,7 @@ LlamaConfig LlamaConfig::from_json(const std::string& text, const std::string& s
   return c;
 }
 
-LlamaConfig LlamaConfig::from_file(const std::string& path) {
-  std::ifstream in(path);
-  KILN_CHECK(in.good(), "llama config", "cannot open {}", path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return from_json(ss.str(), path);
-}
+LlamaConfig LlamaConfig::from_file(const std::string& path) { return from_json(read_file(path, "llama config"), path); }
 
 LlamaConfig LlamaConfig::named(const std::string& name_or_path) {
   auto it = named_configs().find(name_or_path);

@@ -1,5 +1,6 @@
 // LoRA layers, wrapping a model's linear layers by name, merge/unmerge, and PEFT adapter folders.
 #include "nn/lora.h"
+#include "core/file_io.h"
 
 #include <cmath>
 #include <filesystem>
@@ -22,26 +23,6 @@ using json = nlohmann::json;
 namespace fs = std::filesystem;
 
 constexpr const char* kPeftPrefix = "base_model.model.";
-
-std::string read_text(const fs::path& path) {
-  std::ifstream in(path);
-  KILN_CHECK(in.good(), "adapter", "cannot open {}", path.string());
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-void write_text_atomic(const fs::path& path, const std::string& text) {
-  const fs::path tmp = path.string() + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    KILN_CHECK(out.good(), "adapter", "cannot write {}", tmp.string());
-    out << text;
-    out.flush();
-    KILN_CHECK(out.good(), "adapter", "writing {} failed", tmp.string());
-  }
-  fs::rename(tmp, path);
-}
 
 // The parent module and child name of a dotted path ("a.b.c" -> (a.b, c)).
 std::pair<std::string, std::string> split_path(const std::string& path) {
@@ -249,12 +230,12 @@ void save_adapter(Module& root, const LoraConfig& config, const std::string& dir
     tensors.emplace_back(kPeftPrefix + path + ".lora_B.weight", l->lora_b());
   }
   save_safetensors((fs::path(dir) / "adapter_model.safetensors").string(), tensors, {{"format", "pt"}});
-  write_text_atomic(fs::path(dir) / "adapter_config.json", config.to_peft_json());
+  write_file_atomic((fs::path(dir) / "adapter_config.json").string(), config.to_peft_json(), "adapter");
 }
 
 LoraConfig read_adapter_config(const std::string& dir) {
   const fs::path p = fs::path(dir) / "adapter_config.json";
-  return LoraConfig::from_peft_json(read_text(p), p.string());
+  return LoraConfig::from_peft_json(read_file(p.string(), "adapter"), p.string());
 }
 
 LoraConfig load_adapter(Module& root, const std::string& dir) {

@@ -373,20 +373,46 @@ double clip_grad_norm_(const std::vector<Tensor>& params, double max_norm) {
     if (std::find(devices.begin(), devices.end(), g.device()) == devices.end()) devices.push_back(g.device());
   }
   if (grads.empty()) return 0.0;
-  // Per device: the sum of squares of all its grads in f32, one 0-d tensor read back per device.
-  double total_sq = 0.0;
+  // Per device: the fused multi-tensor L2 norm of its f32/bf16/f16 grads (one launch, f32
+  // accumulation; other dtypes, e.g. f64, by per-tensor ops), one 0-d tensor read back per device.
+  // Several devices combine as the norm of the per-device norms.
+  const auto fused = [](const Tensor& g) {
+    return (g.dtype() == DType::f32 || g.dtype() == DType::bf16 || g.dtype() == DType::f16) && g.is_contiguous();
+  };
+  std::vector<double> device_norms;
   for (const Device& dev : devices) {
-    std::vector<Tensor> parts;  // (k) 0-d sums of squares
+    std::vector<Tensor> dense;  // (k) grads of the fused kernels
+    Tensor rest_sq;             // () f32 sum of squares of the others
     for (const Tensor& g : grads) {
-      if (g.device() == dev) parts.push_back(sum(square(cast(g, DType::f32))));
+      if (g.device() != dev) continue;
+      if (fused(g)) {
+        dense.push_back(g);
+      } else {
+        const Tensor sq = sum(square(cast(g, DType::f32)));
+        rest_sq = rest_sq.defined() ? add(rest_sq, sq) : sq;
+      }
     }
-    total_sq += sum(stack(parts, 0)).item<double>();
+    Tensor dn = dense.empty() ? Tensor() : multi_tensor_l2_norm(dense);  // ()
+    if (rest_sq.defined()) dn = sqrt(dn.defined() ? add(square(dn), rest_sq) : rest_sq);
+    device_norms.push_back(dn.item<double>());
   }
-  const double norm = std::sqrt(total_sq);
+  double total_sq = 0.0;
+  for (double dn : device_norms) total_sq += dn * dn;
+  const double norm = device_norms.size() == 1 ? device_norms[0] : std::sqrt(total_sq);
   const double coef = max_norm / (norm + 1e-6);
-  if (coef < 1.0) {
-    // In f32 (a double scalar would take a bf16 grad's dtype and round the coefficient).
-    for (const Tensor& g : grads) copy_(g, mul(cast(g, DType::f32), coef));
+  // A non-finite norm (inf/NaN grads) leaves the grads as they are.
+  if (std::isfinite(norm) && coef < 1.0) {
+    // In f32 (a double scalar would take a bf16 grad's dtype and round the coefficient), in place:
+    // one launch per device for the fused dtypes.
+    for (const Device& dev : devices) {
+      std::vector<Tensor> dense;  // (k) grads scaled by the fused kernel
+      for (const Tensor& g : grads) {
+        if (g.device() != dev) continue;
+        if (fused(g)) dense.push_back(g);
+        else copy_(g, mul(cast(g, DType::f32), coef));
+      }
+      multi_tensor_scale_(dense, coef);
+    }
   }
   return norm;
 }

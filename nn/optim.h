@@ -123,9 +123,11 @@ class SGD final : public Optimizer {
   SGDOptions o_;
 };
 
-// torch.nn.utils.clip_grad_norm_ (norm_type 2): the L2 norm over all grads (computed on their
-// device, one host sync per device); when above max_norm, grads are scaled in place by
-// max_norm / (norm + 1e-6). Params without a grad are ignored. Returns the norm.
+// torch.nn.utils.clip_grad_norm_ (norm_type 2): the L2 norm over all grads (one fused
+// multi_tensor_l2_norm launch and one host read per device); when above max_norm, grads are
+// scaled in place by max_norm / (norm + 1e-6) (one fused multi_tensor_scale_ per device). A
+// non-finite norm is returned and the grads are left untouched. Params without a grad are
+// ignored. Returns the norm.
 double clip_grad_norm_(const std::vector<Tensor>& params, double max_norm);
 double clip_grad_norm_(const NamedParameters& params, double max_norm);
 

@@ -1,6 +1,7 @@
 // safetensors reading (mmap, validation of the header against the file) and writing (atomic:
 // temporary file, fsync, rename), plus sharded checkpoints with model.safetensors.index.json.
 #include "nn/safetensors.h"
+#include "core/file_io.h"
 
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -302,13 +303,10 @@ void save_safetensors(const std::string& path, const std::vector<std::pair<std::
 ShardedCheckpoint ShardedCheckpoint::open(const std::string& dir) {
   const char* op = "safetensors";
   std::string index_path = join_path(dir, "model.safetensors.index.json");
-  std::ifstream in(index_path, std::ios::binary);
-  KILN_CHECK(in.good(), op, "{}: cannot open: {}", index_path, errno_str());
-  std::stringstream ss;
-  ss << in.rdbuf();
+  const std::string text = read_file(index_path, op);
   json index;
   try {
-    index = json::parse(ss.str());
+    index = json::parse(text);
   } catch (const json::exception& e) {
     KILN_FAIL(op, "{}: malformed JSON: {}", index_path, e.what());
   }

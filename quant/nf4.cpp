@@ -1,10 +1,11 @@
 // NF4 format in bitsandbytes' layout: the level and dynamic-code tables, the four primitives
 // (NF4 quantise/dequantise, 8-bit blockwise quantise/dequantise), their CPU kernels, the public
 // quantise/dequantise functions and the lazy kernel registration (core/ does not know quant/).
-#include "quant/nf4.h"
-
 // bnb rounds every f32 product and sum separately; GCC would fuse a*b+c into an FMA in C++ mode.
 #pragma GCC optimize("fp-contract=off")
+
+#include "quant/nf4.h"
+#include "quant/nf4_code.h"
 
 #include <algorithm>
 #include <cfloat>
@@ -222,26 +223,7 @@ uint8_t nf4_code(float x) {
   return code;
 }
 
-uint8_t dynamic_code_index(const float* code, float x) {
-  int pivot = 127, upper_pivot = 255, lower_pivot = 0;
-  float lower = -1.0f, upper = 1.0f, val = code[pivot];
-  for (int step = 64; step > 0; step >>= 1) {
-    if (x > val) {
-      lower_pivot = pivot;
-      lower = val;
-      pivot += step;
-    } else {
-      upper_pivot = pivot;
-      upper = val;
-      pivot -= step;
-    }
-    val = code[pivot];
-  }
-  if (upper_pivot == 255) upper = code[255];
-  if (lower_pivot == 0) lower = code[0];
-  if (x > val) return static_cast<uint8_t>(x > (upper + val) * 0.5f ? upper_pivot : pivot);
-  return static_cast<uint8_t>(x < (lower + val) * 0.5f ? lower_pivot : pivot);
-}
+uint8_t dynamic_code_index(const float* code, float x) { return detail::dynamic_code_search(code, x); }
 
 size_t NF4Weight::nbytes() const {
   size_t total = 0;

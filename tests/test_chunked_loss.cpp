@@ -397,3 +397,29 @@ TEST_CASE("chunked_linear_loss: bad inputs", "[chunked_loss]") {
   REQUIRE_THROWS_WITH(nn::focal_loss(0.5), ContainsSubstring("[focal_loss]"));
   REQUIRE_THROWS_WITH(nn::cross_entropy_loss({.label_smoothing = 1.5}), ContainsSubstring("[cross_entropy_loss]"));
 }
+
+TEST_CASE("chunked_linear_loss: ready-made losses skip the per-chunk device target check", "[chunked_loss]") {
+  // The head checks the targets once on the host (bad ones fail above), so its cross-entropy calls
+  // are cross_entropy_unchecked: no CUDA stream synchronisation per chunk.
+  struct Attrs : DispatchObserver {
+    std::vector<std::string> seen;
+    ObserverScope scope{this};
+    void on_op(const Primitive& op, const std::vector<Tensor>&, const std::vector<Tensor>&) override {
+      if (std::string(op.name()).rfind("cross_entropy", 0) == 0) seen.push_back(op.attributes());
+    }
+  };
+  const int64_t n = 40, h = 8, v = 17;
+  Tensor x = test::random_tensor({n, h}, DType::f32, 81).set_requires_grad();
+  Tensor w = test::random_tensor({v, h}, DType::f32, 82);
+  const Tensor t = make_targets(n, v, 83);
+  for (const nn::LossFn& fn : {nn::cross_entropy_loss(), nn::cross_entropy_loss({.label_smoothing = 0.1}),
+                               nn::focal_loss(2.0)}) {
+    nn::ChunkedLossOptions o;
+    o.chunk_size = 7;
+    Attrs a;
+    nn::chunked_linear_loss(x, w, t, fn, o).backward();
+    REQUIRE(a.seen.size() >= 8);  // forward and backward of every live chunk
+    for (const std::string& s : a.seen) REQUIRE_THAT(s, ContainsSubstring("check_targets=false"));
+    x.zero_grad();
+  }
+}

@@ -1,6 +1,7 @@
 // CUDA kernels of the fused nn ops against the CPU reference: embedding, rms_norm, rotary_embedding,
-// cross_entropy and swiglu, forward and backward (autograd gradients on both devices), in every float
-// dtype, odd sizes, non-contiguous inputs, ignored rows, and the index errors the CPU raises.
+// cross_entropy (checked and unchecked) and swiglu, forward and backward (autograd gradients on both
+// devices), in every float dtype, odd sizes, non-contiguous inputs, ignored rows, and the index errors
+// the CPU raises.
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
 #include <cmath>
@@ -285,6 +286,31 @@ TEST_CASE("cuda cross_entropy rejects targets out of range", "[cuda][nn_ops]") {
   REQUIRE_THROWS_WITH(dispatch1(std::make_shared<const prim::CrossEntropyBackward>(-100, Reduction::mean),
                                 {logits, from_vector<int64_t>({0, 1, 2, 9}, {4}, kGPU), ones({}, DType::f32, kGPU)}),
                       ContainsSubstring("[cross_entropy_backward]") && ContainsSubstring("target 9 at row 3"));
+}
+
+TEST_CASE("cuda cross_entropy_unchecked matches cross_entropy and skips the device check", "[cuda][nn_ops]") {
+  if (!cuda::is_available()) SKIP("no CUDA device");
+  for (DType dt : {DType::f32, DType::bf16}) {
+    for (Reduction red : kReductions) {
+      INFO(dtype_name(dt) << " " << prim::reduction_name(red));
+      Tensor logits = mul(test::random_tensor({37, 4099}, dt, 35), 3.0).to(kGPU).set_requires_grad();
+      const Tensor targets = ce_targets(37, 4099, -100, DType::i64, 36).to(kGPU);
+      Tensor g = (red == Reduction::none ? test::random_tensor({37}, dt, 37) : full({}, 1.3, dt)).to(kGPU);
+      Tensor a = cross_entropy(logits, targets, -100, red), b = cross_entropy_unchecked(logits, targets, -100, red);
+      test::require_equal(b.to(kCPU), a.to(kCPU));  // the same kernel, without the check
+      test::require_equal(autograd::grad({b}, {logits}, {g})[0].to(kCPU),
+                          autograd::grad({a}, {logits}, {g})[0].to(kCPU));
+    }
+  }
+  // An invalid target is not reported (the caller promised valid ones) and reads nothing out of
+  // bounds (compute-sanitizer memcheck runs this); the valid rows keep their losses.
+  Tensor logits = test::random_tensor({4, 5}, DType::f32, 38).to(kGPU).set_requires_grad();
+  const Tensor bad = from_vector<int64_t>({0, 1, 500, -7}, {4}, kGPU);
+  Tensor loss = cross_entropy_unchecked(logits, bad, -100, Reduction::none);
+  Tensor dl = autograd::grad({loss}, {logits}, {ones_like(loss)})[0];
+  const Tensor ok = cross_entropy(logits, from_vector<int64_t>({0, 1, -100, -100}, {4}, kGPU), -100, Reduction::none);
+  test::require_equal(narrow(loss, 0, 0, 2).to(kCPU), narrow(ok, 0, 0, 2).to(kCPU));
+  REQUIRE(dl.to(kCPU).shape() == Shape{4, 5});
 }
 
 // ---------------------------------------------------------------- swiglu

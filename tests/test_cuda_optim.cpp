@@ -1,10 +1,13 @@
 // Optimisers on CUDA against the CPU: the fused multi-tensor AdamW kernel over many tensors of mixed
 // sizes and alignments (f32/bf16/f16, one adamw_step op per dtype per step), AdamW/SGD optimizers,
-// clip_grad_norm_, and a save/load resume on the device.
+// clip_grad_norm_ (fused: one norm and one scale op), the multi-tensor L2 norm / scale kernels against
+// the CPU (mixed dtypes, misaligned views, many sizes), and a save/load resume on the device.
 #include <catch2/catch_approx.hpp>
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
+#include <cmath>
 #include <filesystem>
+#include <limits>
 
 #include "core/cuda/runtime.h"
 #include "core/ops/optim.h"
@@ -12,6 +15,8 @@
 #include "tests/helpers.h"
 
 using namespace kiln;
+using Catch::Matchers::ContainsSubstring;
+using kiln::test::make_noncontiguous;
 using kiln::test::OpCounter;
 using kiln::test::random_tensor;
 using kiln::test::require_close;
@@ -150,6 +155,83 @@ TEST_CASE("clip_grad_norm_ on CUDA matches the CPU", "[cuda][optim]") {
   REQUIRE(nc > 3.0);
   for (size_t k = 0; k < c.size(); ++k) {
     if (c[k].second.grad().defined()) require_close(g[k].second.grad().to(kCPU), c[k].second.grad(), 1e-5, 1e-7);
+  }
+}
+
+TEST_CASE("clip_grad_norm_ on CUDA is one fused norm and one fused scale", "[cuda][optim]") {
+  if (!cuda::is_available()) SKIP("no CUDA device");
+  const std::vector<int64_t> sizes = mixed_sizes();
+  for (DType dt : {DType::bf16, DType::f32}) {
+    nn::NamedParameters c = cpu_params(dt, 60, sizes), g = to_gpu(c);
+    set_grads(c, g, 1, 61);
+    OpCounter ops;
+    const double ng = nn::clip_grad_norm_(g, 0.5);
+    REQUIRE(ops.count("multi_tensor_l2_norm") == 1);
+    REQUIRE(ops.count("multi_tensor_scale") == 1);
+    CAPTURE(ops.names);
+    REQUIRE(ops.names.size() < 10);  // norm, its read-back, scale: no per-grad ops (318 grads)
+    const double nc = nn::clip_grad_norm_(c, 0.5);
+    REQUIRE(ng == Catch::Approx(nc).epsilon(1e-5));
+    const double tol = dt == DType::f32 ? 1e-5 : 8e-3;
+    for (size_t k = 0; k < c.size(); ++k) {
+      if (c[k].second.grad().defined()) require_close(g[k].second.grad().to(kCPU), c[k].second.grad(), tol, 1e-7);
+    }
+  }
+}
+
+// Tensors of every size of mixed_sizes(), dtypes cycling f32/bf16/f16, some starting one element
+// into a larger buffer (not 16-byte aligned: the scalar path).
+std::vector<Tensor> multi_inputs(uint64_t seed, const Device& dev) {
+  const std::vector<int64_t> sizes = mixed_sizes();
+  const DType dts[] = {DType::f32, DType::bf16, DType::f16};
+  std::vector<Tensor> ts;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    const bool shifted = i % 4 == 1;
+    Tensor t = random_tensor({sizes[i] + (shifted ? 1 : 0)}, dts[i % 3], seed + i).to(dev);
+    ts.push_back(shifted ? narrow(t, 0, 1, sizes[i]) : t);
+  }
+  return ts;
+}
+
+TEST_CASE("multi_tensor_l2_norm on CUDA matches the CPU", "[cuda][optim]") {
+  if (!cuda::is_available()) SKIP("no CUDA device");
+  const std::vector<Tensor> g = multi_inputs(700, kGPU);
+  std::vector<Tensor> c;
+  for (const Tensor& t : g) c.push_back(t.to(kCPU));
+  const Tensor ng = multi_tensor_l2_norm(g);
+  REQUIRE(ng.device() == kGPU);
+  REQUIRE(ng.dtype() == DType::f32);
+  const double want = multi_tensor_l2_norm(c).item<double>();
+  REQUIRE(ng.item<double>() == Catch::Approx(want).epsilon(1e-5));
+  REQUIRE(multi_tensor_l2_norm(g).item<float>() == ng.item<float>());  // deterministic
+  // Single tensors, a non-contiguous one, empty ones, non-finite values.
+  for (size_t k : {size_t{0}, size_t{13}, size_t{17}, size_t{20}}) {
+    CAPTURE(k);
+    REQUIRE(multi_tensor_l2_norm({g[k]}).item<double>() ==
+            Catch::Approx(multi_tensor_l2_norm({c[k]}).item<double>()).epsilon(1e-5));
+  }
+  const Tensor nc = make_noncontiguous(random_tensor({33, 65}, DType::bf16, 3));
+  REQUIRE(multi_tensor_l2_norm({nc.to(kGPU)}).item<double>() ==
+          Catch::Approx(multi_tensor_l2_norm({nc}).item<double>()).epsilon(1e-5));
+  REQUIRE(multi_tensor_l2_norm({zeros({0}, DType::f32, kGPU)}).item<double>() == 0.0);
+  Tensor bad = random_tensor({5000}, DType::bf16, 4);
+  bad.data_ptr<bf16>()[4097] = bf16(std::numeric_limits<float>::infinity());
+  REQUIRE(std::isinf(multi_tensor_l2_norm({g[0], bad.to(kGPU)}).item<double>()));
+  REQUIRE_THROWS_WITH(multi_tensor_l2_norm({g[0], g[1].to(kCPU)}), ContainsSubstring("[multi_tensor_l2_norm]"));
+}
+
+TEST_CASE("multi_tensor_scale_ on CUDA matches the CPU bit for bit", "[cuda][optim]") {
+  if (!cuda::is_available()) SKIP("no CUDA device");
+  const std::vector<Tensor> g = multi_inputs(800, kGPU);
+  std::vector<Tensor> c;
+  for (const Tensor& t : g) c.push_back(t.to(kCPU));
+  OpCounter ops;
+  multi_tensor_scale_(g, 0.0173);
+  REQUIRE(ops.count("multi_tensor_scale") == 1);
+  multi_tensor_scale_(c, 0.0173);
+  for (size_t k = 0; k < c.size(); ++k) {
+    CAPTURE(k);
+    require_equal(g[k].to(kCPU), c[k]);
   }
 }
 

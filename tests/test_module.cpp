@@ -200,6 +200,17 @@ TEST_CASE("llama config: parsing, named configs and errors", "[module]") {
     REQUIRE(real.to_json() == c.to_json());
   }
 #endif
+  // transformers >= 5 spells the dtype "dtype" and nests RoPE settings in "rope_parameters".
+  const nn::LlamaConfig v5 = nn::LlamaConfig::from_json(R"({"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
+    "num_hidden_layers": 1, "num_attention_heads": 2, "dtype": "bfloat16", "initializer_range": 0.04,
+    "rope_parameters": {"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}})");
+  REQUIRE(v5.rope_theta == 500000.0);
+  REQUIRE(v5.rope_scaling.has_value());
+  REQUIRE(v5.torch_dtype == DType::bf16);
+  REQUIRE(v5.initializer_range == 0.04);
+  REQUIRE(v5.num_key_value_heads == 2);
+  REQUIRE(v5.head_dim == 4);
   REQUIRE_THROWS_WITH(nn::LlamaConfig::from_json("{"), ContainsSubstring("invalid JSON"));
   REQUIRE_THROWS_WITH(nn::LlamaConfig::from_json(R"({"vocab_size": 8})"), ContainsSubstring("hidden_size"));
   REQUIRE_THROWS_WITH(

@@ -3,10 +3,14 @@
 // keeping their dtypes when the model is cast.
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
+#include <filesystem>
+#include <fstream>
 
+#include "core/cuda/runtime.h"
 #include "nn/llama.h"
 #include "nn/lora.h"
 #include "nn/nf4_linear.h"
+#include "nn/safetensors.h"
 #include "tests/helpers.h"
 
 using namespace kiln;
@@ -98,4 +102,73 @@ TEST_CASE("nf4 linear: LoRA over an NF4 base trains the adapters only", "[nf4_li
   REQUIRE(with_grad == 28);
   auto& layer = *nn::lora_layers(*m).front().second;
   REQUIRE_THROWS_WITH(layer.merge(), ContainsSubstring("quantised base"));
+}
+
+TEST_CASE("nf4 linear: a bnb-4bit Hugging Face folder loads into Llama bit for bit", "[nf4_linear]") {
+  // tests/data/nf4/tiny_llama_bnb4: transformers + bitsandbytes 0.50 (nf4, double quantisation), written
+  // with save_pretrained; the reference holds bnb's own dequantisation of every layer (tools/make_nf4_fixtures.py).
+  const std::string dir = KILN_TEST_DATA "/nf4/tiny_llama_bnb4";
+  nn::LlamaOptions o;
+  o.dtype = DType::bf16;
+  auto m = nn::Llama::from_pretrained(dir, o);
+  REQUIRE(m->config().rope_theta == 10000.0);  // read from transformers 5's "rope_parameters"
+  const auto ref = nn::SafetensorsFile::open(KILN_TEST_DATA "/nf4/tiny_llama_reference.safetensors");
+  int checked = 0;
+  for (auto& [path, mod] : m->named_modules()) {
+    auto* q = dynamic_cast<nn::NF4Linear*>(mod);
+    if (!q) continue;
+    test::require_equal(q->dequantized_weight(DType::bf16), ref.get(path + ".weight.dequant"));
+    ++checked;
+  }
+  REQUIRE(checked == 14);
+  REQUIRE(m->find_module("lm_head")->type_name() == "Linear");  // bnb keeps the head unquantised
+  // A QLoRA adapter on top trains.
+  nn::LoraConfig cfg;
+  cfg.r = 2;
+  nn::apply_lora(*m, cfg);
+  Generator gen(1);
+  Tensor ids = randint(0, m->config().vocab_size, {1, 5}, DType::i64, kCPU, &gen);
+  m->loss(m->forward(ids), ids).backward();
+  REQUIRE(nn::lora_layers(*m).front().second->lora_a().grad().defined());
+}
+
+TEST_CASE("nf4 linear: quantising while loading keeps the GPU peak near one bf16 layer", "[nf4_linear][cuda]") {
+  if (!cuda::is_available()) SKIP("no CUDA device");
+  // A bf16 HF folder of 8 layers whose embeddings are small next to a layer.
+  nn::LlamaConfig c = small_config();
+  c.vocab_size = 32;
+  c.hidden_size = 256;
+  c.intermediate_size = 1024;
+  c.num_hidden_layers = 8;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 4;
+  c.head_dim = 64;
+  c.torch_dtype = DType::bf16;
+  nn::LlamaOptions dense_o;
+  dense_o.dtype = DType::bf16;
+  nn::Llama dense(c, dense_o);
+  const std::filesystem::path dir = std::filesystem::temp_directory_path() / "kiln_nf4_stream";
+  std::filesystem::create_directories(dir);
+  std::ofstream(dir / "config.json") << c.to_json();
+  nn::NamedTensors all;
+  for (auto& [n, t] : dense.state_dict()) all.emplace_back(n, t);
+  nn::save_safetensors((dir / "model.safetensors").string(), all);
+  const int64_t layer_bytes = (4 * 256 * 256 + 3 * 256 * 1024) * 2;  // one decoder layer's linears in bf16
+
+  cuda::synchronize();
+  const size_t before = cuda::memory_stats().allocated;
+  cuda::reset_peak_memory_stats();
+  nn::LlamaOptions o;
+  o.dtype = DType::bf16;
+  o.device = Device(DeviceType::cuda, 0);
+  o.on_layer_built = [](const std::string&, nn::LlamaDecoderLayer& layer) { nn::quantize_linears_nf4(layer); };
+  auto q = nn::Llama::from_pretrained(dir.string(), o);
+  cuda::synchronize();
+  const cuda::MemoryStats st = cuda::memory_stats();
+  const int64_t resident = static_cast<int64_t>(st.allocated - before);
+  const int64_t over = static_cast<int64_t>(st.peak_allocated - before) - resident;
+  INFO("resident " << resident << " B, peak above resident " << over << " B, one bf16 layer " << layer_bytes << " B");
+  REQUIRE(resident < 8 * layer_bytes / 3);  // NF4: about a quarter of bf16
+  REQUIRE(over <= layer_bytes * 3 / 2);      // never more than ~one bf16 layer on top
+  std::filesystem::remove_all(dir);
 }

@@ -400,6 +400,43 @@ TEST_CASE("cross_entropy gradients match finite differences and the composite", 
   }
 }
 
+namespace {
+// The attributes of every cross_entropy / cross_entropy_backward primitive dispatched in its scope.
+struct CrossEntropyAttrs : DispatchObserver {
+  std::vector<std::string> fwd, bwd;
+  ObserverScope scope{this};
+  void on_op(const Primitive& op, const std::vector<Tensor>&, const std::vector<Tensor>&) override {
+    if (std::string(op.name()) == "cross_entropy") fwd.push_back(op.attributes());
+    if (std::string(op.name()) == "cross_entropy_backward") bwd.push_back(op.attributes());
+  }
+};
+}  // namespace
+
+TEST_CASE("cross_entropy_unchecked matches cross_entropy; no backward re-checks", "[nn_ops]") {
+  for (DType dt : {DType::f32, DType::bf16, DType::f64}) {
+    for (Reduction red : {Reduction::none, Reduction::sum, Reduction::mean}) {
+      INFO(dtype_name(dt) << " " << prim::reduction_name(red));
+      Tensor logits = test::random_tensor({9, 13}, dt, 71).set_requires_grad();
+      Tensor targets = from_vector<int64_t>({0, 12, -100, 5, 7, 7, 1, -100, 3}, {9});
+      Tensor g = red == Reduction::none ? test::random_tensor({9}, dt, 72) : full({}, 0.7, dt);
+      CrossEntropyAttrs seen;
+      Tensor a = cross_entropy(logits, targets, -100, red);
+      Tensor b = cross_entropy_unchecked(logits, targets, -100, red);
+      test::require_equal(b, a);
+      test::require_equal(autograd::grad({b}, {logits}, {g})[0], autograd::grad({a}, {logits}, {g})[0]);
+      REQUIRE(seen.fwd.size() == 2);
+      REQUIRE_THAT(seen.fwd[0], ContainsSubstring("check_targets=true"));
+      REQUIRE_THAT(seen.fwd[1], ContainsSubstring("check_targets=false"));
+      REQUIRE(seen.bwd.size() == 2);
+      for (const std::string& attrs : seen.bwd) REQUIRE_THAT(attrs, ContainsSubstring("check_targets=false"));
+    }
+  }
+  // The CPU kernel checks even unchecked targets (it costs nothing there).
+  REQUIRE_THROWS_WITH(cross_entropy_unchecked(test::random_tensor({4, 5}, DType::f32, 73),
+                                              from_vector<int64_t>({0, 1, 5, 2}, {4})),
+                      ContainsSubstring("[cross_entropy]") && ContainsSubstring("target 5 at row 2"));
+}
+
 TEST_CASE("cross_entropy rejects bad input", "[nn_ops]") {
   Tensor logits = test::random_tensor({4, 5}, DType::f32, 67);
   REQUIRE_THROWS_WITH(cross_entropy(logits, from_vector<int64_t>({0, 1, 5, 2}, {4})),

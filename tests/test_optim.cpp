@@ -1,12 +1,14 @@
 // Optimisers on the CPU: AdamW and SGD against independent float64 loops of torch's formulas (many
 // sizes, f32/bf16 params, weight decay on/off, params without grad), the adamw_step_ primitive's
-// checks, clip_grad_norm_, LR schedules, and state save/load (bit-identical resume, bad states).
+// checks, clip_grad_norm_, LR schedules, state save/load (bit-identical resume, bad states), and the
+// multi-tensor L2 norm / scale primitives against float64 references.
 #include <catch2/catch_approx.hpp>
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <limits>
 
 #include "core/ops/optim.h"
 #include "nn/lr_schedule.h"
@@ -16,6 +18,7 @@
 
 using namespace kiln;
 using Catch::Matchers::ContainsSubstring;
+using kiln::test::make_noncontiguous;
 using kiln::test::random_tensor;
 using kiln::test::require_close;
 using kiln::test::require_equal;
@@ -359,4 +362,112 @@ TEST_CASE("Optimizer basics: lr, zero_grad, bad parameter lists", "[optim]") {
   REQUIRE_THROWS_WITH(nn::AdamW({{"a", zeros({2})}, {"a", zeros({3})}}), ContainsSubstring("[optim] parameter 'a'"));
   REQUIRE_THROWS_WITH(nn::AdamW({{"i", zeros({2}, DType::i64)}}), ContainsSubstring("[optim] parameter 'i'"));
   REQUIRE_THROWS_WITH(nn::AdamW(ps, {1e-3, 0.9, 1.0, 1e-8, 0.0}), ContainsSubstring("[adamw] betas"));
+}
+
+// ---- multi-tensor L2 norm and scale
+
+namespace {
+
+// Many sizes around the 16384-element chunk and the 4-element vector width, mixed dtypes.
+std::vector<Tensor> norm_inputs(uint64_t seed) {
+  const std::vector<int64_t> sizes = {1, 3, 4, 5, 0, 127, 16383, 16384, 16385, 40001, 65536, 2, 9};
+  const DType dts[] = {DType::f32, DType::bf16, DType::f16};
+  std::vector<Tensor> ts;
+  for (size_t i = 0; i < sizes.size(); ++i) ts.push_back(random_tensor({sizes[i]}, dts[i % 3], seed + i));
+  ts.push_back(random_tensor({37, 29}, DType::bf16, seed + 99, true));  // a non-contiguous view
+  return ts;
+}
+
+}  // namespace
+
+TEST_CASE("multi_tensor_l2_norm matches a float64 reference", "[optim]") {
+  for (uint64_t seed : {1u, 2u}) {
+    const std::vector<Tensor> ts = norm_inputs(seed * 100);
+    double sq = 0.0;
+    for (const Tensor& t : ts)
+      for (double x : to_f64(t)) sq += x * x;
+    const Tensor n = multi_tensor_l2_norm(ts);
+    REQUIRE(n.dim() == 0);
+    REQUIRE(n.dtype() == DType::f32);
+    REQUIRE(n.item<double>() == Catch::Approx(std::sqrt(sq)).epsilon(1e-6));
+    // One tensor alone, and the same list twice (deterministic).
+    REQUIRE(multi_tensor_l2_norm({ts[8]}).item<double>() ==
+            Catch::Approx(std::sqrt(sum(square(cast(ts[8], DType::f64))).item<double>())).epsilon(1e-6));
+    REQUIRE(multi_tensor_l2_norm(ts).item<float>() == n.item<float>());
+  }
+  // Non-finite elements give a non-finite norm; only empty tensors give 0.
+  Tensor bad = random_tensor({100}, DType::f32, 5);
+  bad.data_ptr<float>()[17] = std::numeric_limits<float>::infinity();
+  REQUIRE(std::isinf(multi_tensor_l2_norm({random_tensor({10}, DType::bf16, 6), bad}).item<double>()));
+  bad.data_ptr<float>()[17] = std::numeric_limits<float>::quiet_NaN();
+  REQUIRE(std::isnan(multi_tensor_l2_norm({bad}).item<double>()));
+  REQUIRE(multi_tensor_l2_norm({zeros({0}), zeros({3, 0}, DType::bf16)}).item<double>() == 0.0);
+  REQUIRE_THROWS_WITH(multi_tensor_l2_norm({}), ContainsSubstring("[multi_tensor_l2_norm]"));
+  REQUIRE_THROWS_WITH(multi_tensor_l2_norm({zeros({3}), zeros({3}, DType::f64)}),
+                      ContainsSubstring("[multi_tensor_l2_norm] tensors must be f32, bf16 or f16, tensor 1 is f64"));
+  REQUIRE_THROWS_WITH(multi_tensor_l2_norm({zeros({3}, DType::i64)}), ContainsSubstring("[multi_tensor_l2_norm]"));
+}
+
+TEST_CASE("multi_tensor_scale_ multiplies in f32 and rounds once", "[optim]") {
+  std::vector<Tensor> ts = norm_inputs(300);
+  ts.pop_back();  // contiguous only
+  std::vector<Tensor> before;
+  for (const Tensor& t : ts) before.push_back(t.clone());
+  const double scale = 0.3137;
+  multi_tensor_scale_(ts, scale);
+  const float s = static_cast<float>(scale);
+  for (size_t k = 0; k < ts.size(); ++k) {
+    CAPTURE(k);
+    std::vector<double> want = to_f64(before[k]);
+    for (double& x : want) x = round_to(static_cast<double>(static_cast<float>(x) * s), ts[k].dtype());
+    require_equal(cast(ts[k], DType::f64), f64_tensor(want, ts[k].shape()));
+  }
+  multi_tensor_scale_({}, 2.0);  // nothing to do
+  REQUIRE_THROWS_WITH(multi_tensor_scale_({make_noncontiguous(random_tensor({4, 5}, DType::f32, 1))}, 2.0),
+                      ContainsSubstring("[multi_tensor_scale] tensor 0 must be contiguous"));
+  REQUIRE_THROWS_WITH(multi_tensor_scale_({zeros({3}, DType::i32)}, 2.0), ContainsSubstring("[multi_tensor_scale]"));
+  Tensor needs_grad = random_tensor({3}, DType::f32, 2);
+  needs_grad.set_requires_grad(true);
+  REQUIRE_THROWS_WITH(multi_tensor_scale_({needs_grad}, 2.0), ContainsSubstring("NoGradGuard"));
+}
+
+TEST_CASE("clip_grad_norm_ leaves grads alone when the norm is not finite", "[optim]") {
+  for (float bad : {std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN()}) {
+    nn::NamedParameters ps = make_params(DType::f32, 70);
+    set_grads(ps, 1, 71, false);
+    ps[3].second.grad().data_ptr<float>()[1] = bad;
+    std::vector<std::vector<double>> before;
+    for (const auto& [n, p] : ps) before.push_back(to_f64(p.grad()));
+    const double norm = nn::clip_grad_norm_(ps, 1e-3);
+    REQUIRE(!std::isfinite(norm));
+    REQUIRE(std::isnan(norm) == std::isnan(bad));
+    for (size_t k = 0; k < ps.size(); ++k) {
+      const std::vector<double> now = to_f64(ps[k].second.grad());
+      for (size_t i = 0; i < now.size(); ++i) {
+        if (std::isnan(before[k][i])) REQUIRE(std::isnan(now[i]));
+        else REQUIRE(now[i] == before[k][i]);
+      }
+    }
+  }
+}
+
+TEST_CASE("clip_grad_norm_ handles f64 and non-contiguous grads", "[optim]") {
+  Tensor a = random_tensor({50, 3}, DType::f64, 80), b = random_tensor({40}, DType::bf16, 81);
+  a.set_requires_grad(true);
+  b.set_requires_grad(true);
+  Tensor ga = make_noncontiguous(random_tensor({50, 3}, DType::f64, 82)), gb = random_tensor({40}, DType::bf16, 83);
+  a.set_grad(ga);
+  b.set_grad(gb);
+  double sq = 0.0;
+  for (const Tensor& g : {ga, gb})
+    for (double x : to_f64(g)) sq += x * x;
+  const std::vector<double> wa = to_f64(ga), wb = to_f64(gb);
+  const double norm = nn::clip_grad_norm_(std::vector<Tensor>{a, b}, 1.0);
+  REQUIRE(norm == Catch::Approx(std::sqrt(sq)).epsilon(1e-5));
+  const double coef = 1.0 / (norm + 1e-6);
+  std::vector<double> ra = wa, rb = wb;
+  for (double& x : ra) x = static_cast<float>(x) * static_cast<float>(coef);
+  for (double& x : rb) x = round_to(static_cast<float>(x) * static_cast<float>(coef), DType::bf16);
+  require_close(a.grad(), f64_tensor(ra, {50, 3}), 1e-6, 1e-9);
+  require_equal(cast(b.grad(), DType::f64), f64_tensor(rb, {40}));
 }

@@ -3,9 +3,12 @@
 // registers the kernels. Index checks (embedding ids, cross-entropy targets) are done by the kernels
 // themselves, which flag the first bad position in a device word; the host then waits for the stream
 // (one synchronisation per call of these ops) and raises the same kiln::Error as the CPU backend.
+// Cross-entropy skips the check (no word, no synchronisation) when its primitive says check_targets =
+// false: cross_entropy_unchecked, and every backward (its forward checked the same targets).
 #include <cuda_runtime_api.h>
 
 #include <array>
+#include <optional>
 
 #include "core/cuda/check.h"
 #include "core/cuda/nn.cuh"
@@ -174,13 +177,14 @@ void cross_entropy_kernel(const prim::CrossEntropy& p, const std::vector<Tensor>
   DeviceGuard guard(logits.device().index);
   void* stream = stream_of(out[0]);
   Tensor scratch = empty({n + 1}, compute_dtype(logits.dtype()), logits.device());  // per-row losses
-  IndexCheck check(logits, stream, op);
+  std::optional<IndexCheck> check;
+  if (p.check_targets()) check.emplace(logits, stream, op);
   KILN_CUDA_CHECK(launch_cross_entropy(logits.dtype(), targets.dtype(), logits.raw_data(), n, v, logits.strides()[0],
                                        logits.strides()[1], targets.raw_data(), targets.strides()[0], p.ignore_index(),
                                        reduction_code(p.reduction()), out[0].raw_data(), scratch.raw_data(),
-                                       check.ptr(), stream),
+                                       check ? check->ptr() : nullptr, stream),
                   op);
-  if (n > 0) check_targets(check, targets, v, p.ignore_index(), op);
+  if (check && n > 0) check_targets(*check, targets, v, p.ignore_index(), op);
 }
 
 void cross_entropy_backward_kernel(const prim::CrossEntropyBackward& p, const std::vector<Tensor>& in,
@@ -195,14 +199,15 @@ void cross_entropy_backward_kernel(const prim::CrossEntropyBackward& p, const st
   const Tensor g = in[2].dtype() == ct ? in[2] : cast(in[2], ct);  // (N) or 0-d
   const int64_t gstride = g.dim() == 1 ? g.strides()[0] : 0;
   Tensor count = empty({1}, ct, logits.device());  // non-ignored rows, for the mean
-  IndexCheck check(logits, stream, op);
+  std::optional<IndexCheck> check;
+  if (p.check_targets()) check.emplace(logits, stream, op);
   KILN_CUDA_CHECK(launch_cross_entropy_backward(logits.dtype(), targets.dtype(), logits.raw_data(), n, v,
                                                 logits.strides()[0], logits.strides()[1], targets.raw_data(),
                                                 targets.strides()[0], p.ignore_index(), reduction_code(p.reduction()),
                                                 g.raw_data(), gstride, out[0].raw_data(), count.raw_data(),
-                                                check.ptr(), stream),
+                                                check ? check->ptr() : nullptr, stream),
                   op);
-  check_targets(check, targets, v, p.ignore_index(), op);
+  if (check) check_targets(*check, targets, v, p.ignore_index(), op);
 }
 
 // ---- swiglu

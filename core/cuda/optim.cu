@@ -1,6 +1,7 @@
-// CUDA kernel of the fused multi-tensor AdamW update: a grid-stride loop over chunks of all tensors
-// (each block finds its tensor by binary search in the table), 4 elements per thread per iteration
-// with 16-byte (f32) / 8-byte (bf16, f16) vector accesses. Roundings match core/cpu/optim.cpp exactly.
+// CUDA kernels of the fused multi-tensor optimiser ops (AdamW update, L2 norm, scale): grid-stride
+// loops over chunks of all tensors (each block finds its tensor by binary search in the table), 4
+// elements per thread per iteration with 16-byte (f32) / 8-byte (bf16, f16) vector accesses.
+// AdamW and scale roundings match core/cpu/optim.cpp exactly.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -53,7 +54,8 @@ template <> struct Vec4<__nv_bfloat16> : Vec4Half<__nv_bfloat16> {};
 template <> struct Vec4<__half> : Vec4Half<__half> {};
 
 // The tensor whose chunks include `chunk`: the last entry with chunk_begin <= chunk.
-__device__ __forceinline__ int find_tensor(const AdamWTensor* table, int count, int64_t chunk) {
+template <class Entry>
+__device__ __forceinline__ int find_tensor(const Entry* table, int count, int64_t chunk) {
   int lo = 0, hi = count - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) / 2;
@@ -111,7 +113,126 @@ cudaError_t launch_typed(const AdamWTensor* table, int count, int64_t total_chun
   return cudaGetLastError();
 }
 
+unsigned grid_for(int64_t total_chunks) {
+  const int64_t max_grid = 1 << 20;
+  return static_cast<unsigned>(total_chunks < max_grid ? total_chunks : max_grid);
+}
+
+// The sum of `v` over the block (kThreads threads), valid in thread 0; `red` is kThreads / 32 floats.
+__device__ __forceinline__ float block_sum(float v, float* red) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  v = 0.0f;
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < kThreads / 32; ++w) v += red[w];
+  }
+  __syncthreads();  // red is reused by the next chunk
+  return v;
+}
+
+// This thread's share of the sum of squares of x[0, len).
+template <class T> __device__ __forceinline__ float thread_sumsq(const T* x, int64_t len, bool vectorized) {
+  float acc = 0.0f;
+  int64_t scalar_from = 0;
+  if (vectorized) {
+    const int64_t nvec = len / 4;
+    for (int64_t i = threadIdx.x; i < nvec; i += kThreads) {
+      float xf[4];
+      Vec4<T>::load(x + 4 * i, xf);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc = fmaf(xf[j], xf[j], acc);
+    }
+    scalar_from = nvec * 4;
+  }
+  for (int64_t i = scalar_from + threadIdx.x; i < len; i += kThreads) {
+    const float v = to_compute(x[i]);
+    acc = fmaf(v, v, acc);
+  }
+  return acc;
+}
+
+__global__ void __launch_bounds__(kThreads) l2_partials_kernel(const MultiTensorEntry* __restrict__ table, int count,
+                                                               int64_t total_chunks, float* __restrict__ partials) {
+  __shared__ float red[kThreads / 32];
+  for (int64_t chunk = blockIdx.x; chunk < total_chunks; chunk += gridDim.x) {
+    const MultiTensorEntry t = table[find_tensor(table, count, chunk)];
+    const int64_t begin = (chunk - t.chunk_begin) * kAdamWChunk;
+    const int64_t len = min(kAdamWChunk, t.n - begin);
+    float acc = 0.0f;
+    switch (t.dtype) {
+      case DType::bf16: acc = thread_sumsq(static_cast<const __nv_bfloat16*>(t.x) + begin, len, t.vectorized); break;
+      case DType::f16: acc = thread_sumsq(static_cast<const __half*>(t.x) + begin, len, t.vectorized); break;
+      default: acc = thread_sumsq(static_cast<const float*>(t.x) + begin, len, t.vectorized); break;
+    }
+    acc = block_sum(acc, red);
+    if (threadIdx.x == 0) partials[chunk] = acc;
+  }
+}
+
+// One block: the partials summed in a fixed order, then the square root.
+__global__ void __launch_bounds__(kThreads) l2_finish_kernel(const float* __restrict__ partials, int64_t total_chunks,
+                                                             float* __restrict__ norm) {
+  __shared__ float red[kThreads / 32];
+  float acc = 0.0f;
+  for (int64_t i = threadIdx.x; i < total_chunks; i += kThreads) acc += partials[i];
+  acc = block_sum(acc, red);
+  if (threadIdx.x == 0) *norm = sqrtf(acc);
+}
+
+template <class T> __device__ __forceinline__ void scale_chunk(T* x, int64_t len, bool vectorized, float s) {
+  int64_t scalar_from = 0;
+  if (vectorized) {
+    const int64_t nvec = len / 4;
+    for (int64_t i = threadIdx.x; i < nvec; i += kThreads) {
+      float xf[4];
+      Vec4<T>::load(x + 4 * i, xf);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) xf[j] = __fmul_rn(xf[j], s);
+      Vec4<T>::store(x + 4 * i, xf);
+    }
+    scalar_from = nvec * 4;
+  }
+  for (int64_t i = scalar_from + threadIdx.x; i < len; i += kThreads) {
+    x[i] = from_compute<T>(__fmul_rn(to_compute(x[i]), s));
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) scale_kernel(const MultiTensorEntry* __restrict__ table, int count,
+                                                         int64_t total_chunks, float s) {
+  for (int64_t chunk = blockIdx.x; chunk < total_chunks; chunk += gridDim.x) {
+    const MultiTensorEntry t = table[find_tensor(table, count, chunk)];
+    const int64_t begin = (chunk - t.chunk_begin) * kAdamWChunk;
+    const int64_t len = min(kAdamWChunk, t.n - begin);
+    switch (t.dtype) {
+      case DType::bf16: scale_chunk(static_cast<__nv_bfloat16*>(t.x) + begin, len, t.vectorized, s); break;
+      case DType::f16: scale_chunk(static_cast<__half*>(t.x) + begin, len, t.vectorized, s); break;
+      default: scale_chunk(static_cast<float*>(t.x) + begin, len, t.vectorized, s); break;
+    }
+  }
+}
+
 }  // namespace
+
+cudaError_t launch_multi_tensor_l2_norm(const MultiTensorEntry* table, int count, int64_t total_chunks,
+                                        float* partials, float* norm, void* stream) {
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  if (count <= 0 || total_chunks <= 0) return cudaMemsetAsync(norm, 0, sizeof(float), st);
+  l2_partials_kernel<<<grid_for(total_chunks), kThreads, 0, st>>>(table, count, total_chunks, partials);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+  l2_finish_kernel<<<1, kThreads, 0, st>>>(partials, total_chunks, norm);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_multi_tensor_scale(const MultiTensorEntry* table, int count, int64_t total_chunks, float scale,
+                                      void* stream) {
+  if (count <= 0 || total_chunks <= 0) return cudaSuccess;
+  scale_kernel<<<grid_for(total_chunks), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(table, count, total_chunks,
+                                                                                          scale);
+  return cudaGetLastError();
+}
 
 cudaError_t launch_adamw(const AdamWTensor* table, int count, int64_t total_chunks, DType dtype,
                          const AdamWScalars& s, void* stream) {

@@ -174,7 +174,8 @@ std::vector<Tensor> RotaryEmbedding::vjp(const std::vector<Tensor>& in, const st
 // ---- cross_entropy
 
 std::string CrossEntropy::attributes() const {
-  return fmt::format("ignore_index={}, reduction={}", ignore_index_, reduction_name(reduction_));
+  return fmt::format("ignore_index={}, reduction={}, check_targets={}", ignore_index_, reduction_name(reduction_),
+                     check_targets_);
 }
 
 std::vector<TensorMeta> CrossEntropy::infer(const std::vector<Tensor>& in) const {
@@ -186,12 +187,15 @@ std::vector<TensorMeta> CrossEntropy::infer(const std::vector<Tensor>& in) const
 std::vector<Tensor> CrossEntropy::vjp(const std::vector<Tensor>& in, const std::vector<Tensor>&,
                                       const std::vector<Tensor>& cot, const std::vector<bool>& wanted) const {
   if (!wanted[0]) return {Tensor(), Tensor()};
-  return {dispatch1(std::make_shared<const CrossEntropyBackward>(ignore_index_, reduction_), {in[0], in[1], cot[0]}),
+  // The forward validated these targets (or its caller did): the backward does not check them again.
+  return {dispatch1(std::make_shared<const CrossEntropyBackward>(ignore_index_, reduction_, false),
+                    {in[0], in[1], cot[0]}),
           Tensor()};
 }
 
 std::string CrossEntropyBackward::attributes() const {
-  return fmt::format("ignore_index={}, reduction={}", ignore_index_, reduction_name(reduction_));
+  return fmt::format("ignore_index={}, reduction={}, check_targets={}", ignore_index_, reduction_name(reduction_),
+                     check_targets_);
 }
 
 std::vector<TensorMeta> CrossEntropyBackward::infer(const std::vector<Tensor>& in) const {
@@ -277,6 +281,11 @@ Tensor rotary_embedding_composite(const Tensor& x, const Tensor& cos, const Tens
 
 Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index, Reduction reduction) {
   return dispatch1(std::make_shared<const prim::CrossEntropy>(ignore_index, reduction), {logits, targets});
+}
+
+Tensor cross_entropy_unchecked(const Tensor& logits, const Tensor& targets, int64_t ignore_index,
+                               Reduction reduction) {
+  return dispatch1(std::make_shared<const prim::CrossEntropy>(ignore_index, reduction, false), {logits, targets});
 }
 
 Tensor cross_entropy_composite(const Tensor& logits, const Tensor& targets, int64_t ignore_index,

@@ -135,10 +135,14 @@ class SdpaBackward : public Primitive {
 // logits (N, V) float, targets (N) i64/i32 -> per-row lse - logit[target] (computed in f32, f64 for
 // f64) reduced as asked, in logits' dtype: (N) for none (0 at ignored rows), 0-d for sum/mean; mean
 // divides by the count of non-ignored rows and is 0 when every row is ignored. A target outside
-// [0, V) that is not ignore_index is an error naming the row and the value.
+// [0, V) that is not ignore_index is an error naming the row and the value. check_targets = false
+// (cross_entropy_unchecked: the caller validated the targets) skips that check where it costs a host
+// synchronisation (CUDA); such a target then gives an unspecified loss (never an out-of-bounds read).
+// The CPU kernel checks regardless (free there).
 class CrossEntropy : public Primitive {
  public:
-  CrossEntropy(int64_t ignore_index, Reduction reduction) : ignore_index_(ignore_index), reduction_(reduction) {}
+  CrossEntropy(int64_t ignore_index, Reduction reduction, bool check_targets = true)
+      : ignore_index_(ignore_index), reduction_(reduction), check_targets_(check_targets) {}
   const char* name() const override { return "cross_entropy"; }
   std::string attributes() const override;
   std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
@@ -148,18 +152,22 @@ class CrossEntropy : public Primitive {
   bool vjp_needs_outputs() const override { return false; }
   int64_t ignore_index() const { return ignore_index_; }
   Reduction reduction() const { return reduction_; }
+  bool check_targets() const { return check_targets_; }
 
  private:
   int64_t ignore_index_;
   Reduction reduction_;
+  bool check_targets_;
 };
 
 // (logits (N, V), targets (N), grad of the loss (N) or 0-d) -> dlogits = (softmax - onehot) * scale
 // per row, zero at ignored rows. Second-order gradients are not implemented (use
-// cross_entropy_composite).
+// cross_entropy_composite). check_targets as for CrossEntropy; CrossEntropy's vjp builds it with
+// check_targets = false, since the forward already validated (or was told to trust) the same targets.
 class CrossEntropyBackward : public Primitive {
  public:
-  CrossEntropyBackward(int64_t ignore_index, Reduction reduction) : ignore_index_(ignore_index), reduction_(reduction) {}
+  CrossEntropyBackward(int64_t ignore_index, Reduction reduction, bool check_targets = true)
+      : ignore_index_(ignore_index), reduction_(reduction), check_targets_(check_targets) {}
   const char* name() const override { return "cross_entropy_backward"; }
   std::string attributes() const override;
   std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
@@ -168,10 +176,12 @@ class CrossEntropyBackward : public Primitive {
                           const std::vector<Tensor>& cotangents, const std::vector<bool>& wanted) const override;
   int64_t ignore_index() const { return ignore_index_; }
   Reduction reduction() const { return reduction_; }
+  bool check_targets() const { return check_targets_; }
 
  private:
   int64_t ignore_index_;
   Reduction reduction_;
+  bool check_targets_;
 };
 
 // gate (...), up (...) of one shape and float dtype -> silu(gate) * up, computed in f32 (f64 for

@@ -1,5 +1,6 @@
 // The AdamWStep primitive (shape/dtype rules, per-tensor bias corrections) and adamw_step_, which
-// validates a whole multi-tensor update and writes it in place through dispatch_into.
+// validates a whole multi-tensor update and writes it in place through dispatch_into; the
+// multi-tensor L2 norm and scale primitives and their entry points.
 #include "core/ops/optim.h"
 
 #include <cmath>
@@ -40,6 +41,31 @@ float AdamWStep::bias_correction2_sqrt(size_t i) const {
   return static_cast<float>(std::sqrt(1.0 - std::pow(hyper_.beta2, static_cast<double>(steps_.at(i)))));
 }
 
+namespace {
+void check_multi_tensor_dtypes(const std::vector<Tensor>& in, const char* op) {
+  KILN_CHECK(!in.empty(), op, "needs at least one tensor");
+  for (size_t i = 0; i < in.size(); ++i) {
+    const DType d = in[i].dtype();
+    KILN_CHECK(d == DType::f32 || d == DType::bf16 || d == DType::f16, op,
+               "tensors must be f32, bf16 or f16, tensor {} is {}", i, dtype_name(d));
+  }
+}
+}  // namespace
+
+std::vector<TensorMeta> MultiTensorL2Norm::infer(const std::vector<Tensor>& in) const {
+  check_multi_tensor_dtypes(in, name());
+  return {{Shape{}, DType::f32, in[0].device()}};
+}
+
+std::string MultiTensorScale::attributes() const { return fmt::format("scale={}", scale_); }
+
+std::vector<TensorMeta> MultiTensorScale::infer(const std::vector<Tensor>& in) const {
+  check_multi_tensor_dtypes(in, name());
+  std::vector<TensorMeta> metas(in.size());
+  for (size_t i = 0; i < in.size(); ++i) metas[i] = {in[i].shape(), in[i].dtype(), in[i].device()};
+  return metas;
+}
+
 }  // namespace prim
 
 void adamw_step_(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
@@ -68,6 +94,26 @@ void adamw_step_(const std::vector<Tensor>& params, const std::vector<Tensor>& g
     out[2 * n + i] = exp_avg_sqs[i];
   }
   dispatch_into(std::make_shared<const prim::AdamWStep>(h, steps), in, out);
+}
+
+Tensor multi_tensor_l2_norm(const std::vector<Tensor>& tensors) {
+  std::vector<Tensor> in(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    KILN_CHECK(tensors[i].defined(), "multi_tensor_l2_norm", "tensor {} is undefined", i);
+    in[i] = contiguous(tensors[i]);
+  }
+  return dispatch1(std::make_shared<const prim::MultiTensorL2Norm>(), in);
+}
+
+void multi_tensor_scale_(const std::vector<Tensor>& tensors, double scale) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    KILN_CHECK(tensors[i].defined(), "multi_tensor_scale", "tensor {} is undefined", i);
+    KILN_CHECK(tensors[i].is_contiguous() || tensors[i].numel() == 0, "multi_tensor_scale",
+               "tensor {} must be contiguous", i);
+  }
+  if (tensors.empty()) return;
+  std::vector<Tensor> out = tensors;
+  dispatch_into(std::make_shared<const prim::MultiTensorScale>(static_cast<float>(scale)), tensors, out);
 }
 
 }  // namespace kiln

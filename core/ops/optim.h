@@ -1,6 +1,7 @@
 // Optimiser primitives: AdamWStep, the fused in-place multi-tensor AdamW update (torch.optim.AdamW's
 // formulas, f32 state, f32/bf16/f16 parameters updated in f32 and rounded once), and its public
-// entry point adamw_step_. On CUDA one kernel launch updates every tensor of the call.
+// entry point adamw_step_; the multi-tensor L2 norm and in-place scale behind clip_grad_norm_. On
+// CUDA one kernel launch walks every tensor of the call.
 #pragma once
 #include <vector>
 
@@ -26,7 +27,40 @@ void adamw_step_(const std::vector<Tensor>& params, const std::vector<Tensor>& g
                  const std::vector<Tensor>& exp_avgs, const std::vector<Tensor>& exp_avg_sqs,
                  const std::vector<int64_t>& steps, const AdamWHyper& hyper);
 
+// sqrt(sum over all `tensors` of sum(x^2)): the L2 norm of them all taken together, as a 0-d f32
+// tensor on their device (no host synchronisation). Tensors: f32, bf16 or f16 (mixed dtypes allowed),
+// one device, non-empty list; non-contiguous ones are made contiguous first. Squares are summed in
+// f32 (the CPU kernel in f64) in a fixed order, so the result is deterministic; a non-finite element
+// gives a non-finite norm. On CUDA: one launch for every tensor, one to sum the per-chunk partials.
+Tensor multi_tensor_l2_norm(const std::vector<Tensor>& tensors);
+
+// Multiplies each of `tensors` (f32, bf16 or f16, mixed allowed, contiguous, one device) in place by
+// `scale` rounded to f32; each element is computed in f32 and rounded once to its dtype (as
+// copy_(t, mul(cast(t, f32), scale))). One launch on CUDA. Writes through dispatch_into, so a tensor
+// that requires grad needs autograd::NoGradGuard.
+void multi_tensor_scale_(const std::vector<Tensor>& tensors, double scale);
+
 namespace prim {
+
+// inputs: the tensors; output: the 0-d f32 norm (see multi_tensor_l2_norm).
+class MultiTensorL2Norm final : public Primitive {
+ public:
+  const char* name() const override { return "multi_tensor_l2_norm"; }
+  std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
+};
+
+// inputs: the n tensors; outputs (written in place): the same n tensors.
+class MultiTensorScale final : public Primitive {
+ public:
+  explicit MultiTensorScale(float scale) : scale_(scale) {}
+  const char* name() const override { return "multi_tensor_scale"; }
+  std::string attributes() const override;
+  std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
+  float scale() const { return scale_; }
+
+ private:
+  float scale_;
+};
 
 // inputs: the n grads; outputs (written in place): the n params, then the n exp_avgs, then the n
 // exp_avg_sqs.

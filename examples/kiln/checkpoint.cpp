@@ -1,5 +1,6 @@
 // Atomic training checkpoints and their validated reload.
 #include "examples/kiln/checkpoint.h"
+#include "core/file_io.h"
 
 #include <filesystem>
 #include <fstream>
@@ -12,21 +13,6 @@ namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 namespace {
-
-std::string read_file(const fs::path& p) {
-  std::ifstream in(p);
-  KILN_CHECK(in.good(), "checkpoint", "cannot read {}", p.string());
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-void write_file(const fs::path& p, const std::string& text) {
-  std::ofstream out(p, std::ios::trunc);
-  out << text;
-  out.flush();
-  KILN_CHECK(out.good(), "checkpoint", "cannot write {}", p.string());
-}
 
 json points_json(const std::vector<LossPoint>& pts) {
   json a = json::array();
@@ -105,19 +91,17 @@ std::string save_checkpoint(const std::string& output, nn::Module& model, const 
   fs::create_directories(tmp);
   nn::save_adapter(model, lora, (tmp / "adapter").string());
   optimizer.save((tmp / "optimizer.safetensors").string());
-  write_file(tmp / "trainer_state.json", state.to_json());
+  write_file_atomic((tmp / "trainer_state.json").string(), state.to_json(), "checkpoint");
   fs::remove_all(final_dir);
   fs::rename(tmp, final_dir);
-  const fs::path latest_tmp = fs::path(output) / "latest.tmp";
-  write_file(latest_tmp, name + "\n");
-  fs::rename(latest_tmp, fs::path(output) / "latest");
+  write_file_atomic((fs::path(output) / "latest").string(), name + "\n", "checkpoint");
   return final_dir.string();
 }
 
 std::optional<std::string> latest_checkpoint(const std::string& output) {
   const fs::path p = fs::path(output) / "latest";
   if (!fs::exists(p)) return std::nullopt;
-  std::string name = read_file(p);
+  std::string name = read_file(p.string(), "checkpoint");
   while (!name.empty() && (name.back() == '\n' || name.back() == '\r')) name.pop_back();
   KILN_CHECK(!name.empty() && name.find('/') == std::string::npos, "checkpoint", "{}: corrupt (names '{}')", p.string(), name);
   const fs::path dir = fs::path(output) / name;
@@ -129,7 +113,7 @@ TrainerState load_checkpoint(const std::string& dir, nn::Module& model, nn::Opti
                              const std::string& fingerprint) {
   const fs::path d(dir);
   const fs::path state_path = d / "trainer_state.json";
-  TrainerState s = TrainerState::from_json(read_file(state_path), state_path.string());
+  TrainerState s = TrainerState::from_json(read_file(state_path.string(), "checkpoint"), state_path.string());
   KILN_CHECK(s.fingerprint == fingerprint, "checkpoint", "{} was written by a run with other settings: {}", dir,
              fingerprint_diff(s.fingerprint, fingerprint));
   KILN_CHECK(fs::exists(d / "optimizer.safetensors"), "checkpoint", "{}: optimizer.safetensors is missing", dir);

@@ -1,5 +1,6 @@
 // The fine-tuning loop behind `kiln finetune` (see finetune.h) and its subcommand.
 #include "examples/kiln/finetune.h"
+#include "core/file_io.h"
 
 #include <atomic>
 #include <chrono>
@@ -85,9 +86,7 @@ double eval_loss(nn::Llama& model, const std::vector<data::Document>& docs, cons
 FinetuneResult run_finetune(const FinetuneConfig& c, const FinetuneHooks& hooks) {
   c.validate();
   fs::create_directories(c.output);
-  {
-    std::ofstream(fs::path(c.output) / "config.toml") << c.to_toml();
-  }
+  write_file_atomic((fs::path(c.output) / "config.toml").string(), c.to_toml(), "finetune");
   FinetuneResult result;
 
   // ---- model (NF4 base for QLoRA, quantised layer by layer as it loads), tokenizer, LoRA
@@ -140,7 +139,7 @@ FinetuneResult run_finetune(const FinetuneConfig& c, const FinetuneHooks& hooks)
   ao.lr = c.lr;
   ao.weight_decay = c.weight_decay;
   nn::AdamW opt(model->named_trainable_parameters(), ao);
-  const nn::LRSchedule schedule(c.schedule, c.lr, c.warmup, total_steps);
+  const nn::LRSchedule schedule(c.schedule, c.lr, std::min(c.warmup, total_steps), total_steps);  // short runs: warmup fits
   manual_seed(data::mix_seed(c.seed, 7));  // dropout draws
   TrainerState state;
   state.fingerprint = c.fingerprint();
@@ -263,7 +262,7 @@ FinetuneResult run_finetune(const FinetuneConfig& c, const FinetuneHooks& hooks)
     const auto out = nn::generate(*model, prompt, go);
     std::vector<int32_t> ids(out.begin(), out.end());
     result.sample = c.sample_prompt + tok.decode(ids, /*skip_special=*/true);
-    std::ofstream(fs::path(c.output) / "sample.txt") << result.sample << "\n";
+    write_file_atomic((fs::path(c.output) / "sample.txt").string(), result.sample + "\n", "finetune");
     if (!hooks.quiet) std::printf("sample: %s\n", result.sample.c_str());
   }
   if (!hooks.quiet)

@@ -1,5 +1,6 @@
 // Progress bar, metrics.jsonl and the loss-curve SVG.
 #include "examples/kiln/progress.h"
+#include "core/file_io.h"
 
 #include <fmt/format.h>
 #include <unistd.h>
@@ -99,13 +100,7 @@ void write_loss_svg(const std::string& path, const std::vector<LossPoint>& train
   svg += fmt::format("<text x=\"{}\" y=\"18\" fill=\"#1f77b4\">train</text><text x=\"{}\" y=\"18\" fill=\"#d62728\">eval</text>\n",
                      w - 120, w - 70);
   svg += "</svg>\n";
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::trunc);
-    out << svg;
-    KILN_CHECK(out.good(), "finetune", "cannot write {}", tmp);
-  }
-  std::filesystem::rename(tmp, path);
+  write_file_atomic(path, svg, "finetune");
 }
 
 }  // namespace kiln::app

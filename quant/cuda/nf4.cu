@@ -7,6 +7,7 @@
 #include <cfloat>
 
 #include "quant/cuda/nf4.cuh"
+#include "quant/nf4_code.h"
 
 namespace kiln::quant::cuda {
 namespace {
@@ -92,29 +93,6 @@ __global__ void nf4_quantize_kernel(const T* __restrict__ w, int64_t n, int64_t 
   }
 }
 
-// bnb's dQuantize: seven halving steps from entry 127, then the nearer neighbour by midpoint.
-__device__ __forceinline__ uint8_t dynamic_index(const float* code, float x) {
-  int pivot = 127, upper_pivot = 255, lower_pivot = 0;
-  float lower = -1.0f, upper = 1.0f, val = code[pivot];
-#pragma unroll
-  for (int step = 64; step > 0; step >>= 1) {
-    if (x > val) {
-      lower_pivot = pivot;
-      lower = val;
-      pivot += step;
-    } else {
-      upper_pivot = pivot;
-      upper = val;
-      pivot -= step;
-    }
-    val = code[pivot];
-  }
-  if (upper_pivot == 255) upper = code[255];
-  if (lower_pivot == 0) lower = code[0];
-  if (x > val) return static_cast<uint8_t>(x > __fmul_rn(__fadd_rn(upper, val), 0.5f) ? upper_pivot : pivot);
-  return static_cast<uint8_t>(x < __fmul_rn(__fadd_rn(lower, val), 0.5f) ? lower_pivot : pivot);
-}
-
 // One warp per block of `bs` values (x - offset), lanes striding by 32.
 __global__ void blockwise8_quantize_kernel(const float* __restrict__ x, int64_t n, float offset,
                                            const float* __restrict__ code_g, int64_t bs, int64_t nblocks,
@@ -131,7 +109,7 @@ __global__ void blockwise8_quantize_kernel(const float* __restrict__ x, int64_t 
     m = warp_max(m);
     if (lane == 0) absmax[b] = m;
     const float inv = rcp_approx_ftz(m);
-    for (int64_t j = begin + lane; j < end; j += 32) codes[j] = dynamic_index(code, mul_ftz(__fsub_rn(x[j], offset), inv));
+    for (int64_t j = begin + lane; j < end; j += 32) codes[j] = detail::dynamic_code_search(code, mul_ftz(__fsub_rn(x[j], offset), inv));
   }
 }
 
