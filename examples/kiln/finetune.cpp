@@ -156,11 +156,11 @@ FinetuneResult run_finetune(const FinetuneConfig& c, const FinetuneHooks& hooks)
   const std::string svg_path = (fs::path(c.output) / "loss_curve.svg").string();
 
   if (!hooks.quiet)
-    std::fprintf(stderr, "kiln finetune: %s, %s base, LoRA r=%lld on %s | %lld trainable / %lld params | %zu train + %zu eval docs, "
+    std::fprintf(stderr, "kiln finetune: %s, %s base, LoRA r=%lld on %s | %lld trainable + %lld base parameters | %zu train + %zu eval docs, "
                  "%lld tokens/epoch | %lld steps of %lld x %lld tokens -> %s\n",
                  c.model_dir.empty() ? c.config.c_str() : c.model_dir.c_str(), c.base.c_str(), static_cast<long long>(c.lora_r),
                  device.str().c_str(), static_cast<long long>(model->num_parameters(true)),
-                 static_cast<long long>(model->num_parameters()), split.train.size(), split.eval.size(),
+                 static_cast<long long>(model->config().num_parameters()), split.train.size(), split.eval.size(),
                  static_cast<long long>(train.tokens_per_epoch()), static_cast<long long>(total_steps),
                  static_cast<long long>(per_step), static_cast<long long>(c.seq_len), c.output.c_str());
 
@@ -285,7 +285,7 @@ void add_finetune_command(CLI::App& app) {
       apply_given_flags(*cmd, flags, *config);
       config->config_file = flags.config_file;
     }
-    run_finetune(*config);
+    if (run_finetune(*config).interrupted) throw CLI::RuntimeError(130);  // Ctrl-C: the shell's convention
   });
 }
 

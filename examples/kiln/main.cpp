@@ -12,7 +12,7 @@ int main(int argc, char** argv) {
   kiln::app::add_generate_command(app);
   try {
     app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
+  } catch (const CLI::Error& e) {  // bad flags (usage printed), or an exit code such as 130 after Ctrl-C
     return app.exit(e);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "kiln: %s\n", e.what());
