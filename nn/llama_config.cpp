@@ -1,10 +1,8 @@
 // LlamaConfig: Hugging Face config.json in and out, validation, and the built-in named configs
 // (the real Llama 3.1 8B and a tiny one for the default CPU fine-tune).
 #include <filesystem>
-#include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
-#include <sstream>
 
 #include "nn/llama.h"
 #include "core/file_io.h"

@@ -4,12 +4,10 @@
 
 #include <cmath>
 #include <filesystem>
-#include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <regex>
 #include <set>
-#include <sstream>
 
 #include "autograd/grad_mode.h"
 #include "core/ops.h"

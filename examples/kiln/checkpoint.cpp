@@ -3,7 +3,6 @@
 #include "core/file_io.h"
 
 #include <filesystem>
-#include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
 

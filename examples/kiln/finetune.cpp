@@ -35,13 +35,12 @@ extern "C" void on_sigint(int) {
   std::signal(SIGINT, SIG_DFL);  // a second Ctrl-C stops at once
 }
 
-data::TextOptions text_options(const FinetuneConfig& c, const std::string& path) {
+data::TextOptions text_options(const FinetuneConfig& c) {
   if (c.text_split == "auto") return c.data.empty() ? data::default_corpus_options() : data::TextOptions{};
   data::TextOptions o;
   o.split = c.text_split == "file" ? data::TextSplit::whole_file
             : c.text_split == "blank_lines" ? data::TextSplit::blank_lines
                                             : data::TextSplit::separator;
-  (void)path;
   return o;
 }
 
@@ -116,7 +115,7 @@ FinetuneResult run_finetune(const FinetuneConfig& c, const FinetuneHooks& hooks)
 
   // ---- data: documents -> tokens -> held-out split -> packed training stream
   const std::string data_path = c.data.empty() ? data::default_corpus_path() : c.data;
-  const auto docs = data::tokenize_documents(tok, data::load_documents(data_path, text_options(c, data_path)));
+  const auto docs = data::tokenize_documents(tok, data::load_documents(data_path, text_options(c)));
   KILN_CHECK(!docs.empty(), "finetune", "{} holds no documents", data_path);
   data::SplitOptions so;
   so.fraction = c.eval_fraction;
