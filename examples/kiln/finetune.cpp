@@ -149,6 +149,9 @@ FinetuneResult run_finetune(const FinetuneConfig& c, const FinetuneHooks& hooks)
     train.restore(state.data);
     default_generator().set_state(state.rng);
     if (!hooks.quiet) std::fprintf(stderr, "resumed from %s at step %lld\n", dir->c_str(), static_cast<long long>(state.step));
+  } else if (fs::exists(fs::path(c.output) / "latest") && !hooks.quiet) {
+    std::fprintf(stderr, "note: %s holds an earlier run; starting a new one over it (--resume continues the old one)\n",
+                 c.output.c_str());
   }
   result.first_step = state.step;
   MetricsLog metrics((fs::path(c.output) / "metrics.jsonl").string(), c.resume);
