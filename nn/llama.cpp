@@ -208,24 +208,19 @@ Tensor Llama::logits(const Tensor& hidden) {
   return child_as<LinearBase>("lm_head").forward(hidden);
 }
 
-Tensor Llama::loss(const Tensor& hidden, const Tensor& targets) {
+Tensor Llama::loss(const Tensor& hidden, const Tensor& targets, Reduction reduction) {
+  KILN_CHECK(reduction != Reduction::none, "Llama", "loss reduces to a sum or a mean (use logits() for per-token values)");
   Tensor logits2d = reshape(logits(hidden), {-1, config_.vocab_size});  // (B*T, V)
-  return cross_entropy(cast(logits2d, DType::f32), reshape(targets, {-1}));
+  return cross_entropy(cast(logits2d, DType::f32), reshape(targets, {-1}), -100, reduction);
 }
 
-Tensor Llama::chunked_loss(const Tensor& hidden, const Tensor& targets) {
+Tensor Llama::chunked_loss(const Tensor& hidden, const Tensor& targets, Reduction reduction) {
+  KILN_CHECK(reduction != Reduction::none, "Llama", "chunked_loss reduces to a sum or a mean");
   KILN_CHECK(config_.tie_word_embeddings || dynamic_cast<Linear*>(&child_as<LinearBase>("lm_head")), "Llama",
              "the chunked loss head needs a plain lm_head, found {}", child_as<LinearBase>("lm_head").type_name());
-  return chunked_linear_loss(hidden, lm_head_weight(), targets, cross_entropy_loss());
-}
-
-std::pair<Tensor, Tensor> Llama::sequence_losses(const Tensor& hidden, const Tensor& targets) {
-  KILN_CHECK(targets.dim() == 2, "Llama", "expected targets (B, T), found {}", shape_str(targets.shape()));
-  const int64_t b = targets.size(0), t = targets.size(1);
-  Tensor logits2d = cast(reshape(logits(hidden), {-1, config_.vocab_size}), DType::f32);  // (B*T, V)
-  Tensor per_token = reshape(cross_entropy(logits2d, reshape(targets, {-1}), -100, Reduction::none), {b, t});
-  Tensor counts = sum(cast(ne(targets, -100.0), DType::i64), {1});  // (B)
-  return {sum(per_token, {1}), counts};
+  ChunkedLossOptions o;
+  o.reduction = reduction == Reduction::sum ? LossReduction::sum : LossReduction::mean;
+  return chunked_linear_loss(hidden, lm_head_weight(), targets, cross_entropy_loss(), o);
 }
 
 KVCache Llama::make_cache(int64_t batch, int64_t capacity) const {

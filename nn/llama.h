@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "core/ops.h"
 #include "nn/layers.h"
 
 namespace kiln::nn {
@@ -128,14 +129,12 @@ class Llama : public Module {
   Tensor logits(const Tensor& hidden);
   // The (vocab, hidden) output projection (the embedding when tied).
   Tensor lm_head_weight() const;
-  // Mean cross-entropy of the logits at each position against `targets` (B, T) (the next token,
-  // already shifted; -100 ignored), computed in f32 over the full logits.
-  Tensor loss(const Tensor& hidden, const Tensor& targets);
-  // The same mean through the chunked linear+cross-entropy head (nn/chunked_loss.h): the full
-  // logits never exist. Needs a plain (tied or Linear) output projection.
-  Tensor chunked_loss(const Tensor& hidden, const Tensor& targets);
-  // Per-sequence summed loss (B) and non-ignored token counts (B), for evaluation.
-  std::pair<Tensor, Tensor> sequence_losses(const Tensor& hidden, const Tensor& targets);
+  // Cross-entropy of the logits at each position against `targets` (B, T) (the next token, already
+  // shifted; -100 ignored), computed in f32 over the full logits; mean over the scored tokens or sum.
+  Tensor loss(const Tensor& hidden, const Tensor& targets, Reduction reduction = Reduction::mean);
+  // The same through the chunked linear+cross-entropy head (nn/chunked_loss.h): the full logits
+  // never exist. Needs a plain (tied or Linear) output projection.
+  Tensor chunked_loss(const Tensor& hidden, const Tensor& targets, Reduction reduction = Reduction::mean);
 
   KVCache make_cache(int64_t batch, int64_t capacity) const;
 

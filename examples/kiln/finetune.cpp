@@ -16,7 +16,6 @@
 #include "examples/kiln/app.h"
 #include "examples/kiln/checkpoint.h"
 #include "examples/kiln/progress.h"
-#include "nn/chunked_loss.h"
 #include "nn/generate.h"
 #include "nn/lr_schedule.h"
 #include "nn/optim.h"
@@ -46,13 +45,7 @@ data::TextOptions text_options(const FinetuneConfig& c) {
 
 // Summed cross-entropy of hidden (B, T, H) against targets (B, T) (-100 ignored), in f32.
 Tensor loss_sum(nn::Llama& model, const Tensor& hidden, const Tensor& targets, bool chunked) {
-  if (chunked) {
-    nn::ChunkedLossOptions o;
-    o.reduction = nn::LossReduction::sum;
-    return nn::chunked_linear_loss(hidden, model.lm_head_weight(), targets, nn::cross_entropy_loss(), o);
-  }
-  Tensor logits = cast(reshape(model.logits(hidden), {-1, model.config().vocab_size}), DType::f32);  // (B*T, V)
-  return cross_entropy(logits, reshape(targets, {-1}), -100, Reduction::sum);
+  return chunked ? model.chunked_loss(hidden, targets, Reduction::sum) : model.loss(hidden, targets, Reduction::sum);
 }
 
 // Token-weighted mean loss over up to `max_batches` batches of the held-out documents.
