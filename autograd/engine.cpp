@@ -8,11 +8,44 @@
 #include <unordered_set>
 
 #include "autograd/grad_mode.h"
+#include "autograd/hooks.h"
 #include "autograd/node.h"
 #include "core/ops.h"
 
 namespace kiln::autograd {
 namespace {
+
+// Backward runs nest (checkpoint recomputes and runs a backward inside a vjp); callbacks queued in any
+// of them run when the outermost ends.
+thread_local int t_backward_depth = 0;
+thread_local std::vector<std::function<void()>> t_callbacks;
+
+void run_leaf_hooks(const std::shared_ptr<TensorImpl>& leaf) {
+  if (!leaf->grad_hooks) return;
+  std::vector<GradHooks::Entry> entries = leaf->grad_hooks->entries;  // a hook may remove itself
+  Tensor t(leaf);
+  NoGradGuard no_grad;
+  for (const GradHooks::Entry& e : entries) e.fn(t);
+}
+
+// Marks a backward as running on this thread; the outermost one runs the queued callbacks at its end
+// (or drops them when it throws).
+class BackwardScope {
+ public:
+  BackwardScope() { ++t_backward_depth; }
+  ~BackwardScope() {
+    if (--t_backward_depth == 0) t_callbacks.clear();
+  }
+  void finish() {
+    if (t_backward_depth != 1) return;
+    while (!t_callbacks.empty()) {
+      std::vector<std::function<void()>> now;
+      now.swap(t_callbacks);
+      NoGradGuard no_grad;
+      for (auto& fn : now) fn();
+    }
+  }
+};
 
 Tensor accumulate(const Tensor& a, const Tensor& b) { return a.defined() ? add(a, b) : b; }
 
@@ -24,11 +57,16 @@ struct Run {
   // grad(): where the wanted gradients are caught
   std::map<std::pair<Node*, int>, Tensor> caught_nodes;
   std::unordered_map<TensorImpl*, Tensor> caught_leaves;
+  // Leaves with post-accumulate-grad hooks: nodes still to process that have an edge into them, and
+  // whether this run accumulated anything into them yet.
+  std::unordered_map<TensorImpl*, int> leaf_pending;
+  std::unordered_set<TensorImpl*> leaf_touched;
 
   void to_leaf(const std::shared_ptr<TensorImpl>& leaf, const Tensor& g) {
     auto it = caught_leaves.find(leaf.get());
     if (it != caught_leaves.end()) it->second = accumulate(it->second, g);
     if (!accumulate_leaves) return;
+    if (leaf->grad_hooks) leaf_touched.insert(leaf.get());
     Tensor gd = create_graph ? g : g.detach();
     leaf->grad = leaf->grad ? accumulate(Tensor(leaf->grad), gd).impl() : gd.impl();
   }
@@ -126,7 +164,33 @@ struct Run {
       }
     }
     std::sort(order.begin(), order.end(), [](Node* a, Node* b) { return a->sequence > b->sequence; });
-    for (Node* n : order) process(*n);
+    if (accumulate_leaves) {
+      for (Node* n : order) {
+        for (const Edge& e : n->edges) {
+          if (e.leaf && e.leaf->grad_hooks) ++leaf_pending[e.leaf.get()];
+        }
+      }
+      for (const Tensor& r : roots) {  // a root that is itself a leaf is complete once seeded
+        if (!r.grad_fn()) leaf_done(r.impl(), /*from_node=*/false);
+      }
+    }
+    for (Node* n : order) {
+      process(*n);
+      if (!accumulate_leaves) continue;
+      for (const Edge& e : n->edges) {
+        if (e.leaf && e.leaf->grad_hooks) leaf_done(e.leaf, /*from_node=*/true);
+      }
+    }
+  }
+
+  // One contributor of `leaf` is done; its hooks run when none is left and something reached it.
+  void leaf_done(const std::shared_ptr<TensorImpl>& leaf, bool from_node) {
+    if (!leaf->grad_hooks) return;
+    int& pending = leaf_pending[leaf.get()];
+    if (from_node) --pending;
+    if (pending > 0 || !leaf_touched.count(leaf.get())) return;
+    leaf_touched.erase(leaf.get());
+    run_leaf_hooks(leaf);
   }
 };
 
@@ -159,10 +223,12 @@ std::vector<Tensor> seeds_for(const std::vector<Tensor>& outputs, const std::vec
 void backward(const std::vector<Tensor>& outputs, const std::vector<Tensor>& grad_outputs, bool retain_graph,
               bool create_graph) {
   std::vector<Tensor> seeds = seeds_for(outputs, grad_outputs);
+  BackwardScope scope;
   Run run;
   run.retain_graph = retain_graph || create_graph;
   run.create_graph = create_graph;
   run.execute(outputs, seeds);
+  scope.finish();
 }
 
 std::vector<Tensor> grad(const std::vector<Tensor>& outputs, const std::vector<Tensor>& inputs,
@@ -172,6 +238,7 @@ std::vector<Tensor> grad(const std::vector<Tensor>& outputs, const std::vector<T
   run.retain_graph = retain_graph || create_graph;
   run.create_graph = create_graph;
   run.accumulate_leaves = false;
+  BackwardScope scope;
   for (size_t i = 0; i < inputs.size(); ++i) {
     const Tensor& x = inputs[i];
     KILN_CHECK(x.defined() && x.requires_grad(), "grad", "input {} does not require grad", i);
@@ -179,12 +246,36 @@ std::vector<Tensor> grad(const std::vector<Tensor>& outputs, const std::vector<T
     else run.caught_leaves[x.impl().get()] = Tensor();
   }
   run.execute(outputs, seeds);
+  scope.finish();
   std::vector<Tensor> out;
   for (const Tensor& x : inputs) {
     Tensor g = x.grad_fn() ? run.caught_nodes[{x.grad_fn().get(), x.impl()->output_nr}] : run.caught_leaves[x.impl().get()];
     out.push_back(g.defined() ? g : zeros_like(x));
   }
   return out;
+}
+
+}  // namespace kiln::autograd
+
+namespace kiln::autograd {
+
+HookHandle register_post_accumulate_grad_hook(const Tensor& leaf, PostAccumulateGradHook hook) {
+  KILN_CHECK(leaf.defined() && leaf.requires_grad() && !leaf.grad_fn(), "register_post_accumulate_grad_hook",
+             "expected a leaf tensor that requires grad{}", leaf.defined() && leaf.grad_fn() ? " (found a non-leaf)" : "");
+  KILN_CHECK(static_cast<bool>(hook), "register_post_accumulate_grad_hook", "the hook is empty");
+  TensorImpl& impl = *leaf.impl();
+  if (!impl.grad_hooks) impl.grad_hooks = std::make_shared<GradHooks>();
+  const uint64_t id = impl.grad_hooks->next_id++;
+  impl.grad_hooks->entries.push_back({id, std::move(hook)});
+  std::weak_ptr<GradHooks> weak = impl.grad_hooks;
+  return HookHandle([weak, id] {
+    if (auto h = weak.lock()) std::erase_if(h->entries, [id](const GradHooks::Entry& e) { return e.id == id; });
+  });
+}
+
+void queue_callback(std::function<void()> fn) {
+  KILN_CHECK(t_backward_depth > 0, "queue_callback", "called outside a backward");
+  t_callbacks.push_back(std::move(fn));
 }
 
 }  // namespace kiln::autograd

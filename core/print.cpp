@@ -3,7 +3,6 @@
 #include <cmath>
 #include <ostream>
 
-#include "autograd/grad_mode.h"
 #include "core/ops.h"
 
 namespace kiln {
@@ -71,8 +70,7 @@ struct Printer {
 
 std::string Tensor::to_string() const {
   if (!defined()) return "tensor(undefined)";
-  autograd::NoGradGuard no_grad;
-  Tensor host = cast(to(kCPU), DType::f64).contiguous();
+  Tensor host = cast(detach().to(kCPU), DType::f64).contiguous();  // detached: records no history
   Printer p;
   p.values = host.to_vector<double>();
   p.shape = shape();

@@ -6,9 +6,7 @@
 #include <new>
 
 #include "core/error.h"
-#if KILN_WITH_CUDA
-#include "core/cuda/runtime.h"
-#endif
+#include "core/registry.h"
 
 namespace kiln {
 namespace {
@@ -25,20 +23,21 @@ class CpuAllocator final : public Allocator {
 };
 
 std::array<Allocator*, kNumDeviceTypes>& allocators() {
-  static CpuAllocator cpu;
-#if KILN_WITH_CUDA
-  static std::array<Allocator*, kNumDeviceTypes> table{&cpu, cuda::caching_allocator()};
-#else
-  static std::array<Allocator*, kNumDeviceTypes> table{&cpu, nullptr};
-#endif
+  static std::array<Allocator*, kNumDeviceTypes> table{};
   return table;
 }
 
 }  // namespace
 
+KILN_REGISTER(cpu_allocator) {
+  static CpuAllocator cpu;
+  set_allocator(DeviceType::cpu, &cpu);
+}
+
 void set_allocator(DeviceType type, Allocator* allocator) { allocators()[static_cast<int>(type)] = allocator; }
 
 Allocator* get_allocator(DeviceType type) {
+  run_registrations();
   Allocator* a = allocators()[static_cast<int>(type)];
   KILN_CHECK(a != nullptr, "alloc", "no allocator for device type {}; was kiln built with CUDA?",
              type == DeviceType::cuda ? "cuda" : "cpu");

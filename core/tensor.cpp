@@ -3,7 +3,7 @@
 
 #include <cstring>
 
-#include "autograd/engine.h"
+#include "core/grad_recorder.h"
 #include "core/ops.h"
 
 namespace kiln {
@@ -95,7 +95,9 @@ Tensor Tensor::detach() const {
 }
 
 void Tensor::backward(const Tensor& grad, bool retain_graph, bool create_graph) const {
-  autograd::backward({*this}, {grad}, retain_graph, create_graph);
+  GradRecorder* r = grad_recorder();
+  KILN_CHECK(r != nullptr, "backward", "autograd is not linked into this program (link kiln_autograd)");
+  r->backward(*this, grad, retain_graph, create_graph);
 }
 
 Tensor Tensor::to(Device d) const { return d == device() ? *this : to_device(*this, d); }

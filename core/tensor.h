@@ -15,7 +15,10 @@
 
 namespace kiln {
 
-namespace autograd { struct Node; }
+namespace autograd {
+struct Node;
+struct GradHooks;
+}  // namespace autograd
 class Tensor;
 
 struct TensorImpl {
@@ -30,6 +33,7 @@ struct TensorImpl {
   std::shared_ptr<TensorImpl> grad;
   std::shared_ptr<autograd::Node> grad_fn;  // null for leaves
   int output_nr = 0;                        // which output of grad_fn this is
+  std::shared_ptr<autograd::GradHooks> grad_hooks;  // leaves: post-accumulate-grad hooks (autograd/hooks.h)
 };
 
 class Tensor {

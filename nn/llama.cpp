@@ -12,7 +12,7 @@
 #include "nn/chunked_loss.h"
 #include "nn/nf4_linear.h"
 #include "quant/bnb_checkpoint.h"
-#include "nn/safetensors.h"
+#include "io/safetensors.h"
 
 namespace kiln::nn {
 
@@ -244,7 +244,7 @@ WeightSource open_hf_weights(const std::string& dir) {
   WeightSource src;
   src.origin = dir;
   if (fs::exists(index)) {
-    auto ckpt = std::make_shared<ShardedCheckpoint>(ShardedCheckpoint::open(dir));
+    auto ckpt = std::make_shared<io::ShardedCheckpoint>(io::ShardedCheckpoint::open(dir));
     src.keys = ckpt->keys();
     src.get = [ckpt, dir](const std::string& key) {
       KILN_CHECK(ckpt->contains(key), "load", "{}: the checkpoint has no tensor '{}'", dir, key);
@@ -253,7 +253,7 @@ WeightSource open_hf_weights(const std::string& dir) {
     return src;
   }
   KILN_CHECK(fs::exists(single), "load", "{} has neither model.safetensors nor model.safetensors.index.json", dir);
-  auto file = std::make_shared<SafetensorsFile>(SafetensorsFile::open(single.string()));
+  auto file = std::make_shared<io::SafetensorsFile>(io::SafetensorsFile::open(single.string()));
   src.keys = file->keys();
   src.get = [file](const std::string& key) {
     KILN_CHECK(file->contains(key), "load", "{}: the checkpoint has no tensor '{}'", file->path(), key);

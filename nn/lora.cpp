@@ -11,7 +11,7 @@
 
 #include "autograd/grad_mode.h"
 #include "core/ops.h"
-#include "nn/safetensors.h"
+#include "io/safetensors.h"
 
 namespace kiln::nn {
 
@@ -227,7 +227,7 @@ void save_adapter(Module& root, const LoraConfig& config, const std::string& dir
     tensors.emplace_back(kPeftPrefix + path + ".lora_A.weight", l->lora_a());
     tensors.emplace_back(kPeftPrefix + path + ".lora_B.weight", l->lora_b());
   }
-  save_safetensors((fs::path(dir) / "adapter_model.safetensors").string(), tensors, {{"format", "pt"}});
+  io::save_safetensors((fs::path(dir) / "adapter_model.safetensors").string(), tensors, {{"format", "pt"}});
   write_file_atomic((fs::path(dir) / "adapter_config.json").string(), config.to_peft_json(), "adapter");
 }
 
@@ -238,7 +238,7 @@ LoraConfig read_adapter_config(const std::string& dir) {
 
 LoraConfig load_adapter(Module& root, const std::string& dir) {
   const LoraConfig config = read_adapter_config(dir);
-  const SafetensorsFile file = SafetensorsFile::open((fs::path(dir) / "adapter_model.safetensors").string());
+  const io::SafetensorsFile file = io::SafetensorsFile::open((fs::path(dir) / "adapter_model.safetensors").string());
   // Which modules the file names, and the shapes they must have.
   std::set<std::string> paths;
   for (auto& [path, l] : lora_layers(root)) paths.insert(path);

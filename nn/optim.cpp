@@ -9,7 +9,7 @@
 #include "autograd/grad_mode.h"
 #include "core/ops.h"
 #include "core/ops/optim.h"
-#include "nn/safetensors.h"
+#include "io/safetensors.h"
 
 namespace kiln::nn {
 namespace {
@@ -173,11 +173,11 @@ void Optimizer::save(const std::string& path) const {
                                           {"step", std::to_string(s.step)},
                                           {"hyperparameters", hyper.dump()},
                                           {"params", nlohmann::json(s.params).dump()}};
-  save_safetensors(path, tensors, meta);
+  io::save_safetensors(path, tensors, meta);
 }
 
 void Optimizer::load(const std::string& path) {
-  SafetensorsFile f = SafetensorsFile::open(path);
+  io::SafetensorsFile f = io::SafetensorsFile::open(path);
   const auto& meta = f.metadata();
   auto field = [&](const char* key) -> const std::string& {
     auto it = meta.find(key);

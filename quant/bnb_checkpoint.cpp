@@ -132,11 +132,11 @@ NF4Weight read_impl(const Getter& get, const std::string& w_key) {
 
 }  // namespace
 
-bool is_bnb_nf4(const nn::SafetensorsFile& file, const std::string& weight_key) {
+bool is_bnb_nf4(const io::SafetensorsFile& file, const std::string& weight_key) {
   return file.contains(weight_key + kStateSuffix);
 }
 
-NF4Weight read_bnb_nf4(const nn::SafetensorsFile& file, const std::string& weight_key) {
+NF4Weight read_bnb_nf4(const io::SafetensorsFile& file, const std::string& weight_key) {
   return read_impl(
       [&](const std::string& key) {
         KILN_CHECK(file.contains(key), kOp, "{}: missing from {}", key, file.path());

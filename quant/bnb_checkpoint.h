@@ -16,22 +16,22 @@
 #include <utility>
 #include <vector>
 
-#include "nn/safetensors.h"
+#include "io/safetensors.h"
 #include "quant/nf4.h"
 
 namespace kiln::quant {
 
 // True when `weight_key` is stored as a bnb NF4 weight (its quant_state entry is present).
-bool is_bnb_nf4(const nn::SafetensorsFile& file, const std::string& weight_key);
+bool is_bnb_nf4(const io::SafetensorsFile& file, const std::string& weight_key);
 // Reads and validates the NF4 weight stored under `weight_key` (CPU tensors viewing the file; use
 // to_device to move it). Every inconsistency throws kiln::Error "[bnb_nf4] <key>: ...".
-NF4Weight read_bnb_nf4(const nn::SafetensorsFile& file, const std::string& weight_key);
+NF4Weight read_bnb_nf4(const io::SafetensorsFile& file, const std::string& weight_key);
 // The same from loose tensors by full key (e.g. gathered from a sharded checkpoint).
 NF4Weight read_bnb_nf4(const std::vector<std::pair<std::string, Tensor>>& tensors, const std::string& weight_key);
 
 // The JSON bytes of W.quant_state.bitsandbytes__nf4 (Python json.dumps formatting, as bnb writes it).
 std::string bnb_quant_state_json(const NF4Weight& w);
-// The (key, tensor) entries for `weight_key`, in bnb's order, ready for nn::save_safetensors.
+// The (key, tensor) entries for `weight_key`, in bnb's order, ready for io::save_safetensors.
 std::vector<std::pair<std::string, Tensor>> bnb_nf4_tensors(const std::string& weight_key, const NF4Weight& w);
 
 }  // namespace kiln::quant

@@ -13,12 +13,12 @@
 #include <mutex>
 
 #include "core/cpu/parallel.h"
+#include "core/registry.h"
 #include "core/dispatch.h"
 
 namespace kiln::quant {
 
 #ifdef KILN_WITH_CUDA
-void register_nf4_cuda_kernels();  // quant/cuda/nf4_ops.cpp
 #endif
 
 namespace {
@@ -261,17 +261,11 @@ void NF4Weight::validate(const char* op) const {
   }
 }
 
-void register_nf4_kernels() {
-  static std::once_flag once;
-  std::call_once(once, [] {
-    register_kernel<prim::NF4Quantize>(DeviceType::cpu, &nf4_quantize_kernel);
-    register_kernel<prim::Blockwise8bitQuantize>(DeviceType::cpu, &blockwise8_quantize_kernel);
-    register_kernel<prim::Blockwise8bitDequantize>(DeviceType::cpu, &blockwise8_dequantize_kernel);
-    register_kernel<prim::NF4Dequantize>(DeviceType::cpu, &nf4_dequantize_kernel);
-#ifdef KILN_WITH_CUDA
-    register_nf4_cuda_kernels();
-#endif
-  });
+KILN_REGISTER(cpu_nf4_kernels) {
+  register_kernel<prim::NF4Quantize>(DeviceType::cpu, &nf4_quantize_kernel);
+  register_kernel<prim::Blockwise8bitQuantize>(DeviceType::cpu, &blockwise8_quantize_kernel);
+  register_kernel<prim::Blockwise8bitDequantize>(DeviceType::cpu, &blockwise8_dequantize_kernel);
+  register_kernel<prim::NF4Dequantize>(DeviceType::cpu, &nf4_dequantize_kernel);
 }
 
 float absmax_offset(const Tensor& absmax) {
@@ -282,7 +276,6 @@ float absmax_offset(const Tensor& absmax) {
 }
 
 NestedAbsmax double_quantize_absmax(const Tensor& absmax, float offset, int64_t nested_blocksize, const Tensor& code) {
-  register_nf4_kernels();
   KILN_CHECK(absmax.defined() && absmax.dtype() == DType::f32, "blockwise8_quantize", "absmax must be f32");
   KILN_CHECK(nested_blocksize > 0 && (nested_blocksize & (nested_blocksize - 1)) == 0, "blockwise8_quantize",
              "nested_blocksize must be a power of two, found {}", nested_blocksize);
@@ -293,13 +286,11 @@ NestedAbsmax double_quantize_absmax(const Tensor& absmax, float offset, int64_t 
 }
 
 Tensor dequantize_blockwise_8bit(const Tensor& codes, const Tensor& absmax, const Tensor& code, int64_t blocksize) {
-  register_nf4_kernels();
   return dispatch1(std::make_shared<const prim::Blockwise8bitDequantize>(blocksize),
                    {contiguous(codes), contiguous(absmax), contiguous(code)});
 }
 
 NF4Weight quantize_nf4(const Tensor& w, bool double_quant, int64_t blocksize) {
-  register_nf4_kernels();
   KILN_CHECK(w.defined(), "nf4_quantize", "weight is undefined");
   NF4Weight q;
   q.shape = w.shape();
@@ -322,7 +313,6 @@ NF4Weight quantize_nf4(const Tensor& w, bool double_quant, int64_t blocksize) {
 }
 
 Tensor dequantize_nf4(const NF4Weight& q, DType out) {
-  register_nf4_kernels();
   q.validate("nf4_dequantize");
   std::vector<Tensor> inputs = {q.packed, q.absmax};
   if (q.double_quant) {

@@ -99,9 +99,6 @@ Tensor dequantize_blockwise_8bit(const Tensor& codes, const Tensor& absmax, cons
 // gradient only; nothing dequantised is kept between forward and backward (backward dequantises again).
 Tensor nf4_linear(const Tensor& x, const NF4Weight& w, const Tensor& bias = Tensor());
 
-// Registers the NF4 kernels (CPU, and CUDA in CUDA builds) once; every function above calls it.
-void register_nf4_kernels();
-
 }  // namespace kiln::quant
 
 namespace kiln::prim {

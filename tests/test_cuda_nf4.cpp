@@ -19,8 +19,8 @@ void require_packed_match(const Tensor& w, const Tensor& absmax_f32, const Tenso
                           int64_t blocksize);
 void require_codes_match(const Tensor& absmax_f32, float offset, const Tensor& nested, const Tensor& ours,
                          const Tensor& theirs, const Tensor& code);
-quant::NF4Weight fixture_weight(const nn::SafetensorsFile& f, const std::string& p);
-std::vector<std::string> fixture_cases(const nn::SafetensorsFile& f);
+quant::NF4Weight fixture_weight(const io::SafetensorsFile& f, const std::string& p);
+std::vector<std::string> fixture_cases(const io::SafetensorsFile& f);
 }  // namespace kiln::test::nf4
 
 namespace kiln {
@@ -32,7 +32,7 @@ const Device kGPU{DeviceType::cuda, 0};
 
 TEST_CASE("cuda nf4 quantisation equals bitsandbytes' CUDA bytes", "[cuda][nf4]") {
   if (!cuda::is_available()) SKIP("no CUDA device");
-  auto f = nn::SafetensorsFile::open((fixtures() / "blockwise.safetensors").string());
+  auto f = io::SafetensorsFile::open((fixtures() / "blockwise.safetensors").string());
   for (const std::string& p : fixture_cases(f)) {
     INFO("fixture " << p);
     const Tensor w = f.get(p + "w").to(kGPU);
@@ -58,8 +58,8 @@ TEST_CASE("cuda nf4 quantisation equals bitsandbytes' CUDA bytes", "[cuda][nf4]"
 
 TEST_CASE("cuda nf4 tiny Llama bnb-4bit checkpoint: quantise and dequantise on the GPU", "[cuda][nf4]") {
   if (!cuda::is_available()) SKIP("no CUDA device");
-  auto model = nn::SafetensorsFile::open((fixtures() / "tiny_llama_bnb4" / "model.safetensors").string());
-  auto ref = nn::SafetensorsFile::open((fixtures() / "tiny_llama_reference.safetensors").string());
+  auto model = io::SafetensorsFile::open((fixtures() / "tiny_llama_bnb4" / "model.safetensors").string());
+  auto ref = io::SafetensorsFile::open((fixtures() / "tiny_llama_reference.safetensors").string());
   int linears = 0;
   for (const std::string& key : model.keys()) {
     if (!quant::is_bnb_nf4(model, key)) continue;

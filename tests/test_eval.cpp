@@ -12,7 +12,7 @@
 
 #include "examples/kiln/eval.h"
 #include "nn/llama.h"
-#include "nn/safetensors.h"
+#include "io/safetensors.h"
 #include "tests/helpers.h"
 
 using namespace kiln;
@@ -194,7 +194,7 @@ TEST_CASE("eval: bad files are errors naming file:line", "[eval]") {
 
 TEST_CASE("eval: the command gives transformers' loss on the HF fixture with its adapter", "[eval]") {
   const fs::path dir = fs::path(KILN_TEST_DATA) / "llama" / "gqa1_hd64_tied_llama3rope";
-  const nn::SafetensorsFile ref = nn::SafetensorsFile::open((dir / "reference.safetensors").string());
+  const io::SafetensorsFile ref = io::SafetensorsFile::open((dir / "reference.safetensors").string());
   const Tensor ids = ref.get("input_ids");    // (B, T)
   const Tensor labels = ref.get("labels");    // (B, T)
   const int64_t b = ids.size(0), t = ids.size(1);

@@ -9,7 +9,7 @@
 #include <unistd.h>
 
 #include "examples/kiln/finetune.h"
-#include "nn/safetensors.h"
+#include "io/safetensors.h"
 #include "tests/helpers.h"
 
 using namespace kiln;
@@ -97,8 +97,8 @@ TEST_CASE("finetune: a resumed run reproduces the uninterrupted one exactly", "[
   joined.insert(joined.end(), second.losses.begin(), second.losses.end());
   REQUIRE(joined == full.losses);  // bit for bit
   REQUIRE(second.sample == full.sample);
-  const auto a = nn::SafetensorsFile::open((fs::path(tiny_run(root, "full").output) / "adapter" / "adapter_model.safetensors").string());
-  const auto b = nn::SafetensorsFile::open((fs::path(c.output) / "adapter" / "adapter_model.safetensors").string());
+  const auto a = io::SafetensorsFile::open((fs::path(tiny_run(root, "full").output) / "adapter" / "adapter_model.safetensors").string());
+  const auto b = io::SafetensorsFile::open((fs::path(c.output) / "adapter" / "adapter_model.safetensors").string());
   REQUIRE(a.keys() == b.keys());
   for (const std::string& k : a.keys()) test::require_equal(a.get(k), b.get(k));
 

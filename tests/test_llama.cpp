@@ -8,7 +8,7 @@
 
 #include "nn/llama.h"
 #include "nn/lora.h"
-#include "nn/safetensors.h"
+#include "io/safetensors.h"
 #include "tests/helpers.h"
 
 using namespace kiln;
@@ -65,7 +65,7 @@ void save_hf_folder(nn::Llama& m, const fs::path& dir, const std::vector<std::st
   for (auto& [n, t] : m.state_dict())
     if (std::find(drop.begin(), drop.end(), n) == drop.end()) tensors.emplace_back(n, t);
   for (auto& e : extra) tensors.push_back(e);
-  nn::save_safetensors((dir / "model.safetensors").string(), tensors);
+  io::save_safetensors((dir / "model.safetensors").string(), tensors);
 }
 
 }  // namespace
@@ -233,7 +233,7 @@ TEST_CASE("lora: PEFT adapter folders round trip; bad folders are errors that ch
     for (auto& [path, l] : nn::lora_layers(*m)) copy_(l->lora_b(), test::random_tensor(l->lora_b().shape(), DType::f32, 80 + i++));
   }
   nn::save_adapter(*m, cfg, dir.string());
-  const nn::SafetensorsFile f = nn::SafetensorsFile::open((dir / "adapter_model.safetensors").string());
+  const io::SafetensorsFile f = io::SafetensorsFile::open((dir / "adapter_model.safetensors").string());
   REQUIRE(f.keys().size() == 2 * 7 * 2);
   REQUIRE(f.contains("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"));
   REQUIRE(f.info("base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight").shape == Shape{4, 24});
@@ -258,7 +258,7 @@ TEST_CASE("lora: PEFT adapter folders round trip; bad folders are errors that ch
     for (const std::string& k : f.keys())
       if (k != drop) t.emplace_back(k, f.get(k));
     for (auto& a : add) t.push_back(a);
-    nn::save_safetensors((dir / "adapter_model.safetensors").string(), t);
+    io::save_safetensors((dir / "adapter_model.safetensors").string(), t);
   };
   const std::string key = "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight";
   const Tensor kept = f.get(key).clone();

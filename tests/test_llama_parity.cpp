@@ -11,7 +11,7 @@
 #include "nn/llama.h"
 #include "nn/lora.h"
 #include "nn/optim.h"
-#include "nn/safetensors.h"
+#include "io/safetensors.h"
 #include "tests/helpers.h"
 
 using namespace kiln;
@@ -47,7 +47,7 @@ Tensor hf_loss(nn::Llama& m, const Tensor& ids, const Tensor& labels) {
 void check_case(const std::string& name, Device device, DType dtype, double tol_logits, double tol_grad, double tol_loss) {
   INFO("case " << name << " on " << device.str() << " in " << dtype_name(dtype));
   const fs::path dir = case_dir(name);
-  const nn::SafetensorsFile ref = nn::SafetensorsFile::open((dir / "reference.safetensors").string());
+  const io::SafetensorsFile ref = io::SafetensorsFile::open((dir / "reference.safetensors").string());
   nlohmann::json meta = nlohmann::json::parse(std::ifstream(dir / "meta.json"));
   nn::LlamaOptions o;
   o.dtype = dtype;
@@ -115,7 +115,7 @@ void check_case(const std::string& name, Device device, DType dtype, double tol_
   nn::save_adapter(*model, nn::read_adapter_config((dir / "adapter").string()), (out / "adapter").string());
   autograd::NoGradGuard g;
   model->eval();
-  nn::save_safetensors((out / "logits.safetensors").string(),
+  io::save_safetensors((out / "logits.safetensors").string(),
                        {{"input_ids", ref.get("input_ids")}, {"logits", cast(model->logits(model->forward(ids)), DType::f32)}});
 }
 
@@ -140,7 +140,7 @@ TEST_CASE("parity: a kiln adapter saved and reloaded gives peft's logits", "[par
   nn::save_adapter(*model, cfg, out.string());
   auto again = nn::Llama::from_pretrained(dir.string());
   nn::load_adapter(*again, out.string());
-  const nn::SafetensorsFile ref = nn::SafetensorsFile::open((dir / "reference.safetensors").string());
+  const io::SafetensorsFile ref = io::SafetensorsFile::open((dir / "reference.safetensors").string());
   autograd::NoGradGuard g;
   REQUIRE(relative_error(again->logits(again->forward(ref.get("input_ids"))), ref.get("logits")) <= 1e-4);
   fs::remove_all(out);

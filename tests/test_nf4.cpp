@@ -106,7 +106,7 @@ void require_codes_match(const Tensor& absmax_f32, float offset, const Tensor& n
 }
 
 // Builds the NF4Weight bnb wrote for fixture case `p` ("caseN.") of blockwise.safetensors.
-quant::NF4Weight fixture_weight(const nn::SafetensorsFile& f, const std::string& p) {
+quant::NF4Weight fixture_weight(const io::SafetensorsFile& f, const std::string& p) {
   quant::NF4Weight q;
   const Tensor w = f.get(p + "w");
   q.shape = w.shape();
@@ -122,7 +122,7 @@ quant::NF4Weight fixture_weight(const nn::SafetensorsFile& f, const std::string&
   return q;
 }
 
-std::vector<std::string> fixture_cases(const nn::SafetensorsFile& f) {
+std::vector<std::string> fixture_cases(const io::SafetensorsFile& f) {
   std::vector<std::string> out;
   for (int i = 0; f.contains("case" + std::to_string(i) + ".w"); ++i) out.push_back("case" + std::to_string(i) + ".");
   return out;
@@ -172,7 +172,7 @@ TEST_CASE("nf4 tables: levels, midpoints and bnb's dynamic code", "[nf4]") {
   for (size_t i = 0; i + 1 < 256; ++i) REQUIRE(code[i] < code[i + 1]);
   for (int i = 0; i < 256; ++i) REQUIRE(quant::dynamic_code_index(code.data(), code[static_cast<size_t>(i)]) == i);
   // bnb's own tables, saved by the fixture script
-  auto f = nn::SafetensorsFile::open((fixtures() / "blockwise.safetensors").string());
+  auto f = io::SafetensorsFile::open((fixtures() / "blockwise.safetensors").string());
   require_bytes_equal(quant::nf4_levels_tensor(), f.get("nf4_code"));
   require_bytes_equal(quant::dynamic_code_tensor(), f.get("dynamic_code"));
 }
@@ -244,7 +244,7 @@ TEST_CASE("nf4 all-zero blocks and absmax round trip", "[nf4]") {
 }
 
 TEST_CASE("nf4 CPU quantise and dequantise match bitsandbytes", "[nf4]") {
-  auto f = nn::SafetensorsFile::open((fixtures() / "blockwise.safetensors").string());
+  auto f = io::SafetensorsFile::open((fixtures() / "blockwise.safetensors").string());
   const auto cases = fixture_cases(f);
   REQUIRE(cases.size() >= 5);
   for (const std::string& p : cases) {
@@ -271,8 +271,8 @@ TEST_CASE("nf4 CPU quantise and dequantise match bitsandbytes", "[nf4]") {
 }
 
 TEST_CASE("nf4 bnb-4bit checkpoint of a tiny Llama loads bit for bit and saves back", "[nf4]") {
-  auto model = nn::SafetensorsFile::open((fixtures() / "tiny_llama_bnb4" / "model.safetensors").string());
-  auto ref = nn::SafetensorsFile::open((fixtures() / "tiny_llama_reference.safetensors").string());
+  auto model = io::SafetensorsFile::open((fixtures() / "tiny_llama_bnb4" / "model.safetensors").string());
+  auto ref = io::SafetensorsFile::open((fixtures() / "tiny_llama_reference.safetensors").string());
   std::vector<std::pair<std::string, Tensor>> resaved;
   int linears = 0;
   for (const std::string& key : model.keys()) {
@@ -304,8 +304,8 @@ TEST_CASE("nf4 bnb-4bit checkpoint of a tiny Llama loads bit for bit and saves b
   }
   REQUIRE(linears == 14);  // 2 layers x (q, k, v, o, gate, up, down)
   const fs::path tmp = fs::temp_directory_path() / "kiln_nf4_resave.safetensors";
-  nn::save_safetensors(tmp.string(), resaved);
-  auto back = nn::SafetensorsFile::open(tmp.string());
+  io::save_safetensors(tmp.string(), resaved);
+  auto back = io::SafetensorsFile::open(tmp.string());
   for (const auto& [k, t] : resaved) {
     if (k.size() > 7 && k.compare(k.size() - 7, 7, ".weight") == 0) {
       require_bytes_equal(quant::dequantize_nf4(quant::read_bnb_nf4(back, k)), ref.get(k + ".dequant"));

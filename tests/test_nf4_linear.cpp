@@ -10,7 +10,7 @@
 #include "nn/llama.h"
 #include "nn/lora.h"
 #include "nn/nf4_linear.h"
-#include "nn/safetensors.h"
+#include "io/safetensors.h"
 #include "tests/helpers.h"
 
 using namespace kiln;
@@ -112,7 +112,7 @@ TEST_CASE("nf4 linear: a bnb-4bit Hugging Face folder loads into Llama bit for b
   o.dtype = DType::bf16;
   auto m = nn::Llama::from_pretrained(dir, o);
   REQUIRE(m->config().rope_theta == 10000.0);  // read from transformers 5's "rope_parameters"
-  const auto ref = nn::SafetensorsFile::open(KILN_TEST_DATA "/nf4/tiny_llama_reference.safetensors");
+  const auto ref = io::SafetensorsFile::open(KILN_TEST_DATA "/nf4/tiny_llama_reference.safetensors");
   int checked = 0;
   for (auto& [path, mod] : m->named_modules()) {
     auto* q = dynamic_cast<nn::NF4Linear*>(mod);
@@ -152,7 +152,7 @@ TEST_CASE("nf4 linear: quantising while loading keeps the GPU peak near one bf16
   std::ofstream(dir / "config.json") << c.to_json();
   nn::NamedTensors all;
   for (auto& [n, t] : dense.state_dict()) all.emplace_back(n, t);
-  nn::save_safetensors((dir / "model.safetensors").string(), all);
+  io::save_safetensors((dir / "model.safetensors").string(), all);
   const int64_t layer_bytes = (4 * 256 * 256 + 3 * 256 * 1024) * 2;  // one decoder layer's linears in bf16
 
   cuda::synchronize();

@@ -13,7 +13,7 @@
 #include "core/ops/optim.h"
 #include "nn/lr_schedule.h"
 #include "nn/optim.h"
-#include "nn/safetensors.h"
+#include "io/safetensors.h"
 #include "tests/helpers.h"
 
 using namespace kiln;
@@ -337,7 +337,7 @@ TEST_CASE("loading a mismatched optimizer state fails and changes nothing", "[op
   const std::string p1 = temp_path("sgd_bad"), p2 = temp_path("plain");
   sgd.save(p1);
   REQUIRE_THROWS_WITH(opt.load(p1), ContainsSubstring("[optim]") && ContainsSubstring("SGD"));
-  nn::save_safetensors(p2, {{"x", zeros({2})}});
+  io::save_safetensors(p2, {{"x", zeros({2})}});
   REQUIRE_THROWS_WITH(opt.load(p2), ContainsSubstring("[optim]") && ContainsSubstring("format"));
   std::filesystem::remove(p1);
   std::filesystem::remove(p2);

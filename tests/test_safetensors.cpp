@@ -11,7 +11,7 @@
 #include <nlohmann/json.hpp>
 #include <random>
 
-#include "nn/safetensors.h"
+#include "io/safetensors.h"
 #include "tests/helpers.h"
 
 using namespace kiln;
@@ -70,7 +70,7 @@ void write_raw(const std::string& path, const std::string& header, size_t data_b
 }
 
 void require_open_error(const std::string& path, const std::string& needle) {
-  REQUIRE_THROWS_MATCHES(nn::SafetensorsFile::open(path), Error,
+  REQUIRE_THROWS_MATCHES(io::SafetensorsFile::open(path), Error,
                          Catch::Matchers::MessageMatches(ContainsSubstring(needle) && ContainsSubstring(path)));
 }
 
@@ -88,11 +88,11 @@ TEST_CASE("safetensors round trip of every dtype and odd shapes", "[safetensors]
     for (size_t i = 0; i < shapes.size(); ++i)
       tensors.emplace_back(fmt::format("{}.{}", dtype_name(d), i), test::random_tensor(shapes[i], d, seed++));
   std::map<std::string, std::string> meta = {{"format", "pt"}, {"note", "a \"quoted\" value\n"}};
-  nn::save_safetensors(tmp.file("all.safetensors"), tensors, meta);
+  io::save_safetensors(tmp.file("all.safetensors"), tensors, meta);
   // Only the final file remains (the temporary one was renamed).
   REQUIRE(std::distance(fs::directory_iterator(tmp.path), fs::directory_iterator()) == 1);
 
-  auto f = nn::SafetensorsFile::open(tmp.file("all.safetensors"));
+  auto f = io::SafetensorsFile::open(tmp.file("all.safetensors"));
   REQUIRE(f.metadata() == meta);
   REQUIRE(f.keys().size() == tensors.size());
   for (const auto& [name, t] : tensors) {
@@ -120,10 +120,10 @@ TEST_CASE("safetensors writes non-contiguous inputs and overwrites atomically", 
   Tensor c = base.slice(1, 1, 8, 3);                                   // (5, 3) strided view
   Tensor e = test::random_tensor({3}, DType::i64, 13).expand({4, 3});  // stride 0
   std::string path = tmp.file("views.safetensors");
-  nn::save_safetensors(path, {{"old", ones({2})}});
-  nn::save_safetensors(path, {{"a", a}, {"b", b}, {"c", c}, {"e", e}});
+  io::save_safetensors(path, {{"old", ones({2})}});
+  io::save_safetensors(path, {{"a", a}, {"b", b}, {"c", c}, {"e", e}});
   REQUIRE(std::distance(fs::directory_iterator(tmp.path), fs::directory_iterator()) == 1);
-  auto f = nn::SafetensorsFile::open(path);
+  auto f = io::SafetensorsFile::open(path);
   REQUIRE(f.keys() == std::vector<std::string>{"a", "b", "c", "e"});
   test::require_equal(f.get("a"), a);
   test::require_equal(f.get("b"), b);
@@ -136,16 +136,16 @@ TEST_CASE("safetensors tensors outlive the file object and never write to the fi
   TempDir tmp;
   std::string path = tmp.file("t.safetensors");
   Tensor x = from_vector<float>({1, 2, 3, 4, 5, 6}, {2, 3});
-  nn::save_safetensors(path, {{"x", x}});
+  io::save_safetensors(path, {{"x", x}});
   Tensor r;
   {
-    auto f = nn::SafetensorsFile::open(path);
+    auto f = io::SafetensorsFile::open(path);
     r = f.get("x");
   }
   test::require_equal(r, x);
   r.fill_(7.0);  // copy-on-write mapping: the file keeps its values
   REQUIRE(r.to_vector<float>() == std::vector<float>(6, 7.0f));
-  test::require_equal(nn::SafetensorsFile::open(path).get("x"), x);
+  test::require_equal(io::SafetensorsFile::open(path).get("x"), x);
 }
 
 TEST_CASE("safetensors copies tensors whose bytes are misaligned for their dtype", "[safetensors]") {
@@ -157,14 +157,14 @@ TEST_CASE("safetensors copies tensors whose bytes are misaligned for their dtype
   float v = 2.75f;
   std::memcpy(&bytes[bytes.size() - 4], &v, 4);
   write_bytes(p, bytes);
-  auto f = nn::SafetensorsFile::open(p);
+  auto f = io::SafetensorsFile::open(p);
   REQUIRE(f.get("b").item<float>() == 2.75f);
   REQUIRE(f.get("a").item<int64_t>() == 0);
 }
 
 TEST_CASE("safetensors reads files written by the Python package", "[safetensors]") {
   std::string path = (fixtures() / "dtypes.safetensors").string();
-  auto f = nn::SafetensorsFile::open(path);
+  auto f = io::SafetensorsFile::open(path);
   REQUIRE(f.metadata() == std::map<std::string, std::string>{{"format", "np"}, {"note", "kiln fixture"}});
   REQUIRE(f.keys() == std::vector<std::string>{"bf16", "bool", "empty", "f16", "f32", "f64", "i32", "i64", "scalar", "u8"});
 
@@ -208,12 +208,12 @@ TEST_CASE("safetensors reads files written by the Python package", "[safetensors
 
 TEST_CASE("safetensors reads a sharded checkpoint written by Python", "[safetensors]") {
   std::string dir = (fixtures() / "sharded").string();
-  auto ck = nn::ShardedCheckpoint::open(dir);
+  auto ck = io::ShardedCheckpoint::open(dir);
   REQUIRE(ck.keys() == std::vector<std::string>{"layer.0.bias", "layer.0.weight", "layer.1.weight", "step"});
   REQUIRE(ck.shard_of("step") == "model-00002-of-00002.safetensors");
   REQUIRE_THROWS_MATCHES(ck.get("nope"), Error, Catch::Matchers::MessageMatches(ContainsSubstring("'nope'")));
 
-  auto all = nn::load_sharded(dir);
+  auto all = io::load_sharded(dir);
   REQUIRE(all.size() == 4);
   std::vector<float> w0;
   for (int i = 0; i < 12; ++i) w0.push_back(static_cast<float>(i) * 0.25f);
@@ -231,7 +231,7 @@ TEST_CASE("safetensors writes sharded checkpoints with an index", "[safetensors]
       {"c", test::random_tensor({30}, DType::f64, 23)},        // 240 bytes: bigger than a shard
       {"d", test::random_tensor({2, 3}, DType::i32, 24, true)},  // 24 bytes
   };
-  auto names = nn::save_sharded(tmp.path.string(), tensors, 100, {{"format", "pt"}});
+  auto names = io::save_sharded(tmp.path.string(), tensors, 100, {{"format", "pt"}});
   REQUIRE(names == std::vector<std::string>{"model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
                                             "model-00003-of-00003.safetensors"});
   std::ifstream in(tmp.file("model.safetensors.index.json"));
@@ -241,13 +241,13 @@ TEST_CASE("safetensors writes sharded checkpoints with an index", "[safetensors]
   REQUIRE(index["weight_map"]["b"] == names[0]);
   REQUIRE(index["weight_map"]["c"] == names[1]);
   REQUIRE(index["weight_map"]["d"] == names[2]);
-  auto ck = nn::ShardedCheckpoint::open(tmp.path.string());
+  auto ck = io::ShardedCheckpoint::open(tmp.path.string());
   for (const auto& [k, t] : tensors) test::require_equal(ck.get(k), t);
-  REQUIRE(nn::SafetensorsFile::open(tmp.file(names[1])).metadata().at("format") == "pt");
+  REQUIRE(io::SafetensorsFile::open(tmp.file(names[1])).metadata().at("format") == "pt");
 
   // An index naming a shard that lacks the key is an error naming both.
-  nn::save_safetensors(tmp.file(names[2]), {{"other", ones({1})}});
-  REQUIRE_THROWS_MATCHES(nn::ShardedCheckpoint::open(tmp.path.string()), Error,
+  io::save_safetensors(tmp.file(names[2]), {{"other", ones({1})}});
+  REQUIRE_THROWS_MATCHES(io::ShardedCheckpoint::open(tmp.path.string()), Error,
                          Catch::Matchers::MessageMatches(ContainsSubstring("'d'") && ContainsSubstring(names[2])));
 }
 
@@ -294,17 +294,17 @@ TEST_CASE("safetensors rejects corrupt files with the key or offset in the messa
   write_raw(p, R"({"w": {"dtype": "F32", "shape": [)" + deep + R"(], "data_offsets": [0, 4]}})", 4);
   require_open_error(p, "tensor 'w' has a shape entry array");
 
-  nn::save_safetensors(p, {{"x", ones({3})}});
-  REQUIRE_THROWS_MATCHES(nn::SafetensorsFile::open(p).get("y"), Error,
+  io::save_safetensors(p, {{"x", ones({3})}});
+  REQUIRE_THROWS_MATCHES(io::SafetensorsFile::open(p).get("y"), Error,
                          Catch::Matchers::MessageMatches(ContainsSubstring("no tensor named 'y'") && ContainsSubstring(p)));
-  REQUIRE_THROWS_AS(nn::SafetensorsFile::open(tmp.file("missing.safetensors")), Error);
-  REQUIRE_THROWS_AS(nn::load_sharded(tmp.path.string()), Error);  // no index
+  REQUIRE_THROWS_AS(io::SafetensorsFile::open(tmp.file("missing.safetensors")), Error);
+  REQUIRE_THROWS_AS(io::load_sharded(tmp.path.string()), Error);  // no index
 }
 
 TEST_CASE("safetensors survives truncated and corrupted files", "[safetensors]") {
   TempDir tmp;
   std::string good = tmp.file("good.safetensors");
-  nn::save_safetensors(good, {{"a", test::random_tensor({3, 2}, DType::f32, 31)},
+  io::save_safetensors(good, {{"a", test::random_tensor({3, 2}, DType::f32, 31)},
                               {"b", test::random_tensor({5}, DType::bf16, 32)},
                               {"c", test::random_tensor({}, DType::i64, 33)}},
                        {{"k", "v"}});
@@ -314,7 +314,7 @@ TEST_CASE("safetensors survives truncated and corrupted files", "[safetensors]")
   for (size_t len = 0; len < bytes.size(); ++len) {
     write_bytes(p, std::vector<unsigned char>(bytes.begin(), bytes.begin() + static_cast<std::ptrdiff_t>(len)));
     INFO("length " << len);
-    REQUIRE_THROWS_AS(nn::SafetensorsFile::open(p), Error);
+    REQUIRE_THROWS_AS(io::SafetensorsFile::open(p), Error);
   }
   // Random byte flips: either a valid file whose tensors read back, or a kiln::Error.
   std::mt19937 rng(1234);
@@ -325,7 +325,7 @@ TEST_CASE("safetensors survives truncated and corrupted files", "[safetensors]")
     for (int i = 0; i < flips; ++i) c[rng() % c.size()] = static_cast<unsigned char>(rng());
     write_bytes(p, c);
     try {
-      auto f = nn::SafetensorsFile::open(p);
+      auto f = io::SafetensorsFile::open(p);
       for (const auto& k : f.keys()) (void)cast(f.get(k), DType::f64).to_vector<double>();
     } catch (const Error&) {
       ++errors;

@@ -3,7 +3,7 @@
 
 #include <cstring>
 
-#include "core/cpu/register.h"
+#include "core/registry.h"
 #include "core/cpu/strided.h"
 #include "core/dispatch.h"
 #include "core/ops/copy.h"
@@ -94,7 +94,7 @@ void slice_backward_kernel(const prim::SliceBackward& op, const std::vector<Tens
 
 }  // namespace
 
-void register_copy_kernels() {
+KILN_REGISTER(cpu_copy_kernels) {
   register_kernel<prim::Copy>(DeviceType::cpu, &copy_kernel);
   register_kernel<prim::Fill>(DeviceType::cpu, &fill_kernel);
   register_kernel<prim::Cat>(DeviceType::cpu, &cat_kernel);

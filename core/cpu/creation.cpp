@@ -1,7 +1,7 @@
 // CPU kernels for arange, the Philox random ops and dropout (recipes in core/philox.h).
 #include <cmath>
 
-#include "core/cpu/register.h"
+#include "core/registry.h"
 #include "core/cpu/strided.h"
 #include "core/dispatch.h"
 #include "core/ops/creation.h"
@@ -82,7 +82,7 @@ void dropout_kernel(const prim::Dropout& op, const std::vector<Tensor>& in, std:
 
 }  // namespace
 
-void register_creation_kernels() {
+KILN_REGISTER(cpu_creation_kernels) {
   register_kernel<prim::Arange>(DeviceType::cpu, &arange_kernel);
   register_kernel<prim::Random>(DeviceType::cpu, &random_kernel);
   register_kernel<prim::Dropout>(DeviceType::cpu, &dropout_kernel);

@@ -5,7 +5,7 @@
 #include <type_traits>
 #include <utility>
 
-#include "core/cpu/register.h"
+#include "core/registry.h"
 #include "core/cpu/strided.h"
 #include "core/dispatch.h"
 #include "core/functors.h"
@@ -145,7 +145,7 @@ void where_kernel(const prim::Where&, const std::vector<Tensor>& in, std::vector
 
 }  // namespace
 
-void register_elementwise_kernels() {
+KILN_REGISTER(cpu_elementwise_kernels) {
   register_kernel<prim::Unary>(DeviceType::cpu, &unary_kernel);
   register_kernel<prim::Binary>(DeviceType::cpu, &binary_kernel);
   register_kernel<prim::Where>(DeviceType::cpu, &where_kernel);

@@ -8,7 +8,7 @@
 
 #include "core/cpu/gemm.h"
 #include "core/cpu/parallel.h"
-#include "core/cpu/register.h"
+#include "core/registry.h"
 #include "core/dispatch.h"
 #include "core/ops/matmul.h"
 
@@ -139,6 +139,6 @@ void matmul_kernel(const prim::Matmul&, const std::vector<Tensor>& in, std::vect
 
 }  // namespace
 
-void register_matmul_kernels() { register_kernel<prim::Matmul>(DeviceType::cpu, &matmul_kernel); }
+KILN_REGISTER(cpu_matmul_kernels) { register_kernel<prim::Matmul>(DeviceType::cpu, &matmul_kernel); }
 
 }  // namespace kiln::cpu

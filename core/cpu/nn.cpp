@@ -6,7 +6,7 @@
 #include <limits>
 
 #include "core/cpu/nn_common.h"
-#include "core/cpu/register.h"
+#include "core/registry.h"
 #include "core/dispatch.h"
 #include "core/ops/nn.h"
 
@@ -341,7 +341,7 @@ void swiglu_backward_kernel(const prim::SwiGluBackward&, const std::vector<Tenso
 
 }  // namespace
 
-void register_nn_kernels() {
+KILN_REGISTER(cpu_nn_kernels) {
   register_kernel<prim::Embedding>(DeviceType::cpu, &embedding_kernel);
   register_kernel<prim::EmbeddingBackward>(DeviceType::cpu, &embedding_backward_kernel);
   register_kernel<prim::RmsNorm>(DeviceType::cpu, &rms_norm_kernel);
@@ -351,7 +351,6 @@ void register_nn_kernels() {
   register_kernel<prim::CrossEntropyBackward>(DeviceType::cpu, &cross_entropy_backward_kernel);
   register_kernel<prim::SwiGlu>(DeviceType::cpu, &swiglu_kernel);
   register_kernel<prim::SwiGluBackward>(DeviceType::cpu, &swiglu_backward_kernel);
-  nn::register_attention_kernels();
 }
 
 }  // namespace kiln::cpu

@@ -7,6 +7,7 @@
 #include <limits>
 
 #include "core/cpu/nn_common.h"
+#include "core/registry.h"
 #include "core/dispatch.h"
 #include "core/ops/nn.h"
 
@@ -170,7 +171,7 @@ void sdpa_backward_kernel(const prim::SdpaBackward& p, const std::vector<Tensor>
 
 }  // namespace
 
-void register_attention_kernels() {
+KILN_REGISTER(cpu_attention_kernels) {
   register_kernel<prim::ScaledDotProductAttention>(DeviceType::cpu, &sdpa_forward_kernel);
   register_kernel<prim::SdpaBackward>(DeviceType::cpu, &sdpa_backward_kernel);
 }

@@ -6,7 +6,7 @@
 #include <vector>
 
 #include "core/cpu/parallel.h"
-#include "core/cpu/register.h"
+#include "core/registry.h"
 #include "core/dispatch.h"
 #include "core/ops/optim.h"
 
@@ -125,7 +125,7 @@ void scale_kernel(const prim::MultiTensorScale& op, const std::vector<Tensor>&, 
 
 }  // namespace
 
-void register_optim_kernels() {
+KILN_REGISTER(cpu_optim_kernels) {
   register_kernel<prim::AdamWStep>(DeviceType::cpu, &adamw_kernel);
   register_kernel<prim::MultiTensorL2Norm>(DeviceType::cpu, &l2_norm_kernel);
   register_kernel<prim::MultiTensorScale>(DeviceType::cpu, &scale_kernel);

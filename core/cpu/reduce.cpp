@@ -10,7 +10,7 @@
 #include <utility>
 
 #include "core/cpu/parallel.h"
-#include "core/cpu/register.h"
+#include "core/registry.h"
 #include "core/dispatch.h"
 #include "core/ops/reduce.h"
 
@@ -634,7 +634,7 @@ void softmax_kernel(const prim::Softmax& op, const std::vector<Tensor>& in, std:
 
 }  // namespace
 
-void register_reduce_kernels() {
+KILN_REGISTER(cpu_reduce_kernels) {
   register_kernel<prim::Reduce>(DeviceType::cpu, &reduce_kernel);
   register_kernel<prim::ArgMax>(DeviceType::cpu, &argmax_kernel);
   register_kernel<prim::LogSumExp>(DeviceType::cpu, &logsumexp_kernel);

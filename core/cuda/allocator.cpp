@@ -18,6 +18,7 @@
 
 #include "core/cuda/check.h"
 #include "core/cuda/runtime.h"
+#include "core/registry.h"
 
 namespace kiln::cuda {
 namespace {
@@ -365,6 +366,8 @@ int resolve(int device) { return device < 0 ? current_device() : device; }
 }  // namespace
 
 Allocator* caching_allocator() { return &instance(); }
+
+KILN_REGISTER(cuda_caching_allocator) { set_allocator(DeviceType::cuda, caching_allocator()); }
 
 MemoryStats memory_stats(int device) { return instance().get(resolve(device)).stats(); }
 

@@ -5,7 +5,7 @@
 
 #include "core/cuda/attention.cuh"
 #include "core/cuda/check.h"
-#include "core/cuda/register.h"
+#include "core/registry.h"
 #include "core/cuda/sdpa_cudnn.h"
 #include "core/cuda/tensor_args.h"
 #include "core/dispatch.h"
@@ -120,7 +120,7 @@ void sdpa_backward_cuda(const prim::SdpaBackward& p, const std::vector<Tensor>& 
 
 }  // namespace
 
-void register_attention_kernels() {
+KILN_REGISTER(cuda_attention_kernels) {
   register_kernel<prim::ScaledDotProductAttention>(DeviceType::cuda, &sdpa_forward_cuda);
   register_kernel<prim::SdpaBackward>(DeviceType::cuda, &sdpa_backward_cuda);
 }

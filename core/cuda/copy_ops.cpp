@@ -9,7 +9,7 @@
 #include "core/cpu/copy.h"
 #include "core/cuda/check.h"
 #include "core/cuda/copy.cuh"
-#include "core/cuda/register.h"
+#include "core/registry.h"
 #include "core/cuda/runtime.h"
 #include "core/cuda/tensor_args.h"
 #include "core/dispatch.h"
@@ -174,7 +174,7 @@ void slice_backward_kernel(const prim::SliceBackward& op, const std::vector<Tens
 
 }  // namespace
 
-void register_copy_kernels() {
+KILN_REGISTER(cuda_copy_kernels) {
   register_kernel<prim::Copy>(DeviceType::cuda, &copy_kernel);
   register_kernel<prim::Fill>(DeviceType::cuda, &fill_kernel);
   register_kernel<prim::Cat>(DeviceType::cuda, &cat_kernel);

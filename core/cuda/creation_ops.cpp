@@ -2,7 +2,7 @@
 // Philox numbers bit-identical to the CPU kernels (normal within an ulp of double math).
 #include "core/cuda/check.h"
 #include "core/cuda/creation.cuh"
-#include "core/cuda/register.h"
+#include "core/registry.h"
 #include "core/cuda/runtime.h"
 #include "core/cuda/tensor_args.h"
 #include "core/dispatch.h"
@@ -53,7 +53,7 @@ void dropout_kernel(const prim::Dropout& op, const std::vector<Tensor>& in, std:
 
 }  // namespace
 
-void register_creation_kernels() {
+KILN_REGISTER(cuda_creation_kernels) {
   register_kernel<prim::Arange>(DeviceType::cuda, &arange_kernel);
   register_kernel<prim::Random>(DeviceType::cuda, &random_kernel);
   register_kernel<prim::Dropout>(DeviceType::cuda, &dropout_kernel);

@@ -5,7 +5,7 @@
 
 #include "core/cuda/check.h"
 #include "core/cuda/elementwise.cuh"
-#include "core/cuda/register.h"
+#include "core/registry.h"
 #include "core/cuda/runtime.h"
 #include "core/cuda/tensor_args.h"
 #include "core/dispatch.h"
@@ -45,7 +45,7 @@ void where_kernel(const prim::Where& p, const std::vector<Tensor>& in, std::vect
 
 }  // namespace
 
-void register_elementwise_kernels() {
+KILN_REGISTER(cuda_elementwise_kernels) {
   register_kernel<prim::Unary>(DeviceType::cuda, &unary_kernel);
   register_kernel<prim::Binary>(DeviceType::cuda, &binary_kernel);
   register_kernel<prim::Where>(DeviceType::cuda, &where_kernel);

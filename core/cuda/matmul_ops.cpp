@@ -16,7 +16,7 @@
 
 #include "core/cuda/check.h"
 #include "core/cuda/matmul.h"
-#include "core/cuda/register.h"
+#include "core/registry.h"
 #include "core/cuda/runtime.h"
 #include "core/cuda/tensor_args.h"
 #include "core/dispatch.h"
@@ -394,6 +394,6 @@ Tensor matmul_bias(const Tensor& a, const Tensor& b, const Tensor& bias) {
 void set_allow_tf32(bool allow) { g_allow_tf32.store(allow); }
 bool allow_tf32() { return g_allow_tf32.load(); }
 
-void register_matmul_kernels() { register_kernel<prim::Matmul>(DeviceType::cuda, &matmul_kernel); }
+KILN_REGISTER(cuda_matmul_kernels) { register_kernel<prim::Matmul>(DeviceType::cuda, &matmul_kernel); }
 
 }  // namespace kiln::cuda

@@ -12,7 +12,7 @@
 
 #include "core/cuda/check.h"
 #include "core/cuda/nn.cuh"
-#include "core/cuda/register.h"
+#include "core/registry.h"
 #include "core/cuda/runtime.h"
 #include "core/cuda/tensor_args.h"
 #include "core/dispatch.h"
@@ -246,7 +246,7 @@ void swiglu_backward_kernel(const prim::SwiGluBackward& p, const std::vector<Ten
 
 }  // namespace
 
-void register_nn_kernels() {
+KILN_REGISTER(cuda_nn_kernels) {
   register_kernel<prim::Embedding>(DeviceType::cuda, &embedding_kernel);
   register_kernel<prim::EmbeddingBackward>(DeviceType::cuda, &embedding_backward_kernel);
   register_kernel<prim::RmsNorm>(DeviceType::cuda, &rms_norm_kernel);

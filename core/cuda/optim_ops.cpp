@@ -9,7 +9,7 @@
 
 #include "core/cuda/check.h"
 #include "core/cuda/optim.cuh"
-#include "core/cuda/register.h"
+#include "core/registry.h"
 #include "core/cuda/runtime.h"
 #include "core/cuda/tensor_args.h"
 #include "core/dispatch.h"
@@ -127,7 +127,7 @@ void scale_kernel(const prim::MultiTensorScale& op, const std::vector<Tensor>&, 
 
 }  // namespace
 
-void register_optim_kernels() {
+KILN_REGISTER(cuda_optim_kernels) {
   register_kernel<prim::AdamWStep>(DeviceType::cuda, &adamw_kernel);
   register_kernel<prim::MultiTensorL2Norm>(DeviceType::cuda, &l2_norm_kernel);
   register_kernel<prim::MultiTensorScale>(DeviceType::cuda, &scale_kernel);

@@ -6,7 +6,7 @@
 
 #include "core/cuda/check.h"
 #include "core/cuda/reduce.cuh"
-#include "core/cuda/register.h"
+#include "core/registry.h"
 #include "core/cuda/runtime.h"
 #include "core/cuda/tensor_args.h"
 #include "core/dispatch.h"
@@ -134,7 +134,7 @@ void softmax_kernel(const prim::Softmax& p, const std::vector<Tensor>& in, std::
 
 }  // namespace
 
-void register_reduce_kernels() {
+KILN_REGISTER(cuda_reduce_kernels) {
   register_kernel<prim::Reduce>(DeviceType::cuda, &reduce_kernel);
   register_kernel<prim::ArgMax>(DeviceType::cuda, &argmax_kernel);
   register_kernel<prim::LogSumExp>(DeviceType::cuda, &logsumexp_kernel);

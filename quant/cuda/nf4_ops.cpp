@@ -1,9 +1,9 @@
 // Host side of the NF4 CUDA kernels (quant/cuda/nf4.cu): unpacks the primitives' tensors, launches on
-// the device's current stream and registers the kernels (called lazily by quant::register_nf4_kernels,
-// so core/ never needs to know quant/).
+// the device's current stream and registers the kernels through KILN_REGISTER (core/ never knows quant/).
 #include <cuda_runtime_api.h>
 
 #include "core/cuda/check.h"
+#include "core/registry.h"
 #include "core/cuda/runtime.h"
 #include "core/cuda/tensor_args.h"
 #include "core/dispatch.h"
@@ -59,7 +59,7 @@ void nf4_dequantize_cuda(const prim::NF4Dequantize& op, const std::vector<Tensor
 
 }  // namespace
 
-void register_nf4_cuda_kernels() {
+KILN_REGISTER(cuda_nf4_kernels) {
   register_kernel<prim::NF4Quantize>(DeviceType::cuda, &nf4_quantize_cuda);
   register_kernel<prim::Blockwise8bitQuantize>(DeviceType::cuda, &blockwise8_quantize_cuda);
   register_kernel<prim::Blockwise8bitDequantize>(DeviceType::cuda, &blockwise8_dequantize_cuda);

@@ -10,7 +10,7 @@
 
 #include "core/tensor.h"
 
-namespace kiln::nn {
+namespace kiln::io {
 
 // One header entry; begin/end are byte offsets into the data section (after the header).
 struct TensorInfo {
@@ -79,4 +79,4 @@ std::map<std::string, Tensor> load_sharded(const std::string& dir);
 std::vector<std::string> save_sharded(const std::string& dir, const std::vector<std::pair<std::string, Tensor>>& tensors,
                                       size_t max_shard_bytes, const std::map<std::string, std::string>& metadata = {});
 
-}  // namespace kiln::nn
+}  // namespace kiln::io

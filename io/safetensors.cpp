@@ -1,6 +1,6 @@
 // safetensors reading (mmap, validation of the header against the file) and writing (atomic:
 // temporary file, fsync, rename), plus sharded checkpoints with model.safetensors.index.json.
-#include "nn/safetensors.h"
+#include "io/safetensors.h"
 #include "core/file_io.h"
 
 #include <fcntl.h>
@@ -19,7 +19,7 @@
 
 #include "core/ops.h"
 
-namespace kiln::nn {
+namespace kiln::io {
 
 namespace {
 
@@ -386,4 +386,4 @@ std::vector<std::string> save_sharded(const std::string& dir, const std::vector<
   return names;
 }
 
-}  // namespace kiln::nn
+}  // namespace kiln::io
