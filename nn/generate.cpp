@@ -135,7 +135,7 @@ std::vector<int64_t> generate(Llama& model, const std::vector<int64_t>& prompt, 
   KVCache cache = model.make_cache(1, p + o.max_new_tokens - 1);
   Generator gen(o.seed);
 
-  Tensor h = model.forward(from_vector<int64_t>(prompt, {1, p}, device), 0, &cache);  // (1, P, hidden)
+  Tensor h = model(from_vector<int64_t>(prompt, {1, p}, device), 0, &cache);  // (1, P, hidden)
   std::vector<int64_t> out;
   for (;;) {
     Tensor last = narrow(h, 1, h.size(1) - 1, 1);                                    // (1, 1, hidden)
@@ -147,7 +147,7 @@ std::vector<int64_t> generate(Llama& model, const std::vector<int64_t>& prompt, 
     const bool go_on = !on_token || on_token(token);
     const bool stop = std::find(o.stop_tokens.begin(), o.stop_tokens.end(), token) != o.stop_tokens.end();
     if (!go_on || stop || static_cast<int64_t>(out.size()) == o.max_new_tokens) break;
-    h = model.forward(from_vector<int64_t>({token}, {1, 1}, device), cache.length, &cache);  // (1, 1, hidden)
+    h = model(from_vector<int64_t>({token}, {1, 1}, device), cache.length, &cache);  // (1, 1, hidden)
   }
   return out;
 }

@@ -22,6 +22,8 @@ class LinearBase : public Module {
  public:
   LinearBase(int64_t in_features, int64_t out_features) : in_features_(in_features), out_features_(out_features) {}
   virtual Tensor forward(const Tensor& x) = 0;
+  // forward through the module's hooks (Module::call_forward)
+  Tensor operator()(const Tensor& x) { return call_forward1(x, [this](const Tensor& v) { return forward(v); }); }
   int64_t in_features() const { return in_features_; }
   int64_t out_features() const { return out_features_; }
 
@@ -47,6 +49,8 @@ class Embedding : public Module {
   Embedding(int64_t num_embeddings, int64_t dim, DType dtype = DType::f32, Device device = kCPU, Init init = {});
   std::string type_name() const override { return "Embedding"; }
   Tensor forward(const Tensor& ids);
+  // forward through the module's hooks (Module::call_forward)
+  Tensor operator()(const Tensor& x) { return call_forward1(x, [this](const Tensor& v) { return forward(v); }); }
   Tensor weight() const { return parameter("weight"); }
 };
 
@@ -56,6 +60,8 @@ class RMSNorm : public Module {
   RMSNorm(int64_t dim, double eps, DType dtype = DType::f32, Device device = kCPU);
   std::string type_name() const override { return "RMSNorm"; }
   Tensor forward(const Tensor& x);
+  // forward through the module's hooks (Module::call_forward)
+  Tensor operator()(const Tensor& x) { return call_forward1(x, [this](const Tensor& v) { return forward(v); }); }
   double eps() const { return eps_; }
 
  private:

@@ -48,7 +48,7 @@ Tensor LlamaAttention::forward(const Tensor& x, int64_t start, KVCache::Layer* c
   KILN_CHECK(x.dim() == 3, "LlamaAttention", "expected x (B, T, hidden), found {}", shape_str(x.shape()));
   const int64_t b = x.size(0), t = x.size(1);
   auto heads = [&](const char* proj, int64_t n) {  // (B, T, n*D) -> (B, n, T, D)
-    return transpose(view(child_as<LinearBase>(proj).forward(x), {b, t, n, head_dim_}), 1, 2);
+    return transpose(view(child_as<LinearBase>(proj)(x), {b, t, n, head_dim_}), 1, 2);
   };
   Tensor q = rope_->apply(heads("q_proj", heads_), start);     // (B, Hq, T, D)
   Tensor k = rope_->apply(heads("k_proj", kv_heads_), start);  // (B, Hkv, T, D)
@@ -64,7 +64,7 @@ Tensor LlamaAttention::forward(const Tensor& x, int64_t start, KVCache::Layer* c
   }
   Tensor o = scaled_dot_product_attention(q, k, v, /*causal=*/true);  // (B, Hq, T, D)
   o = reshape(transpose(o, 1, 2), {b, t, heads_ * head_dim_});          // (B, T, Hq*D)
-  return child_as<LinearBase>("o_proj").forward(o);
+  return child_as<LinearBase>("o_proj")(o);
 }
 
 // ---- MLP
@@ -76,9 +76,9 @@ LlamaMLP::LlamaMLP(const LlamaConfig& c, DType dtype, Device device, const Init&
 }
 
 Tensor LlamaMLP::forward(const Tensor& x) {
-  Tensor g = child_as<LinearBase>("gate_proj").forward(x);  // (B, T, I)
-  Tensor u = child_as<LinearBase>("up_proj").forward(x);    // (B, T, I)
-  return child_as<LinearBase>("down_proj").forward(swiglu(g, u));
+  Tensor g = child_as<LinearBase>("gate_proj")(x);  // (B, T, I)
+  Tensor u = child_as<LinearBase>("up_proj")(x);            // (B, T, I)
+  return child_as<LinearBase>("down_proj")(swiglu(g, u));
 }
 
 // ---- decoder layer
@@ -92,8 +92,8 @@ LlamaDecoderLayer::LlamaDecoderLayer(const LlamaConfig& c, DType dtype, Device d
 }
 
 Tensor LlamaDecoderLayer::forward(const Tensor& x, int64_t start, KVCache::Layer* cache) {
-  Tensor h = add(x, child_as<LlamaAttention>("self_attn").forward(child_as<RMSNorm>("input_layernorm").forward(x), start, cache));
-  return add(h, child_as<LlamaMLP>("mlp").forward(child_as<RMSNorm>("post_attention_layernorm").forward(h)));
+  Tensor h = add(x, child_as<LlamaAttention>("self_attn")(child_as<RMSNorm>("input_layernorm")(x), start, cache));
+  return add(h, child_as<LlamaMLP>("mlp")(child_as<RMSNorm>("post_attention_layernorm")(h)));
 }
 
 // ---- model
@@ -157,7 +157,7 @@ LlamaModel::LlamaModel(const LlamaConfig& c, const LlamaOptions& o, const Weight
 Tensor LlamaModel::forward(const Tensor& ids, int64_t start, KVCache* cache, bool checkpoint) {
   KILN_CHECK(ids.dim() == 2 && !is_floating(ids.dtype()), "Llama", "expected integer ids (B, T), found {} {}",
              dtype_name(ids.dtype()), shape_str(ids.shape()));
-  Tensor x = child_as<Embedding>("embed_tokens").forward(ids);  // (B, T, hidden)
+  Tensor x = child_as<Embedding>("embed_tokens")(ids);  // (B, T, hidden)
   auto& layers = child_as<ModuleList>("layers");
   KILN_CHECK(!cache || static_cast<int64_t>(cache->layers.size()) == layers.size(), "Llama",
              "the KV cache has {} layers, the model {}", cache ? cache->layers.size() : 0, layers.size());
@@ -165,14 +165,39 @@ Tensor LlamaModel::forward(const Tensor& ids, int64_t start, KVCache* cache, boo
     auto& layer = layers.at<LlamaDecoderLayer>(i);
     KVCache::Layer* lc = cache ? &cache->layers[static_cast<size_t>(i)] : nullptr;
     if (checkpoint && autograd::grad_enabled() && !cache) {
-      x = autograd::checkpoint([&layer, start](const std::vector<Tensor>& in) { return std::vector<Tensor>{layer.forward(in[0], start)}; },
+      x = autograd::checkpoint([&layer, start](const std::vector<Tensor>& in) { return std::vector<Tensor>{layer(in[0], start)}; },
                                {x})[0];
     } else {
-      x = layer.forward(x, start, lc);
+      x = layer(x, start, lc);
     }
   }
   if (cache) cache->length = start + ids.size(1);
-  return child_as<RMSNorm>("norm").forward(x);
+  return child_as<RMSNorm>("norm")(x);
+}
+
+namespace {
+std::string call_key(int64_t start, const void* cache) { return fmt::format("start={} cache={}", start, cache ? "yes" : "none"); }
+}  // namespace
+
+Tensor LlamaAttention::operator()(const Tensor& x, int64_t start, KVCache::Layer* cache) {
+  if (!has_forward_hooks()) return forward(x, start, cache);
+  return call_forward({x}, call_key(start, cache), [&](const std::vector<Tensor>& in) {
+    return std::vector<Tensor>{forward(in.at(0), start, cache)};
+  }).at(0);
+}
+
+Tensor LlamaDecoderLayer::operator()(const Tensor& x, int64_t start, KVCache::Layer* cache) {
+  if (!has_forward_hooks()) return forward(x, start, cache);
+  return call_forward({x}, call_key(start, cache), [&](const std::vector<Tensor>& in) {
+    return std::vector<Tensor>{forward(in.at(0), start, cache)};
+  }).at(0);
+}
+
+Tensor LlamaModel::operator()(const Tensor& ids, int64_t start, KVCache* cache, bool checkpoint) {
+  if (!has_forward_hooks()) return forward(ids, start, cache, checkpoint);
+  return call_forward({ids}, call_key(start, cache) + (checkpoint ? " checkpoint" : ""), [&](const std::vector<Tensor>& in) {
+    return std::vector<Tensor>{forward(in.at(0), start, cache, checkpoint)};
+  }).at(0);
 }
 
 // ---- causal LM
@@ -195,7 +220,14 @@ Llama::Llama(const LlamaConfig& config, const LlamaOptions& options, const Weigh
 }
 
 Tensor Llama::forward(const Tensor& ids, int64_t start, KVCache* cache) {
-  return model().forward(ids, start, cache, checkpoint_ && is_training());
+  return model()(ids, start, cache, checkpoint_ && is_training());
+}
+
+Tensor Llama::operator()(const Tensor& ids, int64_t start, KVCache* cache) {
+  if (!has_forward_hooks()) return forward(ids, start, cache);
+  return call_forward({ids}, call_key(start, cache), [&](const std::vector<Tensor>& in) {
+    return std::vector<Tensor>{forward(in.at(0), start, cache)};
+  }).at(0);
 }
 
 Tensor Llama::lm_head_weight() const {
@@ -205,7 +237,7 @@ Tensor Llama::lm_head_weight() const {
 
 Tensor Llama::logits(const Tensor& hidden) {
   if (config_.tie_word_embeddings) return matmul(hidden, transpose(lm_head_weight(), 0, 1));
-  return child_as<LinearBase>("lm_head").forward(hidden);
+  return child_as<LinearBase>("lm_head")(hidden);
 }
 
 Tensor Llama::loss(const Tensor& hidden, const Tensor& targets, Reduction reduction) {

@@ -61,6 +61,7 @@ class LlamaAttention : public Module {
   // x (B, T, hidden) at positions start .. start+T-1 -> (B, T, hidden). With a cache, this call's
   // keys/values are written at [start, start+T) and attention sees positions [0, start+T).
   Tensor forward(const Tensor& x, int64_t start = 0, KVCache::Layer* cache = nullptr);
+  Tensor operator()(const Tensor& x, int64_t start = 0, KVCache::Layer* cache = nullptr);  // through the hooks
 
  private:
   int64_t heads_, kv_heads_, head_dim_;
@@ -72,6 +73,8 @@ class LlamaMLP : public Module {
   LlamaMLP(const LlamaConfig& c, DType dtype, Device device, const Init& init);
   std::string type_name() const override { return "LlamaMLP"; }
   Tensor forward(const Tensor& x);  // down(silu(gate(x)) * up(x))
+  // forward through the module's hooks (Module::call_forward)
+  Tensor operator()(const Tensor& x) { return call_forward1(x, [this](const Tensor& v) { return forward(v); }); }
 };
 
 class LlamaDecoderLayer : public Module {
@@ -80,6 +83,7 @@ class LlamaDecoderLayer : public Module {
                     std::shared_ptr<RotaryEmbedding> rope);
   std::string type_name() const override { return "LlamaDecoderLayer"; }
   Tensor forward(const Tensor& x, int64_t start = 0, KVCache::Layer* cache = nullptr);
+  Tensor operator()(const Tensor& x, int64_t start = 0, KVCache::Layer* cache = nullptr);  // through the hooks
 };
 
 struct LlamaOptions {
@@ -106,6 +110,7 @@ class LlamaModel : public Module {
   LlamaModel(const LlamaConfig& c, const LlamaOptions& o, const WeightSource* source);
   std::string type_name() const override { return "LlamaModel"; }
   Tensor forward(const Tensor& ids, int64_t start, KVCache* cache, bool checkpoint);  // (B, T) -> (B, T, hidden)
+  Tensor operator()(const Tensor& ids, int64_t start, KVCache* cache, bool checkpoint);  // through the hooks
   int64_t num_layers() const { return child_as<ModuleList>("layers").size(); }
 };
 
@@ -125,6 +130,7 @@ class Llama : public Module {
 
   // ids (B, T) int -> final hidden states (B, T, hidden) after the last norm.
   Tensor forward(const Tensor& ids, int64_t start = 0, KVCache* cache = nullptr);
+  Tensor operator()(const Tensor& ids, int64_t start = 0, KVCache* cache = nullptr);  // through the hooks
   // hidden (..., hidden) -> logits (..., vocab) in the activation dtype.
   Tensor logits(const Tensor& hidden);
   // The (vocab, hidden) output projection (the embedding when tied).

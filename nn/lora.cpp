@@ -153,7 +153,7 @@ Tensor LoraLinear::lora_a() const { return child_as<Linear>("lora_A").weight(); 
 Tensor LoraLinear::lora_b() const { return child_as<Linear>("lora_B").weight(); }
 
 Tensor LoraLinear::forward(const Tensor& x) {
-  Tensor y = base().forward(x);  // (..., out)
+  Tensor y = base()(x);  // (..., out)
   if (merged_) return y;
   const DType dt = x.dtype();
   // Adapters live in f32 and compute in x's dtype; the scaling is folded into the small B (out, r)

@@ -259,4 +259,69 @@ LoadResult Module::load_state_dict(const StateDict& state, bool strict) {
   return result;
 }
 
+// ---- forward hooks
+
+struct Module::Hooks {
+  template <class F>
+  struct Entry {
+    uint64_t id;
+    F fn;
+  };
+  std::vector<Entry<ForwardPreHook>> pre;
+  std::vector<Entry<ForwardPostHook>> post;
+  std::vector<Entry<ForwardWrapper>> wrappers;
+  uint64_t next_id = 0;
+  bool empty() const { return pre.empty() && post.empty() && wrappers.empty(); }
+};
+
+bool Module::has_forward_hooks() const { return hooks_ && !hooks_->empty(); }
+
+namespace {
+
+template <class F, class List>
+HookHandle add_hook(const std::shared_ptr<Module::Hooks>& hooks, List Module::Hooks::*list, F fn, const char* what) {
+  KILN_CHECK(static_cast<bool>(fn), what, "the hook is empty");
+  const uint64_t id = hooks->next_id++;
+  ((*hooks).*list).push_back({id, std::move(fn)});
+  std::weak_ptr<Module::Hooks> weak = hooks;
+  return HookHandle([weak, list, id] {
+    if (auto h = weak.lock()) std::erase_if((*h).*list, [id](const auto& e) { return e.id == id; });
+  });
+}
+
+}  // namespace
+
+HookHandle Module::register_forward_pre_hook(ForwardPreHook hook) {
+  if (!hooks_) hooks_ = std::make_shared<Hooks>();
+  return add_hook(hooks_, &Hooks::pre, std::move(hook), "register_forward_pre_hook");
+}
+
+HookHandle Module::register_forward_post_hook(ForwardPostHook hook) {
+  if (!hooks_) hooks_ = std::make_shared<Hooks>();
+  return add_hook(hooks_, &Hooks::post, std::move(hook), "register_forward_post_hook");
+}
+
+HookHandle Module::register_forward_wrapper(ForwardWrapper wrapper) {
+  if (!hooks_) hooks_ = std::make_shared<Hooks>();
+  return add_hook(hooks_, &Hooks::wrappers, std::move(wrapper), "register_forward_wrapper");
+}
+
+std::vector<Tensor> Module::call_forward(std::vector<Tensor> inputs, std::string key, const ForwardFn& forward) {
+  if (!has_forward_hooks()) return forward(inputs);
+  std::shared_ptr<Hooks> hooks = hooks_;  // copies: a hook may remove itself or add others
+  ForwardCall call{std::move(inputs), std::move(key)};
+  for (auto e : hooks->pre) e.fn(*this, call);
+  // wrappers[0] is innermost: chain(i) runs wrapper i-1 around chain(i-1), chain(0) is the forward.
+  const auto wrappers = hooks->wrappers;
+  std::function<std::vector<Tensor>(size_t, const std::vector<Tensor>&)> chain =
+      [&](size_t i, const std::vector<Tensor>& in) -> std::vector<Tensor> {
+    if (i == 0) return forward(in);
+    ForwardCall inner{in, call.key};
+    return wrappers[i - 1].fn(*this, inner, [&chain, i](const std::vector<Tensor>& x) { return chain(i - 1, x); });
+  };
+  std::vector<Tensor> outputs = chain(wrappers.size(), call.inputs);
+  for (auto e : hooks->post) e.fn(*this, call, outputs);
+  return outputs;
+}
+
 }  // namespace kiln::nn

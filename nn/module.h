@@ -2,6 +2,7 @@
 // owned by shared_ptr). A module registers its parameters, buffers and child modules by name;
 // dotted names ("model.layers.0.mlp.up_proj.weight") come from the registration tree.
 #pragma once
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -9,6 +10,7 @@
 #include <utility>
 #include <vector>
 
+#include "core/hook_handle.h"
 #include "core/tensor.h"
 
 namespace kiln::nn {
@@ -74,6 +76,28 @@ class Module {
   std::vector<std::pair<std::string, Module*>> named_modules();
   int64_t num_parameters(bool trainable_only = false) const;
 
+  // ---- forward hooks (what fully_shard and compile attach to)
+  // Layers define operator() to run their forward through call_forward(): the pre hooks (registration
+  // order; they may replace the tensor inputs), then the wrappers (the latest registered outermost;
+  // each gets the call and the rest of the chain, and may run it, or not, or run something else), then
+  // the post hooks (registration order; they may replace the outputs). `ForwardCall::key` spells the
+  // non-tensor arguments ("start=0 cache=none") so a wrapper caching work per call can tell calls apart.
+  // Hooks run again when a checkpointed block recomputes its forward in backward.
+  struct ForwardCall {
+    std::vector<Tensor> inputs;
+    std::string key;
+  };
+  using ForwardFn = std::function<std::vector<Tensor>(const std::vector<Tensor>& inputs)>;
+  using ForwardPreHook = std::function<void(Module& module, ForwardCall& call)>;
+  using ForwardPostHook = std::function<void(Module& module, const ForwardCall& call, std::vector<Tensor>& outputs)>;
+  using ForwardWrapper =
+      std::function<std::vector<Tensor>(Module& module, const ForwardCall& call, const ForwardFn& next)>;
+  HookHandle register_forward_pre_hook(ForwardPreHook hook);
+  HookHandle register_forward_post_hook(ForwardPostHook hook);
+  HookHandle register_forward_wrapper(ForwardWrapper wrapper);
+  bool has_forward_hooks() const;
+  struct Hooks;  // opaque: the hook lists
+
   // ---- state
   // Moves (and optionally casts the floating parameters and buffers of) every tensor in place:
   // handles held elsewhere (optimisers, submodules) see the new data. Gradients are dropped.
@@ -99,6 +123,15 @@ class Module {
  protected:
   // Called by train(); layers with training-dependent state override it.
   virtual void on_train(bool) {}
+  // Runs `forward` on `inputs` through the hooks (see above); `key` names the non-tensor arguments.
+  std::vector<Tensor> call_forward(std::vector<Tensor> inputs, std::string key, const ForwardFn& forward);
+  // One tensor in, one out: operator() of Linear-like layers, norms, MLPs.
+  template <class F>
+  Tensor call_forward1(const Tensor& x, F&& forward) {
+    if (!has_forward_hooks()) return forward(x);
+    return call_forward({x}, {}, [&forward](const std::vector<Tensor>& in) { return std::vector<Tensor>{forward(in.at(0))}; })
+        .at(0);
+  }
 
  private:
   struct Slot {
@@ -117,6 +150,7 @@ class Module {
   std::vector<Slot> buffers_;
   std::vector<std::pair<std::string, std::shared_ptr<Module>>> children_;
   bool training_ = true;
+  std::shared_ptr<Hooks> hooks_;  // shared with the removal handles (weakly)
 };
 
 // A list of modules named "0", "1", ... (Llama's `layers`).
