@@ -3,7 +3,7 @@
 // cache, first pass) and warm (best of later passes); 1 MB of random-letter words (nearly every word a
 // cache miss, so BPE merges dominate); and decode.
 // Usage: tokenizer_encode [tokenizer.json] [llama3_cases.json] [seconds]
-#include "tests/tokenizer_corpus.h"
+#include "tools/tokenizer_corpus.h"
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>

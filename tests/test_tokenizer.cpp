@@ -1,7 +1,7 @@
 // The Llama 3 tokenizer (data/tokenizer.h) against Hugging Face `tokenizers`: ids of hand-picked strings
 // and of a ~1 MB corpus regenerated from tests/data/tokenizer/llama3_cases.json (made by
 // tools/make_tokenizer_fixtures.py), round trips (invalid UTF-8 included), special tokens, chat format.
-#include "tests/tokenizer_corpus.h"
+#include "tools/tokenizer_corpus.h"
 #include <algorithm>
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>

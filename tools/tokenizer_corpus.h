@@ -1,5 +1,6 @@
 // The seeded mixed-text corpus of tools/make_tokenizer_fixtures.py (tests/data/tokenizer/
-// llama3_cases.json, key "corpus"), rebuilt identically in C++ by the tokenizer test and bench.
+// llama3_cases.json, key "corpus"), rebuilt identically in C++ by the tokenizer test and bench. It lives
+// beside the script it mirrors because both tests/ and bench/ use it and bench/ may not include tests/.
 #pragma once
 #include <cstdint>
 #include <nlohmann/json.hpp>
