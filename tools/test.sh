@@ -3,6 +3,14 @@
 # build-ci/ with -Dwerror=true, builds, runs the Catch2 suite with a console and a JUnit reporter, and ends
 # with one line "N passed, N failed, N skipped" counting test cases. Arguments go to kiln_tests ("[autograd]").
 # KILN_MESON_ARGS adds meson options (e.g. "-Dcpu_arch=native -Dcuda=disabled").
+# Two checks outside Catch2 count as one case each in that line (passed, failed, or skipped):
+#   layers   before the build: tools/check_layers.py --self-test (it must catch planted wrong-way
+#            includes), then tools/check_layers.py (every #include points down the layer order);
+#   install  after the build: meson install into a temporary DESTDIR; every installed header must
+#            compile with only `pkg-config --cflags kiln` of that install; tests/install/consumer.cpp,
+#            copied out of the tree, is built with `c++ -std=c++20 consumer.cpp $(pkg-config --cflags
+#            --libs kiln)` and run. KILN_SKIP_INSTALL_CHECK=1 skips it (counted as skipped).
+# A failing check makes the script exit non-zero; the build and the suite still run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 build=build-ci
@@ -14,6 +22,17 @@ if [ "${KILN_SKIP_BOOTSTRAP:-0}" != 1 ]; then
   tools/bootstrap.sh || { echo "test.sh: tools/bootstrap.sh failed"; exit 1; }
 fi
 
+extra_passed=0 extra_failed=0 extra_skipped=0
+count() { case $1 in 0) extra_passed=$((extra_passed + 1)) ;; skip) extra_skipped=$((extra_skipped + 1)) ;;
+  *) extra_failed=$((extra_failed + 1)) ;; esac; }
+
+# Layer check: the checker proves it catches a wrong-way include, then checks the tree.
+echo "test.sh: layer check (tools/check_layers.py)"
+if python3 tools/check_layers.py --self-test && python3 tools/check_layers.py; then count 0; else
+  echo "test.sh: FAILED layer check: an #include points up or sideways (allowed: LAYERS in tools/check_layers.py)"
+  count 1
+fi
+
 # Idempotent configure: reuse an existing build dir (re-applying the options), else start afresh.
 if [ -f "$build/meson-private/coredata.dat" ]; then
   meson setup --reconfigure "$build" -Dwerror=true "${extra[@]}" ||
@@ -23,6 +42,44 @@ else
   meson setup "$build" -Dwerror=true "${extra[@]}" || { echo "test.sh: meson setup failed"; exit 1; }
 fi
 ninja -C "$build" || { echo "test.sh: build failed"; exit 1; }
+
+# Install check: a program outside the tree builds against an install through pkg-config alone.
+# (No `set -e` here: it is off inside an `if` condition, subshells included; every step checks.)
+install_check() {
+  local tmp rc
+  tmp=$(mktemp -d "${TMPDIR:-/tmp}/kiln-install.XXXXXX") || return 1
+  (
+    meson install -C "$build" --no-rebuild --quiet --destdir "$tmp/root" || exit 1
+    pc=$(find "$tmp/root" -name kiln.pc -path '*/pkgconfig/*' | head -n 1)
+    [ -n "$pc" ] || { echo "test.sh: the install has no kiln.pc"; exit 1; }
+    # The DESTDIR copy lives under $tmp/root: point kiln.pc's prefix there (kiln.pc only, not fmt's or pcre2's).
+    sed -i "s|^prefix=\(.*\)|prefix=$tmp/root\1|" "$pc" || exit 1
+    mkdir "$tmp/consumer" && cp tests/install/consumer.cpp "$tmp/consumer/" && cd "$tmp/consumer" || exit 1
+    export PKG_CONFIG_PATH="$(dirname "$pc")"
+    flags=$(pkg-config --cflags --libs kiln) || exit 1
+    # Every installed header compiles on its own include path (the CUDA ones where CUDA was built).
+    inc="$(pkg-config --variable=includedir kiln)/kiln"
+    cuda=$(pkg-config --cflags kiln | grep -q KILN_WITH_CUDA && echo yes)
+    (cd "$inc" && find . -name '*.h' | sort | sed 's|^\./||') | { [ -n "$cuda" ] && cat || grep -v '/cuda/'; } |
+      sed 's|.*|#include "&"|' >all_headers.cpp
+    # shellcheck disable=SC2046
+    ${CXX:-c++} -std=c++20 -fsyntax-only all_headers.cpp $(pkg-config --cflags kiln) ||
+      { echo "test.sh: an installed header does not compile from the install alone"; exit 1; }
+    echo "test.sh: $(wc -l <all_headers.cpp) installed headers compile; c++ -std=c++20 consumer.cpp $flags"
+    # shellcheck disable=SC2086
+    ${CXX:-c++} -std=c++20 -o consumer consumer.cpp $flags && ./consumer
+  )
+  rc=$?
+  rm -rf "$tmp"
+  return $rc
+}
+if [ "${KILN_SKIP_INSTALL_CHECK:-0}" = 1 ]; then
+  echo "test.sh: install check skipped (KILN_SKIP_INSTALL_CHECK=1)"
+  count skip
+else
+  echo "test.sh: install check (meson install, then tests/install/consumer.cpp through pkg-config kiln)"
+  if install_check; then count 0; else echo "test.sh: FAILED install check"; count 1; fi
+fi
 
 rm -f "$junit"
 start=$(date +%s.%N)
@@ -36,10 +93,11 @@ listed="$build/test_names.txt"
 # test cases: failed if any part failed or errored, else skipped if any part was SKIP()ped, else passed.
 # Test cases without assertions do not appear in the report and count as passed; when the report is
 # missing (the binary died), every listed test case counts as failed.
-summary=$(python3 - "$junit" "$listed" <<'PY'
+summary=$(python3 - "$junit" "$listed" "$extra_passed" "$extra_failed" "$extra_skipped" <<'PY'
 import os, sys
 import xml.etree.ElementTree as ET
 junit, listed = sys.argv[1], sys.argv[2]
+extra = [int(v) for v in sys.argv[3:6]]  # the layer and install checks
 names = [l for l in open(listed, encoding="utf-8", errors="replace").read().splitlines() if l]
 status = {n: "passed" for n in names}
 if not os.path.exists(junit):
@@ -57,9 +115,10 @@ else:
         elif tc.find("skipped") is not None and status[owner] != "failed":
             status[owner] = "skipped"
 values = list(status.values())
-print(f'{values.count("passed")} passed, {values.count("failed")} failed, {values.count("skipped")} skipped')
+passed, failed, skipped = (values.count(k) + e for k, e in zip(("passed", "failed", "skipped"), extra))
+print(f'{passed} passed, {failed} failed, {skipped} skipped')
 PY
-) || summary="0 passed, 1 failed, 0 skipped"
+) || summary="$extra_passed passed, $((extra_failed + 1)) failed, $extra_skipped skipped"
 
 [ -f "$junit" ] || echo "test.sh: kiln_tests exited with status $rc without writing $junit"
 echo "test.sh: kiln_tests ran in ${elapsed} s (exit status $rc); JUnit report in $junit"
