@@ -10,6 +10,8 @@ class FunctionPrimitive final : public Primitive {
  public:
   explicit FunctionPrimitive(std::shared_ptr<Function> fn) : fn_(std::move(fn)) {}
   const char* name() const override { return fn_->name(); }
+  // A custom Function is opaque: two nodes are the same op only when they call the same Function object.
+  std::vector<Attr> attrs() const override { return {{"fn", ObjectAttr{fn_.get()}}}; }
   std::vector<TensorMeta> infer(const std::vector<Tensor>&) const override {
     KILN_FAIL(fn_->name(), "custom functions run through autograd::apply, not dispatch");
   }

@@ -1,9 +1,12 @@
-// Primitive: the record of one op (name, attributes, shape rule, gradient). Backends register a
-// kernel per primitive type and device type (core/dispatch.h); the vjp is written with other ops,
+// Primitive: the record of one op (name, typed attributes, shape rule, gradient). Backends register
+// a kernel per primitive type and device type (core/dispatch.h); the vjp is written with other ops,
 // so backward passes through the same dispatch point as forward (MLX's pattern).
 #pragma once
+#include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <string>
+#include <variant>
 #include <vector>
 
 #include "core/tensor.h"
@@ -16,12 +19,47 @@ struct TensorMeta {
   Device device;
 };
 
+// An enum attribute: compared and hashed by value; `label` (a string literal, e.g. "mean") is only
+// for printing.
+struct EnumAttr {
+  int64_t value;
+  const char* label;
+};
+
+// The identity of a custom object an op calls into (a custom Function): compared by address.
+struct ObjectAttr {
+  const void* ptr;
+};
+
+// One attribute value. Shapes and dim lists are std::vector<int64_t>; doubles compare bitwise (a NaN
+// attribute equals itself, 0.0 and -0.0 differ).
+using AttrValue = std::variant<int64_t, double, bool, std::string, std::vector<int64_t>, DType, Device, EnumAttr,
+                               ObjectAttr>;
+
+struct Attr {
+  const char* name;  // a string literal, for printing only
+  AttrValue value;
+};
+
+bool attr_equal(const AttrValue& a, const AttrValue& b);
+size_t attr_hash(const AttrValue& v);
+std::string attr_str(const AttrValue& v);
+
 class Primitive {
  public:
   virtual ~Primitive() = default;
   virtual const char* name() const = 0;
-  // Attributes as "key=value, ..." for printing, tracing and hashing.
-  virtual std::string attributes() const { return {}; }
+
+  // Every field that makes two ops of this type compute different things (or differ in their vjp),
+  // in a fixed order. Identity (equals/hash, used by common-subexpression elimination and compile
+  // caches) compares these, never strings.
+  virtual std::vector<Attr> attrs() const = 0;
+  // Same dynamic type and equal attrs().
+  bool equals(const Primitive& other) const;
+  // The type's hash combined with the hashes of attrs(); equal primitives hash equal.
+  size_t hash() const;
+  // attrs() as "key=value, ..." for errors, observers and traces.
+  std::string attributes() const;
 
   // Checks the inputs (throwing kiln::Error "[name] ...") and describes the outputs, which dispatch
   // allocates contiguous before calling the kernel. Not used by views.
@@ -51,5 +89,15 @@ class Primitive {
 };
 
 using PrimitivePtr = std::shared_ptr<const Primitive>;
+
+// For unordered containers keyed by primitives (by value, not by pointer).
+struct PrimitiveHash {
+  size_t operator()(const Primitive& p) const { return p.hash(); }
+  size_t operator()(const PrimitivePtr& p) const { return p ? p->hash() : 0; }
+};
+struct PrimitiveEqual {
+  bool operator()(const Primitive& a, const Primitive& b) const { return a.equals(b); }
+  bool operator()(const PrimitivePtr& a, const PrimitivePtr& b) const { return a == b || (a && b && a->equals(*b)); }
+};
 
 }  // namespace kiln

@@ -343,8 +343,6 @@ NF4Weight to_device(const NF4Weight& q, Device device) {
 
 namespace kiln::prim {
 
-std::string NF4Quantize::attributes() const { return fmt::format("blocksize={}", blocksize_); }
-
 std::vector<TensorMeta> NF4Quantize::infer(const std::vector<Tensor>& in) const {
   KILN_CHECK(in.size() == 1, name(), "expected 1 input, found {}", in.size());
   const Tensor& w = in[0];
@@ -358,10 +356,6 @@ std::vector<TensorMeta> NF4Quantize::infer(const std::vector<Tensor>& in) const 
   return {{{(n + 1) / 2}, DType::u8, w.device()}, {{(n + blocksize_ - 1) / blocksize_}, DType::f32, w.device()}};
 }
 
-std::string Blockwise8bitQuantize::attributes() const {
-  return fmt::format("blocksize={}, offset={}", blocksize_, offset_);
-}
-
 std::vector<TensorMeta> Blockwise8bitQuantize::infer(const std::vector<Tensor>& in) const {
   KILN_CHECK(in.size() == 2, name(), "expected 2 inputs (x, code), found {}", in.size());
   quant::check_1d_contiguous(in[0], DType::f32, name(), "x");
@@ -372,8 +366,6 @@ std::vector<TensorMeta> Blockwise8bitQuantize::infer(const std::vector<Tensor>& 
   const int64_t n = in[0].numel();
   return {{{n}, DType::u8, in[0].device()}, {{(n + blocksize_ - 1) / blocksize_}, DType::f32, in[0].device()}};
 }
-
-std::string Blockwise8bitDequantize::attributes() const { return fmt::format("blocksize={}", blocksize_); }
 
 std::vector<TensorMeta> Blockwise8bitDequantize::infer(const std::vector<Tensor>& in) const {
   KILN_CHECK(in.size() == 3, name(), "expected 3 inputs (codes, absmax, code), found {}", in.size());
@@ -387,11 +379,6 @@ std::vector<TensorMeta> Blockwise8bitDequantize::infer(const std::vector<Tensor>
              n, blocksize_, in[1].numel());
   KILN_CHECK(in[2].numel() == 256, name(), "code must hold 256 entries, found {}", in[2].numel());
   return {{{n}, DType::f32, in[0].device()}};
-}
-
-std::string NF4Dequantize::attributes() const {
-  return fmt::format("shape=({}), out={}, blocksize={}, nested_blocksize={}, offset={}, double_quant={}",
-                     fmt::join(shape_, ", "), dtype_name(out_), blocksize_, nested_blocksize_, offset_, double_quant_);
 }
 
 std::vector<TensorMeta> NF4Dequantize::infer(const std::vector<Tensor>& in) const {

@@ -108,7 +108,7 @@ class NF4Quantize : public Primitive {
  public:
   explicit NF4Quantize(int64_t blocksize) : blocksize_(blocksize) {}
   const char* name() const override { return "nf4_quantize"; }
-  std::string attributes() const override;
+  std::vector<Attr> attrs() const override { return {{"blocksize", blocksize_}}; }
   std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
   int64_t blocksize() const { return blocksize_; }
 
@@ -122,7 +122,7 @@ class Blockwise8bitQuantize : public Primitive {
  public:
   Blockwise8bitQuantize(int64_t blocksize, float offset) : blocksize_(blocksize), offset_(offset) {}
   const char* name() const override { return "blockwise8_quantize"; }
-  std::string attributes() const override;
+  std::vector<Attr> attrs() const override { return {{"blocksize", blocksize_}, {"offset", static_cast<double>(offset_)}}; }
   std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
   int64_t blocksize() const { return blocksize_; }
   float offset() const { return offset_; }
@@ -137,7 +137,7 @@ class Blockwise8bitDequantize : public Primitive {
  public:
   explicit Blockwise8bitDequantize(int64_t blocksize) : blocksize_(blocksize) {}
   const char* name() const override { return "blockwise8_dequantize"; }
-  std::string attributes() const override;
+  std::vector<Attr> attrs() const override { return {{"blocksize", blocksize_}}; }
   std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
   int64_t blocksize() const { return blocksize_; }
 
@@ -153,7 +153,14 @@ class NF4Dequantize : public Primitive {
       : shape_(std::move(shape)), out_(out), blocksize_(blocksize), nested_blocksize_(nested_blocksize),
         offset_(offset), double_quant_(double_quant) {}
   const char* name() const override { return "nf4_dequantize"; }
-  std::string attributes() const override;
+  std::vector<Attr> attrs() const override {
+    return {{"shape", shape_},
+            {"out", out_},
+            {"blocksize", blocksize_},
+            {"nested_blocksize", nested_blocksize_},
+            {"offset", static_cast<double>(offset_)},
+            {"double_quant", double_quant_}};
+  }
   std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
   const Shape& shape() const { return shape_; }
   DType out_dtype() const { return out_; }

@@ -7,9 +7,6 @@
 namespace kiln {
 namespace prim {
 
-std::string Copy::attributes() const {
-  return fmt::format("shape={}, dtype={}, device={}", shape_str(shape_), dtype_name(dtype_), device_.str());
-}
 std::vector<TensorMeta> Copy::infer(const std::vector<Tensor>& in) const {
   KILN_CHECK(in.size() == 1, "copy", "expected one input, got {}", in.size());
   Shape b = broadcast_shapes(in[0].shape(), shape_, "copy");
@@ -27,9 +24,6 @@ std::vector<Tensor> Copy::vjp(const std::vector<Tensor>&, const std::vector<Tens
   return {g};
 }
 
-std::string Fill::attributes() const {
-  return fmt::format("shape={}, dtype={}, device={}, value={}", shape_str(shape_), dtype_name(dtype_), device_.str(), value_);
-}
 std::vector<TensorMeta> Fill::infer(const std::vector<Tensor>&) const { return {{shape_, dtype_, device_}}; }
 
 std::vector<TensorMeta> Cat::infer(const std::vector<Tensor>& in) const {
@@ -63,9 +57,6 @@ std::vector<Tensor> Cat::vjp(const std::vector<Tensor>&, const std::vector<Tenso
   return out;
 }
 
-std::string SliceBackward::attributes() const {
-  return fmt::format("shape={}, dim={}, start={}, step={}", shape_str(in_), dim_, start_, step_);
-}
 std::vector<TensorMeta> SliceBackward::infer(const std::vector<Tensor>& in) const {
   const Tensor& g = in[0];
   KILN_CHECK(g.dim() == static_cast<int64_t>(in_.size()), "slice_backward", "gradient of shape {} for input {}",

@@ -11,7 +11,10 @@ class Copy final : public Primitive {
   Copy(Shape shape, DType dtype, Device device, DType src_dtype, Device src_device)
       : shape_(std::move(shape)), dtype_(dtype), device_(device), src_dtype_(src_dtype), src_device_(src_device) {}
   const char* name() const override { return "copy"; }
-  std::string attributes() const override;
+  std::vector<Attr> attrs() const override {
+    return {{"shape", shape_}, {"dtype", dtype_}, {"device", device_}, {"src_dtype", src_dtype_},
+            {"src_device", src_device_}};
+  }
   std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
   Device kernel_device(const std::vector<Tensor>& inputs, const std::vector<TensorMeta>& outputs) const override;
   bool differentiable() const override { return true; }
@@ -34,7 +37,9 @@ class Fill final : public Primitive {
   Fill(Shape shape, DType dtype, Device device, double value)
       : shape_(std::move(shape)), dtype_(dtype), device_(device), value_(value) {}
   const char* name() const override { return "fill"; }
-  std::string attributes() const override;
+  std::vector<Attr> attrs() const override {
+    return {{"shape", shape_}, {"dtype", dtype_}, {"device", device_}, {"value", value_}};
+  }
   std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
   double value() const { return value_; }
 
@@ -49,7 +54,7 @@ class Cat final : public Primitive {
  public:
   explicit Cat(int64_t dim) : dim_(dim) {}
   const char* name() const override { return "cat"; }
-  std::string attributes() const override { return fmt::format("dim={}", dim_); }
+  std::vector<Attr> attrs() const override { return {{"dim", dim_}, {"sizes", sizes_}}; }
   std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
   bool differentiable() const override { return true; }
   bool vjp_needs_inputs() const override { return false; }
@@ -69,7 +74,7 @@ class SliceBackward final : public Primitive {
   SliceBackward(Shape in, int64_t dim, int64_t start, int64_t step)
       : in_(std::move(in)), dim_(dim), start_(start), step_(step) {}
   const char* name() const override { return "slice_backward"; }
-  std::string attributes() const override;
+  std::vector<Attr> attrs() const override { return {{"shape", in_}, {"dim", dim_}, {"start", start_}, {"step", step_}}; }
   std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
   bool differentiable() const override { return true; }
   bool vjp_needs_inputs() const override { return false; }

@@ -10,22 +10,13 @@
 namespace kiln {
 namespace prim {
 
-std::string Arange::attributes() const {
-  return fmt::format("start={}, step={}, n={}, dtype={}, device={}", start_, step_, n_, dtype_name(dtype_), device_.str());
-}
 std::vector<TensorMeta> Arange::infer(const std::vector<Tensor>&) const { return {{{n_}, dtype_, device_}}; }
 
-std::string Random::attributes() const {
-  static const char* kinds[] = {"uniform", "normal", "integer", "keep_mask"};
-  return fmt::format("kind={}, shape={}, dtype={}, seed={}, offset={}", kinds[static_cast<int>(kind_)],
-                     shape_str(shape_), dtype_name(dtype_), seed_, offset_);
-}
 std::vector<TensorMeta> Random::infer(const std::vector<Tensor>&) const {
   for (int64_t d : shape_) KILN_CHECK(d >= 0, "random", "negative dimension in shape {}", shape_str(shape_));
   return {{shape_, dtype_, device_}};
 }
 
-std::string Dropout::attributes() const { return fmt::format("p={}, seed={}, offset={}", p_, seed_, offset_); }
 std::vector<TensorMeta> Dropout::infer(const std::vector<Tensor>& in) const {
   KILN_CHECK(is_floating(in[0].dtype()), "dropout", "expected a floating tensor, got {}", dtype_name(in[0].dtype()));
   return {{in[0].shape(), in[0].dtype(), in[0].device()}};

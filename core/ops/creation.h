@@ -10,7 +10,9 @@ class Arange final : public Primitive {
   Arange(double start, double step, int64_t n, DType dtype, Device device)
       : start_(start), step_(step), n_(n), dtype_(dtype), device_(device) {}
   const char* name() const override { return "arange"; }
-  std::string attributes() const override;
+  std::vector<Attr> attrs() const override {
+    return {{"start", start_}, {"step", step_}, {"n", n_}, {"dtype", dtype_}, {"device", device_}};
+  }
   std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
   double start() const { return start_; }
   double step() const { return step_; }
@@ -23,6 +25,10 @@ class Arange final : public Primitive {
 };
 
 enum class RandomKind { uniform, normal, integer, keep_mask };
+inline const char* random_kind_name(RandomKind k) {
+  static const char* const names[] = {"uniform", "normal", "integer", "keep_mask"};
+  return names[static_cast<int>(k)];
+}
 
 // uniform [0,1), normal N(0,1), integer [low, high), keep_mask (bool, true with prob 1-p).
 class Random final : public Primitive {
@@ -32,7 +38,17 @@ class Random final : public Primitive {
       : kind_(kind), shape_(std::move(shape)), dtype_(dtype), device_(device), seed_(seed), offset_(offset),
         low_(low), high_(high), p_(p) {}
   const char* name() const override { return "random"; }
-  std::string attributes() const override;
+  std::vector<Attr> attrs() const override {
+    return {{"kind", EnumAttr{static_cast<int64_t>(kind_), random_kind_name(kind_)}},
+            {"shape", shape_},
+            {"dtype", dtype_},
+            {"device", device_},
+            {"seed", static_cast<int64_t>(seed_)},
+            {"offset", static_cast<int64_t>(offset_)},
+            {"low", low_},
+            {"high", high_},
+            {"p", p_}};
+  }
   std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
   RandomKind kind() const { return kind_; }
   uint64_t seed() const { return seed_; }
@@ -57,7 +73,9 @@ class Dropout final : public Primitive {
  public:
   Dropout(double p, uint64_t seed, uint64_t offset) : p_(p), seed_(seed), offset_(offset) {}
   const char* name() const override { return "dropout"; }
-  std::string attributes() const override;
+  std::vector<Attr> attrs() const override {
+    return {{"p", p_}, {"seed", static_cast<int64_t>(seed_)}, {"offset", static_cast<int64_t>(offset_)}};
+  }
   std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
   bool differentiable() const override { return true; }
   bool vjp_needs_inputs() const override { return false; }

@@ -16,6 +16,7 @@ class Unary : public Primitive {
   UnaryOp op() const { return op_; }
 
   const char* name() const override { return unary_op_name(op_); }
+  std::vector<Attr> attrs() const override { return {{"op", EnumAttr{static_cast<int64_t>(op_), unary_op_name(op_)}}}; }
   std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
   bool differentiable() const override { return true; }
   std::vector<Tensor> vjp(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
@@ -39,6 +40,12 @@ class Binary : public Primitive {
   BinaryOp op() const { return op_; }
 
   const char* name() const override { return binary_op_name(op_); }
+  std::vector<Attr> attrs() const override {
+    return {{"op", EnumAttr{static_cast<int64_t>(op_), binary_op_name(op_)}},
+            {"a_shape", shapes_[0]},
+            {"b_shape", shapes_[1]},
+            {"has_shapes", has_shapes_}};
+  }
   std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
   bool differentiable() const override { return !binary_is_comparison(op_); }
   std::vector<Tensor> vjp(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
@@ -57,6 +64,7 @@ class Binary : public Primitive {
 class Where : public Primitive {
  public:
   const char* name() const override { return "where"; }
+  std::vector<Attr> attrs() const override { return {}; }
   std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
   bool differentiable() const override { return true; }
   std::vector<Tensor> vjp(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,

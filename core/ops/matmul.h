@@ -11,6 +11,7 @@ namespace kiln::prim {
 class Matmul : public Primitive {
  public:
   const char* name() const override { return "matmul"; }
+  std::vector<Attr> attrs() const override { return {}; }
   std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
   bool differentiable() const override { return true; }
   // dA = g @ B^T and dB = A^T @ g: both inputs, no output.

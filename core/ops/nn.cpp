@@ -103,8 +103,6 @@ std::vector<Tensor> Embedding::vjp(const std::vector<Tensor>& in, const std::vec
   return {dispatch1(std::make_shared<const EmbeddingBackward>(in[0].size(0)), {cot[0], in[1]}), Tensor()};
 }
 
-std::string EmbeddingBackward::attributes() const { return fmt::format("num_embeddings={}", num_embeddings_); }
-
 std::vector<TensorMeta> EmbeddingBackward::infer(const std::vector<Tensor>& in) const {
   KILN_CHECK(in.size() == 2, name(), "expected 2 inputs (grad, ids), found {}", in.size());
   const Tensor& g = in[0];
@@ -126,8 +124,6 @@ std::vector<Tensor> EmbeddingBackward::vjp(const std::vector<Tensor>& in, const 
 
 // ---- rms_norm
 
-std::string RmsNorm::attributes() const { return fmt::format("eps={}", eps_); }
-
 std::vector<TensorMeta> RmsNorm::infer(const std::vector<Tensor>& in) const {
   KILN_CHECK(in.size() == 2, name(), "expected 2 inputs (x, weight), found {}", in.size());
   check_rms_norm(in[0], in[1], eps_, name());
@@ -139,8 +135,6 @@ std::vector<Tensor> RmsNorm::vjp(const std::vector<Tensor>& in, const std::vecto
   std::vector<Tensor> g = dispatch(std::make_shared<const RmsNormBackward>(eps_), {in[0], in[1], cot[0]});
   return {wanted[0] ? g[0] : Tensor(), wanted[1] ? g[1] : Tensor()};
 }
-
-std::string RmsNormBackward::attributes() const { return fmt::format("eps={}", eps_); }
 
 std::vector<TensorMeta> RmsNormBackward::infer(const std::vector<Tensor>& in) const {
   KILN_CHECK(in.size() == 3, name(), "expected 3 inputs (x, weight, grad), found {}", in.size());
@@ -173,11 +167,6 @@ std::vector<Tensor> RotaryEmbedding::vjp(const std::vector<Tensor>& in, const st
 
 // ---- cross_entropy
 
-std::string CrossEntropy::attributes() const {
-  return fmt::format("ignore_index={}, reduction={}, check_targets={}", ignore_index_, reduction_name(reduction_),
-                     check_targets_);
-}
-
 std::vector<TensorMeta> CrossEntropy::infer(const std::vector<Tensor>& in) const {
   KILN_CHECK(in.size() == 2, name(), "expected 2 inputs (logits, targets), found {}", in.size());
   check_cross_entropy(in[0], in[1]);
@@ -191,11 +180,6 @@ std::vector<Tensor> CrossEntropy::vjp(const std::vector<Tensor>& in, const std::
   return {dispatch1(std::make_shared<const CrossEntropyBackward>(ignore_index_, reduction_, false),
                     {in[0], in[1], cot[0]}),
           Tensor()};
-}
-
-std::string CrossEntropyBackward::attributes() const {
-  return fmt::format("ignore_index={}, reduction={}, check_targets={}", ignore_index_, reduction_name(reduction_),
-                     check_targets_);
 }
 
 std::vector<TensorMeta> CrossEntropyBackward::infer(const std::vector<Tensor>& in) const {

@@ -10,11 +10,14 @@
 
 namespace kiln::prim {
 
+const char* reduction_name(Reduction r);
+
 // weight (V, D) float, ids (...) i64/i32 -> (..., D). An id outside [0, V) is an error (found by the
 // kernel, which names the id and V). No gradient for ids.
 class Embedding : public Primitive {
  public:
   const char* name() const override { return "embedding"; }
+  std::vector<Attr> attrs() const override { return {}; }
   std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
   bool differentiable() const override { return true; }
   std::vector<Tensor> vjp(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
@@ -28,7 +31,7 @@ class EmbeddingBackward : public Primitive {
  public:
   explicit EmbeddingBackward(int64_t num_embeddings) : num_embeddings_(num_embeddings) {}
   const char* name() const override { return "embedding_backward"; }
-  std::string attributes() const override;
+  std::vector<Attr> attrs() const override { return {{"num_embeddings", num_embeddings_}}; }
   std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
   bool differentiable() const override { return true; }
   std::vector<Tensor> vjp(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
@@ -46,7 +49,7 @@ class RmsNorm : public Primitive {
  public:
   explicit RmsNorm(double eps) : eps_(eps) {}
   const char* name() const override { return "rms_norm"; }
-  std::string attributes() const override;
+  std::vector<Attr> attrs() const override { return {{"eps", eps_}}; }
   std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
   bool differentiable() const override { return true; }
   std::vector<Tensor> vjp(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
@@ -64,7 +67,7 @@ class RmsNormBackward : public Primitive {
  public:
   explicit RmsNormBackward(double eps) : eps_(eps) {}
   const char* name() const override { return "rms_norm_backward"; }
-  std::string attributes() const override;
+  std::vector<Attr> attrs() const override { return {{"eps", eps_}}; }
   std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
   bool differentiable() const override { return true; }  // its vjp throws a clear error
   std::vector<Tensor> vjp(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
@@ -82,6 +85,7 @@ class RmsNormBackward : public Primitive {
 class RotaryEmbedding : public Primitive {
  public:
   const char* name() const override { return "rotary_embedding"; }
+  std::vector<Attr> attrs() const override { return {}; }
   std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
   bool differentiable() const override { return true; }
   std::vector<Tensor> vjp(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
@@ -99,7 +103,7 @@ class ScaledDotProductAttention : public Primitive {
  public:
   ScaledDotProductAttention(bool causal, double scale) : causal_(causal), scale_(scale) {}
   const char* name() const override { return "scaled_dot_product_attention"; }
-  std::string attributes() const override;
+  std::vector<Attr> attrs() const override { return {{"causal", causal_}, {"scale", scale_}}; }
   std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
   bool differentiable() const override { return true; }
   std::vector<Tensor> vjp(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
@@ -119,7 +123,7 @@ class SdpaBackward : public Primitive {
  public:
   SdpaBackward(bool causal, double scale) : causal_(causal), scale_(scale) {}
   const char* name() const override { return "sdpa_backward"; }
-  std::string attributes() const override;
+  std::vector<Attr> attrs() const override { return {{"causal", causal_}, {"scale", scale_}}; }
   std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
   bool differentiable() const override { return true; }  // its vjp throws a clear error
   std::vector<Tensor> vjp(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
@@ -144,7 +148,11 @@ class CrossEntropy : public Primitive {
   CrossEntropy(int64_t ignore_index, Reduction reduction, bool check_targets = true)
       : ignore_index_(ignore_index), reduction_(reduction), check_targets_(check_targets) {}
   const char* name() const override { return "cross_entropy"; }
-  std::string attributes() const override;
+  std::vector<Attr> attrs() const override {
+    return {{"ignore_index", ignore_index_},
+            {"reduction", EnumAttr{static_cast<int64_t>(reduction_), reduction_name(reduction_)}},
+            {"check_targets", check_targets_}};
+  }
   std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
   bool differentiable() const override { return true; }
   std::vector<Tensor> vjp(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
@@ -169,7 +177,11 @@ class CrossEntropyBackward : public Primitive {
   CrossEntropyBackward(int64_t ignore_index, Reduction reduction, bool check_targets = true)
       : ignore_index_(ignore_index), reduction_(reduction), check_targets_(check_targets) {}
   const char* name() const override { return "cross_entropy_backward"; }
-  std::string attributes() const override;
+  std::vector<Attr> attrs() const override {
+    return {{"ignore_index", ignore_index_},
+            {"reduction", EnumAttr{static_cast<int64_t>(reduction_), reduction_name(reduction_)}},
+            {"check_targets", check_targets_}};
+  }
   std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
   bool differentiable() const override { return true; }  // its vjp throws a clear error
   std::vector<Tensor> vjp(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
@@ -189,6 +201,7 @@ class CrossEntropyBackward : public Primitive {
 class SwiGlu : public Primitive {
  public:
   const char* name() const override { return "swiglu"; }
+  std::vector<Attr> attrs() const override { return {}; }
   std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
   bool differentiable() const override { return true; }
   std::vector<Tensor> vjp(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
@@ -201,12 +214,12 @@ class SwiGlu : public Primitive {
 class SwiGluBackward : public Primitive {
  public:
   const char* name() const override { return "swiglu_backward"; }
+  std::vector<Attr> attrs() const override { return {}; }
   std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
   bool differentiable() const override { return true; }  // its vjp throws a clear error
   std::vector<Tensor> vjp(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
                           const std::vector<Tensor>& cotangents, const std::vector<bool>& wanted) const override;
 };
 
-const char* reduction_name(Reduction r);
 
 }  // namespace kiln::prim

@@ -36,10 +36,6 @@ void check_sdpa(const Tensor& q, const Tensor& k, const Tensor& v, const char* o
 
 namespace prim {
 
-std::string ScaledDotProductAttention::attributes() const {
-  return fmt::format("causal={}, scale={}", causal_, scale_);
-}
-
 std::vector<TensorMeta> ScaledDotProductAttention::infer(const std::vector<Tensor>& in) const {
   KILN_CHECK(in.size() == 3, name(), "expected 3 inputs (q, k, v), found {}", in.size());
   check_sdpa(in[0], in[1], in[2], name());
@@ -59,8 +55,6 @@ std::vector<Tensor> ScaledDotProductAttention::vjp(const std::vector<Tensor>& in
   }
   return g;
 }
-
-std::string SdpaBackward::attributes() const { return fmt::format("causal={}, scale={}", causal_, scale_); }
 
 std::vector<TensorMeta> SdpaBackward::infer(const std::vector<Tensor>& in) const {
   KILN_CHECK(in.size() == 7, name(), "expected 7 inputs (q, k, v, out, lse, dout, dlse), found {}", in.size());

@@ -11,11 +11,6 @@
 namespace kiln {
 namespace prim {
 
-std::string AdamWStep::attributes() const {
-  return fmt::format("lr={}, beta1={}, beta2={}, eps={}, weight_decay={}, tensors={}", hyper_.lr, hyper_.beta1,
-                     hyper_.beta2, hyper_.eps, hyper_.weight_decay, steps_.size());
-}
-
 std::vector<TensorMeta> AdamWStep::infer(const std::vector<Tensor>& in) const {
   KILN_CHECK(in.size() == steps_.size(), "adamw_step", "{} grads for {} steps", in.size(), steps_.size());
   std::vector<TensorMeta> metas(3 * in.size());
@@ -57,7 +52,6 @@ std::vector<TensorMeta> MultiTensorL2Norm::infer(const std::vector<Tensor>& in) 
   return {{Shape{}, DType::f32, in[0].device()}};
 }
 
-std::string MultiTensorScale::attributes() const { return fmt::format("scale={}", scale_); }
 
 std::vector<TensorMeta> MultiTensorScale::infer(const std::vector<Tensor>& in) const {
   check_multi_tensor_dtypes(in, name());

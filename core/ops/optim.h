@@ -46,6 +46,7 @@ namespace prim {
 class MultiTensorL2Norm final : public Primitive {
  public:
   const char* name() const override { return "multi_tensor_l2_norm"; }
+  std::vector<Attr> attrs() const override { return {}; }
   std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
 };
 
@@ -54,7 +55,7 @@ class MultiTensorScale final : public Primitive {
  public:
   explicit MultiTensorScale(float scale) : scale_(scale) {}
   const char* name() const override { return "multi_tensor_scale"; }
-  std::string attributes() const override;
+  std::vector<Attr> attrs() const override { return {{"scale", static_cast<double>(scale_)}}; }
   std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
   float scale() const { return scale_; }
 
@@ -68,7 +69,11 @@ class AdamWStep final : public Primitive {
  public:
   AdamWStep(AdamWHyper hyper, std::vector<int64_t> steps) : hyper_(hyper), steps_(std::move(steps)) {}
   const char* name() const override { return "adamw_step"; }
-  std::string attributes() const override;
+  std::vector<Attr> attrs() const override {
+    return {{"lr", hyper_.lr},     {"beta1", hyper_.beta1},
+            {"beta2", hyper_.beta2}, {"eps", hyper_.eps},
+            {"weight_decay", hyper_.weight_decay}, {"steps", steps_}};
+  }
   std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
   const AdamWHyper& hyper() const { return hyper_; }
   const std::vector<int64_t>& steps() const { return steps_; }

@@ -54,10 +54,6 @@ void check_floating(const Tensor& x, const char* op) {
   KILN_CHECK(is_floating(x.dtype()), op, "expected a floating-point tensor, found dtype {}", dtype_name(x.dtype()));
 }
 
-std::string dims_attributes(const std::vector<int64_t>& dims, bool keepdim) {
-  return fmt::format("dims=[{}], keepdim={}", fmt::join(dims, ", "), keepdim);
-}
-
 Tensor reduce(prim::ReduceKind kind, const char* op, const Tensor& x, const std::vector<int64_t>& dims, bool keepdim) {
   std::vector<int64_t> d = reduce_dims(x, dims, op);
   return dispatch1(std::make_shared<const prim::Reduce>(kind, std::move(d), keepdim, x.shape()), {x});
@@ -117,8 +113,6 @@ const char* Reduce::name() const {
   return "amin";
 }
 
-std::string Reduce::attributes() const { return dims_attributes(dims_, keepdim_); }
-
 std::vector<TensorMeta> Reduce::infer(const std::vector<Tensor>& inputs) const {
   check_one_input(inputs, name());
   const Tensor& x = inputs[0];
@@ -159,8 +153,6 @@ std::vector<Tensor> Reduce::vjp(const std::vector<Tensor>& inputs, const std::ve
 
 // ---- ArgMax
 
-std::string ArgMax::attributes() const { return fmt::format("dim={}, keepdim={}", dim_, keepdim_); }
-
 std::vector<TensorMeta> ArgMax::infer(const std::vector<Tensor>& inputs) const {
   check_one_input(inputs, "argmax");
   const Tensor& x = inputs[0];
@@ -171,8 +163,6 @@ std::vector<TensorMeta> ArgMax::infer(const std::vector<Tensor>& inputs) const {
 }
 
 // ---- LogSumExp
-
-std::string LogSumExp::attributes() const { return dims_attributes(dims_, keepdim_); }
 
 std::vector<TensorMeta> LogSumExp::infer(const std::vector<Tensor>& inputs) const {
   check_one_input(inputs, "logsumexp");
@@ -196,8 +186,6 @@ std::vector<Tensor> LogSumExp::vjp(const std::vector<Tensor>& inputs, const std:
 }
 
 // ---- Softmax
-
-std::string Softmax::attributes() const { return fmt::format("dim={}", dim_); }
 
 std::vector<TensorMeta> Softmax::infer(const std::vector<Tensor>& inputs) const {
   check_one_input(inputs, name());

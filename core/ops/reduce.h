@@ -17,7 +17,12 @@ class Reduce : public Primitive {
  public:
   Reduce(ReduceKind kind, std::vector<int64_t> dims, bool keepdim, Shape in_shape);
   const char* name() const override;
-  std::string attributes() const override;
+  std::vector<Attr> attrs() const override {
+    return {{"kind", EnumAttr{static_cast<int64_t>(kind_), name()}},
+            {"dims", dims_},
+            {"keepdim", keepdim_},
+            {"in_shape", in_shape_}};
+  }
   std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
   bool differentiable() const override { return true; }
   std::vector<Tensor> vjp(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
@@ -42,7 +47,7 @@ class ArgMax : public Primitive {
  public:
   ArgMax(int64_t dim, bool keepdim) : dim_(dim), keepdim_(keepdim) {}
   const char* name() const override { return "argmax"; }
-  std::string attributes() const override;
+  std::vector<Attr> attrs() const override { return {{"dim", dim_}, {"keepdim", keepdim_}}; }
   std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
 
   int64_t dim() const { return dim_; }  // wrapped; ignored for a 0-d input
@@ -60,7 +65,7 @@ class LogSumExp : public Primitive {
  public:
   LogSumExp(std::vector<int64_t> dims, bool keepdim) : dims_(std::move(dims)), keepdim_(keepdim) {}
   const char* name() const override { return "logsumexp"; }
-  std::string attributes() const override;
+  std::vector<Attr> attrs() const override { return {{"dims", dims_}, {"keepdim", keepdim_}}; }
   std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
   bool differentiable() const override { return true; }
   std::vector<Tensor> vjp(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
@@ -81,7 +86,7 @@ class Softmax : public Primitive {
  public:
   Softmax(int64_t dim, bool log) : dim_(dim), log_(log) {}
   const char* name() const override { return log_ ? "log_softmax" : "softmax"; }
-  std::string attributes() const override;
+  std::vector<Attr> attrs() const override { return {{"dim", dim_}, {"log", log_}}; }
   std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
   bool differentiable() const override { return true; }
   std::vector<Tensor> vjp(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,

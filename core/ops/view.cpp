@@ -83,7 +83,6 @@ std::vector<Tensor> one(Tensor t) { return {std::move(t)}; }
 
 namespace prim {
 
-std::string View::attributes() const { return fmt::format("shape={}", shape_str(out_)); }
 std::vector<TensorMeta> View::infer(const std::vector<Tensor>& in) const { return {{out_, in[0].dtype(), in[0].device()}}; }
 Tensor View::make_view(const std::vector<Tensor>& in) const {
   const Tensor& x = in[0];
@@ -98,7 +97,6 @@ std::vector<Tensor> View::vjp(const std::vector<Tensor>&, const std::vector<Tens
   return one(reshape(cot[0], in_));
 }
 
-std::string Permute::attributes() const { return fmt::format("dims=({})", fmt::join(dims_, ", ")); }
 std::vector<TensorMeta> Permute::infer(const std::vector<Tensor>& in) const {
   Shape s;
   for (int64_t d : dims_) s.push_back(in[0].shape()[static_cast<size_t>(d)]);
@@ -120,9 +118,6 @@ std::vector<Tensor> Permute::vjp(const std::vector<Tensor>&, const std::vector<T
   return one(permute(cot[0], inv));
 }
 
-std::string Slice::attributes() const {
-  return fmt::format("dim={}, start={}, end={}, step={}", dim_, start_, end_, step_);
-}
 std::vector<TensorMeta> Slice::infer(const std::vector<Tensor>& in) const {
   Shape s = in[0].shape();
   s[static_cast<size_t>(dim_)] = length();
@@ -142,7 +137,6 @@ std::vector<Tensor> Slice::vjp(const std::vector<Tensor>&, const std::vector<Ten
   return one(slice_backward(cot[0], in_, dim_, start_, step_));
 }
 
-std::string Expand::attributes() const { return fmt::format("shape={}", shape_str(out_)); }
 std::vector<TensorMeta> Expand::infer(const std::vector<Tensor>& in) const { return {{out_, in[0].dtype(), in[0].device()}}; }
 Tensor Expand::make_view(const std::vector<Tensor>& in) const {
   const Tensor& x = in[0];

@@ -9,7 +9,7 @@ class View final : public Primitive {
  public:
   View(Shape in, Shape out) : in_(std::move(in)), out_(std::move(out)) {}
   const char* name() const override { return "view"; }
-  std::string attributes() const override;
+  std::vector<Attr> attrs() const override { return {{"in_shape", in_}, {"shape", out_}}; }
   std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
   bool is_view() const override { return true; }
   Tensor make_view(const std::vector<Tensor>& inputs) const override;
@@ -27,7 +27,7 @@ class Permute final : public Primitive {
  public:
   explicit Permute(std::vector<int64_t> dims) : dims_(std::move(dims)) {}
   const char* name() const override { return "permute"; }
-  std::string attributes() const override;
+  std::vector<Attr> attrs() const override { return {{"dims", dims_}}; }
   std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
   bool is_view() const override { return true; }
   Tensor make_view(const std::vector<Tensor>& inputs) const override;
@@ -47,7 +47,9 @@ class Slice final : public Primitive {
   Slice(Shape in, int64_t dim, int64_t start, int64_t end, int64_t step)
       : in_(std::move(in)), dim_(dim), start_(start), end_(end), step_(step) {}
   const char* name() const override { return "slice"; }
-  std::string attributes() const override;
+  std::vector<Attr> attrs() const override {
+    return {{"in_shape", in_}, {"dim", dim_}, {"start", start_}, {"end", end_}, {"step", step_}};
+  }
   std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
   bool is_view() const override { return true; }
   Tensor make_view(const std::vector<Tensor>& inputs) const override;
@@ -67,7 +69,7 @@ class Expand final : public Primitive {
  public:
   Expand(Shape in, Shape out) : in_(std::move(in)), out_(std::move(out)) {}
   const char* name() const override { return "expand"; }
-  std::string attributes() const override;
+  std::vector<Attr> attrs() const override { return {{"in_shape", in_}, {"shape", out_}}; }
   std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
   bool is_view() const override { return true; }
   Tensor make_view(const std::vector<Tensor>& inputs) const override;
