@@ -125,6 +125,16 @@ Tensor Tensor::flatten(int64_t start, int64_t end) const { return kiln::flatten(
 Tensor Tensor::sum(const std::vector<int64_t>& dims, bool keepdim) const { return kiln::sum(*this, dims, keepdim); }
 Tensor Tensor::mean(const std::vector<int64_t>& dims, bool keepdim) const { return kiln::mean(*this, dims, keepdim); }
 
+Tensor placeholder(const Shape& shape, DType dtype, Device device) {
+  for (int64_t d : shape) KILN_CHECK(d >= 0, "placeholder", "negative dimension in shape {}", shape_str(shape));
+  auto t = std::make_shared<TensorImpl>();
+  t->shape = shape;
+  t->strides = contiguous_strides(shape);
+  t->dtype = dtype;
+  t->device = device;
+  return Tensor(t);
+}
+
 Tensor empty(const Shape& shape, DType dtype, Device device) {
   for (int64_t d : shape) KILN_CHECK(d >= 0, "empty", "negative dimension in shape {}", shape_str(shape));
   auto t = std::make_shared<TensorImpl>();

@@ -121,6 +121,9 @@ template <> std::vector<bool> Tensor::to_vector<bool>() const;
 Tensor from_blob(void* data, const Shape& shape, DType dtype, Device device = kCPU, std::shared_ptr<void> owner = nullptr);
 // A fresh tensor with uninitialised contiguous storage.
 Tensor empty(const Shape& shape, DType dtype = DType::f32, Device device = kCPU);
+// A contiguous tensor with shape, dtype and device but no storage: what a tracer hands out in place of
+// results it does not compute. Views of it work; reading or writing its data is an error.
+Tensor placeholder(const Shape& shape, DType dtype, Device device);
 
 std::ostream& operator<<(std::ostream& os, const Tensor& t);
 
