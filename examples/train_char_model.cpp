@@ -1,21 +1,22 @@
 // A tiny character-level language model trained end to end with kiln's autograd on the CPU:
-// embedding of a window of characters -> 2-layer MLP -> cross-entropy, Adam (or SGD) written with
-// ops under NoGradGuard. Trains on Genesis 1 (KJV) by default, or on --text FILE; ends with a greedy sample.
+// embedding of a window of characters -> 2-layer MLP -> cross-entropy, nn's Adam (AdamW without weight
+// decay) or SGD. Trains on Genesis 1 (KJV) by default, or on --text FILE; ends with a greedy sample.
+#include <CLI/CLI.hpp>
 #include <algorithm>
 #include <array>
-#include <charconv>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <memory>
 #include <random>
 #include <sstream>
 #include <string>
-#include <string_view>
 #include <vector>
 
 #include "autograd/grad_mode.h"
 #include "core/ops.h"
+#include "nn/optim.h"
 
 using namespace kiln;
 
@@ -48,65 +49,6 @@ struct Options {
   int64_t log_every = 100;
   int64_t sample_chars = 240;
 };
-
-void print_usage(std::FILE* to) {
-  std::fprintf(to,
-               "usage: train_char_model [--steps N] [--lr F] [--seed N] [--batch N] [--optim adam|sgd]\n"
-               "                        [--text FILE] [--log-every N] [--sample N]\n"
-               "Trains a character-level MLP (context %lld, embedding %lld, hidden %lld) with kiln's autograd on\n"
-               "the CPU, on Genesis 1 (KJV) or on the text of FILE, then prints a greedy sample.\n",
-               static_cast<long long>(kContext), static_cast<long long>(kEmbed), static_cast<long long>(kHidden));
-}
-
-template <class T> bool parse_number(std::string_view s, T& out) {
-  if (s.empty()) return false;
-  auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), out);
-  return ec == std::errc() && end == s.data() + s.size();
-}
-
-// Returns false (after saying why) on anything it does not understand.
-bool parse_args(int argc, char** argv, Options& o, bool& help) {
-  help = false;
-  for (int i = 1; i < argc; ++i) {
-    std::string_view a = argv[i];
-    if (a == "-h" || a == "--help") { help = true; return true; }
-    static constexpr std::array<std::string_view, 8> kFlags = {"--steps", "--batch", "--lr",        "--seed",
-                                                               "--optim", "--text",  "--log-every", "--sample"};
-    if (std::find(kFlags.begin(), kFlags.end(), a) == kFlags.end()) {
-      std::fprintf(stderr, "error: unknown flag %s\n", argv[i]);
-      return false;
-    }
-    if (i + 1 >= argc) {
-      std::fprintf(stderr, "error: %s needs a value\n", argv[i]);
-      return false;
-    }
-    std::string_view v = argv[++i];
-    bool ok = true;
-    if (a == "--steps") {
-      ok = parse_number(v, o.steps) && o.steps >= 1 && o.steps <= 10000000;
-    } else if (a == "--batch") {
-      ok = parse_number(v, o.batch) && o.batch >= 1 && o.batch <= 65536;
-    } else if (a == "--lr") {
-      ok = parse_number(v, o.lr) && std::isfinite(o.lr) && o.lr > 0;
-    } else if (a == "--seed") {
-      ok = parse_number(v, o.seed);
-    } else if (a == "--optim") {
-      ok = v == "adam" || v == "sgd";
-      o.optimizer = std::string(v);
-    } else if (a == "--text") {
-      o.text_file = std::string(v);
-    } else if (a == "--log-every") {
-      ok = parse_number(v, o.log_every) && o.log_every >= 1;
-    } else {  // --sample
-      ok = parse_number(v, o.sample_chars) && o.sample_chars >= 0 && o.sample_chars <= 100000;
-    }
-    if (!ok) {
-      std::fprintf(stderr, "error: bad value for %s: '%s'\n", argv[i - 1], argv[i]);
-      return false;
-    }
-  }
-  return true;
-}
 
 // Byte-level vocabulary of the characters present in the text.
 struct Vocab {
@@ -142,6 +84,8 @@ struct Model {
     for (Tensor* p : params()) p->set_requires_grad(true);
   }
   std::vector<Tensor*> params() { return {&emb, &w1, &b1, &w2, &b2}; }
+  // The handles an optimizer updates in place (they share storage with the members).
+  nn::NamedParameters named_params() { return {{"emb", emb}, {"w1", w1}, {"b1", b1}, {"w2", w2}, {"b2", b2}}; }
   int64_t num_params() {
     int64_t n = 0;
     for (Tensor* p : params()) n += p->numel();
@@ -157,35 +101,14 @@ struct Model {
   }
 };
 
-// Adam (or plain SGD) on the parameters' .grad, written with ops under NoGradGuard.
-struct Optimizer {
-  bool adam = true;
-  double lr = 0.01, beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
-  int64_t t = 0;
-  std::vector<Tensor> m, v;  // first and second moments, one per parameter
-
-  void step(const std::vector<Tensor*>& params) {
-    autograd::NoGradGuard no_grad;
-    ++t;
-    if (m.empty()) {
-      for (Tensor* p : params) { m.push_back(zeros_like(*p)); v.push_back(zeros_like(*p)); }
-    }
-    const double c1 = 1.0 - std::pow(beta1, static_cast<double>(t)), c2 = 1.0 - std::pow(beta2, static_cast<double>(t));
-    for (size_t i = 0; i < params.size(); ++i) {
-      Tensor& p = *params[i];
-      Tensor g = p.grad();
-      if (!g.defined()) continue;
-      if (adam) {
-        m[i] = m[i] * beta1 + g * (1.0 - beta1);
-        v[i] = v[i] * beta2 + g * g * (1.0 - beta2);
-        p.copy_(p - (m[i] / c1) * lr / (sqrt(v[i] / c2) + eps));
-      } else {
-        p.copy_(p - g * lr);
-      }
-      p.zero_grad();
-    }
-  }
-};
+// Adam (torch's AdamW with weight decay 0) or plain SGD over the model's parameters.
+std::unique_ptr<nn::Optimizer> make_optimizer(Model& model, const Options& opt) {
+  if (opt.optimizer == "sgd") return std::make_unique<nn::SGD>(model.named_params(), nn::SGDOptions{.lr = opt.lr});
+  nn::AdamWOptions adam;
+  adam.lr = opt.lr;
+  adam.weight_decay = 0.0;
+  return std::make_unique<nn::AdamW>(model.named_params(), adam);
+}
 
 // The training examples: (window of kContext chars, next char) at every position of the text.
 struct Dataset {
@@ -254,9 +177,7 @@ int run(const Options& opt) {
   for (char c : text) data.tokens.push_back(vocab.id(c));
 
   Model model(vocab.size());
-  Optimizer optim;
-  optim.adam = opt.optimizer == "adam";
-  optim.lr = opt.lr;
+  const std::unique_ptr<nn::Optimizer> optim = make_optimizer(model, opt);
   std::printf("kiln char model: %zu chars, vocab %lld, context %lld, embedding %lld, hidden %lld, %lld parameters\n",
               text.size(), static_cast<long long>(vocab.size()), static_cast<long long>(kContext),
               static_cast<long long>(kEmbed), static_cast<long long>(kHidden),
@@ -278,7 +199,8 @@ int run(const Options& opt) {
     auto [ids, targets] = data.batch(starts);
     Tensor loss = cross_entropy(model.forward(ids), targets);  // mean over the batch
     loss.backward();
-    optim.step(model.params());
+    optim->step();
+    optim->zero_grad();
     const double l = loss.item<double>();
     if (step == 0) first_train = l;
     window_loss += l;
@@ -311,22 +233,23 @@ int run(const Options& opt) {
 
 int main(int argc, char** argv) {
   Options opt;
-  bool help = false;
-  if (!parse_args(argc, argv, opt, help)) {
-    print_usage(stderr);
-    return 2;
-  }
-  if (help) {
-    print_usage(stdout);
-    return 0;
-  }
+  CLI::App app{"Trains a character-level MLP (context " + std::to_string(kContext) + ", embedding " + std::to_string(kEmbed) +
+               ", hidden " + std::to_string(kHidden) +
+               ") with kiln's autograd on the CPU, on Genesis 1 (KJV) or on the text of --text FILE, then prints a greedy sample."};
+  app.add_option("--steps", opt.steps, "optimizer steps")->check(CLI::Range(int64_t{1}, int64_t{10000000}))->capture_default_str();
+  app.add_option("--batch", opt.batch, "examples per step")->check(CLI::Range(int64_t{1}, int64_t{65536}))->capture_default_str();
+  app.add_option("--lr", opt.lr, "learning rate")->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--seed", opt.seed, "seed of the weights and the batches")->capture_default_str();
+  app.add_option("--optim", opt.optimizer, "adam | sgd")->check(CLI::IsMember({"adam", "sgd"}))->capture_default_str();
+  app.add_option("--text", opt.text_file, "train on this file instead of Genesis 1")->check(CLI::ExistingFile);
+  app.add_option("--log-every", opt.log_every, "print the loss every N steps")->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--sample", opt.sample_chars, "characters of the final greedy sample")
+      ->check(CLI::Range(int64_t{0}, int64_t{100000}))->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
   try {
     return run(opt);
-  } catch (const Error& e) {
-    std::fprintf(stderr, "kiln error: %s\n", e.what());
-    return 1;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "error: %s\n", e.what());
+    std::fprintf(stderr, "kiln error: %s\n", e.what());
     return 1;
   }
 }

@@ -1,6 +1,7 @@
-// `kiln finetune` end to end on a tiny model: an interrupted run resumed from its checkpoint gives
-// exactly the losses and adapter of an uninterrupted one; incompatible or corrupt checkpoints are
-// clear errors; the TOML settings round trip; metrics.jsonl and the SVG are written.
+// `kiln finetune` end to end on a tiny model (its parts and Trainer, without the terminal output): a
+// run stopped like Ctrl-C and resumed gives exactly the losses, adapter and sample of an uninterrupted
+// one; incompatible or corrupt checkpoints are clear errors; the TOML settings round trip; metrics.jsonl
+// and the SVG are written. The Trainer itself is tested without the command line in test_trainer.cpp.
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
 #include <filesystem>
@@ -66,6 +67,22 @@ app::FinetuneConfig tiny_run(const fs::path& root, const std::string& output) {
   return c;
 }
 
+// Asks the trainer to stop after `n` steps of this fit(), as the command's Ctrl-C handler does.
+struct StopAfter : train::Callback {
+  explicit StopAfter(int64_t n) : n_(n) {}
+  void on_train_begin(train::Trainer& t) override { first_ = t.state().step; }
+  void on_step_end(train::Trainer& t, const train::StepInfo& s) override {
+    if (s.step - first_ >= n_) t.request_stop();
+  }
+  int64_t n_, first_ = 0;
+};
+
+app::FinetuneResult run(const app::FinetuneConfig& c, int64_t stop_after = 0) {
+  app::FinetuneJob job(c);
+  if (stop_after > 0) job.trainer().add_callback(std::make_shared<StopAfter>(stop_after));
+  return job.run();
+}
+
 std::string read(const fs::path& p) {
   std::ifstream in(p, std::ios::binary);
   std::stringstream ss;
@@ -77,20 +94,19 @@ std::string read(const fs::path& p) {
 
 TEST_CASE("finetune: a resumed run reproduces the uninterrupted one exactly", "[finetune]") {
   const fs::path root = scratch("resume");
-  const app::FinetuneHooks quiet{0, true};
-  const app::FinetuneResult full = app::run_finetune(tiny_run(root, "full"), quiet);
+  const app::FinetuneResult full = run(tiny_run(root, "full"));
   REQUIRE(full.losses.size() == 6);
   REQUIRE(full.last_step == 6);
   REQUIRE(full.eval_losses.size() == 2);
   REQUIRE_FALSE(full.sample.empty());
 
   app::FinetuneConfig c = tiny_run(root, "parts");
-  const app::FinetuneResult first = app::run_finetune(c, {3, true});  // as if Ctrl-C came after step 3
+  const app::FinetuneResult first = run(c, 3);  // as if Ctrl-C came after step 3
   REQUIRE(first.interrupted);
   REQUIRE(first.last_step == 3);
   REQUIRE(fs::exists(fs::path(c.output) / "checkpoint-3" / "adapter" / "adapter_model.safetensors"));
   c.resume = true;
-  const app::FinetuneResult second = app::run_finetune(c, quiet);
+  const app::FinetuneResult second = run(c);
   REQUIRE(second.first_step == 3);
   REQUIRE(second.last_step == 6);
   std::vector<double> joined = first.losses;
@@ -117,30 +133,30 @@ TEST_CASE("finetune: incompatible, corrupt or missing checkpoints are clear erro
   app::FinetuneConfig c = tiny_run(root, "run");
   c.steps = 2;
   c.sample_tokens = 0;
-  app::run_finetune(c, {0, true});
+  run(c);
 
   app::FinetuneConfig other = c;
   other.resume = true;
   other.lora_r = 8;
-  REQUIRE_THROWS_WITH(app::run_finetune(other, {0, true}), ContainsSubstring("lora_r: checkpoint '4', now '8'"));
+  REQUIRE_THROWS_WITH(run(other), ContainsSubstring("lora_r: checkpoint '4', now '8'"));
   other = c;
   other.resume = true;
   other.seq_len = 24;
-  REQUIRE_THROWS_WITH(app::run_finetune(other, {0, true}), ContainsSubstring("seq_len"));
+  REQUIRE_THROWS_WITH(run(other), ContainsSubstring("seq_len"));
 
   app::FinetuneConfig resume = c;
   resume.resume = true;
   const fs::path state = fs::path(c.output) / "checkpoint-2" / "trainer_state.json";
   const std::string good = read(state);
   std::ofstream(state) << good.substr(0, good.size() / 2);
-  REQUIRE_THROWS_WITH(app::run_finetune(resume, {0, true}), ContainsSubstring("corrupt trainer state"));
+  REQUIRE_THROWS_WITH(run(resume), ContainsSubstring("corrupt trainer state"));
   std::ofstream(state) << good;
   fs::resize_file(fs::path(c.output) / "checkpoint-2" / "optimizer.safetensors", 100);
-  REQUIRE_THROWS_AS(app::run_finetune(resume, {0, true}), Error);
+  REQUIRE_THROWS_AS(run(resume), Error);
 
   app::FinetuneConfig fresh = tiny_run(root, "empty");
   fresh.resume = true;
-  REQUIRE_THROWS_WITH(app::run_finetune(fresh, {0, true}), ContainsSubstring("no checkpoint"));
+  REQUIRE_THROWS_WITH(run(fresh), ContainsSubstring("no checkpoint"));
   fs::remove_all(root);
 }
 

@@ -1,38 +1,25 @@
-// The fine-tuning loop behind `kiln finetune` (see finetune.h) and its subcommand.
+// `kiln finetune` (see finetune.h): the parts built from the settings, the Trainer over them, and the
+// subcommand with its terminal output and Ctrl-C handling.
 #include "examples/kiln/finetune.h"
-#include "core/file_io.h"
 
 #include <atomic>
-#include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
-#include <nlohmann/json.hpp>
 
-#include "autograd/grad_mode.h"
 #include "core/cuda/runtime.h"
+#include "core/file_io.h"
 #include "data/default_corpus.h"
 #include "examples/kiln/app.h"
-#include "examples/kiln/checkpoint.h"
-#include "examples/kiln/progress.h"
 #include "nn/generate.h"
 #include "nn/lr_schedule.h"
-#include "nn/optim.h"
+#include "train/progress.h"
 
 namespace kiln::app {
 
 namespace fs = std::filesystem;
-using json = nlohmann::json;
 
 namespace {
-
-std::atomic<bool> g_interrupted{false};
-
-extern "C" void on_sigint(int) {
-  g_interrupted = true;
-  std::signal(SIGINT, SIG_DFL);  // a second Ctrl-C stops at once
-}
 
 data::TextOptions text_options(const FinetuneConfig& c) {
   if (c.text_split == "auto") return c.data.empty() ? data::default_corpus_options() : data::TextOptions{};
@@ -43,43 +30,35 @@ data::TextOptions text_options(const FinetuneConfig& c) {
   return o;
 }
 
-// Summed cross-entropy of hidden (B, T, H) against targets (B, T) (-100 ignored), in f32.
-Tensor loss_sum(nn::Llama& model, const Tensor& hidden, const Tensor& targets, bool chunked) {
-  return chunked ? model.chunked_loss(hidden, targets, Reduction::sum) : model.loss(hidden, targets, Reduction::sum);
+// Ctrl-C asks the running trainer to stop (it finishes the step and writes a checkpoint); a second
+// Ctrl-C stops at once.
+std::atomic<train::Trainer*> g_trainer{nullptr};
+
+extern "C" void on_sigint(int) {
+  if (train::Trainer* t = g_trainer.load()) t->request_stop();
+  std::signal(SIGINT, SIG_DFL);
 }
 
-// Token-weighted mean loss over up to `max_batches` batches of the held-out documents.
-double eval_loss(nn::Llama& model, const std::vector<data::Document>& docs, const FinetuneConfig& c, Device device) {
-  if (docs.empty()) return NAN;
-  data::PackOptions po;
-  po.seq_len = c.seq_len;
-  po.batch_size = c.batch_size;
-  po.shuffle = false;
-  po.epochs = 1;
-  data::PackedDataset ds(docs, po);
-  autograd::NoGradGuard no_grad;
-  const bool was_training = model.is_training();
-  model.eval();
-  double total = 0;
-  int64_t tokens = 0;
-  for (int64_t b = 0; b < c.eval_batches; ++b) {
-    auto batch = ds.next();
-    if (!batch || batch->n_loss_tokens == 0) break;
-    Tensor h = model.forward(to_device(batch->input_ids, device));
-    total += loss_sum(model, h, to_device(batch->labels, device), c.chunked_head).item<double>();
-    tokens += batch->n_loss_tokens;
+struct SigintScope {
+  explicit SigintScope(train::Trainer& t) {
+    g_trainer = &t;
+    previous_ = std::signal(SIGINT, on_sigint);
   }
-  model.train(was_training);
-  return tokens > 0 ? total / static_cast<double>(tokens) : NAN;
-}
+  ~SigintScope() {
+    std::signal(SIGINT, previous_);
+    g_trainer = nullptr;
+  }
+  SigintScope(const SigintScope&) = delete;
+  SigintScope& operator=(const SigintScope&) = delete;
+  void (*previous_)(int);
+};
 
 }  // namespace
 
-FinetuneResult run_finetune(const FinetuneConfig& c, const FinetuneHooks& hooks) {
+FinetuneJob::FinetuneJob(const FinetuneConfig& c) : config_(c), device_(resolve_device(c.device)) {
   c.validate();
   fs::create_directories(c.output);
   write_file_atomic((fs::path(c.output) / "config.toml").string(), c.to_toml(), "finetune");
-  FinetuneResult result;
 
   // ---- model (NF4 base for QLoRA, quantised layer by layer as it loads), tokenizer, LoRA
   ModelSpec spec;
@@ -89,180 +68,145 @@ FinetuneResult run_finetune(const FinetuneConfig& c, const FinetuneHooks& hooks)
   spec.dtype = c.dtype;
   spec.device = c.device;
   spec.nf4 = c.base == "nf4";
-  const Device device = resolve_device(c.device);
-  if (device.is_cuda()) cuda::set_device(device.index);
-  auto model = load_model(spec);
-  const data::Tokenizer tok = load_tokenizer(c.tokenizer, c.model_dir);
-  KILN_CHECK(tok.vocab_size() <= model->config().vocab_size, "finetune",
-             "the tokenizer has {} ids, more than the model's vocabulary of {}", tok.vocab_size(), model->config().vocab_size);
-  nn::LoraConfig lora;
-  lora.r = c.lora_r;
-  lora.alpha = c.lora_alpha;
-  lora.dropout = c.lora_dropout;
-  lora.use_rslora = c.rslora;
-  lora.target_modules = c.target_modules;
-  lora.base_model_name_or_path = c.model_dir.empty() ? c.config : c.model_dir;
-  nn::apply_lora(*model, lora, c.seed + 1);
-  model->set_checkpoint_activations(c.checkpointing);
-  model->train();
+  if (device_.is_cuda()) cuda::set_device(device_.index);
+  model_ = load_model(spec);
+  tokenizer_ = std::make_unique<data::Tokenizer>(load_tokenizer(c.tokenizer, c.model_dir));
+  KILN_CHECK(tokenizer_->vocab_size() <= model_->config().vocab_size, "finetune",
+             "the tokenizer has {} ids, more than the model's vocabulary of {}", tokenizer_->vocab_size(),
+             model_->config().vocab_size);
+  lora_.r = c.lora_r;
+  lora_.alpha = c.lora_alpha;
+  lora_.dropout = c.lora_dropout;
+  lora_.use_rslora = c.rslora;
+  lora_.target_modules = c.target_modules;
+  lora_.base_model_name_or_path = c.model_dir.empty() ? c.config : c.model_dir;
+  nn::apply_lora(*model_, lora_, c.seed + 1);
+  model_->set_checkpoint_activations(c.checkpointing);
+  model_->train();
 
-  // ---- data: documents -> tokens -> held-out split -> packed training stream
+  // ---- data: documents -> tokens -> held-out split -> packed training stream and eval batches
   const std::string data_path = c.data.empty() ? data::default_corpus_path() : c.data;
-  const auto docs = data::tokenize_documents(tok, data::load_documents(data_path, text_options(c)));
+  const auto docs = data::tokenize_documents(*tokenizer_, data::load_documents(data_path, text_options(c)));
   KILN_CHECK(!docs.empty(), "finetune", "{} holds no documents", data_path);
   data::SplitOptions so;
   so.fraction = c.eval_fraction;
   so.seed = c.seed;
   const data::Split split = data::split_indices(static_cast<int64_t>(docs.size()), so);
-  const auto eval_docs = data::select_documents(docs, split.eval);
+  n_train_docs_ = split.train.size();
+  n_eval_docs_ = split.eval.size();
   data::PackOptions po;
   po.seq_len = c.seq_len;
   po.batch_size = c.batch_size;
   po.seed = c.seed;
   po.epochs = c.steps > 0 ? -1 : c.epochs;
-  po.pad_id = tok.eos_id();
-  data::PackedDataset train(data::select_documents(docs, split.train), po);
-  KILN_CHECK(train.rows_per_epoch() > 0, "finetune", "{} has too few tokens for one sequence", data_path);
+  po.pad_id = tokenizer_->eos_id();
+  train_data_ = std::make_unique<data::PackedDataset>(data::select_documents(docs, split.train), po);
+  KILN_CHECK(train_data_->rows_per_epoch() > 0, "finetune", "{} has too few tokens for one sequence", data_path);
   const int64_t per_step = c.batch_size * c.grad_accum;
-  const int64_t total_steps = c.steps > 0 ? c.steps : (train.rows_per_epoch() * c.epochs + per_step - 1) / per_step;
+  total_steps_ = c.steps > 0 ? c.steps : (train_data_->rows_per_epoch() * c.epochs + per_step - 1) / per_step;
 
-  // ---- optimiser, schedule, resume
+  // ---- optimiser, schedule, trainer, resume
   nn::AdamWOptions ao;
   ao.lr = c.lr;
   ao.weight_decay = c.weight_decay;
-  nn::AdamW opt(model->named_trainable_parameters(), ao);
-  const nn::LRSchedule schedule(c.schedule, c.lr, std::min(c.warmup, total_steps), total_steps);  // short runs: warmup fits
-  manual_seed(data::mix_seed(c.seed, 7));  // dropout draws
-  TrainerState state;
-  state.fingerprint = c.fingerprint();
+  optimizer_ = std::make_unique<nn::AdamW>(model_->named_trainable_parameters(), ao);
+  train::TrainerOptions to;
+  to.max_steps = total_steps_;
+  to.grad_accum = c.grad_accum;
+  to.clip = c.clip;
+  to.schedule.emplace(c.schedule, c.lr, std::min(c.warmup, total_steps_), total_steps_);  // short runs: warmup fits
+  to.loss = train::llama_loss(c.chunked_head);
+  to.device = device_;
+  to.seed = data::mix_seed(c.seed, 7);  // dropout draws
+  if (!split.eval.empty()) {
+    data::PackOptions eo;
+    eo.seq_len = c.seq_len;
+    eo.batch_size = c.batch_size;
+    eo.shuffle = false;
+    eo.epochs = 1;
+    to.eval_data = std::make_shared<data::PackedDataset>(data::select_documents(docs, split.eval), eo);
+  }
+  to.eval_every = c.eval_every;
+  to.eval_batches = c.eval_batches;
+  to.output = c.output;
+  to.save_every = c.save_every;
+  to.lora = lora_;
+  to.fingerprint = c.fingerprint();
+  to.log_every = std::max<int64_t>(c.log_every, 1);
+  trainer_ = std::make_unique<train::Trainer>(*model_, *optimizer_, *train_data_, std::move(to));
   if (c.resume) {
-    const auto dir = latest_checkpoint(c.output);
-    KILN_CHECK(dir.has_value(), "finetune", "--resume: no checkpoint in {} (no 'latest' file)", c.output);
-    state = load_checkpoint(*dir, *model, opt, c.fingerprint());
-    train.restore(state.data);
-    default_generator().set_state(state.rng);
-    if (!hooks.quiet) std::fprintf(stderr, "resumed from %s at step %lld\n", dir->c_str(), static_cast<long long>(state.step));
-  } else if (fs::exists(fs::path(c.output) / "latest") && !hooks.quiet) {
-    std::fprintf(stderr, "note: %s holds an earlier run; starting a new one over it (--resume continues the old one)\n",
-                 c.output.c_str());
+    resumed_from_ = trainer_->resume_latest();
+    KILN_CHECK(resumed_from_.has_value(), "finetune", "--resume: no checkpoint in {} (no 'latest' file)", c.output);
   }
-  result.first_step = state.step;
-  MetricsLog metrics((fs::path(c.output) / "metrics.jsonl").string(), c.resume);
-  const std::string svg_path = (fs::path(c.output) / "loss_curve.svg").string();
+  trainer_->add_callback(std::make_shared<train::MetricsCallback>(c.output, c.resume, "kiln finetune: loss"));
+}
 
-  if (!hooks.quiet)
-    std::fprintf(stderr, "kiln finetune: %s, %s base, LoRA r=%lld on %s | %lld trainable + %lld base parameters | %zu train + %zu eval docs, "
-                 "%lld tokens/epoch | %lld steps of %lld x %lld tokens -> %s\n",
-                 c.model_dir.empty() ? c.config.c_str() : c.model_dir.c_str(), c.base.c_str(), static_cast<long long>(c.lora_r),
-                 device.str().c_str(), static_cast<long long>(model->num_parameters(true)),
-                 static_cast<long long>(model->config().num_parameters()), split.train.size(), split.eval.size(),
-                 static_cast<long long>(train.tokens_per_epoch()), static_cast<long long>(total_steps),
-                 static_cast<long long>(per_step), static_cast<long long>(c.seq_len), c.output.c_str());
+FinetuneJob::~FinetuneJob() = default;
 
-  // ---- the loop
-  g_interrupted = false;
-  auto previous_handler = std::signal(SIGINT, on_sigint);
-  ProgressBar bar(total_steps, state.step);
-  auto window_start = std::chrono::steady_clock::now();
-  int64_t window_tokens = 0;
-  auto checkpoint = [&] {
-    state.data = train.position();
-    state.rng = default_generator().state();
-    result.checkpoint = save_checkpoint(c.output, *model, lora, opt, state);
-  };
-  try {
-    while (state.step < total_steps) {
-      // The micro-batches of this step, fetched first so the loss is a mean over all their tokens.
-      std::vector<data::Batch> micro;
-      int64_t step_tokens = 0;
-      for (int64_t m = 0; m < c.grad_accum; ++m) {
-        auto b = train.next();
-        if (!b) break;
-        step_tokens += b->n_loss_tokens;
-        micro.push_back(std::move(*b));
-      }
-      if (micro.empty()) break;  // the epochs are done
-      opt.set_lr(schedule.lr_at(state.step));
-      double step_loss = 0;
-      for (const data::Batch& b : micro) {
-        if (b.n_loss_tokens == 0) continue;
-        Tensor h = model->forward(to_device(b.input_ids, device));  // (B, T, hidden)
-        Tensor loss = div(loss_sum(*model, h, to_device(b.labels, device), c.chunked_head), static_cast<double>(step_tokens));
-        loss.backward();
-        step_loss += loss.item<double>();
-      }
-      const double grad_norm = c.clip > 0 ? nn::clip_grad_norm_(model->named_trainable_parameters(), c.clip) : 0.0;
-      opt.step();
-      opt.zero_grad();
-      ++state.step;
-      state.tokens += step_tokens;
-      window_tokens += c.batch_size * c.seq_len * static_cast<int64_t>(micro.size());
-      result.losses.push_back(step_loss);
-      state.train_losses.push_back({state.step, step_loss});
+std::string FinetuneJob::banner() const {
+  const FinetuneConfig& c = config_;
+  return fmt::format("kiln finetune: {}, {} base, LoRA r={} on {} | {} trainable + {} base parameters | {} train + {} eval docs, "
+                     "{} tokens/epoch | {} steps of {} x {} tokens -> {}",
+                     c.model_dir.empty() ? c.config : c.model_dir, c.base, c.lora_r, device_.str(),
+                     model_->num_parameters(true), model_->config().num_parameters(), n_train_docs_, n_eval_docs_,
+                     train_data_->tokens_per_epoch(), total_steps_, c.batch_size * c.grad_accum, c.seq_len, c.output);
+}
 
-      const bool log = state.step % std::max<int64_t>(c.log_every, 1) == 0 || state.step == total_steps;
-      const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - window_start).count();
-      const double tps = secs > 0 ? static_cast<double>(window_tokens) / secs : 0.0;
-      const double mem = memory_gib(device.is_cuda());
-      if (!hooks.quiet) bar.update(state.step, step_loss, opt.lr(), tps, mem, log);
-      if (log) {
-        metrics.write(json{{"step", state.step}, {"loss", step_loss}, {"lr", opt.lr()}, {"grad_norm", grad_norm},
-                           {"tokens_per_s", tps}, {"mem_gib", mem}, {"tokens", state.tokens}}.dump());
-        window_start = std::chrono::steady_clock::now();
-        window_tokens = 0;
-      }
-      if (c.eval_every > 0 && (state.step % c.eval_every == 0 || state.step == total_steps) && !eval_docs.empty()) {
-        const double el = eval_loss(*model, eval_docs, c, device);
-        result.eval_losses.push_back(el);
-        state.eval_losses.push_back({state.step, el});
-        metrics.write(json{{"step", state.step}, {"eval_loss", el}}.dump());
-        if (!hooks.quiet && !log) bar.update(state.step, step_loss, opt.lr(), tps, mem, true);
-        if (!hooks.quiet) std::fprintf(stderr, "%seval loss %.4f at step %lld\n", isatty(fileno(stderr)) ? "\n" : "", el,
-                                       static_cast<long long>(state.step));
-      }
-      if (log) write_loss_svg(svg_path, state.train_losses, state.eval_losses);
-      const bool stop = g_interrupted || (hooks.stop_after_steps > 0 && state.step - result.first_step >= hooks.stop_after_steps);
-      if (stop || (c.save_every > 0 && state.step % c.save_every == 0)) checkpoint();
-      if (stop) {
-        result.interrupted = true;
-        break;
-      }
-    }
-  } catch (...) {
-    std::signal(SIGINT, previous_handler);
-    throw;
-  }
-  std::signal(SIGINT, previous_handler);
-  if (!hooks.quiet) bar.finish();
-  if (!result.interrupted && (result.checkpoint.empty() || state.step % std::max<int64_t>(c.save_every, 1) != 0)) checkpoint();
-  write_loss_svg(svg_path, state.train_losses, state.eval_losses);
-  nn::save_adapter(*model, lora, (fs::path(c.output) / "adapter").string());
-  result.last_step = state.step;
-  if (result.interrupted) {
-    if (!hooks.quiet) std::fprintf(stderr, "interrupted: checkpoint %s (continue with --resume)\n", result.checkpoint.c_str());
-    return result;
-  }
+FinetuneResult FinetuneJob::run() {
+  const train::FitResult fit = trainer_->fit();
+  FinetuneResult result;
+  result.losses = fit.losses;
+  result.first_step = fit.first_step;
+  result.last_step = fit.last_step;
+  result.eval_losses = fit.eval_losses;
+  result.checkpoint = fit.checkpoint;
+  result.interrupted = fit.stopped;
+  nn::save_adapter(*model_, lora_, (fs::path(config_.output) / "adapter").string());
+  if (result.interrupted || config_.sample_tokens <= 0) return result;
 
   // ---- a sample from the fine-tuned model
-  if (c.sample_tokens > 0) {
-    nn::GenerateOptions go;
-    go.max_new_tokens = c.sample_tokens;
-    go.temperature = 0.7;
-    go.top_p = 0.9;
-    go.seed = c.seed;
-    go.stop_tokens = {tok.eos_id(), tok.eot_id()};
-    go.token_limit = tok.vocab_size();
-    std::vector<int64_t> prompt;
-    for (int32_t id : tok.encode(c.sample_prompt, /*add_bos=*/true)) prompt.push_back(id);
-    const auto out = nn::generate(*model, prompt, go);
-    std::vector<int32_t> ids(out.begin(), out.end());
-    result.sample = c.sample_prompt + tok.decode(ids, /*skip_special=*/true);
-    write_file_atomic((fs::path(c.output) / "sample.txt").string(), result.sample + "\n", "finetune");
-    if (!hooks.quiet) std::printf("sample: %s\n", result.sample.c_str());
+  const data::Tokenizer& tok = *tokenizer_;
+  nn::GenerateOptions go;
+  go.max_new_tokens = config_.sample_tokens;
+  go.temperature = 0.7;
+  go.top_p = 0.9;
+  go.seed = config_.seed;
+  go.stop_tokens = {tok.eos_id(), tok.eot_id()};
+  go.token_limit = tok.vocab_size();
+  std::vector<int64_t> prompt;
+  for (int32_t id : tok.encode(config_.sample_prompt, /*add_bos=*/true)) prompt.push_back(id);
+  const auto out = nn::generate(*model_, prompt, go);
+  std::vector<int32_t> ids(out.begin(), out.end());
+  result.sample = config_.sample_prompt + tok.decode(ids, /*skip_special=*/true);
+  write_file_atomic((fs::path(config_.output) / "sample.txt").string(), result.sample + "\n", "finetune");
+  return result;
+}
+
+FinetuneResult run_finetune(const FinetuneConfig& c) {
+  c.validate();
+  const bool earlier_run = !c.resume && fs::exists(fs::path(c.output) / "latest");
+  FinetuneJob job(c);
+  if (job.resumed_from())
+    std::fprintf(stderr, "resumed from %s at step %lld\n", job.resumed_from()->c_str(),
+                 static_cast<long long>(job.trainer().state().step));
+  else if (earlier_run)
+    std::fprintf(stderr, "note: %s holds an earlier run; starting a new one over it (--resume continues the old one)\n",
+                 c.output.c_str());
+  std::fprintf(stderr, "%s\n", job.banner().c_str());
+  job.trainer().add_callback(std::make_shared<train::ProgressCallback>());
+
+  FinetuneResult result;
+  {
+    SigintScope sigint(job.trainer());
+    result = job.run();
   }
-  if (!hooks.quiet)
-    std::fprintf(stderr, "done: %lld steps, adapter in %s/adapter, metrics.jsonl and loss_curve.svg next to it\n",
-                 static_cast<long long>(state.step), c.output.c_str());
+  if (result.interrupted) {
+    std::fprintf(stderr, "interrupted: checkpoint %s (continue with --resume)\n", result.checkpoint.c_str());
+    return result;
+  }
+  if (c.sample_tokens > 0) std::printf("sample: %s\n", result.sample.c_str());
+  std::fprintf(stderr, "done: %lld steps, adapter in %s/adapter, metrics.jsonl and loss_curve.svg next to it\n",
+               static_cast<long long>(result.last_step), c.output.c_str());
   return result;
 }
 

@@ -1,11 +1,17 @@
-// `kiln finetune` as a function the tests can call: QLoRA/LoRA training with gradient accumulation,
-// clipping, an LR schedule, eval loss, metrics, checkpoints (every N steps and on Ctrl-C) and
-// exact resume, ending with a generated sample.
+// `kiln finetune`: settings -> parts (model with LoRA, tokenizer, data, optimizer, schedule) -> a
+// train::Trainer -> callbacks (metrics.jsonl and the loss curve; on the command line also the progress
+// bar, messages and Ctrl-C), ending with the final adapter and a generated sample.
 #pragma once
+#include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "data/tokenizer.h"
 #include "examples/kiln/finetune_config.h"
+#include "nn/llama.h"
+#include "nn/optim.h"
+#include "train/trainer.h"
 
 namespace kiln::app {
 
@@ -15,15 +21,45 @@ struct FinetuneResult {
   int64_t last_step = 0;            // steps done at the end
   std::vector<double> eval_losses;  // eval losses computed by this call
   std::string checkpoint;           // the last checkpoint written
-  std::string sample;               // the generated sample ("" when sample_tokens is 0)
-  bool interrupted = false;         // stopped by Ctrl-C (or stop_after_steps) with a checkpoint
+  std::string sample;               // the generated sample ("" when sample_tokens is 0 or stopped)
+  bool interrupted = false;         // stopped (Ctrl-C) with a checkpoint
 };
 
-struct FinetuneHooks {
-  int64_t stop_after_steps = 0;  // > 0: behave as if Ctrl-C came after this many steps of this call
-  bool quiet = false;            // no progress line and no sample on stdout
+// The parts of one run, built from its settings; the command adds its terminal output around it.
+class FinetuneJob {
+ public:
+  // Validates the settings, writes <output>/config.toml, builds the parts and the Trainer (resumed
+  // from <output>/latest with config.resume: an error when there is none) and attaches the
+  // metrics.jsonl/loss_curve.svg callback.
+  explicit FinetuneJob(const FinetuneConfig& config);
+  FinetuneJob(const FinetuneJob&) = delete;
+  FinetuneJob& operator=(const FinetuneJob&) = delete;
+  ~FinetuneJob();
+
+  train::Trainer& trainer() { return *trainer_; }
+  // Trains to the end or a stop request, writes <output>/adapter and, unless stopped, the sample
+  // (<output>/sample.txt).
+  FinetuneResult run();
+  // The one-line summary of the run the command prints before training.
+  std::string banner() const;
+  const std::optional<std::string>& resumed_from() const { return resumed_from_; }
+
+ private:
+  FinetuneConfig config_;
+  Device device_;
+  std::shared_ptr<nn::Llama> model_;
+  std::unique_ptr<data::Tokenizer> tokenizer_;
+  nn::LoraConfig lora_;
+  std::unique_ptr<data::PackedDataset> train_data_;
+  size_t n_train_docs_ = 0, n_eval_docs_ = 0;
+  int64_t total_steps_ = 0;
+  std::unique_ptr<nn::AdamW> optimizer_;
+  std::unique_ptr<train::Trainer> trainer_;
+  std::optional<std::string> resumed_from_;
 };
 
-FinetuneResult run_finetune(const FinetuneConfig& config, const FinetuneHooks& hooks = {});
+// The command: the job, the progress bar and messages on stderr, the sample on stdout, and Ctrl-C as
+// a stop request (the result says interrupted; the command then exits with 130).
+FinetuneResult run_finetune(const FinetuneConfig& config);
 
 }  // namespace kiln::app

@@ -1,17 +1,25 @@
-// Atomic training checkpoints and their validated reload.
-#include "examples/kiln/checkpoint.h"
-#include "core/file_io.h"
+// Atomic training checkpoints and their validated reload (moved here from the kiln command line so
+// every Trainer user gets them).
+#include "train/checkpoint.h"
 
 #include <filesystem>
+#include <map>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <sstream>
 
-namespace kiln::app {
+#include "core/file_io.h"
+#include "io/safetensors.h"
+
+namespace kiln::train {
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 namespace {
+
+constexpr const char* kStateFormat = "kiln-trainer-state-1";
+constexpr const char* kTrainableFile = "trainable.safetensors";
 
 json points_json(const std::vector<LossPoint>& pts) {
   json a = json::array();
@@ -44,13 +52,32 @@ std::string fingerprint_diff(const std::string& saved, const std::string& now) {
     const std::string was = it == a.end() ? "(absent)" : it->second;
     if (was != v) out += fmt::format("{}{}: checkpoint '{}', now '{}'", out.empty() ? "" : "; ", k, was, v);
   }
+  for (const auto& [k, v] : a)
+    if (!b.count(k)) out += fmt::format("{}{}: checkpoint '{}', now (absent)", out.empty() ? "" : "; ", k, v);
   return out.empty() ? "settings differ" : out;
+}
+
+// The trainable parameters of `model` from <dir>/trainable.safetensors: exactly the same names,
+// shapes checked by load_state_dict before anything is copied.
+void load_trainable(nn::Module& model, const fs::path& file) {
+  KILN_CHECK(fs::exists(file), "checkpoint", "expected the trained weights in {}, found no such file", file.string());
+  const io::SafetensorsFile f = io::SafetensorsFile::open(file.string());
+  std::set<std::string> want;
+  for (const auto& [name, p] : model.named_trainable_parameters()) want.insert(name);
+  nn::StateDict state;
+  for (const std::string& k : f.keys()) {
+    KILN_CHECK(want.count(k), "checkpoint", "{}: expected only the model's trainable parameters, found '{}'", file.string(), k);
+    state[k] = f.get(k);
+  }
+  for (const std::string& k : want)
+    KILN_CHECK(state.count(k), "checkpoint", "{}: expected trainable parameter '{}', found none", file.string(), k);
+  model.load_state_dict(state, /*strict=*/false);
 }
 
 }  // namespace
 
 std::string TrainerState::to_json() const {
-  json j{{"format", "kiln-trainer-state-1"},
+  json j{{"format", kStateFormat},
          {"step", step},
          {"tokens", tokens},
          {"data_position", json::parse(data.to_json())},
@@ -65,7 +92,8 @@ TrainerState TrainerState::from_json(const std::string& text, const std::string&
   TrainerState s;
   try {
     const json j = json::parse(text);
-    KILN_CHECK(j.value("format", "") == "kiln-trainer-state-1", "checkpoint", "{}: not a kiln trainer state", source);
+    KILN_CHECK(j.value("format", "") == kStateFormat, "checkpoint", "{}: expected format '{}', found '{}'", source,
+               kStateFormat, j.value("format", ""));
     s.step = j.at("step").get<int64_t>();
     s.tokens = j.at("tokens").get<int64_t>();
     s.data = data::DataPosition::from_json(j.at("data_position").dump());
@@ -77,18 +105,20 @@ TrainerState TrainerState::from_json(const std::string& text, const std::string&
   } catch (const json::exception& e) {
     KILN_FAIL("checkpoint", "{}: corrupt trainer state: {}", source, e.what());
   }
-  KILN_CHECK(s.step >= 0 && s.tokens >= 0, "checkpoint", "{}: negative step or token count", source);
+  KILN_CHECK(s.step >= 0 && s.tokens >= 0, "checkpoint", "{}: expected a non-negative step and token count, found {} and {}",
+             source, s.step, s.tokens);
   return s;
 }
 
-std::string save_checkpoint(const std::string& output, nn::Module& model, const nn::LoraConfig& lora,
+std::string save_checkpoint(const std::string& output, nn::Module& model, const nn::LoraConfig* lora,
                             const nn::Optimizer& optimizer, const TrainerState& state) {
   const std::string name = fmt::format("checkpoint-{}", state.step);
   const fs::path final_dir = fs::path(output) / name;
   const fs::path tmp = fs::path(output) / (name + ".tmp");
   fs::remove_all(tmp);
   fs::create_directories(tmp);
-  nn::save_adapter(model, lora, (tmp / "adapter").string());
+  if (lora) nn::save_adapter(model, *lora, (tmp / "adapter").string());
+  else io::save_safetensors((tmp / kTrainableFile).string(), model.named_trainable_parameters());
   optimizer.save((tmp / "optimizer.safetensors").string());
   write_file_atomic((tmp / "trainer_state.json").string(), state.to_json(), "checkpoint");
   fs::remove_all(final_dir);
@@ -102,7 +132,8 @@ std::optional<std::string> latest_checkpoint(const std::string& output) {
   if (!fs::exists(p)) return std::nullopt;
   std::string name = read_file(p.string(), "checkpoint");
   while (!name.empty() && (name.back() == '\n' || name.back() == '\r')) name.pop_back();
-  KILN_CHECK(!name.empty() && name.find('/') == std::string::npos, "checkpoint", "{}: corrupt (names '{}')", p.string(), name);
+  KILN_CHECK(!name.empty() && name.find('/') == std::string::npos, "checkpoint",
+             "{}: expected a checkpoint folder name, found '{}' (corrupt)", p.string(), name);
   const fs::path dir = fs::path(output) / name;
   KILN_CHECK(fs::is_directory(dir), "checkpoint", "{} names {}, which does not exist", p.string(), dir.string());
   return dir.string();
@@ -115,12 +146,13 @@ TrainerState load_checkpoint(const std::string& dir, nn::Module& model, nn::Opti
   TrainerState s = TrainerState::from_json(read_file(state_path.string(), "checkpoint"), state_path.string());
   KILN_CHECK(s.fingerprint == fingerprint, "checkpoint", "{} was written by a run with other settings: {}", dir,
              fingerprint_diff(s.fingerprint, fingerprint));
-  KILN_CHECK(fs::exists(d / "optimizer.safetensors"), "checkpoint", "{}: optimizer.safetensors is missing", dir);
-  nn::load_adapter(model, (d / "adapter").string());
+  KILN_CHECK(fs::exists(d / "optimizer.safetensors"), "checkpoint", "{}: expected optimizer.safetensors, found none", dir);
+  if (fs::is_directory(d / "adapter")) nn::load_adapter(model, (d / "adapter").string());
+  else load_trainable(model, d / kTrainableFile);
   optimizer.load((d / "optimizer.safetensors").string());
   KILN_CHECK(optimizer.step_count() == s.step, "checkpoint", "{}: the optimizer has made {} steps, the trainer state says {}",
              dir, optimizer.step_count(), s.step);
   return s;
 }
 
-}  // namespace kiln::app
+}  // namespace kiln::train

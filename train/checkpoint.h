@@ -1,0 +1,51 @@
+// Training checkpoints: <output>/checkpoint-<step>/ holding the trained weights (a PEFT adapter
+// folder for LoRA, else trainable.safetensors), the optimizer state and trainer_state.json (step,
+// data position, RNG state, settings fingerprint, loss history); written atomically, <output>/latest names the newest.
+#pragma once
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "core/random.h"
+#include "data/packing.h"
+#include "nn/lora.h"
+#include "nn/module.h"
+#include "nn/optim.h"
+
+namespace kiln::train {
+
+struct LossPoint {
+  int64_t step;
+  double loss;
+};
+
+// Everything besides weights and optimizer that an exact resume needs, plus the loss history
+// (so plots continue across a resume).
+struct TrainerState {
+  int64_t step = 0;                 // optimizer steps done
+  int64_t tokens = 0;               // loss tokens trained on (all ranks)
+  data::DataPosition data;          // where the training stream continues
+  GeneratorState rng;               // the default generator (dropout draws)
+  std::string fingerprint;          // TrainerOptions::fingerprint of the run ("key=value;" pairs)
+  std::vector<LossPoint> train_losses, eval_losses;
+
+  std::string to_json() const;
+  // kiln::Error "[checkpoint] <source>: corrupt trainer state: ..." on anything malformed.
+  static TrainerState from_json(const std::string& text, const std::string& source);
+};
+
+// Writes <output>/checkpoint-<step> into checkpoint-<step>.tmp, renames it into place and then
+// points <output>/latest at it; returns its path. `lora` set: the weights are the adapter in PEFT's
+// format (<dir>/adapter); otherwise the model's trainable parameters (<dir>/trainable.safetensors).
+std::string save_checkpoint(const std::string& output, nn::Module& model, const nn::LoraConfig* lora,
+                            const nn::Optimizer& optimizer, const TrainerState& state);
+// The folder <output>/latest names; nullopt when there is no latest file. A latest file naming a
+// missing folder is an error.
+std::optional<std::string> latest_checkpoint(const std::string& output);
+// Checks the checkpoint against `fingerprint` (the error lists each differing key: "lora_r:
+// checkpoint '4', now '8'"), then loads the weights into `model` and the optimizer state. Corrupt,
+// missing or mismatched files are kiln::Error.
+TrainerState load_checkpoint(const std::string& dir, nn::Module& model, nn::Optimizer& optimizer,
+                             const std::string& fingerprint);
+
+}  // namespace kiln::train

@@ -1,0 +1,232 @@
+// The Trainer's loop (see trainer.h): micro-batches fetched first so the step's loss is a mean over
+// all their loss tokens, the collectives of the data-parallel seam, eval, checkpoints and callbacks.
+#include "train/trainer.h"
+
+#include <cmath>
+#include <filesystem>
+
+#include "autograd/grad_mode.h"
+#include "nn/llama.h"
+#include "train/progress.h"
+
+namespace kiln::train {
+
+namespace {
+
+data::Batch on_device(const data::Batch& b, Device device) {
+  return {to_device(b.input_ids, device), to_device(b.labels, device), b.n_loss_tokens};
+}
+
+}  // namespace
+
+BatchLossFn llama_loss(bool chunked) {
+  return [chunked](nn::Module& model, const data::Batch& batch) {
+    auto* llama = dynamic_cast<nn::Llama*>(&model);
+    KILN_CHECK(llama != nullptr, "trainer", "the default loss expected an nn::Llama, found {} (set TrainerOptions::loss)",
+               model.type_name());
+    Tensor hidden = llama->forward(batch.input_ids);  // (B, T, hidden)
+    return chunked ? llama->chunked_loss(hidden, batch.labels, Reduction::sum)
+                   : llama->loss(hidden, batch.labels, Reduction::sum);
+  };
+}
+
+Trainer::Trainer(nn::Module& model, nn::Optimizer& optimizer, data::PackedDataset& train_data, TrainerOptions options)
+    : model_(model), optimizer_(optimizer), train_data_(train_data), options_(std::move(options)) {
+  const TrainerOptions& o = options_;
+  KILN_CHECK(o.max_steps >= 0 && o.grad_accum >= 1 && o.log_every >= 1, "trainer",
+             "expected max_steps >= 0, grad_accum >= 1 and log_every >= 1, found {}, {} and {}", o.max_steps,
+             o.grad_accum, o.log_every);
+  KILN_CHECK(o.clip >= 0 && o.eval_every >= 0 && o.eval_batches >= 1 && o.save_every >= 0, "trainer",
+             "expected clip >= 0, eval_every >= 0, eval_batches >= 1 and save_every >= 0, found {}, {}, {} and {}", o.clip,
+             o.eval_every, o.eval_batches, o.save_every);
+  parallel_ = o.parallel ? o.parallel : std::make_shared<SingleProcess>();
+  KILN_CHECK(parallel_->world_size() >= 1 && parallel_->rank() >= 0 && parallel_->rank() < parallel_->world_size(),
+             "trainer", "expected 0 <= rank < world size, found rank {} of {}", parallel_->rank(), parallel_->world_size());
+  loss_ = o.loss ? o.loss : llama_loss(true);
+  if (o.compile) {
+    loss_ = o.compile(model_, loss_);
+    KILN_CHECK(static_cast<bool>(loss_), "trainer", "expected the compile hook to return a loss function, found an empty one");
+  }
+  params_ = optimizer_.parameters();
+  if (o.eval_data) eval_start_ = o.eval_data->position();
+  state_.fingerprint = o.fingerprint;
+  state_.data = train_data_.position();
+  manual_seed(o.seed);
+  state_.rng = default_generator().state();
+  window_start_ = std::chrono::steady_clock::now();
+}
+
+void Trainer::add_callback(std::shared_ptr<Callback> callback) {
+  KILN_CHECK(callback != nullptr, "trainer", "add_callback expected a callback, found null");
+  callbacks_.push_back(std::move(callback));
+}
+
+template <class F> void Trainer::each_callback(F&& f) {
+  for (const auto& c : callbacks_) f(*c);
+}
+
+void Trainer::resume(const std::string& dir) {
+  TrainerState s = load_checkpoint(dir, model_, optimizer_, options_.fingerprint);
+  train_data_.restore(s.data);
+  default_generator().set_state(s.rng);
+  state_ = std::move(s);
+}
+
+std::optional<std::string> Trainer::resume_latest() {
+  KILN_CHECK(!options_.output.empty(), "trainer", "resume expected TrainerOptions::output to name a folder, found \"\"");
+  const auto dir = latest_checkpoint(options_.output);
+  if (dir) resume(*dir);
+  return dir;
+}
+
+std::vector<data::Batch> Trainer::next_micro_batches() {
+  std::vector<data::Batch> micro;
+  const int64_t world = parallel_->world_size(), rank = parallel_->rank();
+  for (int64_t m = 0; m < options_.grad_accum; ++m) {
+    for (int64_t r = 0; r < world; ++r) {  // every rank reads the same stream and keeps its share
+      auto b = train_data_.next();
+      if (!b) return micro;  // the epochs are done
+      if (r == rank) micro.push_back(std::move(*b));
+    }
+  }
+  return micro;
+}
+
+bool Trainer::stop_agreed() {
+  std::vector<double> v{stop_requested() ? 1.0 : 0.0};
+  parallel_->all_reduce_sum(v);
+  return v[0] > 0;
+}
+
+std::optional<StepInfo> Trainer::train_step() {
+  const std::vector<data::Batch> micro = next_micro_batches();
+  std::vector<double> counts{0, static_cast<double>(micro.size()), 0};  // loss tokens, micro-batches, input tokens
+  for (const data::Batch& b : micro) {
+    counts[0] += static_cast<double>(b.n_loss_tokens);
+    counts[2] += static_cast<double>(b.input_ids.numel());
+  }
+  parallel_->all_reduce_sum(counts);
+  if (counts[1] == 0) return std::nullopt;
+  const double step_tokens = counts[0];
+
+  if (options_.schedule) optimizer_.set_lr(options_.schedule->lr_at(state_.step));
+  double step_loss = 0;
+  for (const data::Batch& b : micro) {
+    if (b.n_loss_tokens == 0) continue;
+    Tensor loss = div(loss_(model_, on_device(b, options_.device)), step_tokens);  // this batch's share of the mean
+    loss.backward();
+    step_loss += loss.item<double>();
+  }
+  parallel_->all_reduce_gradients(params_);
+  std::vector<double> losses{step_loss};
+  parallel_->all_reduce_sum(losses);
+  const double grad_norm = options_.clip > 0 ? nn::clip_grad_norm_(params_, options_.clip) : 0.0;
+  StepInfo s;
+  s.lr = optimizer_.lr();
+  optimizer_.step();
+  optimizer_.zero_grad();
+
+  ++state_.step;
+  state_.tokens += static_cast<int64_t>(step_tokens);
+  state_.train_losses.push_back({state_.step, losses[0]});
+  window_tokens_ += static_cast<int64_t>(counts[2]);
+  s.step = state_.step;
+  s.total_steps = options_.max_steps;
+  s.loss = losses[0];
+  s.grad_norm = grad_norm;
+  s.loss_tokens = static_cast<int64_t>(step_tokens);
+  s.tokens = state_.tokens;
+  s.log = state_.step % options_.log_every == 0 || state_.step == options_.max_steps;
+  const auto now = std::chrono::steady_clock::now();
+  const double secs = std::chrono::duration<double>(now - window_start_).count();
+  s.tokens_per_s = secs > 0 ? static_cast<double>(window_tokens_) / secs : 0.0;
+  s.memory_gib = memory_gib(options_.device);
+  if (s.log) {
+    window_start_ = now;
+    window_tokens_ = 0;
+  }
+  return s;
+}
+
+EvalInfo Trainer::evaluate() {
+  KILN_CHECK(options_.eval_data != nullptr, "trainer", "evaluate() expected TrainerOptions::eval_data, found none");
+  data::PackedDataset& ds = *options_.eval_data;
+  ds.restore(*eval_start_);
+  const int64_t world = parallel_->world_size(), rank = parallel_->rank();
+  const bool was_training = model_.is_training();
+  std::vector<double> sums{0, 0};  // summed loss, loss tokens
+  {
+    autograd::NoGradGuard no_grad;
+    model_.eval();
+    try {
+      for (int64_t i = 0; i < options_.eval_batches; ++i) {
+        auto batch = ds.next();
+        if (!batch) break;
+        if (i % world != rank || batch->n_loss_tokens == 0) continue;
+        sums[0] += loss_(model_, on_device(*batch, options_.device)).item<double>();
+        sums[1] += static_cast<double>(batch->n_loss_tokens);
+      }
+    } catch (...) {
+      model_.train(was_training);
+      throw;
+    }
+    model_.train(was_training);
+  }
+  parallel_->all_reduce_sum(sums);
+  return {state_.step, sums[1] > 0 ? sums[0] / sums[1] : NAN, static_cast<int64_t>(sums[1])};
+}
+
+std::string Trainer::save_checkpoint() {
+  KILN_CHECK(!options_.output.empty(), "trainer", "save_checkpoint expected TrainerOptions::output to name a folder, found \"\"");
+  state_.data = train_data_.position();
+  state_.rng = default_generator().state();
+  std::string path = (std::filesystem::path(options_.output) / fmt::format("checkpoint-{}", state_.step)).string();
+  if (parallel_->rank() == 0) {
+    const nn::LoraConfig* lora = options_.lora ? &*options_.lora : nullptr;
+    path = train::save_checkpoint(options_.output, model_, lora, optimizer_, state_);
+  }
+  const SaveInfo info{state_.step, path};
+  each_callback([&](Callback& c) { c.on_save(*this, info); });
+  return path;
+}
+
+FitResult Trainer::fit() {
+  FitResult r;
+  r.first_step = state_.step;
+  window_start_ = std::chrono::steady_clock::now();
+  window_tokens_ = 0;
+  each_callback([&](Callback& c) { c.on_train_begin(*this); });
+  const bool saving = !options_.output.empty();
+  int64_t saved_step = -1;
+  auto save = [&] {
+    r.checkpoint = save_checkpoint();
+    saved_step = state_.step;
+  };
+  for (;;) {
+    if (stop_agreed()) {
+      r.stopped = true;
+      break;
+    }
+    if (options_.max_steps > 0 && state_.step >= options_.max_steps) break;
+    const std::optional<StepInfo> s = train_step();
+    if (!s) break;  // the training data is done
+    r.losses.push_back(s->loss);
+    each_callback([&](Callback& c) { c.on_step_end(*this, *s); });
+    const bool eval_due = options_.eval_every > 0 && (s->step % options_.eval_every == 0 || s->step == options_.max_steps);
+    if (eval_due && options_.eval_data) {
+      const EvalInfo e = evaluate();
+      r.eval_losses.push_back(e.loss);
+      state_.eval_losses.push_back({e.step, e.loss});
+      each_callback([&](Callback& c) { c.on_eval(*this, e); });
+    }
+    if (saving && options_.save_every > 0 && s->step % options_.save_every == 0) save();
+  }
+  if (saving && saved_step != state_.step) save();
+  if (r.stopped) stop_.store(false, std::memory_order_relaxed);
+  r.last_step = state_.step;
+  const EndInfo end{state_.step, r.stopped, r.checkpoint};
+  each_callback([&](Callback& c) { c.on_train_end(*this, end); });
+  return r;
+}
+
+}  // namespace kiln::train
