@@ -94,7 +94,7 @@ int main() {
           for (size_t i = 0; i < s.p.size(); ++i) kiln::adamw_step_({s.p[i]}, {s.g[i]}, {s.m[i]}, {s.v[i]}, {1}, h);
         }, 20, 3));
     // The optimizer class: grouping, lazy state, host bookkeeping included.
-    kiln::nn::NamedParameters named;
+    kiln::nn::NamedTensors named;
     for (size_t i = 0; i < s.p.size(); ++i) {
       Tensor p = s.p[i];
       p.set_grad(s.g[i]);

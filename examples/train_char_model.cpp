@@ -85,7 +85,7 @@ struct Model {
   }
   std::vector<Tensor*> params() { return {&emb, &w1, &b1, &w2, &b2}; }
   // The handles an optimizer updates in place (they share storage with the members).
-  nn::NamedParameters named_params() { return {{"emb", emb}, {"w1", w1}, {"b1", b1}, {"w2", w2}, {"b2", b2}}; }
+  nn::NamedTensors named_params() { return {{"emb", emb}, {"w1", w1}, {"b1", b1}, {"w2", w2}, {"b2", b2}}; }
   int64_t num_params() {
     int64_t n = 0;
     for (Tensor* p : params()) n += p->numel();

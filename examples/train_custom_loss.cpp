@@ -46,7 +46,7 @@ int main() try {
   o.loss = [](nn::Module& m, const data::Batch& b) {  // the SUM over the batch's loss tokens
     auto& llama = dynamic_cast<nn::Llama&>(m);
     nn::ChunkedLossOptions sum;
-    sum.reduction = nn::LossReduction::sum;
+    sum.reduction = Reduction::sum;
     return nn::chunked_linear_loss(llama.forward(b.input_ids), llama.lm_head_weight(), b.labels, cross_entropy_z_loss, sum);
   };
   train::Trainer trainer(*model, optimizer, train_data, o);

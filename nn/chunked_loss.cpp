@@ -280,6 +280,7 @@ Tensor chunked_linear_loss(const Tensor& hidden, const Tensor& weight, const Ten
   }
   KILN_CHECK(options.chunk_size >= 0, kOp, "chunk_size must be >= 0 (0: automatic), found {}", options.chunk_size);
   KILN_CHECK(options.memory_budget_bytes > 0, kOp, "memory_budget_bytes must be positive");
+  KILN_CHECK(options.reduction != Reduction::none, kOp, "reduction must be sum or mean, found none");
 
   ChunkPlan plan;
   plan.chunk = options.chunk_size > 0 ? options.chunk_size
@@ -301,7 +302,7 @@ Tensor chunked_linear_loss(const Tensor& hidden, const Tensor& weight, const Ten
     plan.valid.push_back(count);
     total += count;
   }
-  plan.scale = options.reduction == LossReduction::sum ? 1.0 : (total > 0 ? 1.0 / static_cast<double>(total) : 0.0);
+  plan.scale = options.reduction == Reduction::sum ? 1.0 : (total > 0 ? 1.0 / static_cast<double>(total) : 0.0);
   const bool grad_on = autograd::grad_enabled();
   plan.need_hidden = grad_on && hidden.requires_grad();
   plan.need_weight = grad_on && weight.requires_grad();

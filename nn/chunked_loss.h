@@ -21,13 +21,12 @@ namespace kiln::nn {
 // chunk; a loss never needs a hand-written derivative.
 using LossFn = std::function<Tensor(const Tensor& logits, const Tensor& targets)>;
 
-// How the per-token losses of the non-ignored tokens are combined. Mean over zero tokens (every
-// target ignored) is defined as 0 with zero gradients (PyTorch gives NaN).
-enum class LossReduction { sum, mean };
-
 struct ChunkedLossOptions {
   Tensor bias;  // optional (V), the dtype and device of weight
-  LossReduction reduction = LossReduction::mean;
+  // How the per-token losses of the non-ignored tokens are combined: sum or mean (none is an error:
+  // the head never holds every token's loss). Mean over zero tokens (every target ignored) is defined
+  // as 0 with zero gradients (PyTorch gives NaN).
+  Reduction reduction = Reduction::mean;
   int64_t ignore_index = -100;
   // Tokens per chunk; 0 chooses it from memory_budget_bytes (see chunked_loss_chunk_size). A size
   // above N is one chunk; sizes need not divide N.
@@ -35,9 +34,8 @@ struct ChunkedLossOptions {
   // The extra memory of one chunk (its logits, their gradient, the loss's temporaries; estimated by
   // chunked_loss_bytes_per_token) beyond the inputs and gradients. With a trainable weight the
   // gradient group buffer takes as much again (see chunked_linear_loss). With the default 2 GiB,
-  // bf16 and V = 128256: chunks of 1024 tokens (measured extra peak 1.6 GiB with cross-entropy,
-  // d(hidden) included), groups of 8192. 1 GiB halves both and costs ~3% more time on an H200
-  // (twice as many chunks, each with its fixed per-chunk costs).
+  // bf16 and V = 128256: chunks of 1024 tokens, groups of 8192 (measured peaks and the time cost of
+  // smaller budgets: bench/RESULTS.md, chunked loss head).
   size_t memory_budget_bytes = size_t{2} << 30;
 };
 

@@ -251,7 +251,7 @@ Tensor Llama::chunked_loss(const Tensor& hidden, const Tensor& targets, Reductio
   KILN_CHECK(config_.tie_word_embeddings || dynamic_cast<Linear*>(&child_as<LinearBase>("lm_head")), "Llama",
              "the chunked loss head needs a plain lm_head, found {}", child_as<LinearBase>("lm_head").type_name());
   ChunkedLossOptions o;
-  o.reduction = reduction == Reduction::sum ? LossReduction::sum : LossReduction::mean;
+  o.reduction = reduction;
   return chunked_linear_loss(hidden, lm_head_weight(), targets, cross_entropy_loss(), o);
 }
 

@@ -44,7 +44,7 @@ void check_hyper_keys(const std::map<std::string, double>& h, const std::vector<
 
 // ---------------------------------------------------------------- Optimizer
 
-Optimizer::Optimizer(NamedParameters params, double lr) : params_(std::move(params)), lr_(lr) {
+Optimizer::Optimizer(NamedTensors params, double lr) : params_(std::move(params)), lr_(lr) {
   std::set<std::string> seen;
   for (const auto& [name, p] : params_) {
     KILN_CHECK(!name.empty(), "optim", "parameter names must be non-empty");
@@ -204,7 +204,7 @@ void Optimizer::load(const std::string& path) {
 
 // ---------------------------------------------------------------- AdamW
 
-AdamW::AdamW(NamedParameters params, AdamWOptions options) : Optimizer(std::move(params), options.lr) {
+AdamW::AdamW(NamedTensors params, AdamWOptions options) : Optimizer(std::move(params), options.lr) {
   set_hyperparameters({{"lr", options.lr},
                        {"beta1", options.beta1},
                        {"beta2", options.beta2},
@@ -281,7 +281,7 @@ void AdamW::step() {
 
 // ---------------------------------------------------------------- SGD
 
-SGD::SGD(NamedParameters params, SGDOptions options) : Optimizer(std::move(params), options.lr) {
+SGD::SGD(NamedTensors params, SGDOptions options) : Optimizer(std::move(params), options.lr) {
   set_hyperparameters({{"lr", options.lr},
                        {"momentum", options.momentum},
                        {"dampening", options.dampening},
@@ -417,7 +417,7 @@ double clip_grad_norm_(const std::vector<Tensor>& params, double max_norm) {
   return norm;
 }
 
-double clip_grad_norm_(const NamedParameters& params, double max_norm) {
+double clip_grad_norm_(const NamedTensors& params, double max_norm) {
   std::vector<Tensor> ts;
   ts.reserve(params.size());
   for (const auto& [name, p] : params) ts.push_back(p);

@@ -8,10 +8,9 @@
 #include <vector>
 
 #include "core/tensor.h"
+#include "nn/module.h"  // NamedTensors
 
 namespace kiln::nn {
-
-using NamedParameters = std::vector<std::pair<std::string, Tensor>>;  // as Module::named_parameters()
 
 // Everything an optimizer needs to resume: its type, the number of step() calls, the
 // hyperparameters and, per parameter that has state, tensors keyed "<param name>.<key>" (AdamW:
@@ -28,7 +27,7 @@ struct OptimizerState {
 class Optimizer {
  public:
   // Parameter names must be unique and non-empty; tensors must be floating point.
-  Optimizer(NamedParameters params, double lr);
+  Optimizer(NamedTensors params, double lr);
   virtual ~Optimizer() = default;
   Optimizer(const Optimizer&) = delete;
   Optimizer& operator=(const Optimizer&) = delete;
@@ -41,7 +40,7 @@ class Optimizer {
   double lr() const { return lr_; }
   void set_lr(double lr);
   int64_t step_count() const { return step_; }
-  const NamedParameters& parameters() const { return params_; }
+  const NamedTensors& parameters() const { return params_; }
   // State tensors of parameter `name` (empty before its first update).
   const std::map<std::string, Tensor>& state(const std::string& name) const;
 
@@ -64,7 +63,7 @@ class Optimizer {
   void load_tensors(const OptimizerState& s, const std::map<std::string, size_t>& index,
                     std::vector<std::map<std::string, Tensor>>& state, std::vector<int64_t>& steps) const;
 
-  NamedParameters params_;
+  NamedTensors params_;
   std::vector<std::map<std::string, Tensor>> state_;  // per parameter; f32, contiguous, on its device
   std::vector<int64_t> param_steps_;                  // per parameter: updates it has received
   int64_t step_ = 0;
@@ -82,7 +81,7 @@ struct AdamWOptions {
 // rounded once); state is f32. One fused adamw_step_ call (one CUDA launch) per device and dtype.
 class AdamW final : public Optimizer {
  public:
-  explicit AdamW(NamedParameters params, AdamWOptions options = {});
+  explicit AdamW(NamedTensors params, AdamWOptions options = {});
   const char* type() const override { return "AdamW"; }
   void step() override;
   AdamWOptions options() const;
@@ -109,7 +108,7 @@ struct SGDOptions {
 // Computed in f32 with kiln ops; the momentum buffer is f32.
 class SGD final : public Optimizer {
  public:
-  explicit SGD(NamedParameters params, SGDOptions options = {});
+  explicit SGD(NamedTensors params, SGDOptions options = {});
   const char* type() const override { return "SGD"; }
   void step() override;
   SGDOptions options() const;
@@ -129,6 +128,6 @@ class SGD final : public Optimizer {
 // non-finite norm is returned and the grads are left untouched. Params without a grad are
 // ignored. Returns the norm.
 double clip_grad_norm_(const std::vector<Tensor>& params, double max_norm);
-double clip_grad_norm_(const NamedParameters& params, double max_norm);
+double clip_grad_norm_(const NamedTensors& params, double max_norm);
 
 }  // namespace kiln::nn

@@ -29,7 +29,7 @@ Tensor make_targets(int64_t n, int64_t v, uint64_t seed, int64_t ignore_index = 
 
 // The naive head: full logits, the same loss, masked sum, mean over non-ignored tokens (0 if none).
 Tensor naive_loss(const Tensor& hidden, const Tensor& weight, const Tensor& bias, const Tensor& targets,
-                  const nn::LossFn& fn, nn::LossReduction red, int64_t ignore_index = -100) {
+                  const nn::LossFn& fn, Reduction red, int64_t ignore_index = -100) {
   const int64_t h = hidden.size(-1);
   const DType ldt = hidden.dtype() == DType::f64 ? DType::f64 : DType::f32;
   Tensor logits = matmul(reshape(hidden, {-1, h}), transpose(weight, 0, 1));  // (N, V)
@@ -39,7 +39,7 @@ Tensor naive_loss(const Tensor& hidden, const Tensor& weight, const Tensor& bias
   Tensor valid = ne(t, static_cast<double>(ignore_index));
   Tensor safe = where(valid, t, scalar_tensor(0.0, t.dtype()));
   Tensor total = sum(where(valid, cast(fn(logits, safe), ldt), scalar_tensor(0.0, ldt)));
-  if (red == nn::LossReduction::sum) return total;
+  if (red == Reduction::sum) return total;
   const double count = sum(cast(valid, ldt)).item<double>();
   return mul(total, count > 0 ? 1.0 / count : 0.0);
 }
@@ -107,13 +107,13 @@ TEST_CASE("chunked_linear_loss equals the naive head for every loss, chunk size 
   Tensor targets = make_targets(n, v, 4);
   const size_t five_tokens = nn::chunked_loss_bytes_per_token(v, DType::f32) * 5;
   for (const NamedLoss& loss : all_losses()) {
-    for (nn::LossReduction red : {nn::LossReduction::mean, nn::LossReduction::sum}) {
+    for (Reduction red : {Reduction::mean, Reduction::sum}) {
       for (bool trainable : {true, false}) {
         const Result want = run(
             [&](const Tensor& x, const Tensor& w, const Tensor& b) { return naive_loss(x, w, b, targets, loss.fn, red); },
             hidden, weight, bias, trainable);
         for (int64_t chunk : {int64_t{1}, int64_t{3}, int64_t{7}, n - 1, n, n + 9, int64_t{0}}) {
-          CAPTURE(loss.name, red == nn::LossReduction::mean, trainable, chunk);
+          CAPTURE(loss.name, red == Reduction::mean, trainable, chunk);
           nn::ChunkedLossOptions opt;
           opt.reduction = red;
           opt.chunk_size = chunk;
@@ -184,9 +184,9 @@ TEST_CASE("chunked_linear_loss: all-ignored chunks and all-ignored batches", "[c
   Tensor weight = test::random_tensor({v, h}, DType::f32, 22);
   Tensor bias = test::random_tensor({v}, DType::f32, 23);
   Tensor none = full({n}, -100.0, DType::i64);
-  for (nn::LossReduction red : {nn::LossReduction::mean, nn::LossReduction::sum}) {
+  for (Reduction red : {Reduction::mean, Reduction::sum}) {
     for (int64_t chunk : {int64_t{1}, int64_t{5}, int64_t{0}}) {
-      CAPTURE(chunk, red == nn::LossReduction::mean);
+      CAPTURE(chunk, red == Reduction::mean);
       const Result got = run(
           [&](const Tensor& x, const Tensor& w, const Tensor& b) {
             nn::ChunkedLossOptions o;
@@ -210,7 +210,7 @@ TEST_CASE("chunked_linear_loss: all-ignored chunks and all-ignored batches", "[c
   nn::ChunkedLossOptions o;
   o.chunk_size = 5;
   Tensor got = nn::chunked_linear_loss(hidden, weight, one, nn::cross_entropy_loss(), o);
-  Tensor want = naive_loss(hidden, weight, Tensor(), one, nn::cross_entropy_loss(), nn::LossReduction::sum);
+  Tensor want = naive_loss(hidden, weight, Tensor(), one, nn::cross_entropy_loss(), Reduction::sum);
   test::require_close(got, want, 1e-5, 1e-6);
 }
 
@@ -249,7 +249,7 @@ TEST_CASE("chunked_linear_loss: f64 finite differences", "[chunked_loss]") {
   Tensor bias = test::random_tensor({v}, DType::f64, 43).set_requires_grad(true);
   Tensor targets = from_vector<int64_t>({1, -100, 4, 0, 2, -100, 3}, {n});
   for (const NamedLoss& loss : all_losses()) {
-    for (nn::LossReduction red : {nn::LossReduction::mean, nn::LossReduction::sum}) {
+    for (Reduction red : {Reduction::mean, Reduction::sum}) {
       CAPTURE(loss.name);
       test::check_gradients(
           [&](const std::vector<Tensor>& in) {
@@ -288,14 +288,14 @@ TEST_CASE("chunked_linear_loss: bf16 inputs compute in f32 within a chunk", "[ch
     // Against the naive head in bf16 (same roundings; the weight gradient is summed in f32 here).
     const Result naive = run(
         [&](const Tensor& x, const Tensor& w, const Tensor& b) {
-          return naive_loss(x, w, b, targets, loss.fn, nn::LossReduction::mean);
+          return naive_loss(x, w, b, targets, loss.fn, Reduction::mean);
         },
         hidden, weight, bias, true);
     require_same(got, naive, 2e-2, 2e-3);
     // Against the f32 head on the same (bf16-representable) values.
     const Result f32 = run(
         [&](const Tensor& x, const Tensor& w, const Tensor& b) {
-          return naive_loss(x, w, b, targets, loss.fn, nn::LossReduction::mean);
+          return naive_loss(x, w, b, targets, loss.fn, Reduction::mean);
         },
         cast(hidden, DType::f32), cast(weight, DType::f32), cast(bias, DType::f32), true);
     test::require_close(got.loss, f32.loss, 1e-2, 1e-3);
@@ -330,7 +330,7 @@ TEST_CASE("chunked_linear_loss: (B, T, H) input, non-contiguous inputs, non-leaf
   x2.set_requires_grad(true);
   Tensor w2 = contiguous(weight).detach();
   w2.set_requires_grad(true);
-  Tensor want = naive_loss(mul(x2, 1.5), w2, Tensor(), targets, fn, nn::LossReduction::mean);
+  Tensor want = naive_loss(mul(x2, 1.5), w2, Tensor(), targets, fn, Reduction::mean);
   mul(want, 2.5).backward();
   test::require_close(loss, want, 1e-4, 1e-5);
   test::require_close(x.grad(), x2.grad(), 1e-4, 1e-5);
@@ -338,11 +338,11 @@ TEST_CASE("chunked_linear_loss: (B, T, H) input, non-contiguous inputs, non-leaf
   // Flat targets (N) work too, and i32 targets.
   Tensor flat = nn::chunked_linear_loss(hidden, weight, cast(reshape(targets, {b * t}), DType::i32), fn, o);
   autograd::NoGradGuard no_grad;
-  test::require_close(flat, naive_loss(hidden, weight, Tensor(), targets, fn, nn::LossReduction::mean), 1e-4, 1e-5);
+  test::require_close(flat, naive_loss(hidden, weight, Tensor(), targets, fn, Reduction::mean), 1e-4, 1e-5);
   // Under no_grad: the loss only, no history.
   Tensor ng = nn::chunked_linear_loss(x, w, targets, fn, o);
   REQUIRE_FALSE(ng.requires_grad());
-  test::require_close(ng, naive_loss(x, w, Tensor(), targets, fn, nn::LossReduction::mean), 1e-4, 1e-5);
+  test::require_close(ng, naive_loss(x, w, Tensor(), targets, fn, Reduction::mean), 1e-4, 1e-5);
 }
 
 TEST_CASE("chunked_linear_loss: automatic chunk size from the memory budget", "[chunked_loss]") {

@@ -36,21 +36,21 @@ std::vector<int64_t> mixed_sizes() {
   return s;
 }
 
-nn::NamedParameters cpu_params(DType dt, uint64_t seed, const std::vector<int64_t>& sizes) {
-  nn::NamedParameters ps;
+nn::NamedTensors cpu_params(DType dt, uint64_t seed, const std::vector<int64_t>& sizes) {
+  nn::NamedTensors ps;
   for (size_t i = 0; i < sizes.size(); ++i) {
     std::string name = fmt::format("p{}", i);
     ps.emplace_back(name, random_tensor({sizes[i]}, dt, seed + i).set_requires_grad(true));
   }
   return ps;
 }
-nn::NamedParameters to_gpu(const nn::NamedParameters& ps) {
-  nn::NamedParameters out;
+nn::NamedTensors to_gpu(const nn::NamedTensors& ps) {
+  nn::NamedTensors out;
   for (const auto& [n, p] : ps) out.emplace_back(n, p.detach().to(kGPU).set_requires_grad(true));
   return out;
 }
 // The same grads on both sides; param k has none when (s + k) % 5 == 0.
-void set_grads(const nn::NamedParameters& c, const nn::NamedParameters& g, int s, uint64_t seed) {
+void set_grads(const nn::NamedTensors& c, const nn::NamedTensors& g, int s, uint64_t seed) {
   for (size_t k = 0; k < c.size(); ++k) {
     Tensor pc = c[k].second, pg = g[k].second;
     if ((s + static_cast<int>(k)) % 5 == 0) {
@@ -118,10 +118,10 @@ TEST_CASE("fused adamw_step_ on CUDA matches the CPU over many tensors in one op
 TEST_CASE("AdamW and SGD on CUDA match the CPU optimizers", "[cuda][optim]") {
   if (!cuda::is_available()) SKIP("no CUDA device");
   std::vector<int64_t> sizes = {3, 4097, 16384 * 3 + 1, 5, 70000, 1};
-  nn::NamedParameters c = cpu_params(DType::f32, 10, sizes);
+  nn::NamedTensors c = cpu_params(DType::f32, 10, sizes);
   for (const auto& [n, p] : cpu_params(DType::bf16, 20, {16, 33, 1000}))
     c.emplace_back(fmt::format("b{}", n), p);
-  nn::NamedParameters g = to_gpu(c);
+  nn::NamedTensors g = to_gpu(c);
   nn::AdamW oc(c, {2e-2, 0.9, 0.99, 1e-6, 0.05}), og(g, {2e-2, 0.9, 0.99, 1e-6, 0.05});
   for (int s = 1; s <= 4; ++s) {
     set_grads(c, g, s, 11);
@@ -135,7 +135,7 @@ TEST_CASE("AdamW and SGD on CUDA match the CPU optimizers", "[cuda][optim]") {
     require_same(g[k].second, c[k].second);
     for (const auto& [key, t] : oc.state(c[k].first)) require_same(og.state(g[k].first).at(key), t);
   }
-  nn::NamedParameters sc = cpu_params(DType::f32, 30, sizes), sg = to_gpu(sc);
+  nn::NamedTensors sc = cpu_params(DType::f32, 30, sizes), sg = to_gpu(sc);
   nn::SGD sgc(sc, {0.05, 0.9, 0.0, true, 0.01}), sgg(sg, {0.05, 0.9, 0.0, true, 0.01});
   for (int s = 1; s <= 3; ++s) {
     set_grads(sc, sg, s, 31);
@@ -148,7 +148,7 @@ TEST_CASE("AdamW and SGD on CUDA match the CPU optimizers", "[cuda][optim]") {
 TEST_CASE("clip_grad_norm_ on CUDA matches the CPU", "[cuda][optim]") {
   if (!cuda::is_available()) SKIP("no CUDA device");
   const std::vector<int64_t> sizes = mixed_sizes();
-  nn::NamedParameters c = cpu_params(DType::f32, 40, sizes), g = to_gpu(c);
+  nn::NamedTensors c = cpu_params(DType::f32, 40, sizes), g = to_gpu(c);
   set_grads(c, g, 1, 41);
   const double nc = nn::clip_grad_norm_(c, 3.0), ng = nn::clip_grad_norm_(g, 3.0);
   REQUIRE(ng == Catch::Approx(nc).epsilon(1e-5));
@@ -162,7 +162,7 @@ TEST_CASE("clip_grad_norm_ on CUDA is one fused norm and one fused scale", "[cud
   if (!cuda::is_available()) SKIP("no CUDA device");
   const std::vector<int64_t> sizes = mixed_sizes();
   for (DType dt : {DType::bf16, DType::f32}) {
-    nn::NamedParameters c = cpu_params(dt, 60, sizes), g = to_gpu(c);
+    nn::NamedTensors c = cpu_params(dt, 60, sizes), g = to_gpu(c);
     set_grads(c, g, 1, 61);
     OpCounter ops;
     const double ng = nn::clip_grad_norm_(g, 0.5);
@@ -237,8 +237,8 @@ TEST_CASE("multi_tensor_scale_ on CUDA matches the CPU bit for bit", "[cuda][opt
 
 TEST_CASE("AdamW on CUDA resumes bit-identically from a saved state", "[cuda][optim]") {
   if (!cuda::is_available()) SKIP("no CUDA device");
-  nn::NamedParameters c = cpu_params(DType::bf16, 50, {100, 16385, 7});
-  nn::NamedParameters a = to_gpu(c), b = to_gpu(c), unused = to_gpu(c);
+  nn::NamedTensors c = cpu_params(DType::bf16, 50, {100, 16385, 7});
+  nn::NamedTensors a = to_gpu(c), b = to_gpu(c), unused = to_gpu(c);
   nn::AdamW oa(a, {1e-2, 0.9, 0.999, 1e-8, 0.01});
   for (int s = 1; s <= 3; ++s) set_grads(unused, a, s, 51), oa.step();
   const std::string path = (std::filesystem::temp_directory_path() / "kiln_cuda_optim.safetensors").string();

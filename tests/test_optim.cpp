@@ -54,8 +54,8 @@ struct RefAdamW {
 
 const std::vector<Shape> kShapes = {{1}, {3}, {7, 5}, {4, 16}, {33, 17}, {3, 1, 129}, {100003}};
 
-nn::NamedParameters make_params(DType dt, uint64_t seed) {
-  nn::NamedParameters ps;
+nn::NamedTensors make_params(DType dt, uint64_t seed) {
+  nn::NamedTensors ps;
   for (size_t i = 0; i < kShapes.size(); ++i) {
     Tensor p = random_tensor(kShapes[i], dt, seed + i);
     p.set_requires_grad(true);
@@ -65,7 +65,7 @@ nn::NamedParameters make_params(DType dt, uint64_t seed) {
 }
 
 // Fresh random grads for step s; param k gets none on steps where (s + k) % 4 == 0.
-void set_grads(const nn::NamedParameters& ps, int s, uint64_t seed, bool skip_some = true) {
+void set_grads(const nn::NamedTensors& ps, int s, uint64_t seed, bool skip_some = true) {
   for (size_t k = 0; k < ps.size(); ++k) {
     Tensor p = ps[k].second;
     if (skip_some && (s + static_cast<int>(k)) % 4 == 0) p.zero_grad();
@@ -83,7 +83,7 @@ TEST_CASE("AdamW matches a float64 loop of torch's formulas", "[optim]") {
   for (DType dt : {DType::f32, DType::bf16}) {
     for (double wd : {0.0, 0.1}) {
       CAPTURE(dtype_name(dt), wd);
-      nn::NamedParameters ps = make_params(dt, 10);
+      nn::NamedTensors ps = make_params(dt, 10);
       const AdamWHyper h{2e-2, 0.8, 0.95, 1e-6, wd};
       nn::AdamW opt(ps, {h.lr, h.beta1, h.beta2, h.eps, h.weight_decay});
       std::vector<RefAdamW> ref(ps.size());
@@ -113,7 +113,7 @@ TEST_CASE("AdamW matches a float64 loop of torch's formulas", "[optim]") {
 }
 
 TEST_CASE("AdamW leaves params without grad and their state untouched", "[optim]") {
-  nn::NamedParameters ps = make_params(DType::f32, 30);
+  nn::NamedTensors ps = make_params(DType::f32, 30);
   const Tensor before = ps[2].second.clone();
   nn::AdamW opt(ps, {});
   for (int s = 0; s < 3; ++s) {
@@ -164,7 +164,7 @@ TEST_CASE("SGD variants match a float64 loop of torch's formulas", "[optim]") {
                                    {{0.05, 0.9, 0.1, false, 0.01}, DType::bf16}};
   for (const Case& c : cases) {
     CAPTURE(c.o.momentum, c.o.dampening, c.o.nesterov, c.o.weight_decay, dtype_name(c.dt));
-    nn::NamedParameters ps = make_params(c.dt, 50);
+    nn::NamedTensors ps = make_params(c.dt, 50);
     nn::SGD opt(ps, c.o);
     std::vector<std::vector<double>> p(ps.size()), buf(ps.size());
     for (size_t k = 0; k < ps.size(); ++k) p[k] = to_f64(ps[k].second);
@@ -198,7 +198,7 @@ TEST_CASE("SGD variants match a float64 loop of torch's formulas", "[optim]") {
 
 TEST_CASE("clip_grad_norm_ scales grads above max_norm only", "[optim]") {
   for (DType dt : {DType::f32, DType::bf16}) {
-    nn::NamedParameters ps = make_params(dt, 60);
+    nn::NamedTensors ps = make_params(dt, 60);
     set_grads(ps, 1, 61);  // some params have no grad
     double ref_sq = 0.0;
     std::vector<Tensor> before;
@@ -258,17 +258,17 @@ TEST_CASE("LR schedules follow transformers' warmup formulas", "[optim]") {
 TEST_CASE("optimizer state save/load resumes bit-identically", "[optim]") {
   auto run = [](const char* kind, DType dt) {
     CAPTURE(kind, dtype_name(dt));
-    auto make = [&](nn::NamedParameters ps) -> std::unique_ptr<nn::Optimizer> {
+    auto make = [&](nn::NamedTensors ps) -> std::unique_ptr<nn::Optimizer> {
       if (std::string(kind) == "AdamW") return std::make_unique<nn::AdamW>(ps, nn::AdamWOptions{3e-2, 0.85, 0.99, 1e-7, 0.05});
       return std::make_unique<nn::SGD>(ps, nn::SGDOptions{3e-2, 0.9, 0.1, false, 0.05});
     };
-    nn::NamedParameters a = make_params(dt, 70);
+    nn::NamedTensors a = make_params(dt, 70);
     auto opt_a = make(a);
     for (int s = 1; s <= 3; ++s) set_grads(a, s, 71), opt_a->step();
     opt_a->set_lr(1.7e-2);
     const std::string path = temp_path(kind);
     opt_a->save(path);
-    nn::NamedParameters b;
+    nn::NamedTensors b;
     for (const auto& [n, p] : a) b.emplace_back(n, p.clone().set_requires_grad(true));
     auto opt_b = make(b);
     opt_b->load(path);
@@ -290,7 +290,7 @@ TEST_CASE("optimizer state save/load resumes bit-identically", "[optim]") {
 }
 
 TEST_CASE("loading a mismatched optimizer state fails and changes nothing", "[optim]") {
-  nn::NamedParameters ps = make_params(DType::f32, 80);
+  nn::NamedTensors ps = make_params(DType::f32, 80);
   nn::AdamW opt(ps, {1e-2, 0.9, 0.999, 1e-8, 0.0});
   set_grads(ps, 1, 81, false);
   opt.step();
@@ -347,7 +347,7 @@ TEST_CASE("loading a mismatched optimizer state fails and changes nothing", "[op
 }
 
 TEST_CASE("Optimizer basics: lr, zero_grad, bad parameter lists", "[optim]") {
-  nn::NamedParameters ps = make_params(DType::f32, 90);
+  nn::NamedTensors ps = make_params(DType::f32, 90);
   set_grads(ps, 1, 91, false);
   nn::AdamW opt(ps, {});
   REQUIRE(opt.lr() == 1e-3);
@@ -433,7 +433,7 @@ TEST_CASE("multi_tensor_scale_ multiplies in f32 and rounds once", "[optim]") {
 
 TEST_CASE("clip_grad_norm_ leaves grads alone when the norm is not finite", "[optim]") {
   for (float bad : {std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN()}) {
-    nn::NamedParameters ps = make_params(DType::f32, 70);
+    nn::NamedTensors ps = make_params(DType::f32, 70);
     set_grads(ps, 1, 71, false);
     ps[3].second.grad().data_ptr<float>()[1] = bad;
     std::vector<std::vector<double>> before;

@@ -132,7 +132,7 @@ struct GradCapture : train::DataParallel {
   int64_t rank() const override { return 0; }
   int64_t world_size() const override { return 1; }
   void all_reduce_sum(std::vector<double>&) override {}
-  void all_reduce_gradients(const nn::NamedParameters& params) override {
+  void all_reduce_gradients(const nn::NamedTensors& params) override {
     grads.clear();
     for (const auto& [name, p] : params) grads[name] = p.grad().clone();
   }
@@ -479,7 +479,7 @@ struct ThreadRank : train::DataParallel {
   int64_t rank() const override { return rank_; }
   int64_t world_size() const override { return world_.size(); }
   void all_reduce_sum(std::vector<double>& values) override { world_.all_reduce(values); }
-  void all_reduce_gradients(const nn::NamedParameters& params) override {
+  void all_reduce_gradients(const nn::NamedTensors& params) override {
     std::vector<double> flat;
     for (const auto& [name, p] : params) {
       const Tensor g = p.grad();

@@ -30,7 +30,7 @@ class DataParallel {
   // Replaces each parameter's .grad by its sum over ranks. Ranks pass the same parameters in the same
   // order; an undefined grad counts as zeros (a rank that had no micro-batch with loss tokens) and
   // must be defined afterwards when any rank had one.
-  virtual void all_reduce_gradients(const nn::NamedParameters& params) = 0;
+  virtual void all_reduce_gradients(const nn::NamedTensors& params) = 0;
 };
 
 // One process: rank 0 of 1, every collective is the identity.
@@ -39,7 +39,7 @@ class SingleProcess final : public DataParallel {
   int64_t rank() const override { return 0; }
   int64_t world_size() const override { return 1; }
   void all_reduce_sum(std::vector<double>&) override {}
-  void all_reduce_gradients(const nn::NamedParameters&) override {}
+  void all_reduce_gradients(const nn::NamedTensors&) override {}
 };
 
 }  // namespace kiln::train

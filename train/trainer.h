@@ -163,7 +163,7 @@ class Trainer {
   TrainerOptions options_;
   std::shared_ptr<DataParallel> parallel_;
   BatchLossFn loss_;                     // after compile
-  nn::NamedParameters params_;           // the optimizer's parameters
+  nn::NamedTensors params_;           // the optimizer's parameters
   std::optional<data::DataPosition> eval_start_;
   TrainerState state_;
   std::vector<std::shared_ptr<Callback>> callbacks_;
