@@ -1,0 +1,24 @@
+// Compiling modules: a forward wrapper that runs the module's forward chain compiled, the call key
+// (its non-tensor arguments) part of the cache key; Llama decoder layers share plans.
+#include "compile/compile.h"
+#include "nn/llama.h"
+
+namespace kiln::compile {
+
+HookHandle compile_module(nn::Module& module, CompileOptions options) {
+  if (options.name == "fn") options.name = module.type_name();
+  const CompiledFunction compiled = compile(nullptr, std::move(options));
+  return module.register_forward_wrapper(
+      [compiled](nn::Module&, const nn::Module::ForwardCall& call, const nn::Module::ForwardFn& next) {
+        return compiled.run(next, call.inputs, call.key);
+      });
+}
+
+std::vector<HookHandle> compile_llama_layers(nn::Llama& model, CompileOptions options) {
+  auto& layers = model.model().child_as<nn::ModuleList>("layers");
+  std::vector<HookHandle> handles;
+  for (int64_t i = 0; i < layers.size(); ++i) handles.push_back(compile_module(layers.at<nn::LlamaDecoderLayer>(i), options));
+  return handles;
+}
+
+}  // namespace kiln::compile

@@ -1,0 +1,363 @@
+// compile/: tracing (forward and backward, no kernels), CSE/DCE, symbolic sizes and guards, fusion
+// group counts, the CPU executor against eager (forward and backward) for each fusable pattern, f64
+// finite differences through a compiled region, a compiled Llama decoder layer, fallbacks and stats.
+#include <catch2/catch_test_macros.hpp>
+#include <catch2/matchers/catch_matchers_string.hpp>
+
+#include <algorithm>
+
+#include "autograd/engine.h"
+#include "autograd/grad_mode.h"
+#include "compile/compile.h"
+#include "compile/fusion.h"
+#include "compile/passes.h"
+#include "compile/plan.h"
+#include "core/dispatch.h"
+#include "core/ops.h"
+#include "core/ops/elementwise.h"
+#include "tests/helpers.h"
+
+using namespace kiln;
+using Catch::Matchers::ContainsSubstring;
+
+namespace {
+
+// Counts the ops that reach the kernels (views excluded), below any tracer.
+struct KernelCounter : DispatchHandler {
+  int kernels = 0;
+  std::vector<Tensor> run(const PrimitivePtr& op, const std::vector<Tensor>& inputs) override {
+    if (!op->is_view()) ++kernels;
+    return dispatch_next(op, inputs);
+  }
+  void run_into(const PrimitivePtr& op, const std::vector<Tensor>& inputs, std::vector<Tensor>& outputs) override {
+    ++kernels;
+    dispatch_next_into(op, inputs, outputs);
+  }
+};
+
+int count_ops(const compile::Graph& g, const std::string& name) {
+  return static_cast<int>(std::count_if(g.nodes.begin(), g.nodes.end(),
+                                        [&](const compile::Node& n) { return name == n.op->name(); }));
+}
+
+// Runs f eagerly and compiled on fresh leaves; compares outputs and the gradients of sum(out * r).
+void require_matches_eager(const compile::Fn& f, const std::vector<Tensor>& inputs, double rtol = 1e-5,
+                           double atol = 1e-6) {
+  auto leaves = [&] {
+    std::vector<Tensor> l;
+    for (const Tensor& t : inputs) {
+      Tensor c = t.detach();
+      if (t.requires_grad()) c.set_requires_grad(true);
+      l.push_back(c);
+    }
+    return l;
+  };
+  const std::vector<Tensor> le = leaves(), lc = leaves();
+  const std::vector<Tensor> eager = f(le);
+  const std::vector<Tensor> compiled = compile::compile(f)(lc);
+  REQUIRE(eager.size() == compiled.size());
+  std::vector<Tensor> ge, gc, wrt_e, wrt_c, ro, roc;
+  for (size_t i = 0; i < eager.size(); ++i) {
+    INFO("output " << i);
+    REQUIRE(compiled[i].shape() == eager[i].shape());
+    REQUIRE(compiled[i].dtype() == eager[i].dtype());
+    test::require_close(compiled[i], eager[i], rtol, atol);
+    if (eager[i].requires_grad()) {
+      REQUIRE(compiled[i].requires_grad());
+      ro.push_back(eager[i]);
+      roc.push_back(compiled[i]);
+      ge.push_back(test::random_tensor(eager[i].shape(), eager[i].dtype(), 100 + i));
+    }
+  }
+  for (size_t i = 0; i < inputs.size(); ++i)
+    if (inputs[i].requires_grad()) wrt_e.push_back(le[i]), wrt_c.push_back(lc[i]);
+  if (ro.empty() || wrt_e.empty()) return;
+  const std::vector<Tensor> de = autograd::grad(ro, wrt_e, ge);
+  const std::vector<Tensor> dc = autograd::grad(roc, wrt_c, ge);
+  for (size_t i = 0; i < de.size(); ++i) {
+    INFO("gradient " << i);
+    test::require_close(dc[i], de[i], rtol, atol);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("compile: trace records forward and backward graphs without running a kernel", "[compile]") {
+  Tensor x = test::random_tensor({4, 8}, DType::f32, 1).set_requires_grad(true);
+  Tensor w = test::random_tensor({8}, DType::f32, 2).set_requires_grad(true);  // captured
+  auto f = [&](const std::vector<Tensor>& in) { return std::vector<Tensor>{exp(in[0] * w) + 1.0}; };
+  KernelCounter counter;
+  std::shared_ptr<compile::TraceState> t;
+  {
+    HandlerScope scope(&counter);
+    t = compile::trace(f, {x});
+  }
+  REQUIRE(counter.kernels == 0);
+  const compile::Graph& g = t->forward;
+  REQUIRE(count_ops(g, "mul") == 1);
+  REQUIRE(count_ops(g, "exp") == 1);
+  REQUIRE(count_ops(g, "add") == 1);
+  REQUIRE(count_ops(g, "fill") == 1);  // the scalar 1.0
+  REQUIRE(t->externals.size() == 1);
+  REQUIRE(t->externals[0].impl() == w.impl());  // captured by identity
+  REQUIRE(t->needs_grad);
+  REQUIRE(t->has_backward);
+  // backward reads exp's output (saved) and w, and yields gradients for x and w
+  REQUIRE(t->backward.outputs.size() == 2);
+  bool saved = false;
+  for (int v : t->backward.inputs) saved = saved || t->backward.values[static_cast<size_t>(v)].input.kind == compile::InputKind::saved;
+  REQUIRE(saved);
+  REQUIRE(count_ops(t->backward, "mul") >= 2);
+  REQUIRE_FALSE(x.grad().defined());  // tracing the backward touched no .grad
+  REQUIRE_FALSE(w.grad().defined());
+}
+
+TEST_CASE("compile: pointwise chain matches eager, forward and backward", "[compile]") {
+  Tensor x = test::random_tensor({3, 5, 16}, DType::f32, 3).set_requires_grad(true);
+  Tensor y = test::random_tensor({16}, DType::f32, 4).set_requires_grad(true);
+  auto f = [](const std::vector<Tensor>& in) {
+    Tensor a = tanh(in[0] * in[1] + 0.5);
+    return std::vector<Tensor>{sigmoid(a) * in[0] - square(in[1])};
+  };
+  compile::reset_stats();
+  require_matches_eager(f, {x, y});
+  REQUIRE(compile::stats().last_forward_groups == 1);
+  REQUIRE(compile::stats().last_forward_kernels == 1);
+}
+
+TEST_CASE("compile: residual add + rms_norm is one row group", "[compile]") {
+  Tensor x = test::random_tensor({2, 7, 32}, DType::f32, 5).set_requires_grad(true);
+  Tensor r = test::random_tensor({2, 7, 32}, DType::f32, 6).set_requires_grad(true);
+  Tensor w = test::random_tensor({32}, DType::f32, 7).set_requires_grad(true);
+  auto f = [&](const std::vector<Tensor>& in) {
+    Tensor h = in[0] + in[1];
+    return std::vector<Tensor>{rms_norm(h, w, 1e-6), h};
+  };
+  compile::reset_stats();
+  require_matches_eager(f, {x, r});
+  REQUIRE(compile::stats().last_forward_groups == 1);
+  REQUIRE(compile::stats().last_forward_kernels == 1);  // eager: add, rms_norm
+  // the composite form (mean of squares, rsqrt, scale) fuses the same way
+  auto composite = [&](const std::vector<Tensor>& in) {
+    Tensor h = in[0] + in[1];
+    Tensor ms = mean(h * h, {-1}, true);
+    return std::vector<Tensor>{h * rsqrt(ms + 1e-6) * w};
+  };
+  require_matches_eager(composite, {x, r});
+  REQUIRE(compile::stats().last_forward_groups == 1);
+  REQUIRE(compile::stats().last_forward_kernels == 1);
+}
+
+TEST_CASE("compile: rope-like rotation of two halves fuses into one group beside the cat", "[compile]") {
+  Tensor x = test::random_tensor({2, 3, 5, 8}, DType::f32, 8).set_requires_grad(true);
+  Tensor c = test::random_tensor({5, 4}, DType::f32, 9);
+  Tensor s = test::random_tensor({5, 4}, DType::f32, 10);
+  auto f = [&](const std::vector<Tensor>& in) {
+    Tensor x1 = narrow(in[0], -1, 0, 4), x2 = narrow(in[0], -1, 4, 4);
+    return std::vector<Tensor>{cat({x1 * c - x2 * s, x2 * c + x1 * s}, -1)};
+  };
+  compile::reset_stats();
+  require_matches_eager(f, {x});
+  REQUIRE(compile::stats().last_forward_groups == 1);
+  REQUIRE(compile::stats().last_forward_kernels == 2);  // the group and cat (eager: 6 + cat)
+  // matches the fused rotary op
+  autograd::NoGradGuard g;
+  test::require_close(compile::compile(f)({x})[0], rotary_embedding(x, c, s), 1e-5, 1e-6);
+}
+
+TEST_CASE("compile: swiglu composite and the swiglu op are one group each way", "[compile]") {
+  Tensor gt = test::random_tensor({4, 6, 24}, DType::f32, 11).set_requires_grad(true);
+  Tensor up = test::random_tensor({4, 6, 24}, DType::f32, 12).set_requires_grad(true);
+  compile::reset_stats();
+  require_matches_eager([](const std::vector<Tensor>& in) { return std::vector<Tensor>{swiglu_composite(in[0], in[1])}; },
+                        {gt, up});
+  REQUIRE(compile::stats().last_forward_groups == 1);
+  REQUIRE(compile::stats().last_forward_kernels == 1);
+  // swiglu's own kernel stays a single op, but its backward fuses with what follows it
+  require_matches_eager([](const std::vector<Tensor>& in) { return std::vector<Tensor>{swiglu(in[0], in[1]) * 2.0}; },
+                        {gt, up});
+  REQUIRE(compile::stats().last_forward_groups == 1);
+}
+
+TEST_CASE("compile: LoRA scale-and-add fuses around the two small matmuls", "[compile]") {
+  Tensor x = test::random_tensor({2, 5, 16}, DType::f32, 13).set_requires_grad(true);
+  Tensor w = test::random_tensor({24, 16}, DType::f32, 14).set_requires_grad(true);
+  Tensor a = test::random_tensor({4, 16}, DType::f32, 15).set_requires_grad(true);
+  Tensor b = test::random_tensor({24, 4}, DType::f32, 16).set_requires_grad(true);
+  auto f = [&](const std::vector<Tensor>& in) {
+    Tensor y = matmul(in[0], w.t());                                  // (2, 5, 24)
+    Tensor delta = matmul(matmul(in[0], a.t()), b.t());               // (2, 5, 24)
+    return std::vector<Tensor>{gelu(y + delta * 0.5)};
+  };
+  compile::reset_stats();
+  require_matches_eager(f, {x});
+  REQUIRE(compile::stats().last_forward_groups == 1);
+  REQUIRE(compile::stats().last_forward_kernels == 4);  // 3 matmuls + one group for mul, add, gelu
+  REQUIRE(w.grad().defined() == false);                 // gradients went through autograd::grad only
+}
+
+TEST_CASE("compile: softmax-like rows: composite and the op fuse with their prologue", "[compile]") {
+  Tensor x = test::random_tensor({3, 4, 33}, DType::f32, 17).set_requires_grad(true);
+  Tensor m = test::random_tensor({33}, DType::f32, 18);
+  auto composite = [&](const std::vector<Tensor>& in) {
+    Tensor z = in[0] * 0.25 + m;
+    Tensor e = exp(z - amax(z, {-1}, true));
+    return std::vector<Tensor>{e / sum(e, {-1}, true)};
+  };
+  auto op = [&](const std::vector<Tensor>& in) { return std::vector<Tensor>{softmax(in[0] * 0.25 + m, -1)}; };
+  auto logs = [&](const std::vector<Tensor>& in) {
+    return std::vector<Tensor>{log_softmax(in[0] * 0.25 + m, -1), logsumexp(in[0], {-1}, false)};
+  };
+  compile::reset_stats();
+  for (const compile::Fn& f : {compile::Fn(composite), compile::Fn(op), compile::Fn(logs)}) {
+    require_matches_eager(f, {x});
+    REQUIRE(compile::stats().last_forward_groups == 1);
+    REQUIRE(compile::stats().last_forward_kernels == 1);
+  }
+  // rows of -inf: softmax gives zeros, log_softmax -inf, logsumexp -inf, as eager
+  Tensor dead = full({2, 5}, -INFINITY);
+  autograd::NoGradGuard g;
+  auto rows = [](const std::vector<Tensor>& in) {
+    return std::vector<Tensor>{softmax(in[0] + 0.0, -1), log_softmax(in[0] * 1.0, -1), logsumexp(in[0] - 0.0, {-1})};
+  };
+  const std::vector<Tensor> want = rows({dead}), got = compile::compile(rows)({dead});
+  for (size_t i = 0; i < want.size(); ++i) test::require_equal(got[i], want[i]);
+}
+
+TEST_CASE("compile: dropout draws the same Philox numbers as eager, forward and backward", "[compile]") {
+  Tensor x = test::random_tensor({4, 9, 20}, DType::f32, 19).set_requires_grad(true);
+  auto f = [](const std::vector<Tensor>& in) { return std::vector<Tensor>{dropout(in[0] * 2.0 + 1.0, 0.3) * in[0]}; };
+  manual_seed(1234);
+  Tensor xe = x.detach().set_requires_grad(true);
+  Tensor eager = f({xe})[0];
+  Tensor ge = autograd::grad({eager}, {xe}, {ones_like(eager)})[0];
+  const compile::CompiledFunction cf = compile::compile(f);
+  manual_seed(1234);
+  compile::reset_stats();
+  Tensor xc = x.detach().set_requires_grad(true);
+  Tensor got = cf({xc})[0];
+  Tensor gc = autograd::grad({got}, {xc}, {ones_like(got)})[0];
+  test::require_equal(got, eager);
+  test::require_close(gc, ge);
+  REQUIRE(compile::stats().last_forward_groups == 1);
+  REQUIRE(compile::stats().last_forward_kernels == 1);
+  REQUIRE(compile::stats().compilations == 2);  // forward and backward
+  // the next call draws fresh numbers (the generator advanced), as eager does, without recompiling
+  Tensor xa = x.detach().set_requires_grad(true);
+  Tensor again = cf({xa})[0];
+  (void)autograd::grad({again}, {xa}, {ones_like(again)});
+  REQUIRE_FALSE(test::all_close(again, got));
+  REQUIRE(compile::stats().compilations == 2);
+  REQUIRE(compile::stats().cache_hits == 3);  // the first backward, then the second forward and backward
+}
+
+TEST_CASE("compile: f64 finite differences through a compiled region", "[compile]") {
+  Tensor x = test::random_tensor({3, 10}, DType::f64, 20).set_requires_grad(true);
+  Tensor w = test::random_tensor({10}, DType::f64, 21).set_requires_grad(true);
+  const compile::CompiledFunction cf = compile::compile([](const std::vector<Tensor>& in) {
+    Tensor h = in[0] * sigmoid(in[1]) + in[0];
+    return std::vector<Tensor>{rms_norm(h, in[1], 1e-6) + softmax(h, -1) * log_softmax(h * 0.5, -1)};
+  });
+  test::check_gradients([&](const std::vector<Tensor>& in) { return cf(in)[0]; }, {x, w});
+}
+
+TEST_CASE("compile: CSE merges equal primitives by typed attributes; DCE drops dead nodes", "[compile]") {
+  Tensor x = test::random_tensor({4, 6}, DType::f32, 22);
+  auto t = compile::trace(
+      [](const std::vector<Tensor>& in) {
+        Tensor a = exp(in[0]), b = exp(in[0]);  // equal: merged
+        (void)log(in[0]);                       // dead
+        return std::vector<Tensor>{a + b, mul(in[0], 2.0) + mul(in[0], 3.0), sum(in[0], {0}), sum(in[0], {1})};
+      },
+      {x}, false);
+  const compile::Graph& g = t->forward;
+  REQUIRE(count_ops(g, "exp") == 2);
+  REQUIRE(count_ops(g, "log") == 1);
+  const compile::Rewrite c = compile::eliminate_common_subexpressions(g);
+  REQUIRE(count_ops(c.graph, "exp") == 1);
+  REQUIRE(count_ops(c.graph, "fill") == 2);  // 2.0 and 3.0 differ in their value attribute
+  REQUIRE(count_ops(c.graph, "mul") == 2);
+  REQUIRE(count_ops(c.graph, "sum") == 2);   // dims [0] and [1] differ
+  REQUIRE(c.merged.size() == 1);
+  REQUIRE(count_ops(c.graph, "log") == 1);
+  const compile::Rewrite d = compile::eliminate_dead_code(c.graph);
+  REQUIRE(count_ops(d.graph, "log") == 0);
+  REQUIRE(count_ops(d.graph, "exp") == 1);
+  REQUIRE(d.graph.outputs.size() == 4);
+  // a + b now reads one exp twice
+  const compile::Node& add = *std::find_if(d.graph.nodes.begin(), d.graph.nodes.end(),
+                                           [](const compile::Node& n) { return std::string(n.op->name()) == "add"; });
+  REQUIRE(add.inputs[0] == add.inputs[1]);
+  // a DCE root keeps a value no output reads
+  const compile::Rewrite kept = compile::eliminate_dead_code(g, {g.nodes[2].outputs[0]});
+  REQUIRE(count_ops(kept.graph, "log") == 1);
+  // the compiled function still computes every output as eager does
+  autograd::NoGradGuard ng;
+  const auto eager_fn = [](const std::vector<Tensor>& in) {
+    return std::vector<Tensor>{exp(in[0]) + exp(in[0]), mul(in[0], 2.0) + mul(in[0], 3.0)};
+  };
+  const std::vector<Tensor> want = eager_fn({x}), got = compile::compile(eager_fn)({x});
+  for (size_t i = 0; i < want.size(); ++i) test::require_close(got[i], want[i]);
+}
+
+namespace {
+
+// An op the fuser does not know: x^3, with a CPU kernel and a vjp.
+struct TestCube final : Primitive {
+  const char* name() const override { return "test_cube"; }
+  std::vector<Attr> attrs() const override { return {}; }
+  std::vector<TensorMeta> infer(const std::vector<Tensor>& in) const override {
+    return {{in[0].shape(), in[0].dtype(), in[0].device()}};
+  }
+  bool differentiable() const override { return true; }
+  bool vjp_needs_outputs() const override { return false; }
+  std::vector<Tensor> vjp(const std::vector<Tensor>& in, const std::vector<Tensor>&, const std::vector<Tensor>& cot,
+                          const std::vector<bool>&) const override {
+    return {cot[0] * square(in[0]) * 3.0};
+  }
+};
+
+Tensor test_cube(const Tensor& x) {
+  static const bool registered = [] {
+    register_kernel(std::type_index(typeid(TestCube)), DeviceType::cpu,
+                    [](const Primitive&, const std::vector<Tensor>& in, std::vector<Tensor>& out) {
+                      Tensor x = in[0].contiguous();
+                      const float* xp = x.data_ptr<float>();
+                      float* op = out[0].data_ptr<float>();
+                      for (int64_t i = 0; i < x.numel(); ++i) op[i] = xp[i] * xp[i] * xp[i];
+                    });
+    return true;
+  }();
+  (void)registered;
+  return dispatch1(std::make_shared<const TestCube>(), {x});
+}
+
+}  // namespace
+
+TEST_CASE("compile: an op the fuser does not know runs eagerly inside the plan, counted as a fallback", "[compile]") {
+  Tensor x = test::random_tensor({5, 7}, DType::f32, 23).set_requires_grad(true);
+  auto f = [](const std::vector<Tensor>& in) { return std::vector<Tensor>{(test_cube(in[0] * 0.5 + 1.0) - in[0]) * 2.0}; };
+  compile::reset_stats();
+  require_matches_eager(f, {x});
+  const compile::Stats s = compile::stats();
+  REQUIRE(s.fallback_ops >= 1);
+  REQUIRE(s.last_forward_groups == 2);   // before and after the unknown op
+  REQUIRE(s.last_forward_kernels == 3);
+  REQUIRE(s.eager_calls == 0);
+}
+
+TEST_CASE("compile: a function that writes in place runs eagerly, with the same results", "[compile]") {
+  Tensor buf = zeros({3});
+  auto f = [&](const std::vector<Tensor>& in) {
+    Tensor y = in[0] * 2.0;
+    copy_(buf, y);
+    return std::vector<Tensor>{y + buf};
+  };
+  Tensor x = test::random_tensor({3}, DType::f32, 24);
+  compile::reset_stats();
+  autograd::NoGradGuard ng;
+  Tensor got = compile::compile(f)({x})[0];
+  REQUIRE(compile::stats().eager_calls == 1);
+  test::require_close(got, x * 4.0);
+  test::require_close(buf, x * 2.0);
+}
