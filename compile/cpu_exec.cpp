@@ -145,12 +145,17 @@ struct Acc {
   bool first = true;
 };
 
-inline void accumulate(Acc& acc, ReduceOp op, DType d, Scalar x) {
+inline void accumulate(Acc& acc, ReduceOp op, DType d, Scalar x, bool in_type) {
   const Kind k = kind_of(d);
   if (op == ReduceOp::sum || op == ReduceOp::mean) {
-    if (acc.first) acc.v = k == Kind::i64 ? Scalar{.i = 0} : Scalar{.f = 0.0}, acc.first = false;
+    if (acc.first) {
+      acc.v = k == Kind::i64 ? Scalar{.i = 0} : Scalar{.f = 0.0};
+      acc.first = false;
+    }
     if (k == Kind::i64) {
       acc.v.i += x.i;
+    } else if (in_type && k == Kind::f32) {
+      acc.v.f = static_cast<float>(static_cast<float>(acc.v.f) + static_cast<float>(x.f));
     } else {
       acc.v.f += x.f;
     }
@@ -258,7 +263,7 @@ void run_group_cpu(const Program& p, const GroupArgs& a) {
             if (in.op == Op::reduce) {
               if (p.instrs[static_cast<size_t>(in.a)].stage != pass) continue;
               const Scalar* x = &tile[static_cast<size_t>(in.a) * kTile];
-              for (int64_t e = 0; e < n; ++e) accumulate(acc[i], static_cast<ReduceOp>(in.code), in.dtype, x[e]);
+              for (int64_t e = 0; e < n; ++e) accumulate(acc[i], static_cast<ReduceOp>(in.code), in.dtype, x[e], in.value != 0.0);
               continue;
             }
             if (!mask[i]) continue;

@@ -112,8 +112,9 @@ class Builder {
     in.c = b;
     return emit(in);
   }
-  int reduce(ReduceOp op, int a, DType dt) {
+  int reduce(ReduceOp op, int a, DType dt, bool in_result_type = false) {
     Instr in;
+    in.value = in_result_type ? 1.0 : 0.0;
     in.op = Op::reduce;
     in.level = Level::row;
     in.dtype = dt;
@@ -174,7 +175,7 @@ int lower_logsumexp(Builder& b, int x, DType out) {
 int lower_rms_norm(Builder& b, int x, int w, double eps, DType out) {
   const DType c = compute_dtype(b.dtype(x));
   const int xc = b.cast(x, c);
-  const int ss = b.reduce(ReduceOp::sum, b.binary(BinaryOp::mul, xc, xc), c);
+  const int ss = b.reduce(ReduceOp::sum, b.binary(BinaryOp::mul, xc, xc), c, /*in_result_type=*/true);
   const int ms = b.binary(BinaryOp::div, ss, b.row_length(c));
   const int den = b.unary(UnaryOp::sqrt, b.binary(BinaryOp::add, ms, b.constant(eps, c, Level::row)));
   const int rstd = b.binary(BinaryOp::div, b.constant(1.0, c, Level::row), den);
@@ -301,7 +302,9 @@ std::string Program::str() const {
       case Op::where: what = fmt::format("where r{}, r{}, r{}", in.a, in.b, in.c); break;
       case Op::cast: what = fmt::format("cast r{}", in.a); break;
       case Op::dropout: what = fmt::format("dropout r{} p={} rng{}", in.a, in.value, in.slot); break;
-      case Op::reduce: what = fmt::format("row_{} r{}", reduce_op_name(static_cast<ReduceOp>(in.code)), in.a); break;
+      case Op::reduce:
+        what = fmt::format("row_{} r{}{}", reduce_op_name(static_cast<ReduceOp>(in.code)), in.a, in.value != 0.0 ? " (in type)" : "");
+        break;
     }
     s += fmt::format("    r{} = {} : {} {}{}\n", i, what, dtype_name(in.dtype), in.level == Level::row ? "row" : "elem",
                      row ? fmt::format(" @{}", in.stage) : "");

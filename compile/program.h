@@ -26,7 +26,8 @@ struct Instr {
   int a = -1, b = -1, c = -1;  // operand instructions
   int slot = -1;               // load: input slot; dropout: random-number slot
   int code = 0;                // UnaryOp, BinaryOp or ReduceOp
-  double value = 0.0;          // constant value; dropout probability
+  double value = 0.0;          // constant value; dropout probability; reduce: 1 = sum in the result's
+                               // type, left to right (rms_norm's kernel), 0 = floats sum in double
   int stage = 0;               // row programs: the pass from which the value is available
 };
 

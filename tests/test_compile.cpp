@@ -15,6 +15,7 @@
 #include "core/dispatch.h"
 #include "core/ops.h"
 #include "core/ops/elementwise.h"
+#include "nn/llama.h"
 #include "tests/helpers.h"
 
 using namespace kiln;
@@ -78,6 +79,16 @@ void require_matches_eager(const compile::Fn& f, const std::vector<Tensor>& inpu
     INFO("gradient " << i);
     test::require_close(dc[i], de[i], rtol, atol);
   }
+}
+
+// max |a - b| <= rel * max |b|: relative to the tensor's scale, so a sum that cancels to near zero
+// in one element (an embedding row hit by several tokens) is not held to its own tiny magnitude.
+void require_rel(const Tensor& a, const Tensor& b, double rel) {
+  REQUIRE(a.shape() == b.shape());
+  const double scale = amax(abs(b.to(DType::f64))).item<double>();
+  const double diff = a.numel() ? amax(abs(a.to(DType::f64) - b.to(DType::f64))).item<double>() : 0.0;
+  INFO("max |diff| " << diff << ", max |reference| " << scale);
+  REQUIRE(diff <= rel * scale);
 }
 
 }  // namespace
@@ -360,4 +371,150 @@ TEST_CASE("compile: a function that writes in place runs eagerly, with the same 
   REQUIRE(compile::stats().eager_calls == 1);
   test::require_close(got, x * 4.0);
   test::require_close(buf, x * 2.0);
+}
+
+namespace {
+
+nn::LlamaConfig tiny_config() {
+  nn::LlamaConfig c;
+  c.vocab_size = 41;
+  c.hidden_size = 32;
+  c.intermediate_size = 48;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  c.head_dim = 8;
+  c.rope_scaling = nn::RopeScaling{4.0, 1.0, 4.0, 8};
+  c.rms_norm_eps = 1e-6;
+  return c;
+}
+
+Tensor random_ids(int64_t b, int64_t t, uint64_t seed) {
+  Generator gen(seed);
+  return randint(0, 41, {b, t}, DType::i64, kCPU, &gen);
+}
+
+nn::LlamaDecoderLayer& layer0(nn::Llama& m) {
+  return m.model().child_as<nn::ModuleList>("layers").at<nn::LlamaDecoderLayer>(0);
+}
+
+}  // namespace
+
+TEST_CASE("compile: a Llama model with compiled decoder layers matches eager, forward and backward", "[compile][llama]") {
+  nn::LlamaOptions o;
+  o.seed = 3;
+  nn::Llama eager(tiny_config(), o), compiled(tiny_config(), o);
+  std::vector<HookHandle> handles = compile::compile_llama_layers(compiled);
+  const Tensor ids = random_ids(2, 9, 5);
+  compile::reset_stats();
+  const Tensor he = eager(ids), hc = compiled(ids);
+  require_rel(hc, he, 1e-5);
+  const compile::Stats fs = compile::stats();
+  REQUIRE(fs.calls == 2);
+  REQUIRE(fs.compilations == 2);  // one forward and one backward plan serve both layers
+  REQUIRE(fs.cache_hits == 1);
+  const Tensor r = test::random_tensor(he.shape(), DType::f32, 6);
+  sum(he * r).backward();
+  sum(hc * r).backward();
+  const auto pe = eager.named_parameters(), pc = compiled.named_parameters();
+  for (size_t i = 0; i < pe.size(); ++i) {
+    INFO(pe[i].first);
+    REQUIRE(pc[i].second.grad().defined() == pe[i].second.grad().defined());
+    if (!pe[i].second.grad().defined()) continue;  // lm_head: the loss reads the hidden states
+    // not bitwise: eager's fused kernels contract a*b+c into FMAs where the compiler chose to
+    require_rel(pc[i].second.grad(), pe[i].second.grad(), 1e-5);
+  }
+  const compile::Stats s = compile::stats();
+  REQUIRE(s.compilations == 2);
+  REQUIRE(s.eager_calls == 0);
+  REQUIRE(s.fallback_ops == 0);
+  // This block compiles to 15 forward kernels: 7 matmuls, 2 ropes, attention, the first rms_norm,
+  // the heads' transpose copy, swiglu, the last residual add, and one group (residual add + rms_norm);
+  // and 31 backward kernels with 2 groups (swiglu recomputed with its backward; the sum of the q, k,
+  // v input gradients). Eager runs 16 forward, and more backward.
+  REQUIRE(s.last_forward_groups == 1);
+  REQUIRE(s.last_forward_kernels == 15);
+  REQUIRE(s.last_backward_groups == 2);
+  REQUIRE(s.last_backward_kernels == 31);
+  KernelCounter fwd, bwd;
+  const Tensor x = test::random_tensor({2, 9, 32}, DType::f32, 8).set_requires_grad(true);
+  Tensor y;
+  {
+    HandlerScope scope(&fwd);
+    y = layer0(eager)(x);
+  }
+  {
+    HandlerScope scope(&bwd);
+    y.backward(ones_like(y));
+  }
+  REQUIRE(fwd.kernels == 16);
+  REQUIRE(bwd.kernels - 1 > s.last_backward_kernels);  // less the ones_like seed
+}
+
+TEST_CASE("compile: 20 sequence lengths compile once; a dtype change compiles once more", "[compile][llama]") {
+  nn::LlamaOptions o;
+  o.seed = 7;
+  nn::Llama model(tiny_config(), o), reference(tiny_config(), o);
+  nn::LlamaDecoderLayer& layer = layer0(model);
+  compile::CompileOptions co;
+  co.dynamic_dims = {{0, 1}};  // x (B, T, hidden): T is symbolic from the first call
+  HookHandle h = compile::compile_module(layer, co);
+  compile::reset_stats();
+  {
+    autograd::NoGradGuard ng;
+    for (int64_t t = 57; t < 77; ++t) {  // crosses the rotary table's growth at 64 positions
+      const Tensor x = test::random_tensor({2, t, 32}, DType::f32, static_cast<uint64_t>(t));
+      test::require_close(layer(x), layer0(reference)(x), 1e-5, 1e-6);
+    }
+  }
+  REQUIRE(compile::stats().compilations == 1);
+  REQUIRE(compile::stats().cache_hits == 19);
+  REQUIRE(compile::stats().last_dynamic_sizes > 0);
+  // with gradients: one forward and one backward plan for every length
+  compile::reset_stats();
+  for (int64_t t = 5; t < 9; ++t) {
+    const Tensor x = test::random_tensor({2, t, 32}, DType::f32, static_cast<uint64_t>(t)).set_requires_grad(true);
+    sum(layer(x)).backward();
+    REQUIRE(x.grad().defined());
+  }
+  REQUIRE(compile::stats().compilations == 2);
+  // another dtype is another structure: exactly one more compilation
+  model.to(DType::f64);
+  reference.to(DType::f64);
+  compile::reset_stats();
+  {
+    autograd::NoGradGuard ng;
+    for (int64_t t = 10; t < 14; ++t) {
+      const Tensor x = test::random_tensor({2, t, 32}, DType::f64, static_cast<uint64_t>(t));
+      test::require_close(layer(x), layer0(reference)(x), 1e-10, 1e-12);
+    }
+  }
+  REQUIRE(compile::stats().compilations == 1);
+  h.remove();
+}
+
+TEST_CASE("compile: a size seen to change becomes symbolic after its second value", "[compile]") {
+  const compile::CompiledFunction cf = compile::compile([](const std::vector<Tensor>& in) {
+    return std::vector<Tensor>{softmax(in[0] * 2.0 + 1.0, -1)};
+  });
+  compile::reset_stats();
+  autograd::NoGradGuard ng;
+  for (int64_t t : {3, 4, 5, 6, 3}) {
+    const Tensor x = test::random_tensor({t, 16}, DType::f32, static_cast<uint64_t>(t));
+    test::require_close(cf({x})[0], softmax(x * 2.0 + 1.0, -1));
+  }
+  REQUIRE(compile::stats().compilations == 2);   // static at first, symbolic after the change
+  REQUIRE(compile::stats().recompilations == 1);
+  REQUIRE(compile::stats().cache_hits == 3);
+  // a change of the other (fixed) size recompiles once more, then serves both
+  for (int64_t d : {8, 16, 24}) {
+    const Tensor x = test::random_tensor({4, d}, DType::f32, static_cast<uint64_t>(d));
+    test::require_close(cf({x})[0], softmax(x * 2.0 + 1.0, -1));
+  }
+  REQUIRE(compile::stats().compilations == 3);
+  // rank is structure: a new plan, not a guard failure
+  const Tensor x3 = test::random_tensor({2, 3, 16}, DType::f32, 9);
+  test::require_close(cf({x3})[0], softmax(x3 * 2.0 + 1.0, -1));
+  REQUIRE(compile::stats().compilations == 4);
+  REQUIRE(compile::stats().recompilations == 2);
 }
