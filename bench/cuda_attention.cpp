@@ -14,7 +14,7 @@
 #include "core/dispatch.h"
 #include "bench/cuda_timing.h"
 #include "core/ops.h"
-#include "core/ops/nn.h"
+#include "core/ops/attention.h"
 
 namespace {
 

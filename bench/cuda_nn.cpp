@@ -16,7 +16,9 @@
 #include "core/dispatch.h"
 #include "bench/cuda_timing.h"
 #include "core/ops.h"
-#include "core/ops/nn.h"
+#include "core/ops/activation.h"
+#include "core/ops/loss.h"
+#include "core/ops/norm.h"
 
 namespace {
 

@@ -13,6 +13,10 @@ enum class DType : uint8_t { f64, f32, bf16, f16, i64, i32, u8, boolean };
 size_t itemsize(DType d);
 const char* dtype_name(DType d);
 bool is_floating(DType d);
+// i64 or i32: the dtypes ids and targets may have.
+inline bool is_index(DType d) { return d == DType::i64 || d == DType::i32; }
+// The dtype float ops compute in: f64 for f64, f32 for the other floats (bf16, f16, f32).
+inline DType compute_dtype(DType d) { return d == DType::f64 ? DType::f64 : DType::f32; }
 // Parses "f32", "float32", "bf16", "bfloat16", ... ; throws kiln::Error on an unknown name.
 DType parse_dtype(const std::string& s);
 

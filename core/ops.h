@@ -137,8 +137,10 @@ Tensor log_softmax(const Tensor& x, int64_t dim);
 // (..., M, K) @ (..., K, N) -> (..., M, N), batch dims broadcast; both at least 2-d.
 Tensor matmul(const Tensor& a, const Tensor& b);
 
-// ---- neural-network ops (core/ops/nn.cpp). Each fused op has a composite fallback made of
-// primitive ops (the *_composite functions), which tests compare against.
+// ---- neural-network ops, one family each in core/ops/: embedding (indexing.cpp), rms_norm (norm.cpp),
+// rotary_embedding (rope.cpp), scaled_dot_product_attention (attention.cpp), cross_entropy (loss.cpp),
+// swiglu (activation.cpp). Each fused op has a composite fallback made of primitive ops (the
+// *_composite functions), which tests compare against.
 Tensor embedding(const Tensor& weight, const Tensor& ids);  // (V, D), int (...) -> (..., D)
 Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps);  // normalises the last dim
 Tensor rms_norm_composite(const Tensor& x, const Tensor& weight, double eps);

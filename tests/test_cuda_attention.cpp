@@ -10,7 +10,7 @@
 #include <string>
 
 #include "core/cuda/runtime.h"
-#include "core/ops/nn.h"
+#include "core/ops/attention.h"
 #include "tests/helpers.h"
 #if KILN_WITH_CUDA
 #include "core/cuda/sdpa_cudnn.h"

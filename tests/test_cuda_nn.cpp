@@ -9,7 +9,8 @@
 
 #include "autograd/engine.h"
 #include "core/cuda/runtime.h"
-#include "core/ops/nn.h"
+#include "core/ops/indexing.h"
+#include "core/ops/loss.h"
 #include "tests/helpers.h"
 
 using namespace kiln;

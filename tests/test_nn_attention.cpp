@@ -5,7 +5,7 @@
 #include <catch2/matchers/catch_matchers_string.hpp>
 #include <cmath>
 
-#include "core/ops/nn.h"
+#include "core/ops/attention.h"
 #include "tests/helpers.h"
 
 using namespace kiln;

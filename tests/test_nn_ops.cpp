@@ -5,7 +5,8 @@
 #include <catch2/matchers/catch_matchers_string.hpp>
 #include <cmath>
 
-#include "core/ops/nn.h"
+#include "core/ops/indexing.h"
+#include "core/ops/loss.h"
 #include "tests/helpers.h"
 
 using namespace kiln;

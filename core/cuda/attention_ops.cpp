@@ -52,8 +52,6 @@ AttnDims dims_of(const Tensor& q, const Tensor& v, bool causal, double scale) {
   return d;
 }
 
-DType compute_dtype(DType d) { return d == DType::f64 ? DType::f64 : DType::f32; }
-
 // A (B, H, T) float tensor as a contiguous tensor of dtype `to` (f32/f64); with `nonzero`, also sets
 // that device int to whether any element is nonzero.
 Tensor pack_rows(const Tensor& x, DType to, int* nonzero, const char* op) {

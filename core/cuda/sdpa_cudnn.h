@@ -2,7 +2,7 @@
 // graphs cached per shape, layout, dtype, mask and scale; and the switch between it and kiln's own
 // flash kernel (KILN_SDPA_BACKEND=auto|cudnn|flash, or set_sdpa_backend) for tests and benchmarks.
 #pragma once
-#include "core/ops/nn.h"
+#include "core/ops/attention.h"
 #include "core/tensor.h"
 
 namespace kiln::cuda {

@@ -1,6 +1,7 @@
-// Device helpers shared by the nn kernel files (nn.cu, nn_norm.cu, nn_loss.cu): 16-byte packs and
-// their loads/stores, dtype visitors for launchers, 32-bit index math when offsets fit, and fixed-shape
-// (hence deterministic) block reductions. fmt-free; included only by .cu files.
+// Device helpers shared by the fused-op kernel files (indexing.cu, norm.cu, rope.cu, loss.cu,
+// activation.cu): 16-byte packs and their loads/stores, dtype visitors for launchers, 32-bit index
+// math when offsets fit, and fixed-shape (hence deterministic) block reductions. fmt-free; included
+// only by .cu files.
 #pragma once
 #include <cuda_runtime_api.h>
 
@@ -9,7 +10,7 @@
 #include "core/cuda/dtype.cuh"
 #include "core/cuda/strided.cuh"
 
-namespace kiln::cuda::nn_kernels {
+namespace kiln::cuda::fused {
 
 constexpr int kMaxGrid = 1 << 20;
 constexpr int kThreads = 256;
@@ -203,4 +204,4 @@ __device__ __forceinline__ void record_error(unsigned long long* err, int64_t po
   if (err != nullptr) atomicMin(err, static_cast<unsigned long long>(pos));
 }
 
-}  // namespace kiln::cuda::nn_kernels
+}  // namespace kiln::cuda::fused

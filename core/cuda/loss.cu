@@ -5,13 +5,13 @@
 // in L2). Targets are validated by the
 // row kernels (the smallest bad row is flagged for the host). Sum/mean reduce per-row losses in
 // one block in a fixed order.
-#include "core/cuda/nn.cuh"
-#include "core/cuda/nn_common.cuh"
+#include "core/cuda/fused_common.cuh"
+#include "core/cuda/loss.cuh"
 
 namespace kiln::cuda {
 namespace {
 
-using namespace nn_kernels;
+using namespace fused;
 
 constexpr int kStreamUnroll = 3;  // forward: packs per thread per step, double-buffered
 constexpr int kSweepUnroll = 4;   // backward: packs per thread per step, loaded then used

@@ -7,13 +7,13 @@
 // in a fixed order, so dw is deterministic.
 #include <type_traits>
 
-#include "core/cuda/nn.cuh"
-#include "core/cuda/nn_common.cuh"
+#include "core/cuda/fused_common.cuh"
+#include "core/cuda/norm.cuh"
 
 namespace kiln::cuda {
 namespace {
 
-using namespace nn_kernels;
+using namespace fused;
 
 constexpr int kFwdItems = 8;        // packs per thread held in registers (forward)
 constexpr int kBwdItems = 2;        // packs of x and of g per thread (backward)

@@ -1,7 +1,8 @@
-// Helpers shared by the CPU kernels of the neural-network ops (nn.cpp, nn_attention.cpp): element
-// conversion to the compute type, dtype visitors that accept only floats or only indices, and
-// gathering any strided view into a contiguous buffer.
+// Helpers shared by the CPU kernels of the fused ops (indexing, norm, rope, loss, attention,
+// activation): element conversion to the compute type, a dtype visitor that accepts only floats,
+// gathering any strided view into a contiguous buffer, row offsets, and parallel grain sizes.
 #pragma once
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <type_traits>
@@ -10,7 +11,7 @@
 #include "core/cpu/strided.h"
 #include "core/tensor.h"
 
-namespace kiln::cpu::nn {
+namespace kiln::cpu::fused {
 
 // A stored element read as the compute type C (bf16/f16 go through float).
 template <class C, class T> inline C load(T v) { return static_cast<C>(static_cast<compute_t<T>>(v)); }
@@ -109,6 +110,11 @@ inline std::vector<int64_t> row_offsets(const Tensor& t) {
   return row_offsets(shape, strides);
 }
 
+// Work items per parallel_for chunk so that a chunk holds roughly `target` elements of work.
+inline int64_t grain_for(int64_t work_per_item, int64_t target = 16384) {
+  return std::max<int64_t>(1, target / std::max<int64_t>(work_per_item, 1));
+}
+
 template <class C> inline C dot(const C* a, const C* b, int64_t n) {
   C acc = 0;
   for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
@@ -120,6 +126,4 @@ template <class C> inline void axpy(C* y, C a, const C* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
-void register_attention_kernels();  // core/cpu/nn_attention.cpp
-
-}  // namespace kiln::cpu::nn
+}  // namespace kiln::cpu::fused

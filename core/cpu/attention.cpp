@@ -6,13 +6,21 @@
 #include <cmath>
 #include <limits>
 
-#include "core/cpu/nn_common.h"
-#include "core/registry.h"
+#include "core/cpu/fused_common.h"
+#include "core/cpu/parallel.h"
 #include "core/dispatch.h"
-#include "core/ops/nn.h"
+#include "core/ops/attention.h"
+#include "core/registry.h"
 
-namespace kiln::cpu::nn {
+namespace kiln::cpu {
 namespace {
+
+using fused::axpy;
+using fused::dot;
+using fused::gather;
+using fused::gather_transposed;
+using fused::store;
+using fused::visit_float;
 
 // The layout every attention kernel works on, read from q (B, Hq, T, D) and v (B, Hkv, S, Dv).
 struct Dims {
@@ -28,7 +36,7 @@ struct Dims {
   int64_t kv_row(int64_t bi, int64_t hi, int64_t si) const { return (bi * hkv + hi / group) * s + si; }
 };
 
-int64_t grain_for(int64_t work_per_item) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(work_per_item, 1)); }
+int64_t grain_for(int64_t work_per_item) { return fused::grain_for(work_per_item, 32768); }
 
 // Scores of one query against keys [0, n) are built as axpys over a transposed K (D, S), which
 // vectorise, instead of n dot products, which do not (float sums are not reassociated).
@@ -176,4 +184,4 @@ KILN_REGISTER(cpu_attention_kernels) {
   register_kernel<prim::SdpaBackward>(DeviceType::cpu, &sdpa_backward_kernel);
 }
 
-}  // namespace kiln::cpu::nn
+}  // namespace kiln::cpu

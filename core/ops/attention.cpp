@@ -1,19 +1,16 @@
 // Scaled dot-product attention: the public function, the forward/backward primitives' shape rules
 // and vjps, and the composite fallback (matmul + softmax + where, kv heads repeated by expand).
+#include "core/ops/attention.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <memory>
 
 #include "core/dispatch.h"
-#include "core/ops/nn.h"
 
 namespace kiln {
 namespace {
-
-DType compute_dtype(DType d) { return d == DType::f64 ? DType::f64 : DType::f32; }
-
-Tensor cast_to(const Tensor& x, DType d) { return x.dtype() == d ? x : cast(x, d); }
 
 void check_sdpa(const Tensor& q, const Tensor& k, const Tensor& v, const char* op) {
   KILN_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op,
@@ -97,9 +94,9 @@ Tensor scaled_dot_product_attention_composite(const Tensor& q, const Tensor& k, 
   const double sc = scale.value_or(1.0 / std::sqrt(static_cast<double>(std::max<int64_t>(d, 1))));
   const DType ct = compute_dtype(q.dtype());
   const Device dev = q.device();
-  Tensor qf = cast_to(q, ct);  // (B, Hq, T, D)
-  Tensor kf = cast_to(k, ct);  // (B, Hkv, S, D)
-  Tensor vf = cast_to(v, ct);  // (B, Hkv, S, Dv)
+  Tensor qf = cast(q, ct);  // (B, Hq, T, D)
+  Tensor kf = cast(k, ct);  // (B, Hkv, S, D)
+  Tensor vf = cast(v, ct);  // (B, Hkv, S, Dv)
   if (hq != hkv) {
     // each kv head serves G = Hq / Hkv consecutive query heads
     const int64_t g = hq / hkv;
@@ -120,7 +117,7 @@ Tensor scaled_dot_product_attention_composite(const Tensor& q, const Tensor& k, 
   } else {
     p = softmax(scores, -1);
   }
-  return cast_to(matmul(p, vf), q.dtype());  // (B, Hq, T, Dv)
+  return cast(matmul(p, vf), q.dtype());  // (B, Hq, T, Dv)
 }
 
 }  // namespace kiln

@@ -1,0 +1,55 @@
+// Scaled dot-product attention primitives (forward with log-sum-exp, backward). Kernels in
+// core/cpu/attention.cpp and core/cuda/attention*.cu (kiln's flash kernel) + sdpa_cudnn.cpp (cuDNN);
+// composite fallback scaled_dot_product_attention_composite (core/ops.h).
+#pragma once
+#include <vector>
+
+#include "core/ops.h"
+#include "core/primitive.h"
+
+namespace kiln::prim {
+
+// q (B, Hq, T, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv), Hq % Hkv == 0 (query head h reads kv head
+// h / (Hq / Hkv)) -> out (B, Hq, T, Dv) in q's dtype and lse (B, Hq, T), the log-sum-exp of each
+// row's scaled scores, in f32 (f64 for f64 inputs). Causal masks align bottom-right: query t sees
+// keys s <= t + S - T; a query that sees no key (only when T > S) gives zeros and lse = -inf.
+// Softmax is computed in f32 (f64 for f64). lse is differentiable too (ring/chunked attention
+// merges partial results through it).
+class ScaledDotProductAttention : public Primitive {
+ public:
+  ScaledDotProductAttention(bool causal, double scale) : causal_(causal), scale_(scale) {}
+  const char* name() const override { return "scaled_dot_product_attention"; }
+  std::vector<Attr> attrs() const override { return {{"causal", causal_}, {"scale", scale_}}; }
+  std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
+  bool differentiable() const override { return true; }
+  std::vector<Tensor> vjp(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
+                          const std::vector<Tensor>& cotangents, const std::vector<bool>& wanted) const override;
+  bool causal() const { return causal_; }
+  double scale() const { return scale_; }
+
+ private:
+  bool causal_;
+  double scale_;
+};
+
+// (q, k, v, out, lse, dout, dlse) -> (dq, dk, dv); dk/dv sum over the query heads of their group.
+// Probabilities are recomputed from lse. Second-order gradients are not implemented (use
+// scaled_dot_product_attention_composite).
+class SdpaBackward : public Primitive {
+ public:
+  SdpaBackward(bool causal, double scale) : causal_(causal), scale_(scale) {}
+  const char* name() const override { return "sdpa_backward"; }
+  std::vector<Attr> attrs() const override { return {{"causal", causal_}, {"scale", scale_}}; }
+  std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
+  bool differentiable() const override { return true; }  // its vjp throws a clear error
+  std::vector<Tensor> vjp(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
+                          const std::vector<Tensor>& cotangents, const std::vector<bool>& wanted) const override;
+  bool causal() const { return causal_; }
+  double scale() const { return scale_; }
+
+ private:
+  bool causal_;
+  double scale_;
+};
+
+}  // namespace kiln::prim
