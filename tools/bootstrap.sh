@@ -25,7 +25,7 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 
 need=()
-for p in g++ pkg-config ninja-build libfmt-dev libpcre2-dev nlohmann-json3-dev libcli11-dev libtomlplusplus-dev python3 bible-kjv; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
+for p in g++ pkg-config ninja-build libfmt-dev libpcre2-dev nlohmann-json3-dev libcli11-dev libtomlplusplus-dev libgloo-dev python3 bible-kjv; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
 bp=()
 meson_ok=0
 command -v meson >/dev/null && dpkg --compare-versions "$(meson --version)" ge 1.3 && meson_ok=1
