@@ -5,7 +5,7 @@
 #   tools/cuda_suite.sh run [args]   # on the GPU machine (carry .device-bin): the [cuda] tests, then
 #                                    # compute-sanitizer memcheck and racecheck over them (KILN_SANITIZE=0 skips,
 #                                    # KILN_SANITIZE_FILTER narrows, KILN_SANITIZE_TIMEOUT bounds each); args go to kiln_tests
-#   tools/cuda_suite.sh bench        # on the GPU machine: every bench/cuda_* program, tables to stdout
+#   tools/cuda_suite.sh bench        # on the GPU machine: every CUDA bench program, tables to stdout
 #   tools/cuda_suite.sh unpack       # on the GPU machine: only unpack (into /tmp/kiln-cuda-bin) and print the
 #                                    # environment to source, to run `kiln` or one bench by hand
 set -euo pipefail
@@ -21,7 +21,8 @@ case "${1:-}" in
     stage=build-cuda/device-bin
     rm -rf "$stage" "$out" && mkdir -p "$stage" "$out"
     cp build-cuda/tests/kiln_tests build-cuda/examples/kiln/kiln "$stage/"
-    find build-cuda/bench -maxdepth 1 -type f -executable -name 'cuda_*' -exec cp {} "$stage/" \;
+    for extra in build-cuda/tests/test_dist_worker build-cuda/dist/kiln-run; do [ -x "$extra" ] && cp "$extra" "$stage/"; done
+    find build-cuda/bench -maxdepth 1 -type f -executable -exec cp {} "$stage/" \;
     strip "$stage"/*
     tar -cJf "$out/kiln-cuda.tar.xz" -C "$stage" .  # the device machine takes at most 64 MiB per call
     ls -la "$out"
@@ -36,7 +37,7 @@ case "${1:-}" in
       exit 0
     fi
     if [ "$1" = bench ]; then
-      for b in "$bin"/cuda_*; do echo "== $b"; "$b"; done
+      for b in "$bin"/cuda_* "$bin"/compile_* "$bin"/dist_* "$bin"/fsdp_*; do [ -x "$b" ] && { echo "== $b"; "$b"; }; done
       exit 0
     fi
     shift
