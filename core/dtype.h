@@ -1,10 +1,12 @@
-// Element types kiln tensors hold, their sizes and names, and the bf16/f16 storage types with
-// float conversions (round-to-nearest-even) shared by the CPU backend and, later, host code of CUDA.
+// Element types kiln tensors hold, their sizes and names, the bf16/f16 storage types with float
+// conversions (round-to-nearest-even) shared by the CPU backend and CUDA host code, and visitors that
+// turn a runtime dtype or enum value into a compile-time one.
 #pragma once
 #include <cstdint>
 #include <cstring>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 namespace kiln {
 
@@ -76,6 +78,18 @@ template <class Fn> decltype(auto) visit_dtype(DType d, Fn&& fn) {
     case DType::boolean: break;
   }
   return fn(type_tag<bool>{});
+}
+
+// Calls fn(std::integral_constant<E, e>{}) for the value e of an enum E whose N values are 0..N-1,
+// so a kernel can be instantiated per value (nothing is called for a value outside that range).
+template <class E, int N, class Fn, int I = 0> void visit_enum(E e, Fn&& fn) {
+  if constexpr (I < N) {
+    if (static_cast<int>(e) == I) {
+      fn(std::integral_constant<E, static_cast<E>(I)>{});
+    } else {
+      visit_enum<E, N, Fn, I + 1>(e, std::forward<Fn>(fn));
+    }
+  }
 }
 
 // Arithmetic type used to compute on T: double for f64, float for the other floats, int64 for ints.

@@ -1,4 +1,4 @@
-// Broadcast strides and dim coalescing.
+// Broadcast strides (whole shapes and matmul batch dims) and dim coalescing.
 #include "core/layout.h"
 
 namespace kiln {
@@ -13,6 +13,14 @@ Shape broadcast_strides(const Tensor& t, const Shape& target) {
     KILN_CHECK(s[i] == target[lead + i] || s[i] == 1, "broadcast", "cannot broadcast {} to {}", shape_str(s), shape_str(target));
     out[lead + i] = s[i] == 1 ? 0 : st[i];
   }
+  return out;
+}
+
+Shape batch_strides(const Tensor& t, const Shape& batch) {
+  Shape out(batch.size(), 0);
+  const size_t nb = t.shape().size() - 2;
+  const size_t lead = batch.size() - nb;
+  for (size_t i = 0; i < nb; ++i) out[lead + i] = t.shape()[i] == 1 ? 0 : t.strides()[i];
   return out;
 }
 

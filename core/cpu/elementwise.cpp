@@ -17,17 +17,6 @@ namespace {
 template <class T> constexpr bool is_float_storage =
     std::is_same_v<T, double> || std::is_same_v<T, float> || std::is_same_v<T, bf16> || std::is_same_v<T, f16>;
 
-// Calls fn(std::integral_constant<E, e>{}) for the runtime value `e` of an enum with N values.
-template <class E, int N, class Fn, int I = 0> void visit_enum(E e, Fn&& fn) {
-  if constexpr (I < N) {
-    if (static_cast<int>(e) == I) {
-      fn(std::integral_constant<E, static_cast<E>(I)>{});
-    } else {
-      visit_enum<E, N, Fn, I + 1>(e, std::forward<Fn>(fn));
-    }
-  }
-}
-
 // Runs `loop` in parallel. StridedLoop parallelises over outer rows only, so a loop that merged into
 // one run (contiguous or scalar operands) is split here into chunks across threads.
 template <size_t N, class F> void run(const StridedLoop<N>& loop, F&& inner) {

@@ -10,6 +10,7 @@
 #include "core/cpu/parallel.h"
 #include "core/registry.h"
 #include "core/dispatch.h"
+#include "core/layout.h"
 #include "core/ops/matmul.h"
 
 namespace kiln::cpu {
@@ -17,16 +18,6 @@ namespace {
 
 // Per-batch-entry work (multiply-adds) below which the batch, not the GEMM, is run in parallel.
 constexpr int64_t kSmallGemm = int64_t{1} << 21;
-
-// Strides of the batch dims of `t` (all but its last two) under the output batch shape `batch`:
-// missing or size-1 dims broadcast with stride 0.
-Shape batch_strides(const Tensor& t, const Shape& batch) {
-  Shape out(batch.size(), 0);
-  const size_t nb = t.shape().size() - 2;
-  const size_t lead = batch.size() - nb;
-  for (size_t i = 0; i < nb; ++i) out[lead + i] = t.shape()[i] == 1 ? 0 : t.strides()[i];
-  return out;
-}
 
 // When every row of A over the whole batch is evenly spaced (the batch dims and M merge into one
 // dim), the distance between consecutive rows; A broadcast along a batch dim does not merge.

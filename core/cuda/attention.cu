@@ -7,6 +7,7 @@
 
 #include "core/cuda/attention.cuh"
 #include "core/cuda/dtype.cuh"
+#include "core/cuda/launch.cuh"
 
 namespace kiln::cuda {
 namespace {
@@ -391,10 +392,8 @@ __global__ void contiguous_kernel(int64_t n, const Strided<2> st, E* dst, const 
   }
 }
 
-unsigned grid_for(int64_t n, int threads) {
-  const int64_t blocks = (n + threads - 1) / threads;
-  return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > 8192 ? 8192 : blocks));
-}
+// Blocks of the small grid-stride helper kernels (delta, row packing, copies), at most.
+constexpr int64_t kHelperBlocks = 8192;
 
 // Calls fn(T{}) with the device element type of a float dtype; false for other dtypes.
 template <class Fn> bool visit_float_dtype(DType dtype, Fn&& fn) {
@@ -445,7 +444,7 @@ cudaError_t launch_flash_backward(DType dtype, const AttnDims& dims, const AttnO
     const size_t smem = kSmemElems * sizeof(C);
     const int64_t rows = dims.b * dims.hq * dims.t;
     if (rows > 0) {
-      flash_delta_kernel<T><<<grid_for(rows * 32, kThreads), kThreads, 0, st>>>(params);
+      flash_delta_kernel<T><<<grid_for(rows * 32, kThreads, kHelperBlocks), kThreads, 0, st>>>(params);
       if ((err = cudaGetLastError()) != cudaSuccess) return;
       const dim3 grid(static_cast<unsigned>(dims.b * dims.hq), static_cast<unsigned>(ceil_div(dims.t, kTile)),
                       static_cast<unsigned>(ceil_div(dims.d, kCols)));
@@ -479,10 +478,10 @@ cudaError_t launch_pack_rows(DType src_dtype, const void* src, const int64_t (&s
     using S = decltype(tag);
     const S* s = static_cast<const S*>(src);
     if (dst_dtype == DType::f32) {
-      pack_rows_kernel<S, float><<<grid_for(n, 256), 256, 0, st>>>(s, shape[0], shape[1], shape[2], strides[0], strides[1],
+      pack_rows_kernel<S, float><<<grid_for(n, 256, kHelperBlocks), 256, 0, st>>>(s, shape[0], shape[1], shape[2], strides[0], strides[1],
                                                                    strides[2], static_cast<float*>(dst), nonzero);
     } else {
-      pack_rows_kernel<S, double><<<grid_for(n, 256), 256, 0, st>>>(s, shape[0], shape[1], shape[2], strides[0], strides[1],
+      pack_rows_kernel<S, double><<<grid_for(n, 256, kHelperBlocks), 256, 0, st>>>(s, shape[0], shape[1], shape[2], strides[0], strides[1],
                                                                     strides[2], static_cast<double*>(dst), nonzero);
     }
   });
@@ -493,7 +492,7 @@ cudaError_t launch_attn_contiguous(int64_t numel, int elem_size, const Strided<2
                                    void* stream) {
   if (numel == 0) return cudaSuccess;
   const auto s = static_cast<cudaStream_t>(stream);
-  const unsigned grid = grid_for(numel, 256);
+  const unsigned grid = grid_for(numel, 256, kHelperBlocks);
   switch (elem_size) {
     case 2: contiguous_kernel<<<grid, 256, 0, s>>>(numel, st, static_cast<uint16_t*>(dst), static_cast<const uint16_t*>(src)); break;
     case 4: contiguous_kernel<<<grid, 256, 0, s>>>(numel, st, static_cast<uint32_t*>(dst), static_cast<const uint32_t*>(src)); break;

@@ -5,6 +5,7 @@
 
 #include "core/cuda/attention.cuh"
 #include "core/cuda/check.h"
+#include "core/cuda/runtime.h"
 #include "core/registry.h"
 #include "core/cuda/sdpa_cudnn.h"
 #include "core/cuda/tensor_args.h"
@@ -12,24 +13,6 @@
 
 namespace kiln::cuda {
 namespace {
-
-// Makes `device` current for the scope.
-class DeviceGuard {
- public:
-  DeviceGuard(int device, const char* op) : device_(device) {
-    KILN_CUDA_CHECK(cudaGetDevice(&previous_), op);
-    if (previous_ != device_) KILN_CUDA_CHECK(cudaSetDevice(device_), op);
-  }
-  ~DeviceGuard() {
-    if (previous_ != device_) cudaSetDevice(previous_);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int device_;
-  int previous_ = 0;
-};
 
 AttnOperand operand(const Tensor& t) {
   AttnOperand o;
@@ -69,7 +52,7 @@ std::string describe(const Tensor& q, const Tensor& k, const Tensor& v, bool cau
 
 void sdpa_forward_cuda(const prim::ScaledDotProductAttention& p, const std::vector<Tensor>& in, std::vector<Tensor>& out) {
   const Tensor &q = in[0], &k = in[1], &v = in[2];
-  DeviceGuard guard(q.device().index, p.name());
+  DeviceGuard guard(q.device().index);
   const SdpaBackend backend = sdpa_backend();
   if (backend != SdpaBackend::flash) {
     if (cudnn_sdpa_forward(p, q, k, v, out[0], out[1])) {
@@ -92,7 +75,7 @@ void sdpa_forward_cuda(const prim::ScaledDotProductAttention& p, const std::vect
 // otherwise overwrites dq, dk, dv with the exact gradients.
 void sdpa_backward_cuda(const prim::SdpaBackward& p, const std::vector<Tensor>& in, std::vector<Tensor>& out) {
   const Tensor &q = in[0], &k = in[1], &v = in[2], &o = in[3], &lse = in[4], &dout = in[5], &dlse = in[6];
-  DeviceGuard guard(q.device().index, p.name());
+  DeviceGuard guard(q.device().index);
   const DType ct = compute_dtype(q.dtype());
   Tensor flag = empty({1}, DType::i32, q.device());
   int* flag_ptr = static_cast<int*>(flag.raw_data());

@@ -6,17 +6,14 @@
 
 #include "core/cuda/convert.cuh"
 #include "core/cuda/copy.cuh"
-#include "core/cuda/copy_kernels.cuh"
 #include "core/cuda/indexer.cuh"
+#include "core/cuda/launch.cuh"
+#include "core/cuda/pack.cuh"
 
 namespace kiln::cuda {
 namespace {
 
-using copy_detail::grid_for;
-using copy_detail::is_aligned16;
-using copy_detail::kThreads;
-using copy_detail::load_vec;
-using copy_detail::store_vec;
+constexpr int kThreads = 256;
 
 // ---- kernels ----------------------------------------------------------------------------------
 
@@ -44,11 +41,11 @@ __global__ void copy_contiguous_vec_kernel(D* __restrict__ dst, const S* __restr
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t v = start; v < nvec; v += stride) {
     S in[V];
-    load_vec<S, V>(src + v * V, in);
+    load_raw<V>(src + v * V, in);
     D out[V];
 #pragma unroll
     for (int k = 0; k < V; ++k) out[k] = cast_value<D>(in[k]);
-    store_vec<D, V>(dst + v * V, out);
+    store_raw<V>(dst + v * V, out);
   }
   for (int64_t i = nvec * V + start; i < n; i += stride) dst[i] = cast_value<D>(src[i]);
 }
@@ -133,7 +130,7 @@ __global__ void fill_contiguous_kernel(T* __restrict__ dst, T value, int64_t n, 
     T vals[V];
 #pragma unroll
     for (int k = 0; k < V; ++k) vals[k] = value;
-    for (int64_t v = start; v < nvec; v += stride) store_vec<T, V>(dst + v * V, vals);
+    for (int64_t v = start; v < nvec; v += stride) store_raw<V>(dst + v * V, vals);
     done = nvec * V;
   }
   for (int64_t i = done + start; i < n; i += stride) dst[i] = value;
@@ -150,17 +147,17 @@ cudaError_t copy_strided(D* dst, const S* src, const Strided<2>& st, int64_t n, 
     copy_transpose_kernel<D, S><<<grid, dim3(kTile, kTileRows), 0, s>>>(dst, src, a);
     return cudaGetLastError();
   }
-  copy_strided_kernel<D, S><<<grid_for(n), kThreads, 0, s>>>(dst, src, Indexer<2>(st, n), n);
+  copy_strided_kernel<D, S><<<grid_to_fill(n, kThreads), kThreads, 0, s>>>(dst, src, Indexer<2>(st, n), n);
   return cudaGetLastError();
 }
 
 template <class D, class S>
 cudaError_t copy_contiguous(D* dst, const S* src, int64_t n, cudaStream_t s) {
-  if (is_aligned16(dst) && is_aligned16(src)) {
+  if (aligned16(dst) && aligned16(src)) {
     constexpr int V = kCastVec<D, S>;
-    copy_contiguous_vec_kernel<D, S><<<grid_for((n + V - 1) / V), kThreads, 0, s>>>(dst, src, n);
+    copy_contiguous_vec_kernel<D, S><<<grid_to_fill((n + V - 1) / V, kThreads), kThreads, 0, s>>>(dst, src, n);
   } else {
-    copy_contiguous_kernel<D, S><<<grid_for(n), kThreads, 0, s>>>(dst, src, n);
+    copy_contiguous_kernel<D, S><<<grid_to_fill(n, kThreads), kThreads, 0, s>>>(dst, src, n);
   }
   return cudaGetLastError();
 }
@@ -200,9 +197,9 @@ cudaError_t launch_fill(void* dst, DType dtype, uint64_t bits, const Strided<1>&
     T* p = static_cast<T*>(dst);
     if (st.ndim == 1 && st.strides[0][0] == 1) {
       constexpr int V = static_cast<int>(16 / sizeof(T));
-      fill_contiguous_kernel<T><<<grid_for((n + V - 1) / V), kThreads, 0, s>>>(p, value, n, is_aligned16(p));
+      fill_contiguous_kernel<T><<<grid_to_fill((n + V - 1) / V, kThreads), kThreads, 0, s>>>(p, value, n, aligned16(p));
     } else {
-      fill_strided_kernel<T><<<grid_for(n), kThreads, 0, s>>>(p, value, Indexer<1>(st, n), n);
+      fill_strided_kernel<T><<<grid_to_fill(n, kThreads), kThreads, 0, s>>>(p, value, Indexer<1>(st, n), n);
     }
     return cudaGetLastError();
   });

@@ -2,16 +2,16 @@
 // Philox block and writes the elements that block feeds (4 for 32-bit-word recipes, 2 for 64-bit
 // ones, 1 for normal), so the numbers are bit for bit those of core/cpu/creation.cpp.
 #include "core/cuda/convert.cuh"
-#include "core/cuda/copy_kernels.cuh"
 #include "core/cuda/creation.cuh"
 #include "core/cuda/indexer.cuh"
+#include "core/cuda/launch.cuh"
+#include "core/cuda/pack.cuh"
 #include "core/philox.h"
 
 namespace kiln::cuda {
 namespace {
 
-using copy_detail::grid_for;
-using copy_detail::kThreads;
+constexpr int kThreads = 256;
 
 constexpr double kPi = 3.14159265358979323846;
 
@@ -28,16 +28,12 @@ __device__ __forceinline__ uint64_t join(uint32_t hi, uint32_t lo) { return (sta
 
 // Writes up to 4 values at out[4b..]; one 4-wide store when the quad is whole and aligned.
 template <class T>
-struct alignas(4 * sizeof(T)) Quad {
-  T v[4];
-};
-template <class T>
 __device__ __forceinline__ void store4(T* out, int64_t base, int64_t n, const T (&v)[4], bool aligned) {
   if (aligned && base + 3 < n) {
-    Quad<T> q;
+    Pack<T, 4> q;
 #pragma unroll
     for (int k = 0; k < 4; ++k) q.v[k] = v[k];
-    *reinterpret_cast<Quad<T>*>(out + base) = q;
+    *reinterpret_cast<Pack<T, 4>*>(out + base) = q;
     return;
   }
 #pragma unroll
@@ -135,7 +131,7 @@ cudaError_t launch_arange(void* out, DType dtype, double start, double step, int
   if (n == 0) return cudaSuccess;
   return visit_cuda_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    arange_kernel<T><<<grid_for(n), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(static_cast<T*>(out), start, step, n);
+    arange_kernel<T><<<grid_to_fill(n, kThreads), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(static_cast<T*>(out), start, step, n);
     return cudaGetLastError();
   });
 }
@@ -151,18 +147,18 @@ cudaError_t launch_random(void* out, DType dtype, RandomFill kind, int64_t n, ui
     const bool aligned = aligned_quad(out, sizeof(T));
     switch (kind) {
       case RandomFill::uniform:
-        if (bits == 53) wide2_kernel<T, false><<<grid_for((n + 1) / 2), kThreads, 0, s>>>(o, n, seed, offset, 0, 1);
-        else uniform4_kernel<T, false><<<grid_for((n + 3) / 4), kThreads, 0, s>>>(o, n, seed, offset, bits, p, aligned);
+        if (bits == 53) wide2_kernel<T, false><<<grid_to_fill((n + 1) / 2, kThreads), kThreads, 0, s>>>(o, n, seed, offset, 0, 1);
+        else uniform4_kernel<T, false><<<grid_to_fill((n + 3) / 4, kThreads), kThreads, 0, s>>>(o, n, seed, offset, bits, p, aligned);
         break;
       case RandomFill::normal:
-        normal_kernel<T><<<grid_for(n), kThreads, 0, s>>>(o, n, seed, offset);
+        normal_kernel<T><<<grid_to_fill(n, kThreads), kThreads, 0, s>>>(o, n, seed, offset);
         break;
       case RandomFill::integer:
-        wide2_kernel<T, true><<<grid_for((n + 1) / 2), kThreads, 0, s>>>(o, n, seed, offset, low,
+        wide2_kernel<T, true><<<grid_to_fill((n + 1) / 2, kThreads), kThreads, 0, s>>>(o, n, seed, offset, low,
                                                                            static_cast<uint64_t>(high - low));
         break;
       case RandomFill::keep_mask:
-        uniform4_kernel<T, true><<<grid_for((n + 3) / 4), kThreads, 0, s>>>(o, n, seed, offset, 24, p, aligned);
+        uniform4_kernel<T, true><<<grid_to_fill((n + 3) / 4, kThreads), kThreads, 0, s>>>(o, n, seed, offset, 24, p, aligned);
         break;
     }
     return cudaGetLastError();
@@ -175,7 +171,7 @@ cudaError_t launch_dropout(void* out, const void* x, DType dtype, const Strided<
   const bool x_contiguous = st.ndim == 1 && st.strides[0][0] == 1;
   return visit_cuda_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    dropout_kernel<T><<<grid_for((n + 3) / 4), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+    dropout_kernel<T><<<grid_to_fill((n + 3) / 4, kThreads), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
         static_cast<T*>(out), static_cast<const T*>(x), Indexer<1>(st, n), x_contiguous, n, p, scale, seed, offset,
         aligned_quad(out, sizeof(T)));
     return cudaGetLastError();

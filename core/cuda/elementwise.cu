@@ -10,6 +10,7 @@
 #include "core/cuda/dtype.cuh"
 #include "core/cuda/elementwise.cuh"
 #include "core/cuda/indexer.cuh"
+#include "core/cuda/launch.cuh"
 #include "core/cuda/pack.cuh"
 
 namespace kiln::cuda {
@@ -129,22 +130,6 @@ template <class T> struct WhereFn {
 
 // ---- launching
 
-template <class E, int N, class Fn, int I = 0> void visit_enum(E e, Fn&& fn) {
-  if constexpr (I < N) {
-    if (static_cast<int>(e) == I) {
-      fn(std::integral_constant<E, static_cast<E>(I)>{});
-    } else {
-      visit_enum<E, N, Fn, I + 1>(e, std::forward<Fn>(fn));
-    }
-  }
-}
-
-int grid_for(int64_t work) {
-  const int64_t cap = static_cast<int64_t>(sm_count()) * (2048 / kThreads);
-  const int64_t blocks = (work + kThreads - 1) / kThreads;
-  return static_cast<int>(blocks < 1 ? 1 : (blocks < cap ? blocks : cap));
-}
-
 template <class O, class... Ts> constexpr int pack_width() {
   constexpr size_t widest = std::max({sizeof(O), sizeof(Ts)...});
   return static_cast<int>(16 / widest);  // elements per 16-byte access of the widest operand
@@ -154,7 +139,7 @@ template <class O, class F, class... Ts, size_t... K>
 void launch_dense(O* out, int64_t n, const F& f, cudaStream_t s, const bool* scalar, std::index_sequence<K...>,
                   const Ts*... in) {
   constexpr int V = pack_width<O, Ts...>();
-  dense_kernel<V><<<grid_for((n + V - 1) / V), kThreads, 0, s>>>(n, out, f, Dense<Ts>{in, scalar[K + 1]}...);
+  dense_kernel<V><<<grid_to_fill((n + V - 1) / V, kThreads), kThreads, 0, s>>>(n, out, f, Dense<Ts>{in, scalar[K + 1]}...);
 }
 
 // The packed strided path applies when the innermost dim has stride 1 for the output and 0 or 1 for
@@ -181,7 +166,7 @@ void launch_strided_vec(O* out, const Strided<1 + sizeof...(Ts)>& st, int64_t n,
                         const bool* scalar, std::index_sequence<K...>, const Ts*... in) {
   constexpr int V = pack_width<O, Ts...>();
   const int64_t groups = n / V;
-  strided_vec_kernel<V><<<grid_for(groups), kThreads, 0, s>>>(groups, Indexer<1 + sizeof...(Ts)>(st, n), out, f,
+  strided_vec_kernel<V><<<grid_to_fill(groups, kThreads), kThreads, 0, s>>>(groups, Indexer<1 + sizeof...(Ts)>(st, n), out, f,
                                                                Dense<Ts>{in, scalar[K + 1]}...);
 }
 
@@ -206,7 +191,7 @@ cudaError_t run(O* out, const Strided<1 + sizeof...(Ts)>& st, int64_t n, const F
   } else if (packable(st, ptrs, pack_width<O, Ts...>(), scalar)) {
     launch_strided_vec(out, st, n, f, s, scalar, std::index_sequence_for<Ts...>{}, in...);
   } else {
-    strided_kernel<<<grid_for(n), kThreads, 0, s>>>(n, Indexer<N>(st, n), out, f, in...);
+    strided_kernel<<<grid_to_fill(n, kThreads), kThreads, 0, s>>>(n, Indexer<N>(st, n), out, f, in...);
   }
   return cudaGetLastError();
 }
@@ -216,19 +201,6 @@ template <class T> constexpr bool is_float_v =
     std::is_same_v<T, __half>;
 
 }  // namespace
-
-int sm_count() {
-  constexpr int kMaxDevices = 64;
-  static int counts[kMaxDevices] = {};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) return 132;
-  if (counts[dev] == 0) {
-    int n = 0;
-    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0) n = 132;
-    counts[dev] = n;
-  }
-  return counts[dev];
-}
 
 cudaError_t launch_unary(UnaryOp op, DType dtype, void* out, const void* x, const Strided<2>& st, int64_t n,
                          void* stream) {

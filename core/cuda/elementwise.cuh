@@ -20,7 +20,4 @@ cudaError_t launch_binary(BinaryOp op, DType dtype, void* out, const void* a, co
 cudaError_t launch_where(DType dtype, void* out, const void* cond, const void* a, const void* b, const Strided<4>& st,
                          int64_t n, void* stream);
 
-// Multiprocessors of the current device (cached per device); used to size grid-stride launches.
-int sm_count();
-
 }  // namespace kiln::cuda

@@ -1,72 +1,21 @@
 // Device helpers shared by the fused-op kernel files (indexing.cu, norm.cu, rope.cu, loss.cu,
-// activation.cu): 16-byte packs and their loads/stores, dtype visitors for launchers, 32-bit index
-// math when offsets fit, and fixed-shape (hence deterministic) block reductions. fmt-free; included
-// only by .cu files.
+// activation.cu): dtype visitors for launchers, 32-bit index math when offsets fit, row alignment and
+// row block sizes, and fixed-shape (hence deterministic) block reductions. 16-byte packs come from
+// pack.cuh, grid sizes from launch.cuh. fmt-free; included only by .cu files.
 #pragma once
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
 
 #include "core/cuda/dtype.cuh"
+#include "core/cuda/launch.cuh"
+#include "core/cuda/pack.cuh"
 #include "core/cuda/strided.cuh"
 
 namespace kiln::cuda::fused {
 
-constexpr int kMaxGrid = 1 << 20;
 constexpr int kThreads = 256;
 constexpr int kRowThreads = 512;  // the most threads a row kernel uses (its launch bound)
-
-// N elements of T moved by one load (16 bytes when N = vec_of<T>()).
-template <class T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
-// Elements of T per 16-byte load.
-template <class T> constexpr int vec_of() { return static_cast<int>(16 / sizeof(T)); }
-
-// Vector vi of a row: VEC consecutive elements (16-byte aligned) when VEC > 1, else element vi at
-// `stride`.
-template <int VEC, class T>
-__device__ __forceinline__ const T* vec_at(const T* base, int64_t vi, int64_t stride) {
-  return VEC > 1 ? base + vi * VEC : base + vi * stride;
-}
-
-template <int VEC, class T>
-__device__ __forceinline__ Pack<T, VEC> load_pack(const T* p) {
-  return *reinterpret_cast<const Pack<T, VEC>*>(p);
-}
-
-template <int VEC, class T, class C>
-__device__ __forceinline__ void unpack(const Pack<T, VEC>& pk, C (&out)[VEC]) {
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) out[k] = static_cast<C>(to_compute(pk.v[k]));
-}
-
-// VEC consecutive elements at p as the compute type, in loads of at most 16 bytes (a bf16 vector
-// of 8 read alongside f32 tables takes two f32 loads).
-template <int VEC, class T, class C>
-__device__ __forceinline__ void load_vec(const T* p, C (&out)[VEC]) {
-  constexpr int P = vec_of<T>() < VEC ? vec_of<T>() : VEC;
-#pragma unroll
-  for (int q = 0; q < VEC; q += P) {
-    const Pack<T, P> pk = *reinterpret_cast<const Pack<T, P>*>(p + q);
-#pragma unroll
-    for (int k = 0; k < P; ++k) out[q + k] = static_cast<C>(to_compute(pk.v[k]));
-  }
-}
-
-template <int VEC, class T, class C>
-__device__ __forceinline__ void store_vec(T* p, const C (&in)[VEC]) {
-  constexpr int P = vec_of<T>() < VEC ? vec_of<T>() : VEC;
-#pragma unroll
-  for (int q = 0; q < VEC; q += P) {
-    Pack<T, P> pk;
-#pragma unroll
-    for (int k = 0; k < P; ++k) pk.v[k] = from_compute<T>(in[q + k]);
-    *reinterpret_cast<Pack<T, P>*>(p + q) = pk;
-  }
-}
 
 // exp for the softmax-like kernels: one MUFU.EX2 in f32 (about 2 ulp, results below ~1e-38 flush
 // to 0), exact-rounded exp in f64.
@@ -125,8 +74,6 @@ cudaError_t visit_index(DType d, Fn&& fn) {
   return cudaErrorInvalidValue;
 }
 
-inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 // Every row start of `rows` (operand k, elements of `bytes`) 16-byte aligned given an aligned base.
 template <int N>
 inline bool rows_aligned16(const Strided<N>& rows, int k, int64_t bytes) {
@@ -136,25 +83,12 @@ inline bool rows_aligned16(const Strided<N>& rows, int k, int64_t bytes) {
   return true;
 }
 
-inline int grid_for(int64_t work, int threads) {
-  const int64_t blocks = (work + threads - 1) / threads;
-  return static_cast<int>(blocks < 1 ? 1 : (blocks > kMaxGrid ? kMaxGrid : blocks));
-}
-
 // Threads per block for rows of `nvec` vectors: a power of two in [32, kRowThreads], about
 // `per_thread` vectors each.
 inline int row_threads(int64_t nvec, int per_thread) {
   int t = 32;
   while (t < kRowThreads && static_cast<int64_t>(t) * per_thread < nvec) t *= 2;
   return t;
-}
-
-inline int sm_count() {
-  int dev = 0, n = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
-    return 132;
-  }
-  return n;
 }
 
 // ---- block reductions: fixed shape, so deterministic; `red` holds 32 slots per reduced value and

@@ -229,14 +229,6 @@ Operand prepare(const Tensor& x) {
   return {cx, matrix_view(r, c, c, 1)};
 }
 
-// Batch strides of `t` under the output batch shape (size-1 and missing dims broadcast: 0).
-Shape batch_strides(const Tensor& t, const Shape& batch) {
-  Shape out(batch.size(), 0);
-  const size_t nb = t.shape().size() - 2, lead = batch.size() - nb;
-  for (size_t i = 0; i < nb; ++i) out[lead + i] = t.shape()[i] == 1 ? 0 : t.strides()[i];
-  return out;
-}
-
 // D (batch..., M, N) = A (batch..., M, K) @ B (batch..., K, N) [+ bias (N)] into a contiguous `out`.
 // False (nothing launched) when cuBLASLt has no algorithm for these layouts and alignments.
 bool try_gemm(const Tensor& a_in, const Tensor& b_in, const Tensor* bias, Tensor& out, const char* op) {

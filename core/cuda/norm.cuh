@@ -1,5 +1,6 @@
-// Launchers of the RMSNorm kernels (core/cuda/norm.cu), forward and backward. fmt-free and Tensor-free: raw device pointers, element strides, Strided<N> row descriptors and
-// a cudaStream_t passed as void*. Float dtypes only (bf16/f16/f32 compute in f32, f64 in f64).
+// Launchers of the RMSNorm kernels (core/cuda/norm.cu), forward and backward. fmt-free and
+// Tensor-free: raw device pointers, element strides, Strided<N> row descriptors and a cudaStream_t
+// passed as void*. Float dtypes only (bf16/f16/f32 compute in f32, f64 in f64).
 #pragma once
 #include <cuda_runtime_api.h>
 

@@ -6,7 +6,9 @@
 #include <cuda_fp16.h>
 
 #include "core/cuda/dtype.cuh"
+#include "core/cuda/launch.cuh"
 #include "core/cuda/optim.cuh"
+#include "core/cuda/pack.cuh"
 
 namespace kiln::cuda {
 namespace {
@@ -22,36 +24,6 @@ __device__ __forceinline__ void adamw_element(float& p, float g, float& m, float
   const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(v), bc2_sqrt), s.eps);
   p = __fmaf_rn(-step_size, __fdiv_rn(m, denom), p);
 }
-
-// 4 consecutive elements of T as floats (aligned pointer).
-template <class T> struct Vec4;
-template <> struct Vec4<float> {
-  static __device__ __forceinline__ void load(const float* p, float (&x)[4]) {
-    const float4 v = *reinterpret_cast<const float4*>(p);
-    x[0] = v.x, x[1] = v.y, x[2] = v.z, x[3] = v.w;
-  }
-  static __device__ __forceinline__ void store(float* p, const float (&x)[4]) {
-    *reinterpret_cast<float4*>(p) = make_float4(x[0], x[1], x[2], x[3]);
-  }
-};
-template <class H> struct Vec4Half {
-  union Pack {
-    uint2 u;
-    H h[4];
-  };
-  static __device__ __forceinline__ void load(const H* p, float (&x)[4]) {
-    Pack k;
-    k.u = *reinterpret_cast<const uint2*>(p);
-    for (int j = 0; j < 4; ++j) x[j] = to_compute(k.h[j]);
-  }
-  static __device__ __forceinline__ void store(H* p, const float (&x)[4]) {
-    Pack k;
-    for (int j = 0; j < 4; ++j) k.h[j] = from_compute<H>(x[j]);
-    *reinterpret_cast<uint2*>(p) = k.u;
-  }
-};
-template <> struct Vec4<__nv_bfloat16> : Vec4Half<__nv_bfloat16> {};
-template <> struct Vec4<__half> : Vec4Half<__half> {};
 
 // The tensor whose chunks include `chunk`: the last entry with chunk_begin <= chunk.
 template <class Entry>
@@ -81,15 +53,15 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(const AdamWTensor* __re
       const int64_t nvec = len / 4;
       for (int64_t i = threadIdx.x; i < nvec; i += kThreads) {
         float pf[4], gf[4], mf[4], vf[4];
-        Vec4<T>::load(p + 4 * i, pf);
-        Vec4<T>::load(g + 4 * i, gf);
-        Vec4<float>::load(m + 4 * i, mf);
-        Vec4<float>::load(v + 4 * i, vf);
+        load_vec<4>(p + 4 * i, pf);
+        load_vec<4>(g + 4 * i, gf);
+        load_vec<4>(m + 4 * i, mf);
+        load_vec<4>(v + 4 * i, vf);
 #pragma unroll
         for (int j = 0; j < 4; ++j) adamw_element(pf[j], gf[j], mf[j], vf[j], s, t.step_size, t.bc2_sqrt);
-        Vec4<T>::store(p + 4 * i, pf);
-        Vec4<float>::store(m + 4 * i, mf);
-        Vec4<float>::store(v + 4 * i, vf);
+        store_vec<4>(p + 4 * i, pf);
+        store_vec<4>(m + 4 * i, mf);
+        store_vec<4>(v + 4 * i, vf);
       }
       scalar_from = nvec * 4;
     }
@@ -107,15 +79,8 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(const AdamWTensor* __re
 template <class T>
 cudaError_t launch_typed(const AdamWTensor* table, int count, int64_t total_chunks, const AdamWScalars& s,
                          cudaStream_t stream) {
-  const int64_t max_grid = 1 << 20;
-  const unsigned grid = static_cast<unsigned>(total_chunks < max_grid ? total_chunks : max_grid);
-  adamw_kernel<T><<<grid, kThreads, 0, stream>>>(table, count, total_chunks, s);
+  adamw_kernel<T><<<grid_for(total_chunks, 1), kThreads, 0, stream>>>(table, count, total_chunks, s);
   return cudaGetLastError();
-}
-
-unsigned grid_for(int64_t total_chunks) {
-  const int64_t max_grid = 1 << 20;
-  return static_cast<unsigned>(total_chunks < max_grid ? total_chunks : max_grid);
 }
 
 // The sum of `v` over the block (kThreads threads), valid in thread 0; `red` is kThreads / 32 floats.
@@ -140,7 +105,7 @@ template <class T> __device__ __forceinline__ float thread_sumsq(const T* x, int
     const int64_t nvec = len / 4;
     for (int64_t i = threadIdx.x; i < nvec; i += kThreads) {
       float xf[4];
-      Vec4<T>::load(x + 4 * i, xf);
+      load_vec<4>(x + 4 * i, xf);
 #pragma unroll
       for (int j = 0; j < 4; ++j) acc = fmaf(xf[j], xf[j], acc);
     }
@@ -187,10 +152,10 @@ template <class T> __device__ __forceinline__ void scale_chunk(T* x, int64_t len
     const int64_t nvec = len / 4;
     for (int64_t i = threadIdx.x; i < nvec; i += kThreads) {
       float xf[4];
-      Vec4<T>::load(x + 4 * i, xf);
+      load_vec<4>(x + 4 * i, xf);
 #pragma unroll
       for (int j = 0; j < 4; ++j) xf[j] = __fmul_rn(xf[j], s);
-      Vec4<T>::store(x + 4 * i, xf);
+      store_vec<4>(x + 4 * i, xf);
     }
     scalar_from = nvec * 4;
   }
@@ -219,7 +184,7 @@ cudaError_t launch_multi_tensor_l2_norm(const MultiTensorEntry* table, int count
                                         float* partials, float* norm, void* stream) {
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   if (count <= 0 || total_chunks <= 0) return cudaMemsetAsync(norm, 0, sizeof(float), st);
-  l2_partials_kernel<<<grid_for(total_chunks), kThreads, 0, st>>>(table, count, total_chunks, partials);
+  l2_partials_kernel<<<grid_for(total_chunks, 1), kThreads, 0, st>>>(table, count, total_chunks, partials);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
   l2_finish_kernel<<<1, kThreads, 0, st>>>(partials, total_chunks, norm);
@@ -229,7 +194,7 @@ cudaError_t launch_multi_tensor_l2_norm(const MultiTensorEntry* table, int count
 cudaError_t launch_multi_tensor_scale(const MultiTensorEntry* table, int count, int64_t total_chunks, float scale,
                                       void* stream) {
   if (count <= 0 || total_chunks <= 0) return cudaSuccess;
-  scale_kernel<<<grid_for(total_chunks), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(table, count, total_chunks,
+  scale_kernel<<<grid_for(total_chunks, 1), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(table, count, total_chunks,
                                                                                           scale);
   return cudaGetLastError();
 }

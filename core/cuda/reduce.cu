@@ -12,6 +12,7 @@
 #include "core/cuda/dtype.cuh"
 #include "core/cuda/elementwise.cuh"
 #include "core/cuda/indexer.cuh"
+#include "core/cuda/launch.cuh"
 #include "core/cuda/pack.cuh"
 #include "core/cuda/reduce.cuh"
 #include "core/functors.h"

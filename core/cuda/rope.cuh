@@ -1,5 +1,6 @@
-// Launcher of the rotary-embedding kernel (core/cuda/rope.cu). fmt-free and Tensor-free: raw device pointers, element strides, Strided<N> row descriptors and
-// a cudaStream_t passed as void*. Float dtypes only (bf16/f16/f32 compute in f32, f64 in f64).
+// Launcher of the rotary-embedding kernel (core/cuda/rope.cu). fmt-free and Tensor-free: raw device
+// pointers, element strides, Strided<3> row descriptors and a cudaStream_t passed as void*. Float
+// dtypes only (bf16/f16/f32 compute in f32, f64 in f64).
 #pragma once
 #include <cuda_runtime_api.h>
 

@@ -6,11 +6,16 @@
 
 #include <cfloat>
 
+#include "core/cuda/launch.cuh"
+#include "core/cuda/pack.cuh"
 #include "quant/cuda/nf4.cuh"
 #include "quant/nf4_code.h"
 
 namespace kiln::quant::cuda {
 namespace {
+
+using kiln::cuda::aligned16;
+using kiln::cuda::grid_to_fill;
 
 constexpr int kThreads = 256;
 
@@ -222,18 +227,6 @@ __global__ void nf4_dequantize_kernel(const uint8_t* __restrict__ packed, NF4Sca
   }
 }
 
-int grid_for(int64_t work, int per_block = kThreads) {
-  static int sms = [] {
-    int dev = 0, count = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev);
-    return count > 0 ? count : 108;
-  }();
-  const int64_t blocks = (work + per_block - 1) / per_block;
-  const int64_t cap = static_cast<int64_t>(sms) * 16;
-  return static_cast<int>(blocks < 1 ? 1 : (blocks < cap ? blocks : cap));
-}
-
 int log2_exact(int64_t v) {
   int s = 0;
   while ((int64_t{1} << s) < v) ++s;
@@ -242,10 +235,10 @@ int log2_exact(int64_t v) {
 
 template <class T>
 cudaError_t dequantize_typed(const uint8_t* packed, const NF4Scales& s, int64_t n, T* out, cudaStream_t st) {
-  const bool vec = (reinterpret_cast<uintptr_t>(packed) % 16 == 0) && (reinterpret_cast<uintptr_t>(out) % 16 == 0);
+  const bool vec = aligned16(packed) && aligned16(out);
   const bool dq = s.absmax_u8 != nullptr;
   const int bs = log2_exact(s.blocksize), nbs = log2_exact(s.nested_blocksize);
-  const int grid = grid_for(vec ? n / 32 + n % 32 : n);  // a thread per chunk (or per weight)
+  const int grid = grid_to_fill(vec ? n / 32 + n % 32 : n, kThreads, 2);  // a thread per chunk (or per weight)
   if (dq && vec) nf4_dequantize_kernel<T, true, true><<<grid, kThreads, 0, st>>>(packed, s, bs, nbs, n, out);
   else if (dq) nf4_dequantize_kernel<T, true, false><<<grid, kThreads, 0, st>>>(packed, s, bs, nbs, n, out);
   else if (vec) nf4_dequantize_kernel<T, false, true><<<grid, kThreads, 0, st>>>(packed, s, bs, nbs, n, out);
@@ -258,7 +251,7 @@ cudaError_t dequantize_typed(const uint8_t* packed, const NF4Scales& s, int64_t 
 cudaError_t launch_nf4_quantize(DType dt, const void* w, int64_t n, int64_t blocksize, uint8_t* packed, float* absmax,
                                 void* stream) {
   const int64_t nblocks = (n + blocksize - 1) / blocksize;
-  const int grid = grid_for(nblocks * 32);
+  const int grid = grid_to_fill(nblocks * 32, kThreads, 2);
   auto st = static_cast<cudaStream_t>(stream);
   switch (dt) {
     case DType::f32:
@@ -279,14 +272,14 @@ cudaError_t launch_nf4_quantize(DType dt, const void* w, int64_t n, int64_t bloc
 cudaError_t launch_blockwise8_quantize(const float* x, int64_t n, float offset, const float* code, int64_t blocksize,
                                        uint8_t* codes, float* absmax, void* stream) {
   const int64_t nblocks = (n + blocksize - 1) / blocksize;
-  blockwise8_quantize_kernel<<<grid_for(nblocks * 32), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+  blockwise8_quantize_kernel<<<grid_to_fill(nblocks * 32, kThreads, 2), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
       x, n, offset, code, blocksize, nblocks, codes, absmax);
   return cudaGetLastError();
 }
 
 cudaError_t launch_blockwise8_dequantize(const uint8_t* codes, const float* absmax, const float* code, int64_t n,
                                          int64_t blocksize, float* out, void* stream) {
-  blockwise8_dequantize_kernel<<<grid_for(n), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(codes, absmax, code, n,
+  blockwise8_dequantize_kernel<<<grid_to_fill(n, kThreads, 2), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(codes, absmax, code, n,
                                                                                                   blocksize, out);
   return cudaGetLastError();
 }
