@@ -7,6 +7,7 @@
 // lower to several instructions on compute-type values and round once, as their kernels do.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -48,6 +49,8 @@ struct Program {
   bool row = false;                // has reductions over the last dim
   int passes = 1;                  // row programs: sweeps over each row
   int domain_value = -1;           // graph value whose shape is S
+  // The CUDA executor's kernels for this program, by variant (compile/cuda_exec.cpp).
+  mutable std::shared_ptr<void> device_kernels;
 
   // Per pass, which element-level instructions it evaluates (row programs; pointwise: one pass, all).
   std::vector<std::vector<bool>> pass_masks() const;
