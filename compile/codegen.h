@@ -1,6 +1,6 @@
 // CUDA C++ source for one fused group. The generated kernel #includes core/functors.h (and
 // core/philox.h for dropout) — the same scalar functors the hand-written kernels use — and nothing
-// else; NVRTC compiles it (compile/nvrtc.h). Its one argument is an array of 64-bit words laid out
+// else; NVRTC compiles it (compile/cubin.h). Its one argument is an array of 64-bit words laid out
 // by arg_layout(): sizes, pointers, strides, random seeds. A variant fixes what the source bakes
 // in: the domain's rank, per input whether it is read contiguously, as a scalar or through
 // strides, 32-bit indexing, and the row length when the plan fixed it.

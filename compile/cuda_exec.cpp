@@ -11,7 +11,7 @@
 #include "compile/codegen.h"
 #include "compile/executor.h"
 #include "compile/log.h"
-#include "compile/nvrtc.h"
+#include "compile/cubin.h"
 #include "core/cuda/runtime.h"
 
 namespace kiln::compile {

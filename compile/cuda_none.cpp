@@ -1,7 +1,7 @@
 // Builds without CUDA: fused groups on a CUDA device cannot exist, there is no kernel cache, and
 // no NVRTC.
 #include "compile/executor.h"
-#include "compile/nvrtc.h"
+#include "compile/cubin.h"
 
 namespace kiln::compile {
 

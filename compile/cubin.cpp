@@ -1,6 +1,6 @@
 // NVRTC compilation of generated kernels against the embedded kiln headers, cached on disk by
 // source, NVRTC version, architecture and options.
-#include "compile/nvrtc.h"
+#include "compile/cubin.h"
 
 #include <fmt/format.h>
 #include <nvrtc.h>

@@ -1,4 +1,4 @@
-// NVRTC: generated source -> cubin (SASS) for one GPU architecture ("sm_90"), through the disk
+// Cubins: generated source -> NVRTC -> cubin (SASS) for one GPU architecture ("sm_90"), through the disk
 // cache (compile/disk_cache.h). Needs no GPU, only libnvrtc; CUDA builds only.
 #pragma once
 #include <string>
