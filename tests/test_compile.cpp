@@ -19,6 +19,7 @@
 #include "compile/fusion.h"
 #include "compile/passes.h"
 #include "compile/plan.h"
+#include "compile/recompute.h"
 #include "core/dispatch.h"
 #include "core/ops.h"
 #include "core/ops/elementwise.h"
@@ -690,4 +691,52 @@ TEST_CASE("compile: QLoRA (NF4 base, LoRA with dropout) and checkpointed layers 
     REQUIRE(s.calls >= 2);
     REQUIRE(s.last_backward_kernels > 0);
   }
+}
+
+TEST_CASE("compile: the forward keeps GEMM outputs and row results for backward and recomputes pointwise work", "[compile]") {
+  Tensor x = test::random_tensor({4, 8}, DType::f32, 60).set_requires_grad(true);
+  Tensor w = test::random_tensor({8, 8}, DType::f32, 61).set_requires_grad(true);
+  auto f = [](const std::vector<Tensor>& in) {
+    Tensor h = matmul(in[0], in[1]);  // kept: the vjp of exp(h) * h reads it
+    Tensor a = exp(h) * h;            // exp(h) and a are read too: recomputed from h
+    Tensor s = softmax(a, -1);        // softmax's vjp reads s: kept (a row result)
+    return std::vector<Tensor>{s * a};
+  };
+  auto t = compile::trace(f, {x, w});
+  auto produced_by = [&](const char* name) {
+    for (const compile::Node& n : t->forward.nodes)
+      if (std::string(n.op->name()) == name) return n.outputs[0];
+    return -1;
+  };
+  const std::vector<int> kept = compile::choose_kept(t->forward, t->backward);
+  auto has = [&](int v) { return std::find(kept.begin(), kept.end(), v) != kept.end(); };
+  REQUIRE(has(produced_by("matmul")));
+  REQUIRE(has(produced_by("softmax")));
+  REQUIRE_FALSE(has(produced_by("exp")));
+  REQUIRE(kept.size() == 2);
+  // the backward recomputes exp(h) * h (inside a group with the vjps' pointwise work)
+  const compile::Graph joint = compile::backward_with_recompute(t->forward, t->backward, kept);
+  int recomputed = 0;
+  for (const compile::Node& n : joint.nodes) recomputed += n.origin.trace == 0;
+  REQUIRE(recomputed == 2);  // exp, mul
+  REQUIRE(count_ops(joint, "exp") == 1);
+  require_matches_eager(f, {x, w});
+}
+
+TEST_CASE("compile: a random op inside a compiled function draws eager's numbers, fresh ones each call", "[compile]") {
+  Tensor x = test::random_tensor({3, 6}, DType::f32, 62);
+  auto f = [](const std::vector<Tensor>& in) {
+    return std::vector<Tensor>{in[0] + rand(in[0].shape()) * 0.1 + randn(in[0].shape()) * 0.01};
+  };
+  autograd::NoGradGuard ng;
+  const compile::CompiledFunction cf = compile::compile(f);
+  manual_seed(5);
+  const Tensor e1 = f({x})[0], e2 = f({x})[0];
+  manual_seed(5);
+  compile::reset_stats();
+  const Tensor c1 = cf({x})[0], c2 = cf({x})[0];
+  test::require_equal(c1, e1);
+  test::require_equal(c2, e2);
+  REQUIRE_FALSE(test::all_close(c1, c2));
+  REQUIRE(compile::stats().compilations == 1);
 }
