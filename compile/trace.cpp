@@ -11,6 +11,8 @@
 #include "autograd/engine.h"
 #include "autograd/grad_mode.h"
 #include "core/dispatch.h"
+#include "core/ops/copy.h"
+#include "core/ops/creation.h"
 
 namespace kiln::compile {
 namespace {
@@ -129,6 +131,14 @@ class Tracer : public DispatchHandler {
       remember(out, id);
       return {out};
     }
+    bool traced = false;
+    for (const Tensor& t : inputs) traced = traced || !t.storage();
+    // Copies, random numbers and aranges of nothing traced run now: modules cache such tensors
+    // (a rotary table moved to the GPU), which must not be placeholders; the next call's trace
+    // finds them again (as captured tensors), and random ops draw this call's numbers, as eager does.
+    if (!traced && (dynamic_cast<const prim::Copy*>(op.get()) || dynamic_cast<const prim::Random*>(op.get()) ||
+                    dynamic_cast<const prim::Arange*>(op.get())))
+      return dispatch_next(op, inputs);
     std::vector<int> ids;
     for (const Tensor& t : inputs) ids.push_back(resolve(t));
     const std::vector<TensorMeta> metas = op->infer(inputs);

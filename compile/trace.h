@@ -17,9 +17,11 @@ using Fn = std::function<std::vector<Tensor>(const std::vector<Tensor>&)>;
 // One traced call. Tensors the function captured (parameters, constants, views of them: anything
 // with data it did not receive as an argument) are graph inputs of kind external, found by tensor
 // identity and held here. Views of captured tensors are taken eagerly (they alias, run no kernel);
-// views of traced values are view nodes. Ops without traced inputs (random numbers, fills, a cast
-// of a parameter) are nodes too: a random op keeps its Philox seed and offset as attributes, so the
-// graph replays the numbers this call drew.
+// views of traced values are view nodes. Copies (device moves, casts), random numbers and aranges
+// of nothing traced run when traced (modules cache such tensors, e.g. a rotary table moved to the
+// GPU): their results are captured tensors of this call, random ones drawn as eager draws them. Other
+// ops without traced inputs (fills, NF4 dequantisation, a parameter scaled) are nodes; dropout, whose
+// input is traced, keeps its Philox seed and offset as attributes read from each call's trace.
 struct TraceState {
   Graph forward;                      // trace 0
   Graph backward;                     // trace 1, when traced

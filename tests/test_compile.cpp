@@ -740,3 +740,18 @@ TEST_CASE("compile: a random op inside a compiled function draws eager's numbers
   REQUIRE_FALSE(test::all_close(c1, c2));
   REQUIRE(compile::stats().compilations == 1);
 }
+
+TEST_CASE("compile: a tensor a module caches while traced is real (copies of captured tensors run)", "[compile]") {
+  Tensor w = test::random_tensor({5}, DType::f32, 63);
+  Tensor cached;  // filled on the first call, as RotaryEmbedding fills its tables
+  auto f = [&](const std::vector<Tensor>& in) {
+    if (!cached.defined()) cached = cast(w, DType::f64);
+    return std::vector<Tensor>{in[0] * cast(cached, DType::f32) + 1.0};
+  };
+  autograd::NoGradGuard ng;
+  const Tensor x = test::random_tensor({3, 5}, DType::f32, 64);
+  const Tensor got = compile::compile(f)({x})[0];
+  REQUIRE(cached.storage() != nullptr);
+  test::require_close(cached, w.to(DType::f64));
+  test::require_close(got, x * w + 1.0);
+}
