@@ -1,6 +1,6 @@
 // cuBLASLt matmul against the CPU GEMM: odd, batched, broadcast and Llama-sized shapes in every
 // float dtype, transposed views (passed without copies) and other strided operands, autograd
-// gradients on both devices, the bias-epilogue GEMM (matmul_bias) and the TF32 switch.
+// gradients on both devices, operands on two devices, and the TF32 switch.
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
 #include <cmath>
@@ -158,39 +158,9 @@ TEST_CASE("cuda matmul gradients match the CPU", "[cuda][matmul]") {
   }
 }
 
-TEST_CASE("cuda matmul_bias adds the bias in the epilogue", "[cuda][matmul]") {
-  if (!cuda::is_available()) SKIP("no CUDA device");
-  for (DType dt : kFloats) {
-    for (bool transposed : {true, false}) {
-      INFO(dtype_name(dt) << " W^T " << transposed);
-      Tensor x = test::random_tensor({3, 5, 24}, dt, 14), bias = test::random_tensor({40}, dt, 15);
-      Tensor w = transposed ? transpose(test::random_tensor({40, 24}, dt, 16), 0, 1) : test::random_tensor({24, 40}, dt, 16);
-      Tensor want = add(matmul(x, w), bias);
-      Tensor got = cuda::matmul_bias(x.to(kGPU), w.to(kGPU).contiguous(), bias.to(kGPU));
-      Tensor got_t = cuda::matmul_bias(x.to(kGPU), transposed_view(w.to(kGPU)), bias.to(kGPU));
-      REQUIRE(got.shape() == Shape{3, 5, 40});
-      const Tol t = tol_for(dt, 24 * 4);  // the CPU reference rounds twice (product, then sum)
-      test::require_close(got.to(kCPU), want, t.rtol, t.atol);
-      test::require_close(got_t.to(kCPU), want, t.rtol, t.atol);
-    }
-  }
-  // a non-contiguous activation and odd sizes
-  Tensor x = test::make_noncontiguous(test::random_tensor({9, 13}, DType::f32, 17).to(kGPU));
-  Tensor w = test::random_tensor({7, 13}, DType::f32, 18), bias = test::random_tensor({7}, DType::f32, 19);
-  Tensor want = add(matmul(x.to(kCPU), transpose(w, 0, 1)), bias);
-  test::require_close(cuda::matmul_bias(x, transpose(w.to(kGPU), 0, 1), bias.to(kGPU)).to(kCPU), want, 1e-4, 1e-4);
-}
-
-TEST_CASE("cuda matmul_bias rejects bad input", "[cuda][matmul]") {
+TEST_CASE("cuda matmul rejects operands on two devices", "[cuda][matmul]") {
   if (!cuda::is_available()) SKIP("no CUDA device");
   Tensor x = zeros({3, 4}, DType::f32, kGPU), w = zeros({4, 5}, DType::f32, kGPU);
-  REQUIRE_THROWS_WITH(cuda::matmul_bias(x, w, zeros({4}, DType::f32, kGPU)),
-                      ContainsSubstring("[matmul_bias]") && ContainsSubstring("bias (5,)"));
-  REQUIRE_THROWS_WITH(cuda::matmul_bias(x, zeros({3, 5}, DType::f32, kGPU), zeros({5}, DType::f32, kGPU)),
-                      ContainsSubstring("[matmul_bias]") && ContainsSubstring("inner"));
-  REQUIRE_THROWS_WITH(cuda::matmul_bias(x, w, zeros({5}, DType::bf16, kGPU)),
-                      ContainsSubstring("[matmul_bias]") && ContainsSubstring("dtype"));
-  REQUIRE_THROWS_WITH(cuda::matmul_bias(x.to(kCPU), w.to(kCPU), zeros({5})), ContainsSubstring("[matmul_bias]"));
   REQUIRE_THROWS_WITH(matmul(x, w.to(kCPU)), ContainsSubstring("[matmul]"));
 }
 

@@ -1,5 +1,4 @@
-// CUDA kernel of prim::Matmul through cuBLASLt, and matmul_bias (the bias-epilogue GEMM). Operands
-// whose last two dims are row-major or a transpose of row-major go in as they are (op flags and
+// CUDA kernel of prim::Matmul through cuBLASLt, and the TF32 switch. Operands whose last two dims are row-major or a transpose of row-major go in as they are (op flags and
 // leading dims); batches use strided-batch layouts, looping only over batch dims that do not merge.
 // Plans (descriptors + heuristic algorithm) are cached per thread by shape/dtype/layout/alignment.
 #include <cublasLt.h>
@@ -93,12 +92,12 @@ uint32_t alignment_of(std::initializer_list<uint64_t> values) {
   return a;
 }
 
-// One GEMM problem in cuBLASLt's column-major terms: D (m, n) = op(A) (m, k) @ op(B) (k, n) [+ bias].
+// One GEMM problem in cuBLASLt's column-major terms: D (m, n) = op(A) (m, k) @ op(B) (k, n).
 struct GemmKey {  // trivial: zeroed with memset (padding included) before filling
   int device;
   cudaDataType_t data;
   cublasComputeType_t compute;
-  bool trans_a, trans_b, bias;
+  bool trans_a, trans_b;
   int64_t m, n, k, lda, ldb, ldc;
   int64_t batch, stride_a, stride_b, stride_c;
   uint32_t align_a, align_b, align_c;
@@ -154,11 +153,6 @@ std::unique_ptr<Plan> build_plan(const GemmKey& k, const TypeInfo& ti, cublasLtH
   const cublasOperation_t ta = k.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, tb = k.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
   KILN_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)), "matmul");
   KILN_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)), "matmul");
-  if (k.bias) {
-    const cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
-    KILN_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)),
-                      "matmul");
-  }
   plan->a = k.trans_a ? make_layout(k.data, k.k, k.m, k.lda, k.batch, k.stride_a)
                       : make_layout(k.data, k.m, k.k, k.lda, k.batch, k.stride_a);
   plan->b = k.trans_b ? make_layout(k.data, k.n, k.k, k.ldb, k.batch, k.stride_b)
@@ -229,9 +223,9 @@ Operand prepare(const Tensor& x) {
   return {cx, matrix_view(r, c, c, 1)};
 }
 
-// D (batch..., M, N) = A (batch..., M, K) @ B (batch..., K, N) [+ bias (N)] into a contiguous `out`.
+// D (batch..., M, N) = A (batch..., M, K) @ B (batch..., K, N) into a contiguous `out`.
 // False (nothing launched) when cuBLASLt has no algorithm for these layouts and alignments.
-bool try_gemm(const Tensor& a_in, const Tensor& b_in, const Tensor* bias, Tensor& out, const char* op) {
+bool try_gemm(const Tensor& a_in, const Tensor& b_in, Tensor& out, const char* op) {
   const Shape& os = out.shape();
   const int64_t m = os[os.size() - 2], n = os.back(), k = a_in.shape().back();
   if (out.numel() == 0) return true;
@@ -239,7 +233,7 @@ bool try_gemm(const Tensor& a_in, const Tensor& b_in, const Tensor* bias, Tensor
   DeviceGuard guard(device);
   void* stream = stream_of(out);
   const size_t es = itemsize(out.dtype());
-  if (k == 0) {  // an empty sum: zeros (plus the bias, which only matmul_bias has and which checks k > 0)
+  if (k == 0) {  // an empty sum: zeros
     KILN_CUDA_CHECK(cudaMemsetAsync(out.raw_data(), 0, out.nbytes(), static_cast<cudaStream_t>(stream)), op);
     return true;
   }
@@ -277,7 +271,6 @@ bool try_gemm(const Tensor& a_in, const Tensor& b_in, const Tensor* bias, Tensor
   key.device = device;
   key.data = ti.data;
   key.compute = ti.compute;
-  key.bias = bias != nullptr;
   // column-major: D^T (N, rows) = B^T (N, K) @ A^T (K, rows)
   key.m = n;
   key.n = rows;
@@ -321,10 +314,6 @@ bool try_gemm(const Tensor& a_in, const Tensor& b_in, const Tensor* bias, Tensor
   const Plan* found = plan_for(key, ti, handle);
   if (found == nullptr) return false;
   const Plan& plan = *found;
-  if (bias) {
-    const void* bp = bias->raw_data();
-    KILN_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp, sizeof(bp)), op);
-  }
   void* ws = workspace_for(device, stream);
   const float one_f = 1.0f, zero_f = 0.0f;
   const double one_d = 1.0, zero_d = 0.0;
@@ -343,8 +332,8 @@ bool try_gemm(const Tensor& a_in, const Tensor& b_in, const Tensor* bias, Tensor
 // try_gemm, retried on fresh (aligned, contiguous) copies of the operands when cuBLASLt has no
 // algorithm for their layouts.
 void gemm(const Tensor& a, const Tensor& b, Tensor& out, const char* op) {
-  if (try_gemm(a, b, nullptr, out, op)) return;
-  KILN_CHECK(try_gemm(a.detach().clone(), b.detach().clone(), nullptr, out, op), op, "cuBLASLt found no algorithm for {} @ {} in {}",
+  if (try_gemm(a, b, out, op)) return;
+  KILN_CHECK(try_gemm(a.detach().clone(), b.detach().clone(), out, op), op, "cuBLASLt found no algorithm for {} @ {} in {}",
              shape_str(a.shape()), shape_str(b.shape()), dtype_name(a.dtype()));
 }
 
@@ -353,35 +342,6 @@ void matmul_kernel(const prim::Matmul&, const std::vector<Tensor>& in, std::vect
 }
 
 }  // namespace
-
-Tensor matmul_bias(const Tensor& a, const Tensor& b, const Tensor& bias) {
-  const char* op = "matmul_bias";
-  KILN_CHECK(a.device().is_cuda() && b.device() == a.device() && bias.device() == a.device(), op,
-             "expected a, b and bias on one CUDA device, found {}, {} and {}", a.device().str(), b.device().str(),
-             bias.device().str());
-  KILN_CHECK(a.dim() >= 2 && b.dim() == 2, op, "expected a (..., M, K) and b (K, N), found {} and {}",
-             shape_str(a.shape()), shape_str(b.shape()));
-  KILN_CHECK(a.dtype() == b.dtype() && bias.dtype() == a.dtype() && is_floating(a.dtype()), op,
-             "expected one float dtype, found {}, {} and {}", dtype_name(a.dtype()), dtype_name(b.dtype()),
-             dtype_name(bias.dtype()));
-  const int64_t k = a.size(-1), n = b.size(1);
-  KILN_CHECK(b.size(0) == k, op, "inner dimensions differ: {} @ {}", shape_str(a.shape()), shape_str(b.shape()));
-  KILN_CHECK(bias.dim() == 1 && bias.size(0) == n, op, "expected bias ({},), found {}", n, shape_str(bias.shape()));
-  KILN_CHECK(k > 0, op, "expected K > 0, found {} @ {}", shape_str(a.shape()), shape_str(b.shape()));
-  Shape out_shape = a.shape();
-  out_shape.back() = n;
-  Tensor a2 = reshape(a.detach(), {-1, k});  // (rows, K): a view unless a's rows do not merge
-  Tensor bias_c = contiguous(bias.detach());
-  if (reinterpret_cast<uintptr_t>(bias_c.raw_data()) % 16 != 0) bias_c = bias_c.clone();
-  Tensor out = empty({a2.size(0), n}, a.dtype(), a.device());  // (rows, N)
-  const Tensor b2 = b.detach();
-  if (!try_gemm(a2, b2, &bias_c, out, op)) {
-    // no bias-epilogue algorithm for this dtype or layout (f64, for one): a plain GEMM, then the add
-    gemm(a2, b2, out, op);
-    out = add(out, bias_c);
-  }
-  return reshape(out, out_shape);
-}
 
 void set_allow_tf32(bool allow) { g_allow_tf32.store(allow); }
 bool allow_tf32() { return g_allow_tf32.load(); }

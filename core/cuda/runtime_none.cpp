@@ -42,7 +42,6 @@ void empty_cache() { no_cuda(); }
 void record_stream(const Storage&, const Stream&) { no_cuda(); }
 Allocator* caching_allocator() { no_cuda(); }
 
-Tensor matmul_bias(const Tensor&, const Tensor&, const Tensor&) { no_cuda(); }
 void set_allow_tf32(bool) { no_cuda(); }
 bool allow_tf32() { return false; }
 
