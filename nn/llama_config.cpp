@@ -1,5 +1,5 @@
 // LlamaConfig: Hugging Face config.json in and out, validation, and the built-in named configs
-// (the real Llama 3.1 8B and a tiny one for the default CPU fine-tune).
+// (the real Llama 3.1 8B and 70B, and a tiny one for the default CPU fine-tune).
 #include <filesystem>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -23,6 +23,16 @@ constexpr const char* kLlama31_8B = R"({
                    "original_max_position_embeddings": 8192, "rope_type": "llama3"},
   "rope_theta": 500000.0, "tie_word_embeddings": false, "torch_dtype": "bfloat16", "vocab_size": 128256})";
 
+// Meta's Llama 3.1 70B (config.json of meta-llama/Llama-3.1-70B): what FSDP over several GPUs is for.
+constexpr const char* kLlama31_70B = R"({
+  "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+  "attention_bias": false, "mlp_bias": false, "bos_token_id": 128000, "eos_token_id": 128001,
+  "hidden_size": 8192, "intermediate_size": 28672, "max_position_embeddings": 131072,
+  "num_attention_heads": 64, "num_hidden_layers": 80, "num_key_value_heads": 8, "rms_norm_eps": 1e-05,
+  "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+  "rope_theta": 500000.0, "tie_word_embeddings": false, "torch_dtype": "bfloat16", "vocab_size": 128256})";
+
 // The default fine-tune's model: Llama 3.1's architecture at a size a 2-core CPU trains in minutes,
 // over the default tokenizer's 4,096-token vocabulary. Its random weights are drawn wider than HF's
 // 0.02 so that a frozen random base still gives LoRA features to work with (the loss then falls from
@@ -37,7 +47,7 @@ constexpr const char* kTiny = R"({
   "rope_theta": 500000.0, "tie_word_embeddings": true, "torch_dtype": "float32", "vocab_size": 4096})";
 
 const std::map<std::string, const char*>& named_configs() {
-  static const std::map<std::string, const char*> m{{"llama3.1-8b", kLlama31_8B}, {"tiny", kTiny}};
+  static const std::map<std::string, const char*> m{{"llama3.1-8b", kLlama31_8B}, {"llama3.1-70b", kLlama31_70B}, {"tiny", kTiny}};
   return m;
 }
 
@@ -136,7 +146,7 @@ LlamaConfig LlamaConfig::named(const std::string& name_or_path) {
   if (it != named_configs().end()) return from_json(it->second, name_or_path);
   namespace fs = std::filesystem;
   if (fs::is_directory(name_or_path)) return from_file((fs::path(name_or_path) / "config.json").string());
-  KILN_CHECK(fs::exists(name_or_path), "llama config", "'{}' is neither a known config (llama3.1-8b, tiny) nor a file",
+  KILN_CHECK(fs::exists(name_or_path), "llama config", "'{}' is neither a known config (llama3.1-8b, llama3.1-70b, tiny) nor a file",
              name_or_path);
   return from_file(name_or_path);
 }

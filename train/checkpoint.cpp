@@ -110,9 +110,23 @@ TrainerState TrainerState::from_json(const std::string& text, const std::string&
   return s;
 }
 
+std::string checkpoint_name(int64_t step) { return fmt::format("checkpoint-{}", step); }
+
+void set_latest_checkpoint(const std::string& output, const std::string& name) {
+  write_file_atomic((fs::path(output) / "latest").string(), name + "\n", "checkpoint");
+}
+
+TrainerState read_trainer_state(const std::string& dir, const std::string& fingerprint) {
+  const fs::path state_path = fs::path(dir) / "trainer_state.json";
+  TrainerState s = TrainerState::from_json(read_file(state_path.string(), "checkpoint"), state_path.string());
+  KILN_CHECK(s.fingerprint == fingerprint, "checkpoint", "{} was written by a run with other settings: {}", dir,
+             fingerprint_diff(s.fingerprint, fingerprint));
+  return s;
+}
+
 std::string save_checkpoint(const std::string& output, nn::Module& model, const nn::LoraConfig* lora,
                             const nn::Optimizer& optimizer, const TrainerState& state) {
-  const std::string name = fmt::format("checkpoint-{}", state.step);
+  const std::string name = checkpoint_name(state.step);
   const fs::path final_dir = fs::path(output) / name;
   const fs::path tmp = fs::path(output) / (name + ".tmp");
   fs::remove_all(tmp);
@@ -123,7 +137,7 @@ std::string save_checkpoint(const std::string& output, nn::Module& model, const 
   write_file_atomic((tmp / "trainer_state.json").string(), state.to_json(), "checkpoint");
   fs::remove_all(final_dir);
   fs::rename(tmp, final_dir);
-  write_file_atomic((fs::path(output) / "latest").string(), name + "\n", "checkpoint");
+  set_latest_checkpoint(output, name);
   return final_dir.string();
 }
 
@@ -142,10 +156,9 @@ std::optional<std::string> latest_checkpoint(const std::string& output) {
 TrainerState load_checkpoint(const std::string& dir, nn::Module& model, nn::Optimizer& optimizer,
                              const std::string& fingerprint) {
   const fs::path d(dir);
-  const fs::path state_path = d / "trainer_state.json";
-  TrainerState s = TrainerState::from_json(read_file(state_path.string(), "checkpoint"), state_path.string());
-  KILN_CHECK(s.fingerprint == fingerprint, "checkpoint", "{} was written by a run with other settings: {}", dir,
-             fingerprint_diff(s.fingerprint, fingerprint));
+  TrainerState s = read_trainer_state(dir, fingerprint);
+  KILN_CHECK(!fs::exists(d / "sharded.json"), "checkpoint",
+             "{} was written by a sharded run (fully_shard; kiln finetune --shard): resume it sharded", dir);
   KILN_CHECK(fs::exists(d / "optimizer.safetensors"), "checkpoint", "{}: expected optimizer.safetensors, found none", dir);
   if (fs::is_directory(d / "adapter")) nn::load_adapter(model, (d / "adapter").string());
   else load_trainable(model, d / kTrainableFile);

@@ -42,6 +42,13 @@ std::string save_checkpoint(const std::string& output, nn::Module& model, const 
 // The folder <output>/latest names; nullopt when there is no latest file. A latest file naming a
 // missing folder is an error.
 std::optional<std::string> latest_checkpoint(const std::string& output);
+// The pieces save/load_checkpoint are made of, for writers of other layouts (dist/'s sharded checkpoints):
+// "checkpoint-<step>"; <output>/latest pointing at <output>/<name> (written atomically); <dir>/trainer_state.json
+// read and checked against `fingerprint` (the error lists each differing key).
+std::string checkpoint_name(int64_t step);
+void set_latest_checkpoint(const std::string& output, const std::string& name);
+TrainerState read_trainer_state(const std::string& dir, const std::string& fingerprint);
+
 // Checks the checkpoint against `fingerprint` (the error lists each differing key: "lora_r:
 // checkpoint '4', now '8'"), then loads the weights into `model` and the optimizer state. Corrupt,
 // missing or mismatched files are kiln::Error.

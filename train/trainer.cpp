@@ -3,7 +3,6 @@
 #include "train/trainer.h"
 
 #include <cmath>
-#include <filesystem>
 
 #include "autograd/grad_mode.h"
 #include "nn/llama.h"
@@ -17,6 +16,12 @@ data::Batch on_device(const data::Batch& b, Device device) {
   return {to_device(b.input_ids, device), to_device(b.labels, device), b.n_loss_tokens};
 }
 
+// What a rank short of a batch runs in lockstep: `like`'s inputs with every label ignored, or one token.
+data::Batch padding_batch(const data::Batch* like) {
+  if (like) return {like->input_ids, full_like(like->labels, static_cast<double>(data::kIgnoreIndex)), 0};
+  return {zeros({1, 1}, DType::i64), full({1, 1}, static_cast<double>(data::kIgnoreIndex), DType::i64), 0};
+}
+
 }  // namespace
 
 BatchLossFn llama_loss(bool chunked) {
@@ -24,7 +29,7 @@ BatchLossFn llama_loss(bool chunked) {
     auto* llama = dynamic_cast<nn::Llama*>(&model);
     KILN_CHECK(llama != nullptr, "trainer", "the default loss expected an nn::Llama, found {} (set TrainerOptions::loss)",
                model.type_name());
-    Tensor hidden = llama->forward(batch.input_ids);  // (B, T, hidden)
+    Tensor hidden = (*llama)(batch.input_ids);  // (B, T, hidden), through the model's hooks (fully_shard's)
     return chunked ? llama->chunked_loss(hidden, batch.labels, Reduction::sum)
                    : llama->loss(hidden, batch.labels, Reduction::sum);
   };
@@ -66,7 +71,7 @@ template <class F> void Trainer::each_callback(F&& f) {
 }
 
 void Trainer::resume(const std::string& dir) {
-  TrainerState s = load_checkpoint(dir, model_, optimizer_, options_.fingerprint);
+  TrainerState s = parallel_->load_checkpoint(dir, model_, optimizer_, options_.fingerprint);
   train_data_.restore(s.data);
   default_generator().set_state(s.rng);
   state_ = std::move(s);
@@ -79,16 +84,22 @@ std::optional<std::string> Trainer::resume_latest() {
   return dir;
 }
 
-std::vector<data::Batch> Trainer::next_micro_batches() {
+std::vector<data::Batch> Trainer::next_micro_batches(int64_t& slots) {
   std::vector<data::Batch> micro;
   const int64_t world = parallel_->world_size(), rank = parallel_->rank();
+  int64_t read = 0;
   for (int64_t m = 0; m < options_.grad_accum; ++m) {
     for (int64_t r = 0; r < world; ++r) {  // every rank reads the same stream and keeps its share
       auto b = train_data_.next();
-      if (!b) return micro;  // the epochs are done
+      if (!b) {  // the epochs are done
+        slots = (read + world - 1) / world;
+        return micro;
+      }
+      ++read;
       if (r == rank) micro.push_back(std::move(*b));
     }
   }
+  slots = options_.grad_accum;
   return micro;
 }
 
@@ -99,7 +110,8 @@ bool Trainer::stop_agreed() {
 }
 
 std::optional<StepInfo> Trainer::train_step() {
-  const std::vector<data::Batch> micro = next_micro_batches();
+  int64_t slots = 0;  // the most micro-batches any rank got (the same on every rank: they read one stream)
+  const std::vector<data::Batch> micro = next_micro_batches(slots);
   std::vector<double> counts{0, static_cast<double>(micro.size()), 0};  // loss tokens, micro-batches, input tokens
   for (const data::Batch& b : micro) {
     counts[0] += static_cast<double>(b.n_loss_tokens);
@@ -111,8 +123,12 @@ std::optional<StepInfo> Trainer::train_step() {
 
   if (options_.schedule) optimizer_.set_lr(options_.schedule->lr_at(state_.step));
   double step_loss = 0;
-  for (const data::Batch& b : micro) {
-    if (b.n_loss_tokens == 0) continue;
+  const bool lockstep = parallel_->lockstep();
+  const int64_t passes = lockstep ? (step_tokens > 0 ? slots : 0) : static_cast<int64_t>(micro.size());
+  for (int64_t i = 0; i < passes; ++i) {
+    const size_t k = static_cast<size_t>(i);
+    const data::Batch b = k < micro.size() ? micro[k] : padding_batch(micro.empty() ? nullptr : &micro[0]);
+    if (b.n_loss_tokens == 0 && !lockstep) continue;
     Tensor loss = div(loss_(model_, on_device(b, options_.device)), step_tokens);  // this batch's share of the mean
     loss.backward();
     step_loss += loss.item<double>();
@@ -120,7 +136,7 @@ std::optional<StepInfo> Trainer::train_step() {
   parallel_->all_reduce_gradients(params_);
   std::vector<double> losses{step_loss};
   parallel_->all_reduce_sum(losses);
-  const double grad_norm = options_.clip > 0 ? nn::clip_grad_norm_(params_, options_.clip) : 0.0;
+  const double grad_norm = options_.clip > 0 ? parallel_->clip_grad_norm(params_, options_.clip) : 0.0;
   StepInfo s;
   s.lr = optimizer_.lr();
   optimizer_.step();
@@ -159,12 +175,24 @@ EvalInfo Trainer::evaluate() {
     autograd::NoGradGuard no_grad;
     model_.eval();
     try {
+      std::vector<data::Batch> mine;  // this rank's share of the eval batches
+      int64_t read = 0;
       for (int64_t i = 0; i < options_.eval_batches; ++i) {
         auto batch = ds.next();
         if (!batch) break;
-        if (i % world != rank || batch->n_loss_tokens == 0) continue;
-        sums[0] += loss_(model_, on_device(*batch, options_.device)).item<double>();
-        sums[1] += static_cast<double>(batch->n_loss_tokens);
+        ++read;
+        if (i % world == rank) mine.push_back(std::move(*batch));
+      }
+      const bool lockstep = parallel_->lockstep();
+      const int64_t passes = lockstep ? (read + world - 1) / world : static_cast<int64_t>(mine.size());
+      for (int64_t i = 0; i < passes; ++i) {
+        const size_t k = static_cast<size_t>(i);
+        const data::Batch b = k < mine.size() ? mine[k] : padding_batch(mine.empty() ? nullptr : &mine[0]);
+        if (b.n_loss_tokens == 0 && !lockstep) continue;
+        const double loss = loss_(model_, on_device(b, options_.device)).item<double>();
+        if (b.n_loss_tokens == 0) continue;
+        sums[0] += loss;
+        sums[1] += static_cast<double>(b.n_loss_tokens);
       }
     } catch (...) {
       model_.train(was_training);
@@ -180,11 +208,8 @@ std::string Trainer::save_checkpoint() {
   KILN_CHECK(!options_.output.empty(), "trainer", "save_checkpoint expected TrainerOptions::output to name a folder, found \"\"");
   state_.data = train_data_.position();
   state_.rng = default_generator().state();
-  std::string path = (std::filesystem::path(options_.output) / fmt::format("checkpoint-{}", state_.step)).string();
-  if (parallel_->rank() == 0) {
-    const nn::LoraConfig* lora = options_.lora ? &*options_.lora : nullptr;
-    path = train::save_checkpoint(options_.output, model_, lora, optimizer_, state_);
-  }
+  const nn::LoraConfig* lora = options_.lora ? &*options_.lora : nullptr;
+  const std::string path = parallel_->save_checkpoint(options_.output, model_, lora, optimizer_, state_);
   const SaveInfo info{state_.step, path};
   each_callback([&](Callback& c) { c.on_save(*this, info); });
   return path;

@@ -153,7 +153,8 @@ class Trainer {
   DataParallel& parallel() { return *parallel_; }
 
  private:
-  std::vector<data::Batch> next_micro_batches();
+  // This rank's micro-batches of the step; `slots`: the most any rank got (grad_accum until the data ends).
+  std::vector<data::Batch> next_micro_batches(int64_t& slots);
   bool stop_agreed();  // any rank asked to stop
   template <class F> void each_callback(F&& f);
 

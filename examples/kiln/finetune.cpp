@@ -2,6 +2,7 @@
 // subcommand with its terminal output and Ctrl-C handling.
 #include "examples/kiln/finetune.h"
 
+#include <algorithm>
 #include <atomic>
 #include <csignal>
 #include <cstdio>
@@ -10,6 +11,10 @@
 #include "core/cuda/runtime.h"
 #include "core/file_io.h"
 #include "data/default_corpus.h"
+#include "dist/fsdp_parallel.h"
+#include "dist/init.h"
+#include "dist/local.h"
+#include "dist/sharded_checkpoint.h"
 #include "examples/kiln/app.h"
 #include "nn/generate.h"
 #include "nn/lr_schedule.h"
@@ -55,10 +60,13 @@ struct SigintScope {
 
 }  // namespace
 
-FinetuneJob::FinetuneJob(const FinetuneConfig& c) : config_(c), device_(resolve_device(c.device)) {
+FinetuneJob::FinetuneJob(const FinetuneConfig& c, RunWorld world)
+    : config_(c), world_(std::move(world)), device_(world_.group ? world_.device : resolve_device(c.device)) {
   c.validate();
+  if (c.shard && !world_.group) world_.group = dist::make_local_groups(1)[0];  // fully_shard over a world of one
+  const bool lead = world_.rank() == 0;
   fs::create_directories(c.output);
-  write_file_atomic((fs::path(c.output) / "config.toml").string(), c.to_toml(), "finetune");
+  if (lead) write_file_atomic((fs::path(c.output) / "config.toml").string(), c.to_toml(), "finetune");
 
   // ---- model (NF4 base for QLoRA, quantised layer by layer as it loads), tokenizer, LoRA
   ModelSpec spec;
@@ -66,7 +74,7 @@ FinetuneJob::FinetuneJob(const FinetuneConfig& c) : config_(c), device_(resolve_
   spec.config = c.model_dir.empty() ? c.config : "";
   spec.seed = c.seed;
   spec.dtype = c.dtype;
-  spec.device = c.device;
+  spec.device = device_.str();
   spec.nf4 = c.base == "nf4";
   if (device_.is_cuda()) cuda::set_device(device_.index);
   model_ = load_model(spec);
@@ -83,6 +91,7 @@ FinetuneJob::FinetuneJob(const FinetuneConfig& c) : config_(c), device_(resolve_
   nn::apply_lora(*model_, lora_, c.seed + 1);
   model_->set_checkpoint_activations(c.checkpointing);
   model_->train();
+  if (c.shard) shards_ = dist::shard_llama(*model_, world_.group);  // each decoder layer, then the root
 
   // ---- data: documents -> tokens -> held-out split -> packed training stream and eval batches
   const std::string data_path = c.data.empty() ? data::default_corpus_path() : c.data;
@@ -133,23 +142,30 @@ FinetuneJob::FinetuneJob(const FinetuneConfig& c) : config_(c), device_(resolve_
   to.lora = lora_;
   to.fingerprint = c.fingerprint();
   to.log_every = std::max<int64_t>(c.log_every, 1);
+  if (world_.group) to.parallel = std::make_shared<dist::FsdpParallel>(world_.group, device_, shards_);
   trainer_ = std::make_unique<train::Trainer>(*model_, *optimizer_, *train_data_, std::move(to));
   if (c.resume) {
     resumed_from_ = trainer_->resume_latest();
     KILN_CHECK(resumed_from_.has_value(), "finetune", "--resume: no checkpoint in {} (no 'latest' file)", c.output);
   }
-  trainer_->add_callback(std::make_shared<train::MetricsCallback>(c.output, c.resume, "kiln finetune: loss"));
+  if (lead) trainer_->add_callback(std::make_shared<train::MetricsCallback>(c.output, c.resume, "kiln finetune: loss"));
 }
 
 FinetuneJob::~FinetuneJob() = default;
 
 std::string FinetuneJob::banner() const {
   const FinetuneConfig& c = config_;
-  return fmt::format("kiln finetune: {}, {} base, LoRA r={} on {} | {} trainable + {} base parameters | {} train + {} eval docs, "
-                     "{} tokens/epoch | {} steps of {} x {} tokens -> {}",
-                     c.model_dir.empty() ? c.config : c.model_dir, c.base, c.lora_r, device_.str(),
-                     model_->num_parameters(true), model_->config().num_parameters(), n_train_docs_, n_eval_docs_,
-                     train_data_->tokens_per_epoch(), total_steps_, c.batch_size * c.grad_accum, c.seq_len, c.output);
+  const std::string ranks =
+      world_.size() > 1 ? fmt::format(" x {} ranks ({})", world_.size(), shards_ ? "sharded" : "data parallel")
+                        : (shards_ ? std::string(" (sharded)") : std::string());
+  // Parameter counts from the config and LoRA's shapes (a sharded model holds 1/N of them).
+  int64_t trainable = 0;
+  for (const auto& [path, l] : nn::lora_layers(*model_)) trainable += lora_.r * (l->in_features() + l->out_features());
+  return fmt::format("kiln finetune: {}, {} base, LoRA r={} on {}{} | {} trainable + {} base parameters | {} train + {} eval "
+                     "docs, {} tokens/epoch | {} steps of {} x {} tokens -> {}",
+                     c.model_dir.empty() ? c.config : c.model_dir, c.base, c.lora_r, device_.str(), ranks, trainable,
+                     model_->config().num_parameters(), n_train_docs_, n_eval_docs_, train_data_->tokens_per_epoch(),
+                     total_steps_, c.batch_size * c.grad_accum * world_.size(), c.seq_len, c.output);
 }
 
 FinetuneResult FinetuneJob::run() {
@@ -161,8 +177,12 @@ FinetuneResult FinetuneJob::run() {
   result.eval_losses = fit.eval_losses;
   result.checkpoint = fit.checkpoint;
   result.interrupted = fit.stopped;
-  nn::save_adapter(*model_, lora_, (fs::path(config_.output) / "adapter").string());
+  const bool lead = world_.rank() == 0;
+  const std::string adapter = (fs::path(config_.output) / "adapter").string();
+  if (shards_) dist::save_adapter_sharded(*shards_, *model_, lora_, adapter);  // gathered; rank 0 writes
+  else if (lead) nn::save_adapter(*model_, lora_, adapter);
   if (result.interrupted || config_.sample_tokens <= 0) return result;
+  if (!shards_ && !lead) return result;  // replicated: rank 0 samples alone
 
   // ---- a sample from the fine-tuned model
   const data::Tokenizer& tok = *tokenizer_;
@@ -171,21 +191,31 @@ FinetuneResult FinetuneJob::run() {
   go.temperature = 0.7;
   go.top_p = 0.9;
   go.seed = config_.seed;
-  go.stop_tokens = {tok.eos_id(), tok.eot_id()};
+  const std::vector<int64_t> stop = {tok.eos_id(), tok.eot_id()};
+  // Sharded, every forward gathers: all ranks generate exactly sample_tokens tokens, cut at a stop token after.
+  if (!shards_) go.stop_tokens = stop;
   go.token_limit = tok.vocab_size();
   std::vector<int64_t> prompt;
   for (int32_t id : tok.encode(config_.sample_prompt, /*add_bos=*/true)) prompt.push_back(id);
-  const auto out = nn::generate(*model_, prompt, go);
+  auto out = nn::generate(*model_, prompt, go);
+  auto end = std::find_first_of(out.begin(), out.end(), stop.begin(), stop.end());
+  out.erase(end == out.end() ? end : end + 1, out.end());
   std::vector<int32_t> ids(out.begin(), out.end());
   result.sample = config_.sample_prompt + tok.decode(ids, /*skip_special=*/true);
-  write_file_atomic((fs::path(config_.output) / "sample.txt").string(), result.sample + "\n", "finetune");
+  if (lead) write_file_atomic((fs::path(config_.output) / "sample.txt").string(), result.sample + "\n", "finetune");
   return result;
 }
 
-FinetuneResult run_finetune(const FinetuneConfig& c) {
+namespace {
+
+FinetuneResult run_finetune_ranked(const FinetuneConfig& c) {
   c.validate();
   const bool earlier_run = !c.resume && fs::exists(fs::path(c.output) / "latest");
-  FinetuneJob job(c);
+  FinetuneJob job(c, join_world(c, c.shard));
+  if (job.world().rank() != 0) {  // the other ranks train silently; rank 0 reports for all
+    SigintScope sigint(job.trainer());
+    return job.run();
+  }
   if (job.resumed_from())
     std::fprintf(stderr, "resumed from %s at step %lld\n", job.resumed_from()->c_str(),
                  static_cast<long long>(job.trainer().state().step));
@@ -210,11 +240,31 @@ FinetuneResult run_finetune(const FinetuneConfig& c) {
   return result;
 }
 
+}  // namespace
+
+FinetuneResult run_finetune(const FinetuneConfig& c) {
+  const dist::Environment env = dist::read_environment();
+  try {
+    return run_finetune_ranked(c);
+  } catch (const std::exception& e) {
+    if (env.world_size > 1) throw Error(fmt::format("rank {}: {}", env.rank, e.what()));
+    throw;
+  }
+}
+
 void add_finetune_command(CLI::App& app) {
   auto config = std::make_shared<FinetuneConfig>();
+  auto nproc = std::make_shared<int>(1);
   CLI::App* cmd = app.add_subcommand("finetune", "QLoRA/LoRA fine-tuning (no arguments: the default job on the embedded corpus)");
   add_finetune_options(*cmd, *config);
-  cmd->callback([cmd, config] {
+  cmd->add_option("--nproc", *nproc, "run as N ranks on this machine (kiln launch --nproc N -- kiln finetune ...)")
+      ->check(CLI::PositiveNumber);
+  cmd->callback([cmd, config, nproc] {
+    if (*nproc > 1) {
+      const int status = relaunch_ranks(*nproc, command_line());
+      if (status != 0) throw CLI::RuntimeError(status);
+      return;
+    }
     if (!config->config_file.empty()) {
       // The file first, then every flag given on the command line over it.
       FinetuneConfig merged;

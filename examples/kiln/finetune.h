@@ -8,6 +8,8 @@
 #include <vector>
 
 #include "data/tokenizer.h"
+#include "dist/fully_shard.h"
+#include "examples/kiln/distributed.h"
 #include "examples/kiln/finetune_config.h"
 #include "nn/llama.h"
 #include "nn/optim.h"
@@ -30,24 +32,29 @@ class FinetuneJob {
  public:
   // Validates the settings, writes <output>/config.toml, builds the parts and the Trainer (resumed
   // from <output>/latest with config.resume: an error when there is none) and attaches the
-  // metrics.jsonl/loss_curve.svg callback.
-  explicit FinetuneJob(const FinetuneConfig& config);
+  // metrics.jsonl/loss_curve.svg callback. In a world of several ranks (join_world) every rank builds
+  // the same parts, the model sharded with config.shard, and rank 0 alone writes files.
+  explicit FinetuneJob(const FinetuneConfig& config, RunWorld world = {});
   FinetuneJob(const FinetuneJob&) = delete;
   FinetuneJob& operator=(const FinetuneJob&) = delete;
   ~FinetuneJob();
 
   train::Trainer& trainer() { return *trainer_; }
   // Trains to the end or a stop request, writes <output>/adapter and, unless stopped, the sample
-  // (<output>/sample.txt).
+  // (<output>/sample.txt). Sharded: every rank takes part (the adapter is gathered, the sample generated
+  // in lockstep for sample_tokens tokens, then cut at a stop token).
   FinetuneResult run();
+  const RunWorld& world() const { return world_; }
   // The one-line summary of the run the command prints before training.
   std::string banner() const;
   const std::optional<std::string>& resumed_from() const { return resumed_from_; }
 
  private:
   FinetuneConfig config_;
+  RunWorld world_;
   Device device_;
   std::shared_ptr<nn::Llama> model_;
+  std::shared_ptr<dist::FsdpUnit> shards_;  // the root unit when sharded
   std::unique_ptr<data::Tokenizer> tokenizer_;
   nn::LoraConfig lora_;
   std::unique_ptr<data::PackedDataset> train_data_;
@@ -58,8 +65,9 @@ class FinetuneJob {
   std::optional<std::string> resumed_from_;
 };
 
-// The command: the job, the progress bar and messages on stderr, the sample on stdout, and Ctrl-C as
-// a stop request (the result says interrupted; the command then exits with 130).
+// The command: the world (join_world: the launcher's variables), the job, the progress bar and messages on
+// stderr and the sample on stdout (rank 0), and Ctrl-C as a stop request (the result says interrupted; the
+// command then exits with 130). With several ranks an error names the rank it happened on.
 FinetuneResult run_finetune(const FinetuneConfig& config);
 
 }  // namespace kiln::app

@@ -29,7 +29,7 @@ struct Field {
 const std::vector<Field>& fields() {
   static const std::vector<Field> f{
       {"model", "Hugging Face model folder (config.json + safetensors)", &C::model_dir, true},
-      {"config", "named config (tiny, llama3.1-8b) or config.json for a random-weight model", &C::config, true},
+      {"config", "named config (tiny, llama3.1-8b, llama3.1-70b) or config.json for a random-weight model", &C::config, true},
       {"random_init", "random weights for --config (required unless it is the default tiny job)", &C::random_init, true},
       {"tokenizer", "tokenizer.json or a folder holding one", &C::tokenizer, true},
       {"base", "nf4 (QLoRA) or bf16 (LoRA over the model's dtype)", &C::base, true},
@@ -56,6 +56,7 @@ const std::vector<Field>& fields() {
       {"seed", "seed of weights, adapters, data order and dropout", &C::seed, true},
       {"checkpointing", "activation checkpointing per decoder block", &C::checkpointing, false},
       {"chunked_head", "chunked linear+cross-entropy head (never the full logits)", &C::chunked_head, false},
+      {"shard", "with several ranks: shard the model over them (fully_shard) instead of replicating it", &C::shard, false},
       {"eval_every", "eval loss every N steps (0: off)", &C::eval_every, false},
       {"eval_batches", "batches per eval", &C::eval_batches, false},
       {"save_every", "checkpoint every N steps (0: only at the end and on Ctrl-C)", &C::save_every, false},
@@ -141,12 +142,18 @@ void FinetuneConfig::load_toml(const std::string& path) {
 std::string FinetuneConfig::to_toml() const {
   std::ostringstream out;
   out << "# kiln finetune settings (run again with --config-file this file)\n";
+  for (const auto& [name, value] : settings()) out << name << " = " << value << "\n";
+  return out.str();
+}
+
+std::vector<std::pair<std::string, std::string>> FinetuneConfig::settings() const {
+  std::vector<std::pair<std::string, std::string>> all;
   for (const Field& f : fields()) {
+    std::ostringstream out;
     std::visit(
         [&](auto m) {
           using T = std::remove_cvref_t<decltype(this->*m)>;
           const T& v = this->*m;
-          out << f.name << " = ";
           if constexpr (std::is_same_v<T, std::string>) {
             out << nlohmann::json(v).dump();  // a JSON string is a valid TOML basic string
           } else if constexpr (std::is_same_v<T, bool>) {
@@ -161,11 +168,11 @@ std::string FinetuneConfig::to_toml() const {
           } else {
             out << v;
           }
-          out << "\n";
         },
         f.member);
+    all.emplace_back(f.name, out.str());
   }
-  return out.str();
+  return all;
 }
 
 std::string FinetuneConfig::fingerprint() const {

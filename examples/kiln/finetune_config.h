@@ -4,6 +4,7 @@
 #include <CLI/CLI.hpp>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace kiln::app {
@@ -41,6 +42,7 @@ struct FinetuneConfig {
   uint64_t seed = 0;
   bool checkpointing = false;     // activation checkpointing per block
   bool chunked_head = true;       // chunked linear+loss head
+  bool shard = false;             // several ranks: fully_shard the model (else plain data parallel)
   // reporting and checkpoints
   int64_t eval_every = 100;
   int64_t eval_batches = 4;
@@ -54,6 +56,8 @@ struct FinetuneConfig {
 
   void validate() const;
   std::string to_toml() const;
+  // Each setting as config.toml spells it: (name, TOML value).
+  std::vector<std::pair<std::string, std::string>> settings() const;
   // Applies a TOML file's keys (the names above) over the current values; unknown keys are errors.
   void load_toml(const std::string& path);
   // What must match between a run and its resume (model, LoRA, data and batch settings).

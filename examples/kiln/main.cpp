@@ -1,15 +1,21 @@
-// `kiln`: fine-tune (finetune), evaluate (eval) and sample from (generate) Llama models.
-// Errors are reported as one line and exit code 1; nothing aborts.
+// `kiln`: fine-tune (finetune, on one or several processes: launch), evaluate (eval) and sample from
+// (generate) Llama models. Errors are reported as one line and exit code 1; nothing aborts.
 #include <cstdio>
+#include <string>
 
 #include "examples/kiln/app.h"
+#include "examples/kiln/distributed.h"
 
 int main(int argc, char** argv) {
+  kiln::app::set_command_line(argc, argv);
+  // `kiln launch ... -- program args`: parsed apart, so that the program's own flags pass untouched.
+  if (argc > 1 && std::string(argv[1]) == "launch") return kiln::app::run_launch({argv + 2, argv + argc});
   CLI::App app{"kiln: QLoRA/LoRA fine-tuning of Llama models (kiln finetune with no arguments runs the default job)"};
   app.require_subcommand(1);
   kiln::app::add_finetune_command(app);
   kiln::app::add_eval_command(app);
   kiln::app::add_generate_command(app);
+  kiln::app::add_launch_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::Error& e) {  // bad flags (usage printed), or an exit code such as 130 after Ctrl-C

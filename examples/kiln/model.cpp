@@ -13,7 +13,7 @@ namespace fs = std::filesystem;
 
 void add_model_options(CLI::App& cmd, ModelSpec& spec, bool with_adapter) {
   auto* model = cmd.add_option("--model", spec.model_dir, "Hugging Face model folder (config.json + *.safetensors)");
-  cmd.add_option("--config", spec.config, "named config (llama3.1-8b, tiny) or config.json, with random weights")
+  cmd.add_option("--config", spec.config, "named config (llama3.1-8b, llama3.1-70b, tiny) or config.json, with random weights")
       ->excludes(model);
   cmd.add_option("--seed", spec.seed, "seed of random weights and everything random");
   if (with_adapter) cmd.add_option("--adapter", spec.adapter, "PEFT LoRA adapter folder to load");
