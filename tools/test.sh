@@ -2,7 +2,9 @@
 # The test command: installs dependencies (tools/bootstrap.sh; skip with KILN_SKIP_BOOTSTRAP=1), configures
 # build-ci/ with -Dwerror=true, builds, runs the Catch2 suite with a console and a JUnit reporter, and ends
 # with one line "N passed, N failed, N skipped" counting test cases. Arguments go to kiln_tests ("[autograd]").
-# KILN_MESON_ARGS adds meson options (e.g. "-Dcpu_arch=native -Dcuda=disabled").
+# KILN_MESON_ARGS adds meson options (e.g. "-Dcpu_arch=native"). Where no GPU is present (no nvidia-smi
+# that lists one) the CUDA backend is left out (-Dcuda=disabled): its [cuda] tests would skip anyway and
+# nvcc doubles the build time. KILN_MESON_ARGS="-Dcuda=enabled" builds it regardless (a compile check).
 # Two checks outside Catch2 count as one case each in that line (passed, failed, or skipped):
 #   layers   before the build: tools/check_layers.py --self-test (it must catch planted wrong-way
 #            includes), then tools/check_layers.py (every #include points down the layer order);
@@ -17,6 +19,9 @@ build=build-ci
 bin="$build/tests/kiln_tests"
 junit="$build/junit.xml"
 read -r -a extra <<<"${KILN_MESON_ARGS:-}"
+if [[ " ${KILN_MESON_ARGS:-} " != *" -Dcuda="* ]] && ! nvidia-smi -L 2>/dev/null | grep -q GPU; then
+  extra+=(-Dcuda=disabled)
+fi
 
 if [ "${KILN_SKIP_BOOTSTRAP:-0}" != 1 ]; then
   tools/bootstrap.sh || { echo "test.sh: tools/bootstrap.sh failed"; exit 1; }
