@@ -16,8 +16,6 @@
 namespace kiln::cuda {
 namespace {
 
-Shape lead_of(const Shape& s) { return Shape(s.begin(), s.end() - 1); }
-
 void embedding_kernel(const prim::Embedding&, const std::vector<Tensor>& in, std::vector<Tensor>& out) {
   const char* op = "embedding";
   const Tensor &w = in[0], &ids = in[1];  // (V, D), (...)

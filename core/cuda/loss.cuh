@@ -23,7 +23,8 @@ cudaError_t launch_cross_entropy(DType dt, DType target_dt, const void* logits, 
                                  int64_t s1, const void* targets, int64_t ts, int64_t ignore_index, int reduction,
                                  void* out, void* workspace, unsigned long long* err, void* stream);
 // grad of the loss in the compute type (f32, f64 for f64 logits): (n) with stride gstride, or 0-d.
-// -> dlogits (n, v) contiguous. workspace: cross_entropy_workspace bytes.
+// -> dlogits (n, v) contiguous. workspace: one compute-type element (the count of non-ignored rows,
+// written and read when reduction is mean).
 cudaError_t launch_cross_entropy_backward(DType dt, DType target_dt, const void* logits, int64_t n, int64_t v,
                                           int64_t s0, int64_t s1, const void* targets, int64_t ts, int64_t ignore_index,
                                           int reduction, const void* grad, int64_t gstride, void* out, void* workspace,

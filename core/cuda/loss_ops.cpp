@@ -33,7 +33,8 @@ void cross_entropy_kernel(const prim::CrossEntropy& p, const std::vector<Tensor>
   if (n == 0 && p.reduction() == Reduction::none) return;
   DeviceGuard guard(logits.device().index);
   void* stream = stream_of(out[0]);
-  Tensor scratch = empty({n + 1}, compute_dtype(logits.dtype()), logits.device());  // per-row losses
+  const int64_t bytes = static_cast<int64_t>(cross_entropy_workspace(logits.dtype(), n));
+  Tensor scratch = empty({bytes}, DType::u8, logits.device());  // (N + 1) per-row losses in the compute type
   std::optional<IndexCheck> check;
   if (p.check_targets()) check.emplace(logits, stream, op);
   KILN_CUDA_CHECK(launch_cross_entropy(logits.dtype(), targets.dtype(), logits.raw_data(), n, v, logits.strides()[0],

@@ -14,8 +14,6 @@
 namespace kiln::cuda {
 namespace {
 
-Shape lead_of(const Shape& s) { return Shape(s.begin(), s.end() - 1); }
-
 void rms_norm_kernel(const prim::RmsNorm& p, const std::vector<Tensor>& in, std::vector<Tensor>& out) {
   const Tensor &x = in[0], &w = in[1];  // (..., D), (D)
   const int64_t d = x.size(-1), r = d == 0 ? 0 : x.numel() / d;

@@ -14,8 +14,6 @@
 namespace kiln::cuda {
 namespace {
 
-Shape lead_of(const Shape& s) { return Shape(s.begin(), s.end() - 1); }
-
 void rotary_kernel(const prim::RotaryEmbedding& p, const std::vector<Tensor>& in, std::vector<Tensor>& out) {
   const Tensor &x = in[0], &cos = in[1], &sin = in[2];  // (..., T, D), (..., T, D/2) x2
   const int64_t h = x.size(-1) / 2, r = h == 0 ? 0 : x.numel() / (2 * h);

@@ -17,6 +17,10 @@ Strided<N> make_strided(const Shape& shape, const std::array<const Tensor*, N>& 
 template <int N>
 Strided<N> make_strided(const Shape& shape, const std::array<Shape, N>& strides, const char* op);
 
+// All but the last dim of a shape or stride list: the row dims of a kernel that walks the last dim
+// itself (norms, rotary embedding, gathers of rows).
+inline Shape lead_of(const Shape& s) { return Shape(s.begin(), s.end() - 1); }
+
 // The current stream of the tensor's device, as a cudaStream_t (void*).
 void* stream_of(const Tensor& t);
 
