@@ -16,6 +16,7 @@
 
 #include "compile/trace.h"
 #include "core/hook_handle.h"
+#include "train/trainer.h"
 
 namespace kiln::nn {
 class Module;
@@ -53,6 +54,10 @@ CompiledFunction compile(Fn fn, CompileOptions options = {});
 HookHandle compile_module(nn::Module& module, CompileOptions options = {});
 // compile_module on every decoder layer (they share plans: one compilation serves all layers).
 std::vector<HookHandle> compile_llama_layers(nn::Llama& model, CompileOptions options = {});
+// The Trainer's compile seam (TrainerOptions::compile): compiles the decoder layers of the nn::Llama
+// it is given (the sequence length symbolic from the start) and returns the loss unchanged (the chunked
+// head stays eager: it frees each chunk's logits itself).
+train::CompileFn trainer_compile(CompileOptions options = {});
 
 struct Stats {
   int64_t calls = 0;              // compiled calls (forward)

@@ -21,4 +21,15 @@ std::vector<HookHandle> compile_llama_layers(nn::Llama& model, CompileOptions op
   return handles;
 }
 
+train::CompileFn trainer_compile(CompileOptions options) {
+  return [options](nn::Module& model, train::BatchLossFn loss) {
+    auto* llama = dynamic_cast<nn::Llama*>(&model);
+    KILN_CHECK(llama != nullptr, "compile", "trainer_compile compiles nn::Llama models, given a {}", model.type_name());
+    CompileOptions o = options;
+    if (o.dynamic_dims.empty()) o.dynamic_dims = {{0, 1}};  // x (B, T, hidden)
+    (void)compile_llama_layers(*llama, o);  // the wrappers stay for the model's lifetime
+    return loss;
+  };
+}
+
 }  // namespace kiln::compile

@@ -755,3 +755,28 @@ TEST_CASE("compile: a tensor a module caches while traced is real (copies of cap
   test::require_close(cached, w.to(DType::f64));
   test::require_close(got, x * w + 1.0);
 }
+
+TEST_CASE("compile: the Trainer's compile seam compiles a Llama's layers and keeps its loss", "[compile][llama]") {
+  nn::LlamaOptions o;
+  o.seed = 21;
+  nn::Llama eager(tiny_config(), o), compiled(tiny_config(), o);
+  const train::BatchLossFn loss = train::llama_loss(true);
+  const train::BatchLossFn compiled_loss = compile::trainer_compile()(compiled, loss);
+  data::Batch b;
+  b.input_ids = random_ids(2, 8, 22);
+  b.labels = random_ids(2, 8, 23);
+  b.n_loss_tokens = 16;
+  compile::reset_stats();
+  const Tensor le = loss(eager, b), lc = compiled_loss(compiled, b);
+  REQUIRE(compile::stats().calls == 2);  // both decoder layers ran compiled
+  require_rel(lc, le, 1e-5);
+  le.backward();
+  lc.backward();
+  const auto pe = eager.named_parameters(), pc = compiled.named_parameters();
+  for (size_t i = 0; i < pe.size(); ++i) {
+    INFO(pe[i].first);
+    require_rel(pc[i].second.grad(), pe[i].second.grad(), 1e-5);
+  }
+  nn::Module plain;
+  REQUIRE_THROWS_WITH(compile::trainer_compile()(plain, loss), ContainsSubstring("nn::Llama"));
+}
