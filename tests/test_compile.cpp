@@ -780,3 +780,20 @@ TEST_CASE("compile: the Trainer's compile seam compiles a Llama's layers and kee
   nn::Module plain;
   REQUIRE_THROWS_WITH(compile::trainer_compile()(plain, loss), ContainsSubstring("nn::Llama"));
 }
+
+TEST_CASE("compile: strided, broadcast and bf16 inputs read as eager reads them", "[compile]") {
+  for (DType dt : {DType::f32, DType::bf16, DType::f64}) {
+    INFO(dtype_name(dt));
+    const double tol = dt == DType::bf16 ? 1e-2 : 1e-5;
+    Tensor x = test::random_tensor({4, 6, 10}, dt, 70, /*noncontiguous=*/true).set_requires_grad(true);
+    Tensor y = test::random_tensor({6, 1}, dt, 71).set_requires_grad(true);
+    Tensor w = test::random_tensor({10}, dt, 72, true).set_requires_grad(true);
+    REQUIRE_FALSE(x.is_contiguous());
+    auto f = [](const std::vector<Tensor>& in) {
+      Tensor h = in[0] * in[1] + expand(in[2], {6, 10});     // (4, 6, 10)
+      Tensor t = transpose(in[0], 0, 2);                       // a strided view inside the function
+      return std::vector<Tensor>{rms_norm(h, in[2], 1e-5), softmax(t * 2.0, -1), sum(h, {-1}, true) - mean(h, {-1}, true)};
+    };
+    require_matches_eager(f, {x, y, w}, tol, tol);
+  }
+}
