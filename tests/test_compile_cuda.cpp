@@ -11,7 +11,7 @@
 #include "autograd/grad_mode.h"
 #include "compile/codegen.h"
 #include "compile/compile.h"
-#include "compile/nvrtc.h"
+#include "compile/cubin.h"
 #include "compile/plan.h"
 #include "core/cuda/runtime.h"
 #include "core/ops.h"
