@@ -40,6 +40,16 @@ struct Args {
   int checkpointing = -1;  // -1: on for 70B
 };
 
+// Every Linear below `root` becomes an NF4Linear. (nn::quantize_linears_nf4 goes on to visit the Linears
+// it has just replaced and freed: a use after free, reported. This collects them first.)
+void quantize_nf4(nn::Module& root) {
+  std::vector<std::pair<nn::Module*, std::string>> linears;
+  for (auto& [path, m] : root.named_modules())
+    for (auto& [name, child] : m->named_children())
+      if (std::dynamic_pointer_cast<nn::Linear>(child)) linears.emplace_back(m, name);
+  for (auto& [m, name] : linears) m->replace_module(name, nn::NF4Linear::from_linear(m->child_as<nn::Linear>(name)));
+}
+
 double gib(double b) { return b / (1024.0 * 1024.0 * 1024.0); }
 
 double seconds_since(std::chrono::steady_clock::time_point t) {
@@ -68,7 +78,7 @@ std::shared_ptr<dist::FsdpUnit> build(const nn::LlamaConfig& c, const Args& a, s
   lc.r = a.lora_r;
   lc.alpha = 2.0 * static_cast<double>(a.lora_r);
   lo.on_layer_built = [&](const std::string&, nn::LlamaDecoderLayer& layer) {
-    nn::quantize_linears_nf4(layer);
+    quantize_nf4(layer);
     nn::apply_lora(layer, lc, 2);
     dist::fully_shard(layer, g);
   };

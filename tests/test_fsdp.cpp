@@ -128,6 +128,50 @@ TEST_CASE("fully_shard: a QLoRA Llama at worlds 2, 3 and 4 trains as one process
   }
 }
 
+TEST_CASE("fully_shard: gradients reduced in bf16 stay close to the f32 run", "[dist]") {
+  const auto docs = test::fsdp_docs(40, seed_for(12));
+  test::FsdpRun run;
+  run.world = 2;
+  run.batch = 6;
+  run.steps = 8;
+  run.seed = seed_for(13);
+  const test::FsdpResult f32 = test::fsdp_train(docs, run);
+  run.fsdp.reduce_dtype = DType::bf16;
+  const test::FsdpResult bf16 = test::fsdp_train(docs, run);
+  REQUIRE(bf16.losses.size() == f32.losses.size());
+  for (size_t i = 0; i < f32.losses.size(); ++i) {
+    CAPTURE(i, bf16.losses[i], f32.losses[i]);
+    CHECK(std::abs(bf16.losses[i] - f32.losses[i]) <= 5e-3 * f32.losses[i]);
+  }
+  require_same_adapter(bf16.adapter, f32.adapter, 5e-2);
+  // ... and they did go through bf16: the adapters are not the f32 run's.
+  double moved = 0;
+  for (const auto& [name, t] : f32.adapter) moved += sum(abs(sub(bf16.adapter.at(name), t))).item<double>();
+  CHECK(moved > 0);
+}
+
+TEST_CASE("llama3.1-70b: the named config holds Meta's config.json values", "[dist]") {
+  const nn::LlamaConfig c = nn::LlamaConfig::named("llama3.1-70b");
+  CHECK(c.hidden_size == 8192);
+  CHECK(c.intermediate_size == 28672);
+  CHECK(c.num_hidden_layers == 80);
+  CHECK(c.num_attention_heads == 64);
+  CHECK(c.num_key_value_heads == 8);
+  CHECK(c.head_dim == 128);
+  CHECK(c.vocab_size == 128256);
+  CHECK(c.rope_theta == 500000.0);
+  CHECK(c.max_position_embeddings == 131072);
+  CHECK(c.rms_norm_eps == 1e-5);
+  REQUIRE(c.rope_scaling.has_value());
+  CHECK(c.rope_scaling->factor == 8.0);
+  CHECK(c.rope_scaling->low_freq_factor == 1.0);
+  CHECK(c.rope_scaling->high_freq_factor == 4.0);
+  CHECK(c.rope_scaling->original_max_position_embeddings == 8192);
+  CHECK_FALSE(c.tie_word_embeddings);
+  CHECK(c.torch_dtype == DType::bf16);
+  CHECK(c.num_parameters() == 70553706496);  // the published parameter count of Llama 3.1 70B
+}
+
 TEST_CASE("fully_shard: every rank's gathered NF4 weight is byte-identical to the unsharded one", "[dist]") {
   const uint64_t seed = seed_for(4);
   auto reference = test::fsdp_model(seed);
