@@ -42,16 +42,18 @@ Tensor NF4Linear::forward(const Tensor& x) {
 Tensor NF4Linear::dequantized_weight(DType dtype) const { return quant::dequantize_nf4(weight_, dtype); }
 
 int64_t quantize_linears_nf4(Module& root, bool double_quant) {
-  int64_t n = 0;
+  // Collect first: named_modules() holds raw pointers, and replacing a Linear frees it.
+  std::vector<std::pair<Module*, std::string>> targets;  // (parent, child name)
   for (auto& [path, m] : root.named_modules()) {
     for (auto& [name, child] : m->named_children()) {
-      if (auto lin = std::dynamic_pointer_cast<Linear>(child)) {
-        m->replace_module(name, NF4Linear::from_linear(*lin, double_quant));
-        ++n;
-      }
+      if (std::dynamic_pointer_cast<Linear>(child)) targets.emplace_back(m, name);
     }
   }
-  return n;
+  for (auto& [parent, name] : targets) {
+    auto lin = std::dynamic_pointer_cast<Linear>(parent->child(name));
+    parent->replace_module(name, NF4Linear::from_linear(*lin, double_quant));
+  }
+  return static_cast<int64_t>(targets.size());
 }
 
 }  // namespace kiln::nn
