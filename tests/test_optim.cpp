@@ -186,10 +186,16 @@ TEST_CASE("SGD variants match a float64 loop of torch's formulas", "[optim]") {
     }
     for (size_t k = 0; k < ps.size(); ++k) {
       CAPTURE(ps[k].first);
-      const double rtol = c.dt == DType::f32 ? 1e-5 : 8e-3;
-      require_close(ps[k].second, f64_tensor(p[k], ps[k].second.shape()), rtol, 1e-5);
+      // bf16: the kernel rounds f32 results, the loop f64 ones; near a rounding boundary they pick
+      // neighbouring bf16 values, and over 5 steps (momentum, weight decay) a rare element drifts a few ulps.
+      const double rtol = c.dt == DType::f32 ? 1e-5 : 3e-2;
+      const double atol = c.dt == DType::f32 ? 1e-5 : 1e-3;
+      require_close(ps[k].second, f64_tensor(p[k], ps[k].second.shape()), rtol, atol);
+      // With bf16 parameters the kernel (f32 math, then rounding) and the loop (f64, then rounding) can
+      // round a parameter to neighbouring bf16 values; weight decay carries that ulp into the buffer.
+      const double buf_tol = c.dt == DType::f32 ? 1e-5 : 2e-4;
       if (c.o.momentum != 0.0) require_close(opt.state(ps[k].first).at("momentum_buffer"),
-                                             f64_tensor(buf[k], ps[k].second.shape()), 1e-5, 1e-5);
+                                             f64_tensor(buf[k], ps[k].second.shape()), buf_tol, buf_tol);
     }
   }
   REQUIRE_THROWS_WITH(nn::SGD(make_params(DType::f32, 1), {0.1, 0.0, 0.0, true, 0.0}), ContainsSubstring("[sgd] nesterov"));
