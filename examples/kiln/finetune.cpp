@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <filesystem>
 
+#include "compile/compile.h"
 #include "core/cuda/runtime.h"
 #include "core/file_io.h"
 #include "data/default_corpus.h"
@@ -125,6 +126,7 @@ FinetuneJob::FinetuneJob(const FinetuneConfig& c, RunWorld world)
   to.clip = c.clip;
   to.schedule.emplace(c.schedule, c.lr, std::min(c.warmup, total_steps_), total_steps_);  // short runs: warmup fits
   to.loss = train::llama_loss(c.chunked_head);
+  if (c.compile) to.compile = compile::trainer_compile();
   to.device = device_;
   to.seed = data::mix_seed(c.seed, 7);  // dropout draws
   if (!split.eval.empty()) {

@@ -57,6 +57,7 @@ const std::vector<Field>& fields() {
       {"checkpointing", "activation checkpointing per decoder block", &C::checkpointing, false},
       {"chunked_head", "chunked linear+cross-entropy head (never the full logits)", &C::chunked_head, false},
       {"shard", "with several ranks: shard the model over them (fully_shard) instead of replicating it", &C::shard, false},
+      {"compile", "compile each decoder layer, forward and backward, with the JIT fuser (compile/)", &C::compile, false},
       {"eval_every", "eval loss every N steps (0: off)", &C::eval_every, false},
       {"eval_batches", "batches per eval", &C::eval_batches, false},
       {"save_every", "checkpoint every N steps (0: only at the end and on Ctrl-C)", &C::save_every, false},

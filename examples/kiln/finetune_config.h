@@ -43,6 +43,7 @@ struct FinetuneConfig {
   bool checkpointing = false;     // activation checkpointing per block
   bool chunked_head = true;       // chunked linear+loss head
   bool shard = false;             // several ranks: fully_shard the model (else plain data parallel)
+  bool compile = false;           // compile each decoder layer with the JIT fuser (compile/)
   // reporting and checkpoints
   int64_t eval_every = 100;
   int64_t eval_batches = 4;
