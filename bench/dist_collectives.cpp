@@ -1,8 +1,8 @@
 // Benchmark of all_gather and reduce_scatter over 1 MiB to 1 GiB for the backend dist::init picks (NCCL
-// on GPUs when started by kiln-run/torchrun): mean time per call (CUDA events on the caller's stream,
+// on GPUs when started by kiln launch/torchrun): mean time per call (CUDA events on the caller's stream,
 // each call followed by Work::wait), algbw = bytes / time and busbw = algbw * (n - 1) / n, as
 // nccl-tests reports them. "bytes" is the gathered output / the reduce-scattered input. Rank 0 prints.
-// Usage: kiln-run --nproc N -- dist_collectives [--backend auto|nccl|local|gloo] [--max-mib 1024] [--dtype bf16|f32]
+// Usage: kiln launch --nproc N -- dist_collectives [--backend auto|nccl|local|gloo] [--max-mib 1024] [--dtype bf16|f32]
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>

@@ -22,7 +22,7 @@ struct Environment {
   int local_world_size = 1;
   std::string master_addr = "127.0.0.1";
   int master_port = 29500;
-  std::string source = "none";  // "torchrun" (or kiln-run), "slurm", "openmpi", "none" (a world of one)
+  std::string source = "none";  // "torchrun" (or kiln launch), "slurm", "openmpi", "none" (a world of one)
 };
 // Throws kiln::Error "[dist init] ..." on malformed or inconsistent values.
 Environment read_environment();

@@ -65,7 +65,7 @@ std::string find_program(const std::string& name) {
       return candidate;
     start = end + 1;
   }
-  KILN_FAIL("kiln-run", "program '{}' not found in PATH", name);
+  KILN_FAIL("launch", "program '{}' not found in PATH", name);
 }
 
 std::string describe(int status) {
@@ -94,12 +94,12 @@ struct Child {
 }  // namespace
 
 int launch(const LaunchOptions& o, const std::vector<std::string>& argv) {
-  KILN_CHECK(!argv.empty(), "kiln-run", "expected a program to run after the options");
-  KILN_CHECK(o.nproc >= 1, "kiln-run", "expected --nproc >= 1, found {}", o.nproc);
-  KILN_CHECK(o.nnodes >= 1, "kiln-run", "expected --nnodes >= 1, found {}", o.nnodes);
-  KILN_CHECK(o.node_rank >= 0 && o.node_rank < o.nnodes, "kiln-run", "expected --node-rank in [0, {}), found {}",
+  KILN_CHECK(!argv.empty(), "launch", "expected a program to run after the options");
+  KILN_CHECK(o.nproc >= 1, "launch", "expected --nproc >= 1, found {}", o.nproc);
+  KILN_CHECK(o.nnodes >= 1, "launch", "expected --nnodes >= 1, found {}", o.nnodes);
+  KILN_CHECK(o.node_rank >= 0 && o.node_rank < o.nnodes, "launch", "expected --node-rank in [0, {}), found {}",
              o.nnodes, o.node_rank);
-  KILN_CHECK(o.master_port >= 0 && o.master_port <= 65535, "kiln-run", "expected a port in [0, 65535], found {}",
+  KILN_CHECK(o.master_port >= 0 && o.master_port <= 65535, "launch", "expected a port in [0, 65535], found {}",
              o.master_port);
   const int port = o.master_port != 0 ? o.master_port : o.nnodes == 1 ? free_port() : 29500;
   const std::string program = find_program(argv[0]);
@@ -138,7 +138,7 @@ int launch(const LaunchOptions& o, const std::vector<std::string>& argv) {
     for (const std::string& e : envs[static_cast<size_t>(local)]) envp.push_back(const_cast<char*>(e.c_str()));
     envp.push_back(nullptr);
     int pipefd[2];
-    KILN_CHECK(::pipe2(pipefd, O_CLOEXEC) == 0, "kiln-run", "pipe failed: {}", std::strerror(errno));
+    KILN_CHECK(::pipe2(pipefd, O_CLOEXEC) == 0, "launch", "pipe failed: {}", std::strerror(errno));
     pid_t pid = ::fork();
     if (pid == 0) {
       ::setpgid(0, 0);
@@ -194,7 +194,7 @@ int launch(const LaunchOptions& o, const std::vector<std::string>& argv) {
       if (failed && result == 0 && spawn_error.empty()) {
         result = exit_code(status);
         if (!stopping) {
-          std::fprintf(stderr, "kiln-run: rank %d (pid %d) %s; stopping the other ranks\n", c.rank, c.pid,
+          std::fprintf(stderr, "kiln launch: rank %d (pid %d) %s; stopping the other ranks\n", c.rank, c.pid,
                        describe(status).c_str());
           std::fflush(stderr);
           stopping = true;
@@ -219,7 +219,7 @@ int launch(const LaunchOptions& o, const std::vector<std::string>& argv) {
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
-  KILN_CHECK(spawn_error.empty(), "kiln-run", "{}", spawn_error);
+  KILN_CHECK(spawn_error.empty(), "launch", "{}", spawn_error);
   return result;
 }
 

@@ -1,4 +1,4 @@
-// launch: the spawning half of kiln-run (and, later, `kiln launch` / `kiln finetune --nproc`): starts
+// launch: the spawning half of `kiln launch` and `kiln finetune --nproc` (their flags: examples/kiln): starts
 // nproc copies of a program with the variables dist::init reads, passes SIGINT/SIGTERM on to them,
 // and ends every rank as soon as one fails. Children's output is not touched (rank 0 prints).
 #pragma once

@@ -21,7 +21,7 @@ case "${1:-}" in
     stage=build-cuda/device-bin
     rm -rf "$stage" "$out" && mkdir -p "$stage" "$out"
     cp build-cuda/tests/kiln_tests build-cuda/examples/kiln/kiln "$stage/"
-    for extra in build-cuda/tests/test_dist_worker build-cuda/dist/kiln-run; do [ -x "$extra" ] && cp "$extra" "$stage/"; done
+    for extra in build-cuda/tests/test_dist_worker; do [ -x "$extra" ] && cp "$extra" "$stage/"; done
     find build-cuda/bench -maxdepth 1 -type f -executable -exec cp {} "$stage/" \;
     strip "$stage"/*
     tar -cJf "$out/kiln-cuda.tar.xz" -C "$stage" .  # the device machine takes at most 64 MiB per call
