@@ -3,13 +3,22 @@
 // backward, as milliseconds per call, the part spent in GEMMs and attention (timed op by op with CUDA
 // events by a dispatch handler) and the rest ("outside": norms, residuals, activations, copies —
 // what fusion targets), host milliseconds per call, and kernels per layer.
-// Usage: compile_block [T] [iterations]
+// `--qlora`: the layer of the 8B QLoRA job instead (NF4 base, LoRA r=16 on the seven linears; only the
+// adapters train), with NF4 dequantisation timed as its own column. `--ops`: a table of every op's GPU
+// time in one eager forward+backward, by op name. `--head`: the chunked LM head (V = 128256, frozen
+// weight, T tokens) forward+backward with the built-in cross-entropy, nn::focal_loss(2) eager, and
+// focal loss through compile::compile_loss.
+// Usage: compile_block [T] [iterations] [--qlora] [--ops] [--head]
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <algorithm>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "autograd/grad_mode.h"
@@ -18,7 +27,10 @@
 #include "core/cuda/runtime.h"
 #include "core/dispatch.h"
 #include "core/ops.h"
+#include "nn/chunked_loss.h"
 #include "nn/llama.h"
+#include "nn/lora.h"
+#include "nn/nf4_linear.h"
 
 namespace {
 
@@ -26,24 +38,26 @@ using kiln::Tensor;
 namespace cuda = kiln::cuda;
 const kiln::Device kGPU{kiln::DeviceType::cuda, 0};
 
-bool heavy(const char* name) {
-  const std::string n = name;
-  return n == "matmul" || n == "scaled_dot_product_attention" || n == "sdpa_backward";
-}
+// GEMMs and attention; NF4 dequantisation (before each base GEMM) is its own column.
+bool heavy(const std::string& n) { return n == "matmul" || n == "scaled_dot_product_attention" || n == "sdpa_backward"; }
+bool dequant(const std::string& n) { return n == "nf4_dequantize" || n == "blockwise8_dequantize"; }
 
 // Times every GEMM and attention op with CUDA events around it and counts the kernels that pass
 // through dispatch (fused groups of a compiled plan do not; compile::stats() counts those).
 struct OpTimer : kiln::DispatchHandler {
   struct Span {
+    std::string name;
     std::unique_ptr<cuda::Event> start, stop;
   };
+  explicit OpTimer(bool all) : all_(all) {}
   std::vector<Span> spans;
   int kernels = 0;
   std::vector<Tensor> run(const kiln::PrimitivePtr& op, const std::vector<Tensor>& inputs) override {
     if (op->is_view()) return kiln::dispatch_next(op, inputs);
     ++kernels;
-    if (!heavy(op->name())) return kiln::dispatch_next(op, inputs);
-    Span s{std::make_unique<cuda::Event>(true), std::make_unique<cuda::Event>(true)};
+    const std::string name = op->name();
+    if (!all_ && !heavy(name) && !dequant(name)) return kiln::dispatch_next(op, inputs);
+    Span s{name, std::make_unique<cuda::Event>(true), std::make_unique<cuda::Event>(true)};
     s.start->record();
     std::vector<Tensor> out = kiln::dispatch_next(op, inputs);
     s.stop->record();
@@ -54,18 +68,37 @@ struct OpTimer : kiln::DispatchHandler {
     ++kernels;
     kiln::dispatch_next_into(op, inputs, outputs);
   }
-  double heavy_ms() {
-    double ms = 0;
+  // GPU ms of the spans whose op name passes `pick`.
+  double ms(const std::function<bool(const std::string&)>& pick) {
+    double total = 0;
+    for (Span& s : spans) {
+      if (!pick(s.name)) continue;
+      s.stop->synchronize();
+      total += s.start->elapsed_ms(*s.stop);
+    }
+    return total;
+  }
+  // (op name, calls, GPU ms), slowest first.
+  std::vector<std::tuple<std::string, int, double>> by_name() {
+    std::map<std::string, std::pair<int, double>> acc;
     for (Span& s : spans) {
       s.stop->synchronize();
-      ms += s.start->elapsed_ms(*s.stop);
+      auto& [calls, total] = acc[s.name];
+      ++calls;
+      total += s.start->elapsed_ms(*s.stop);
     }
-    return ms;
+    std::vector<std::tuple<std::string, int, double>> rows;
+    for (const auto& [name, v] : acc) rows.emplace_back(name, v.first, v.second);
+    std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return std::get<2>(a) > std::get<2>(b); });
+    return rows;
   }
+
+ private:
+  bool all_;
 };
 
 struct Row {
-  double ms, heavy_ms, host_ms;
+  double ms, heavy_ms, dequant_ms, host_ms;
   int kernels;
 };
 
@@ -78,21 +111,67 @@ Row measure(const std::function<void()>& step, int iters, const std::function<in
   for (int i = 0; i < iters; ++i) step();
   const auto t1 = std::chrono::steady_clock::now();
   cuda::synchronize();
-  OpTimer timer;
+  OpTimer timer(false);
   {
     kiln::HandlerScope scope(&timer);
     step();
   }
   Row r;
   r.ms = ms;
-  r.heavy_ms = timer.heavy_ms();
+  r.heavy_ms = timer.ms(heavy);
+  r.dequant_ms = timer.ms(dequant);
   r.host_ms = std::chrono::duration<double, std::milli>(t1 - t0).count() / iters;
   r.kernels = timer.kernels + fused_kernels();
   return r;
 }
 
+double outside(const Row& r) { return r.ms - r.heavy_ms - r.dequant_ms; }
+
 void print(const char* name, const Row& r) {
-  std::printf("%-34s %9.3f %11.3f %11.3f %9.3f %8d\n", name, r.ms, r.heavy_ms, r.ms - r.heavy_ms, r.host_ms, r.kernels);
+  std::printf("%-34s %9.3f %11.3f %9.3f %11.3f %9.3f %8d\n", name, r.ms, r.heavy_ms, r.dequant_ms, outside(r), r.host_ms,
+              r.kernels);
+}
+
+// Every op of one call with CUDA events around it (their cost included): where the time outside GEMMs goes.
+void print_ops(const char* title, const std::function<void()>& step) {
+  step();
+  cuda::synchronize();
+  OpTimer timer(true);
+  {
+    kiln::HandlerScope scope(&timer);
+    step();
+  }
+  std::printf("\n%s, op by op:\n%-34s %6s %9s\n", title, "op", "calls", "GPU ms");
+  for (const auto& [name, calls, ms] : timer.by_name()) std::printf("%-34s %6d %9.3f\n", name.c_str(), calls, ms);
+}
+
+// The chunked LM head of Llama 3.1 8B (frozen bf16 weight), forward+backward, per loss function.
+void loss_heads(int64_t t, int iters) {
+  namespace nn = kiln::nn;
+  constexpr int64_t kV = 128256, kH = 4096;
+  const Tensor w = kiln::mul(kiln::randn({kV, kH}, kiln::DType::bf16, kGPU), 0.02);  // (V, H)
+  Tensor x = kiln::randn({t, kH}, kiln::DType::bf16, kGPU).set_requires_grad(true);  // (T, H)
+  const Tensor targets = kiln::randint(0, kV, {t}, kiln::DType::i64, kGPU);                // (T)
+  kiln::compile::reset_stats();
+  const nn::LossFn compiled_focal = kiln::compile::compile_loss(nn::focal_loss(2.0));
+  const std::pair<const char*, nn::LossFn> losses[] = {
+      {"cross-entropy (built-in)", nn::cross_entropy_loss()},
+      {"focal loss, eager", nn::focal_loss(2.0)},
+      {"focal loss, compiled", compiled_focal},
+  };
+  std::printf("\nchunked LM head, T=%lld, V=%lld, H=%lld, bf16, frozen weight, forward+backward:\n%-34s %9s\n",
+              static_cast<long long>(t), static_cast<long long>(kV), static_cast<long long>(kH), "loss", "GPU ms");
+  for (const auto& [name, fn] : losses) {
+    const double ms = kiln::bench::time_ms([&] {
+      kiln::nn::chunked_linear_loss(x, w, targets, fn).backward();
+      x.zero_grad();
+    }, iters);
+    std::printf("%-34s %9.3f\n", name, ms);
+  }
+  const kiln::compile::Stats s = kiln::compile::stats();
+  std::printf("compiled focal loss: %lld plans, %lld fused groups built, %lld fallback ops\n",
+              static_cast<long long>(s.compilations), static_cast<long long>(s.fused_groups),
+              static_cast<long long>(s.fallback_ops));
 }
 
 }  // namespace
@@ -102,8 +181,17 @@ int main(int argc, char** argv) {
     std::printf("no CUDA device\n");
     return 0;
   }
-  const int64_t t = argc > 1 ? std::atoll(argv[1]) : 4096;
-  const int iters = argc > 2 ? std::atoi(argv[2]) : 10;
+  std::vector<std::string> pos;
+  bool qlora = false, ops = false, head = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--qlora") qlora = true;
+    else if (a == "--ops") ops = true;
+    else if (a == "--head") head = true;
+    else pos.push_back(a);
+  }
+  const int64_t t = pos.size() > 0 ? std::atoll(pos[0].c_str()) : 4096;
+  const int iters = pos.size() > 1 ? std::atoi(pos[1].c_str()) : 10;
   kiln::nn::LlamaConfig c = kiln::nn::LlamaConfig::named("llama3.1-8b");
   c.num_hidden_layers = 1;
   c.vocab_size = 128;  // the block is what is measured; a small embedding keeps memory for activations
@@ -111,7 +199,12 @@ int main(int argc, char** argv) {
   o.dtype = kiln::DType::bf16;
   o.device = kGPU;
   o.seed = 1;
+  if (qlora) o.on_layer_built = [](const std::string&, kiln::nn::LlamaDecoderLayer& l) { kiln::nn::quantize_linears_nf4(l); };
   kiln::nn::Llama model(c, o);
+  if (qlora) {
+    kiln::nn::apply_lora(model, kiln::nn::LoraConfig{}, 2);
+    model.train();
+  }
   auto& layer = model.model().child_as<kiln::nn::ModuleList>("layers").at<kiln::nn::LlamaDecoderLayer>(0);
   const Tensor x = kiln::randn({1, t, c.hidden_size}, kiln::DType::bf16, kGPU);
   const Tensor xg = x.detach().set_requires_grad(true);
@@ -125,12 +218,14 @@ int main(int argc, char** argv) {
     y.backward(g);
   };
   const auto none = [] { return 0; };
-  std::printf("Llama 3.1 8B decoder layer, bf16, B=1, T=%lld, %d iterations\n", static_cast<long long>(t), iters);
-  std::printf("%-34s %9s %11s %11s %9s %8s\n", "", "GPU ms", "GEMM+attn", "outside", "host ms", "kernels");
+  std::printf("Llama 3.1 8B decoder layer%s, bf16, B=1, T=%lld, %d iterations\n",
+              qlora ? " (NF4 base, LoRA r=16 on 7 linears)" : "", static_cast<long long>(t), iters);
+  std::printf("%-34s %9s %11s %9s %11s %9s %8s\n", "", "GPU ms", "GEMM+attn", "dequant", "outside", "host ms", "kernels");
   const Row ef = measure(forward, iters, none);
   print("eager forward", ef);
   const Row et = measure(train, iters, none);
   print("eager forward+backward", et);
+  if (ops) print_ops("eager forward+backward", train);
 
   kiln::compile::CompileOptions co;
   co.dynamic_dims = {{0, 1}};
@@ -144,6 +239,7 @@ int main(int argc, char** argv) {
     return static_cast<int>(s.last_forward_groups + s.last_backward_groups);
   });
   print("compiled forward+backward", ct);
+  if (ops) print_ops("compiled forward+backward (fused groups not listed)", train);
   const kiln::compile::Stats s = kiln::compile::stats();
   std::printf("\ncompiled: %lld plans built, %lld NVRTC compilations, %lld kernels from the disk cache, %lld fallback ops\n",
               static_cast<long long>(s.compilations), static_cast<long long>(s.kernel_compiles),
@@ -151,8 +247,9 @@ int main(int argc, char** argv) {
   std::printf("per layer: forward %lld kernels (%lld fused groups), backward %lld kernels (%lld fused groups)\n",
               static_cast<long long>(s.last_forward_kernels), static_cast<long long>(s.last_forward_groups),
               static_cast<long long>(s.last_backward_kernels), static_cast<long long>(s.last_backward_groups));
-  std::printf("outside GEMM+attention: forward %.3f -> %.3f ms, forward+backward %.3f -> %.3f ms\n", ef.ms - ef.heavy_ms,
-              cf.ms - cf.heavy_ms, et.ms - et.heavy_ms, ct.ms - ct.heavy_ms);
+  std::printf("outside GEMM+attention: forward %.3f -> %.3f ms, forward+backward %.3f -> %.3f ms\n", outside(ef), outside(cf),
+              outside(et), outside(ct));
   h.remove();
+  if (head) loss_heads(t, iters);
   return 0;
 }

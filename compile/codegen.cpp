@@ -1,6 +1,6 @@
-// Generation of CUDA source from a program: one thread per element (pointwise, grid-stride), or
-// one block per row (row programs: each pass sweeps the row, reductions combine across the block
-// with warp shuffles and shared memory). Values are computed in the compute type of their dtype and
+// Generation of CUDA source from a program: one thread per element or per `vec` elements (pointwise,
+// grid-stride), or one block per row (row programs: each pass sweeps the row, `vec` elements per
+// thread and step, reductions combine across the block with warp shuffles and shared memory). Values are computed in the compute type of their dtype and
 // rounded to it, as the CPU interpreter does.
 #include "compile/codegen.h"
 
@@ -19,7 +19,7 @@ uint64_t fnv1a(const std::string& s, uint64_t h) {
 }
 
 std::string Variant::key() const {
-  std::string k = fmt::format("r{}i{}d{}b{}:", rank, index32 ? 32 : 64, row_length, block);
+  std::string k = fmt::format("r{}i{}d{}b{}v{}:", rank, index32 ? 32 : 64, row_length, block, vec);
   for (Access a : access) k += static_cast<char>('0' + static_cast<int>(a));
   return k;
 }
@@ -87,6 +87,19 @@ __device__ __forceinline__ void kiln_st_i64(void* p, kiln_i64 o, kiln_i64 v) { (
 __device__ __forceinline__ void kiln_st_i32(void* p, kiln_i64 o, kiln_i64 v) { ((int*)p)[o] = (int)v; }
 __device__ __forceinline__ void kiln_st_u8(void* p, kiln_i64 o, kiln_i64 v) { ((unsigned char*)p)[o] = (unsigned char)v; }
 __device__ __forceinline__ void kiln_st_bool(void* p, kiln_i64 o, kiln_i64 v) { ((unsigned char*)p)[o] = v != 0; }
+// Vector access: V consecutive elements of raw type T at element i0, one aligned load or store.
+template <class T, int V> struct alignas(sizeof(T) * V) KilnPack { T x[V]; };
+template <class T, int V> __device__ __forceinline__ void kiln_ldv(const void* p, kiln_i64 i0, T (&out)[V]) {
+  const KilnPack<T, V> v = *reinterpret_cast<const KilnPack<T, V>*>(static_cast<const T*>(p) + i0);
+#pragma unroll
+  for (int u = 0; u < V; ++u) out[u] = v.x[u];
+}
+template <class T, int V> __device__ __forceinline__ void kiln_stv(void* p, kiln_i64 i0, const T (&in)[V]) {
+  KilnPack<T, V> v;
+#pragma unroll
+  for (int u = 0; u < V; ++u) v.x[u] = in[u];
+  *reinterpret_cast<KilnPack<T, V>*>(static_cast<T*>(p) + i0) = v;
+}
 template <class T> struct KilnSum { __device__ __forceinline__ T operator()(T a, T b) const { return a + b; } };
 template <class T> struct KilnMax {
   __device__ __forceinline__ T operator()(T a, T b) const { return kiln::apply_binary<T>(kiln::BinaryOp::maximum, a, b); }
@@ -119,6 +132,42 @@ const char* dtype_tag(DType d) {
     case DType::boolean: return "bool";
   }
   return "f32";
+}
+
+// How a tensor of dtype d stores an element, and the conversions between that and its compute type
+// (the same as kiln_ld_* / kiln_st_*).
+const char* raw_type(DType d) {
+  switch (d) {
+    case DType::f64: return "double";
+    case DType::f32: return "float";
+    case DType::bf16:
+    case DType::f16: return "unsigned short";
+    case DType::i64: return "kiln_i64";
+    case DType::i32: return "int";
+    case DType::u8:
+    case DType::boolean: return "unsigned char";
+  }
+  return "float";
+}
+std::string from_raw(DType d, const std::string& x) {
+  switch (d) {
+    case DType::bf16: return fmt::format("kiln_bf2f({})", x);
+    case DType::f16: return fmt::format("kiln_h2f({})", x);
+    case DType::i32:
+    case DType::u8: return fmt::format("(kiln_i64)({})", x);
+    case DType::boolean: return fmt::format("(kiln_i64)(({}) != 0)", x);
+    default: return x;
+  }
+}
+std::string to_raw(DType d, const std::string& v) {
+  switch (d) {
+    case DType::bf16: return fmt::format("kiln_f2bf({})", v);
+    case DType::f16: return fmt::format("kiln_f2h({})", v);
+    case DType::i32: return fmt::format("(int)({})", v);
+    case DType::u8: return fmt::format("(unsigned char)({})", v);
+    case DType::boolean: return fmt::format("(unsigned char)(({}) != 0)", v);
+    default: return v;
+  }
 }
 
 const char* ctype(DType d) {
@@ -220,7 +269,9 @@ class Emitter {
     const Instr& in = at(i);
     const char* t = ctype(in.dtype);
     switch (in.op) {
-      case Op::load: return fmt::format("kiln_ld_{}(p{}, {})", dtype_tag(in.dtype), in.slot, off(in.slot));
+      case Op::load:
+        if (vector_loop_ && vector_slot(in.slot)) return from_raw(in.dtype, fmt::format("in{}[u]", in.slot));
+        return fmt::format("kiln_ld_{}(p{}, {})", dtype_tag(in.dtype), in.slot, off(in.slot));
       case Op::constant: return literal(in.value, in.dtype);
       case Op::row_length: return converted("(kiln_i64)D", DType::i64, in.dtype);
       case Op::unary:
@@ -249,7 +300,53 @@ class Emitter {
     return "0";
   }
 
+  bool vector_slot(int slot) const {
+    return v_.vec > 1 && static_cast<size_t>(slot) < v_.access.size() && v_.access[static_cast<size_t>(slot)] == Access::contiguous;
+  }
+  // The dtype each input slot is loaded as (from its load instructions).
+  DType slot_dtype(int slot) const {
+    for (const Instr& in : p_.instrs)
+      if (in.op == Op::load && in.slot == slot) return in.dtype;
+    return DType::f32;
+  }
+  // Vector loads of the contiguous slots `used` reads, at element `base` + their row base.
+  void vector_loads(int indent, const std::vector<bool>& used, const std::function<std::string(int)>& at_elem) {
+    for (size_t k = 0; k < p_.inputs.size(); ++k) {
+      if (!used[k] || !vector_slot(static_cast<int>(k))) continue;
+      line(indent, "{} in{}[{}];", raw_type(slot_dtype(static_cast<int>(k))), k, v_.vec);
+      line(indent, "kiln_ldv(p{0}, {1}, in{0});", k, at_elem(static_cast<int>(k)));
+    }
+  }
+
+  // vec elements per thread: vector loads of the contiguous inputs, the instructions unrolled per
+  // element, vector stores of the outputs (which are contiguous).
+  void pointwise_vector_kernel() {
+    const int n_vec = v_.vec;
+    line(1, "const I n = (I)a.v[{}];", l_.count);
+    line(1, "for (I iv = (I)blockIdx.x * blockDim.x + threadIdx.x; iv < n / {0}; iv += (I)gridDim.x * blockDim.x) {{", n_vec);
+    line(2, "const I i0 = iv * {};", n_vec);
+    vector_loads(2, std::vector<bool>(p_.inputs.size(), true), [](int) { return std::string("i0"); });
+    for (size_t k = 0; k < p_.outputs.size(); ++k)
+      line(2, "{} out{}[{}];", raw_type(at(p_.outputs[k].instr).dtype), k, n_vec);
+    line(2, "#pragma unroll");
+    line(2, "for (int u = 0; u < {}; ++u) {{", n_vec);
+    line(3, "const I i = i0 + u;");
+    auto off = [](int) { return std::string("0"); };  // scalar slots; contiguous ones come from in<k>[u]
+    vector_loop_ = true;
+    for (size_t i = 0; i < p_.instrs.size(); ++i)
+      line(3, "const {} r{} = {};", ctype(at(static_cast<int>(i)).dtype), i, expr(static_cast<int>(i), off, "i"));
+    vector_loop_ = false;
+    for (size_t k = 0; k < p_.outputs.size(); ++k) {
+      const int r = p_.outputs[k].instr;
+      line(3, "out{}[u] = {};", k, to_raw(at(r).dtype, reg(r)));
+    }
+    line(2, "}}");
+    for (size_t k = 0; k < p_.outputs.size(); ++k) line(2, "kiln_stv(o{0}, i0, out{0});", k);
+    line(1, "}}");
+  }
+
   void pointwise_kernel() {
+    if (v_.vec > 1) return pointwise_vector_kernel();
     const int rank = v_.rank;
     bool strided = false;
     for (Access a : v_.access) strided = strided || a == Access::strided;
@@ -358,17 +455,46 @@ class Emitter {
         if (in.op == Op::reduce && at(in.a).stage == pass) reds.push_back(static_cast<int>(i));
       }
       for (int i : reds) line(2, "{} acc{} = {};", acc_type(at(i)), i, identity(at(i)));
-      line(2, "for (I j = threadIdx.x; j < D; j += blockDim.x) {{");
+      const int nv = v_.vec;
+      int body = 3;
+      std::vector<int> stored;  // element outputs written in this pass (by output index)
+      for (size_t i = 0; i < p_.instrs.size(); ++i)
+        if (masks[static_cast<size_t>(pass)][i] && element_output[i] >= 0 && at(static_cast<int>(i)).stage == pass)
+          stored.push_back(element_output[i]);
+      if (nv > 1) {
+        std::vector<bool> used(p_.inputs.size(), false);
+        for (size_t i = 0; i < p_.instrs.size(); ++i)
+          if (masks[static_cast<size_t>(pass)][i] && at(static_cast<int>(i)).op == Op::load)
+            used[static_cast<size_t>(at(static_cast<int>(i)).slot)] = true;
+        line(2, "for (I jv = threadIdx.x; jv < D / {0}; jv += blockDim.x) {{", nv);
+        line(3, "const I j0 = jv * {};", nv);
+        vector_loads(3, used, [](int slot) { return fmt::format("rb{} + j0", slot); });
+        for (int k : stored) line(3, "{} out{}[{}];", raw_type(at(p_.outputs[static_cast<size_t>(k)].instr).dtype), k, nv);
+        line(3, "#pragma unroll");
+        line(3, "for (int u = 0; u < {}; ++u) {{", nv);
+        line(4, "const I j = j0 + u;");
+        body = 4;
+        vector_loop_ = true;
+      } else {
+        line(2, "for (I j = threadIdx.x; j < D; j += blockDim.x) {{");
+      }
       for (size_t i = 0; i < p_.instrs.size(); ++i) {
         if (!masks[static_cast<size_t>(pass)][i]) continue;
         const Instr& in = at(static_cast<int>(i));
-        line(3, "const {} r{} = {};", ctype(in.dtype), i, expr(static_cast<int>(i), eoff, "r * D + j"));
-        if (element_output[i] >= 0 && in.stage == pass)
-          line(3, "kiln_st_{}(o{}, r * D + j, r{});", dtype_tag(in.dtype), element_output[i], i);
+        line(body, "const {} r{} = {};", ctype(in.dtype), i, expr(static_cast<int>(i), eoff, "r * D + j"));
+        if (element_output[i] >= 0 && in.stage == pass) {
+          if (nv > 1) line(body, "out{}[u] = {};", element_output[i], to_raw(in.dtype, reg(static_cast<int>(i))));
+          else line(body, "kiln_st_{}(o{}, r * D + j, r{});", dtype_tag(in.dtype), element_output[i], i);
+        }
       }
       for (int i : reds) {
         const Instr& in = at(i);
-        line(3, "acc{0} = {1}(acc{0}, ({2})r{3});", i, combiner(in), acc_type(in), in.a);
+        line(body, "acc{0} = {1}(acc{0}, ({2})r{3});", i, combiner(in), acc_type(in), in.a);
+      }
+      vector_loop_ = false;
+      if (nv > 1) {
+        line(3, "}}");
+        for (int k : stored) line(3, "kiln_stv(o{0}, r * D + j0, out{0});", k);
       }
       line(2, "}}");
       for (int i : reds) {
@@ -392,13 +518,19 @@ class Emitter {
   const Variant& v_;
   ArgLayout l_;
   std::string out_;
+  bool vector_loop_ = false;  // emitting the unrolled per-element body of a vector access
 };
 
 }  // namespace
 
 std::string generate_cuda(const Program& p, const Variant& v) {
-  KILN_CHECK(p.row ? v.rank >= 1 : v.access.size() == p.inputs.size(), "compile",
-             "a kernel variant that does not fit its program");
+  KILN_CHECK(p.row ? v.rank >= 1 && (v.access.empty() || v.access.size() == p.inputs.size())
+                   : v.access.size() == p.inputs.size(),
+             "compile", "a kernel variant that does not fit its program");
+  KILN_CHECK(v.vec == 1 || v.vec == 2 || v.vec == 4 || v.vec == 8, "compile", "a vector width of {} (1, 2, 4 or 8)", v.vec);
+  if (!p.row && v.vec > 1)
+    for (Access a : v.access)
+      KILN_CHECK(a != Access::strided, "compile", "a vector variant of a pointwise program with strided inputs");
   return Emitter(p, v).run();
 }
 

@@ -3,7 +3,9 @@
 // else; NVRTC compiles it (compile/cubin.h). Its one argument is an array of 64-bit words laid out
 // by arg_layout(): sizes, pointers, strides, random seeds. A variant fixes what the source bakes
 // in: the domain's rank, per input whether it is read contiguously, as a scalar or through
-// strides, 32-bit indexing, and the row length when the plan fixed it.
+// strides, 32-bit indexing, the row length when the plan fixed it, and the vector width: with vec > 1
+// each thread reads and writes `vec` consecutive elements of every contiguous input and output with
+// one aligned (up to 16-byte) access, which the launcher grants only when counts and addresses allow.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -18,9 +20,13 @@ enum class Access : uint8_t { contiguous, scalar, strided };
 struct Variant {
   int rank = 0;                 // of the domain S
   bool index32 = false;         // every offset fits in 32 bits
-  std::vector<Access> access;   // pointwise programs: per input slot (row programs read through strides)
+  // Per input slot. Pointwise programs: how it is read. Row programs (strides always passed): contiguous
+  // marks an element-level slot read with vector loads (inner stride 1), anything else reads through strides;
+  // empty: all through strides.
+  std::vector<Access> access;
   int64_t row_length = -1;      // row programs: the last dim of S when fixed, else -1
   int block = 256;              // threads per block (row programs: a multiple of 32)
+  int vec = 1;                  // elements per thread and access (1, 2, 4 or 8)
   std::string key() const;
 };
 

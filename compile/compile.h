@@ -16,6 +16,7 @@
 
 #include "compile/trace.h"
 #include "core/hook_handle.h"
+#include "nn/chunked_loss.h"
 #include "train/trainer.h"
 
 namespace kiln::nn {
@@ -58,6 +59,10 @@ std::vector<HookHandle> compile_llama_layers(nn::Llama& model, CompileOptions op
 // it is given (the sequence length symbolic from the start) and returns the loss unchanged (the chunked
 // head stays eager: it frees each chunk's logits itself).
 train::CompileFn trainer_compile(CompileOptions options = {});
+// A loss for nn::chunked_linear_loss compiled: each chunk's (n, V) logits and (n) targets run its ops as
+// fused kernels, forward and backward, the rows symbolic so every chunk size shares one plan. A custom
+// loss (nn::focal_loss, a lambda) then costs about what the built-in cross-entropy does.
+nn::LossFn compile_loss(nn::LossFn loss, CompileOptions options = {});
 
 struct Stats {
   int64_t calls = 0;              // compiled calls (forward)
@@ -66,6 +71,7 @@ struct Stats {
   int64_t cache_hits = 0;         // forward or backward runs that reused a plan
   int64_t fused_groups = 0;       // groups in the plans built
   int64_t fallback_ops = 0;       // ops run eagerly inside plans because the fuser does not know them
+  int64_t folded_adds = 0;        // adds of GEMM outputs done in the GEMM's epilogue, in the plans built
   int64_t eager_calls = 0;        // calls run eagerly: the trace failed or fn wrote in place
   int64_t last_forward_kernels = 0, last_forward_groups = 0;
   int64_t last_backward_kernels = 0, last_backward_groups = 0;

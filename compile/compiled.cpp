@@ -92,7 +92,7 @@ void log_plan(const std::string& what, const CompileOptions& o, const Graph& tra
   log_text(fmt::format("{} graph of '{}' ({} nodes traced, {} symbolic sizes)", what, o.name, traced.nodes.size(),
                        prof.num_dynamic()),
            traced.str());
-  log_text(fmt::format("{} plan of '{}' after CSE, DCE and fusion", what, o.name),
+  log_text(fmt::format("{} plan of '{}' after CSE, DCE, folds and fusion", what, o.name),
            p.str() + p.graph.str() + fusion_str(p.graph, p.fusion));
 }
 
@@ -100,6 +100,7 @@ void count_plan(const Plan& p) {
   Counters& c = counters();
   ++c.compilations;
   c.fused_groups += static_cast<int64_t>(p.fusion.groups.size());
+  c.folded_adds += p.folded_adds;
 }
 
 std::shared_ptr<BackwardPlan> backward_plan(ForwardPlan& fp, const TraceState& t, const std::vector<Tensor>& args,
@@ -322,6 +323,7 @@ Stats stats() {
   s.recompilations = c.recompilations;
   s.cache_hits = c.cache_hits;
   s.fused_groups = c.fused_groups;
+  s.folded_adds = c.folded_adds;
   s.fallback_ops = c.fallback_ops;
   s.eager_calls = c.eager_calls;
   s.last_forward_kernels = c.last_forward_kernels;
@@ -337,7 +339,7 @@ Stats stats() {
 void reset_stats() {
   Counters& c = counters();
   for (std::atomic<int64_t>* a : {&c.calls, &c.compilations, &c.recompilations, &c.cache_hits, &c.fused_groups,
-                                  &c.fallback_ops, &c.eager_calls, &c.last_forward_kernels, &c.last_forward_groups,
+                                  &c.folded_adds, &c.fallback_ops, &c.eager_calls, &c.last_forward_kernels, &c.last_forward_groups,
                                   &c.last_backward_kernels, &c.last_backward_groups, &c.last_dynamic_sizes,
                                   &c.kernel_compiles, &c.kernel_disk_hits})
     a->store(0);

@@ -1,6 +1,6 @@
 // The CUDA executor of fused groups: picks the kernel variant for this call's layouts (contiguous,
 // scalar or strided inputs; 32-bit indexing when every offset fits), generates its source once,
-// gets the cubin from NVRTC or the disk cache, loads it (cudaLibraryLoadData: no libcuda link
+// gets the cubin from NVRTC or the disk cache (vector widths too: see vector_width), loads it (cudaLibraryLoadData: no libcuda link
 // needed) and launches it on the current stream with its words of arguments.
 #include <cuda_runtime_api.h>
 #include <fmt/format.h>
@@ -95,6 +95,31 @@ int64_t max_offset(const Shape& strides, const Shape& s) {
   return m;
 }
 
+// The widest vector access (elements per thread, each access at most 16 bytes) every vector slot and
+// output allows: `count` a multiple of it (the row length, or all elements), each address and each
+// row step (`steps`, in elements) aligned to it.
+struct VectorSlot {
+  const void* ptr;
+  size_t itemsize;
+  std::vector<int64_t> steps;
+};
+int vector_width(const std::vector<VectorSlot>& slots, int64_t count) {
+  size_t widest = 1;
+  for (const VectorSlot& s : slots) widest = std::max(widest, s.itemsize);
+  int v = static_cast<int>(std::min<size_t>(8, 16 / widest));
+  auto fits = [&](int w) {
+    if (count % w != 0) return false;
+    for (const VectorSlot& s : slots) {
+      if (reinterpret_cast<uintptr_t>(s.ptr) % (s.itemsize * static_cast<size_t>(w)) != 0) return false;
+      for (int64_t st : s.steps)
+        if (st % w != 0) return false;
+    }
+    return true;
+  };
+  while (v > 1 && !fits(v)) v /= 2;
+  return v;
+}
+
 }  // namespace
 
 void clear_kernel_cache() {
@@ -127,10 +152,32 @@ void run_group_cuda(const Program& p, const GroupArgs& a) {
     }
   }
   v.index32 = reach < (int64_t(1) << 31);
+  std::vector<VectorSlot> vector_slots;  // the contiguous inputs and the outputs
+  for (const Tensor& o : a.outputs) vector_slots.push_back({o.raw_data(), itemsize(o.dtype()), {}});
   if (p.row) {
     v.row_length = a.static_row_length;
+    // element-level inputs read along the row with stride 1 take vector loads; their row steps must keep
+    // the alignment (outputs are contiguous rows of d)
+    v.access.assign(p.inputs.size(), Access::strided);
+    for (size_t k = 0; k < p.inputs.size(); ++k) {
+      const Shape& st = strides[k];
+      if (p.inputs[k].level != Level::element || st.empty() || st.back() != 1) continue;
+      v.access[k] = Access::contiguous;
+      vector_slots.push_back({a.inputs[k].raw_data(), itemsize(a.inputs[k].dtype()), Shape(st.begin(), st.end() - 1)});
+    }
+    v.vec = vector_width(vector_slots, d);
+    if (v.vec == 1) v.access.clear();
     v.block = 256;
-    if (v.row_length >= 0) v.block = static_cast<int>(std::clamp<int64_t>((v.row_length + 31) / 32 * 32, 32, 256));
+    if (v.row_length >= 0)
+      v.block = static_cast<int>(std::clamp<int64_t>((v.row_length / v.vec + 31) / 32 * 32, 32, 256));
+  } else {
+    bool strided_input = false;
+    for (size_t k = 0; k < p.inputs.size(); ++k) {
+      strided_input = strided_input || v.access[k] == Access::strided;
+      if (v.access[k] == Access::contiguous)
+        vector_slots.push_back({a.inputs[k].raw_data(), itemsize(a.inputs[k].dtype()), {}});
+    }
+    if (!strided_input) v.vec = vector_width(vector_slots, n);
   }
   const cudaKernel_t kernel = kernel_for(p, v, arch_of(dev.index));
   const ArgLayout l = arg_layout(p, v);
@@ -154,7 +201,7 @@ void run_group_cuda(const Program& p, const GroupArgs& a) {
     w[static_cast<size_t>(l.rng[k])] = static_cast<int64_t>(a.rng[k].first);
     w[static_cast<size_t>(l.rng[k]) + 1] = static_cast<int64_t>(a.rng[k].second);
   }
-  const int64_t work = p.row ? rows : (n + v.block - 1) / v.block;
+  const int64_t work = p.row ? rows : (n / v.vec + v.block - 1) / v.block;
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>(work, int64_t(1) << 20)));
   void* args[] = {w.data()};
   auto stream = static_cast<cudaStream_t>(cuda::current_stream(dev.index).handle());

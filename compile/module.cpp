@@ -1,5 +1,6 @@
 // Compiling modules: a forward wrapper that runs the module's forward chain compiled, the call key
-// (its non-tensor arguments) part of the cache key; Llama decoder layers share plans.
+// (its non-tensor arguments) part of the cache key; Llama decoder layers share plans. Compiling a
+// chunked head's loss function.
 #include "compile/compile.h"
 #include "nn/llama.h"
 
@@ -30,6 +31,15 @@ train::CompileFn trainer_compile(CompileOptions options) {
     (void)compile_llama_layers(*llama, o);  // the wrappers stay for the model's lifetime
     return loss;
   };
+}
+
+nn::LossFn compile_loss(nn::LossFn loss, CompileOptions options) {
+  KILN_CHECK(loss != nullptr, "compile", "compile_loss needs a loss function, found none");
+  if (options.name == "fn") options.name = "loss";
+  if (options.dynamic_dims.empty()) options.dynamic_dims = {{0, 0}, {1, 0}};  // logits (n, V), targets (n)
+  const CompiledFunction compiled = compile(
+      [loss](const std::vector<Tensor>& in) { return std::vector<Tensor>{loss(in[0], in[1])}; }, std::move(options));
+  return [compiled](const Tensor& logits, const Tensor& targets) { return compiled({logits, targets})[0]; };
 }
 
 }  // namespace kiln::compile

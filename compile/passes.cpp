@@ -1,9 +1,12 @@
-// Dead-code and common-subexpression elimination over compile graphs.
+// Dead-code and common-subexpression elimination and the add-into-GEMM fold over compile graphs.
 #include "compile/passes.h"
 
 #include <unordered_map>
 
+#include "compile/fusion.h"
 #include "compile/signature.h"
+#include "core/ops/elementwise.h"
+#include "core/ops/matmul.h"
 
 namespace kiln::compile {
 namespace {
@@ -90,6 +93,89 @@ Rewrite eliminate_common_subexpressions(const Graph& g) {
   }
   Rewrite r = rebuild(g, keep, replace);
   r.merged = std::move(merged);
+  return r;
+}
+
+Rewrite fold_adds_into_matmuls(const Graph& g, const std::vector<bool>& escapes) {
+  const std::vector<std::vector<int>> users = g.users();
+  auto is_add = [](const Node& n) {
+    const auto* b = dynamic_cast<const prim::Binary*>(n.op.get());
+    return b != nullptr && b->op() == BinaryOp::add && n.inputs.size() == 2;
+  };
+  auto same_meta = [&](int a, int b) {
+    const TensorMeta& x = g.values[static_cast<size_t>(a)].meta;
+    const TensorMeta& y = g.values[static_cast<size_t>(b)].meta;
+    return x.shape == y.shape && x.dtype == y.dtype && x.device == y.device;
+  };
+  // The matmul node an add can absorb through its input `v`, or -1.
+  std::vector<bool> absorbed(g.nodes.size(), false);
+  auto foldable = [&](int v) {
+    const Value& val = g.values[static_cast<size_t>(v)];
+    if (val.producer < 0 || absorbed[static_cast<size_t>(val.producer)] || escapes[static_cast<size_t>(v)]) return -1;
+    const Node& m = g.nodes[static_cast<size_t>(val.producer)];
+    if (!dynamic_cast<const prim::Matmul*>(m.op.get()) || m.inputs.size() != 2 || users[static_cast<size_t>(v)].size() != 1)
+      return -1;
+    return val.producer;
+  };
+  // Whether `v` comes from a kernel of its own (a graph input, a library op): an addend from pointwise work
+  // stays in that work's fused group with the add instead (folding would cut the group in two).
+  std::vector<int> fold_into(g.nodes.size(), -1);  // add node -> the matmul it absorbs
+  auto stands_alone = [&](int v) {
+    for (;;) {
+      const int p = g.values[static_cast<size_t>(v)].producer;
+      if (p < 0 || fold_into[static_cast<size_t>(p)] >= 0) return true;  // an input, or an add already folded
+      const NodeKind k = classify(g, p);
+      if (k != NodeKind::view) return k == NodeKind::library || k == NodeKind::unknown;
+      v = g.nodes[static_cast<size_t>(p)].inputs[0];
+    }
+  };
+  for (size_t n = 0; n < g.nodes.size(); ++n) {
+    const Node& add = g.nodes[n];
+    if (!is_add(add) || add.origin.index < 0) continue;
+    const int x = add.inputs[0], y = add.inputs[1], out = add.outputs[0];
+    if (x == y || !same_meta(x, y) || !same_meta(x, out) || !is_floating(g.values[static_cast<size_t>(out)].meta.dtype))
+      continue;
+    const int px = stands_alone(y) ? foldable(x) : -1, py = stands_alone(x) ? foldable(y) : -1;
+    const int m = std::max(px, py);  // the later product when both qualify
+    if (m < 0) continue;
+    fold_into[n] = m;
+    absorbed[static_cast<size_t>(m)] = true;
+  }
+
+  Rewrite r;
+  r.value_map.assign(g.values.size(), -1);
+  for (int v : g.inputs) {
+    const Value& val = g.values[static_cast<size_t>(v)];
+    r.value_map[static_cast<size_t>(v)] = r.graph.add_input(val.meta, val.input, val.origin, val.requires_grad);
+  }
+  auto mapped = [&](int v) { return r.value_map[static_cast<size_t>(v)]; };
+  for (size_t n = 0; n < g.nodes.size(); ++n) {
+    if (absorbed[n]) continue;
+    const Node& node = g.nodes[n];
+    std::vector<int> ins;
+    const Node* op_node = &node;
+    if (fold_into[n] >= 0) {
+      const Node& m = g.nodes[static_cast<size_t>(fold_into[n])];
+      const int product = m.outputs[0];
+      const int addend = node.inputs[0] == product ? node.inputs[1] : node.inputs[0];
+      ins = {mapped(m.inputs[0]), mapped(m.inputs[1]), mapped(addend)};
+      op_node = &m;
+      r.same_shape.emplace_back(g.values[static_cast<size_t>(product)].origin, g.values[static_cast<size_t>(addend)].origin);
+      ++r.folded;
+    } else {
+      for (int v : node.inputs) ins.push_back(mapped(v));
+    }
+    std::vector<TensorMeta> metas;
+    std::vector<Origin> origins;
+    for (int v : node.outputs) {
+      metas.push_back(g.values[static_cast<size_t>(v)].meta);
+      origins.push_back(g.values[static_cast<size_t>(v)].origin);
+    }
+    const int id = r.graph.add_node(op_node->op, std::move(ins), metas, op_node->origin, origins);
+    for (size_t i = 0; i < node.outputs.size(); ++i)
+      r.value_map[static_cast<size_t>(node.outputs[i])] = r.graph.nodes[static_cast<size_t>(id)].outputs[i];
+  }
+  for (int v : g.outputs) r.graph.outputs.push_back(mapped(v));
   return r;
 }
 

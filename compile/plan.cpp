@@ -11,6 +11,7 @@
 #include "compile/passes.h"
 #include "core/dispatch.h"
 #include "core/ops/creation.h"
+#include "core/ops/matmul.h"
 
 namespace kiln::compile {
 namespace {
@@ -100,9 +101,14 @@ Plan build_plan(const PlanInput& in) {
   std::vector<int> keep;
   for (int v : in.keep) keep.push_back(c.value_map[static_cast<size_t>(v)]);
   Rewrite d = eliminate_dead_code(c.graph, keep);
-  for (int v : keep) plan.kept.push_back(d.value_map[static_cast<size_t>(v)]);
-  plan.graph = std::move(d.graph);
+  std::vector<int> kept_d;
+  for (int v : keep) kept_d.push_back(d.value_map[static_cast<size_t>(v)]);
+  Rewrite f = fold_adds_into_matmuls(d.graph, d.graph.escaping(kept_d));
+  for (int v : kept_d) plan.kept.push_back(f.value_map[static_cast<size_t>(v)]);
+  plan.graph = std::move(f.graph);
   plan.cse_guards = std::move(c.merged);
+  plan.shape_guards = std::move(f.same_shape);
+  plan.folded_adds = f.folded;
   const std::vector<bool> escapes = plan.graph.escaping(plan.kept);
   plan.fusion = fuse(plan.graph, escapes, in.fuse);
   plan.steps = schedule(plan.graph, plan.fusion, escapes);
@@ -133,8 +139,8 @@ Plan build_plan(const PlanInput& in) {
 }
 
 std::string Plan::str() const {
-  std::string s = fmt::format("  {} steps, {} kernels ({} fused groups, {} fallbacks):\n", steps.size(), kernels,
-                              fusion.groups.size(), fallbacks);
+  std::string s = fmt::format("  {} steps, {} kernels ({} fused groups, {} fallbacks, {} adds in GEMM epilogues):\n",
+                              steps.size(), kernels, fusion.groups.size(), fallbacks, folded_adds);
   for (const Step& st : steps) {
     if (st.kind == StepKind::group) {
       const Group& grp = fusion.groups[static_cast<size_t>(st.index)];
@@ -143,7 +149,9 @@ std::string Plan::str() const {
       s += fmt::format("    group {}:{}\n", st.index, names);
     } else {
       static const char* const kinds[] = {"view", "library", "fallback", "fill", "group"};
-      s += fmt::format("    {} {}\n", kinds[static_cast<int>(st.kind)], graph.nodes[static_cast<size_t>(st.index)].op->name());
+      const Node& n = graph.nodes[static_cast<size_t>(st.index)];
+      s += fmt::format("    {} {}{}\n", kinds[static_cast<int>(st.kind)], n.op->name(),
+                       dynamic_cast<const prim::Matmul*>(n.op.get()) && n.inputs.size() == 3 ? " + addend" : "");
     }
   }
   return s;
@@ -166,6 +174,14 @@ bool plan_guards_hold(const Plan& plan, const Bindings& b, std::string* why) {
     const Primitive& pm = *b.traces[m.trace]->nodes[static_cast<size_t>(m.index)].op;
     if (!pa.equals(pm)) {
       if (why) *why = fmt::format("{} ops merged by CSE differ in this call", pa.name());
+      return false;
+    }
+  }
+  for (const auto& [a, c] : plan.shape_guards) {
+    const Shape& sa = b.traces[a.trace]->values[static_cast<size_t>(a.index)].meta.shape;
+    const Shape& sc = b.traces[c.trace]->values[static_cast<size_t>(c.index)].meta.shape;
+    if (sa != sc) {
+      if (why) *why = fmt::format("a GEMM's addend is {} where its product is {} in this call", shape_str(sc), shape_str(sa));
       return false;
     }
   }

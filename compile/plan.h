@@ -26,6 +26,8 @@ struct Plan {
   Fusion fusion;
   std::vector<Step> steps;
   std::vector<std::pair<Origin, Origin>> cse_guards;
+  std::vector<std::pair<Origin, Origin>> shape_guards;  // (value, value) that must keep equal shapes
+  int folded_adds = 0;       // adds done in GEMM epilogues
   std::vector<int> kept;     // values returned besides the outputs (forward: saved for backward)
   std::vector<int64_t> static_row_length;  // per group: the domain's last dim when fixed, else -1
   int kernels = 0;           // per run: groups + library ops + fallbacks + constants

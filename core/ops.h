@@ -136,6 +136,7 @@ Tensor log_softmax(const Tensor& x, int64_t dim);
 // ---- linear algebra (core/ops/matmul.cpp)
 // (..., M, K) @ (..., K, N) -> (..., M, N), batch dims broadcast; both at least 2-d.
 Tensor matmul(const Tensor& a, const Tensor& b);
+Tensor matmul_add(const Tensor& a, const Tensor& b, const Tensor& c);  // a @ b + c in the GEMM (c: the product's shape)
 
 // ---- neural-network ops, one family each in core/ops/: embedding (indexing.cpp), rms_norm (norm.cpp),
 // rotary_embedding (rope.cpp), scaled_dot_product_attention (attention.cpp), cross_entropy (loss.cpp),

@@ -290,4 +290,18 @@ int OpCounter::count(const std::string& name) const {
   return static_cast<int>(std::count(names.begin(), names.end(), name));
 }
 
+nn::LlamaConfig tiny_llama_config(int64_t layers) {
+  nn::LlamaConfig c;
+  c.vocab_size = 41;
+  c.hidden_size = 32;
+  c.intermediate_size = 48;
+  c.num_hidden_layers = layers;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  c.head_dim = 8;
+  c.rope_scaling = nn::RopeScaling{4.0, 1.0, 4.0, 8};
+  c.rms_norm_eps = 1e-6;
+  return c;
+}
+
 }  // namespace kiln::test

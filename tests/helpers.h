@@ -9,6 +9,7 @@
 #include "autograd/grad_mode.h"
 #include "core/dispatch.h"
 #include "core/ops.h"
+#include "nn/llama.h"
 
 namespace kiln::test {
 
@@ -43,5 +44,9 @@ struct OpCounter : DispatchObserver {
   }
   int count(const std::string& name) const;
 };
+
+// A tiny Llama (vocab 41, hidden 32, MLP 48, 4 heads of 8, 2 KV heads, llama3 RoPE scaling) with
+// `layers` decoder layers.
+nn::LlamaConfig tiny_llama_config(int64_t layers = 2);
 
 }  // namespace kiln::test

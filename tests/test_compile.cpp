@@ -217,6 +217,67 @@ TEST_CASE("compile: LoRA scale-and-add fuses around the two small matmuls", "[co
   REQUIRE(w.grad().defined() == false);                 // gradients went through autograd::grad only
 }
 
+TEST_CASE("compile: an add of GEMM outputs runs in the GEMM's epilogue, forward and backward", "[compile]") {
+  // The LoRA sum of kiln's eager LoraLinear (scale folded into B): base + (x A^T) B^T, with x read by two
+  // such layers (q and k), so backward also accumulates x's gradient from four GEMMs.
+  Tensor x = test::random_tensor({2, 5, 16}, DType::f32, 31).set_requires_grad(true);
+  Tensor w1 = test::random_tensor({24, 16}, DType::f32, 32), w2 = test::random_tensor({8, 16}, DType::f32, 33);
+  Tensor a1 = test::random_tensor({4, 16}, DType::f32, 34).set_requires_grad(true);
+  Tensor b1 = test::random_tensor({24, 4}, DType::f32, 35).set_requires_grad(true);
+  Tensor a2 = test::random_tensor({4, 16}, DType::f32, 36).set_requires_grad(true);
+  Tensor b2 = test::random_tensor({8, 4}, DType::f32, 37).set_requires_grad(true);
+  auto lora = [](const Tensor& in, const Tensor& w, const Tensor& a, const Tensor& b) {
+    return add(matmul(in, w.t()), matmul(matmul(in, a.t()), b.t()));
+  };
+  auto f = [&](const std::vector<Tensor>& in) {
+    return std::vector<Tensor>{lora(in[0], w1, a1, b1), lora(in[0], w2, a2, b2)};
+  };
+  compile::reset_stats();
+  require_matches_eager(f, {x});
+  const compile::Stats s = compile::stats();
+  REQUIRE(s.last_forward_kernels == 6);  // six GEMMs, two with the add in their epilogue
+  REQUIRE(s.last_forward_groups == 0);
+  // backward: x's gradient sums two base and two LoRA products: three adds, all folded
+  REQUIRE(s.folded_adds >= 2 + 3);
+
+  // An addend from pointwise work stays in that work's group (folding would split it): y + delta * 0.5
+  auto g = [&](const std::vector<Tensor>& in) {
+    Tensor y = matmul(in[0], w1.t());
+    return std::vector<Tensor>{gelu(y + matmul(matmul(in[0], a1.t()), b1.t()) * 0.5)};
+  };
+  compile::reset_stats();
+  require_matches_eager(g, {x});
+  REQUIRE(compile::stats().last_forward_kernels == 4);
+}
+
+TEST_CASE("compile: a chunked head's focal loss compiled equals eager; every chunk size shares one plan", "[compile]") {
+  const Tensor h = test::random_tensor({2, 19, 16}, DType::f32, 41);
+  const Tensor w = test::random_tensor({37, 16}, DType::f32, 42);
+  Generator gen(44);
+  Tensor targets = randint(0, 37, {2, 19}, DType::i64, kCPU, &gen);
+  targets = where(lt(test::random_tensor({2, 19}, DType::f32, 43), -1.2), full({2, 19}, -100.0, DType::i64), targets);
+  nn::ChunkedLossOptions o;
+  o.chunk_size = 8;  // chunks of 8, 8, 8, 8, 6 tokens
+  const nn::LossFn compiled = compile::compile_loss(nn::focal_loss(2.0));
+  auto run = [&](const nn::LossFn& fn) {
+    Tensor hl = h.detach().set_requires_grad(true);
+    Tensor loss = nn::chunked_linear_loss(hl, w, targets, fn, o);
+    return std::make_pair(loss, autograd::grad({loss}, {hl})[0]);
+  };
+  compile::reset_stats();
+  const auto [le, ge] = run(nn::focal_loss(2.0));
+  const auto [lc, gc] = run(compiled);
+  test::require_close(lc, le, 1e-6, 1e-7);
+  test::require_close(gc, ge, 1e-5, 1e-7);
+  const compile::Stats s = compile::stats();
+  REQUIRE(s.calls == 5);
+  REQUIRE(s.compilations <= 4);  // forward and backward, each at most once more when the last chunk's size goes symbolic
+  REQUIRE(s.fallback_ops == 0);
+  REQUIRE(s.eager_calls == 0);
+  REQUIRE(s.last_forward_groups >= 1);  // (1 - p_t)^gamma * nll: one group beside the cross-entropy op
+  REQUIRE_THROWS_WITH(compile::compile_loss(nullptr), ContainsSubstring("[compile]"));
+}
+
 TEST_CASE("compile: softmax-like rows: composite and the op fuse with their prologue", "[compile]") {
   Tensor x = test::random_tensor({3, 4, 33}, DType::f32, 17).set_requires_grad(true);
   Tensor m = test::random_tensor({33}, DType::f32, 18);
@@ -385,20 +446,6 @@ TEST_CASE("compile: a function that writes in place runs eagerly, with the same 
 
 namespace {
 
-nn::LlamaConfig tiny_config() {
-  nn::LlamaConfig c;
-  c.vocab_size = 41;
-  c.hidden_size = 32;
-  c.intermediate_size = 48;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 8;
-  c.rope_scaling = nn::RopeScaling{4.0, 1.0, 4.0, 8};
-  c.rms_norm_eps = 1e-6;
-  return c;
-}
-
 Tensor random_ids(int64_t b, int64_t t, uint64_t seed) {
   Generator gen(seed);
   return randint(0, 41, {b, t}, DType::i64, kCPU, &gen);
@@ -413,7 +460,7 @@ nn::LlamaDecoderLayer& layer0(nn::Llama& m) {
 TEST_CASE("compile: a Llama model with compiled decoder layers matches eager, forward and backward", "[compile][llama]") {
   nn::LlamaOptions o;
   o.seed = 3;
-  nn::Llama eager(tiny_config(), o), compiled(tiny_config(), o);
+  nn::Llama eager(test::tiny_llama_config(2), o), compiled(test::tiny_llama_config(2), o);
   std::vector<HookHandle> handles = compile::compile_llama_layers(compiled);
   const Tensor ids = random_ids(2, 9, 5);
   compile::reset_stats();
@@ -438,14 +485,15 @@ TEST_CASE("compile: a Llama model with compiled decoder layers matches eager, fo
   REQUIRE(s.compilations == 2);
   REQUIRE(s.eager_calls == 0);
   REQUIRE(s.fallback_ops == 0);
-  // This block compiles to 15 forward kernels: 7 matmuls, 2 ropes, attention, the first rms_norm,
-  // the heads' transpose copy, swiglu, the last residual add, and one group (residual add + rms_norm);
-  // and 31 backward kernels with 2 groups (swiglu recomputed with its backward; the sum of the q, k,
-  // v input gradients). Eager runs 16 forward, and more backward.
-  REQUIRE(s.last_forward_groups == 1);
-  REQUIRE(s.last_forward_kernels == 15);
-  REQUIRE(s.last_backward_groups == 2);
-  REQUIRE(s.last_backward_kernels == 31);
+  // This block compiles to 14 forward kernels: 7 matmuls (o_proj and down_proj add the residual in
+  // their epilogue), 2 ropes, attention, 2 rms_norms, the heads' transpose copy, swiglu; and 29 backward
+  // kernels with 1 group (swiglu recomputed with its backward), the q, k, v input gradients summed in
+  // GEMM epilogues. Eager runs 16 forward, and more backward.
+  REQUIRE(s.last_forward_groups == 0);
+  REQUIRE(s.last_forward_kernels == 14);
+  REQUIRE(s.folded_adds == 2 + 3);
+  REQUIRE(s.last_backward_groups == 1);
+  REQUIRE(s.last_backward_kernels == 29);
   KernelCounter fwd, bwd;
   const Tensor x = test::random_tensor({2, 9, 32}, DType::f32, 8).set_requires_grad(true);
   Tensor y;
@@ -464,7 +512,7 @@ TEST_CASE("compile: a Llama model with compiled decoder layers matches eager, fo
 TEST_CASE("compile: 20 sequence lengths compile once; a dtype change compiles once more", "[compile][llama]") {
   nn::LlamaOptions o;
   o.seed = 7;
-  nn::Llama model(tiny_config(), o), reference(tiny_config(), o);
+  nn::Llama model(test::tiny_llama_config(2), o), reference(test::tiny_llama_config(2), o);
   nn::LlamaDecoderLayer& layer = layer0(model);
   compile::CompileOptions co;
   co.dynamic_dims = {{0, 1}};  // x (B, T, hidden): T is symbolic from the first call
@@ -654,7 +702,7 @@ TEST_CASE("compile: QLoRA (NF4 base, LoRA with dropout) and checkpointed layers 
     nn::LlamaOptions o;
     o.seed = 13;
     o.checkpoint_activations = !nf4;
-    nn::Llama eager(tiny_config(), o), compiled(tiny_config(), o), exact(tiny_config(), o);
+    nn::Llama eager(test::tiny_llama_config(2), o), compiled(test::tiny_llama_config(2), o), exact(test::tiny_llama_config(2), o);
     make_lora(eager, nf4);
     make_lora(compiled, nf4);
     // the reference: the same model in f64 (NF4 weights dequantised into plain linears)
@@ -759,7 +807,7 @@ TEST_CASE("compile: a tensor a module caches while traced is real (copies of cap
 TEST_CASE("compile: the Trainer's compile seam compiles a Llama's layers and keeps its loss", "[compile][llama]") {
   nn::LlamaOptions o;
   o.seed = 21;
-  nn::Llama eager(tiny_config(), o), compiled(tiny_config(), o);
+  nn::Llama eager(test::tiny_llama_config(2), o), compiled(test::tiny_llama_config(2), o);
   const train::BatchLossFn loss = train::llama_loss(true);
   const train::BatchLossFn compiled_loss = compile::trainer_compile()(compiled, loss);
   data::Batch b;

@@ -3,6 +3,7 @@
 // compiled Llama layer; the disk cache (a fresh in-memory cache compiles nothing). The NVRTC-only
 // tests run wherever kiln was built with CUDA (no GPU needed); the others SKIP without a GPU.
 #include <catch2/catch_test_macros.hpp>
+#include <catch2/matchers/catch_matchers_string.hpp>
 #include <unistd.h>
 
 #include <filesystem>
@@ -96,6 +97,15 @@ TEST_CASE("compile cuda: generated kernels compile with NVRTC, and the disk cach
       v.rank = 3;
       if (!g.program.row) v.access.assign(g.program.inputs.size(), compile::Access::strided);
       sources.push_back(compile::generate_cuda(g.program, v));
+      // the vector variant: 8 elements per access of every contiguous (row programs: element-level) slot
+      compile::Variant vv = v;
+      vv.vec = 8;
+      vv.access.clear();
+      for (const auto& slot : g.program.inputs)
+        vv.access.push_back(g.program.row && slot.level != compile::Level::element ? compile::Access::strided
+                                                                                   : compile::Access::contiguous);
+      sources.push_back(compile::generate_cuda(g.program, vv));
+      REQUIRE_THAT(sources.back(), Catch::Matchers::ContainsSubstring("kiln_ldv(p"));
     }
   }
   compile::reset_stats();

@@ -175,3 +175,20 @@ TEST_CASE("cuda matmul in f32 with TF32 allowed stays close", "[cuda][matmul]") 
   test::require_close(got, want, 1e-2, 1e-2 * 16);  // TF32 keeps 10 mantissa bits
   test::require_close(matmul(a.to(kGPU), b.to(kGPU)).to(kCPU), want, 1e-4, 1e-5 * 16);
 }
+
+TEST_CASE("cuda matmul_add adds C in cuBLASLt's epilogue as the CPU does", "[cuda][matmul]") {
+  if (!cuda::is_available()) SKIP("no CUDA device");
+  const Case cases[] = {{{7, 13}, {13, 5}}, {{3, 5, 7}, {7, 2}}, {{4, 1, 5, 6}, {3, 6, 2}}, {{64, 4096}, {4096, 48}},
+                        {{3, 0}, {0, 4}}};
+  for (DType dt : kFloats) {
+    for (const Case& c : cases) {
+      INFO(dtype_name(dt) << " " << shape_str(c.a) << " @ " << shape_str(c.b));
+      const Tensor a = test::random_tensor(c.a, dt, 1), b = test::random_tensor(c.b, dt, 2);
+      const Tensor cc = test::random_tensor(matmul(a, b).shape(), dt, 3);
+      const Tensor want = matmul_add(a, b, cc);
+      const Tensor got = matmul_add(a.to(kGPU), b.to(kGPU), cc.to(kGPU));
+      const Tol t = tol_for(dt, a.size(-1));
+      test::require_close(got.to(kCPU), want, t.rtol, t.atol);
+    }
+  }
+}

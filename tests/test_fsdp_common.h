@@ -4,10 +4,12 @@
 #pragma once
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "core/cuda/runtime.h"
 #include "dist/fsdp_parallel.h"
 #include "dist/fully_shard.h"
 #include "dist/local.h"
@@ -38,16 +40,6 @@ inline nn::LoraConfig fsdp_lora(int64_t r = 4) {
   return lc;
 }
 
-// Every Linear below `root` becomes an NF4Linear. (nn::quantize_linears_nf4 goes on to visit the Linears
-// it has just replaced and freed: a use after free, reported. This collects them first.)
-inline void quantize_nf4(nn::Module& root) {
-  std::vector<std::pair<nn::Module*, std::string>> linears;
-  for (auto& [path, m] : root.named_modules())
-    for (auto& [name, child] : m->named_children())
-      if (std::dynamic_pointer_cast<nn::Linear>(child)) linears.emplace_back(m, name);
-  for (auto& [m, name] : linears) m->replace_module(name, nn::NF4Linear::from_linear(m->child_as<nn::Linear>(name)));
-}
-
 // The QLoRA model every rank builds alike: NF4 decoder linears (quantised as each layer is built), LoRA on them.
 inline std::shared_ptr<nn::Llama> fsdp_model(uint64_t seed, Device device = kCPU, int64_t lora_r = 4,
                                              DType dtype = DType::f32) {
@@ -55,7 +47,7 @@ inline std::shared_ptr<nn::Llama> fsdp_model(uint64_t seed, Device device = kCPU
   lo.seed = seed;
   lo.device = device;
   lo.dtype = dtype;  // the adapters stay f32
-  lo.on_layer_built = [](const std::string&, nn::LlamaDecoderLayer& layer) { quantize_nf4(layer); };
+  lo.on_layer_built = [](const std::string&, nn::LlamaDecoderLayer& layer) { nn::quantize_linears_nf4(layer); };
   auto m = std::make_shared<nn::Llama>(fsdp_config(), lo);
   nn::apply_lora(*m, fsdp_lora(lora_r), seed + 1);
   m->train();
@@ -97,6 +89,7 @@ struct FsdpRun {
   std::vector<data::Document> eval_docs;  // held-out documents: eval every 10 steps
   std::string adapter_dir;    // set: the final adapter is written there (PEFT folder)
   uint64_t seed = 0;
+  bool own_streams = false;   // CUDA: each rank computes on a stream of its own (else the default stream)
 };
 
 struct FsdpResult {
@@ -109,6 +102,8 @@ inline FsdpResult fsdp_train(const std::vector<data::Document>& docs, const Fsdp
   FsdpResult result;
   std::mutex mutex;
   auto body = [&](std::shared_ptr<dist::ProcessGroup> group) {
+    std::optional<cuda::StreamGuard> stream;
+    if (s.own_streams) stream.emplace(cuda::Stream::create(s.device.index));
     auto model = fsdp_model(s.seed, s.device, 4, s.dtype);
     model->set_checkpoint_activations(s.checkpointing);
     std::shared_ptr<dist::FsdpUnit> root;

@@ -24,25 +24,11 @@ using Catch::Matchers::ContainsSubstring;
 
 namespace {
 
-nn::LlamaConfig tiny_config() {
-  nn::LlamaConfig c;
-  c.vocab_size = 41;
-  c.hidden_size = 32;
-  c.intermediate_size = 48;
-  c.num_hidden_layers = 3;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 8;
-  c.rope_scaling = nn::RopeScaling{4.0, 1.0, 4.0, 8};
-  c.rms_norm_eps = 1e-6;
-  return c;
-}
-
 std::shared_ptr<nn::Llama> tiny_lora_llama(bool checkpointing, uint64_t seed) {
   nn::LlamaOptions o;
   o.seed = seed;
   o.checkpoint_activations = checkpointing;
-  auto m = std::make_shared<nn::Llama>(tiny_config(), o);
+  auto m = std::make_shared<nn::Llama>(test::tiny_llama_config(3), o);
   nn::LoraConfig lc;
   lc.r = 4;
   lc.alpha = 8;
@@ -315,7 +301,7 @@ struct KernelCounter : DispatchHandler {
 TEST_CASE("hooks: a dispatch handler traces a Llama block's forward and backward without running a kernel", "[hooks][dispatch]") {
   nn::LlamaOptions o;
   o.seed = 31;
-  nn::Llama model(tiny_config(), o);
+  nn::Llama model(test::tiny_llama_config(3), o);
   auto& block = model.model().child_as<nn::ModuleList>("layers").at<nn::LlamaDecoderLayer>(0);
   (void)model(random_ids(1, 16, 4));  // real run first: fills the rotary tables for up to 16 positions
 

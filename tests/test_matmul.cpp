@@ -289,3 +289,36 @@ TEST_CASE("matmul gradients are differentiable again (create_graph)", "[matmul]"
   b.set_requires_grad(true);
   test::check_gradients(grad_a, {a, b});
 }
+
+TEST_CASE("matmul_add adds C in the GEMM: rounds once, differentiates, rejects a C of another shape", "[matmul]") {
+  // f64: a @ b + c exactly as the two ops, over batched, broadcast, strided and K = 0 shapes
+  struct Case {
+    Shape a, b;
+  };
+  const Case cases[] = {{{3, 4}, {4, 5}}, {{2, 3, 4}, {4, 5}}, {{2, 1, 3, 4}, {3, 4, 2}}, {{3, 0}, {0, 4}}};
+  uint64_t seed = 600;
+  for (const Case& c : cases) {
+    INFO(shape_str(c.a) << " @ " << shape_str(c.b));
+    Tensor a = test::random_tensor(c.a, DType::f64, seed++), b = test::random_tensor(c.b, DType::f64, seed++);
+    Tensor cc = test::random_tensor(matmul(a, b).shape(), DType::f64, seed++);
+    test::require_close(matmul_add(a, b, cc), add(matmul(a, b), cc), 1e-14, 1e-14);
+    a.set_requires_grad(true);
+    b.set_requires_grad(true);
+    cc.set_requires_grad(true);
+    test::check_gradients([](const std::vector<Tensor>& x) { return matmul_add(x[0], x[1], x[2]); }, {a, b, cc});
+  }
+  // a transposed (non-contiguous) addend reads as its values
+  Tensor a = test::random_tensor({5, 6}, DType::f32, 620), b = test::random_tensor({6, 4}, DType::f32, 621);
+  Tensor ct = transpose(test::random_tensor({4, 5}, DType::f32, 622), 0, 1);
+  test::require_close(matmul_add(a, b, ct), add(matmul(a, b), ct), 1e-6, 1e-6);
+  // bf16: the sum of the f32 product and C rounds once, as cuBLASLt's epilogue does
+  Tensor ab = test::random_tensor({9, 33}, DType::bf16, 623), bb = test::random_tensor({33, 7}, DType::bf16, 624);
+  Tensor cb = test::random_tensor({9, 7}, DType::bf16, 625);
+  const Tensor once = cast(add(matmul(ab.to(DType::f32), bb.to(DType::f32)), cb.to(DType::f32)), DType::bf16);
+  test::require_close(matmul_add(ab, bb, cb), once, 1e-2, 1e-2);
+  // C must be the product's shape, dtype and device: no broadcasting in the epilogue
+  REQUIRE_THROWS_WITH(matmul_add(a, b, test::random_tensor({1, 4}, DType::f32, 626)),
+                      ContainsSubstring("[matmul]") && ContainsSubstring("addend") && ContainsSubstring("(5, 4)"));
+  REQUIRE_THROWS_WITH(matmul_add(a, b, test::random_tensor({5, 4}, DType::f64, 627)),
+                      ContainsSubstring("[matmul]") && ContainsSubstring("addend"));
+}

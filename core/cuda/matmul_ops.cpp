@@ -223,9 +223,10 @@ Operand prepare(const Tensor& x) {
   return {cx, matrix_view(r, c, c, 1)};
 }
 
-// D (batch..., M, N) = A (batch..., M, K) @ B (batch..., K, N) into a contiguous `out`.
-// False (nothing launched) when cuBLASLt has no algorithm for these layouts and alignments.
-bool try_gemm(const Tensor& a_in, const Tensor& b_in, Tensor& out, const char* op) {
+// D (batch..., M, N) = A (batch..., M, K) @ B (batch..., K, N) (+ C, a contiguous tensor of D's shape,
+// with beta = 1) into a contiguous `out`. False (nothing launched) when cuBLASLt has no algorithm for
+// these layouts and alignments.
+bool try_gemm(const Tensor& a_in, const Tensor& b_in, const Tensor* addend, Tensor& out, const char* op) {
   const Shape& os = out.shape();
   const int64_t m = os[os.size() - 2], n = os.back(), k = a_in.shape().back();
   if (out.numel() == 0) return true;
@@ -233,7 +234,11 @@ bool try_gemm(const Tensor& a_in, const Tensor& b_in, Tensor& out, const char* o
   DeviceGuard guard(device);
   void* stream = stream_of(out);
   const size_t es = itemsize(out.dtype());
-  if (k == 0) {  // an empty sum: zeros
+  if (k == 0) {  // an empty sum: zeros (or the addend)
+    if (addend != nullptr) {
+      copy_(out, *addend);
+      return true;
+    }
     KILN_CUDA_CHECK(cudaMemsetAsync(out.raw_data(), 0, out.nbytes(), static_cast<cudaStream_t>(stream)), op);
     return true;
   }
@@ -288,10 +293,12 @@ bool try_gemm(const Tensor& a_in, const Tensor& b_in, Tensor& out, const char* o
   const auto* a_base = static_cast<const char*>(a.t.raw_data());
   const auto* b_base = static_cast<const char*>(b.t.raw_data());
   auto* c_base = static_cast<char*>(out.raw_data());
+  const auto* add_base = addend != nullptr ? static_cast<const char*>(addend->raw_data()) : nullptr;  // same layout as D
   const auto addr = [](const void* p) { return static_cast<uint64_t>(reinterpret_cast<uintptr_t>(p)); };
   key.align_a = alignment_of({addr(b_base), static_cast<uint64_t>(key.lda) * es, static_cast<uint64_t>(key.stride_a) * es});
   key.align_b = alignment_of({addr(a_base), static_cast<uint64_t>(key.ldb) * es, static_cast<uint64_t>(key.stride_b) * es});
-  key.align_c = alignment_of({addr(c_base), static_cast<uint64_t>(key.ldc) * es, static_cast<uint64_t>(key.stride_c) * es});
+  key.align_c = alignment_of({addr(c_base), static_cast<uint64_t>(key.ldc) * es, static_cast<uint64_t>(key.stride_c) * es,
+                              add_base != nullptr ? addr(add_base) : 0});
   // Outer batch entries (dims that did not merge) start at other offsets: require the alignment
   // of every entry's offset as well.
   const int64_t outer = folded ? 1 : numel(batch) / inner;
@@ -318,11 +325,14 @@ bool try_gemm(const Tensor& a_in, const Tensor& b_in, Tensor& out, const char* o
   const float one_f = 1.0f, zero_f = 0.0f;
   const double one_d = 1.0, zero_d = 0.0;
   const void* alpha = ti.scale == CUDA_R_64F ? static_cast<const void*>(&one_d) : static_cast<const void*>(&one_f);
-  const void* beta = ti.scale == CUDA_R_64F ? static_cast<const void*>(&zero_d) : static_cast<const void*>(&zero_f);
+  const void* beta = add_base != nullptr ? alpha
+                     : ti.scale == CUDA_R_64F ? static_cast<const void*>(&zero_d)
+                                              : static_cast<const void*>(&zero_f);
   for (const auto& off : offsets) {
-    void* c = c_base + off[0] * static_cast<int64_t>(es);
+    void* d = c_base + off[0] * static_cast<int64_t>(es);
+    const void* c = add_base != nullptr ? add_base + off[0] * static_cast<int64_t>(es) : d;
     KILN_CUBLAS_CHECK(cublasLtMatmul(handle, plan.desc, alpha, b_base + off[2] * static_cast<int64_t>(es), plan.a,
-                                     a_base + off[1] * static_cast<int64_t>(es), plan.b, beta, c, plan.c, c, plan.c,
+                                     a_base + off[1] * static_cast<int64_t>(es), plan.b, beta, c, plan.c, d, plan.c,
                                      &plan.algo, ws, kWorkspaceBytes, static_cast<cudaStream_t>(stream)),
                       op);
   }
@@ -331,14 +341,19 @@ bool try_gemm(const Tensor& a_in, const Tensor& b_in, Tensor& out, const char* o
 
 // try_gemm, retried on fresh (aligned, contiguous) copies of the operands when cuBLASLt has no
 // algorithm for their layouts.
-void gemm(const Tensor& a, const Tensor& b, Tensor& out, const char* op) {
-  if (try_gemm(a, b, out, op)) return;
-  KILN_CHECK(try_gemm(a.detach().clone(), b.detach().clone(), out, op), op, "cuBLASLt found no algorithm for {} @ {} in {}",
-             shape_str(a.shape()), shape_str(b.shape()), dtype_name(a.dtype()));
+void gemm(const Tensor& a, const Tensor& b, const Tensor* addend, Tensor& out, const char* op) {
+  Tensor add;  // contiguous, as D is
+  if (addend != nullptr) add = addend->is_contiguous() ? *addend : contiguous(addend->detach());
+  const Tensor* c = addend != nullptr ? &add : nullptr;
+  if (try_gemm(a, b, c, out, op)) return;
+  Tensor c_copy = c != nullptr ? add.clone() : Tensor();
+  KILN_CHECK(try_gemm(a.detach().clone(), b.detach().clone(), c != nullptr ? &c_copy : nullptr, out, op), op,
+             "cuBLASLt found no algorithm for {} @ {} in {}", shape_str(a.shape()), shape_str(b.shape()),
+             dtype_name(a.dtype()));
 }
 
 void matmul_kernel(const prim::Matmul&, const std::vector<Tensor>& in, std::vector<Tensor>& out) {
-  gemm(in[0], in[1], out[0], "matmul");
+  gemm(in[0], in[1], in.size() > 2 ? &in[2] : nullptr, out[0], "matmul");
 }
 
 }  // namespace

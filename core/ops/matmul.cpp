@@ -11,10 +11,15 @@ namespace kiln {
 
 Tensor matmul(const Tensor& a, const Tensor& b) { return dispatch1(std::make_shared<const prim::Matmul>(), {a, b}); }
 
+Tensor matmul_add(const Tensor& a, const Tensor& b, const Tensor& c) {
+  return dispatch1(std::make_shared<const prim::Matmul>(), {a, b, c});
+}
+
 namespace prim {
 
 std::vector<TensorMeta> Matmul::infer(const std::vector<Tensor>& inputs) const {
-  KILN_CHECK(inputs.size() == 2, "matmul", "expected 2 inputs, found {}", inputs.size());
+  KILN_CHECK(inputs.size() == 2 || inputs.size() == 3, "matmul", "expected 2 inputs (or 3 with an addend), found {}",
+             inputs.size());
   const Tensor& a = inputs[0];
   const Tensor& b = inputs[1];
   KILN_CHECK(a.dim() >= 2 && b.dim() >= 2, "matmul", "expected operands of at least 2 dims, found {} @ {}",
@@ -35,6 +40,12 @@ std::vector<TensorMeta> Matmul::infer(const std::vector<Tensor>& inputs) const {
   Shape batch = broadcast_shapes(Shape(as.begin(), as.end() - 2), Shape(bs.begin(), bs.end() - 2), "matmul");
   batch.push_back(as[as.size() - 2]);
   batch.push_back(bs[bs.size() - 1]);
+  if (inputs.size() == 3) {
+    const Tensor& c = inputs[2];
+    KILN_CHECK(c.shape() == batch && c.dtype() == a.dtype() && c.device() == a.device(), "matmul",
+               "expected an addend of the product's shape {}, dtype {} and device {}, found {} {} on {}", shape_str(batch),
+               dtype_name(a.dtype()), a.device().str(), shape_str(c.shape()), dtype_name(c.dtype()), c.device().str());
+  }
   return {TensorMeta{batch, a.dtype(), a.device()}};
 }
 
@@ -43,7 +54,8 @@ std::vector<Tensor> Matmul::vjp(const std::vector<Tensor>& inputs, const std::ve
   const Tensor& a = inputs[0];  // (..., M, K)
   const Tensor& b = inputs[1];  // (..., K, N)
   const Tensor& g = cotangents[0];  // (batch..., M, N)
-  std::vector<Tensor> grads(2);
+  std::vector<Tensor> grads(inputs.size());
+  if (inputs.size() == 3 && wanted[2]) grads[2] = g;  // the addend: the product's shape exactly
   if (wanted[0]) {
     // dA (batch..., M, K) = g @ B^T, summed over the batch dims A was broadcast along
     grads[0] = sum_to(matmul(g, transpose(b, -2, -1)), a.shape());

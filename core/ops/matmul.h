@@ -1,6 +1,8 @@
 // The matmul primitive: (..., M, K) @ (..., K, N) -> (..., M, N) with numpy broadcasting of the
-// batch dims, floating dtypes only (bf16/f16 accumulate in f32). Its vjp is two more matmuls,
-// summed down to each operand's shape where the batch was broadcast.
+// batch dims, floating dtypes only (bf16/f16 accumulate in f32). An optional third input C of the
+// product's exact shape and dtype is added in the GEMM's epilogue (A @ B + C, rounded once: cuBLASLt's
+// beta = 1), which is how compile/ folds an add of a GEMM output into the GEMM. Its vjp is two more
+// matmuls, summed down to each operand's shape where the batch was broadcast (and C's, the cotangent).
 #pragma once
 #include <vector>
 
@@ -14,7 +16,7 @@ class Matmul : public Primitive {
   std::vector<Attr> attrs() const override { return {}; }
   std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
   bool differentiable() const override { return true; }
-  // dA = g @ B^T and dB = A^T @ g: both inputs, no output.
+  // dA = g @ B^T and dB = A^T @ g (dC = g): inputs, no output.
   std::vector<Tensor> vjp(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
                           const std::vector<Tensor>& cotangents, const std::vector<bool>& wanted) const override;
   bool vjp_needs_outputs() const override { return false; }

@@ -38,26 +38,12 @@ DType resolve_dtype(const std::string& spec, Device device) {
   KILN_FAIL("kiln", "unknown dtype '{}' (auto, f32, bf16, f16)", spec);
 }
 
-namespace {
-
-// Every Linear below `root` becomes an NF4Linear. (nn::quantize_linears_nf4 goes on to visit the Linears
-// it has just replaced and freed: a use after free, reported. This collects them first.)
-void quantize_nf4(nn::Module& root) {
-  std::vector<std::pair<nn::Module*, std::string>> linears;
-  for (auto& [path, m] : root.named_modules())
-    for (auto& [name, child] : m->named_children())
-      if (std::dynamic_pointer_cast<nn::Linear>(child)) linears.emplace_back(m, name);
-  for (auto& [m, name] : linears) m->replace_module(name, nn::NF4Linear::from_linear(m->child_as<nn::Linear>(name)));
-}
-
-}  // namespace
-
 std::shared_ptr<nn::Llama> load_model(const ModelSpec& spec) {
   nn::LlamaOptions o;
   o.device = resolve_device(spec.device);
   o.dtype = resolve_dtype(spec.dtype, o.device);
   o.seed = spec.seed;
-  if (spec.nf4) o.on_layer_built = [](const std::string&, nn::LlamaDecoderLayer& layer) { quantize_nf4(layer); };
+  if (spec.nf4) o.on_layer_built = [](const std::string&, nn::LlamaDecoderLayer& layer) { nn::quantize_linears_nf4(layer); };
   std::shared_ptr<nn::Llama> model;
   if (!spec.model_dir.empty()) {
     model = nn::Llama::from_pretrained(spec.model_dir, o);
