@@ -4,9 +4,12 @@
 // unshard (gather + copy-out) and gradient reduce_scatter, and the forward+backward step with overlap
 // (prefetch 1, asynchronous reductions) and without (every collective waited where it is issued).
 // --config llama3.1-70b: the 70B shapes, short sequences and activation checkpointing by default.
+// --parity N: instead, N AdamW steps of one global batch of 2 rows (rank r of 2 its row r) at world 1 and 2:
+// the losses of each step, which sharding must leave as one process has them.
 // Usage: fsdp_llama [--config llama3.1-8b|llama3.1-70b] [--layers N] [--worlds 1,2,4] [--seq T]
-//                   [--batch B] [--steps N] [--lora-r R] [--checkpointing 0|1]
+//                   [--batch B] [--steps N] [--lora-r R] [--checkpointing 0|1] [--parity N]
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <map>
 #include <mutex>
@@ -22,6 +25,7 @@
 #include "nn/llama.h"
 #include "nn/lora.h"
 #include "nn/nf4_linear.h"
+#include "nn/optim.h"
 
 using namespace kiln;
 
@@ -38,17 +42,8 @@ struct Args {
   int steps = 3;
   int64_t lora_r = 16;
   int checkpointing = -1;  // -1: on for 70B
+  int parity = 0;          // > 0: the loss-parity run of that many steps instead
 };
-
-// Every Linear below `root` becomes an NF4Linear. (nn::quantize_linears_nf4 goes on to visit the Linears
-// it has just replaced and freed: a use after free, reported. This collects them first.)
-void quantize_nf4(nn::Module& root) {
-  std::vector<std::pair<nn::Module*, std::string>> linears;
-  for (auto& [path, m] : root.named_modules())
-    for (auto& [name, child] : m->named_children())
-      if (std::dynamic_pointer_cast<nn::Linear>(child)) linears.emplace_back(m, name);
-  for (auto& [m, name] : linears) m->replace_module(name, nn::NF4Linear::from_linear(m->child_as<nn::Linear>(name)));
-}
 
 double gib(double b) { return b / (1024.0 * 1024.0 * 1024.0); }
 
@@ -69,7 +64,7 @@ struct Row {
 // Every rank builds the model layer by layer: bf16 random init, NF4, LoRA, fully_shard, so the peak is
 // one bf16 layer over the shards so far (the 70B fits two ranks on one GPU).
 std::shared_ptr<dist::FsdpUnit> build(const nn::LlamaConfig& c, const Args& a, std::shared_ptr<dist::ProcessGroup> g,
-                                      std::shared_ptr<nn::Llama>& model) {
+                                      std::shared_ptr<nn::Llama>& model, const dist::FullyShardOptions& fo = {}) {
   nn::LlamaOptions lo;
   lo.dtype = DType::bf16;
   lo.device = kGPU;
@@ -78,16 +73,50 @@ std::shared_ptr<dist::FsdpUnit> build(const nn::LlamaConfig& c, const Args& a, s
   lc.r = a.lora_r;
   lc.alpha = 2.0 * static_cast<double>(a.lora_r);
   lo.on_layer_built = [&](const std::string&, nn::LlamaDecoderLayer& layer) {
-    quantize_nf4(layer);
+    nn::quantize_linears_nf4(layer);
     nn::apply_lora(layer, lc, 2);
-    dist::fully_shard(layer, g);
+    dist::fully_shard(layer, g, fo);
   };
   model = std::make_shared<nn::Llama>(c, lo);
   for (auto& [name, p] : model->named_parameters())
     if (name.find("lora_") == std::string::npos) p.set_requires_grad(false);  // the embeddings, norm, lm_head
   model->set_checkpoint_activations(a.checkpointing == 1);
   model->train();
-  return dist::fully_shard(*model, g);
+  return dist::fully_shard(*model, g, fo);
+}
+
+// The same global batch (`world` rows of a fixed random batch, rank r its row r) trained `steps` AdamW
+// steps: the mean loss over all ranks' tokens per step, as rank 0 sees it. Gradients are the sums over
+// ranks divided by the world size (each rank's loss is its own mean), so every world size trains alike.
+std::vector<double> parity_losses(const nn::LlamaConfig& c, const Args& a, int world, int rows, int steps) {
+  std::vector<double> losses;
+  dist::run_local(world, [&](dist::ProcessGroup& pg) {
+    auto g = std::shared_ptr<dist::ProcessGroup>(&pg, [](dist::ProcessGroup*) {});
+    dist::FullyShardOptions fo;
+    fo.gradient_divide_factor = world;
+    std::shared_ptr<nn::Llama> model;
+    auto root = build(c, a, g, model, fo);
+    nn::AdamWOptions ao;
+    ao.lr = 1e-3;
+    nn::AdamW opt(model->named_trainable_parameters(), ao);
+    Generator gen(7);
+    const Tensor all = randint(0, c.vocab_size, {rows, a.seq + 1}, DType::i64, kCPU, &gen);  // (rows, T + 1)
+    const int64_t per = rows / world;
+    const Tensor mine = narrow(all, 0, pg.rank() * per, per);  // (per, T + 1)
+    const Tensor ids = contiguous(narrow(mine, 1, 0, a.seq)).to(kGPU), targets = contiguous(narrow(mine, 1, 1, a.seq)).to(kGPU);
+    std::vector<double> mine_losses;
+    for (int s = 0; s < steps; ++s) {
+      Tensor loss = model->chunked_loss((*model)(ids), targets, Reduction::mean);
+      loss.backward();
+      Tensor total = loss.detach().to(DType::f64);
+      pg.all_reduce(total).wait();
+      mine_losses.push_back(total.item<double>() / world);
+      opt.step();
+      model->zero_grad();
+    }
+    if (pg.rank() == 0) losses = mine_losses;
+  });
+  return losses;
 }
 
 Row run_world(const nn::LlamaConfig& c, const Args& a, int world) {
@@ -167,6 +196,7 @@ int main(int argc, char** argv) {
     else if (k == "--steps") a.steps = std::stoi(v);
     else if (k == "--lora-r") a.lora_r = std::stoll(v);
     else if (k == "--checkpointing") a.checkpointing = std::stoi(v);
+    else if (k == "--parity") a.parity = std::stoi(v);
     else if (k == "--worlds") {
       std::stringstream ss(v);
       std::string w;
@@ -174,7 +204,7 @@ int main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "usage: %s [--config llama3.1-8b|llama3.1-70b] [--layers N] [--worlds 1,2,4] [--seq T] [--batch B] "
-                   "[--steps N] [--lora-r R] [--checkpointing 0|1]\n",
+                   "[--steps N] [--lora-r R] [--checkpointing 0|1] [--parity N]\n",
                    argv[0]);
       return 2;
     }
@@ -193,6 +223,18 @@ int main(int argc, char** argv) {
               "ranks as threads sharing cuda:0\n",
               a.config.c_str(), static_cast<long long>(c.num_hidden_layers), static_cast<long long>(a.lora_r),
               static_cast<long long>(a.batch), static_cast<long long>(a.seq), a.checkpointing ? "on" : "off");
+  if (a.parity > 0) {
+    std::printf("loss parity: one global batch of 2 x %lld tokens, AdamW lr 1e-3\n", static_cast<long long>(a.seq));
+    std::vector<std::vector<double>> runs;
+    for (int world : {1, 2}) {
+      cuda::empty_cache();
+      runs.push_back(parity_losses(c, a, world, 2, a.parity));
+    }
+    for (int s = 0; s < a.parity; ++s)
+      std::printf("step %d: 1 rank %.6f, 2 ranks %.6f (relative difference %.2e)\n", s, runs[0][static_cast<size_t>(s)],
+                  runs[1][static_cast<size_t>(s)], std::abs(runs[1][static_cast<size_t>(s)] / runs[0][static_cast<size_t>(s)] - 1));
+    return 0;
+  }
   std::printf("%5s %9s %11s %11s | %-28s %-28s %10s | %11s %11s %8s\n", "ranks", "NF4 GiB", "shards GiB", "alloc GiB",
               "layer all_gather (MiB, ms)", "layer reduce_scatter (MiB,ms)", "unshard ms", "overlap s", "serial s",
               "hidden");

@@ -51,18 +51,21 @@ cublasLtHandle_t handle_for(int device) {
 }
 
 // A 32 MiB workspace per (device, stream) from kiln's allocator, kept for the process (two streams
-// must not share one: their GEMMs could run at the same time).
-void* workspace_for(int device, void* stream) {
+// must not share one: their GEMMs could run at the same time). Host threads that share a stream (the
+// local backend's ranks on the default stream) also share its workspace: one cublasLtMatmul may
+// enqueue several kernels that pass data through it (split-K), so GEMMs are enqueued under the
+// workspace's lock, each call's kernels back to back in the stream.
+struct Workspace {
+  Tensor buffer;  // (kWorkspaceBytes) u8
+  std::mutex enqueue;
+};
+Workspace& workspace_for(int device, void* stream) {
   static std::mutex mu;
-  static auto* spaces = new std::map<std::pair<int, void*>, Tensor>();  // never freed
+  static auto* spaces = new std::map<std::pair<int, void*>, Workspace>();  // never freed
   std::lock_guard<std::mutex> lock(mu);
-  auto key = std::make_pair(device, stream);
-  auto it = spaces->find(key);
-  if (it == spaces->end()) {
-    it = spaces->emplace(key, empty({static_cast<int64_t>(kWorkspaceBytes)}, DType::u8, Device(DeviceType::cuda, device)))
-             .first;
-  }
-  return it->second.raw_data();
+  Workspace& w = (*spaces)[std::make_pair(device, stream)];
+  if (!w.buffer.defined()) w.buffer = empty({static_cast<int64_t>(kWorkspaceBytes)}, DType::u8, Device(DeviceType::cuda, device));
+  return w;
 }
 
 struct TypeInfo {
@@ -321,7 +324,9 @@ bool try_gemm(const Tensor& a_in, const Tensor& b_in, const Tensor* addend, Tens
   const Plan* found = plan_for(key, ti, handle);
   if (found == nullptr) return false;
   const Plan& plan = *found;
-  void* ws = workspace_for(device, stream);
+  Workspace& workspace = workspace_for(device, stream);
+  std::lock_guard<std::mutex> enqueue(workspace.enqueue);
+  void* ws = workspace.buffer.raw_data();
   const float one_f = 1.0f, zero_f = 0.0f;
   const double one_d = 1.0, zero_d = 0.0;
   const void* alpha = ti.scale == CUDA_R_64F ? static_cast<const void*>(&one_d) : static_cast<const void*>(&one_f);
