@@ -12,6 +12,7 @@
 
 #include "core/error.h"
 #include "data/packing.h"
+#include "data/utf8.h"
 
 namespace kiln::data {
 
@@ -98,7 +99,9 @@ RawDocument parse_jsonl_object(const json& j, const std::string& where) {
 
 std::vector<RawDocument> load_file(const std::filesystem::path& path, const TextOptions& options) {
   std::string content = read_file(path.string(), kOp);
+  check_text(content, path.string());
   if (path.extension() == ".jsonl") return parse_jsonl(content, path.string());
+  if (path.extension() == ".json") return parse_json(content, path.string());
   return parse_text(content, path.string(), options);
 }
 
@@ -189,6 +192,36 @@ std::vector<RawDocument> parse_jsonl(std::string_view content, std::string_view 
     docs.push_back(parse_jsonl_object(j, where));
   });
   return docs;
+}
+
+std::vector<RawDocument> parse_json(std::string_view content, std::string_view name) {
+  json whole;
+  try {
+    whole = json::parse(content);
+  } catch (const json::parse_error&) {
+    return parse_jsonl(content, name);  // not one JSON value: JSON Lines, as `datasets.to_json` writes
+  }
+  std::vector<RawDocument> docs;
+  if (whole.is_object()) {
+    docs.push_back(parse_jsonl_object(whole, std::string(name)));
+    return docs;
+  }
+  if (!whole.is_array())
+    KILN_FAIL(kOp, "{}: expected a JSON array of objects, one object, or one object per line (JSON Lines), found {}",
+              name, type_name(whole));
+  for (size_t i = 0; i < whole.size(); ++i) docs.push_back(parse_jsonl_object(whole[i], fmt::format("{}: [{}]", name, i)));
+  return docs;
+}
+
+void check_text(std::string_view content, std::string_view name) {
+  const size_t nul = content.find('\0');
+  const size_t bad = std::min(nul, find_invalid_utf8(content));
+  if (bad == std::string_view::npos) return;
+  size_t line = 1 + static_cast<size_t>(std::count(content.begin(), content.begin() + static_cast<std::ptrdiff_t>(bad), '\n'));
+  KILN_FAIL(kOp, "{}: not UTF-8 text: {} at byte {} (line {}); is it a binary file? Give text, JSONL or JSON "
+            "(convert other encodings to UTF-8 first)",
+            name, bad == nul ? "a NUL byte" : fmt::format("an invalid UTF-8 byte 0x{:02X}", static_cast<unsigned char>(content[bad])),
+            bad, line);
 }
 
 std::vector<RawDocument> load_documents(const std::string& path, const TextOptions& options) {

@@ -1,5 +1,5 @@
 // Training documents: reading plain text (one document per file, or split on blank lines or a separator
-// line) and JSONL (`text`, `prompt`/`completion` or chat `messages`, detected per line), tokenising them
+// line), JSON arrays and JSONL (`text`, `prompt`/`completion` or chat `messages`, detected per line), tokenising them
 // with bos/eos (or <|eot_id|> for chat) and a per-token loss mask, and the seeded held-out split.
 #pragma once
 #include <cstdint>
@@ -39,8 +39,15 @@ std::vector<RawDocument> parse_text(std::string_view content, std::string_view n
 // {"messages": [{"role": s, "content": s}, ...]}. Blank lines are skipped. Bad JSON, a missing field, a
 // wrong type or an unknown role throws kiln::Error("[dataset] name:line: ...").
 std::vector<RawDocument> parse_jsonl(std::string_view content, std::string_view name);
-// Reads a file: *.jsonl as JSONL, anything else as plain text with `options`. A directory reads every
-// regular file under it (recursively, sorted by path, hidden files skipped). Missing path: kiln::Error.
+// *.json: one JSON value (an array of such objects, or one object), else JSON Lines (Hugging Face
+// `datasets.to_json` writes one object per line into a .json file). Errors name file:line or file: [i].
+std::vector<RawDocument> parse_json(std::string_view content, std::string_view name);
+// kiln::Error "[dataset] name: not UTF-8 text: ..." naming the first NUL byte or invalid UTF-8 byte (and
+// its line): a binary file is never trained on as text.
+void check_text(std::string_view content, std::string_view name);
+// Reads a file: *.jsonl as JSONL, *.json by parse_json, anything else as plain text with `options`; each
+// must be UTF-8 text without NUL bytes (check_text). A directory reads every regular file under it
+// (recursively, sorted by path, hidden files skipped). Missing path: kiln::Error.
 std::vector<RawDocument> load_documents(const std::string& path, const TextOptions& options = {});
 
 // A tokenised document: ids[i] is a token, loss[i] = 1 when predicting ids[i] counts in the loss

@@ -5,6 +5,7 @@
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -12,6 +13,7 @@
 #include <random>
 #include <set>
 #include <string>
+#include <unistd.h>
 #include <vector>
 
 #include "core/error.h"
@@ -19,6 +21,7 @@
 #include "data/default_corpus.h"
 #include "data/packing.h"
 #include "data/tokenizer.h"
+#include "data/utf8.h"
 
 #ifndef KILN_TEST_DATA
 #define KILN_TEST_DATA "tests/data"
@@ -196,6 +199,82 @@ TEST_CASE("JSONL: formats detected per line, errors name file:line", "[dataset]"
     INFO(b.content);
     REQUIRE_THROWS_WITH(parse_jsonl(b.content, "f.jsonl"), ContainsSubstring("[dataset]") &&
                                                                  ContainsSubstring(b.where) && ContainsSubstring(b.what));
+  }
+}
+
+TEST_CASE("JSON files: JSON Lines named .json, an array of objects, one object; binary files are errors", "[dataset]") {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / ("kiln_json_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  auto write = [&](const std::string& leaf, const std::string& bytes) {
+    std::ofstream(dir / leaf, std::ios::binary) << bytes;
+    return (dir / leaf).string();
+  };
+  // what Hugging Face `datasets.to_json` writes: one object per line, extra columns allowed
+  auto lines = load_documents(write("hf.json", "{\"text\":\"first\",\"id\":0}\n{\"text\":\"second\",\"id\":1}\n"));
+  REQUIRE(lines.size() == 2);
+  CHECK(lines[0].kind == RawDocument::Kind::text);
+  CHECK(lines[1].text == "second");
+  CHECK_THAT(lines[1].origin, ContainsSubstring("hf.json:2"));
+  auto array = load_documents(write("array.json", "[\n {\"text\": \"a\"},\n {\"prompt\": \"p\", \"completion\": \"c\"}\n]\n"));
+  REQUIRE(array.size() == 2);
+  CHECK(array[0].text == "a");
+  CHECK(array[1].kind == RawDocument::Kind::prompt_completion);
+  CHECK_THAT(array[1].origin, ContainsSubstring("array.json: [1]"));
+  auto one = load_documents(write("one.json", "{\n  \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]\n}\n"));
+  REQUIRE(one.size() == 1);
+  CHECK(one[0].kind == RawDocument::Kind::chat);
+  REQUIRE_THROWS_WITH(load_documents(write("nums.json", "[1, 2]")),
+                      ContainsSubstring("[dataset]") && ContainsSubstring("nums.json: [0]") &&
+                          ContainsSubstring("expected a JSON object, found number"));
+  REQUIRE_THROWS_WITH(load_documents(write("str.json", "\"text\"")),
+                      ContainsSubstring("[dataset]") && ContainsSubstring("expected a JSON array of objects"));
+  REQUIRE_THROWS_WITH(load_documents(write("broken.json", "{\"text\": \"a\"}\n{\"text\": \n")),
+                      ContainsSubstring("broken.json:2") && ContainsSubstring("malformed JSON"));
+
+  // binary content is never trained on as text: NUL bytes or invalid UTF-8, named with byte and line
+  REQUIRE_THROWS_WITH(load_documents(write("model.bin", std::string("GGUF\0\0\x01\x02", 8))),
+                      ContainsSubstring("[dataset]") && ContainsSubstring("model.bin") &&
+                          ContainsSubstring("a NUL byte at byte 4 (line 1)") && ContainsSubstring("binary"));
+  REQUIRE_THROWS_WITH(load_documents(write("latin1.txt", "ok\ncaf\xe9 au lait\n")),
+                      ContainsSubstring("invalid UTF-8 byte 0xE9 at byte 6 (line 2)"));
+  REQUIRE_THROWS_WITH(load_documents(write("bad.jsonl", "{\"text\": \"\xff\"}\n")), ContainsSubstring("bad.jsonl: not UTF-8"));
+  // a folder reads its files; a binary one among them is named
+  const fs::path folder = dir / "folder";
+  fs::create_directories(folder);
+  std::ofstream(folder / "a.txt") << "caf\xc3\xa9 \xf0\x9f\x98\x80";  // valid multi-byte UTF-8 is fine
+  REQUIRE(load_documents(folder.string()).size() == 1);
+  std::ofstream(folder / "b.png", std::ios::binary) << std::string("\x89PNG\r\n\x1a\n\0", 9);
+  REQUIRE_THROWS_WITH(load_documents(folder.string()), ContainsSubstring("b.png: not UTF-8 text"));
+  fs::remove_all(dir);
+}
+
+TEST_CASE("UTF-8: invalid bytes found and replaced, streams hold back split characters", "[dataset]") {
+  CHECK(find_invalid_utf8("caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80") == std::string_view::npos);
+  CHECK(find_invalid_utf8("a\x80") == 1);           // stray continuation byte
+  CHECK(find_invalid_utf8("a\xc0\xaf") == 1);       // overlong "/"
+  CHECK(find_invalid_utf8("\xed\xa0\x80") == 0);    // a surrogate
+  CHECK(find_invalid_utf8("\xf4\x90\x80\x80") == 0);  // past U+10FFFF
+  CHECK(find_invalid_utf8("ab\xe2\x82") == 2);      // cut off by the end
+  const std::string fffd(kReplacementCharacter);
+  CHECK(to_valid_utf8("ok") == "ok");
+  CHECK(to_valid_utf8("a\x80z") == "a" + fffd + "z");
+  CHECK(to_valid_utf8("\xe2\x82z") == fffd + "z");            // one U+FFFD per maximal subpart
+  CHECK(to_valid_utf8("\xf0\x9f\x98") == fffd);
+  CHECK(to_valid_utf8("\xc0\xaf") == fffd + fffd);            // C0 never starts a sequence
+  const std::string text = "a\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80z\x80q\xe2";
+  for (size_t step : {1, 2, 3, 5}) {
+    Utf8Stream stream;
+    std::string out;
+    for (size_t i = 0; i < text.size(); i += step) {
+      out += stream.push(text.substr(i, step));
+      CHECK(find_invalid_utf8(out) == std::string_view::npos);
+      CHECK(stream.pending().size() <= 3);
+    }
+    out += stream.finish();
+    CHECK(out == "a\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80z" + fffd + "q" + fffd);
+    CHECK(stream.pending().empty());
   }
 }
 
