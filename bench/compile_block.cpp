@@ -241,8 +241,10 @@ int main(int argc, char** argv) {
   print("compiled forward+backward", ct);
   if (ops) print_ops("compiled forward+backward (fused groups not listed)", train);
   const kiln::compile::Stats s = kiln::compile::stats();
-  std::printf("\ncompiled: %lld plans built, %lld NVRTC compilations, %lld kernels from the disk cache, %lld fallback ops\n",
-              static_cast<long long>(s.compilations), static_cast<long long>(s.kernel_compiles),
+  std::printf("\ncompiled: %lld plans built, %lld adds in GEMM epilogues, %lld NVRTC compilations (%.0f ms), %lld kernels "
+              "from the disk cache, %lld fallback ops\n",
+              static_cast<long long>(s.compilations), static_cast<long long>(s.folded_adds),
+              static_cast<long long>(s.kernel_compiles), s.kernel_compile_ms,
               static_cast<long long>(s.kernel_disk_hits), static_cast<long long>(s.fallback_ops));
   std::printf("per layer: forward %lld kernels (%lld fused groups), backward %lld kernels (%lld fused groups)\n",
               static_cast<long long>(s.last_forward_kernels), static_cast<long long>(s.last_forward_groups),

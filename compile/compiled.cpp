@@ -332,6 +332,7 @@ Stats stats() {
   s.last_backward_groups = c.last_backward_groups;
   s.last_dynamic_sizes = c.last_dynamic_sizes;
   s.kernel_compiles = c.kernel_compiles;
+  s.kernel_compile_ms = static_cast<double>(c.kernel_compile_us.load()) / 1e3;
   s.kernel_disk_hits = c.kernel_disk_hits;
   return s;
 }
@@ -341,7 +342,7 @@ void reset_stats() {
   for (std::atomic<int64_t>* a : {&c.calls, &c.compilations, &c.recompilations, &c.cache_hits, &c.fused_groups,
                                   &c.folded_adds, &c.fallback_ops, &c.eager_calls, &c.last_forward_kernels, &c.last_forward_groups,
                                   &c.last_backward_kernels, &c.last_backward_groups, &c.last_dynamic_sizes,
-                                  &c.kernel_compiles, &c.kernel_disk_hits})
+                                  &c.kernel_compiles, &c.kernel_compile_us, &c.kernel_disk_hits})
     a->store(0);
 }
 

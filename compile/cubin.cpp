@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 #include <nvrtc.h>
 
+#include <chrono>
 #include <memory>
 #include <vector>
 
@@ -55,6 +56,7 @@ std::string compile_cubin(const std::string& source, const std::string& arch) {
     ++counters().kernel_disk_hits;
     return *hit;
   }
+  const auto started = std::chrono::steady_clock::now();
   std::vector<const char*> texts, names;
   for (const auto& h : embedded::kHeaders) {
     texts.push_back(h.text);
@@ -82,6 +84,8 @@ std::string compile_cubin(const std::string& source, const std::string& arch) {
   std::string cubin(n, '\0');
   check(nvrtcGetCUBIN(prog, cubin.data()), "nvrtcGetCUBIN");
   ++counters().kernel_compiles;
+  counters().kernel_compile_us +=
+      std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - started).count();
   disk.put(key, cubin);
   return cubin;
 }

@@ -111,6 +111,7 @@ TEST_CASE("compile cuda: generated kernels compile with NVRTC, and the disk cach
   compile::reset_stats();
   for (const std::string& s : sources) REQUIRE_FALSE(compile::compile_cubin(s, "sm_90").empty());
   REQUIRE(compile::stats().kernel_compiles == static_cast<int64_t>(sources.size()));
+  REQUIRE(compile::stats().kernel_compile_ms > 0);
   // a second compile (a fresh process would find the same files) compiles nothing
   compile::reset_stats();
   for (const std::string& s : sources) REQUIRE_FALSE(compile::compile_cubin(s, "sm_90").empty());

@@ -2,6 +2,8 @@
 // float dtype, transposed views (passed without copies) and other strided operands, autograd
 // gradients on both devices, operands on two devices, and the TF32 switch.
 #include <catch2/catch_test_macros.hpp>
+#include <atomic>
+#include <thread>
 #include <catch2/matchers/catch_matchers_string.hpp>
 #include <cmath>
 
@@ -191,4 +193,29 @@ TEST_CASE("cuda matmul_add adds C in cuBLASLt's epilogue as the CPU does", "[cud
       test::require_close(got.to(kCPU), want, t.rtol, t.atol);
     }
   }
+}
+
+TEST_CASE("cuda matmul: host threads sharing one stream get their own products", "[cuda][matmul]") {
+  // The local backend's ranks are threads on the default stream. A cuBLASLt call may enqueue several
+  // kernels that pass partial sums through the stream's workspace (split-K); another thread's GEMM
+  // enqueued between them overwrote those (fully_shard on one GPU lost 1e-3 of its loss).
+  if (!cuda::is_available()) SKIP("no CUDA device");
+  const Case cases[] = {{{48, 48}, {48, 90}}, {{48, 90}, {90, 48}}, {{64, 8192}, {8192, 64}}, {{16, 16384}, {16384, 32}}};
+  std::vector<std::pair<Tensor, Tensor>> operands;
+  std::vector<Tensor> want;  // one thread's products
+  for (size_t i = 0; i < std::size(cases); ++i) {
+    operands.emplace_back(test::random_tensor(cases[i].a, DType::f32, 10 + i).to(kGPU),
+                          test::random_tensor(cases[i].b, DType::f32, 20 + i).to(kGPU));
+    want.push_back(matmul(operands.back().first, operands.back().second).to(kCPU));
+  }
+  std::atomic<int> wrong{0};
+  auto work = [&] {
+    for (int round = 0; round < 50; ++round)
+      for (size_t i = 0; i < operands.size(); ++i)
+        if (!test::all_close(matmul(operands[i].first, operands[i].second).to(kCPU), want[i], 0.0, 0.0)) ++wrong;
+  };
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) threads.emplace_back(work);
+  for (std::thread& t : threads) t.join();
+  REQUIRE(wrong.load() == 0);
 }

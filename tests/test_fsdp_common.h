@@ -4,12 +4,10 @@
 #pragma once
 #include <memory>
 #include <mutex>
-#include <optional>
 #include <random>
 #include <string>
 #include <vector>
 
-#include "core/cuda/runtime.h"
 #include "dist/fsdp_parallel.h"
 #include "dist/fully_shard.h"
 #include "dist/local.h"
@@ -89,7 +87,6 @@ struct FsdpRun {
   std::vector<data::Document> eval_docs;  // held-out documents: eval every 10 steps
   std::string adapter_dir;    // set: the final adapter is written there (PEFT folder)
   uint64_t seed = 0;
-  bool own_streams = false;   // CUDA: each rank computes on a stream of its own (else the default stream)
 };
 
 struct FsdpResult {
@@ -102,8 +99,6 @@ inline FsdpResult fsdp_train(const std::vector<data::Document>& docs, const Fsdp
   FsdpResult result;
   std::mutex mutex;
   auto body = [&](std::shared_ptr<dist::ProcessGroup> group) {
-    std::optional<cuda::StreamGuard> stream;
-    if (s.own_streams) stream.emplace(cuda::Stream::create(s.device.index));
     auto model = fsdp_model(s.seed, s.device, 4, s.dtype);
     model->set_checkpoint_activations(s.checkpointing);
     std::shared_ptr<dist::FsdpUnit> root;
