@@ -8,6 +8,7 @@
 #include <numeric>
 #include <sstream>
 
+#include "data/utf8.h"
 #include "examples/kiln/generate.h"
 #include "nn/generate.h"
 #include "nn/llama.h"
@@ -81,22 +82,6 @@ std::vector<int64_t> nucleus(const std::vector<double>& logits, double temperatu
   while (n < ids.size() && mass < top_p) mass += p[n++] / z;
   ids.resize(std::max<size_t>(n, 1));
   return ids;
-}
-
-// Whether the last character of `s` is complete: the last non-continuation byte starts a sequence
-// no longer than the bytes from it to the end.
-bool ends_complete(const std::string& s) {
-  size_t cont = 0;
-  for (size_t i = s.size(); i-- > 0;) {
-    const auto c = static_cast<unsigned char>(s[i]);
-    if ((c & 0xC0) == 0x80) {
-      ++cont;
-      continue;
-    }
-    const size_t len = c >= 0xF0 && c < 0xF8 ? 4 : c >= 0xE0 && c < 0xF0 ? 3 : c >= 0xC0 && c < 0xE0 ? 2 : 1;
-    return len <= cont + 1;
-  }
-  return true;
 }
 
 std::vector<float> random_logits(int64_t v, uint64_t seed, double scale) {
@@ -293,26 +278,68 @@ TEST_CASE("generate: bad prompts and options are errors", "[generate]") {
   REQUIRE_THROWS_WITH(nn::sample_token({0.5f, NAN, 1.0f}, o, gen), ContainsSubstring("NaN"));
 }
 
-TEST_CASE("generate: streamed text never splits a UTF-8 character", "[generate]") {
-  // ASCII, 2-, 3- and 4-byte characters, then a stray continuation byte and a lone lead byte
-  const std::string text = "a\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80z\x80q\xe2";
-  for (size_t step : {1, 2, 3, 5}) {
-    std::string pending, out;
-    for (size_t i = 0; i < text.size(); i += step) {
-      pending += text.substr(i, step);
-      const std::string piece = app::take_complete_utf8(pending);
-      REQUIRE(ends_complete(piece));
-      out += piece;
-      REQUIRE(pending.size() <= 3);
+TEST_CASE("generate: the stream is valid UTF-8, holds split characters back and prints no special tokens", "[generate]") {
+  // A random 4,096-id model sampled at a high temperature draws byte tokens that are parts of UTF-8
+  // characters (alone: invalid) and reserved special tokens: neither may reach the text.
+  const data::Tokenizer tok = app::load_tokenizer("", "");
+  app::GenerateCommand c;
+  c.model.config = "tiny";
+  c.model.device = "cpu";
+  auto model = app::load_model(c.model);
+  c.prompt = "And";
+  c.options.max_new_tokens = 48;
+  c.options.temperature = 3.0;
+  bool saw_special = false, saw_invalid_bytes = false;
+  for (uint64_t seed = 0; seed < 6; ++seed) {
+    c.options.seed = seed;
+    std::ostringstream out;
+    const app::GenerateResult r = app::run_generate(*model, tok, c, out);
+    CAPTURE(seed, r.text);
+    REQUIRE(data::find_invalid_utf8(out.str()) == std::string::npos);
+    REQUIRE(out.str() == r.text + "\n");
+    REQUIRE(r.text == app::printable_text(tok, r.tokens));
+    REQUIRE(r.text.find("<|") == std::string::npos);
+    std::vector<int32_t> plain;
+    for (int64_t t : r.tokens) {
+      if (tok.is_special(static_cast<int32_t>(t))) saw_special = true;
+      else plain.push_back(static_cast<int32_t>(t));
     }
-    REQUIRE(out + pending == text);
-    REQUIRE(pending == "\xe2");  // the unfinished character at the end stays pending
+    if (data::find_invalid_utf8(tok.decode(plain)) != std::string::npos) saw_invalid_bytes = true;
   }
-  std::string p = "\xf0\x9f\x98";  // 3 of 4 bytes
-  REQUIRE(app::take_complete_utf8(p).empty());
-  p += "\x80";
-  REQUIRE(app::take_complete_utf8(p) == "\xf0\x9f\x98\x80");
-  REQUIRE(p.empty());
+  REQUIRE(saw_special);        // the draws did include special tokens ...
+  REQUIRE(saw_invalid_bytes);  // ... and bytes that are not valid UTF-8 on their own
+
+  // a character split over two tokens comes out whole; a cut-off one at the end becomes U+FFFD
+  const int32_t e2 = tok.token_to_id(data::byte_to_unicode(0xE2));
+  const int32_t x82 = tok.token_to_id(data::byte_to_unicode(0x82));
+  const int32_t xac = tok.token_to_id(data::byte_to_unicode(0xAC));
+  REQUIRE((e2 >= 0 && x82 >= 0 && xac >= 0));
+  REQUIRE(app::printable_text(tok, {e2, x82, xac, 3842}) == "\xe2\x82\xac");  // the euro sign; 3842 is reserved
+  REQUIRE(app::printable_text(tok, {e2, x82}) == std::string(data::kReplacementCharacter));
+}
+
+TEST_CASE("generate: past max_position_embeddings is a warning", "[generate]") {
+  const data::Tokenizer tok = app::load_tokenizer("", "");
+  app::GenerateCommand c;
+  c.model.config = "tiny";
+  c.model.device = "cpu";
+  auto model = app::load_model(c.model);
+  c.prompt = "And God said";
+  c.options.max_new_tokens = 2;
+  std::ostringstream out;
+  REQUIRE(app::run_generate(*model, tok, c, out).warnings.empty());
+  // the same model with a limit of 4 positions: the prompt alone passes it
+  nn::LlamaConfig small = model->config();
+  small.max_position_embeddings = 4;
+  nn::LlamaOptions lo;
+  lo.device = kCPU;
+  auto short_model = std::make_shared<nn::Llama>(small, lo);
+  c.options.max_new_tokens = 3;
+  const app::GenerateResult r = app::run_generate(*short_model, tok, c, out);
+  REQUIRE(r.warnings.size() == 1);
+  const size_t reach = app::prompt_ids(tok, c).size() + 3;
+  CHECK_THAT(r.warnings[0], ContainsSubstring("max_position_embeddings of 4") &&
+                                ContainsSubstring(fmt::format("reach position {}", reach)));
 }
 
 TEST_CASE("generate: the command streams the decoded text of the generated tokens", "[generate]") {
@@ -345,10 +372,7 @@ TEST_CASE("generate: the command streams the decoded text of the generated token
     nn::GenerateOptions o = c.options;
     o.stop_tokens = stops;
     REQUIRE(r.tokens == nn::generate(*model, ids, o));
-    std::vector<int32_t> printed;
-    for (int64_t t : r.tokens)
-      if (std::find(stops.begin(), stops.end(), t) == stops.end()) printed.push_back(static_cast<int32_t>(t));
-    REQUIRE(r.text == tok.decode(printed));
+    REQUIRE(r.text == app::printable_text(tok, r.tokens));
     REQUIRE(out.str() == r.text + "\n");
   }
   c.chat = false;

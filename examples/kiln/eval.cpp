@@ -2,6 +2,7 @@
 // logits) of token-id JSONL files, batching sequences of equal length, output as JSONL.
 #include "examples/kiln/eval.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -15,6 +16,7 @@
 #include "autograd/grad_mode.h"
 #include "core/error.h"
 #include "core/ops.h"
+#include "examples/kiln/adapter_base.h"
 
 namespace kiln::app {
 
@@ -119,7 +121,15 @@ std::vector<std::string> score_batch(nn::Llama& model, const std::vector<const E
 
 }  // namespace
 
+double EvalSummary::mean_loss() const { return tokens > 0 ? total_nll / static_cast<double>(tokens) : NAN; }
 double EvalSummary::perplexity() const { return std::exp(mean_loss()); }
+
+int64_t count_scored_targets(const std::vector<EvalSequence>& seqs) {
+  int64_t n = 0;
+  for (const EvalSequence& s : seqs)
+    for (size_t t = 1; t < s.labels.size(); ++t) n += s.labels[t] != -100;
+  return n;
+}
 
 std::vector<EvalSequence> read_eval_file(const std::string& path, int64_t vocab_size) {
   std::ifstream in(path);
@@ -206,6 +216,25 @@ EvalSummary run_eval(const EvalCommand& c) {
                                      ? nn::LlamaConfig::named(c.model.config)
                                      : nn::LlamaConfig::from_file(c.model.model_dir + "/config.json");
   const std::vector<EvalSequence> seqs = read_eval_file(c.ids, config.vocab_size);
+  KILN_CHECK(!seqs.empty(), "eval", "{} holds no sequences (expected one JSON array of token ids per line)", c.ids);
+  KILN_CHECK(count_scored_targets(seqs) > 0, "eval",
+             "{}: no token to score: each token is scored from the ones before it, so a sequence needs at least 2 "
+             "tokens (with a label other than -100 after the first); found {} sequence(s) of at most {} token(s)",
+             c.ids, seqs.size(),
+             std::max_element(seqs.begin(), seqs.end(), [](const EvalSequence& a, const EvalSequence& b) {
+               return a.input_ids.size() < b.input_ids.size();
+             })->input_ids.size());
+  std::vector<std::string> warnings;
+  size_t too_long = 0, longest = 0;
+  for (const EvalSequence& s : seqs) {
+    too_long += static_cast<int64_t>(s.input_ids.size()) > config.max_position_embeddings;
+    longest = std::max(longest, s.input_ids.size());
+  }
+  if (too_long > 0)
+    warnings.push_back(fmt::format("{} sequence(s) are longer than the model's max_position_embeddings of {} (the longest "
+                                   "has {} tokens): their losses past it are unreliable",
+                                   too_long, config.max_position_embeddings, longest));
+  for (const std::string& w : warnings) std::fprintf(stderr, "warning: %s\n", w.c_str());
   std::shared_ptr<nn::Llama> model = load_model(c.model);
   EvalSummary sum;
   if (c.output.empty()) {
@@ -216,6 +245,7 @@ EvalSummary run_eval(const EvalCommand& c) {
     sum = evaluate(*model, seqs, c.options, out);
     KILN_CHECK(out.good(), "eval", "error writing '{}'", c.output);
   }
+  sum.warnings = std::move(warnings);
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::fprintf(stderr, "eval: %lld sequences, %lld scored tokens, mean loss %.6f, perplexity %.4f (%.1f s)\n",
                static_cast<long long>(sum.sequences), static_cast<long long>(sum.tokens), sum.mean_loss(),
@@ -234,7 +264,11 @@ void add_eval_command(CLI::App& app) {
   cmd->add_flag("--logprobs", c->options.logprobs, "add the log-probability of each next token");
   cmd->add_flag("--logits", c->options.logits, "add the full (T, V) f32 logits");
   cmd->add_option("--output", c->output, "write the JSONL here instead of stdout");
-  cmd->callback([c] { run_eval(*c); });
+  cmd->callback([cmd, c] {
+    for (const std::string& w : apply_adapter_base(c->model, nullptr, given_model_options(*cmd)))
+      std::fprintf(stderr, "warning: %s\n", w.c_str());
+    run_eval(*c);
+  });
 }
 
 }  // namespace kiln::app

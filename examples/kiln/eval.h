@@ -31,16 +31,23 @@ struct EvalSummary {
   int64_t sequences = 0;
   int64_t tokens = 0;      // scored targets over all sequences
   double total_nll = 0;    // summed cross-entropy over all scored targets
-  double mean_loss() const { return tokens > 0 ? total_nll / static_cast<double>(tokens) : 0.0; }
+  std::vector<std::string> warnings;  // run_eval: also printed on stderr ("warning: ...")
+  // NaN when no token was scored (run_eval refuses such files before scoring).
+  double mean_loss() const;
   double perplexity() const;
 };
+
+// The targets a loss is computed over (labels[t] != -100 for t >= 1), summed over `seqs`.
+int64_t count_scored_targets(const std::vector<EvalSequence>& seqs);
 
 // Scores `seqs` (eval mode, no gradients, on the model's device) and writes one JSON object per
 // sequence in input order: {"index", "loss" (null without targets), "tokens"[, "logprobs"][, "logits"]}.
 EvalSummary evaluate(nn::Llama& model, const std::vector<EvalSequence>& seqs, const EvalOptions& o, std::ostream& out);
 
 // The whole command: model (+ adapter) from `model`, ids from `ids`, JSONL to `output` (stdout when
-// empty), the summary line on stderr.
+// empty), the summary line on stderr. A file without sequences, or without a token to score (every
+// sequence 1 token long, or labels all -100), is an error; sequences longer than the model's
+// max_position_embeddings are a warning.
 struct EvalCommand {
   ModelSpec model;
   std::string ids;

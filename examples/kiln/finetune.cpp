@@ -7,6 +7,7 @@
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 
 #include "compile/compile.h"
 #include "core/cuda/runtime.h"
@@ -16,7 +17,10 @@
 #include "dist/init.h"
 #include "dist/local.h"
 #include "dist/sharded_checkpoint.h"
+#include "examples/kiln/adapter_base.h"
 #include "examples/kiln/app.h"
+#include "examples/kiln/generate.h"
+#include "examples/kiln/memory_check.h"
 #include "nn/generate.h"
 #include "nn/lr_schedule.h"
 #include "train/progress.h"
@@ -59,6 +63,56 @@ struct SigintScope {
   void (*previous_)(int);
 };
 
+// The output folder made and checked before anything slow runs: a kiln error naming the path (not a raw
+// filesystem error), and on rank 0 a test write, so an unwritable place fails now, not at the first checkpoint.
+void prepare_output(const std::string& output, bool lead) {
+  std::error_code ec;
+  fs::create_directories(output, ec);
+  KILN_CHECK(!ec, "finetune", "cannot create the output folder {:?}: {} (give a writable place with --output)", output,
+             ec.message());
+  KILN_CHECK(fs::is_directory(output, ec), "finetune", "--output {:?} is not a folder", output);
+  if (!lead) return;
+  const fs::path probe = fs::path(output) / ".kiln-write-test";
+  bool ok = false;
+  {
+    std::ofstream f(probe);
+    ok = f.good() && static_cast<bool>(f << "kiln\n") && static_cast<bool>(f.flush());
+  }
+  fs::remove(probe, ec);
+  KILN_CHECK(ok, "finetune", "cannot write into the output folder {:?} (give a writable place with --output)", output);
+}
+
+// The model's config.json (or named config), read before the model itself to check memory and lengths.
+nn::LlamaConfig model_config(const FinetuneConfig& c) {
+  return c.model_dir.empty() ? nn::LlamaConfig::named(c.config)
+                             : nn::LlamaConfig::from_file((fs::path(c.model_dir) / "config.json").string());
+}
+
+// What kiln generate/eval --adapter need to load the same base (adapter_base.h).
+AdapterBase adapter_base(const FinetuneConfig& c) {
+  auto absolute = [](const std::string& p) { return p.empty() ? p : fs::absolute(p).lexically_normal().string(); };
+  AdapterBase b;
+  b.model_dir = absolute(c.model_dir);
+  if (c.model_dir.empty()) b.config = fs::exists(c.config) ? absolute(c.config) : c.config;
+  b.seed = c.seed;
+  b.nf4 = c.base == "nf4";
+  b.tokenizer = absolute(c.tokenizer);
+  return b;
+}
+
+// Writes kiln_base.json into each checkpoint's adapter folder as it is saved (rank 0).
+class AdapterBaseCallback final : public train::Callback {
+ public:
+  explicit AdapterBaseCallback(AdapterBase base) : base_(std::move(base)) {}
+  void on_save(train::Trainer&, const train::SaveInfo& info) override {
+    const fs::path adapter = fs::path(info.path) / "adapter";
+    if (fs::is_directory(adapter)) write_adapter_base(adapter.string(), base_);
+  }
+
+ private:
+  AdapterBase base_;
+};
+
 }  // namespace
 
 FinetuneJob::FinetuneJob(const FinetuneConfig& c, RunWorld world)
@@ -66,8 +120,17 @@ FinetuneJob::FinetuneJob(const FinetuneConfig& c, RunWorld world)
   c.validate();
   if (c.shard && !world_.group) world_.group = dist::make_local_groups(1)[0];  // fully_shard over a world of one
   const bool lead = world_.rank() == 0;
-  fs::create_directories(c.output);
-  if (lead) write_file_atomic((fs::path(c.output) / "config.toml").string(), c.to_toml(), "finetune");
+  prepare_output(c.output, lead);
+
+  // ---- before anything large is allocated: does one step fit in memory (CPU), are the lengths in range
+  const nn::LlamaConfig mc = model_config(c);
+  if (!device_.is_cuda())
+    if (const std::optional<double> available = available_host_memory())
+      check_step_fits(mc, c, resolve_dtype(c.dtype, device_), *available);
+  if (c.seq_len > mc.max_position_embeddings)
+    notes_.push_back(fmt::format("warning: --seq-len {} is longer than the model's max_position_embeddings of {}: "
+                                 "positions past it were never trained (RoPE)",
+                                 c.seq_len, mc.max_position_embeddings));
 
   // ---- model (NF4 base for QLoRA, quantised layer by layer as it loads), tokenizer, LoRA
   ModelSpec spec;
@@ -149,8 +212,29 @@ FinetuneJob::FinetuneJob(const FinetuneConfig& c, RunWorld world)
   if (c.resume) {
     resumed_from_ = trainer_->resume_latest();
     KILN_CHECK(resumed_from_.has_value(), "finetune", "--resume: no checkpoint in {} (no 'latest' file)", c.output);
+    const int64_t done = trainer_->state().step;
+    KILN_CHECK(done < total_steps_, "finetune",
+               "--resume: {} is at step {}, and this run ends at step {}: nothing to train (give --steps > {} to "
+               "extend it)",
+               *resumed_from_, done, total_steps_, done);
+    // An extended run: the LR schedule is recomputed over the new total (it does not stay at its old end).
+    const fs::path old_settings = fs::path(c.output) / "config.toml";
+    if (fs::exists(old_settings)) {
+      FinetuneConfig before;
+      before.load_toml(old_settings.string());
+      if (before.steps != c.steps || before.epochs != c.epochs)
+        notes_.push_back(fmt::format("note: extending the run to {} steps: the {} LR schedule now spans them (lr {:.3g} "
+                                     "at step {})",
+                                     total_steps_, c.schedule, trainer_->options().schedule->lr_at(done), done + 1));
+    }
   }
-  if (lead) trainer_->add_callback(std::make_shared<train::MetricsCallback>(c.output, c.resume, "kiln finetune: loss"));
+  if (lead) {
+    trainer_->add_callback(std::make_shared<train::MetricsCallback>(c.output, c.resume, "kiln finetune: loss"));
+    trainer_->add_callback(std::make_shared<AdapterBaseCallback>(adapter_base(c)));
+    // Written last: a start refused above (a failed --resume, bad data, too little memory) leaves the
+    // run folder's settings as they were.
+    write_file_atomic((fs::path(c.output) / "config.toml").string(), c.to_toml(), "finetune");
+  }
 }
 
 FinetuneJob::~FinetuneJob() = default;
@@ -183,6 +267,7 @@ FinetuneResult FinetuneJob::run() {
   const std::string adapter = (fs::path(config_.output) / "adapter").string();
   if (shards_) dist::save_adapter_sharded(*shards_, *model_, lora_, adapter);  // gathered; rank 0 writes
   else if (lead) nn::save_adapter(*model_, lora_, adapter);
+  if (lead) write_adapter_base(adapter, adapter_base(config_));
   if (result.interrupted || config_.sample_tokens <= 0) return result;
   if (!shards_ && !lead) return result;  // replicated: rank 0 samples alone
 
@@ -202,8 +287,8 @@ FinetuneResult FinetuneJob::run() {
   auto out = nn::generate(*model_, prompt, go);
   auto end = std::find_first_of(out.begin(), out.end(), stop.begin(), stop.end());
   out.erase(end == out.end() ? end : end + 1, out.end());
-  std::vector<int32_t> ids(out.begin(), out.end());
-  result.sample = config_.sample_prompt + tok.decode(ids, /*skip_special=*/true);
+  // valid UTF-8 (a byte token cut off at the end becomes U+FFFD), no special tokens
+  result.sample = config_.sample_prompt + printable_text(tok, out);
   if (lead) write_file_atomic((fs::path(config_.output) / "sample.txt").string(), result.sample + "\n", "finetune");
   return result;
 }
@@ -224,6 +309,7 @@ FinetuneResult run_finetune_ranked(const FinetuneConfig& c) {
   else if (earlier_run)
     std::fprintf(stderr, "note: %s holds an earlier run; starting a new one over it (--resume continues the old one)\n",
                  c.output.c_str());
+  for (const std::string& note : job.notes()) std::fprintf(stderr, "%s\n", note.c_str());
   std::fprintf(stderr, "%s\n", job.banner().c_str());
   job.trainer().add_callback(std::make_shared<train::ProgressCallback>());
 

@@ -30,24 +30,30 @@ struct FinetuneResult {
 // The parts of one run, built from its settings; the command adds its terminal output around it.
 class FinetuneJob {
  public:
-  // Validates the settings, writes <output>/config.toml, builds the parts and the Trainer (resumed
-  // from <output>/latest with config.resume: an error when there is none) and attaches the
-  // metrics.jsonl/loss_curve.svg callback. In a world of several ranks (join_world) every rank builds
-  // the same parts, the model sharded with config.shard, and rank 0 alone writes files.
+  // Validates the settings and the output folder (writable), checks that one step fits in the machine's
+  // memory (CPU: an estimate against MemAvailable), builds the parts and the Trainer (resumed from
+  // <output>/latest with config.resume: an error when there is none, or when it already reached the
+  // run's steps; a resume with more --steps extends a finished run), attaches the metrics.jsonl/
+  // loss_curve.svg callback and, once all that succeeded, writes <output>/config.toml. In a world of
+  // several ranks (join_world) every rank builds the same parts, the model sharded with config.shard,
+  // and rank 0 alone writes files.
   explicit FinetuneJob(const FinetuneConfig& config, RunWorld world = {});
   FinetuneJob(const FinetuneJob&) = delete;
   FinetuneJob& operator=(const FinetuneJob&) = delete;
   ~FinetuneJob();
 
   train::Trainer& trainer() { return *trainer_; }
-  // Trains to the end or a stop request, writes <output>/adapter and, unless stopped, the sample
-  // (<output>/sample.txt). Sharded: every rank takes part (the adapter is gathered, the sample generated
+  // Trains to the end or a stop request, writes <output>/adapter (with kiln_base.json: the base for
+  // kiln generate --adapter, also in each checkpoint's adapter) and, unless stopped, the sample
+  // (<output>/sample.txt: valid UTF-8, no special tokens). Sharded: every rank takes part (the adapter is gathered, the sample generated
   // in lockstep for sample_tokens tokens, then cut at a stop token).
   FinetuneResult run();
   const RunWorld& world() const { return world_; }
   // The one-line summary of the run the command prints before training.
   std::string banner() const;
   const std::optional<std::string>& resumed_from() const { return resumed_from_; }
+  // "warning: ..." / "note: ..." lines about the settings (the command prints them before the banner).
+  const std::vector<std::string>& notes() const { return notes_; }
 
  private:
   FinetuneConfig config_;
@@ -63,6 +69,7 @@ class FinetuneJob {
   std::unique_ptr<nn::AdamW> optimizer_;
   std::unique_ptr<train::Trainer> trainer_;
   std::optional<std::string> resumed_from_;
+  std::vector<std::string> notes_;
 };
 
 // The command: the world (join_world: the launcher's variables), the job, the progress bar and messages on

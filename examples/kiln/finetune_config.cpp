@@ -46,8 +46,8 @@ const std::vector<Field>& fields() {
       {"seq_len", "tokens per sequence", &C::seq_len, true},
       {"batch_size", "sequences per micro-batch", &C::batch_size, true},
       {"grad_accum", "micro-batches per optimizer step", &C::grad_accum, true},
-      {"steps", "optimizer steps (0: use --epochs)", &C::steps, true},
-      {"epochs", "passes over the training data when --steps is 0", &C::epochs, true},
+      {"steps", "optimizer steps (0: use --epochs)", &C::steps, false},
+      {"epochs", "passes over the training data when --steps is 0", &C::epochs, false},
       {"lr", "peak learning rate", &C::lr, true},
       {"schedule", "constant | linear | cosine", &C::schedule, true},
       {"warmup", "warmup steps", &C::warmup, true},
@@ -84,7 +84,8 @@ void add_finetune_options(CLI::App& cmd, FinetuneConfig& c) {
     std::visit(
         [&](auto m) {
           using T = std::remove_cvref_t<decltype(c.*m)>;
-          if constexpr (std::is_same_v<T, bool>) cmd.add_flag(flag_name(f.name), c.*m, f.help);
+          // `--flag`, `--flag=false` and `--flag false` all work
+          if constexpr (std::is_same_v<T, bool>) cmd.add_flag(flag_name(f.name), c.*m, f.help)->expected(0, 1);
           else cmd.add_option(flag_name(f.name), c.*m, f.help)->capture_default_str();
         },
         f.member);
@@ -207,6 +208,8 @@ void FinetuneConfig::validate() const {
   KILN_CHECK(eval_fraction >= 0 && eval_fraction < 1, "finetune", "--eval-fraction must be in [0, 1), found {}", eval_fraction);
   KILN_CHECK(text_split == "auto" || text_split == "file" || text_split == "blank_lines" || text_split == "separator",
              "finetune", "--text-split must be auto, file, blank_lines or separator, found '{}'", text_split);
+  KILN_CHECK(eval_batches >= 1, "finetune",
+             "--eval-batches must be >= 1, found {} (to skip the eval loss: --eval-every 0 or --eval-fraction 0)", eval_batches);
   KILN_CHECK(!output.empty(), "finetune", "--output must name a folder");
   KILN_CHECK(model_dir.empty() || config == "tiny" || config.empty(), "finetune", "give --model or --config, not both");
   KILN_CHECK(!model_dir.empty() || random_init || config == "tiny", "finetune",

@@ -61,7 +61,8 @@ struct FinetuneConfig {
   std::vector<std::pair<std::string, std::string>> settings() const;
   // Applies a TOML file's keys (the names above) over the current values; unknown keys are errors.
   void load_toml(const std::string& path);
-  // What must match between a run and its resume (model, LoRA, data and batch settings).
+  // What must match between a run and its resume (model, LoRA, data and batch settings; not --steps or
+  // --epochs: a resume may extend a run).
   std::string fingerprint() const;
 };
 

@@ -1,42 +1,25 @@
 // `kiln generate`: continues a prompt (plain, or Llama 3 chat) with a KV cache, streaming the decoded
-// text to stdout as tokens arrive, and reports tokens/s on stderr.
+// text to stdout as tokens arrive (valid UTF-8, no special tokens), and reports tokens/s on stderr.
 #include "examples/kiln/generate.h"
 
 #include <algorithm>
 #include <chrono>
+#include <fmt/format.h>
 #include <cstdio>
 #include <iostream>
 #include <memory>
 
 #include "core/error.h"
+#include "data/utf8.h"
+#include "examples/kiln/adapter_base.h"
 
 namespace kiln::app {
 
-namespace {
-
-// The length of the UTF-8 sequence a lead byte starts (1 for ASCII and for invalid bytes).
-size_t utf8_length(unsigned char c) {
-  if (c >= 0xC0 && c < 0xE0) return 2;
-  if (c >= 0xE0 && c < 0xF0) return 3;
-  if (c >= 0xF0 && c < 0xF8) return 4;
-  return 1;
-}
-
-}  // namespace
-
-std::string take_complete_utf8(std::string& pending) {
-  const size_t n = pending.size();
-  size_t cut = n;
-  // look back over at most 3 continuation bytes for the last lead byte
-  for (size_t back = 1; back <= std::min<size_t>(n, 4); ++back) {
-    const auto c = static_cast<unsigned char>(pending[n - back]);
-    if ((c & 0xC0) == 0x80) continue;  // continuation byte
-    if (utf8_length(c) > back) cut = n - back;  // its sequence is not complete yet
-    break;
-  }
-  std::string done = pending.substr(0, cut);
-  pending.erase(0, cut);
-  return done;
+std::string printable_text(const data::Tokenizer& tok, const std::vector<int64_t>& tokens) {
+  std::vector<int32_t> ids;
+  for (int64_t t : tokens)
+    if (t >= 0 && t < tok.vocab_size() && !tok.is_special(static_cast<int32_t>(t))) ids.push_back(static_cast<int32_t>(t));
+  return data::to_valid_utf8(tok.decode(ids));
 }
 
 std::vector<int64_t> prompt_ids(const data::Tokenizer& tok, const GenerateCommand& c) {
@@ -70,7 +53,14 @@ GenerateResult run_generate(nn::Llama& model, const data::Tokenizer& tok, const 
   for (int64_t id : stop_tokens(model.config(), tok))
     if (std::find(o.stop_tokens.begin(), o.stop_tokens.end(), id) == o.stop_tokens.end()) o.stop_tokens.push_back(id);
   GenerateResult r;
-  std::string pending;  // bytes of an unfinished UTF-8 character
+  const int64_t positions = static_cast<int64_t>(prompt.size()) + o.max_new_tokens;
+  if (positions > model.config().max_position_embeddings)
+    r.warnings.push_back(fmt::format(
+        "the prompt ({} tokens) plus --max-new-tokens {} reach position {}, past the model's max_position_embeddings "
+        "of {}: the text after that is unreliable",
+        prompt.size(), o.max_new_tokens, positions, model.config().max_position_embeddings));
+  for (const std::string& w : r.warnings) std::fprintf(stderr, "warning: %s\n", w.c_str());
+  data::Utf8Stream stream;  // holds an unfinished UTF-8 character until its last byte arrives
   const auto t0 = std::chrono::steady_clock::now();
   auto first = t0;
   r.tokens = nn::generate(model, prompt, o, [&](int64_t token) {
@@ -79,16 +69,17 @@ GenerateResult run_generate(nn::Llama& model, const data::Tokenizer& tok, const 
     if (std::find(o.stop_tokens.begin(), o.stop_tokens.end(), token) != o.stop_tokens.end()) return true;
     if (token >= tok.vocab_size()) return true;  // a model vocabulary padded past the tokenizer's
     const int32_t id = static_cast<int32_t>(token);
-    pending += tok.decode(std::span<const int32_t>(&id, 1));
-    const std::string piece = take_complete_utf8(pending);
+    if (tok.is_special(id)) return true;  // reserved and header tokens are not text
+    const std::string piece = stream.push(tok.id_to_bytes(id));
     if (!piece.empty()) {
       out << piece << std::flush;
       r.text += piece;
     }
     return true;
   });
-  out << pending << '\n' << std::flush;
-  r.text += pending;
+  const std::string tail = stream.finish();  // an unfinished character at the end: U+FFFD
+  out << tail << '\n' << std::flush;
+  r.text += tail;
   const auto t1 = std::chrono::steady_clock::now();
   r.seconds = std::chrono::duration<double>(t1 - t0).count();
   const double prefill = std::chrono::duration<double>(first - t0).count();
@@ -117,8 +108,10 @@ void add_generate_command(CLI::App& app) {
   cmd->add_option("--top-p", c->options.top_p, "nucleus sampling: keep the most likely tokens up to this mass")
       ->check(CLI::Range(0.0, 1.0));
   cmd->add_option("--top-k", c->options.top_k, "keep only the k most likely tokens (0: off)")->check(CLI::NonNegativeNumber);
-  cmd->callback([c] {
-    c->options.seed = c->model.seed;
+  cmd->callback([cmd, c] {
+    c->options.seed = c->model.seed;  // the user's seed (or 0) for sampling; a recorded random base keeps its own
+    for (const std::string& w : apply_adapter_base(c->model, &c->tokenizer, given_model_options(*cmd)))
+      std::fprintf(stderr, "warning: %s\n", w.c_str());
     const data::Tokenizer tok = load_tokenizer(c->tokenizer, c->model.model_dir);
     std::shared_ptr<nn::Llama> model = load_model(c->model);
     run_generate(*model, tok, *c, std::cout);

@@ -1,5 +1,6 @@
-// `kiln generate`'s library half: the prompt's ids (plain or Llama 3 chat), streaming decoded text
-// without splitting multi-byte UTF-8 characters, and the command as a function the tests can call.
+// `kiln generate`'s library half: the prompt's ids (plain or Llama 3 chat), streaming decoded text as
+// valid UTF-8 (a character split across tokens held back until complete, invalid bytes as U+FFFD, special
+// tokens not printed), and the command as a function the tests can call.
 #pragma once
 #include <cstdint>
 #include <iosfwd>
@@ -10,10 +11,6 @@
 #include "nn/generate.h"
 
 namespace kiln::app {
-
-// Removes and returns the longest prefix of `pending` that does not end inside a UTF-8 sequence
-// (an incomplete lead byte and its continuation bytes stay for the next token's bytes).
-std::string take_complete_utf8(std::string& pending);
 
 struct GenerateCommand {
   ModelSpec model;
@@ -31,10 +28,15 @@ std::vector<int64_t> stop_tokens(const nn::LlamaConfig& config, const data::Toke
 
 struct GenerateResult {
   std::vector<int64_t> tokens;  // the new tokens (a final stop token included)
-  std::string text;             // what was written to `out` (stop tokens not printed)
+  std::string text;             // what was written to `out`: valid UTF-8, special tokens not printed
+  std::vector<std::string> warnings;  // also printed on stderr ("warning: ...")
   double seconds = 0;
 };
-// Generates and streams the text to `out` (flushed per piece, then a newline).
+// The text of generated tokens as `kiln generate` prints it: special tokens (stop tokens, reserved ones)
+// and ids past the tokenizer left out, bytes as valid UTF-8 (data::to_valid_utf8).
+std::string printable_text(const data::Tokenizer& tok, const std::vector<int64_t>& tokens);
+// Generates and streams the text to `out` (flushed per piece, then a newline). A prompt plus
+// max_new_tokens past the model's max_position_embeddings is a warning (RoPE positions it never saw).
 GenerateResult run_generate(nn::Llama& model, const data::Tokenizer& tok, const GenerateCommand& c, std::ostream& out);
 
 }  // namespace kiln::app

@@ -16,10 +16,13 @@ void add_model_options(CLI::App& cmd, ModelSpec& spec, bool with_adapter) {
   cmd.add_option("--config", spec.config, "named config (llama3.1-8b, llama3.1-70b, tiny) or config.json, with random weights")
       ->excludes(model);
   cmd.add_option("--seed", spec.seed, "seed of random weights and everything random");
-  if (with_adapter) cmd.add_option("--adapter", spec.adapter, "PEFT LoRA adapter folder to load");
+  if (with_adapter) cmd.add_option("--adapter", spec.adapter, "PEFT LoRA adapter folder to load (a kiln_base.json in it, as kiln finetune writes, "
+                                    "gives the base: --model/--config, --seed, --nf4 and --tokenizer default to it)");
   cmd.add_option("--dtype", spec.dtype, "auto | f32 | bf16 | f16 (auto: bf16 on GPU, f32 on CPU)");
   cmd.add_option("--device", spec.device, "auto | cpu | cuda | cuda:N");
-  cmd.add_flag("--nf4", spec.nf4, "quantise the base linear layers to NF4 (QLoRA)");
+  cmd.add_flag("--nf4", spec.nf4, "quantise the base linear layers to NF4 (QLoRA); --nf4 false: don't (default: as the "
+               "adapter's kiln_base.json records, else false)")
+      ->expected(0, 1);
 }
 
 Device resolve_device(const std::string& spec) {

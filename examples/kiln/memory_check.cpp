@@ -1,0 +1,68 @@
+// The step-memory estimate and the check against /proc/meminfo (see memory_check.h).
+#include "examples/kiln/memory_check.h"
+
+#include <algorithm>
+#include <fstream>
+#include <sstream>
+
+#include "core/error.h"
+
+namespace kiln::app {
+
+namespace {
+
+constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+
+}  // namespace
+
+StepMemory estimate_step_memory(const nn::LlamaConfig& m, const FinetuneConfig& c, DType dtype) {
+  const double e = static_cast<double>(itemsize(dtype));
+  const double h = static_cast<double>(m.hidden_size), inter = static_cast<double>(m.intermediate_size);
+  const double layers = static_cast<double>(m.num_hidden_layers), vocab = static_cast<double>(m.vocab_size);
+  const double kv = static_cast<double>(m.num_key_value_heads * m.head_dim);
+  const double tokens = static_cast<double>(c.batch_size) * static_cast<double>(c.seq_len);
+  StepMemory s;
+  const double embeddings = vocab * h * (m.tie_word_embeddings ? 1 : 2);
+  const double linears = static_cast<double>(m.num_parameters()) - embeddings;
+  s.weights = embeddings * e + linears * (c.base == "nf4" ? 0.5 : e);
+  // Per token and layer, kept for backward: the two norms' outputs, q, k, v, the attention output and
+  // the o_proj output (~5h + 2kv), gate, up, silu(gate) and their product (4 x intermediate).
+  const double per_token_layer = (5 * h + 2 * kv + 4 * inter) * e;
+  s.activations = c.checkpointing ? tokens * h * e * layers + tokens * per_token_layer
+                                  : tokens * per_token_layer * layers;
+  // One layer's attention scores (B, heads, T, T).
+  s.activations += static_cast<double>(c.batch_size) * static_cast<double>(m.num_attention_heads) *
+                   static_cast<double>(c.seq_len) * static_cast<double>(c.seq_len) * e;
+  // f32 logits and their gradient: all of them without the chunked head, else at least one chunk's.
+  const double logit_tokens = c.chunked_head ? std::min(tokens, 256.0) : tokens;
+  s.logits = 2 * logit_tokens * vocab * 4;
+  return s;
+}
+
+std::optional<double> available_host_memory() {
+  std::ifstream in("/proc/meminfo");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("MemAvailable:", 0) != 0) continue;
+    std::istringstream fields(line.substr(13));
+    double kib = 0;
+    if (fields >> kib) return kib * 1024.0;
+  }
+  return std::nullopt;
+}
+
+void check_step_fits(const nn::LlamaConfig& model, const FinetuneConfig& c, DType dtype, double available) {
+  const StepMemory s = estimate_step_memory(model, c, dtype);
+  if (s.total() <= available) return;
+  std::string advice = "lower --batch-size (raise --grad-accum to keep the tokens per step) or --seq-len";
+  if (!c.checkpointing) advice += ", or add --checkpointing";
+  if (!c.chunked_head) advice += ", or use the chunked head (--chunked-head true)";
+  KILN_FAIL("finetune",
+            "one training step needs about {:.1f} GiB ({:.1f} GiB of weights, {:.1f} GiB of activations for --batch-size {} "
+            "x --seq-len {} tokens, {:.1f} GiB of logits), more than the {:.1f} GiB this machine has available "
+            "(MemAvailable in /proc/meminfo): {}",
+            s.total() / kGiB, s.weights / kGiB, s.activations / kGiB, c.batch_size, c.seq_len, s.logits / kGiB,
+            available / kGiB, advice);
+}
+
+}  // namespace kiln::app
