@@ -1,10 +1,11 @@
-// `kiln`: fine-tune (finetune, on one or several processes: launch), evaluate (eval) and sample from
-// (generate) Llama models. Errors are reported as one line and exit code 1; nothing aborts.
+// `kiln`: fine-tune (finetune, on one or several processes: launch), evaluate (eval), sample from
+// (generate) and export merged (export) Llama models. Errors are reported as one line and exit code 1; nothing aborts.
 #include <cstdio>
 #include <string>
 
 #include "examples/kiln/app.h"
 #include "examples/kiln/distributed.h"
+#include "examples/kiln/export.h"
 
 int main(int argc, char** argv) {
   kiln::app::set_command_line(argc, argv);
@@ -15,6 +16,7 @@ int main(int argc, char** argv) {
   kiln::app::add_finetune_command(app);
   kiln::app::add_eval_command(app);
   kiln::app::add_generate_command(app);
+  kiln::app::add_export_command(app);
   kiln::app::add_launch_command(app);
   try {
     app.parse(argc, argv);

@@ -1,0 +1,37 @@
+// `kiln export`'s library half: the base built as `kiln finetune` builds it (a HF folder, or a named
+// config with random weights; NF4 or not; what the adapter's kiln_base.json records by default), the
+// LoRA adapter merged into it (NF4 and bnb-4bit bases dequantised; the sum computed in f32 and rounded
+// once), written as a Hugging Face folder (config.json, safetensors shards with an index, generation
+// and tokenizer files) or as one GGUF file for llama.cpp. Without an adapter the base alone is written.
+// Nothing partial is left on an error.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "examples/kiln/app.h"
+
+namespace kiln::app {
+
+void add_export_command(CLI::App& app);
+
+struct ExportCommand {
+  ModelSpec model;               // model.dtype: the dtype the base is built in (as finetune's --dtype)
+  std::string tokenizer;         // tokenizer.json or its folder; default: the model's, else kiln's
+  std::string output;            // hf: the folder to create; gguf: the file
+  std::string dtype = "bf16";    // hf: the dtype of the written tensors (bf16, f16, f32)
+  std::string format = "hf";     // hf | gguf
+  std::string gguf_type = "f16"; // gguf: f16 | bf16 | q8_0 (1-d tensors stay f32)
+  std::string max_shard_size = "5GB";
+  bool overwrite = false;        // replace an existing output
+  bool random_init = false;      // --random-init: says the --config base has random weights (as it always has)
+};
+
+struct ExportResult {
+  std::vector<std::string> files;  // what was written, relative to the output folder (hf) or the file (gguf)
+  int64_t merged_layers = 0;       // LoRA layers merged
+};
+
+// Runs the export; kiln::Error "[export] ..." on bad input, before anything is written.
+ExportResult run_export(const ExportCommand& c);
+
+}  // namespace kiln::app
