@@ -83,3 +83,15 @@ if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then
     rm -rf "$tmp"
   fi
 fi
+
+# Python packages the checks in tools/ use: numpy and gguf (llama.cpp's gguf-py, read by tools/check_gguf.py,
+# which the [export] test runs when `import gguf` works). Optional: a failure here only makes that check skip.
+if ! python3 -c "import gguf, numpy" >/dev/null 2>&1; then
+  if python3 -m pip install -q --user gguf numpy >/dev/null 2>&1 ||
+     python3 -m pip install -q --user --break-system-packages gguf numpy >/dev/null 2>&1 ||
+     python3 -m pip install -q gguf numpy >/dev/null 2>&1; then
+    echo "bootstrap: python packages gguf and numpy installed (tools/check_gguf.py)"
+  else
+    echo "bootstrap: could not pip install gguf and numpy; the [export] GGUF check will be skipped" >&2
+  fi
+fi

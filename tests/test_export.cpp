@@ -1,0 +1,301 @@
+// `kiln export` and what it is built from: LoRA merged into Linear and NF4 bases (nn/merge.h), the
+// Hugging Face folder it writes loading back with the logits of the unmerged base + adapter, sharding
+// with an index that covers every tensor, bad input failing before anything is written, and the GGUF
+// file checked by tools/check_gguf.py with llama.cpp's own gguf package (skipped where it is absent).
+#include <catch2/catch_test_macros.hpp>
+#include <catch2/matchers/catch_matchers_string.hpp>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <unistd.h>
+
+#include "autograd/grad_mode.h"
+#include "core/file_io.h"
+#include "data/default_corpus.h"
+#include "data/tokenizer.h"
+#include "examples/kiln/export.h"
+#include "io/gguf.h"
+#include "io/safetensors.h"
+#include "io/shard_writer.h"
+#include "nn/llama_gguf.h"
+#include "nn/lora.h"
+#include "nn/merge.h"
+#include "nn/nf4_linear.h"
+#include "tests/helpers.h"
+
+using namespace kiln;
+using Catch::Matchers::ContainsSubstring;
+namespace fs = std::filesystem;
+
+namespace {
+
+fs::path scratch(const std::string& name) {
+  fs::path p = fs::temp_directory_path() / ("kiln_export_" + name + "_" + std::to_string(::getpid()));
+  fs::remove_all(p);
+  fs::create_directories(p);
+  return p;
+}
+
+// max |a - b| / max |b|.
+double rel_error(const Tensor& a, const Tensor& b) {
+  const std::vector<float> x = contiguous(cast(a, DType::f32)).to_vector<float>();
+  const std::vector<float> y = contiguous(cast(b, DType::f32)).to_vector<float>();
+  REQUIRE(x.size() == y.size());
+  double diff = 0, scale = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    diff = std::max(diff, static_cast<double>(std::fabs(x[i] - y[i])));
+    scale = std::max(scale, static_cast<double>(std::fabs(y[i])));
+  }
+  return diff / scale;
+}
+
+// The tiny Llama over the default tokenizer's ids (so the GGUF vocabulary fits), as a config.json.
+std::string write_tiny_config(const fs::path& dir, int64_t intermediate = 48) {
+  nn::LlamaConfig c = test::tiny_llama_config();
+  c.vocab_size = data::Tokenizer::from_file(data::default_tokenizer_path()).vocab_size();
+  c.intermediate_size = intermediate;
+  const fs::path p = dir / ("config_" + std::to_string(intermediate) + ".json");
+  write_file_atomic(p.string(), c.to_json(), "test");
+  return p.string();
+}
+
+app::ModelSpec base_spec(const std::string& config, bool nf4) {
+  app::ModelSpec s;
+  s.config = config;
+  s.seed = 7;
+  s.dtype = "f32";
+  s.device = "cpu";
+  s.nf4 = nf4;
+  return s;
+}
+
+// Trains nothing: an adapter with random A and B (B is zero after init) over the spec's base, saved as PEFT does.
+std::string write_adapter(const app::ModelSpec& spec, const fs::path& dir) {
+  auto model = app::load_model(spec);
+  nn::LoraConfig lc;
+  lc.r = 4;
+  lc.alpha = 8;
+  nn::apply_lora(*model, lc, 3);
+  autograd::NoGradGuard no_grad;
+  uint64_t seed = 100;
+  for (auto& [path, l] : nn::lora_layers(*model)) copy_(l->lora_b(), mul(test::random_tensor(l->lora_b().shape(), DType::f32, ++seed), 0.1));
+  nn::save_adapter(*model, lc, dir.string());
+  return dir.string();
+}
+
+Tensor logits_of(nn::Llama& model) {
+  autograd::NoGradGuard no_grad;
+  const Tensor ids = from_vector<int64_t>({1, 17, 402, 3, 999, 3840, 25, 7, 4000, 12}, {2, 5});
+  return model.logits(model(ids));
+}
+
+app::ExportCommand export_command(const app::ModelSpec& spec, const std::string& adapter, const fs::path& out) {
+  app::ExportCommand c;
+  c.model = spec;
+  c.model.adapter = adapter;
+  c.output = out.string();
+  c.dtype = "f32";
+  return c;
+}
+
+// Entries of `dir` whose name contains ".tmp" (what an interrupted export would leave).
+int leftovers(const fs::path& dir) {
+  int n = 0;
+  for (const auto& e : fs::directory_iterator(dir)) n += e.path().filename().string().find(".tmp") != std::string::npos;
+  return n;
+}
+
+}  // namespace
+
+TEST_CASE("export: plain_weight merges LoRA over Linear and NF4 bases in f32, merge_and_unload keeps the outputs", "[export]") {
+  autograd::NoGradGuard no_grad;
+  for (bool nf4 : {false, true}) {
+    auto lin = std::make_shared<nn::Linear>(64, 24, true, DType::f32, kCPU);
+    std::shared_ptr<nn::LinearBase> base = lin;
+    if (nf4) base = nn::NF4Linear::from_linear(*lin);
+    nn::LoraConfig lc;
+    lc.r = 3;
+    lc.alpha = 6;
+    auto lora = std::make_shared<nn::LoraLinear>(base, lc);
+    copy_(lora->lora_b(), test::random_tensor({24, 3}, DType::f32, 5));
+    const Tensor w = nf4 ? dynamic_cast<nn::NF4Linear&>(*base).dequantized_weight(DType::f32) : lin->weight();
+    const Tensor want = add(w, mul(matmul(lora->lora_b(), lora->lora_a()), 2.0));  // (24, 64)
+    test::require_close(nn::plain_weight(*lora, DType::f32), want, 1e-6, 1e-7);
+    test::require_equal(nn::plain_weight(*lora, DType::bf16), cast(nn::plain_weight(*lora, DType::f32), DType::bf16));
+    test::require_equal(nn::plain_bias(*lora, DType::f32), lin->bias());
+
+    nn::Module root;  // merge_and_unload replaces the layer by a Linear with the same outputs
+    root.register_module("proj", lora);
+    const Tensor x = test::random_tensor({5, 64}, DType::f32, 9);
+    const Tensor before = lora->forward(x);
+    CHECK(nn::merge_and_unload(root, DType::f32) == 1);
+    auto& merged = root.child_as<nn::Linear>("proj");
+    CHECK(rel_error(merged.forward(x), before) <= 1e-5);
+    CHECK(nn::plain_tensors(root).size() == 2);
+  }
+  CHECK_THROWS_WITH(nn::plain_weight(*std::make_shared<nn::Linear>(2, 2), DType::i32), ContainsSubstring("[merge]"));
+}
+
+TEST_CASE("export: the Hugging Face folder loads back with the logits of the unmerged base + adapter", "[export]") {
+  const fs::path root = scratch("hf");
+  const std::string config = write_tiny_config(root);
+  for (bool nf4 : {false, true}) {
+    INFO("nf4 base: " << nf4);
+    const app::ModelSpec spec = base_spec(config, nf4);
+    const std::string adapter = write_adapter(spec, root / (nf4 ? "adapter_nf4" : "adapter_plain"));
+    app::ModelSpec with_adapter = spec;
+    with_adapter.adapter = adapter;
+    const Tensor want = logits_of(*app::load_model(with_adapter));  // (2, 5, vocab)
+
+    const fs::path out = root / (nf4 ? "merged_nf4" : "merged_plain");
+    const app::ExportResult r = app::run_export(export_command(spec, adapter, out));
+    CHECK(r.merged_layers == 14);  // 7 projections x 2 layers
+    for (const char* f : {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"})
+      CHECK(fs::exists(out / f));
+    CHECK_FALSE(fs::exists(out / "model.safetensors.index.json"));
+    CHECK(leftovers(root) == 0);
+    // f32 merge of an f32 base: the merged model differs from base + adapter only by summation order.
+    // The NF4 base is merged into its f32 dequantised weight, exactly what the NF4 forward computes
+    // with on CPU, so the same 1e-5 holds there.
+    auto merged = nn::Llama::from_pretrained(out.string());
+    CHECK(rel_error(logits_of(*merged), want) <= 1e-5);
+
+    // bf16 tensors: every weight rounded once (bf16 keeps 8 bits: relative 2^-9 per weight).
+    app::ExportCommand bf = export_command(spec, adapter, root / (nf4 ? "bf16_nf4" : "bf16_plain"));
+    bf.dtype = "bf16";
+    app::run_export(bf);
+    const io::SafetensorsFile file = io::SafetensorsFile::open((fs::path(bf.output) / "model.safetensors").string());
+    CHECK(file.info("model.layers.0.self_attn.q_proj.weight").dtype == DType::bf16);
+    nn::LlamaOptions f32;
+    CHECK(rel_error(logits_of(*nn::Llama::from_pretrained(bf.output, f32)), want) <= 2e-2);
+    const nlohmann::json cfg = nlohmann::json::parse(read_file((fs::path(bf.output) / "config.json").string(), "test"));
+    CHECK(cfg.at("torch_dtype") == "bfloat16");
+  }
+  fs::remove_all(root);
+}
+
+TEST_CASE("export: a small --max-shard-size gives shards and an index whose weight_map covers every tensor", "[export]") {
+  const fs::path root = scratch("shards");
+  const app::ModelSpec spec = base_spec(write_tiny_config(root), true);
+  const std::string adapter = write_adapter(spec, root / "adapter");
+  app::ExportCommand c = export_command(spec, adapter, root / "out");
+  c.max_shard_size = "100KB";
+  app::run_export(c);
+  const fs::path index = root / "out" / "model.safetensors.index.json";
+  REQUIRE(fs::exists(index));
+  const nlohmann::json j = nlohmann::json::parse(read_file(index.string(), "test"));
+  std::set<std::string> shards;
+  for (auto& [key, shard] : j.at("weight_map").items()) shards.insert(shard.get<std::string>());
+  CHECK(shards.size() > 2);
+  CHECK_FALSE(fs::exists(root / "out" / "model.safetensors"));
+  size_t total = 0;
+  std::set<std::string> in_files;
+  for (const std::string& s : shards) {
+    CHECK_THAT(s, ContainsSubstring("-of-"));
+    const io::SafetensorsFile f = io::SafetensorsFile::open((root / "out" / s).string());
+    size_t bytes = 0;
+    for (const std::string& k : f.keys()) {
+      in_files.insert(k);
+      bytes += f.info(k).end - f.info(k).begin;
+      CHECK(j["weight_map"][k] == s);
+    }
+    CHECK((bytes <= 100000 || f.keys().size() == 1));  // a tensor over the limit (lm_head) gets a shard of its own
+    total += bytes;
+  }
+  auto merged = nn::Llama::from_pretrained((root / "out").string());
+  std::set<std::string> want;
+  for (auto& [k, t] : merged->state_dict()) want.insert(k);
+  CHECK(in_files == want);
+  CHECK(static_cast<size_t>(j.at("weight_map").size()) == want.size());
+  CHECK(j.at("metadata").at("total_size").get<size_t>() == total);
+  CHECK(io::parse_byte_size("5GB") == 5000000000ull);
+  CHECK(io::parse_byte_size("2MiB") == 2097152ull);
+  CHECK_THROWS_WITH(io::parse_byte_size("5 parsecs"), ContainsSubstring("[export]"));
+  fs::remove_all(root);
+}
+
+TEST_CASE("export: bad input is a clear error and writes nothing", "[export]") {
+  const fs::path root = scratch("bad");
+  const std::string config = write_tiny_config(root);
+  const app::ModelSpec spec = base_spec(config, false);
+  const std::string adapter = write_adapter(spec, root / "adapter");
+  const fs::path out = root / "out";
+
+  SECTION("missing adapter folder") {
+    CHECK_THROWS_WITH(app::run_export(export_command(spec, (root / "nope").string(), out)),
+                      ContainsSubstring("[export] adapter folder") && ContainsSubstring("does not exist"));
+  }
+  SECTION("an adapter whose shapes do not fit the base") {
+    const std::string other = write_adapter(base_spec(write_tiny_config(root, 64), false), root / "adapter_64");
+    CHECK_THROWS_WITH(app::run_export(export_command(spec, other, out)),
+                      ContainsSubstring("[adapter]") && ContainsSubstring("mlp") && ContainsSubstring("expected"));
+  }
+  SECTION("an output folder that cannot be written") {
+    CHECK_THROWS_WITH(app::run_export(export_command(spec, adapter, root / "missing" / "out")),
+                      ContainsSubstring("[export]") && ContainsSubstring("does not exist"));
+    fs::create_directories(out);
+    std::ofstream(out / "keep.txt") << "mine";
+    CHECK_THROWS_WITH(app::run_export(export_command(spec, adapter, out)), ContainsSubstring("--overwrite"));
+    CHECK(fs::exists(out / "keep.txt"));
+    app::ExportCommand c = export_command(spec, adapter, out);
+    c.overwrite = true;
+    c.gguf_type = "q4_k";
+    CHECK_THROWS_WITH(app::run_export(c), ContainsSubstring("[gguf] unknown tensor type 'q4_k'"));
+    CHECK(fs::exists(out / "keep.txt"));
+    fs::remove_all(out);
+  }
+  SECTION("a tensor the writer cannot take stops the export: nothing partial is left") {
+    // the GGUF vocabulary needs every token id inside the model's vocabulary: a 41-id model fails
+    nn::LlamaConfig small = test::tiny_llama_config();
+    write_file_atomic((root / "small.json").string(), small.to_json(), "test");
+    const app::ModelSpec s = base_spec((root / "small.json").string(), false);
+    app::ExportCommand c = export_command(s, write_adapter(s, root / "adapter_small"), root / "model.gguf");
+    c.format = "gguf";
+    CHECK_THROWS_WITH(app::run_export(c), ContainsSubstring("[gguf]") && ContainsSubstring("past the model's vocabulary"));
+    CHECK_FALSE(fs::exists(root / "model.gguf"));
+  }
+  CHECK_FALSE(fs::exists(out));
+  CHECK(leftovers(root) == 0);
+  fs::remove_all(root);
+}
+
+TEST_CASE("export: GGUF files (f16, bf16, Q8_0) hold what gguf-py reads back as the safetensors export", "[export]") {
+  const fs::path root = scratch("gguf");
+  const app::ModelSpec spec = base_spec(write_tiny_config(root), true);
+  const std::string adapter = write_adapter(spec, root / "adapter");
+  app::run_export(export_command(spec, adapter, root / "hf"));  // f32 reference
+  for (const char* type : {"f16", "bf16", "q8_0"}) {
+    app::ExportCommand c = export_command(spec, adapter, root / (std::string(type) + ".gguf"));
+    c.format = "gguf";
+    c.gguf_type = type;
+    app::run_export(c);
+    std::ifstream f(c.output, std::ios::binary);
+    char magic[4];
+    uint32_t version = 0;
+    f.read(magic, 4).read(reinterpret_cast<char*>(&version), 4);
+    CHECK(std::string(magic, 4) == "GGUF");
+    CHECK(version == 3);
+  }
+  CHECK(nn::gguf_tensor_name("model.layers.11.self_attn.k_proj.weight") == "blk.11.attn_k.weight");
+  CHECK(nn::gguf_tensor_name("model.layers.0.post_attention_layernorm.weight") == "blk.0.ffn_norm.weight");
+  CHECK_THROWS_WITH(nn::gguf_tensor_name("model.layers.0.mlp.fc1.weight"), ContainsSubstring("[gguf]"));
+  // q/k permutation: within a head of 4 rows (0 1 | 2 3), the halves interleave: 0 2 1 3.
+  const Tensor rows = from_vector<float>({0, 1, 2, 3, 4, 5, 6, 7}, {8, 1});
+  CHECK(contiguous(nn::gguf_permute_qk(rows, 2)).to_vector<float>() == std::vector<float>{0, 2, 1, 3, 4, 6, 5, 7});
+
+  if (std::system("python3 -c 'import gguf, numpy' > /dev/null 2>&1") != 0)
+    SKIP("python3 with the gguf and numpy packages is not available (tools/bootstrap.sh installs them): GGUF files not checked by gguf-py");
+  const fs::path script = test::test_data("") / ".." / ".." / "tools" / "check_gguf.py";
+  REQUIRE(fs::exists(script));
+  for (const char* type : {"f16", "bf16", "q8_0"}) {
+    INFO("gguf type " << type);
+    const std::string cmd = "python3 '" + script.string() + "' '" + (root / (std::string(type) + ".gguf")).string() + "' '" +
+                            (root / "hf").string() + "' --type " + type + " > '" + (root / "check.txt").string() + "' 2>&1";
+    const int rc = std::system(cmd.c_str());
+    INFO(read_file((root / "check.txt").string(), "test"));
+    CHECK(rc == 0);
+  }
+  fs::remove_all(root);
+}
