@@ -21,6 +21,29 @@ namespace {
 constexpr const char* kStateFormat = "kiln-trainer-state-1";
 constexpr const char* kTrainableFile = "trainable.safetensors";
 
+CheckpointWriteHook& write_hook() {
+  static CheckpointWriteHook hook;
+  return hook;
+}
+
+void before_write(const fs::path& path) {
+  if (write_hook()) write_hook()(path.string());
+}
+
+// Once latest names a new complete checkpoint, the checkpoint-*.tmp and checkpoint-*.old folders of
+// saves that were killed are garbage: removed, best effort (a failure here loses nothing).
+void remove_interrupted_saves(const fs::path& output) {
+  std::error_code ec;
+  std::vector<fs::path> stale;
+  for (fs::directory_iterator it(output, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string n = it->path().filename().string();
+    const bool ours = n.rfind("checkpoint-", 0) == 0 && n.size() > 4 &&
+                      (n.compare(n.size() - 4, 4, ".tmp") == 0 || n.compare(n.size() - 4, 4, ".old") == 0);
+    if (ours && it->is_directory(ec)) stale.push_back(it->path());
+  }
+  for (const fs::path& p : stale) fs::remove_all(p, ec);
+}
+
 json points_json(const std::vector<LossPoint>& pts) {
   json a = json::array();
   for (const LossPoint& p : pts) a.push_back({p.step, p.loss});
@@ -80,6 +103,7 @@ std::string TrainerState::to_json() const {
   json j{{"format", kStateFormat},
          {"step", step},
          {"tokens", tokens},
+         {"skipped_steps", skipped_steps},
          {"data_position", json::parse(data.to_json())},
          {"rng", {{"seed", rng.seed}, {"offset", rng.offset}}},
          {"fingerprint", fingerprint},
@@ -96,6 +120,7 @@ TrainerState TrainerState::from_json(const std::string& text, const std::string&
                kStateFormat, j.value("format", ""));
     s.step = j.at("step").get<int64_t>();
     s.tokens = j.at("tokens").get<int64_t>();
+    s.skipped_steps = j.value("skipped_steps", int64_t{0});  // absent in checkpoints of older builds
     s.data = data::DataPosition::from_json(j.at("data_position").dump());
     s.rng.seed = j.at("rng").at("seed").get<uint64_t>();
     s.rng.offset = j.at("rng").at("offset").get<uint64_t>();
@@ -105,10 +130,13 @@ TrainerState TrainerState::from_json(const std::string& text, const std::string&
   } catch (const json::exception& e) {
     KILN_FAIL("checkpoint", "{}: corrupt trainer state: {}", source, e.what());
   }
-  KILN_CHECK(s.step >= 0 && s.tokens >= 0, "checkpoint", "{}: expected a non-negative step and token count, found {} and {}",
-             source, s.step, s.tokens);
+  KILN_CHECK(s.step >= 0 && s.tokens >= 0 && s.skipped_steps >= 0, "checkpoint",
+             "{}: expected a non-negative step, token count and skipped-step count, found {}, {} and {}", source, s.step,
+             s.tokens, s.skipped_steps);
   return s;
 }
+
+void set_checkpoint_write_hook(CheckpointWriteHook hook) { write_hook() = std::move(hook); }
 
 std::string checkpoint_name(int64_t step) { return fmt::format("checkpoint-{}", step); }
 
@@ -127,17 +155,41 @@ TrainerState read_trainer_state(const std::string& dir, const std::string& finge
 std::string save_checkpoint(const std::string& output, nn::Module& model, const nn::LoraConfig* lora,
                             const nn::Optimizer& optimizer, const TrainerState& state) {
   const std::string name = checkpoint_name(state.step);
-  const fs::path final_dir = fs::path(output) / name;
-  const fs::path tmp = fs::path(output) / (name + ".tmp");
-  fs::remove_all(tmp);
-  fs::create_directories(tmp);
-  if (lora) nn::save_adapter(model, *lora, (tmp / "adapter").string());
-  else io::save_safetensors((tmp / kTrainableFile).string(), model.named_trainable_parameters());
-  optimizer.save((tmp / "optimizer.safetensors").string());
-  write_file_atomic((tmp / "trainer_state.json").string(), state.to_json(), "checkpoint");
-  fs::remove_all(final_dir);
-  fs::rename(tmp, final_dir);
-  set_latest_checkpoint(output, name);
+  const fs::path out(output), final_dir = out / name, tmp = out / (name + ".tmp"), old = out / (name + ".old");
+  try {
+    fs::remove_all(tmp);  // a partial folder of an earlier, interrupted save
+    fs::create_directories(tmp);
+    const fs::path weights = lora ? tmp / "adapter" : tmp / kTrainableFile;
+    before_write(weights);
+    if (lora) nn::save_adapter(model, *lora, weights.string());
+    else io::save_safetensors(weights.string(), model.named_trainable_parameters());
+    before_write(tmp / "optimizer.safetensors");
+    optimizer.save((tmp / "optimizer.safetensors").string());
+    before_write(tmp / "trainer_state.json");
+    write_file_atomic((tmp / "trainer_state.json").string(), state.to_json(), "checkpoint");
+    if (fs::exists(final_dir)) {  // this step was saved before: keep it (as .old) until the new one is in place
+      fs::remove_all(old);
+      before_write(old);
+      fs::rename(final_dir, old);
+    }
+    before_write(final_dir);
+    fs::rename(tmp, final_dir);
+    before_write(out / "latest");
+    set_latest_checkpoint(output, name);
+    fs::remove_all(old);
+    remove_interrupted_saves(out);
+  } catch (const std::exception& e) {
+    std::error_code ec;
+    fs::remove_all(tmp, ec);
+    if (!fs::exists(final_dir, ec) && fs::is_directory(old, ec)) fs::rename(old, final_dir, ec);  // put it back
+    std::string previous = "no earlier checkpoint exists";
+    try {
+      if (const auto dir = latest_checkpoint(output)) previous = fmt::format("the previous checkpoint {} is intact", *dir);
+    } catch (const std::exception&) {
+      previous = "no earlier checkpoint is readable";
+    }
+    KILN_FAIL("checkpoint", "writing {} failed: {}; {}", final_dir.string(), e.what(), previous);
+  }
   return final_dir.string();
 }
 
@@ -148,7 +200,8 @@ std::optional<std::string> latest_checkpoint(const std::string& output) {
   while (!name.empty() && (name.back() == '\n' || name.back() == '\r')) name.pop_back();
   KILN_CHECK(!name.empty() && name.find('/') == std::string::npos, "checkpoint",
              "{}: expected a checkpoint folder name, found '{}' (corrupt)", p.string(), name);
-  const fs::path dir = fs::path(output) / name;
+  const fs::path dir = fs::path(output) / name, old = fs::path(output) / (name + ".old");
+  if (!fs::is_directory(dir) && fs::is_directory(old)) return old.string();  // killed while re-saving this step
   KILN_CHECK(fs::is_directory(dir), "checkpoint", "{} names {}, which does not exist", p.string(), dir.string());
   return dir.string();
 }
