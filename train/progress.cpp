@@ -135,6 +135,10 @@ void ProgressCallback::on_step_end(Trainer&, const StepInfo& s) {
   if (bar_) bar_->update(s.step, s.loss, s.lr, s.tokens_per_s, s.memory_gib, s.log);
 }
 
+void ProgressCallback::on_step_skipped(Trainer&, const StepInfo& s) {
+  if (bar_) std::fprintf(stderr, "%sskipped %s\n", bar_->tty() ? "\n" : "", s.skip_reason.c_str());
+}
+
 void ProgressCallback::on_eval(Trainer&, const EvalInfo& e) {
   if (!bar_) return;
   if (!last_.log) bar_->update(last_.step, last_.loss, last_.lr, last_.tokens_per_s, last_.memory_gib, true);
@@ -160,6 +164,10 @@ void MetricsCallback::on_step_end(Trainer& trainer, const StepInfo& s) {
   log_.write(nlohmann::json{{"step", s.step}, {"loss", s.loss}, {"lr", s.lr}, {"grad_norm", s.grad_norm},
                             {"tokens_per_s", s.tokens_per_s}, {"mem_gib", s.memory_gib}, {"tokens", s.tokens}}.dump());
   plot(trainer);
+}
+
+void MetricsCallback::on_step_skipped(Trainer& trainer, const StepInfo& s) {
+  if (trainer.parallel().rank() == 0) log_.write(nlohmann::json{{"step", s.step}, {"skipped", s.skip_reason}}.dump());
 }
 
 void MetricsCallback::on_eval(Trainer& trainer, const EvalInfo& e) {

@@ -47,11 +47,12 @@ void write_loss_svg(const std::string& path, const std::vector<LossPoint>& train
                     const std::string& title = "kiln: loss");
 
 // The progress bar of a fit() (rank 0 only): updated every step, an "eval loss L at step N" line per
-// eval, a final newline on a terminal.
+// eval, a "skipped step N: ..." line per skipped non-finite step, a final newline on a terminal.
 class ProgressCallback final : public Callback {
  public:
   void on_train_begin(Trainer& trainer) override;
   void on_step_end(Trainer& trainer, const StepInfo& s) override;
+  void on_step_skipped(Trainer& trainer, const StepInfo& s) override;
   void on_eval(Trainer& trainer, const EvalInfo& e) override;
   void on_train_end(Trainer& trainer, const EndInfo& end) override;
 
@@ -61,13 +62,15 @@ class ProgressCallback final : public Callback {
 };
 
 // <dir>/metrics.jsonl and <dir>/loss_curve.svg (rank 0 only): a line per logged step ({"step", "loss",
-// "lr", "grad_norm", "tokens_per_s", "mem_gib", "tokens"}) and per eval ({"step", "eval_loss"}); the
+// "lr", "grad_norm", "tokens_per_s", "mem_gib", "tokens"}), per eval ({"step", "eval_loss"}) and per
+// skipped non-finite step ({"step", "skipped"}: the reason); the
 // SVG (from Trainer::state()'s loss history, so it spans resumes) after each of them and at the end.
 // append: keep the lines of an earlier run (a resume).
 class MetricsCallback final : public Callback {
  public:
   MetricsCallback(const std::string& dir, bool append, std::string title = "kiln: loss");
   void on_step_end(Trainer& trainer, const StepInfo& s) override;
+  void on_step_skipped(Trainer& trainer, const StepInfo& s) override;
   void on_eval(Trainer& trainer, const EvalInfo& e) override;
   void on_train_end(Trainer& trainer, const EndInfo& end) override;
 

@@ -3,6 +3,7 @@
 #include "train/trainer.h"
 
 #include <cmath>
+#include <limits>
 
 #include "autograd/grad_mode.h"
 #include "nn/llama.h"
@@ -11,6 +12,10 @@
 namespace kiln::train {
 
 namespace {
+
+// Skipping (skip_nonfinite_steps) gives up after this many non-finite steps in a row: the run is not
+// recovering, and with unbounded epochs it would skip forever.
+constexpr int64_t kMaxConsecutiveSkips = 16;
 
 data::Batch on_device(const data::Batch& b, Device device) {
   return {to_device(b.input_ids, device), to_device(b.labels, device), b.n_loss_tokens};
@@ -136,9 +141,36 @@ std::optional<StepInfo> Trainer::train_step() {
   parallel_->all_reduce_gradients(params_);
   std::vector<double> losses{step_loss};
   parallel_->all_reduce_sum(losses);
-  const double grad_norm = options_.clip > 0 ? parallel_->clip_grad_norm(params_, options_.clip) : 0.0;
+  // The global gradient norm (one fused multi-tensor launch and one host read), clipped to `clip` or, with
+  // clip off, only measured (no norm reaches the largest double). It is the non-finite check: an inf or NaN
+  // in any gradient makes it non-finite, and clip_grad_norm leaves such gradients as they are.
+  const double grad_norm =
+      parallel_->clip_grad_norm(params_, options_.clip > 0 ? options_.clip : std::numeric_limits<double>::max());
   StepInfo s;
   s.lr = optimizer_.lr();
+  if (!std::isfinite(losses[0]) || !std::isfinite(grad_norm)) {  // the same verdict on every rank
+    const std::string report = nonfinite_report(losses[0], grad_norm);
+    optimizer_.zero_grad();
+    KILN_CHECK(options_.skip_nonfinite_steps, "trainer",
+               "{}; stopped before the optimizer update (the weights are those after step {}). Lower the learning rate "
+               "or check the data, or skip such steps (TrainerOptions::skip_nonfinite_steps)",
+               report, state_.step);
+    KILN_CHECK(++consecutive_skips_ <= kMaxConsecutiveSkips, "trainer",
+               "{}; the {} steps before it were skipped for the same reason: stopping (the run is not recovering)", report,
+               kMaxConsecutiveSkips);
+    ++state_.skipped_steps;
+    window_tokens_ += static_cast<int64_t>(counts[2]);
+    s.step = state_.step + 1;
+    s.total_steps = options_.max_steps;
+    s.loss = losses[0];
+    s.grad_norm = grad_norm;
+    s.loss_tokens = static_cast<int64_t>(step_tokens);
+    s.tokens = state_.tokens;
+    s.skipped = true;
+    s.skip_reason = report;
+    return s;
+  }
+  consecutive_skips_ = 0;
   optimizer_.step();
   optimizer_.zero_grad();
 
@@ -162,6 +194,27 @@ std::optional<StepInfo> Trainer::train_step() {
     window_tokens_ = 0;
   }
   return s;
+}
+
+std::string Trainer::nonfinite_report(double loss, double grad_norm) const {
+  autograd::NoGradGuard no_grad;
+  std::string first;
+  int64_t bad = 0;
+  for (const auto& [name, p] : params_) {  // this rank's gradients (a sharded run: its shards)
+    const Tensor g = p.grad();
+    if (!g.defined()) continue;
+    const Tensor f = cast(g, DType::f32);
+    if (std::isfinite(sum(mul(f, 0.0)).item<double>())) continue;  // 0 * x is NaN exactly where x is inf or NaN
+    if (bad++ == 0)
+      first = fmt::format("the gradient of '{}' holds {}", name, std::isnan(sum(abs(f)).item<double>()) ? "nan" : "inf");
+  }
+  if (bad > 1) first += fmt::format(" ({} parameters' gradients are non-finite)", bad);
+  const int64_t step = state_.step + 1;
+  if (!std::isfinite(loss)) return fmt::format("step {}: the loss is {}{}", step, loss, first.empty() ? "" : "; " + first);
+  if (bad > 0) return fmt::format("step {}: {} (the loss is {:.6g})", step, first, loss);
+  return fmt::format("step {}: the gradient norm is {} although every gradient held by this rank is finite (the norm "
+                     "overflowed, or another rank's gradient holds the inf/NaN)",
+                     step, grad_norm);
 }
 
 EvalInfo Trainer::evaluate() {
@@ -235,6 +288,11 @@ FitResult Trainer::fit() {
     if (options_.max_steps > 0 && state_.step >= options_.max_steps) break;
     const std::optional<StepInfo> s = train_step();
     if (!s) break;  // the training data is done
+    if (s->skipped) {
+      ++r.skipped_steps;
+      each_callback([&](Callback& c) { c.on_step_skipped(*this, *s); });
+      continue;
+    }
     r.losses.push_back(s->loss);
     each_callback([&](Callback& c) { c.on_step_end(*this, *s); });
     const bool eval_due = options_.eval_every > 0 && (s->step % options_.eval_every == 0 || s->step == options_.max_steps);

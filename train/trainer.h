@@ -44,6 +44,13 @@ struct TrainerOptions {
   BatchLossFn loss;          // unset: llama_loss()
   Device device = kCPU;      // where batches are moved before the loss
   uint64_t seed = 0;         // a new run seeds the default generator (dropout) from it; resume restores it
+  // A step whose loss or gradient holds NaN/inf (one check per step: the step loss and the global
+  // gradient norm; the culprit tensor is looked for only when it trips) never reaches the optimizer.
+  // false: train_step()/fit() throw "[trainer] step N: the loss is nan ..." or "... the gradient of
+  // '<parameter>' holds inf ...". true: the step is skipped (no update, its batches consumed), counted
+  // in FitResult/TrainerState::skipped_steps and reported to Callback::on_step_skipped; more than 16
+  // skipped steps in a row stop with the error.
+  bool skip_nonfinite_steps = false;
   // ---- evaluation: token-weighted loss over up to eval_batches batches of eval_data (restarted each time)
   std::shared_ptr<data::PackedDataset> eval_data;
   int64_t eval_every = 0;    // after every N steps and after the last one; 0: only when evaluate() is called
@@ -65,12 +72,15 @@ struct StepInfo {
   int64_t total_steps = 0;    // max_steps (0: unbounded)
   double loss = 0;            // token-weighted mean loss of the step (all ranks)
   double lr = 0;              // the lr the step used
-  double grad_norm = 0;       // before clipping; 0 with clip off
+  double grad_norm = 0;       // the global gradient L2 norm, before clipping
   int64_t loss_tokens = 0;    // of this step, all ranks
   int64_t tokens = 0;         // loss tokens of the run so far
   double tokens_per_s = 0;    // input tokens per second since the previous logged step (all ranks)
   double memory_gib = 0;      // peak allocated on CUDA, resident set on the CPU
   bool log = false;           // a logging step (log_every)
+  bool skipped = false;       // a non-finite loss or gradient: no update (skip_nonfinite_steps); `step` is
+                              // the step it would have been, state().step is unchanged
+  std::string skip_reason;    // "step N: the loss is nan ...", as the error would have said
 };
 
 struct EvalInfo {
@@ -99,6 +109,7 @@ class Callback {
   virtual ~Callback() = default;
   virtual void on_train_begin(Trainer&) {}
   virtual void on_step_end(Trainer&, const StepInfo&) {}
+  virtual void on_step_skipped(Trainer&, const StepInfo&) {}  // instead of on_step_end (skip_nonfinite_steps)
   virtual void on_eval(Trainer&, const EvalInfo&) {}      // after on_step_end of that step
   virtual void on_save(Trainer&, const SaveInfo&) {}      // after the checkpoint is complete
   virtual void on_train_end(Trainer&, const EndInfo&) {}
@@ -108,6 +119,7 @@ struct FitResult {
   int64_t first_step = 0;            // state().step when fit() began
   int64_t last_step = 0;
   std::vector<double> losses;        // each step's loss
+  int64_t skipped_steps = 0;         // steps skipped for a non-finite loss or gradient (skip_nonfinite_steps)
   std::vector<double> eval_losses;
   std::string checkpoint;            // the last checkpoint written ("" without output)
   bool stopped = false;              // ended by request_stop()
@@ -134,7 +146,7 @@ class Trainer {
   // ends. The model trains in the mode it is in (call model.train() first for dropout).
   FitResult fit();
   // One optimizer step over the next micro-batches without callbacks, eval or saving; nullopt when
-  // the training data is done.
+  // the training data is done. A non-finite step throws, or returns with `skipped` set (skip_nonfinite_steps).
   std::optional<StepInfo> train_step();
   // The token-weighted mean loss over up to eval_batches batches of eval_data (eval mode, no grad).
   EvalInfo evaluate();
@@ -156,6 +168,8 @@ class Trainer {
   // This rank's micro-batches of the step; `slots`: the most any rank got (grad_accum until the data ends).
   std::vector<data::Batch> next_micro_batches(int64_t& slots);
   bool stop_agreed();  // any rank asked to stop
+  // "step N: the loss is nan" / "the gradient of 'p' holds inf" (a host read per parameter: only once the check tripped).
+  std::string nonfinite_report(double loss, double grad_norm) const;
   template <class F> void each_callback(F&& f);
 
   nn::Module& model_;
@@ -169,6 +183,7 @@ class Trainer {
   TrainerState state_;
   std::vector<std::shared_ptr<Callback>> callbacks_;
   std::atomic<bool> stop_{false};
+  int64_t consecutive_skips_ = 0;        // non-finite steps in a row (skip_nonfinite_steps)
   static_assert(std::atomic<bool>::is_always_lock_free, "request_stop must be async-signal-safe");
   // tokens/s window: since the previous logged step
   std::chrono::steady_clock::time_point window_start_;
