@@ -287,7 +287,7 @@ TEST_CASE("export: GGUF files (f16, bf16, Q8_0) hold what gguf-py reads back as 
 
   if (std::system("python3 -c 'import gguf, numpy' > /dev/null 2>&1") != 0)
     SKIP("python3 with the gguf and numpy packages is not available (tools/bootstrap.sh installs them): GGUF files not checked by gguf-py");
-  const fs::path script = test::test_data("") / ".." / ".." / "tools" / "check_gguf.py";
+  const fs::path script = fs::path(KILN_TEST_DATA) / ".." / ".." / "tools" / "check_gguf.py";  // the source tree's
   REQUIRE(fs::exists(script));
   for (const char* type : {"f16", "bf16", "q8_0"}) {
     INFO("gguf type " << type);
