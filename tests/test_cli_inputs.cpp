@@ -122,6 +122,21 @@ TEST_CASE("finetune: --resume with more --steps extends a finished run", "[finet
   CHECK(second.losses.size() == 2);
   CHECK(fs::exists(fs::path(c.output) / "checkpoint-4" / "adapter" / "adapter_model.safetensors"));
   CHECK_THAT(read(fs::path(c.output) / "config.toml"), ContainsSubstring("steps = 4"));
+
+  // a checkpoint from before --steps left the fingerprint ("steps=4;epochs=0;" in it) still resumes
+  const fs::path state = fs::path(c.output) / "checkpoint-4" / "trainer_state.json";
+  auto j = nlohmann::json::parse(read(state));
+  std::string fingerprint = j.at("fingerprint");
+  REQUIRE(fingerprint.find(";steps=") == std::string::npos);
+  fingerprint.insert(fingerprint.find(";lr="), ";steps=4;epochs=0");
+  j["fingerprint"] = fingerprint;
+  std::ofstream(state) << j.dump();
+  c.steps = 5;
+  const app::FinetuneResult third = run(c);
+  CHECK(third.first_step == 4);
+  CHECK(third.last_step == 5);
+  c.lora_r = 8;  // and a real difference is still named
+  REQUIRE_THROWS_WITH(run(c), ContainsSubstring("lora_r: checkpoint '4', now '8'"));
   fs::remove_all(root);
 }
 

@@ -88,6 +88,21 @@ nn::LlamaConfig model_config(const FinetuneConfig& c) {
                              : nn::LlamaConfig::from_file((fs::path(c.model_dir) / "config.json").string());
 }
 
+// The fingerprint a resume is checked against. Checkpoints written before --steps and --epochs left the
+// fingerprint carry them ("steps=N;epochs=M;" before "lr="): such a run is checked in that form, with the
+// checkpoint's own values, so it still resumes (and extends).
+std::string resume_fingerprint(const FinetuneConfig& c) {
+  const std::string now = c.fingerprint();
+  if (!c.resume) return now;
+  const std::optional<std::string> dir = train::latest_checkpoint(c.output);
+  const fs::path state = dir ? fs::path(*dir) / "trainer_state.json" : fs::path();
+  if (!dir || !fs::exists(state)) return now;  // the resume itself reports what is missing
+  const std::string saved = train::TrainerState::from_json(read_file(state.string(), "finetune"), state.string()).fingerprint;
+  const size_t from = saved.find(";steps="), to = saved.find(";lr="), at = now.find(";lr=");
+  if (from == std::string::npos || to == std::string::npos || to < from || at == std::string::npos) return now;
+  return now.substr(0, at) + saved.substr(from, to - from) + now.substr(at);
+}
+
 // What kiln generate/eval --adapter need to load the same base (adapter_base.h).
 AdapterBase adapter_base(const FinetuneConfig& c) {
   auto absolute = [](const std::string& p) { return p.empty() ? p : fs::absolute(p).lexically_normal().string(); };
@@ -205,7 +220,7 @@ FinetuneJob::FinetuneJob(const FinetuneConfig& c, RunWorld world)
   to.output = c.output;
   to.save_every = c.save_every;
   to.lora = lora_;
-  to.fingerprint = c.fingerprint();
+  to.fingerprint = resume_fingerprint(c);
   to.log_every = std::max<int64_t>(c.log_every, 1);
   if (world_.group) to.parallel = std::make_shared<dist::FsdpParallel>(world_.group, device_, shards_);
   trainer_ = std::make_unique<train::Trainer>(*model_, *optimizer_, *train_data_, std::move(to));
