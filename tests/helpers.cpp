@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <catch2/catch_get_random_seed.hpp>
 #include <cmath>
+#include <cstdlib>
+#include <filesystem>
 #include <fmt/format.h>
 #include <limits>
 #include <string>
@@ -288,6 +290,52 @@ void check_gradients(const TestFn& f, const std::vector<Tensor>& inputs, double 
 
 int OpCounter::count(const std::string& name) const {
   return static_cast<int>(std::count(names.begin(), names.end(), name));
+}
+
+namespace {
+
+// `relative` under the first of `roots` where it exists, else under the first root.
+std::filesystem::path first_existing(const std::vector<std::filesystem::path>& roots, const std::string& relative) {
+  for (const auto& r : roots)
+    if (std::filesystem::exists(r / relative)) return r / relative;
+  return roots.front() / relative;
+}
+
+// The working directory and the test program's folder with its parents (3 levels: build/tests/kiln_tests).
+std::vector<std::filesystem::path> search_bases() {
+  std::vector<std::filesystem::path> bases{std::filesystem::current_path()};
+  std::error_code ec;
+  std::filesystem::path exe = std::filesystem::read_symlink("/proc/self/exe", ec);
+  for (int up = 0; !ec && up < 4 && exe.has_parent_path() && exe != exe.parent_path(); ++up) {
+    exe = exe.parent_path();
+    bases.push_back(exe);
+  }
+  return bases;
+}
+
+}  // namespace
+
+std::filesystem::path test_data(const std::string& relative) {
+  std::vector<std::filesystem::path> roots;
+#ifdef KILN_TEST_DATA
+  roots.emplace_back(KILN_TEST_DATA);
+#endif
+  if (const char* env = std::getenv("KILN_TEST_DATA")) roots.insert(roots.begin(), env);
+  for (const auto& b : search_bases()) roots.push_back(b / "tests" / "data");
+  return first_existing(roots, relative);
+}
+
+std::filesystem::path shared_data(const std::string& relative) {
+  std::vector<std::filesystem::path> roots;
+#ifdef KILN_SHARED_DATA
+  roots.emplace_back(KILN_SHARED_DATA);
+#endif
+  if (const char* env = std::getenv("KILN_SHARED_DATA")) roots.insert(roots.begin(), env);
+  for (const auto& b : search_bases()) {
+    roots.push_back(b / ".." / "shared" / "data");
+    roots.push_back(b / "shared" / "data");
+  }
+  return first_existing(roots, relative);
 }
 
 nn::LlamaConfig tiny_llama_config(int64_t layers) {

@@ -2,7 +2,9 @@
 // comparison with tolerances, and the float64 finite-difference gradient check every op goes through.
 #pragma once
 #include <catch2/catch_test_macros.hpp>
+#include <filesystem>
 #include <functional>
+#include <string>
 #include <vector>
 
 #include "autograd/engine.h"
@@ -44,6 +46,14 @@ struct OpCounter : DispatchObserver {
   }
   int count(const std::string& name) const;
 };
+
+// A fixture under tests/data (`test_data("nf4/tiny.safetensors")`) or the shared reference data
+// (`shared_data("llama3.1-tokenizer/tokenizer.json")`): $KILN_TEST_DATA / $KILN_SHARED_DATA first, then
+// the folders the build recorded, then tests/data and ../shared/data seen from the working directory and
+// from the test program's folder and its parents — so the suite finds them wherever the tree was copied.
+// The first candidate that exists; else the build's (the test then reports the missing file).
+std::filesystem::path test_data(const std::string& relative);
+std::filesystem::path shared_data(const std::string& relative);
 
 // A tiny Llama (vocab 41, hidden 32, MLP 48, 4 heads of 8, 2 KV heads, llama3 RoPE scaling) with
 // `layers` decoder layers.

@@ -22,10 +22,8 @@
 #include "data/packing.h"
 #include "data/tokenizer.h"
 #include "data/utf8.h"
+#include "tests/helpers.h"
 
-#ifndef KILN_TEST_DATA
-#define KILN_TEST_DATA "tests/data"
-#endif
 
 using namespace kiln::data;
 using Catch::Matchers::ContainsSubstring;
@@ -33,7 +31,7 @@ using json = nlohmann::json;
 
 namespace {
 
-std::string data_path(const std::string& leaf) { return std::string(KILN_TEST_DATA) + "/dataset/" + leaf; }
+std::string data_path(const std::string& leaf) { return kiln::test::test_data("dataset/" + leaf).string(); }
 
 // The committed default tokenizer, loaded once.
 const Tokenizer& default_tok() {

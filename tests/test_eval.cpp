@@ -193,7 +193,7 @@ TEST_CASE("eval: bad files are errors naming file:line", "[eval]") {
 }
 
 TEST_CASE("eval: the command gives transformers' loss on the HF fixture with its adapter", "[eval]") {
-  const fs::path dir = fs::path(KILN_TEST_DATA) / "llama" / "gqa1_hd64_tied_llama3rope";
+  const fs::path dir = test::test_data("llama/gqa1_hd64_tied_llama3rope");
   const io::SafetensorsFile ref = io::SafetensorsFile::open((dir / "reference.safetensors").string());
   const Tensor ids = ref.get("input_ids");    // (B, T)
   const Tensor labels = ref.get("labels");    // (B, T)

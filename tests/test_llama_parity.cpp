@@ -22,7 +22,7 @@ namespace {
 const char* kCases[] = {"gqa1_hd64_tied_llama3rope", "gqa4_hd128_untied_rslora", "gqa8_hd64_untied_norope",
                         "gqa2_hd64_tied_norope"};
 
-fs::path case_dir(const std::string& name) { return fs::path(KILN_TEST_DATA) / "llama" / name; }
+fs::path case_dir(const std::string& name) { return test::test_data("llama/" + name); }
 
 // max |a - b| / max |b| over the whole tensor (compared in f64 on the CPU).
 double relative_error(const Tensor& a, const Tensor& b) {

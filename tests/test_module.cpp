@@ -194,12 +194,10 @@ TEST_CASE("llama config: parsing, named configs and errors", "[module]") {
   REQUIRE(c.num_parameters() == 8030261248);  // Llama 3.1 8B
   const nn::LlamaConfig round = nn::LlamaConfig::from_json(c.to_json());
   REQUIRE(round.to_json() == c.to_json());
-#ifdef KILN_SHARED_DATA
-  if (std::filesystem::exists(KILN_SHARED_DATA "/llama3.1-8b/config.json")) {
-    const nn::LlamaConfig real = nn::LlamaConfig::named(KILN_SHARED_DATA "/llama3.1-8b/config.json");
+  if (const auto shared = test::shared_data("llama3.1-8b/config.json"); std::filesystem::exists(shared)) {
+    const nn::LlamaConfig real = nn::LlamaConfig::named(shared.string());
     REQUIRE(real.to_json() == c.to_json());
   }
-#endif
   // transformers >= 5 spells the dtype "dtype" and nests RoPE settings in "rope_parameters".
   const nn::LlamaConfig v5 = nn::LlamaConfig::from_json(R"({"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
     "num_hidden_layers": 1, "num_attention_heads": 2, "dtype": "bfloat16", "initializer_range": 0.04,

@@ -17,18 +17,11 @@ using Catch::Matchers::ContainsSubstring;
 
 namespace kiln::test::nf4 {
 
-// The fixture folder tests/data/nf4 ($KILN_TEST_DATA, the build's macro, or relative paths).
+// The fixture folder tests/data/nf4 (tests/helpers.h says where it is looked for).
 fs::path fixtures() {
-  std::vector<fs::path> candidates;
-  if (const char* env = std::getenv("KILN_TEST_DATA")) candidates.push_back(fs::path(env) / "nf4");
-#ifdef KILN_TEST_DATA
-  candidates.push_back(fs::path(KILN_TEST_DATA) / "nf4");
-#endif
-  for (const char* rel : {"tests/data/nf4", "../tests/data/nf4", "../../tests/data/nf4"}) candidates.emplace_back(rel);
-  for (const auto& c : candidates)
-    if (fs::exists(c / "blockwise.safetensors")) return c;
-  FAIL("nf4 fixtures not found (tools/make_nf4_fixtures.py writes tests/data/nf4)");
-  return {};
+  const fs::path dir = test_data("nf4");
+  if (!fs::exists(dir / "blockwise.safetensors")) FAIL("nf4 fixtures not found (tools/make_nf4_fixtures.py writes tests/data/nf4)");
+  return dir;
 }
 
 std::vector<uint8_t> bytes_of(const Tensor& t) {

@@ -107,12 +107,12 @@ TEST_CASE("nf4 linear: LoRA over an NF4 base trains the adapters only", "[nf4_li
 TEST_CASE("nf4 linear: a bnb-4bit Hugging Face folder loads into Llama bit for bit", "[nf4_linear]") {
   // tests/data/nf4/tiny_llama_bnb4: transformers + bitsandbytes 0.50 (nf4, double quantisation), written
   // with save_pretrained; the reference holds bnb's own dequantisation of every layer (tools/make_nf4_fixtures.py).
-  const std::string dir = KILN_TEST_DATA "/nf4/tiny_llama_bnb4";
+  const std::string dir = test::test_data("nf4/tiny_llama_bnb4").string();
   nn::LlamaOptions o;
   o.dtype = DType::bf16;
   auto m = nn::Llama::from_pretrained(dir, o);
   REQUIRE(m->config().rope_theta == 10000.0);  // read from transformers 5's "rope_parameters"
-  const auto ref = io::SafetensorsFile::open(KILN_TEST_DATA "/nf4/tiny_llama_reference.safetensors");
+  const auto ref = io::SafetensorsFile::open(test::test_data("nf4/tiny_llama_reference.safetensors").string());
   int checked = 0;
   for (auto& [path, mod] : m->named_modules()) {
     auto* q = dynamic_cast<nn::NF4Linear*>(mod);

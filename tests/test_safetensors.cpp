@@ -35,21 +35,11 @@ struct TempDir {
   std::string file(const std::string& name) const { return (path / name).string(); }
 };
 
-// The fixture folder: $KILN_TEST_DATA/safetensors (environment, then macro), or found from this
-// source file or the working directory.
+// The fixture folder tests/data/safetensors (tests/helpers.h says where it is looked for).
 fs::path fixtures() {
-  std::vector<fs::path> candidates;
-  if (const char* env = std::getenv("KILN_TEST_DATA")) candidates.push_back(fs::path(env) / "safetensors");
-#ifdef KILN_TEST_DATA
-  candidates.push_back(fs::path(KILN_TEST_DATA) / "safetensors");  // where the build defines it
-#endif
-  candidates.push_back(fs::path(__FILE__).parent_path() / "data" / "safetensors");
-  for (const char* rel : {"tests/data/safetensors", "../tests/data/safetensors", "../../tests/data/safetensors"})
-    candidates.emplace_back(rel);
-  for (const auto& c : candidates)
-    if (fs::exists(c / "dtypes.safetensors")) return c;
-  FAIL("safetensors fixtures not found (set KILN_TEST_DATA to the tests/data folder)");
-  return {};
+  const fs::path dir = test::test_data("safetensors");
+  if (!fs::exists(dir / "dtypes.safetensors")) FAIL("safetensors fixtures not found (set KILN_TEST_DATA to the tests/data folder)");
+  return dir;
 }
 
 std::vector<unsigned char> read_bytes(const std::string& path) {

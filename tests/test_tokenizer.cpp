@@ -15,13 +15,8 @@
 
 #include "core/error.h"
 #include "data/tokenizer.h"
+#include "tests/helpers.h"
 
-#ifndef KILN_SHARED_DATA
-#define KILN_SHARED_DATA "../shared/data"
-#endif
-#ifndef KILN_TEST_DATA
-#define KILN_TEST_DATA "tests/data"
-#endif
 
 using kiln::data::ChatMessage;
 using kiln::data::Tokenizer;
@@ -29,7 +24,7 @@ using json = nlohmann::json;
 
 namespace {
 
-std::string tokenizer_path() { return std::string(KILN_SHARED_DATA) + "/llama3.1-tokenizer/tokenizer.json"; }
+std::string tokenizer_path() { return kiln::test::shared_data("llama3.1-tokenizer/tokenizer.json").string(); }
 
 // The real Llama 3.1 tokenizer, loaded once; nullptr where the shared data is absent.
 const Tokenizer* llama3() {
@@ -47,7 +42,7 @@ const Tokenizer* llama3() {
 
 const json& fixture() {
   static const json j = [] {
-    std::ifstream f(std::string(KILN_TEST_DATA) + "/tokenizer/llama3_cases.json", std::ios::binary);
+    std::ifstream f(kiln::test::test_data("tokenizer/llama3_cases.json"), std::ios::binary);
     REQUIRE(f.good());
     return json::parse(f);
   }();
