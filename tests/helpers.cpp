@@ -5,6 +5,9 @@
 #include <algorithm>
 #include <catch2/catch_get_random_seed.hpp>
 #include <cmath>
+#include <unistd.h>
+#include <sstream>
+#include <fstream>
 #include <cstdlib>
 #include <filesystem>
 #include <fmt/format.h>
@@ -336,6 +339,21 @@ std::filesystem::path shared_data(const std::string& relative) {
     roots.push_back(b / "shared" / "data");
   }
   return first_existing(roots, relative);
+}
+
+std::filesystem::path scratch_dir(const std::string& prefix, const std::string& name) {
+  const std::filesystem::path p =
+      std::filesystem::temp_directory_path() / ("kiln_" + prefix + "_" + name + "_" + std::to_string(::getpid()));
+  std::filesystem::remove_all(p);
+  std::filesystem::create_directories(p);
+  return p;
+}
+
+std::string read_file(const std::filesystem::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
 }
 
 nn::LlamaConfig tiny_llama_config(int64_t layers) {

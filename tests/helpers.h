@@ -55,6 +55,11 @@ struct OpCounter : DispatchObserver {
 std::filesystem::path test_data(const std::string& relative);
 std::filesystem::path shared_data(const std::string& relative);
 
+// A fresh, empty folder for one test: <temp>/kiln_<prefix>_<name>_<pid> (removed first if it exists).
+std::filesystem::path scratch_dir(const std::string& prefix, const std::string& name);
+// A whole file's bytes ("" when it cannot be read).
+std::string read_file(const std::filesystem::path& path);
+
 // A tiny Llama (vocab 41, hidden 32, MLP 48, 4 heads of 8, 2 KV heads, llama3 RoPE scaling) with
 // `layers` decoder layers.
 nn::LlamaConfig tiny_llama_config(int64_t layers = 2);

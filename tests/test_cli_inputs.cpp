@@ -17,26 +17,13 @@
 #include "examples/kiln/finetune.h"
 #include "examples/kiln/generate.h"
 #include "examples/kiln/memory_check.h"
+#include "tests/helpers.h"
 
 using namespace kiln;
 using Catch::Matchers::ContainsSubstring;
 namespace fs = std::filesystem;
 
 namespace {
-
-fs::path scratch(const std::string& name) {
-  fs::path p = fs::temp_directory_path() / ("kiln_cli_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(p);
-  fs::create_directories(p);
-  return p;
-}
-
-std::string read(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 // A 2-layer Llama over the default tokenizer's 4,096 ids, a small corpus, 2 steps.
 app::FinetuneConfig small_run(const fs::path& root, const std::string& output, int64_t max_positions = 2048) {
@@ -80,33 +67,33 @@ app::FinetuneResult run(const app::FinetuneConfig& c) {
 }  // namespace
 
 TEST_CASE("finetune: a refused start leaves the run folder's config.toml as it was", "[finetune][cli]") {
-  const fs::path root = scratch("refused");
+  const fs::path root = test::scratch_dir("cli", "refused");
   const app::FinetuneConfig c = small_run(root, "run");
   run(c);
   const fs::path settings = fs::path(c.output) / "config.toml";
-  const std::string before = read(settings);
+  const std::string before = test::read_file(settings);
   REQUIRE_THAT(before, ContainsSubstring("lora_r = 4"));
 
   app::FinetuneConfig other = c;
   other.resume = true;
   other.lora_r = 8;  // refused: the checkpoint has r = 4
   REQUIRE_THROWS_WITH(run(other), ContainsSubstring("lora_r: checkpoint '4', now '8'"));
-  CHECK(read(settings) == before);
+  CHECK(test::read_file(settings) == before);
   other = c;
   other.resume = true;  // refused: the run already reached its 2 steps
   REQUIRE_THROWS_WITH(run(other), ContainsSubstring("[finetune]") && ContainsSubstring("nothing to train") &&
                                       ContainsSubstring("--steps > 2"));
-  CHECK(read(settings) == before);
+  CHECK(test::read_file(settings) == before);
   other = c;
   other.data = (root / "weights.bin").string();  // a new start over the run that fails on its data
   std::ofstream(other.data, std::ios::binary) << std::string("\x00\x01\x02\x03", 4);
   REQUIRE_THROWS_WITH(run(other), ContainsSubstring("not UTF-8 text"));
-  CHECK(read(settings) == before);
+  CHECK(test::read_file(settings) == before);
   fs::remove_all(root);
 }
 
 TEST_CASE("finetune: --resume with more --steps extends a finished run", "[finetune][cli]") {
-  const fs::path root = scratch("extend");
+  const fs::path root = test::scratch_dir("cli", "extend");
   app::FinetuneConfig c = small_run(root, "run");
   const app::FinetuneResult first = run(c);
   REQUIRE(first.last_step == 2);
@@ -121,11 +108,11 @@ TEST_CASE("finetune: --resume with more --steps extends a finished run", "[finet
   CHECK(second.last_step == 4);
   CHECK(second.losses.size() == 2);
   CHECK(fs::exists(fs::path(c.output) / "checkpoint-4" / "adapter" / "adapter_model.safetensors"));
-  CHECK_THAT(read(fs::path(c.output) / "config.toml"), ContainsSubstring("steps = 4"));
+  CHECK_THAT(test::read_file(fs::path(c.output) / "config.toml"), ContainsSubstring("steps = 4"));
 
   // a checkpoint from before --steps left the fingerprint ("steps=4;epochs=0;" in it) still resumes
   const fs::path state = fs::path(c.output) / "checkpoint-4" / "trainer_state.json";
-  auto j = nlohmann::json::parse(read(state));
+  auto j = nlohmann::json::parse(test::read_file(state));
   std::string fingerprint = j.at("fingerprint");
   REQUIRE(fingerprint.find(";steps=") == std::string::npos);
   fingerprint.insert(fingerprint.find(";lr="), ";steps=4;epochs=0");
@@ -141,7 +128,7 @@ TEST_CASE("finetune: --resume with more --steps extends a finished run", "[finet
 }
 
 TEST_CASE("finetune: a --batch-size the machine's memory cannot hold is an error before allocating", "[finetune][cli]") {
-  const fs::path root = scratch("memory");
+  const fs::path root = test::scratch_dir("cli", "memory");
   app::FinetuneConfig c = small_run(root, "run");
   const nn::LlamaConfig mc = nn::LlamaConfig::named(c.config);
   const app::StepMemory small = app::estimate_step_memory(mc, c, DType::f32);
@@ -168,7 +155,7 @@ TEST_CASE("finetune: a --batch-size the machine's memory cannot hold is an error
 }
 
 TEST_CASE("finetune: unwritable --output, --eval-batches 0 and long sequences", "[finetune][cli]") {
-  const fs::path root = scratch("output");
+  const fs::path root = test::scratch_dir("cli", "output");
   app::FinetuneConfig c = small_run(root, "run");
   c.output = "/proc/kiln";
   REQUIRE_THROWS_WITH(run(c), ContainsSubstring("[finetune]") && ContainsSubstring("\"/proc/kiln\"") &&
@@ -190,14 +177,14 @@ TEST_CASE("finetune: unwritable --output, --eval-batches 0 and long sequences", 
 
 TEST_CASE("finetune: the adapter records its base; generate --adapter loads it and reproduces the sample",
           "[finetune][generate][cli]") {
-  const fs::path root = scratch("adapter");
+  const fs::path root = test::scratch_dir("cli", "adapter");
   app::FinetuneConfig c = small_run(root, "run");
   c.save_every = 1;
   const app::FinetuneResult r = run(c);
-  REQUIRE(data::find_invalid_utf8(read(fs::path(c.output) / "sample.txt")) == std::string::npos);
-  CHECK(read(fs::path(c.output) / "sample.txt").find("<|") == std::string::npos);
+  REQUIRE(data::find_invalid_utf8(test::read_file(fs::path(c.output) / "sample.txt")) == std::string::npos);
+  CHECK(test::read_file(fs::path(c.output) / "sample.txt").find("<|") == std::string::npos);
   const fs::path adapter = fs::path(c.output) / "adapter";
-  const auto record = nlohmann::json::parse(read(adapter / "kiln_base.json"));
+  const auto record = nlohmann::json::parse(test::read_file(adapter / "kiln_base.json"));
   CHECK(record.at("config") == fs::absolute(c.config).lexically_normal().string());
   CHECK(record.at("model") == "");
   CHECK(record.at("seed") == 3);
@@ -275,10 +262,16 @@ TEST_CASE("finetune: boolean flags accept --flag, --flag=false and --flag false"
     CHECK_FALSE(c.chunked_head);
     CHECK(c.resume);
   }
+  CLI::App cli;
+  app::FinetuneConfig c;
+  app::add_finetune_options(cli, c);
+  REQUIRE_FALSE(c.skip_nonfinite_steps);  // a NaN/inf step stops the run unless asked otherwise
+  cli.parse(std::vector<std::string>{"--skip-nonfinite-steps"});
+  CHECK(c.skip_nonfinite_steps);
 }
 
 TEST_CASE("eval: an empty file, nothing to score and sequences past max_position_embeddings", "[eval][cli]") {
-  const fs::path root = scratch("eval");
+  const fs::path root = test::scratch_dir("cli", "eval");
   std::ofstream(root / "config.json") << R"({"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32,
     "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8,
     "max_position_embeddings": 6, "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": true})";

@@ -31,13 +31,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-fs::path scratch(const std::string& name) {
-  fs::path p = fs::temp_directory_path() / ("kiln_export_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(p);
-  fs::create_directories(p);
-  return p;
-}
-
 // max |a - b| / max |b|.
 double rel_error(const Tensor& a, const Tensor& b) {
   const std::vector<float> x = contiguous(cast(a, DType::f32)).to_vector<float>();
@@ -139,7 +132,7 @@ TEST_CASE("export: plain_weight merges LoRA over Linear and NF4 bases in f32, me
 }
 
 TEST_CASE("export: the Hugging Face folder loads back with the logits of the unmerged base + adapter", "[export]") {
-  const fs::path root = scratch("hf");
+  const fs::path root = test::scratch_dir("export", "hf");
   const std::string config = write_tiny_config(root);
   for (bool nf4 : {false, true}) {
     INFO("nf4 base: " << nf4);
@@ -177,7 +170,7 @@ TEST_CASE("export: the Hugging Face folder loads back with the logits of the unm
 }
 
 TEST_CASE("export: a small --max-shard-size gives shards and an index whose weight_map covers every tensor", "[export]") {
-  const fs::path root = scratch("shards");
+  const fs::path root = test::scratch_dir("export", "shards");
   const app::ModelSpec spec = base_spec(write_tiny_config(root), true);
   const std::string adapter = write_adapter(spec, root / "adapter");
   app::ExportCommand c = export_command(spec, adapter, root / "out");
@@ -217,7 +210,7 @@ TEST_CASE("export: a small --max-shard-size gives shards and an index whose weig
 }
 
 TEST_CASE("export: bad input is a clear error and writes nothing", "[export]") {
-  const fs::path root = scratch("bad");
+  const fs::path root = test::scratch_dir("export", "bad");
   const std::string config = write_tiny_config(root);
   const app::ModelSpec spec = base_spec(config, false);
   const std::string adapter = write_adapter(spec, root / "adapter");
@@ -262,7 +255,7 @@ TEST_CASE("export: bad input is a clear error and writes nothing", "[export]") {
 }
 
 TEST_CASE("export: GGUF files (f16, bf16, Q8_0) hold what gguf-py reads back as the safetensors export", "[export]") {
-  const fs::path root = scratch("gguf");
+  const fs::path root = test::scratch_dir("export", "gguf");
   const app::ModelSpec spec = base_spec(write_tiny_config(root), true);
   const std::string adapter = write_adapter(spec, root / "adapter");
   app::run_export(export_command(spec, adapter, root / "hf"));  // f32 reference

@@ -19,13 +19,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-fs::path scratch(const std::string& name) {
-  fs::path p = fs::temp_directory_path() / ("kiln_ft_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(p);
-  fs::create_directories(p);
-  return p;
-}
-
 // A small corpus (verses in the style of the default one) and a small Llama over the default
 // tokenizer's 4,096 ids.
 app::FinetuneConfig tiny_run(const fs::path& root, const std::string& output) {
@@ -83,17 +76,10 @@ app::FinetuneResult run(const app::FinetuneConfig& c, int64_t stop_after = 0) {
   return job.run();
 }
 
-std::string read(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
 }  // namespace
 
 TEST_CASE("finetune: a resumed run reproduces the uninterrupted one exactly", "[finetune]") {
-  const fs::path root = scratch("resume");
+  const fs::path root = test::scratch_dir("ft", "resume");
   const app::FinetuneResult full = run(tiny_run(root, "full"));
   REQUIRE(full.losses.size() == 6);
   REQUIRE(full.last_step == 6);
@@ -119,17 +105,17 @@ TEST_CASE("finetune: a resumed run reproduces the uninterrupted one exactly", "[
   for (const std::string& k : a.keys()) test::require_equal(a.get(k), b.get(k));
 
   // What a user sees: metrics.jsonl has a line per step plus one per eval; the SVG and config exist.
-  std::istringstream lines(read(fs::path(c.output) / "metrics.jsonl"));
+  std::istringstream lines(test::read_file(fs::path(c.output) / "metrics.jsonl"));
   int n = 0;
   for (std::string line; std::getline(lines, line);) ++n;
   REQUIRE(n == 6 + 2);
-  REQUIRE(read(fs::path(c.output) / "loss_curve.svg").find("<polyline") != std::string::npos);
+  REQUIRE(test::read_file(fs::path(c.output) / "loss_curve.svg").find("<polyline") != std::string::npos);
   REQUIRE(fs::exists(fs::path(c.output) / "config.toml"));
   fs::remove_all(root);
 }
 
 TEST_CASE("finetune: --compile trains with the eager losses", "[finetune][compile]") {
-  const fs::path root = scratch("compile");
+  const fs::path root = test::scratch_dir("ft", "compile");
   app::FinetuneConfig eager = tiny_run(root, "eager");
   eager.lora_dropout = 0.0;  // dropout masks are drawn per call in both, but keep the comparison plain
   app::FinetuneConfig compiled = eager;
@@ -147,7 +133,7 @@ TEST_CASE("finetune: --compile trains with the eager losses", "[finetune][compil
 }
 
 TEST_CASE("finetune: incompatible, corrupt or missing checkpoints are clear errors", "[finetune]") {
-  const fs::path root = scratch("bad");
+  const fs::path root = test::scratch_dir("ft", "bad");
   app::FinetuneConfig c = tiny_run(root, "run");
   c.steps = 2;
   c.sample_tokens = 0;
@@ -165,7 +151,7 @@ TEST_CASE("finetune: incompatible, corrupt or missing checkpoints are clear erro
   app::FinetuneConfig resume = c;
   resume.resume = true;
   const fs::path state = fs::path(c.output) / "checkpoint-2" / "trainer_state.json";
-  const std::string good = read(state);
+  const std::string good = test::read_file(state);
   std::ofstream(state) << good.substr(0, good.size() / 2);
   REQUIRE_THROWS_WITH(run(resume), ContainsSubstring("corrupt trainer state"));
   std::ofstream(state) << good;
@@ -179,7 +165,7 @@ TEST_CASE("finetune: incompatible, corrupt or missing checkpoints are clear erro
 }
 
 TEST_CASE("finetune: settings from TOML round trip; bad files and values are errors", "[finetune]") {
-  const fs::path root = scratch("toml");
+  const fs::path root = test::scratch_dir("ft", "toml");
   app::FinetuneConfig c = tiny_run(root, "x");
   c.target_modules = {"q_proj", "down_proj"};
   c.lr = 3e-4;

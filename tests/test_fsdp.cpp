@@ -25,20 +25,6 @@ namespace {
 
 uint64_t seed_for(uint64_t k) { return data::mix_seed(Catch::getSeed(), k); }
 
-fs::path scratch(const std::string& name) {
-  fs::path p = fs::temp_directory_path() / ("kiln_fsdp_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(p);
-  fs::create_directories(p);
-  return p;
-}
-
-std::string read(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
 void require_same_losses(const std::vector<double>& got, const std::vector<double>& want, size_t from = 0) {
   REQUIRE(got.size() + from == want.size());
   for (size_t i = 0; i < got.size(); ++i) {
@@ -269,7 +255,7 @@ TEST_CASE("fully_shard: generation (KV cache, no grad) from the sharded model gi
 
 TEST_CASE("fully_shard: a sharded checkpoint resumes at another world size (2 -> 3, 4 -> 1) as the uninterrupted run",
           "[dist]") {
-  const fs::path root = scratch("resume");
+  const fs::path root = test::scratch_dir("fsdp", "resume");
   const auto docs = test::fsdp_docs(40, seed_for(5));
   test::FsdpRun ref;
   ref.world = 1;
@@ -293,7 +279,7 @@ TEST_CASE("fully_shard: a sharded checkpoint resumes at another world size (2 ->
     const test::FsdpResult a = test::fsdp_train(docs, first);
     require_same_losses(a.losses, {want.losses.begin(), want.losses.begin() + 3});
     const fs::path ckpt = out / "checkpoint-3";
-    REQUIRE(read(out / "latest") == "checkpoint-3\n");
+    REQUIRE(test::read_file(out / "latest") == "checkpoint-3\n");
     for (int r = 0; r < c.first_world; ++r)
       REQUIRE(fs::exists(ckpt / "shards" / fmt::format("rank-{:05d}-of-{:05d}.safetensors", r, c.first_world)));
     REQUIRE(fs::exists(ckpt / "trainer_state.json"));
@@ -355,7 +341,7 @@ TEST_CASE("fully_shard: at the end of the data, ranks short of a micro-batch run
 }
 
 TEST_CASE("fully_shard: rank 0 writes the PEFT adapter of the sharded model as one process writes its own", "[dist]") {
-  const fs::path root = scratch("adapter");
+  const fs::path root = test::scratch_dir("fsdp", "adapter");
   const auto docs = test::fsdp_docs(20, seed_for(9));
   test::FsdpRun ref;
   ref.world = 1;
@@ -372,7 +358,7 @@ TEST_CASE("fully_shard: rank 0 writes the PEFT adapter of the sharded model as o
   run.grad_accum = 1;
   run.adapter_dir = (root / "sharded").string();
   test::fsdp_train(docs, run);
-  REQUIRE(read(root / "sharded" / "adapter_config.json") == read(root / "single" / "adapter_config.json"));
+  REQUIRE(test::read_file(root / "sharded" / "adapter_config.json") == test::read_file(root / "single" / "adapter_config.json"));
   const auto a = io::SafetensorsFile::open((root / "sharded" / "adapter_model.safetensors").string());
   const auto b = io::SafetensorsFile::open((root / "single" / "adapter_model.safetensors").string());
   REQUIRE(a.keys() == b.keys());

@@ -23,13 +23,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-fs::path scratch(const std::string& name) {
-  fs::path p = fs::temp_directory_path() / ("kiln_fsdp_cli_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(p);
-  fs::create_directories(p);
-  return p;
-}
-
 // The kiln program of this build (examples/kiln/kiln beside tests/).
 std::string kiln_program() {
   const fs::path p = fs::read_symlink("/proc/self/exe").parent_path().parent_path() / "examples" / "kiln" / "kiln";
@@ -61,7 +54,7 @@ std::vector<double> losses(const fs::path& metrics) {
 
 TEST_CASE("kiln finetune --nproc 2 (Gloo processes) trains as one process with twice the batch", "[dist]") {
   if (!KILN_WITH_GLOO) SKIP("this build has no Gloo backend");
-  const fs::path root = scratch("nproc");
+  const fs::path root = test::scratch_dir("fsdp_cli", "nproc");
   const std::string kiln = kiln_program();
   const std::string job = kiln + " finetune --device cpu --steps 4 --seq-len 16 --eval-every 0 --sample-tokens 0 "
                                  "--save-every 0 --log-every 1 --warmup 0 --lr 0.01";
@@ -106,7 +99,7 @@ TEST_CASE("kiln finetune --nproc 2 (Gloo processes) trains as one process with t
 
 TEST_CASE("kiln finetune over several processes: an error names the rank it happened on", "[dist]") {
   if (!KILN_WITH_GLOO) SKIP("this build has no Gloo backend");
-  const fs::path root = scratch("error");
+  const fs::path root = test::scratch_dir("fsdp_cli", "error");
   auto [status, text] = run(kiln_program() + " launch --nproc 2 --grace 5 -- kiln finetune --device cpu --data " +
                             (root / "missing.txt").string() + " --output " + (root / "out").string());
   CAPTURE(text);

@@ -25,21 +25,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-fs::path scratch(const std::string& name) {
-  fs::path p = fs::temp_directory_path() / ("kiln_trainer_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(p);
-  fs::create_directories(p);
-  return p;
-}
-
 uint64_t test_seed(uint64_t k) { return data::mix_seed(Catch::getSeed(), k); }
-
-std::string read(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 // n documents of 12..47 random ids in [1, vocab), each with a random masked prefix (a prompt).
 std::vector<data::Document> random_docs(int n, uint64_t seed, int64_t vocab) {
@@ -142,7 +128,7 @@ struct GradCapture : train::DataParallel {
 }  // namespace
 
 TEST_CASE("trainer: 3 steps, stop, resume, 3 steps equal 6 steps bit for bit (LoRA dropout on)", "[trainer]") {
-  const fs::path root = scratch("resume");
+  const fs::path root = test::scratch_dir("trainer", "resume");
   const auto docs = random_docs(24, test_seed(1), 4096);
   const auto eval_docs = random_docs(6, test_seed(2), 4096);
   auto options = [&](const std::string& out) {
@@ -189,7 +175,7 @@ TEST_CASE("trainer: 3 steps, stop, resume, 3 steps equal 6 steps bit for bit (Lo
   REQUIRE(evals == all.eval_losses);
   REQUIRE(second.trainer->state().train_losses.size() == 6);  // the history spans the resume
   for (const char* file : {"adapter/adapter_model.safetensors", "optimizer.safetensors"}) {
-    const std::string x = read(root / "full" / "checkpoint-6" / file), y = read(root / "parts" / "checkpoint-6" / file);
+    const std::string x = test::read_file(root / "full" / "checkpoint-6" / file), y = test::read_file(root / "parts" / "checkpoint-6" / file);
     REQUIRE(x.size() > 100);
     REQUIRE(x == y);
   }
@@ -255,7 +241,7 @@ extern "C" void stop_on_signal(int) {
 }  // namespace
 
 TEST_CASE("trainer: a stop request (from a signal handler) writes a checkpoint; resume continues", "[trainer]") {
-  const fs::path root = scratch("stop");
+  const fs::path root = test::scratch_dir("trainer", "stop");
   const auto docs = random_docs(16, test_seed(7), 4096);
   train::TrainerOptions o;
   o.max_steps = 4;
@@ -336,7 +322,7 @@ TEST_CASE("trainer: eval loss is the token-weighted mean over the held-out batch
 }
 
 TEST_CASE("trainer: callbacks fire in order with the right step numbers", "[trainer]") {
-  const fs::path root = scratch("callbacks");
+  const fs::path root = test::scratch_dir("trainer", "callbacks");
   struct Recorder : train::Callback {
     explicit Recorder(std::vector<std::string>& log, std::string tag) : log_(log), tag_(std::move(tag)) {}
     void on_train_begin(train::Trainer& t) override { log_.push_back(tag_ + fmt::format("begin {}", t.state().step)); }
@@ -384,7 +370,7 @@ TEST_CASE("trainer: callbacks fire in order with the right step numbers", "[trai
 }
 
 TEST_CASE("trainer: corrupt, missing or mismatched checkpoints are clear errors", "[trainer]") {
-  const fs::path root = scratch("bad");
+  const fs::path root = test::scratch_dir("trainer", "bad");
   const auto docs = random_docs(12, test_seed(16), 4096);
   train::TrainerOptions o;
   o.max_steps = 2;
@@ -399,13 +385,13 @@ TEST_CASE("trainer: corrupt, missing or mismatched checkpoints are clear errors"
   other.fingerprint = "lora_r=4;lr=0.02;";
   REQUIRE_THROWS_WITH(resume(other), ContainsSubstring("other settings: lr: checkpoint '0.01', now '0.02'"));
 
-  const std::string good = read(ckpt / "trainer_state.json");
+  const std::string good = test::read_file(ckpt / "trainer_state.json");
   std::ofstream(ckpt / "trainer_state.json") << good.substr(0, good.size() / 2);
   REQUIRE_THROWS_WITH(resume(o), ContainsSubstring("[checkpoint]") && ContainsSubstring("corrupt trainer state"));
   std::ofstream(ckpt / "trainer_state.json") << good;
   REQUIRE_NOTHROW(resume(o));
 
-  const std::string adapter = read(ckpt / "adapter" / "adapter_model.safetensors");
+  const std::string adapter = test::read_file(ckpt / "adapter" / "adapter_model.safetensors");
   fs::resize_file(ckpt / "adapter" / "adapter_model.safetensors", 40);
   REQUIRE_THROWS_AS(resume(o), Error);
   std::ofstream(ckpt / "adapter" / "adapter_model.safetensors", std::ios::binary) << adapter;
@@ -506,7 +492,7 @@ struct ThreadRank : train::DataParallel {
 }  // namespace
 
 TEST_CASE("trainer: two data-parallel ranks train as one process with twice the accumulation", "[trainer]") {
-  const fs::path root = scratch("dp");
+  const fs::path root = test::scratch_dir("trainer", "dp");
   const auto docs = random_docs(24, test_seed(18), 4096);
   const auto eval_docs = random_docs(6, test_seed(19), 4096);
   const RigSpec spec{.seed = test_seed(20), .dropout = 0.0};
@@ -555,9 +541,9 @@ TEST_CASE("trainer: two data-parallel ranks train as one process with twice the 
     for (size_t i = 0; i < p.size(); ++i) test::require_close(p[i].second, q[i].second, 1e-4, 1e-6);
   }
   // One checkpoint (rank 0's) at the data position of the single process: every rank read the whole stream.
-  const std::string state = read(root / "dp" / "checkpoint-3" / "trainer_state.json");
+  const std::string state = test::read_file(root / "dp" / "checkpoint-3" / "trainer_state.json");
   REQUIRE(train::TrainerState::from_json(state, "dp").data ==
-          train::TrainerState::from_json(read(root / "single" / "checkpoint-3" / "trainer_state.json"), "single").data);
+          train::TrainerState::from_json(test::read_file(root / "single" / "checkpoint-3" / "trainer_state.json"), "single").data);
   fs::remove_all(root);
 }
 

@@ -30,27 +30,13 @@ namespace fs = std::filesystem;
 
 namespace {
 
-fs::path scratch(const std::string& name) {
-  fs::path p = fs::temp_directory_path() / ("kiln_drills_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(p);
-  fs::create_directories(p);
-  return p;
-}
-
 uint64_t test_seed(uint64_t k) { return data::mix_seed(Catch::getSeed(), k); }
-
-std::string read(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 // Every file under `dir` (relative path -> bytes).
 std::map<std::string, std::string> snapshot(const fs::path& dir) {
   std::map<std::string, std::string> files;
   for (const auto& e : fs::recursive_directory_iterator(dir))
-    if (e.is_regular_file()) files[fs::relative(e.path(), dir).string()] = read(e.path());
+    if (e.is_regular_file()) files[fs::relative(e.path(), dir).string()] = test::read_file(e.path());
   return files;
 }
 
@@ -146,7 +132,7 @@ void require_previous_intact(const fs::path& output, const std::vector<data::Doc
                              const std::map<std::string, std::string>& first) {
   REQUIRE(first.size() >= 4);  // adapter model + config, optimizer, trainer state
   REQUIRE(snapshot(output / "checkpoint-1") == first);
-  REQUIRE(read(output / "latest") == "checkpoint-1\n");
+  REQUIRE(test::read_file(output / "latest") == "checkpoint-1\n");
   REQUIRE_FALSE(fs::exists(output / "checkpoint-2"));
   REQUIRE(leftovers(output, ".tmp").empty());
   Rig back = make_rig(docs, seed, drill_options(output, 3));
@@ -157,7 +143,7 @@ void require_previous_intact(const fs::path& output, const std::vector<data::Doc
 }  // namespace
 
 TEST_CASE("trainer drills: a failed checkpoint write keeps the previous checkpoint and says why", "[trainer][drills]") {
-  const fs::path root = scratch("write");
+  const fs::path root = test::scratch_dir("drills", "write");
   const auto docs = random_docs(16, test_seed(1), 4096);
   const uint64_t seed = test_seed(2);
 
@@ -182,7 +168,7 @@ TEST_CASE("trainer drills: a failed checkpoint write keeps the previous checkpoi
     armed = false;
     REQUIRE(rig.trainer->state().step == 2);
     REQUIRE(rig.trainer->save_checkpoint() == (out / "checkpoint-2").string());
-    REQUIRE(read(out / "latest") == "checkpoint-2\n");
+    REQUIRE(test::read_file(out / "latest") == "checkpoint-2\n");
     REQUIRE(leftovers(out, ".tmp").empty());
   }
 
@@ -224,7 +210,7 @@ TEST_CASE("trainer drills: a failed checkpoint write keeps the previous checkpoi
 
 TEST_CASE("trainer drills: a read-only output folder fails the checkpoint with the OS reason", "[trainer][drills]") {
   if (::geteuid() == 0) SKIP("running as root: permissions do not stop writes (the EFBIG and injected drills cover it)");
-  const fs::path root = scratch("readonly");
+  const fs::path root = test::scratch_dir("drills", "readonly");
   const auto docs = random_docs(16, test_seed(4), 4096);
   const uint64_t seed = test_seed(5);
   const fs::path out = root / "run";
@@ -337,7 +323,7 @@ TEST_CASE("trainer drills: (child) train and block mid-checkpoint", "[.][drills-
 
 TEST_CASE("trainer drills: kill -9 during a checkpoint write; resume starts from the last complete checkpoint",
           "[trainer][drills]") {
-  const fs::path root = scratch("kill");
+  const fs::path root = test::scratch_dir("drills", "kill");
   const auto docs = random_docs(16, test_seed(6), 4096);
   const uint64_t seed = test_seed(7);
   // The uninterrupted run every resumed one must match, loss for loss.
@@ -353,7 +339,7 @@ TEST_CASE("trainer drills: kill -9 during a checkpoint write; resume starts from
     const train::FitResult r = rig.trainer->fit();
     REQUIRE(r.last_step == 3);
     REQUIRE(r.losses == std::vector<double>(reference.losses.begin() + want_step, reference.losses.end()));
-    REQUIRE(read(out / "latest") == "checkpoint-3\n");
+    REQUIRE(test::read_file(out / "latest") == "checkpoint-3\n");
     REQUIRE(leftovers(out, ".tmp").empty());
     REQUIRE(leftovers(out, ".old").empty());
   };
@@ -369,7 +355,7 @@ TEST_CASE("trainer drills: kill -9 during a checkpoint write; resume starts from
     DYNAMIC_SECTION("killed at " << d.name) {
       const fs::path out = root / d.name;
       REQUIRE(run_child_and_kill(out, d.pause_at, false));
-      REQUIRE(read(out / "latest") == "checkpoint-1\n");  // latest moves last: it still names the complete one
+      REQUIRE(test::read_file(out / "latest") == "checkpoint-1\n");  // latest moves last: it still names the complete one
       REQUIRE(fs::exists(out / (std::string(d.name) == "before-latest" ? "checkpoint-2" : "checkpoint-2.tmp")));
       resume_and_finish(out, (out / "checkpoint-1").string(), 1);
     }
@@ -380,7 +366,7 @@ TEST_CASE("trainer drills: kill -9 during a checkpoint write; resume starts from
     REQUIRE(make_rig(docs, seed, drill_options(out, 2)).trainer->fit().last_step == 2);
     const auto saved = snapshot(out / "checkpoint-2");
     REQUIRE(run_child_and_kill(out, "/checkpoint-2", true));  // after checkpoint-2 -> checkpoint-2.old
-    REQUIRE(read(out / "latest") == "checkpoint-2\n");
+    REQUIRE(test::read_file(out / "latest") == "checkpoint-2\n");
     REQUIRE_FALSE(fs::exists(out / "checkpoint-2"));
     REQUIRE(snapshot(out / "checkpoint-2.old") == saved);
     resume_and_finish(out, (out / "checkpoint-2.old").string(), 2);
@@ -437,7 +423,7 @@ struct SkipLog : train::Callback {
 
 TEST_CASE("trainer drills: a NaN/inf loss or gradient stops with the step and the tensor, or is skipped and counted",
           "[trainer][drills]") {
-  const fs::path root = scratch("nonfinite");
+  const fs::path root = test::scratch_dir("drills", "nonfinite");
   const auto docs = random_docs(16, test_seed(8), 4096);
   const uint64_t seed = test_seed(9);
   auto poison = std::make_shared<Poison>();

@@ -202,6 +202,7 @@ FinetuneJob::FinetuneJob(const FinetuneConfig& c, RunWorld world)
   to.max_steps = total_steps_;
   to.grad_accum = c.grad_accum;
   to.clip = c.clip;
+  to.skip_nonfinite_steps = c.skip_nonfinite_steps;
   to.schedule.emplace(c.schedule, c.lr, std::min(c.warmup, total_steps_), total_steps_);  // short runs: warmup fits
   to.loss = train::llama_loss(c.chunked_head);
   if (c.compile) to.compile = compile::trainer_compile();

@@ -53,6 +53,7 @@ const std::vector<Field>& fields() {
       {"warmup", "warmup steps", &C::warmup, true},
       {"weight_decay", "AdamW decoupled weight decay", &C::weight_decay, true},
       {"clip", "clip gradients to this global L2 norm (0: off)", &C::clip, true},
+      {"skip_nonfinite_steps", "skip (and count) steps whose loss or gradients are NaN/inf instead of stopping", &C::skip_nonfinite_steps, false},
       {"seed", "seed of weights, adapters, data order and dropout", &C::seed, true},
       {"checkpointing", "activation checkpointing per decoder block", &C::checkpointing, false},
       {"chunked_head", "chunked linear+cross-entropy head (never the full logits)", &C::chunked_head, false},

@@ -6,6 +6,7 @@
 #include "examples/kiln/app.h"
 #include "examples/kiln/distributed.h"
 #include "examples/kiln/export.h"
+#include "examples/kiln/memory_check.h"
 
 int main(int argc, char** argv) {
   kiln::app::set_command_line(argc, argv);
@@ -24,6 +25,8 @@ int main(int argc, char** argv) {
     return app.exit(e);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "kiln: %s\n", e.what());
+    if (std::string(e.what()).find("[cuda alloc] out of memory") != std::string::npos)
+      std::fprintf(stderr, "kiln: %s\n", kiln::app::gpu_memory_advice().c_str());
     return 1;
   }
   return 0;

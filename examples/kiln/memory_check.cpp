@@ -65,4 +65,10 @@ void check_step_fits(const nn::LlamaConfig& model, const FinetuneConfig& c, DTyp
             available / kGiB, advice);
 }
 
+std::string gpu_memory_advice() {
+  return "the GPU ran out of memory (above: the request and what the GPU had): lower --seq-len or --batch-size "
+         "(raise --grad-accum to keep the tokens per step), add --checkpointing, keep the chunked head on "
+         "(--chunked-head), or train on an NF4 base (--base nf4)";
+}
+
 }  // namespace kiln::app

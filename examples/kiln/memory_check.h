@@ -30,4 +30,8 @@ std::optional<double> available_host_memory();
 // available (MemAvailable in /proc/meminfo): lower --batch-size ..." when the estimate exceeds `available`.
 void check_step_fits(const nn::LlamaConfig& model, const FinetuneConfig& c, DType dtype, double available);
 
+// What to change when a GPU ran out of memory during `kiln finetune` (printed after the allocator's
+// error, which says how much was asked for and how much the GPU had).
+std::string gpu_memory_advice();
+
 }  // namespace kiln::app
