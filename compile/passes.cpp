@@ -11,8 +11,10 @@
 namespace kiln::compile {
 namespace {
 
-// A copy of `g` with the nodes where keep[n] is true, reading replace[v] for each value v.
-Rewrite rebuild(const Graph& g, const std::vector<bool>& keep, const std::vector<int>& replace) {
+// A copy of `g` with the nodes where keep[n] is true, reading replace[v] for each value v. A node with
+// a swap (swap[n].op set) is written as that primitive over those inputs and origin, with n's outputs.
+Rewrite rebuild(const Graph& g, const std::vector<bool>& keep, const std::vector<int>& replace,
+                const std::vector<Node>& swap = {}) {
   Rewrite r;
   r.value_map.assign(g.values.size(), -1);
   for (int v : g.inputs) {
@@ -23,15 +25,16 @@ Rewrite rebuild(const Graph& g, const std::vector<bool>& keep, const std::vector
   for (size_t n = 0; n < g.nodes.size(); ++n) {
     if (!keep[n]) continue;
     const Node& node = g.nodes[n];
+    const Node& emit = n < swap.size() && swap[n].op ? swap[n] : node;
     std::vector<int> ins;
-    for (int v : node.inputs) ins.push_back(mapped(v));
+    for (int v : emit.inputs) ins.push_back(mapped(v));
     std::vector<TensorMeta> metas;
     std::vector<Origin> origins;
     for (int v : node.outputs) {
       metas.push_back(g.values[static_cast<size_t>(v)].meta);
       origins.push_back(g.values[static_cast<size_t>(v)].origin);
     }
-    const int id = r.graph.add_node(node.op, std::move(ins), metas, node.origin, origins);
+    const int id = r.graph.add_node(emit.op, std::move(ins), metas, emit.origin, origins);
     for (size_t i = 0; i < node.outputs.size(); ++i)
       r.value_map[static_cast<size_t>(node.outputs[i])] = r.graph.nodes[static_cast<size_t>(id)].outputs[i];
   }
@@ -142,40 +145,25 @@ Rewrite fold_adds_into_matmuls(const Graph& g, const std::vector<bool>& escapes)
     absorbed[static_cast<size_t>(m)] = true;
   }
 
-  Rewrite r;
-  r.value_map.assign(g.values.size(), -1);
-  for (int v : g.inputs) {
-    const Value& val = g.values[static_cast<size_t>(v)];
-    r.value_map[static_cast<size_t>(v)] = r.graph.add_input(val.meta, val.input, val.origin, val.requires_grad);
-  }
-  auto mapped = [&](int v) { return r.value_map[static_cast<size_t>(v)]; };
+  // The add becomes the matmul (its primitive and origin) over (a, b, addend), at the add's place.
+  std::vector<bool> keep(g.nodes.size(), true);
+  std::vector<Node> swap(g.nodes.size());
+  int folded = 0;
+  std::vector<std::pair<Origin, Origin>> same_shape;
   for (size_t n = 0; n < g.nodes.size(); ++n) {
-    if (absorbed[n]) continue;
-    const Node& node = g.nodes[n];
-    std::vector<int> ins;
-    const Node* op_node = &node;
-    if (fold_into[n] >= 0) {
-      const Node& m = g.nodes[static_cast<size_t>(fold_into[n])];
-      const int product = m.outputs[0];
-      const int addend = node.inputs[0] == product ? node.inputs[1] : node.inputs[0];
-      ins = {mapped(m.inputs[0]), mapped(m.inputs[1]), mapped(addend)};
-      op_node = &m;
-      r.same_shape.emplace_back(g.values[static_cast<size_t>(product)].origin, g.values[static_cast<size_t>(addend)].origin);
-      ++r.folded;
-    } else {
-      for (int v : node.inputs) ins.push_back(mapped(v));
-    }
-    std::vector<TensorMeta> metas;
-    std::vector<Origin> origins;
-    for (int v : node.outputs) {
-      metas.push_back(g.values[static_cast<size_t>(v)].meta);
-      origins.push_back(g.values[static_cast<size_t>(v)].origin);
-    }
-    const int id = r.graph.add_node(op_node->op, std::move(ins), metas, op_node->origin, origins);
-    for (size_t i = 0; i < node.outputs.size(); ++i)
-      r.value_map[static_cast<size_t>(node.outputs[i])] = r.graph.nodes[static_cast<size_t>(id)].outputs[i];
+    if (fold_into[n] < 0) continue;
+    const Node& add = g.nodes[n];
+    const Node& m = g.nodes[static_cast<size_t>(fold_into[n])];
+    const int product = m.outputs[0];
+    const int addend = add.inputs[0] == product ? add.inputs[1] : add.inputs[0];
+    keep[static_cast<size_t>(fold_into[n])] = false;
+    swap[n] = Node{m.op, {m.inputs[0], m.inputs[1], addend}, {}, m.origin};
+    same_shape.emplace_back(g.values[static_cast<size_t>(product)].origin, g.values[static_cast<size_t>(addend)].origin);
+    ++folded;
   }
-  for (int v : g.outputs) r.graph.outputs.push_back(mapped(v));
+  Rewrite r = rebuild(g, keep, identity(g.values.size()), swap);
+  r.same_shape = std::move(same_shape);
+  r.folded = folded;
   return r;
 }
 
