@@ -2,6 +2,7 @@
 // (its non-tensor arguments) part of the cache key; Llama decoder layers share plans. Compiling a
 // chunked head's loss function.
 #include "compile/compile.h"
+#include "core/registry.h"
 #include "nn/llama.h"
 
 namespace kiln::compile {
@@ -22,15 +23,32 @@ std::vector<HookHandle> compile_llama_layers(nn::Llama& model, CompileOptions op
   return handles;
 }
 
+namespace {
+
+// A Llama's decoder layers, the sequence length symbolic from the start unless the options say otherwise.
+void compile_llama(nn::Llama& llama, CompileOptions o) {
+  if (o.dynamic_dims.empty()) o.dynamic_dims = {{0, 1}};  // x (B, T, hidden)
+  (void)compile_llama_layers(llama, o);  // the wrappers stay for the model's lifetime
+}
+
+}  // namespace
+
 train::CompileFn trainer_compile(CompileOptions options) {
   return [options](nn::Module& model, train::BatchLossFn loss) {
     auto* llama = dynamic_cast<nn::Llama*>(&model);
     KILN_CHECK(llama != nullptr, "compile", "trainer_compile compiles nn::Llama models, given a {}", model.type_name());
-    CompileOptions o = options;
-    if (o.dynamic_dims.empty()) o.dynamic_dims = {{0, 1}};  // x (B, T, hidden)
-    (void)compile_llama_layers(*llama, o);  // the wrappers stay for the model's lifetime
+    compile_llama(*llama, options);
     return loss;
   };
+}
+
+// Module::compile(): a Llama's decoder layers (the sequence length symbolic from the start), any other
+// module's whole forward. The wrappers stay for the module's lifetime.
+KILN_REGISTER(compile_module_compiler) {
+  nn::Module::set_module_compiler([](nn::Module& m) {
+    if (auto* llama = dynamic_cast<nn::Llama*>(&m)) compile_llama(*llama, {});
+    else (void)compile_module(m);
+  });
 }
 
 nn::LossFn compile_loss(nn::LossFn loss, CompileOptions options) {

@@ -7,6 +7,7 @@
 
 #include "autograd/grad_mode.h"
 #include "core/ops.h"
+#include "core/registry.h"
 
 namespace kiln::nn {
 
@@ -26,6 +27,24 @@ void assign_data(const Tensor& target, const Tensor& value) {
   t.dtype = v.dtype;
   t.device = v.device;
   t.grad.reset();
+}
+
+namespace {
+
+Module::ModuleCompiler& module_compiler() {
+  static Module::ModuleCompiler compiler;
+  return compiler;
+}
+
+}  // namespace
+
+void Module::set_module_compiler(ModuleCompiler compiler) { module_compiler() = std::move(compiler); }
+
+void Module::compile() {
+  run_registrations();  // kiln_compile installs the compiler through KILN_REGISTER
+  KILN_CHECK(module_compiler() != nullptr, "compile", "{}.compile() needs kiln_compile linked (kiln_dep links it)",
+             type_name());
+  module_compiler()(*this);
 }
 
 void Module::check_new_name(const std::string& name) const {

@@ -96,6 +96,13 @@ class Module {
   HookHandle register_forward_post_hook(ForwardPostHook hook);
   HookHandle register_forward_wrapper(ForwardWrapper wrapper);
   bool has_forward_hooks() const;
+
+  // Runs this module's forward through the JIT fuser from now on (compile/, which sits above nn and
+  // installs itself with set_module_compiler): a Llama compiles each decoder layer, forward and
+  // backward; any other module its whole forward. An error where kiln_compile is not linked.
+  void compile();
+  using ModuleCompiler = std::function<void(Module& module)>;
+  static void set_module_compiler(ModuleCompiler compiler);
   struct Hooks;  // opaque: the hook lists
 
   // ---- state

@@ -457,6 +457,33 @@ nn::LlamaDecoderLayer& layer0(nn::Llama& m) {
 
 }  // namespace
 
+TEST_CASE("compile: Module::compile() compiles a Llama's decoder layers, or a module's whole forward", "[compile][llama]") {
+  nn::LlamaOptions o;
+  o.seed = 4;
+  nn::Llama eager(test::tiny_llama_config(2), o), compiled(test::tiny_llama_config(2), o);
+  compiled.compile();
+  const Tensor ids = random_ids(2, 7, 6);
+  compile::reset_stats();
+  const Tensor he = eager(ids), hc = compiled(ids);
+  require_rel(hc, he, 1e-5);
+  REQUIRE(compile::stats().calls == 2);  // one per decoder layer
+  sum(square(hc)).backward();
+  sum(square(he)).backward();
+  const auto pe = eager.named_parameters(), pc = compiled.named_parameters();
+  for (size_t i = 0; i < pe.size(); ++i) {
+    CAPTURE(pe[i].first);
+    if (pe[i].second.grad().defined()) require_rel(pc[i].second.grad(), pe[i].second.grad(), 1e-5);
+  }
+  // any other module: its whole forward, one call
+  nn::Linear lin(8, 5, true), twin(8, 5, true);
+  twin.load_state_dict(lin.state_dict());
+  twin.compile();
+  const Tensor x = test::random_tensor({3, 8}, DType::f32, 7);
+  compile::reset_stats();
+  test::require_close(twin(x), lin(x), 1e-6, 1e-7);
+  REQUIRE(compile::stats().calls == 1);
+}
+
 TEST_CASE("compile: a Llama model with compiled decoder layers matches eager, forward and backward", "[compile][llama]") {
   nn::LlamaOptions o;
   o.seed = 3;
