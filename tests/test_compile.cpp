@@ -544,6 +544,7 @@ TEST_CASE("compile: 20 sequence lengths compile once; a dtype change compiles on
   compile::CompileOptions co;
   co.dynamic_dims = {{0, 1}};  // x (B, T, hidden): T is symbolic from the first call
   HookHandle h = compile::compile_module(layer, co);
+  compile::clear_caches();  // plans are shared process-wide by structure: other tests may have built this one
   compile::reset_stats();
   {
     autograd::NoGradGuard ng;
