@@ -432,7 +432,7 @@ std::shared_ptr<FsdpUnit> fully_shard(nn::Module& module, std::shared_ptr<Proces
   std::set<const TensorImpl*> seen, owned_below;
   std::vector<std::string> skip;  // path prefixes owned by units below
   for (auto& [path, m] : module.named_modules()) {
-    const bool inside = std::any_of(skip.begin(), skip.end(), [&](const std::string& p) { return path.rfind(p, 0) == 0; });
+    const bool inside = std::any_of(skip.begin(), skip.end(), [&p = path](const std::string& s) { return p.rfind(s, 0) == 0; });
     if (inside) continue;
     if (m != &module) {
       if (auto sub = find_unit(*m)) {

@@ -132,7 +132,8 @@ LlamaModel::LlamaModel(const LlamaConfig& c, const LlamaOptions& o, const Weight
     }
     StateDict state;
     for (auto& [name, t] : m.state_dict()) {
-      if (std::any_of(quantised.begin(), quantised.end(), [&](const std::string& q) { return name.starts_with(q); })) continue;
+      const std::string& key = name;  // clang 14 cannot capture a structured binding in a lambda
+      if (std::any_of(quantised.begin(), quantised.end(), [&](const std::string& q) { return key.starts_with(q); })) continue;
       Tensor v = source->get(prefix + name);
       KILN_CHECK(v.shape() == t.shape(), "load", "{}: tensor '{}' has shape {}, expected {}", source->origin,
                  prefix + name, shape_str(v.shape()), shape_str(t.shape()));

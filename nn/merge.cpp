@@ -87,7 +87,7 @@ std::vector<PlainTensor> plain_tensors(Module& root) {
   for (auto& [key, t] : root.state_dict()) {  // everything else, as it is
     bool inside = false;
     for (const auto& [p, l] : layers) inside = inside || key.starts_with(p + ".");
-    if (!inside) out.push_back({key, t.shape(), [t](DType dt) { return cast_floating(t.detach(), dt); }});
+    if (!inside) out.push_back({key, t.shape(), [v = t](DType dt) { return cast_floating(v.detach(), dt); }});
   }
   for (auto& [path, layer] : layers) {
     const std::string prefix = path.empty() ? "" : path + ".";

@@ -263,7 +263,7 @@ void AdamW::step() {
       st["exp_avg_sq"] = zeros(p.shape(), DType::f32, p.device());
     }
     auto it = std::find_if(groups.begin(), groups.end(),
-                           [&](const Group& gr) { return gr.device == p.device() && gr.dtype == p.dtype(); });
+                           [&t = p](const Group& gr) { return gr.device == t.device() && gr.dtype == t.dtype(); });
     if (it == groups.end()) it = groups.insert(groups.end(), Group{p.device(), p.dtype(), {}, {}, {}, {}, {}});
     it->p.push_back(p);
     it->g.push_back(g);

@@ -106,8 +106,9 @@ void FinetuneConfig::load_toml(const std::string& path) {
   } catch (const toml::parse_error& e) {
     KILN_FAIL("finetune", "{}:{}: {}", path, e.source().begin.line, std::string(e.description()));
   }
-  for (auto&& [key, node] : t) {
-    const std::string k(key.str());
+  for (auto&& entry : t) {  // not a structured binding: clang 14 cannot capture one in the lambda below
+    const std::string k(entry.first.str());
+    auto& node = entry.second;
     const Field* f = nullptr;
     for (const Field& x : fields())
       if (k == x.name) f = &x;
