@@ -50,14 +50,35 @@ std::vector<std::string> target_paths(Module& root, const LoraConfig& config) {
 
 double LoraConfig::scaling() const { return use_rslora ? alpha / std::sqrt(static_cast<double>(r)) : alpha / static_cast<double>(r); }
 
+namespace {
+
+// target_regex compiled (ECMAScript, as std::regex reads it); a malformed pattern is a kiln::Error.
+std::regex compile_target_regex(const std::string& pattern) {
+  try {
+    return std::regex(pattern);
+  } catch (const std::regex_error& e) {
+    KILN_FAIL("lora", "target_modules regex '{}' does not compile: {}", pattern, e.what());
+  }
+}
+
+}  // namespace
+
 void LoraConfig::validate() const {
   KILN_CHECK(r > 0, "lora", "rank r must be positive, found {}", r);
   KILN_CHECK(dropout >= 0 && dropout < 1, "lora", "dropout must be in [0, 1), found {}", dropout);
   KILN_CHECK(!target_modules.empty() || !target_regex.empty(), "lora", "no target modules given");
+  if (!target_regex.empty()) (void)compile_target_regex(target_regex);
 }
 
 bool LoraConfig::matches(const std::string& path) const {
-  if (!target_regex.empty()) return std::regex_match(path, std::regex(target_regex));
+  if (!target_regex.empty()) {
+    const std::regex re = compile_target_regex(target_regex);
+    try {
+      return std::regex_match(path, re);
+    } catch (const std::regex_error& e) {  // e.g. error_complexity on a catastrophic pattern
+      KILN_FAIL("lora", "target_modules regex '{}' failed on '{}': {}", target_regex, path, e.what());
+    }
+  }
   for (const std::string& t : target_modules)
     if (path == t || (path.size() > t.size() && path.ends_with(t) && path[path.size() - t.size() - 1] == '.')) return true;
   return false;
