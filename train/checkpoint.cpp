@@ -198,11 +198,18 @@ std::optional<std::string> latest_checkpoint(const std::string& output) {
   if (!fs::exists(p)) return std::nullopt;
   std::string name = read_file(p.string(), "checkpoint");
   while (!name.empty() && (name.back() == '\n' || name.back() == '\r')) name.pop_back();
-  KILN_CHECK(!name.empty() && name.find('/') == std::string::npos, "checkpoint",
-             "{}: expected a checkpoint folder name, found '{}' (corrupt)", p.string(), name);
+  // One folder name of at most 255 bytes (NAME_MAX), so a corrupt file is an error here, not the OS's.
+  KILN_CHECK(!name.empty() && name.size() <= 255 && name.find_first_of(std::string("/\0", 2)) == std::string::npos &&
+                 name != "." && name != "..",
+             "checkpoint", "{}: expected a checkpoint folder name, found '{}' (corrupt)", p.string(),
+             name.size() <= 80 ? name : name.substr(0, 80) + "...");
   const fs::path dir = fs::path(output) / name, old = fs::path(output) / (name + ".old");
-  if (!fs::is_directory(dir) && fs::is_directory(old)) return old.string();  // killed while re-saving this step
-  KILN_CHECK(fs::is_directory(dir), "checkpoint", "{} names {}, which does not exist", p.string(), dir.string());
+  std::error_code ec_dir, ec_old;
+  const bool have_dir = fs::is_directory(dir, ec_dir), have_old = fs::is_directory(old, ec_old);
+  if (!have_dir && have_old) return old.string();  // killed while re-saving this step
+  KILN_CHECK(have_dir, "checkpoint", "{} names {}, which {}", p.string(), dir.string(),
+             ec_dir && ec_dir != std::errc::no_such_file_or_directory ? "cannot be read: " + ec_dir.message()
+                                                                      : std::string("does not exist"));
   return dir.string();
 }
 
