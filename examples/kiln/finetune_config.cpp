@@ -4,6 +4,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -11,6 +12,7 @@
 #include <variant>
 
 #include "core/error.h"
+#include "core/file_io.h"
 
 namespace kiln::app {
 
@@ -78,6 +80,30 @@ std::string flag_name(const char* name) {
   return s;
 }
 
+// toml++ 3.3 (Debian 12's) asserts that a table header's key starts with a key character or a quote, so
+// "[ = 1" or a lone "[" aborts a build with assertions (a clang release build assumes it instead: undefined
+// behaviour); it reports every other bad key as a parse error. kiln's settings have no tables, so such a
+// line is refused here, before the parser sees it (also inside a multi-line string, where it is harmless).
+void check_table_headers(std::string_view text, const std::string& path) {
+  auto key_start = [](char c) {
+    return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_' || c == '-' ||
+           c == '"' || c == '\'' || c == ']';
+  };
+  int64_t line = 1;
+  for (size_t begin = 0; begin < text.size(); ++line) {
+    const size_t end = std::min(text.find('\n', begin), text.size());
+    const std::string_view l = text.substr(begin, end - begin);
+    begin = end + 1;
+    size_t i = l.find_first_not_of(" \t");
+    if (i == std::string_view::npos || l[i] != '[') continue;
+    i = (i + 1 < l.size() && l[i + 1] == '[') ? i + 2 : i + 1;  // [table] or [[array of tables]]
+    i = std::min(l.find_first_not_of(" \t", i), l.size());
+    if (i == l.size() && end == text.size()) continue;  // the end of the file: toml++ reports it
+    KILN_CHECK(i < l.size() && key_start(l[i]), "finetune",
+               "{}:{}: a table header needs a key after '[' (kiln's settings are plain key = value lines)", path, line);
+  }
+}
+
 }  // namespace
 
 void add_finetune_options(CLI::App& cmd, FinetuneConfig& c) {
@@ -100,9 +126,11 @@ void apply_given_flags(const CLI::App& cmd, const FinetuneConfig& from, Finetune
 }
 
 void FinetuneConfig::load_toml(const std::string& path) {
+  const std::string text = read_file(path, "finetune");
+  check_table_headers(text, path);
   toml::table t;
   try {
-    t = toml::parse_file(path);
+    t = toml::parse(text, path);
   } catch (const toml::parse_error& e) {
     KILN_FAIL("finetune", "{}:{}: {}", path, e.source().begin.line, std::string(e.description()));
   }
