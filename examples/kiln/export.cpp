@@ -85,19 +85,25 @@ void move_into_place(const fs::path& from, const fs::path& to) {
   }
 }
 
-std::vector<std::string> write_hf_folder(nn::Llama& model, const ExportCommand& c, DType dtype, const fs::path& dir,
-                                         const fs::path& tok_json) {
-  std::vector<std::string> files;
-  io::ShardedSafetensorsWriter shards(dir.string(), io::parse_byte_size(c.max_shard_size), {{"format", "pt"}});
+}  // namespace
+
+std::vector<std::string> save_hf_folder(nn::Llama& model, const std::string& output, DType dtype, const std::string& model_dir,
+                                        const std::string& tokenizer, const std::string& max_shard_size) {
+  const fs::path tok_json = tokenizer_json(tokenizer, model_dir);
+  KILN_CHECK(fs::exists(tok_json), "export", "tokenizer {} does not exist", tok_json.string());
+  const fs::path out = fs::absolute(output);
+  TempFolder tmp(out);
+  const fs::path& dir = tmp.path;
+  io::ShardedSafetensorsWriter shards(dir.string(), io::parse_byte_size(max_shard_size), {{"format", "pt"}});
   for (const nn::PlainTensor& t : nn::plain_tensors(model)) shards.add(t.key, t.get(dtype));
-  files = shards.finish();
+  std::vector<std::string> files = shards.finish();
   if (files.size() > 1) files.push_back("model.safetensors.index.json");
   nn::LlamaConfig config = model.config();
   config.torch_dtype = dtype;
   write_file_atomic((dir / "config.json").string(), config.to_json() + "\n", "export");
   files.push_back("config.json");
-  if (!c.model.model_dir.empty() && fs::exists(fs::path(c.model.model_dir) / "generation_config.json")) {
-    fs::copy_file(fs::path(c.model.model_dir) / "generation_config.json", dir / "generation_config.json");
+  if (!model_dir.empty() && fs::exists(fs::path(model_dir) / "generation_config.json")) {
+    fs::copy_file(fs::path(model_dir) / "generation_config.json", dir / "generation_config.json");
     files.push_back("generation_config.json");
   }
   for (const char* f : {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}) {
@@ -106,10 +112,10 @@ std::vector<std::string> write_hf_folder(nn::Llama& model, const ExportCommand& 
     fs::copy_file(src, dir / f);
     files.push_back(f);
   }
+  move_into_place(tmp.path, out);
+  tmp.path.clear();
   return files;
 }
-
-}  // namespace
 
 ExportResult run_export(const ExportCommand& c) {
   KILN_CHECK(c.format == "hf" || c.format == "gguf", "export", "unknown --format '{}' (hf, gguf)", c.format);
@@ -129,10 +135,7 @@ ExportResult run_export(const ExportCommand& c) {
 
   const fs::path out = fs::absolute(c.output);
   if (c.format == "hf") {
-    TempFolder tmp(out);
-    result.files = write_hf_folder(*model, c, dtype, tmp.path, tok_json);
-    move_into_place(tmp.path, out);
-    tmp.path.clear();
+    result.files = save_hf_folder(*model, c.output, dtype, c.model.model_dir, c.tokenizer, c.max_shard_size);
   } else {
     const nn::GGUFVocab vocab = nn::read_gguf_vocab(tok_json.parent_path().string(), model->config().vocab_size);
     const std::string name = !c.model.model_dir.empty() ? fs::path(c.model.model_dir).filename().string()

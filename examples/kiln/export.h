@@ -34,4 +34,12 @@ struct ExportResult {
 // Runs the export; kiln::Error "[export] ..." on bad input, before anything is written.
 ExportResult run_export(const ExportCommand& c);
 
+// `model` as a Hugging Face folder `output` (built in a temporary folder next to it, then renamed over
+// it): safetensors shards of at most `max_shard_size` ("5GB") in `dtype` with an index when there are
+// several, config.json, `model_dir`'s generation_config.json if any, and the tokenizer files (`tokenizer`,
+// else the model folder's, else kiln's default). Returns the files written.
+std::vector<std::string> save_hf_folder(nn::Llama& model, const std::string& output, DType dtype,
+                                        const std::string& model_dir, const std::string& tokenizer,
+                                        const std::string& max_shard_size = "5GB");
+
 }  // namespace kiln::app

@@ -19,6 +19,7 @@
 #include "dist/sharded_checkpoint.h"
 #include "examples/kiln/adapter_base.h"
 #include "examples/kiln/app.h"
+#include "examples/kiln/export.h"
 #include "examples/kiln/generate.h"
 #include "examples/kiln/memory_check.h"
 #include "nn/generate.h"
@@ -167,7 +168,11 @@ FinetuneJob::FinetuneJob(const FinetuneConfig& c, RunWorld world)
   lora_.use_rslora = c.rslora;
   lora_.target_modules = c.target_modules;
   lora_.base_model_name_or_path = c.model_dir.empty() ? c.config : c.model_dir;
-  nn::apply_lora(*model_, lora_, c.seed + 1);
+  if (c.full) {
+    for (auto& [name, p] : model_->named_parameters()) p.set_requires_grad(true);
+  } else {
+    nn::apply_lora(*model_, lora_, c.seed + 1);
+  }
   model_->set_checkpoint_activations(c.checkpointing);
   model_->train();
   if (c.shard) shards_ = dist::shard_llama(*model_, world_.group);  // each decoder layer, then the root
@@ -220,7 +225,7 @@ FinetuneJob::FinetuneJob(const FinetuneConfig& c, RunWorld world)
   to.eval_batches = c.eval_batches;
   to.output = c.output;
   to.save_every = c.save_every;
-  to.lora = lora_;
+  if (!c.full) to.lora = lora_;  // else checkpoints hold every trainable weight
   to.fingerprint = resume_fingerprint(c);
   to.log_every = std::max<int64_t>(c.log_every, 1);
   if (world_.group) to.parallel = std::make_shared<dist::FsdpParallel>(world_.group, device_, shards_);
@@ -246,7 +251,7 @@ FinetuneJob::FinetuneJob(const FinetuneConfig& c, RunWorld world)
   }
   if (lead) {
     trainer_->add_callback(std::make_shared<train::MetricsCallback>(c.output, c.resume, "kiln finetune: loss"));
-    trainer_->add_callback(std::make_shared<AdapterBaseCallback>(adapter_base(c)));
+    if (!c.full) trainer_->add_callback(std::make_shared<AdapterBaseCallback>(adapter_base(c)));
     // Written last: a start refused above (a failed --resume, bad data, too little memory) leaves the
     // run folder's settings as they were.
     write_file_atomic((fs::path(c.output) / "config.toml").string(), c.to_toml(), "finetune");
@@ -263,9 +268,11 @@ std::string FinetuneJob::banner() const {
   // Parameter counts from the config and LoRA's shapes (a sharded model holds 1/N of them).
   int64_t trainable = 0;
   for (const auto& [path, l] : nn::lora_layers(*model_)) trainable += lora_.r * (l->in_features() + l->out_features());
-  return fmt::format("kiln finetune: {}, {} base, LoRA r={} on {}{} | {} trainable + {} base parameters | {} train + {} eval "
+  if (c.full) trainable = model_->config().num_parameters();
+  const std::string what = c.full ? std::string("full training") : fmt::format("LoRA r={}", c.lora_r);
+  return fmt::format("kiln finetune: {}, {} base, {} on {}{} | {} trainable + {} base parameters | {} train + {} eval "
                      "docs, {} tokens/epoch | {} steps of {} x {} tokens -> {}",
-                     c.model_dir.empty() ? c.config : c.model_dir, c.base, c.lora_r, device_.str(), ranks, trainable,
+                     c.model_dir.empty() ? c.config : c.model_dir, c.base, what, device_.str(), ranks, trainable,
                      model_->config().num_parameters(), n_train_docs_, n_eval_docs_, train_data_->tokens_per_epoch(),
                      total_steps_, c.batch_size * c.grad_accum * world_.size(), c.seq_len, c.output);
 }
@@ -280,10 +287,16 @@ FinetuneResult FinetuneJob::run() {
   result.checkpoint = fit.checkpoint;
   result.interrupted = fit.stopped;
   const bool lead = world_.rank() == 0;
-  const std::string adapter = (fs::path(config_.output) / "adapter").string();
-  if (shards_) dist::save_adapter_sharded(*shards_, *model_, lora_, adapter);  // gathered; rank 0 writes
-  else if (lead) nn::save_adapter(*model_, lora_, adapter);
-  if (lead) write_adapter_base(adapter, adapter_base(config_));
+  if (config_.full) {  // the whole model, as a Hugging Face folder (replicated: every rank holds it)
+    if (lead)
+      save_hf_folder(*model_, (fs::path(config_.output) / "model").string(), resolve_dtype(config_.dtype, device_),
+                     config_.model_dir, config_.tokenizer);
+  } else {
+    const std::string adapter = (fs::path(config_.output) / "adapter").string();
+    if (shards_) dist::save_adapter_sharded(*shards_, *model_, lora_, adapter);  // gathered; rank 0 writes
+    else if (lead) nn::save_adapter(*model_, lora_, adapter);
+    if (lead) write_adapter_base(adapter, adapter_base(config_));
+  }
   if (result.interrupted || config_.sample_tokens <= 0) return result;
   if (!shards_ && !lead) return result;  // replicated: rank 0 samples alone
 
@@ -339,8 +352,9 @@ FinetuneResult run_finetune_ranked(const FinetuneConfig& c) {
     return result;
   }
   if (c.sample_tokens > 0) std::printf("sample: %s\n", result.sample.c_str());
-  std::fprintf(stderr, "done: %lld steps, adapter in %s/adapter, metrics.jsonl and loss_curve.svg next to it\n",
-               static_cast<long long>(result.last_step), c.output.c_str());
+  std::fprintf(stderr, "done: %lld steps, %s in %s/%s, metrics.jsonl and loss_curve.svg next to it\n",
+               static_cast<long long>(result.last_step), c.full ? "the model" : "adapter", c.output.c_str(),
+               c.full ? "model" : "adapter");
   return result;
 }
 

@@ -43,8 +43,10 @@ class FinetuneJob {
   ~FinetuneJob();
 
   train::Trainer& trainer() { return *trainer_; }
+  nn::Llama& model() { return *model_; }
   // Trains to the end or a stop request, writes <output>/adapter (with kiln_base.json: the base for
-  // kiln generate --adapter, also in each checkpoint's adapter) and, unless stopped, the sample
+  // kiln generate --adapter, also in each checkpoint's adapter; with config.full, <output>/model: the
+  // whole trained model as a Hugging Face folder) and, unless stopped, the sample
   // (<output>/sample.txt: valid UTF-8, no special tokens). Sharded: every rank takes part (the adapter is gathered, the sample generated
   // in lockstep for sample_tokens tokens, then cut at a stop token).
   FinetuneResult run();

@@ -35,6 +35,7 @@ const std::vector<Field>& fields() {
       {"random_init", "random weights for --config (required unless it is the default tiny job)", &C::random_init, true},
       {"tokenizer", "tokenizer.json or a folder holding one", &C::tokenizer, true},
       {"base", "nf4 (QLoRA) or bf16 (LoRA over the model's dtype)", &C::base, true},
+      {"full", "train every parameter (no LoRA; needs --base bf16); the result is a model folder, output/model", &C::full, true},
       {"dtype", "auto | f32 | bf16 | f16 (activations and unquantised weights)", &C::dtype, false},
       {"device", "auto | cpu | cuda | cuda:N", &C::device, false},
       {"lora_r", "LoRA rank", &C::lora_r, true},
@@ -229,6 +230,9 @@ std::string FinetuneConfig::fingerprint() const {
 
 void FinetuneConfig::validate() const {
   KILN_CHECK(base == "nf4" || base == "bf16", "finetune", "--base must be nf4 or bf16, found '{}'", base);
+  KILN_CHECK(!full || base == "bf16", "finetune",
+             "--full trains every weight, and an NF4 base cannot be trained: add --base bf16 (the model's dtype)");
+  KILN_CHECK(!full || !shard, "finetune", "--full with --shard is not supported (sharded full training saves no model yet)");
   KILN_CHECK(lora_r > 0 && lora_alpha > 0, "finetune", "--lora-r and --lora-alpha must be positive, found {} and {}", lora_r, lora_alpha);
   KILN_CHECK(lora_dropout >= 0 && lora_dropout < 1, "finetune", "--lora-dropout must be in [0, 1), found {}", lora_dropout);
   KILN_CHECK(seq_len >= 2 && batch_size >= 1 && grad_accum >= 1, "finetune",

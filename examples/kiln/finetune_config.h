@@ -41,6 +41,7 @@ struct FinetuneConfig {
   double clip = 1.0;
   uint64_t seed = 0;
   bool checkpointing = false;     // activation checkpointing per block
+  bool full = false;              // every parameter trainable, no LoRA (needs base bf16)
   bool skip_nonfinite_steps = false;  // a NaN/inf loss or gradient skips the step (counted) instead of stopping
   bool chunked_head = true;       // chunked linear+loss head
   bool shard = false;             // several ranks: fully_shard the model (else plain data parallel)
