@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything kiln needs to build and test on a fresh Debian 12 (bookworm) machine:
-# Meson >= 1.3 and Catch2 3 from bookworm-backports; fmt, ninja, python3 and a C++20 compiler from Debian.
+# Meson >= 1.3 and Catch2 3 from bookworm-backports; fmt, ninja, python3, a C++20 compiler and clang with
+# libFuzzer (tools/fuzz.sh) from Debian.
 # The CUDA toolkit is optional (the build is CPU-only where nvcc is absent). Does nothing when all is there.
 set -euo pipefail
 
@@ -25,7 +26,10 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 
 need=()
-for p in g++ pkg-config ninja-build libfmt-dev libpcre2-dev nlohmann-json3-dev libcli11-dev libtomlplusplus-dev libgloo-dev python3 bible-kjv; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
+# clang + libclang-rt-14-dev: the fuzz build (tools/fuzz.sh; -Dfuzz=true): libclang-rt-14-dev holds libFuzzer and the
+# clang sanitizer runtimes, only recommended by clang-14 (so not pulled in with --no-install-recommends).
+for p in g++ pkg-config ninja-build libfmt-dev libpcre2-dev nlohmann-json3-dev libcli11-dev libtomlplusplus-dev libgloo-dev python3 bible-kjv \
+  clang libclang-rt-14-dev; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
 bp=()
 meson_ok=0
 command -v meson >/dev/null && dpkg --compare-versions "$(meson --version)" ge 1.3 && meson_ok=1
