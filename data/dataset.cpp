@@ -186,7 +186,7 @@ std::vector<RawDocument> parse_jsonl(std::string_view content, std::string_view 
     json j;
     try {
       j = json::parse(line);
-    } catch (const json::parse_error& e) {
+    } catch (const json::exception& e) {  // parse_error, or out_of_range for a number beyond double
       KILN_FAIL(kOp, "{}: malformed JSON: {}", where, e.what());
     }
     docs.push_back(parse_jsonl_object(j, where));
@@ -198,7 +198,7 @@ std::vector<RawDocument> parse_json(std::string_view content, std::string_view n
   json whole;
   try {
     whole = json::parse(content);
-  } catch (const json::parse_error&) {
+  } catch (const json::exception&) {
     return parse_jsonl(content, name);  // not one JSON value: JSON Lines, as `datasets.to_json` writes
   }
   std::vector<RawDocument> docs;
