@@ -231,6 +231,24 @@ TEST_CASE("finetune: settings from TOML round trip; bad files and values are err
   REQUIRE_THROWS_WITH(back.load_toml((root / "type.toml").string()), ContainsSubstring("'seq_len' must be a non-negative integer"));
   std::ofstream(root / "syntax.toml") << "seq_len = = 3\n";
   REQUIRE_THROWS_WITH(back.load_toml((root / "syntax.toml").string()), ContainsSubstring("syntax.toml:1"));
+  // Inputs toml++ 3.3 asserts or hits __builtin_unreachable on (tests/fuzz/regressions/finetune_config): refused first.
+  std::ofstream(root / "header.toml") << "seq_len = 3\n[ = 3\n";
+  REQUIRE_THROWS_WITH(back.load_toml((root / "header.toml").string()), ContainsSubstring("header.toml:2: a table header needs a key"));
+  std::ofstream(root / "latin1.toml") << "lr = 1\xc3\xa9\n";
+  REQUIRE_THROWS_WITH(back.load_toml((root / "latin1.toml").string()), ContainsSubstring("latin1.toml:1: a non-ASCII character"));
+  // Non-ASCII text inside strings (all four kinds, escapes, several lines) and comments still loads.
+  std::ofstream(root / "utf8.toml") << "# caf\xc3\xa9 [ = \n"
+                                    << "sample_prompt = \"Caf\xc3\xa9 \\\" [ = \xe2\x80\x94\"\n"
+                                    << "output = 'runs/\xc3\xa9t\xc3\xa9'\n"
+                                    << "data = \"\"\"\n[ = \xc3\xa9\n\"\"\"\n"
+                                    << "tokenizer = '''\n\xc3\xa9'''  # \xc3\xa9\n"
+                                    << "target_modules = [\"q_proj\", # \xc3\xa9\n  \"v_proj\"]\n";
+  back.load_toml((root / "utf8.toml").string());
+  REQUIRE(back.sample_prompt == "Caf\xc3\xa9 \" [ = \xe2\x80\x94");
+  REQUIRE(back.output == "runs/\xc3\xa9t\xc3\xa9");
+  REQUIRE(back.data == "[ = \xc3\xa9\n");
+  REQUIRE(back.tokenizer == "\xc3\xa9");
+  REQUIRE(back.target_modules == std::vector<std::string>{"q_proj", "v_proj"});
 
   app::FinetuneConfig bad = tiny_run(root, "y");
   bad.base = "int8";

@@ -81,27 +81,48 @@ std::string flag_name(const char* name) {
   return s;
 }
 
-// toml++ 3.3 (Debian 12's) asserts that a table header's key starts with a key character or a quote, so
-// "[ = 1" or a lone "[" aborts a build with assertions (a clang release build assumes it instead: undefined
-// behaviour); it reports every other bad key as a parse error. kiln's settings have no tables, so such a
-// line is refused here, before the parser sees it (also inside a multi-line string, where it is harmless).
-void check_table_headers(std::string_view text, const std::string& path) {
+// toml++ 3.3 (Debian 12's) mishandles two kinds of malformed input: it asserts that a table header's key
+// starts with a key character or a quote ("[ = 1" or a lone "[" abort a build with assertions; a clang
+// release build assumes it: undefined behaviour), and its test for non-ASCII whitespace reaches
+// __builtin_unreachable for most non-ASCII characters where whitespace may stand. Neither can be part of
+// kiln's settings (key = value lines of strings, numbers, booleans and arrays of strings), so this scan,
+// which steps over strings and comments as TOML does, refuses both with file:line before toml++ reads the file.
+void check_toml_input(std::string_view text, const std::string& path) {
   auto key_start = [](char c) {
     return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_' || c == '-' ||
            c == '"' || c == '\'' || c == ']';
   };
   int64_t line = 1;
-  for (size_t begin = 0; begin < text.size(); ++line) {
-    const size_t end = std::min(text.find('\n', begin), text.size());
-    const std::string_view l = text.substr(begin, end - begin);
-    begin = end + 1;
-    size_t i = l.find_first_not_of(" \t");
-    if (i == std::string_view::npos || l[i] != '[') continue;
-    i = (i + 1 < l.size() && l[i + 1] == '[') ? i + 2 : i + 1;  // [table] or [[array of tables]]
-    i = std::min(l.find_first_not_of(" \t", i), l.size());
-    if (i == l.size() && end == text.size()) continue;  // the end of the file: toml++ reports it
-    KILN_CHECK(i < l.size() && key_start(l[i]), "finetune",
-               "{}:{}: a table header needs a key after '[' (kiln's settings are plain key = value lines)", path, line);
+  bool line_start = true;  // nothing but spaces since the last newline
+  for (size_t i = 0; i < text.size(); ++i) {
+    const char c = text[i];
+    if (c == '\n') {
+      ++line;
+      line_start = true;
+    } else if (c == '#') {  // a comment, to the end of the line
+      i = std::min(text.find('\n', i), text.size()) - 1;
+    } else if (c == '"' || c == '\'') {  // a string: '...', "...", '''...''' or """..."""
+      const std::string_view delim = text.substr(i, 3) == std::string(3, c) ? text.substr(i, 3) : text.substr(i, 1);
+      size_t j = i + delim.size();
+      for (; j < text.size() && text.substr(j, delim.size()) != delim; ++j) {
+        if (text[j] == '\n' && delim.size() == 1) break;  // an unterminated string: toml++ reports it
+        if (c == '"' && text[j] == '\\') ++j;            // an escape: the next character is not a delimiter
+        if (j < text.size() && text[j] == '\n') ++line;
+      }
+      i = j < text.size() && text[j] == '\n' ? j - 1 : j + delim.size() - 1;
+      line_start = false;
+    } else {
+      KILN_CHECK(static_cast<unsigned char>(c) < 0x80, "finetune",
+                 "{}:{}: a non-ASCII character outside a string or comment (byte 0x{:02X})", path, line,
+                 static_cast<unsigned char>(c));
+      if (line_start && c == '[') {  // [table] or [[array of tables]]
+        size_t j = i + 1 < text.size() && text[i + 1] == '[' ? i + 2 : i + 1;
+        while (j < text.size() && (text[j] == ' ' || text[j] == '\t')) ++j;
+        KILN_CHECK(j == text.size() || key_start(text[j]), "finetune",
+                   "{}:{}: a table header needs a key after '[' (kiln's settings are plain key = value lines)", path, line);
+      }
+      if (c != ' ' && c != '\t') line_start = false;
+    }
   }
 }
 
@@ -128,7 +149,7 @@ void apply_given_flags(const CLI::App& cmd, const FinetuneConfig& from, Finetune
 
 void FinetuneConfig::load_toml(const std::string& path) {
   const std::string text = read_file(path, "finetune");
-  check_table_headers(text, path);
+  check_toml_input(text, path);
   toml::table t;
   try {
     t = toml::parse(text, path);
