@@ -52,10 +52,17 @@ double LoraConfig::scaling() const { return use_rslora ? alpha / std::sqrt(stati
 
 namespace {
 
-// target_regex compiled (ECMAScript, as std::regex reads it); a malformed pattern is a kiln::Error.
+// target_regex compiled (ECMAScript, as std::regex reads it); a malformed pattern is a kiln::Error. With
+// libstdc++ the match runs as a Thompson NFA (its __polynomial flag: time linear in the path for a given
+// pattern), not by backtracking, which takes exponential time on patterns like "(a?){30}a{30}".
 std::regex compile_target_regex(const std::string& pattern) {
+#ifdef __GLIBCXX__
+  constexpr auto flags = std::regex_constants::ECMAScript | std::regex_constants::__polynomial;
+#else
+  constexpr auto flags = std::regex_constants::ECMAScript;
+#endif
   try {
-    return std::regex(pattern);
+    return std::regex(pattern, flags);
   } catch (const std::regex_error& e) {
     KILN_FAIL("lora", "target_modules regex '{}' does not compile: {}", pattern, e.what());
   }

@@ -219,6 +219,24 @@ TEST_CASE("lora: f32 adapters compute in the activation dtype; merge and unmerge
   REQUIRE(m->logits(m->forward(ids)).dtype() == DType::bf16);
 }
 
+TEST_CASE("lora: target_modules as a regex (PEFT's string form); bad or catastrophic patterns", "[lora]") {
+  nn::LoraConfig c;
+  c.target_regex = R"(.*\.(q|v)_proj)";
+  c.target_modules.clear();
+  CHECK(c.matches("model.layers.0.self_attn.q_proj"));
+  CHECK(c.matches("model.layers.1.self_attn.v_proj"));
+  CHECK_FALSE(c.matches("model.layers.0.self_attn.k_proj"));
+  CHECK_FALSE(c.matches("q_proj"));
+  // A pattern std::regex cannot compile is a kiln::Error (tests/fuzz/regressions/adapter_config).
+  c.target_regex = "(q|v_proj";
+  CHECK_THROWS_WITH(c.validate(), ContainsSubstring("[lora] target_modules regex '(q|v_proj' does not compile"));
+  CHECK_THROWS_WITH(c.matches("q_proj"), ContainsSubstring("does not compile"));
+  // Backtracking would take 2^40 steps here; the match runs as an NFA instead (libstdc++).
+  c.target_regex = "(a?){40}a{40}";
+  CHECK(c.matches(std::string(40, 'a')));
+  CHECK_FALSE(c.matches(std::string(39, 'a') + "b"));
+}
+
 TEST_CASE("lora: PEFT adapter folders round trip; bad folders are errors that change nothing", "[lora]") {
   const fs::path dir = temp_dir("adapter");
   auto m = tiny_model(false);
