@@ -81,19 +81,28 @@ LlamaConfig LlamaConfig::from_json(const std::string& text, const std::string& s
     if (j.contains("model_type"))
       KILN_CHECK(j["model_type"] == "llama", "llama config", "{}: model_type is {}, expected \"llama\"", source,
                  j["model_type"].dump());
+    // Integers are read only from JSON integers: nlohmann's get<int64_t>() of 1e80 is undefined behaviour.
+    auto integer = [&](const json& v, const std::string& key) -> int64_t {
+      KILN_CHECK(v.is_number_integer() && (!v.is_number_unsigned() || v.get<uint64_t>() <= INT64_MAX),
+                 "llama config", "{}: '{}' must be an integer, found {}", source, key,
+                 v.is_primitive() ? v.dump() : std::string(v.type_name()));
+      return v.get<int64_t>();
+    };
+    auto optional_integer = [&](const char* key, int64_t fallback) {
+      return j.contains(key) && !j[key].is_null() ? integer(j[key], key) : fallback;
+    };
     auto need = [&](const char* key) -> int64_t {
       KILN_CHECK(j.contains(key) && j[key].is_number_integer(), "llama config", "{}: missing integer '{}'", source, key);
-      return j[key].get<int64_t>();
+      return integer(j[key], key);
     };
     c.vocab_size = need("vocab_size");
     c.hidden_size = need("hidden_size");
     c.intermediate_size = need("intermediate_size");
     c.num_hidden_layers = need("num_hidden_layers");
     c.num_attention_heads = need("num_attention_heads");
-    c.num_key_value_heads = j.value("num_key_value_heads", c.num_attention_heads);
-    c.head_dim = (j.contains("head_dim") && !j["head_dim"].is_null()) ? j["head_dim"].get<int64_t>()
-                                                                        : (c.num_attention_heads > 0 ? c.hidden_size / c.num_attention_heads : 0);
-    c.max_position_embeddings = j.value("max_position_embeddings", int64_t{2048});
+    c.num_key_value_heads = optional_integer("num_key_value_heads", c.num_attention_heads);
+    c.head_dim = optional_integer("head_dim", c.num_attention_heads > 0 ? c.hidden_size / c.num_attention_heads : 0);
+    c.max_position_embeddings = optional_integer("max_position_embeddings", 2048);
     c.rms_norm_eps = j.value("rms_norm_eps", 1e-6);
     // transformers >= 5 writes the RoPE settings as "rope_parameters" (theta and scaling together)
     const json* rope = j.contains("rope_parameters") && j["rope_parameters"].is_object() ? &j["rope_parameters"] : nullptr;
@@ -108,8 +117,9 @@ LlamaConfig LlamaConfig::from_json(const std::string& text, const std::string& s
     if (j.contains("bos_token_id") && j["bos_token_id"].is_number_integer()) c.bos_token_id = j["bos_token_id"];
     if (j.contains("eos_token_id")) {
       const json& e = j["eos_token_id"];
-      if (e.is_number_integer()) c.eos_token_ids = {e.get<int64_t>()};
-      else if (e.is_array()) c.eos_token_ids = e.get<std::vector<int64_t>>();
+      if (e.is_number_integer()) c.eos_token_ids = {integer(e, "eos_token_id")};
+      else if (e.is_array())
+        for (const json& id : e) c.eos_token_ids.push_back(integer(id, "eos_token_id"));
     }
     for (const char* key : {"torch_dtype", "dtype"})  // "dtype" in transformers >= 5
       if (j.contains(key) && j[key].is_string()) c.torch_dtype = dtype_from_torch(j[key], source);
@@ -124,7 +134,7 @@ LlamaConfig LlamaConfig::from_json(const std::string& text, const std::string& s
         s.factor = r.at("factor").get<double>();
         s.low_freq_factor = r.at("low_freq_factor").get<double>();
         s.high_freq_factor = r.at("high_freq_factor").get<double>();
-        s.original_max_position_embeddings = r.at("original_max_position_embeddings").get<int64_t>();
+        s.original_max_position_embeddings = integer(r.at("original_max_position_embeddings"), "original_max_position_embeddings");
         c.rope_scaling = s;
       }
     }
