@@ -398,6 +398,20 @@ Tokenizer Tokenizer::from_file(const std::string& path) {
   }
 }
 
+namespace {
+
+// A token id from tokenizer.json: a JSON integer in [0, 2^30) (nlohmann's get<int32_t>() of 1e85 is undefined behaviour).
+int32_t token_id(const json& v) {
+  const bool ok = v.is_number_unsigned() ? v.get<uint64_t>() < (uint64_t{1} << 30)
+                                        : v.is_number_integer() && v.get<int64_t>() >= 0 && v.get<int64_t>() < (int64_t{1} << 30);
+  KILN_CHECK(ok,
+             "tokenizer", "token id must be an integer in [0, 2^30), found {}",
+             v.is_primitive() ? v.dump() : std::string(v.type_name()));
+  return static_cast<int32_t>(v.get<int64_t>());
+}
+
+}  // namespace
+
 Tokenizer Tokenizer::from_json(std::string_view json_text) {
   json j = json::parse(json_text, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded() || !j.is_object()) KILN_FAIL("tokenizer", "malformed JSON: expected a tokenizer.json object");
@@ -410,7 +424,7 @@ Tokenizer Tokenizer::from_json(std::string_view json_text) {
 
     // Vocabulary.
     for (const auto& [token, idj] : model.at("vocab").items()) {
-      auto id = idj.get<int32_t>();
+      const int32_t id = token_id(idj);
       std::string bytes = token_to_bytes(token);
       impl->bytes_to_id[bytes] = id;
       impl->token_to_id[token] = id;
@@ -449,7 +463,7 @@ Tokenizer Tokenizer::from_json(std::string_view json_text) {
     // Added (special) tokens.
     if (j.contains("added_tokens")) {
       for (const json& t : j.at("added_tokens")) {
-        auto id = t.at("id").get<int32_t>();
+        const int32_t id = token_id(t.at("id"));
         auto content = t.at("content").get<std::string>();
         KILN_CHECK(!content.empty(), "tokenizer", "added token {} is empty", id);
         bool special = t.value("special", false);
