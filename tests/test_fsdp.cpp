@@ -33,11 +33,6 @@ void require_same_losses(const std::vector<double>& got, const std::vector<doubl
   }
 }
 
-// Adapters trained with the same global batch summed in another order (another world size, or one
-// process with the batch of 12): Adam turns f32 rounding of near-cancelling gradients into visible
-// steps, up to ~4e-4 of a tensor's norm over 20 steps with random seeds; 1e-3 leaves room.
-constexpr double kAcrossSplits = 1e-3;
-
 // Per tensor, relative to its norm: ||got - want|| <= rtol ||want|| (one element of an Adam-trained
 // tensor may move by more, relative to itself, when the rounding of its sums differs).
 void require_same_adapter(const nn::StateDict& got, const nn::StateDict& want, double rtol = 1e-5) {
@@ -109,7 +104,7 @@ TEST_CASE("fully_shard: a QLoRA Llama at worlds 2, 3 and 4 trains as one process
     // to ~6e-5 of their norm in 20 steps (one process accumulating 4 micro-batches of 3 moves exactly as far
     // as world 4 does). Against one process accumulating the same micro-batches in the order the ranks'
     // reduction sums them (rank by rank), the difference is rounding only.
-    require_same_adapter(got.adapter, want.adapter, kAcrossSplits);
+    require_same_adapter(got.adapter, want.adapter, test::kAcrossSplits);
     if (c.grad_accum == 1) {
       test::FsdpRun same = ref;
       same.batch = c.batch;
@@ -292,7 +287,7 @@ TEST_CASE("fully_shard: a sharded checkpoint resumes at another world size (2 ->
     second.resume = true;
     const test::FsdpResult b = test::fsdp_train(docs, second);
     require_same_losses(b.losses, want.losses, 3);
-    require_same_adapter(b.adapter, want.adapter, kAcrossSplits);  // sums split otherwise than the batch of 12 (see above)
+    require_same_adapter(b.adapter, want.adapter, test::kAcrossSplits);  // sums split otherwise than the batch of 12 (see above)
   }
 
   // A checkpoint missing a rank's shard is refused, naming the file.
@@ -337,7 +332,7 @@ TEST_CASE("fully_shard: at the end of the data, ranks short of a micro-batch run
   run.batch = 3;
   const test::FsdpResult got = test::fsdp_train(docs, run);
   require_same_losses(got.losses, want.losses);
-  require_same_adapter(got.adapter, want.adapter, kAcrossSplits);
+  require_same_adapter(got.adapter, want.adapter, test::kAcrossSplits);
 }
 
 TEST_CASE("fully_shard: rank 0 writes the PEFT adapter of the sharded model as one process writes its own", "[dist]") {
