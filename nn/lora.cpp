@@ -2,6 +2,7 @@
 #include "nn/lora.h"
 #include "core/file_io.h"
 
+#include <cctype>
 #include <cmath>
 #include <filesystem>
 #include <map>
@@ -55,7 +56,23 @@ namespace {
 // target_regex compiled (ECMAScript, as std::regex reads it); a malformed pattern is a kiln::Error. With
 // libstdc++ the match runs as a Thompson NFA (its __polynomial flag: time linear in the path for a given
 // pattern), not by backtracking, which takes exponential time on patterns like "(a?){30}a{30}".
+// libstdc++ 12's regex compiler overflows a signed integer (undefined behaviour) reading a long number in a
+// back-reference ("\\2222222222222222222") or a repetition ("a{99999999999999999999}"): refused first. The
+// NFA match has no back-references anyway, and PEFT's module-name patterns need neither.
 std::regex compile_target_regex(const std::string& pattern) {
+  for (size_t i = 0; i < pattern.size(); ++i) {
+    if (pattern[i] == '\\') {
+      KILN_CHECK(i + 1 == pattern.size() || !std::isdigit(static_cast<unsigned char>(pattern[i + 1])), "lora",
+                 "target_modules regex '{}': back-references (\\1) are not supported", pattern);
+      ++i;
+    } else if (pattern[i] == '{') {
+      size_t digits = 0;
+      for (size_t j = i + 1; j < pattern.size() && pattern[j] != '}'; ++j) {
+        digits = std::isdigit(static_cast<unsigned char>(pattern[j])) ? digits + 1 : 0;
+        KILN_CHECK(digits <= 4, "lora", "target_modules regex '{}': a repetition count above 9999", pattern);
+      }
+    }
+  }
 #ifdef __GLIBCXX__
   constexpr auto flags = std::regex_constants::ECMAScript | std::regex_constants::__polynomial;
 #else
@@ -126,7 +143,10 @@ LoraConfig LoraConfig::from_peft_json(const std::string& text, const std::string
   try {
     KILN_CHECK(j.is_object() && j.value("peft_type", std::string("LORA")) == "LORA", "adapter",
                "{}: expected a LORA adapter config, found peft_type {}", source, j.is_object() ? j.value("peft_type", std::string("?")) : "?");
-    c.r = j.at("r").get<int64_t>();
+    const json& r = j.at("r");  // a JSON integer: nlohmann's get<int64_t>() of 6.5e40 is undefined behaviour
+    KILN_CHECK(r.is_number_integer() && (!r.is_number_unsigned() || r.get<uint64_t>() <= INT64_MAX), "adapter",
+               "{}: r must be an integer, found {}", source, r.is_primitive() ? r.dump() : r.type_name());
+    c.r = r.get<int64_t>();
     c.alpha = j.at("lora_alpha").get<double>();
     c.dropout = j.value("lora_dropout", 0.0);
     c.use_rslora = j.value("use_rslora", false);

@@ -231,6 +231,11 @@ TEST_CASE("lora: target_modules as a regex (PEFT's string form); bad or catastro
   c.target_regex = "(q|v_proj";
   CHECK_THROWS_WITH(c.validate(), ContainsSubstring("[lora] target_modules regex '(q|v_proj' does not compile"));
   CHECK_THROWS_WITH(c.matches("q_proj"), ContainsSubstring("does not compile"));
+  // Numbers libstdc++'s regex compiler would overflow on are refused before it sees them.
+  c.target_regex = R"((q)\2222222222222222222)";
+  CHECK_THROWS_WITH(c.validate(), ContainsSubstring("back-references"));
+  c.target_regex = "q_proj{99999999999999999999}";
+  CHECK_THROWS_WITH(c.validate(), ContainsSubstring("a repetition count above 9999"));
   // Backtracking would take 2^40 steps here; the match runs as an NFA instead (libstdc++).
   c.target_regex = "(a?){40}a{40}";
   CHECK(c.matches(std::string(40, 'a')));
