@@ -57,17 +57,28 @@ NF4Weight read_impl(const Getter& get, const std::string& w_key) {
     KILN_CHECK(st.contains(name), kOp, "{}: the quant state has no \"{}\"", state_key, name);
     return st.at(name);
   };
+  // Integers only from JSON integers, the offset only if a float holds it: nlohmann's get<int64_t>() of 1e80
+  // and a cast of 1e300 to float are undefined behaviour.
+  auto integer = [&](const json& v, const char* name) -> int64_t {
+    KILN_CHECK(v.is_number_integer() && (!v.is_number_unsigned() || v.get<uint64_t>() <= INT64_MAX), kOp,
+               "{}: \"{}\" must be an integer, found {}", state_key, name, v.is_primitive() ? v.dump() : v.type_name());
+    return v.get<int64_t>();
+  };
   NF4Weight q;
   try {
     const std::string qt = field("quant_type").get<std::string>();
     KILN_CHECK(qt == "nf4", kOp, "{}: quant_type must be \"nf4\", found \"{}\"", state_key, qt);
-    q.blocksize = field("blocksize").get<int64_t>();
+    q.blocksize = integer(field("blocksize"), "blocksize");
     q.dtype = dtype_from_torch(state_key, field("dtype").get<std::string>());
-    q.shape = field("shape").get<std::vector<int64_t>>();
+    q.shape.clear();
+    for (const json& d : field("shape").get_ref<const json::array_t&>()) q.shape.push_back(integer(d, "shape"));
     q.double_quant = st.contains("nested_blocksize") || st.contains("nested_offset");
     if (q.double_quant) {
-      q.nested_blocksize = field("nested_blocksize").get<int64_t>();
-      q.offset = static_cast<float>(field("nested_offset").get<double>());
+      q.nested_blocksize = integer(field("nested_blocksize"), "nested_blocksize");
+      const double offset = field("nested_offset").get<double>();
+      KILN_CHECK(std::isfinite(offset) && std::fabs(offset) <= 3.4e38, kOp, "{}: nested_offset {} is not a float32",
+                 state_key, offset);
+      q.offset = static_cast<float>(offset);
       const std::string nd = field("nested_dtype").get<std::string>();
       KILN_CHECK(nd == "float32", kOp, "{}: nested_dtype must be \"float32\", found \"{}\"", state_key, nd);
     }
@@ -79,8 +90,12 @@ NF4Weight read_impl(const Getter& get, const std::string& w_key) {
   KILN_CHECK(q.nested_blocksize > 0 && (q.nested_blocksize & (q.nested_blocksize - 1)) == 0, kOp,
              "{}: nested_blocksize must be a power of two, found {}", state_key, q.nested_blocksize);
   KILN_CHECK(!q.shape.empty(), kOp, "{}: shape is empty", state_key);
-  for (int64_t d : q.shape)
+  int64_t numel = 1;
+  for (int64_t d : q.shape) {
     KILN_CHECK(d > 0, kOp, "{}: shape ({}) has a non-positive dim", state_key, fmt::join(q.shape, ", "));
+    KILN_CHECK(!__builtin_mul_overflow(numel, d, &numel) && numel < (int64_t{1} << 53), kOp,
+               "{}: shape ({}) has too many elements", state_key, fmt::join(q.shape, ", "));
+  }
 
   const int64_t n = q.numel();
   const Tensor packed = get(w_key);
