@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <catch2/catch_get_random_seed.hpp>
 #include <cmath>
+#include <random>
 #include <unistd.h>
 #include <sstream>
 #include <fstream>
@@ -354,6 +355,19 @@ std::string read_file(const std::filesystem::path& path) {
   std::stringstream ss;
   ss << in.rdbuf();
   return ss.str();
+}
+
+std::vector<data::Document> random_documents(int n, uint64_t seed, int64_t vocab) {
+  std::mt19937_64 rng(seed);
+  std::vector<data::Document> docs(static_cast<size_t>(n));
+  for (data::Document& d : docs) {
+    const size_t len = 12 + data::bounded_draw(rng, 36), prompt = data::bounded_draw(rng, len / 2);
+    for (size_t i = 0; i < len; ++i) {
+      d.ids.push_back(static_cast<int32_t>(1 + data::bounded_draw(rng, static_cast<uint64_t>(vocab - 1))));
+      d.loss.push_back(i > prompt ? 1 : 0);
+    }
+  }
+  return docs;
 }
 
 nn::LlamaConfig tiny_llama_config(int64_t layers) {

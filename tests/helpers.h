@@ -11,6 +11,7 @@
 #include "autograd/grad_mode.h"
 #include "core/dispatch.h"
 #include "core/ops.h"
+#include "data/packing.h"
 #include "nn/llama.h"
 
 namespace kiln::test {
@@ -59,6 +60,9 @@ std::filesystem::path shared_data(const std::string& relative);
 std::filesystem::path scratch_dir(const std::string& prefix, const std::string& name);
 // A whole file's bytes ("" when it cannot be read).
 std::string read_file(const std::filesystem::path& path);
+
+// n documents of 12..47 random ids in [1, vocab), each with a random masked prefix (a prompt).
+std::vector<data::Document> random_documents(int n, uint64_t seed, int64_t vocab);
 
 // A tiny Llama (vocab 41, hidden 32, MLP 48, 4 heads of 8, 2 KV heads, llama3 RoPE scaling) with
 // `layers` decoder layers.

@@ -27,20 +27,6 @@ namespace {
 
 uint64_t test_seed(uint64_t k) { return data::mix_seed(Catch::getSeed(), k); }
 
-// n documents of 12..47 random ids in [1, vocab), each with a random masked prefix (a prompt).
-std::vector<data::Document> random_docs(int n, uint64_t seed, int64_t vocab) {
-  std::mt19937_64 rng(seed);
-  std::vector<data::Document> docs(static_cast<size_t>(n));
-  for (data::Document& d : docs) {
-    const size_t len = 12 + data::bounded_draw(rng, 36), prompt = data::bounded_draw(rng, len / 2);
-    for (size_t i = 0; i < len; ++i) {
-      d.ids.push_back(static_cast<int32_t>(1 + data::bounded_draw(rng, static_cast<uint64_t>(vocab - 1))));
-      d.loss.push_back(i > prompt ? 1 : 0);
-    }
-  }
-  return docs;
-}
-
 struct RigSpec {
   uint64_t seed = 0;
   bool lora = true;
@@ -129,8 +115,8 @@ struct GradCapture : train::DataParallel {
 
 TEST_CASE("trainer: 3 steps, stop, resume, 3 steps equal 6 steps bit for bit (LoRA dropout on)", "[trainer]") {
   const fs::path root = test::scratch_dir("trainer", "resume");
-  const auto docs = random_docs(24, test_seed(1), 4096);
-  const auto eval_docs = random_docs(6, test_seed(2), 4096);
+  const auto docs = test::random_documents(24, test_seed(1), 4096);
+  const auto eval_docs = test::random_documents(6, test_seed(2), 4096);
   auto options = [&](const std::string& out) {
     train::TrainerOptions o;
     o.max_steps = 6;
@@ -242,7 +228,7 @@ extern "C" void stop_on_signal(int) {
 
 TEST_CASE("trainer: a stop request (from a signal handler) writes a checkpoint; resume continues", "[trainer]") {
   const fs::path root = test::scratch_dir("trainer", "stop");
-  const auto docs = random_docs(16, test_seed(7), 4096);
+  const auto docs = test::random_documents(16, test_seed(7), 4096);
   train::TrainerOptions o;
   o.max_steps = 4;
   o.output = (root / "run").string();
@@ -287,8 +273,8 @@ TEST_CASE("trainer: a stop request (from a signal handler) writes a checkpoint; 
 }
 
 TEST_CASE("trainer: eval loss is the token-weighted mean over the held-out batches, in eval mode", "[trainer]") {
-  const auto docs = random_docs(8, test_seed(10), 4096);
-  const auto eval_docs = random_docs(9, test_seed(11), 4096);
+  const auto docs = test::random_documents(8, test_seed(10), 4096);
+  const auto eval_docs = test::random_documents(9, test_seed(11), 4096);
   train::TrainerOptions o;
   o.eval_data = eval_stream(eval_docs);
   o.eval_batches = 3;
@@ -347,12 +333,12 @@ TEST_CASE("trainer: callbacks fire in order with the right step numbers", "[trai
   train::TrainerOptions o;
   o.max_steps = 5;
   o.schedule.emplace("linear", 1e-2, 1, 5);
-  o.eval_data = eval_stream(random_docs(4, test_seed(13), 4096));
+  o.eval_data = eval_stream(test::random_documents(4, test_seed(13), 4096));
   o.eval_every = 2;
   o.save_every = 4;
   o.log_every = 2;
   o.output = (root / "run").string();
-  Rig rig = make_rig(random_docs(16, test_seed(14), 4096), {.seed = test_seed(15)}, o);
+  Rig rig = make_rig(test::random_documents(16, test_seed(14), 4096), {.seed = test_seed(15)}, o);
   std::vector<std::string> log;
   rig.trainer->add_callback(std::make_shared<Recorder>(log, ""));
   rig.trainer->add_callback(std::make_shared<Recorder>(log, "2:"));
@@ -371,7 +357,7 @@ TEST_CASE("trainer: callbacks fire in order with the right step numbers", "[trai
 
 TEST_CASE("trainer: corrupt, missing or mismatched checkpoints are clear errors", "[trainer]") {
   const fs::path root = test::scratch_dir("trainer", "bad");
-  const auto docs = random_docs(12, test_seed(16), 4096);
+  const auto docs = test::random_documents(12, test_seed(16), 4096);
   train::TrainerOptions o;
   o.max_steps = 2;
   o.output = (root / "run").string();
@@ -493,8 +479,8 @@ struct ThreadRank : train::DataParallel {
 
 TEST_CASE("trainer: two data-parallel ranks train as one process with twice the accumulation", "[trainer]") {
   const fs::path root = test::scratch_dir("trainer", "dp");
-  const auto docs = random_docs(24, test_seed(18), 4096);
-  const auto eval_docs = random_docs(6, test_seed(19), 4096);
+  const auto docs = test::random_documents(24, test_seed(18), 4096);
+  const auto eval_docs = test::random_documents(6, test_seed(19), 4096);
   const RigSpec spec{.seed = test_seed(20), .dropout = 0.0};
   auto options = [&](const std::string& out) {
     train::TrainerOptions o;
@@ -548,7 +534,7 @@ TEST_CASE("trainer: two data-parallel ranks train as one process with twice the 
 }
 
 TEST_CASE("trainer: the compile hook wraps the loss once; a custom loss replaces the default", "[trainer]") {
-  const auto docs = random_docs(12, test_seed(21), 4096);
+  const auto docs = test::random_documents(12, test_seed(21), 4096);
   int compiled = 0, calls = 0;
   train::TrainerOptions o;
   o.max_steps = 2;

@@ -50,20 +50,6 @@ std::vector<std::string> leftovers(const fs::path& output, const std::string& su
   return out;
 }
 
-// n documents of 12..47 random ids in [1, vocab), each with a random masked prefix (as test_trainer.cpp).
-std::vector<data::Document> random_docs(int n, uint64_t seed, int64_t vocab) {
-  std::mt19937_64 rng(seed);
-  std::vector<data::Document> docs(static_cast<size_t>(n));
-  for (data::Document& d : docs) {
-    const size_t len = 12 + data::bounded_draw(rng, 36), prompt = data::bounded_draw(rng, len / 2);
-    for (size_t i = 0; i < len; ++i) {
-      d.ids.push_back(static_cast<int32_t>(1 + data::bounded_draw(rng, static_cast<uint64_t>(vocab - 1))));
-      d.loss.push_back(i > prompt ? 1 : 0);
-    }
-  }
-  return docs;
-}
-
 // A tiny Llama with LoRA (dropout on), AdamW, its training stream (endless epochs) and the Trainer.
 struct Rig {
   std::shared_ptr<nn::Llama> model;
@@ -144,7 +130,7 @@ void require_previous_intact(const fs::path& output, const std::vector<data::Doc
 
 TEST_CASE("trainer drills: a failed checkpoint write keeps the previous checkpoint and says why", "[trainer][drills]") {
   const fs::path root = test::scratch_dir("drills", "write");
-  const auto docs = random_docs(16, test_seed(1), 4096);
+  const auto docs = test::random_documents(16, test_seed(1), 4096);
   const uint64_t seed = test_seed(2);
 
   SECTION("an injected failure in the middle of the folder (after the adapter, at the optimizer state)") {
@@ -211,7 +197,7 @@ TEST_CASE("trainer drills: a failed checkpoint write keeps the previous checkpoi
 TEST_CASE("trainer drills: a read-only output folder fails the checkpoint with the OS reason", "[trainer][drills]") {
   if (::geteuid() == 0) SKIP("running as root: permissions do not stop writes (the EFBIG and injected drills cover it)");
   const fs::path root = test::scratch_dir("drills", "readonly");
-  const auto docs = random_docs(16, test_seed(4), 4096);
+  const auto docs = test::random_documents(16, test_seed(4), 4096);
   const uint64_t seed = test_seed(5);
   const fs::path out = root / "run";
   Rig rig = make_rig(docs, seed, drill_options(out, 3));
@@ -302,7 +288,7 @@ TEST_CASE("trainer drills: (child) train and block mid-checkpoint", "[.][drills-
   const std::string output = drill_env("KILN_DRILL_OUTPUT"), pause_at = drill_env("KILN_DRILL_PAUSE_AT");
   if (output.empty()) SKIP("run by the kill -9 drill, which sets KILN_DRILL_*");
   const int fd = std::atoi(drill_env("KILN_DRILL_FD"));
-  const auto docs = random_docs(16, test_seed(6), 4096);
+  const auto docs = test::random_documents(16, test_seed(6), 4096);
   Rig rig = make_rig(docs, test_seed(7), drill_options(output, 3));
   bool armed = false;  // from the first path of checkpoint-2 on (checkpoint-1's save passes the same tails)
   HookGuard hook([&](const std::string& path) {
@@ -324,7 +310,7 @@ TEST_CASE("trainer drills: (child) train and block mid-checkpoint", "[.][drills-
 TEST_CASE("trainer drills: kill -9 during a checkpoint write; resume starts from the last complete checkpoint",
           "[trainer][drills]") {
   const fs::path root = test::scratch_dir("drills", "kill");
-  const auto docs = random_docs(16, test_seed(6), 4096);
+  const auto docs = test::random_documents(16, test_seed(6), 4096);
   const uint64_t seed = test_seed(7);
   // The uninterrupted run every resumed one must match, loss for loss.
   const train::FitResult reference = make_rig(docs, seed, drill_options(root / "reference", 3)).trainer->fit();
@@ -424,7 +410,7 @@ struct SkipLog : train::Callback {
 TEST_CASE("trainer drills: a NaN/inf loss or gradient stops with the step and the tensor, or is skipped and counted",
           "[trainer][drills]") {
   const fs::path root = test::scratch_dir("drills", "nonfinite");
-  const auto docs = random_docs(16, test_seed(8), 4096);
+  const auto docs = test::random_documents(16, test_seed(8), 4096);
   const uint64_t seed = test_seed(9);
   auto poison = std::make_shared<Poison>();
   auto options = [&](const std::string& out, int64_t steps) {
