@@ -120,20 +120,6 @@ template <class T, class F> __device__ __forceinline__ T kiln_block_reduce(T v, 
 }
 )";
 
-const char* dtype_tag(DType d) {
-  switch (d) {
-    case DType::f64: return "f64";
-    case DType::f32: return "f32";
-    case DType::bf16: return "bf16";
-    case DType::f16: return "f16";
-    case DType::i64: return "i64";
-    case DType::i32: return "i32";
-    case DType::u8: return "u8";
-    case DType::boolean: return "bool";
-  }
-  return "f32";
-}
-
 // How a tensor of dtype d stores an element, and the conversions between that and its compute type
 // (the same as kiln_ld_* / kiln_st_*).
 const char* raw_type(DType d) {
@@ -271,7 +257,7 @@ class Emitter {
     switch (in.op) {
       case Op::load:
         if (vector_loop_ && vector_slot(in.slot)) return from_raw(in.dtype, fmt::format("in{}[u]", in.slot));
-        return fmt::format("kiln_ld_{}(p{}, {})", dtype_tag(in.dtype), in.slot, off(in.slot));
+        return fmt::format("kiln_ld_{}(p{}, {})", dtype_name(in.dtype), in.slot, off(in.slot));
       case Op::constant: return literal(in.value, in.dtype);
       case Op::row_length: return converted("(kiln_i64)D", DType::i64, in.dtype);
       case Op::unary:
@@ -376,7 +362,7 @@ class Emitter {
     for (size_t i = 0; i < p_.instrs.size(); ++i)
       line(2, "const {} r{} = {};", ctype(at(static_cast<int>(i)).dtype), i, expr(static_cast<int>(i), off, "i"));
     for (size_t k = 0; k < p_.outputs.size(); ++k)
-      line(2, "kiln_st_{}(o{}, i, r{});", dtype_tag(at(p_.outputs[k].instr).dtype), k, p_.outputs[k].instr);
+      line(2, "kiln_st_{}(o{}, i, r{});", dtype_name(at(p_.outputs[k].instr).dtype), k, p_.outputs[k].instr);
     line(1, "}}");
   }
 
@@ -484,7 +470,7 @@ class Emitter {
         line(body, "const {} r{} = {};", ctype(in.dtype), i, expr(static_cast<int>(i), eoff, "r * D + j"));
         if (element_output[i] >= 0 && in.stage == pass) {
           if (nv > 1) line(body, "out{}[u] = {};", element_output[i], to_raw(in.dtype, reg(static_cast<int>(i))));
-          else line(body, "kiln_st_{}(o{}, r * D + j, r{});", dtype_tag(in.dtype), element_output[i], i);
+          else line(body, "kiln_st_{}(o{}, r * D + j, r{});", dtype_name(in.dtype), element_output[i], i);
         }
       }
       for (int i : reds) {
@@ -509,7 +495,7 @@ class Emitter {
     line(2, "if (threadIdx.x == 0) {{");
     for (size_t k = 0; k < p_.outputs.size(); ++k)
       if (p_.outputs[k].level == Level::row)
-        line(3, "kiln_st_{}(o{}, r, r{});", dtype_tag(at(p_.outputs[k].instr).dtype), k, p_.outputs[k].instr);
+        line(3, "kiln_st_{}(o{}, r, r{});", dtype_name(at(p_.outputs[k].instr).dtype), k, p_.outputs[k].instr);
     line(2, "}}");
     line(1, "}}");
   }

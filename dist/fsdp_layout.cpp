@@ -81,17 +81,6 @@ Tensor typed_view(const Tensor& bytes, size_t byte_offset, const Shape& shape, D
   return Tensor(impl);
 }
 
-void point_at(const Tensor& target, const Tensor& value) {
-  TensorImpl& t = target.impl_ref();
-  const TensorImpl& v = value.impl_ref();
-  t.storage = v.storage;
-  t.offset = v.offset;
-  t.shape = v.shape;
-  t.strides = v.strides;
-  t.dtype = v.dtype;
-  t.device = v.device;
-}
-
 void copy_rows_to_shard(const FsdpTensor& t, const Tensor& full, int rank) {
   if (t.replicated) return;
   const int64_t start = static_cast<int64_t>(rank) * t.shard_rows;

@@ -50,9 +50,6 @@ FsdpSizes plan_layout(std::vector<FsdpTensor>& tensors, int world, int64_t repli
 
 // A tensor of `dtype` and contiguous `shape` viewing `bytes` (a u8 tensor) from `byte_offset` on.
 Tensor typed_view(const Tensor& bytes, size_t byte_offset, const Shape& shape, DType dtype);
-// Points `target`'s impl at `value`'s data (storage, offset, shape, strides, dtype, device), keeping its
-// identity, requires_grad and grad (nn::assign_data without dropping the gradient).
-void point_at(const Tensor& target, const Tensor& value);
 
 // Copies rank `rank`'s rows of `full` (the tensor's full shape) into t.shard, zeroing the padding.
 void copy_rows_to_shard(const FsdpTensor& t, const Tensor& full, int rank);

@@ -205,7 +205,7 @@ void FsdpUnit::shard_tensors() {
     }
     t.shard = typed_view(flat_, t.shard_offset, t.shard_shape(), t.dtype);
     copy_rows_to_shard(t, t.tensor.detach(), rank);
-    point_at(t.tensor, t.shard);  // the full data is freed unless held elsewhere
+    nn::point_at(t.tensor, t.shard);  // the full data is freed unless held elsewhere
   }
 }
 
@@ -249,7 +249,7 @@ void FsdpUnit::unshard() {
   for (FsdpTensor& t : tensors_) {
     if (t.replicated) continue;
     t.full = unpack_gathered(t, gathered_, sizes_.shard_bytes, group_->size());
-    point_at(t.tensor, t.full);
+    nn::point_at(t.tensor, t.full);
   }
   gathered_ = Tensor();
   state_ = State::gathered;
@@ -267,7 +267,7 @@ void FsdpUnit::reshard() {
   for (FsdpTensor& t : tensors_) {
     if (t.replicated) continue;
     t.full_version = t.full.storage()->version();
-    point_at(t.tensor, t.shard);
+    nn::point_at(t.tensor, t.shard);
     t.full = Tensor();  // freed, unless autograd saved a view of it for backward
   }
   state_ = State::sharded;

@@ -228,15 +228,15 @@ void save_adapter_sharded(FsdpUnit& root, nn::Module& model, const nn::LoraConfi
     std::vector<std::pair<Tensor, Tensor>> restore;  // (parameter, its own data)
     for (const auto& [name, p] : model.named_trainable_parameters()) {
       restore.emplace_back(p, p.detach());
-      point_at(p, full.at(name));
+      nn::point_at(p, full.at(name));
     }
     try {
       nn::save_adapter(model, config, dir);
     } catch (...) {
-      for (auto& [p, own] : restore) point_at(p, own);
+      for (auto& [p, own] : restore) nn::point_at(p, own);
       throw;
     }
-    for (auto& [p, own] : restore) point_at(p, own);
+    for (auto& [p, own] : restore) nn::point_at(p, own);
   }
   root.group().barrier().wait();
 }

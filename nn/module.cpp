@@ -17,7 +17,7 @@ std::string join(const std::string& prefix, const std::string& name) { return pr
 
 }  // namespace
 
-void assign_data(const Tensor& target, const Tensor& value) {
+void point_at(const Tensor& target, const Tensor& value) {
   TensorImpl& t = target.impl_ref();
   const TensorImpl& v = value.impl_ref();
   t.storage = v.storage;
@@ -26,7 +26,11 @@ void assign_data(const Tensor& target, const Tensor& value) {
   t.strides = v.strides;
   t.dtype = v.dtype;
   t.device = v.device;
-  t.grad.reset();
+}
+
+void assign_data(const Tensor& target, const Tensor& value) {
+  point_at(target, value);
+  target.impl_ref().grad.reset();
 }
 
 namespace {

@@ -178,8 +178,10 @@ class ModuleList : public Module {
   int64_t size_ = 0;
 };
 
-// Replaces a tensor's data in place (storage, layout, dtype, device), keeping its identity and
-// requires_grad; used by Module::to and by loaders. Drops the gradient.
+// Points `target`'s impl at `value`'s data (storage, offset, shape, strides, dtype, device), keeping its
+// identity, requires_grad and gradient (fully_shard swaps parameters between shard and full views so).
+void point_at(const Tensor& target, const Tensor& value);
+// point_at, and drops the gradient: used by Module::to and by loaders.
 void assign_data(const Tensor& target, const Tensor& value);
 
 }  // namespace kiln::nn
