@@ -207,13 +207,15 @@ int main(int argc, char** argv) {
   }
   auto& layer = model.model().child_as<kiln::nn::ModuleList>("layers").at<kiln::nn::LlamaDecoderLayer>(0);
   const Tensor x = kiln::randn({1, t, c.hidden_size}, kiln::DType::bf16, kGPU);
-  const Tensor xg = x.detach().set_requires_grad(true);
+  Tensor xg = x.detach().set_requires_grad(true);
   const Tensor g = kiln::randn({1, t, c.hidden_size}, kiln::DType::bf16, kGPU);
   auto forward = [&] {
     kiln::autograd::NoGradGuard ng;
     (void)layer(x);
   };
-  auto train = [&] {
+  auto train = [&] {  // as a training step has it: gradients start empty (the optimizer's zero_grad)
+    layer.zero_grad();
+    xg.zero_grad();
     Tensor y = layer(xg);
     y.backward(g);
   };

@@ -2,7 +2,7 @@
 // 128256, H = 4096, bf16): kiln's naive head (matmul -> cast f32 -> cross_entropy -> backward)
 // against nn::chunked_linear_loss, frozen and trainable weight: time, effective TFLOP/s (2*N*H*V per
 // matmul pass: frozen = 2 passes, trainable = 3) and peak extra memory from the allocator's stats;
-// then the time of one chunk's parts. Usage: cuda_chunked_loss [iterations] [tokens] (tokens: only
+// then the time of one chunk's parts, generic and fused (the built-in cross-entropy). Usage: cuda_chunked_loss [iterations] [tokens] (tokens: only
 // that row group, 16384 or 65536)
 #include <cstdio>
 #include <cstdlib>
@@ -34,11 +34,15 @@ Tensor naive_head(const Tensor& x, const Tensor& w, const Tensor& t) {
   return kiln::cross_entropy(kiln::cast(kiln::matmul(x, kiln::transpose(w, 0, 1)), DType::f32), t);  // (N, V) x2
 }
 
-Head chunked_head(size_t budget) {
-  return [budget](const Tensor& x, const Tensor& w, const Tensor& t) {
+// The built-in cross-entropy (the fused path); with `generic`, the same loss behind a lambda, which
+// takes the generic path (f32 logits, autograd on each chunk).
+Head chunked_head(size_t budget, bool generic = false) {
+  return [budget, generic](const Tensor& x, const Tensor& w, const Tensor& t) {
     nn::ChunkedLossOptions o;
     o.memory_budget_bytes = budget;
-    return nn::chunked_linear_loss(x, w, t, nn::cross_entropy_loss(), o);
+    const nn::LossFn ce = nn::cross_entropy_loss();
+    const nn::LossFn fn = generic ? nn::LossFn([ce](const Tensor& l, const Tensor& y) { return ce(l, y); }) : ce;
+    return nn::chunked_linear_loss(x, w, t, fn, o);
   };
 }
 
@@ -115,6 +119,26 @@ void parts(int64_t c) {
        kiln::bench::time_ms([&] { dh = kiln::matmul(kiln::transpose(dl16, 0, 1), x); }, 20), mm);
 }
 
+// One chunk of the fused path (frozen weight): the logits GEMM, the loss-and-gradient kernel in
+// place (bytes: the bf16 logits read twice and written once), d(hidden) rows by a GEMM into place.
+void fused_parts(int64_t c) {
+  kiln::autograd::NoGradGuard no_grad;
+  Tensor x = kiln::randn({c, kH}, DType::bf16, kGPU);
+  Tensor w = kiln::mul(kiln::randn({kV, kH}, DType::bf16, kGPU), 0.02);
+  Tensor t = kiln::randint(0, kV, {c}, DType::i64, kGPU);
+  Tensor wt = kiln::transpose(w, 0, 1);
+  Tensor scale = kiln::scalar_tensor(1.0 / static_cast<double>(c), DType::f32, kGPU);
+  Tensor l16 = kiln::matmul(x, wt), dh = kiln::empty({c, kH}, DType::bf16, kGPU);
+  const double mm = 2.0 * static_cast<double>(c) * kH * kV, bytes = 3.0 * static_cast<double>(c) * kV * 2;
+  std::printf("one chunk of %lld tokens, fused cross-entropy (frozen weight), parts:\n", static_cast<long long>(c));
+  const double g1 = kiln::bench::time_ms([&] { kiln::matmul_into(l16, x, wt); }, 20);
+  std::printf("  %-44s %8.3f ms %8.1f TFLOP/s\n", "logits = x @ W^T (bf16, into place)", g1, mm / (g1 * 1e-3) / 1e12);
+  const double k = kiln::bench::time_ms([&] { (void)kiln::cross_entropy_loss_grad_(l16, t, scale); }, 20);
+  std::printf("  %-44s %8.3f ms %8.1f GB/s\n", "loss + dlogits in place (one kernel)", k, bytes / (k * 1e-3) / 1e9);
+  const double g2 = kiln::bench::time_ms([&] { kiln::matmul_into(dh, l16, w); }, 20);
+  std::printf("  %-44s %8.3f ms %8.1f TFLOP/s\n", "dh = dlogits @ W (bf16, into place)", g2, mm / (g2 * 1e-3) / 1e12);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -136,14 +160,16 @@ int main(int argc, char** argv) {
     for (bool trainable : {false, true}) {
       double ref = 0;
       row("naive (full logits)", n, trainable, naive_head, weight, &ref);
-      row("chunked (1 GiB budget)", n, trainable, chunked_head(size_t{1} << 30), weight, &ref);
-      if (n == 16384) {
-        row("chunked (256 MiB budget)", n, trainable, chunked_head(size_t{256} << 20), weight, &ref);
-        row("chunked (2 GiB budget)", n, trainable, chunked_head(size_t{2} << 30), weight, &ref);
-        row("chunked (4 GiB budget)", n, trainable, chunked_head(size_t{4} << 30), weight, &ref);
+      row("generic path (1 GiB budget)", n, trainable, chunked_head(size_t{1} << 30, true), weight, &ref);
+      for (size_t mib : {128, 256, 512, 1024, 2048}) {  // fused: chunks of 512 .. 8192 tokens
+        if (n != 16384 && mib != 2048) continue;
+        const std::string name = "fused CE (" + std::to_string(mib) + " MiB: chunk " +
+                                 std::to_string(nn::chunked_loss_chunk_size(kV, DType::bf16, mib << 20, true)) + ")";
+        row(name, n, trainable, chunked_head(mib << 20), weight, &ref);
       }
     }
   }
   parts(nn::chunked_loss_chunk_size(kV, DType::bf16, size_t{1} << 30));
+  fused_parts(nn::chunked_loss_chunk_size(kV, DType::bf16, size_t{256} << 20, true));
   return 0;
 }

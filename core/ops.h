@@ -137,6 +137,9 @@ Tensor log_softmax(const Tensor& x, int64_t dim);
 // (..., M, K) @ (..., K, N) -> (..., M, N), batch dims broadcast; both at least 2-d.
 Tensor matmul(const Tensor& a, const Tensor& b);
 Tensor matmul_add(const Tensor& a, const Tensor& b, const Tensor& c);  // a @ b + c in the GEMM (c: the product's shape)
+// out = a @ b, or out += a @ b with `accumulate` (the addend of the GEMM, one rounding), written into
+// `out` (contiguous, the product's shape and dtype): no new buffer. Not recorded by autograd.
+void matmul_into(const Tensor& out, const Tensor& a, const Tensor& b, bool accumulate = false);
 
 // ---- neural-network ops, one family each in core/ops/: embedding (indexing.cpp), rms_norm (norm.cpp),
 // rotary_embedding (rope.cpp), scaled_dot_product_attention (attention.cpp), cross_entropy (loss.cpp),
@@ -167,6 +170,15 @@ Tensor cross_entropy_composite(const Tensor& logits, const Tensor& targets, int6
 // out-of-bounds read). The backward of either form never re-checks.
 Tensor cross_entropy_unchecked(const Tensor& logits, const Tensor& targets, int64_t ignore_index = -100,
                                Reduction reduction = Reduction::mean);
+// Cross-entropy's loss and gradient in one pass, in place, for a chunked loss head: logits (N, V) float
+// (contiguous), targets (N) int already validated (each ignore_index or in [0, V)), scale a 0-d float
+// tensor. Per row, with lse = logsumexp(row), s = label_smoothing, z = z_loss_weight: returns the
+// loss (1 - s)(lse - x_t) + s(lse - mean(row)) + z lse^2 as (N) in the compute dtype (f32; f64 for
+// f64) and overwrites the row with scale * d(loss)/d(row) = scale * (softmax (1 + 2 z lse) - s / V
+// - (1 - s) onehot(t)); ignored rows get loss 0 and a zero gradient. One read of the logits for the
+// statistics, one for the gradient; no second (N, V) buffer.
+Tensor cross_entropy_loss_grad_(const Tensor& logits, const Tensor& targets, const Tensor& scale,
+                                int64_t ignore_index = -100, double label_smoothing = 0.0, double z_loss_weight = 0.0);
 // silu(gate) * up for gate and up of one shape and float dtype (Llama's MLP activation).
 Tensor swiglu(const Tensor& gate, const Tensor& up);
 Tensor swiglu_composite(const Tensor& gate, const Tensor& up);

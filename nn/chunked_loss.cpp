@@ -12,12 +12,30 @@
 #include "autograd/engine.h"
 #include "autograd/function.h"
 #include "autograd/grad_mode.h"
+#include "core/dispatch.h"
 #include "core/error.h"
+#include "core/ops/elementwise.h"
 
 namespace kiln::nn {
 namespace {
 
 constexpr const char* kOp = "chunked_linear_loss";
+
+// The built-in cross-entropy LossFn: a named type, so chunked_linear_loss recognises it (through
+// std::function::target) and runs it as one fused kernel per chunk.
+struct CrossEntropyLossFn {
+  double smoothing = 0.0, z = 0.0;
+  Tensor operator()(const Tensor& logits, const Tensor& targets) const {
+    // Targets are valid classes (checked on the host by chunked_linear_loss, ignored ones replaced
+    // by 0), so neither ignore_index nor the device-side check (a CUDA sync per call) is needed.
+    Tensor loss = cross_entropy_unchecked(logits, targets, -1, Reduction::none);  // (n) nll
+    if (smoothing == 0.0 && z == 0.0) return loss;
+    Tensor lse = logsumexp(logits, {1});  // (n)
+    if (smoothing != 0.0) loss = add(mul(loss, 1.0 - smoothing), mul(sub(lse, mean(logits, {1})), smoothing));
+    if (z != 0.0) loss = add(loss, mul(square(lse), z));
+    return loss;
+  }
+};
 
 // f32 for bf16/f16/f32 inputs, f64 for f64 inputs.
 DType loss_dtype_for(DType compute) { return compute == DType::f64 ? DType::f64 : DType::f32; }
@@ -39,6 +57,9 @@ class ChunkedLinearLossFunction final : public autograd::Function {
   std::vector<Tensor> backward(const std::vector<Tensor>& grad_outputs) override;
 
  private:
+  // The built-in cross-entropy with gradients wanted: one fused kernel per chunk (see the header).
+  std::vector<Tensor> forward_fused(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                                    const CrossEntropyLossFn& ce);
   struct ChunkConstants {
     Tensor zero;  // () in the loss dtype
     Tensor seed;  // () the scale, d(loss)/d(chunk sum)
@@ -53,6 +74,7 @@ class ChunkedLinearLossFunction final : public autograd::Function {
   ChunkedLossOptions options_;
   ChunkPlan plan_;
   Shape hidden_shape_;
+  bool scaled_ = false;  // backward scaled the stored gradients in place
 };
 
 std::pair<Tensor, Tensor> ChunkedLinearLossFunction::chunk_loss(const Tensor& logits_in, const Tensor& safe,
@@ -92,16 +114,55 @@ std::pair<Tensor, Tensor> ChunkedLinearLossFunction::chunk_loss(const Tensor& lo
   return {chunk_sum.detach(), dlogits};
 }
 
+std::vector<Tensor> ChunkedLinearLossFunction::forward_fused(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                                                             const CrossEntropyLossFn& ce) {
+  const int64_t v = weight.size(0), h = weight.size(1), n_tok = x.size(0);
+  const DType cdt = x.dtype(), ldt = loss_dtype_for(cdt);
+  const Device dev = x.device();
+  const Tensor wt = transpose(weight, 0, 1);                    // (H, V) view
+  const Tensor scale = scalar_tensor(plan_.scale, ldt, dev);    // () d(loss)/d(chunk sum)
+  Tensor loss = zeros({}, ldt, dev);                            // the sum of the chunk sums
+  Tensor dh = plan_.need_hidden ? empty({n_tok, h}, cdt, dev) : Tensor();        // (N, H)
+  Tensor dw = plan_.need_weight ? empty({v, h}, weight.dtype(), dev) : Tensor();  // (V, H), accumulated in place
+  Tensor db = plan_.need_bias ? zeros({v}, ldt, dev) : Tensor();                 // (V)
+  bool dw_written = false;
+  for (int64_t s = 0, ci = 0; s < n_tok; s += plan_.chunk, ++ci) {
+    const int64_t n = std::min(plan_.chunk, n_tok - s);
+    if (plan_.valid[static_cast<size_t>(ci)] == 0) {  // every target ignored: no loss, no gradient
+      if (dh.defined()) fill_(narrow(dh, 0, s, n), 0.0);
+      continue;
+    }
+    const Tensor xc = narrow(x, 0, s, n);  // (n, H)
+    Tensor z = matmul(xc, wt);             // (n, V) logits, then (after the kernel) their gradient
+    if (bias.defined()) z = add(z, bias);
+    loss = add(loss, sum(cross_entropy_loss_grad_(z, narrow(targets_, 0, s, n), scale, options_.ignore_index,
+                                                  ce.smoothing, ce.z)));
+    if (db.defined()) db = add(db, sum(cast(z, ldt), {0}));
+    if (dh.defined()) matmul_into(narrow(dh, 0, s, n), z, weight);
+    if (dw.defined()) {
+      matmul_into(dw, transpose(z, 0, 1), xc, dw_written);
+      dw_written = true;
+    }
+  }
+  if (dw.defined() && !dw_written) fill_(dw, 0.0);
+  if (db.defined()) db = cast(db, bias.dtype());
+  save_for_backward({dh, dw, db});
+  return {mul(loss, plan_.scale)};
+}
+
 std::vector<Tensor> ChunkedLinearLossFunction::forward(const std::vector<Tensor>& inputs) {
   const Tensor& weight = inputs[1];  // (V, H)
   const Tensor bias = inputs.size() > 2 ? inputs[2] : Tensor();  // (V)
   hidden_shape_ = inputs[0].shape();
   const int64_t v = weight.size(0), h = weight.size(1);
   const Tensor x = reshape(inputs[0], {-1, h});  // (N, H)
+  const bool any_grad = plan_.need_hidden || plan_.need_weight || plan_.need_bias;
+  if (const auto* ce = loss_fn_.target<CrossEntropyLossFn>(); ce != nullptr && any_grad) {
+    return forward_fused(x, weight, bias, *ce);
+  }
   const int64_t n_tok = x.size(0);
   const DType cdt = x.dtype(), ldt = loss_dtype_for(cdt);
   const Device dev = x.device();
-  const bool any_grad = plan_.need_hidden || plan_.need_weight || plan_.need_bias;
   const Tensor wt = transpose(weight, 0, 1);  // (H, V) view
   const int64_t chunk = plan_.chunk;
   const int64_t n_chunks = (n_tok + chunk - 1) / chunk;
@@ -214,10 +275,18 @@ std::vector<Tensor> ChunkedLinearLossFunction::forward(const std::vector<Tensor>
 
 std::vector<Tensor> ChunkedLinearLossFunction::backward(const std::vector<Tensor>& grad_outputs) {
   const Tensor& g = grad_outputs[0];  // () upstream gradient of the loss
+  KILN_CHECK(!scaled_, kOp,
+             "a second backward through the same loss is not supported: the first scaled the stored gradients in "
+             "place (no second copy of d(weight)); compute the loss again");
+  scaled_ = true;
   const std::vector<Tensor>& st = saved();
   const std::vector<bool>& want = needs_input_grad();
   std::vector<Tensor> grads(want.size());
-  const auto scaled = [&](const Tensor& t) { return mul(t, cast(g, t.dtype())); };
+  const auto scaled = [&](const Tensor& t) {  // t *= g, in place
+    std::vector<Tensor> out{t};
+    dispatch_into(std::make_shared<const prim::Binary>(BinaryOp::mul), {t, cast(g, t.dtype())}, out);
+    return t;
+  };
   if (want[0] && st[0].defined()) grads[0] = reshape(scaled(st[0]), hidden_shape_);
   if (want.size() > 1 && want[1] && st[1].defined()) grads[1] = scaled(st[1]);
   if (want.size() > 2 && want[2] && st[2].defined()) grads[2] = scaled(st[2]);
@@ -226,14 +295,15 @@ std::vector<Tensor> ChunkedLinearLossFunction::backward(const std::vector<Tensor
 
 }  // namespace
 
-size_t chunked_loss_bytes_per_token(int64_t vocab, DType compute_dtype) {
-  const DType ldt = loss_dtype_for(compute_dtype);
-  return static_cast<size_t>(std::max<int64_t>(vocab, 1)) * (2 * itemsize(compute_dtype) + 3 * itemsize(ldt));
+size_t chunked_loss_bytes_per_token(int64_t vocab, DType compute_dtype, bool fused_cross_entropy) {
+  const size_t row = static_cast<size_t>(std::max<int64_t>(vocab, 1));
+  if (fused_cross_entropy) return row * itemsize(compute_dtype);
+  return row * (2 * itemsize(compute_dtype) + 3 * itemsize(loss_dtype_for(compute_dtype)));
 }
 
-int64_t chunked_loss_chunk_size(int64_t vocab, DType compute_dtype, size_t memory_budget_bytes) {
-  const int64_t fit =
-      static_cast<int64_t>(memory_budget_bytes / chunked_loss_bytes_per_token(vocab, compute_dtype));
+int64_t chunked_loss_chunk_size(int64_t vocab, DType compute_dtype, size_t memory_budget_bytes, bool fused_cross_entropy) {
+  const int64_t fit = static_cast<int64_t>(memory_budget_bytes /
+                                           chunked_loss_bytes_per_token(vocab, compute_dtype, fused_cross_entropy));
   if (fit >= 64) return fit / 64 * 64;
   return std::max<int64_t>(fit, 1);
 }
@@ -283,8 +353,9 @@ Tensor chunked_linear_loss(const Tensor& hidden, const Tensor& weight, const Ten
   KILN_CHECK(options.reduction != Reduction::none, kOp, "reduction must be sum or mean, found none");
 
   ChunkPlan plan;
+  const bool fused = loss_fn.target<CrossEntropyLossFn>() != nullptr;
   plan.chunk = options.chunk_size > 0 ? options.chunk_size
-                                      : chunked_loss_chunk_size(v, hidden.dtype(), options.memory_budget_bytes);
+                                      : chunked_loss_chunk_size(v, hidden.dtype(), options.memory_budget_bytes, fused);
   plan.chunk = std::min(plan.chunk, std::max<int64_t>(n_tok, 1));
   plan.group = chunked_loss_group_size(v, hidden.dtype(), options.memory_budget_bytes, plan.chunk);
   const Tensor flat_targets = reshape(targets, {n_tok});  // (N)
@@ -319,17 +390,7 @@ Tensor chunked_linear_loss(const Tensor& hidden, const Tensor& weight, const Ten
 LossFn cross_entropy_loss(const CrossEntropyOptions& options) {
   KILN_CHECK(options.label_smoothing >= 0.0 && options.label_smoothing <= 1.0, "cross_entropy_loss",
              "label_smoothing must be in [0, 1], found {}", options.label_smoothing);
-  const double s = options.label_smoothing, z = options.z_loss_weight;
-  return [s, z](const Tensor& logits, const Tensor& targets) {
-    // Targets are valid classes (checked on the host by chunked_linear_loss, ignored ones replaced
-    // by 0), so neither ignore_index nor the device-side check (a CUDA sync per call) is needed.
-    Tensor loss = cross_entropy_unchecked(logits, targets, -1, Reduction::none);  // (n) nll
-    if (s == 0.0 && z == 0.0) return loss;
-    Tensor lse = logsumexp(logits, {1});                          // (n)
-    if (s != 0.0) loss = add(mul(loss, 1.0 - s), mul(sub(lse, mean(logits, {1})), s));
-    if (z != 0.0) loss = add(loss, mul(square(lse), z));
-    return loss;
-  };
+  return CrossEntropyLossFn{options.label_smoothing, options.z_loss_weight};
 }
 
 LossFn z_loss(double z_weight) {

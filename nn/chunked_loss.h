@@ -42,12 +42,15 @@ struct ChunkedLossOptions {
 // The estimated extra bytes per token of one chunk: the logits in the compute dtype, the logits in
 // the loss dtype, their gradient, the loss's temporaries (softmax-sized: one more loss-dtype row)
 // and the gradient cast back to the compute dtype: V * (2 * itemsize(compute) + 3 * itemsize(loss)).
-// For bf16 and V = 128256 that is 2 MiB per token.
-size_t chunked_loss_bytes_per_token(int64_t vocab, DType compute_dtype);
+// For bf16 and V = 128256 that is 2 MiB per token. With `fused_cross_entropy` (the built-in
+// cross_entropy_loss, whose gradient is written over the logits): V * itemsize(compute), 250 KiB.
+size_t chunked_loss_bytes_per_token(int64_t vocab, DType compute_dtype, bool fused_cross_entropy = false);
 // The largest chunk whose estimate fits the budget, rounded down to a multiple of 64 when >= 64,
-// and at least 1. With a 1 GiB budget, bf16 and V = 128256: 512 tokens (2 GiB: 1024). The estimate
-// covers the pipelining (the next chunk's logits exist while this chunk's gradient is taken).
-int64_t chunked_loss_chunk_size(int64_t vocab, DType compute_dtype, size_t memory_budget_bytes);
+// and at least 1. With a 1 GiB budget, bf16 and V = 128256: 512 tokens (2 GiB: 1024); fused
+// cross-entropy: 4096. The estimate covers the pipelining (the next chunk's logits exist while this
+// chunk's gradient is taken; the fused path needs none).
+int64_t chunked_loss_chunk_size(int64_t vocab, DType compute_dtype, size_t memory_budget_bytes,
+                                bool fused_cross_entropy = false);
 // Tokens per gradient group (trainable weight only): the largest multiple of `chunk` (at least one
 // chunk) whose (G, V) buffer in the compute dtype fits the budget. 1 GiB, bf16, V = 128256, chunk
 // 512: 4096.
@@ -74,6 +77,16 @@ int64_t chunked_loss_group_size(int64_t vocab, DType compute_dtype, size_t memor
 // host, so the ready-made losses use cross_entropy_unchecked (no per-chunk stream sync). Extra
 // peak memory ~ the budget (frozen), ~ 2x the budget + the f32 d(weight) accumulator V * H * 4 +
 // d(weight) (trainable), plus d(hidden).
+//
+// The built-in cross_entropy_loss (with gradients wanted) takes a fused path instead: per chunk, the
+// logits product in the compute dtype, then one kernel (cross_entropy_loss_grad_) writes each row's
+// loss and, over the logits themselves, its scaled gradient — no f32 copy, no second (n, V) buffer, no
+// autograd and no host synchronisation; d(hidden) rows and d(weight) come from GEMMs written straight
+// into their buffers, d(weight) accumulating chunk by chunk in weight's dtype through the GEMM's
+// addend (f32 inside the GEMM, one rounding per chunk, as PyTorch and Liger do for a bf16 weight).
+// Extra peak memory: one chunk of logits + d(hidden) (frozen), + d(weight) (trainable).
+// Either path: backward scales the stored gradients by the upstream gradient in place, so a second
+// backward through the same loss (retain_graph) is refused with a clear error.
 Tensor chunked_linear_loss(const Tensor& hidden, const Tensor& weight, const Tensor& targets, const LossFn& loss_fn,
                            const ChunkedLossOptions& options = {});
 

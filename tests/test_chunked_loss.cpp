@@ -362,6 +362,10 @@ TEST_CASE("chunked_linear_loss: automatic chunk size from the memory budget", "[
   const size_t per = nn::chunked_loss_bytes_per_token(100, DType::f32);
   REQUIRE(nn::chunked_loss_chunk_size(100, DType::f32, per * 17) == 17);
   REQUIRE(nn::chunked_loss_chunk_size(100, DType::f32, per * 130) == 128);
+  // the fused cross-entropy holds one row of logits per token, in the compute dtype
+  REQUIRE(nn::chunked_loss_bytes_per_token(v, DType::bf16, true) == size_t(v) * 2);
+  REQUIRE(nn::chunked_loss_chunk_size(v, DType::bf16, gib, true) == 4096);
+  REQUIRE(nn::chunked_loss_chunk_size(v, DType::bf16, size_t{128} << 20, true) == 512);
 }
 
 TEST_CASE("chunked_linear_loss: bad inputs", "[chunked_loss]") {
@@ -418,8 +422,85 @@ TEST_CASE("chunked_linear_loss: ready-made losses skip the per-chunk device targ
     o.chunk_size = 7;
     Attrs a;
     nn::chunked_linear_loss(x, w, t, fn, o).backward();
-    REQUIRE(a.seen.size() >= 8);  // forward and backward of every live chunk
-    for (const std::string& s : a.seen) REQUIRE_THAT(s, ContainsSubstring("check_targets=false"));
+    // cross-entropy: one fused loss-and-gradient op per live chunk (it never checks targets); focal:
+    // forward and backward of every live chunk, unchecked
+    REQUIRE(a.seen.size() >= 4);
+    for (const std::string& s : a.seen) {
+      const bool fused = s.find("label_smoothing=") != std::string::npos;
+      if (!fused) REQUIRE_THAT(s, ContainsSubstring("check_targets=false"));
+    }
+    x.zero_grad();
+  }
+}
+
+TEST_CASE("chunked_linear_loss: the built-in cross-entropy's fused path equals the generic path", "[chunked_loss]") {
+  // cross_entropy_loss() is recognised and fused; the same function behind a lambda is not.
+  const int64_t n = 45, h = 12, v = 23;
+  for (DType dt : {DType::f64, DType::f32, DType::bf16}) {
+    Tensor hidden = test::random_tensor({n, h}, dt, 91);
+    Tensor weight = cast(mul(test::random_tensor({v, h}, DType::f32, 92), 0.3), dt);
+    Tensor bias = test::random_tensor({v}, dt, 93);
+    for (const nn::CrossEntropyOptions& co : {nn::CrossEntropyOptions{}, nn::CrossEntropyOptions{.label_smoothing = 0.1},
+                                              nn::CrossEntropyOptions{.label_smoothing = 0.05, .z_loss_weight = 1e-2}}) {
+      const nn::LossFn fused = nn::cross_entropy_loss(co);
+      const nn::LossFn generic = [fused](const Tensor& l, const Tensor& t) { return fused(l, t); };
+      for (Reduction red : {Reduction::mean, Reduction::sum}) {
+        for (int64_t chunk : {int64_t{4}, int64_t{16}, int64_t{64}}) {
+          for (bool trainable : {false, true}) {
+            for (bool with_bias : {false, true}) {
+              CAPTURE(dtype_name(dt), co.label_smoothing, co.z_loss_weight, static_cast<int>(red), chunk, trainable,
+                      with_bias);
+              Tensor targets = make_targets(n, v, 94 + static_cast<uint64_t>(chunk), -7);
+              const auto head = [&](const nn::LossFn& fn) {
+                return [&, fn](const Tensor& x, const Tensor& w, const Tensor& b) {
+                  nn::ChunkedLossOptions o;
+                  o.bias = b;
+                  o.chunk_size = chunk;
+                  o.reduction = red;
+                  o.ignore_index = -7;
+                  return nn::chunked_linear_loss(x, w, targets, fn, o);
+                };
+              };
+              test::OpCounter ops;
+              const Result got = run(head(fused), hidden, weight, with_bias ? bias : Tensor(), trainable);
+              REQUIRE(ops.count("cross_entropy_loss_grad") > 0);
+              REQUIRE(ops.count("cross_entropy") == 0);
+              const Result want = run(head(generic), hidden, weight, with_bias ? bias : Tensor(), trainable);
+              if (dt != DType::bf16) {
+                const double tol = dt == DType::f64 ? 1e-11 : 2e-5;
+                require_same(got, want, tol, tol);
+                continue;
+              }
+              // bf16: the fused path keeps the logits and their gradient in bf16 and sums d(weight)
+              // in bf16 chunk by chunk (the generic path: f32): compare relative norms.
+              test::require_close(got.loss, want.loss, 1e-2, 1e-3);
+              const auto rel_err = [](const Tensor& a, const Tensor& ref) {
+                const Tensor r = cast(ref, DType::f32);
+                return std::sqrt(sum(square(sub(cast(a, DType::f32), r))).item<double>() /
+                                 std::max(sum(square(r)).item<double>(), 1e-30));
+              };
+              REQUIRE(rel_err(got.dh, want.dh) < 3e-2);
+              if (trainable) REQUIRE(rel_err(got.dw, want.dw) < 3e-2);
+              if (trainable && with_bias) REQUIRE(rel_err(got.db, want.db) < 3e-2);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("chunked_linear_loss: a second backward through one loss is refused, not wrongly scaled", "[chunked_loss]") {
+  const int64_t n = 9, h = 4, v = 7;
+  Tensor x = test::random_tensor({n, h}, DType::f32, 95).set_requires_grad();
+  Tensor w = test::random_tensor({v, h}, DType::f32, 96);
+  const Tensor t = make_targets(n, v, 97);
+  for (const nn::LossFn& fn : {nn::cross_entropy_loss(), nn::focal_loss(2.0)}) {
+    Tensor loss = mul(nn::chunked_linear_loss(x, w, t, fn), 3.0);
+    loss.backward({}, /*retain_graph=*/true);
+    const Tensor first = x.grad().clone();
+    REQUIRE_THROWS_WITH(loss.backward({}, true), ContainsSubstring("second backward"));
+    test::require_close(x.grad(), first, 0, 0);  // nothing was added by the refused backward
     x.zero_grad();
   }
 }

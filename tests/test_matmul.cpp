@@ -322,3 +322,28 @@ TEST_CASE("matmul_add adds C in the GEMM: rounds once, differentiates, rejects a
   REQUIRE_THROWS_WITH(matmul_add(a, b, test::random_tensor({5, 4}, DType::f64, 627)),
                       ContainsSubstring("[matmul]") && ContainsSubstring("addend"));
 }
+
+TEST_CASE("matmul_into writes the product into a given buffer, or adds it in place", "[matmul]") {
+  for (DType dt : {DType::f64, DType::f32, DType::bf16}) {
+    INFO(dtype_name(dt));
+    const double tol = dt == DType::bf16 ? 2e-2 : 1e-6;
+    Tensor a = test::random_tensor({7, 9}, dt, 630), b = test::random_tensor({9, 5}, dt, 631);
+    Tensor big = test::random_tensor({12, 5}, dt, 632);
+    const Tensor before = big.clone();
+    matmul_into(narrow(big, 0, 3, 7), a, b);  // rows 3..9 of a contiguous buffer
+    test::require_close(narrow(big, 0, 3, 7), matmul(a, b), tol, tol);
+    test::require_close(narrow(big, 0, 0, 3), narrow(before, 0, 0, 3), 0, 0);  // the other rows untouched
+    test::require_close(narrow(big, 0, 10, 2), narrow(before, 0, 10, 2), 0, 0);
+    // out += a^T @ x, the addend being the output itself (one rounding per accumulation)
+    Tensor acc = test::random_tensor({9, 5}, dt, 633);
+    const Tensor acc0 = acc.clone();
+    Tensor x = test::random_tensor({7, 5}, dt, 634);
+    matmul_into(acc, transpose(a, 0, 1), x, true);
+    test::require_close(acc, matmul_add(transpose(a, 0, 1), x, acc0), tol, tol);
+  }
+  Tensor out = test::random_tensor({4, 3}, DType::f32, 635);
+  REQUIRE_THROWS_WITH(matmul_into(transpose(out, 0, 1), test::random_tensor({3, 2}, DType::f32, 636),
+                                  test::random_tensor({2, 4}, DType::f32, 637)),
+                      ContainsSubstring("contiguous"));
+  REQUIRE_THROWS(matmul_into(out, test::random_tensor({4, 2}, DType::f32, 638), test::random_tensor({2, 5}, DType::f32, 639)));
+}

@@ -557,3 +557,51 @@ TEST_CASE("nn ops accept empty inputs", "[nn_ops]") {
   Tensor kv = test::random_tensor({1, 1, 3, 4}, DType::f32, 83);
   REQUIRE(scaled_dot_product_attention(q, kv, kv).shape() == Shape{1, 2, 0, 4});
 }
+
+TEST_CASE("cross_entropy_loss_grad_ gives the loss and writes its gradient over the logits", "[nn_ops]") {
+  const int64_t n = 6, v = 11;
+  Tensor targets = ce_targets(n, v, -1, DType::i64, 67);  // some rows ignored (-1)
+  for (const auto& [s, z] : {std::pair{0.0, 0.0}, std::pair{0.1, 0.0}, std::pair{0.2, 1e-2}}) {
+    INFO("label_smoothing " << s << ", z_loss " << z);
+    // The reference: the same loss written with composite ops, its gradient from autograd (f64).
+    Tensor ref_logits = test::random_tensor({n, v}, DType::f64, 68).set_requires_grad();
+    Tensor valid = ne(targets, -1.0);
+    Tensor safe = where(valid, targets, scalar_tensor(0.0, DType::i64));
+    Tensor lse = logsumexp(ref_logits, {1});
+    Tensor nll = cross_entropy_composite(ref_logits, safe, -100, Reduction::none);
+    Tensor per = add(add(mul(nll, 1.0 - s), mul(sub(lse, mean(ref_logits, {1})), s)), mul(square(lse), z));
+    per = where(valid, per, scalar_tensor(0.0, DType::f64));
+    const double scale = 0.37;
+    Tensor want_grad = autograd::grad({mul(sum(per), scale)}, {ref_logits})[0];
+    for (DType dt : {DType::f64, DType::f32, DType::bf16}) {
+      INFO(dtype_name(dt));
+      Tensor logits = cast(ref_logits.detach(), dt);  // overwritten below
+      Tensor rounded = cast(logits, DType::f64);
+      Tensor loss = cross_entropy_loss_grad_(logits, targets, scalar_tensor(scale, DType::f64), -1, s, z);
+      REQUIRE(loss.dtype() == compute_dtype(dt));
+      const double tol = dt == DType::f64 ? 1e-12 : (dt == DType::f32 ? 1e-5 : 2e-2);
+      if (dt == DType::f64) {
+        test::require_close(loss, per.detach(), tol, tol);
+        test::require_close(logits, want_grad, tol, tol);
+      } else {  // against the reference evaluated at the rounded logits
+        Tensor r = rounded.detach().set_requires_grad();
+        Tensor lr = logsumexp(r, {1});
+        Tensor pr = add(add(mul(cross_entropy_composite(r, safe, -100, Reduction::none), 1.0 - s),
+                            mul(sub(lr, mean(r, {1})), s)),
+                        mul(square(lr), z));
+        pr = where(valid, pr, scalar_tensor(0.0, DType::f64));
+        Tensor gr = autograd::grad({mul(sum(pr), scale)}, {r})[0];
+        test::require_close(cast(loss, DType::f64), pr.detach(), 1e-5, 1e-6);
+        test::require_close(cast(logits, DType::f64), gr, tol, 1e-3 * scale);
+      }
+    }
+  }
+  Tensor bad = test::random_tensor({3, 5}, DType::f32, 69);
+  REQUIRE_THROWS_WITH(cross_entropy_loss_grad_(transpose(test::random_tensor({5, 3}, DType::f32, 70), 0, 1),
+                                               from_vector<int64_t>({0, 1, 2}, {3}), scalar_tensor(1.0, DType::f32)),
+                      ContainsSubstring("contiguous"));
+  REQUIRE_THROWS_WITH(cross_entropy_loss_grad_(bad, from_vector<int64_t>({0, 1}, {2}), scalar_tensor(1.0, DType::f32)),
+                      ContainsSubstring("targets must be (3,)"));
+  REQUIRE_THROWS_WITH(cross_entropy_loss_grad_(bad, from_vector<int64_t>({0, 1, 9}, {3}), scalar_tensor(1.0, DType::f32)),
+                      ContainsSubstring("out of range"));
+}

@@ -1,5 +1,5 @@
 // CPU kernels of cross-entropy, forward (per-row log-sum-exp minus the target logit, reduced in row
-// order) and backward (softmax minus one-hot, scaled). Targets are always range-checked here.
+// order), backward (softmax minus one-hot, scaled) and both in one pass (CrossEntropyLossGrad). Targets are always range-checked here.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -108,11 +108,53 @@ void cross_entropy_backward_kernel(const prim::CrossEntropyBackward& p, const st
   });
 }
 
+// Loss and gradient in one pass; out[1] may be the logits themselves (each row's statistics and
+// target logit are read before the row is written).
+void cross_entropy_loss_grad_kernel(const prim::CrossEntropyLossGrad& p, const std::vector<Tensor>& in,
+                                    std::vector<Tensor>& out) {
+  const Tensor& logits = in[0];  // (N, V)
+  const int64_t n = logits.size(0), v = logits.size(1);
+  const std::vector<int64_t> t = checked_targets(in[1], v, p.ignore_index());
+  visit_float(logits.dtype(), "cross_entropy_loss_grad", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using C = compute_t<T>;
+    const C scale = gather<C>(in[2], "cross_entropy_loss_grad")[0];
+    const C s = static_cast<C>(p.label_smoothing()), z = static_cast<C>(p.z_loss_weight());
+    const T* lp = static_cast<const T*>(logits.raw_data());
+    const int64_t s0 = logits.strides()[0], s1 = logits.strides()[1];
+    C* loss = out[0].data_ptr<C>();  // (N)
+    T* op = out[1].data_ptr<T>();    // (N, V), possibly lp
+    parallel_for(n, grain_for(v), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        T* orow = op + r * v;
+        const int64_t tr = t[static_cast<size_t>(r)];
+        if (tr == p.ignore_index()) {
+          loss[r] = 0;
+          std::fill(orow, orow + v, store<T>(C(0)));
+          continue;
+        }
+        const T* row = lp + r * s0;
+        const C lse = row_logsumexp<C>(row, v, s1);
+        C total = 0;
+        for (int64_t j = 0; j < v; ++j) total += load<C>(row[j * s1]);
+        const C xt = load<C>(row[tr * s1]);
+        loss[r] = (1 - s) * (lse - xt) + s * (lse - total / static_cast<C>(v)) + z * lse * lse;
+        const C gain = 1 + 2 * z * lse, uniform = s / static_cast<C>(v);
+        for (int64_t j = 0; j < v; ++j) {
+          const C prob = std::exp(load<C>(row[j * s1]) - lse);
+          orow[j] = store<T>((prob * gain - uniform - (j == tr ? 1 - s : C(0))) * scale);
+        }
+      }
+    });
+  });
+}
+
 }  // namespace
 
 KILN_REGISTER(cpu_loss_kernels) {
   register_kernel<prim::CrossEntropy>(DeviceType::cpu, &cross_entropy_kernel);
   register_kernel<prim::CrossEntropyBackward>(DeviceType::cpu, &cross_entropy_backward_kernel);
+  register_kernel<prim::CrossEntropyLossGrad>(DeviceType::cpu, &cross_entropy_loss_grad_kernel);
 }
 
 }  // namespace kiln::cpu

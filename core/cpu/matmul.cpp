@@ -73,6 +73,13 @@ void matmul_typed(const Tensor& a, const Tensor& b, const Tensor* addend, Tensor
   const Shape a_bst = batch_strides(a, batch);
   const Shape b_bst = batch_strides(b, batch);
 
+  // The addend, contiguous, read before C is written (out may be the addend itself: out += a @ b).
+  Tensor add;
+  if (addend != nullptr) {
+    add = addend->raw_data() == out.raw_data() ? addend->detach().clone()
+          : addend->is_contiguous()            ? *addend
+                                               : contiguous(addend->detach());
+  }
   // C (batch..., M, N) contiguous: the output itself, or an f32 buffer for bf16/f16.
   std::vector<C> scratch;
   C* c = nullptr;
@@ -110,7 +117,6 @@ void matmul_typed(const Tensor& a, const Tensor& b, const Tensor* addend, Tensor
   }
 
   if (addend != nullptr) {
-    const Tensor add = addend->is_contiguous() ? *addend : contiguous(addend->detach());
     const T* d = add.data_ptr<T>();  // (batch..., M, N)
     parallel_for(nbatch * m * n, 1 << 16, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) c[i] += static_cast<C>(d[i]);

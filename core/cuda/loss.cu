@@ -2,7 +2,7 @@
 // f32 (f64 for f64) over 16-byte loads issued several at a time (double-buffered in the forward),
 // then either the row's loss (forward) or its gradient (backward, which reads the row a second time
 // in reverse order, while its tail is still in L2, with one block per SM so the rows in flight fit
-// in L2). Targets are validated by the
+// in L2; the loss-and-gradient kernel does both passes in place). Targets are validated by the
 // row kernels (the smallest bad row is flagged for the host). Sum/mean reduce per-row losses in
 // one block in a fixed order.
 #include "core/cuda/fused_common.cuh"
@@ -88,12 +88,19 @@ __device__ __forceinline__ void stream_row(const T* row, int64_t nvec, int64_t s
 
 // (max, sum of exp(x - max)) of one row of v logits (element stride s1 when VEC == 1), for the block;
 // the row walked with stream_row (STREAM) or kSweepUnroll packs at a time.
-template <class T, int VEC, bool STREAM>
+// With SUM, `total` gets the row's sum as well (for label smoothing).
+template <class T, int VEC, bool STREAM, bool SUM = false>
 __device__ void row_lse(const T* row, int64_t v, int64_t s1, device_compute_t<T>& m, device_compute_t<T>& s,
-                        device_compute_t<T>* red) {
+                        device_compute_t<T>* red, device_compute_t<T>* total = nullptr) {
   using C = device_compute_t<T>;
   m = -INFINITY;
   s = 0;
+  C part = 0;  // this thread's share of the row sum (SUM only)
+  auto add_sum = [&](const C* a, int count) {
+    if constexpr (SUM) {
+      for (int k = 0; k < count; ++k) part += a[k];
+    }
+  };
   const int64_t nvec = v / VEC;
   if constexpr (STREAM) {
     stream_row<VEC>(row, nvec, s1, [](int64_t j) { return j; }, [&](int64_t, const Pack<T, VEC>& pk) {
@@ -113,19 +120,23 @@ __device__ void row_lse(const T* row, int64_t v, int64_t s1, device_compute_t<T>
         C a[VEC];
         unpack(pk[u], a);
         lse_add(m, s, a);
+        add_sum(a, VEC);
       }
     }
     for (; vi < nvec; vi += bd) {
       C a[VEC];
       unpack(load_pack<VEC>(vec_at<VEC>(row, vi, s1)), a);
       lse_add(m, s, a);
+      add_sum(a, VEC);
     }
   }
   for (int64_t j = nvec * VEC + threadIdx.x; j < v; j += blockDim.x) {  // the tail when VEC does not divide v
     const C a[1] = {static_cast<C>(to_compute(row[j]))};
     lse_add(m, s, a);
+    add_sum(a, 1);
   }
   block_lse(m, s, red);
+  if constexpr (SUM) *total = block_sum(part, red);
 }
 
 template <class T, class I, int VEC>
@@ -237,6 +248,68 @@ __global__ void __launch_bounds__(1024) cross_entropy_backward_kernel(const T* _
   }
 }
 
+// Loss and gradient of one row per block, in place: `rows` (n, v) contiguous holds the logits and
+// receives scale * (softmax (1 + 2 z lse) - s / v - (1 - s) onehot(t)); loss[r] = (1 - s)(lse - x_t)
+// + s(lse - mean) + z lse^2 (0 and a zero row for ignored targets). Every thread reads x_t before the
+// statistics pass, whose closing barrier orders all reads of the row before any write to it.
+template <class T, class I, int VEC>
+__global__ void __launch_bounds__(1024) cross_entropy_loss_grad_kernel(T* rows, int64_t n, int64_t v,
+                                                                       const I* __restrict__ targets, int64_t ts,
+                                                                       int64_t ignore, const device_compute_t<T>* scale_ptr,
+                                                                       device_compute_t<T> smoothing,
+                                                                       device_compute_t<T> z,
+                                                                       device_compute_t<T>* __restrict__ loss) {
+  using C = device_compute_t<T>;
+  __shared__ C red[64];
+  const int64_t nvec = v / VEC, bd = blockDim.x;
+  const C scale = *scale_ptr, uniform = smoothing / static_cast<C>(v);
+  for (int64_t r = blockIdx.x; r < n; r += gridDim.x) {
+    T* row = rows + r * v;
+    const int64_t t = static_cast<int64_t>(targets[r * ts]);
+    if (t == ignore) {
+      if (threadIdx.x == 0) loss[r] = 0;
+      C zero[VEC];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) zero[k] = 0;
+      for (int64_t vi = threadIdx.x; vi < nvec; vi += bd) store_vec<VEC>(row + vi * VEC, zero);
+      for (int64_t j = nvec * VEC + threadIdx.x; j < v; j += bd) row[j] = from_compute<T>(C(0));
+      continue;
+    }
+    const C xt = static_cast<C>(to_compute(row[t]));
+    C m, s, total = 0;
+    if (smoothing != C(0)) {
+      row_lse<T, VEC, false, true>(row, v, 1, m, s, red, &total);
+    } else {
+      row_lse<T, VEC, false>(row, v, 1, m, s, red);
+    }
+    const C lse = m + log(s);
+    if (threadIdx.x == 0) {
+      loss[r] = (1 - smoothing) * (lse - xt) + smoothing * (lse - total / static_cast<C>(v)) + z * lse * lse;
+    }
+    const C gain = 1 + 2 * z * lse;
+    auto grad = [&](C x, int64_t j) { return (fast_exp(x - lse) * gain - uniform - (j == t ? 1 - smoothing : C(0))) * scale; };
+    auto emit = [&](int64_t vi, const Pack<T, VEC>& pk) {
+      C a[VEC];
+      unpack(pk, a);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) a[k] = grad(a[k], vi * VEC + k);
+      store_vec<VEC>(row + vi * VEC, a);
+    };
+    // walked from the end, as in the backward kernel (the end of the row is the likeliest in L2)
+    int64_t k = threadIdx.x;
+    for (; k + (kSweepUnroll - 1) * bd < nvec; k += kSweepUnroll * bd) {
+      Pack<T, VEC> pk[kSweepUnroll];
+#pragma unroll
+      for (int u = 0; u < kSweepUnroll; ++u) pk[u] = load_pack<VEC>(vec_at<VEC>(row, nvec - 1 - (k + u * bd), 1));
+#pragma unroll
+      for (int u = 0; u < kSweepUnroll; ++u) emit(nvec - 1 - (k + u * bd), pk[u]);
+    }
+    for (; k < nvec; k += bd) emit(nvec - 1 - k, load_pack<VEC>(vec_at<VEC>(row, nvec - 1 - k, 1)));
+    for (int64_t j = nvec * VEC + threadIdx.x; j < v; j += bd) row[j] = from_compute<T>(grad(static_cast<C>(to_compute(row[j])), j));
+    __syncthreads();  // the next row's statistics reuse `red`
+  }
+}
+
 template <class T>
 bool logits_vectorisable(const void* logits, int64_t v, int64_t s0, int64_t s1) {
   return s1 == 1 && aligned16(logits) && (s0 * static_cast<int64_t>(sizeof(T))) % 16 == 0 && v >= vec_of<T>();
@@ -323,6 +396,36 @@ cudaError_t launch_cross_entropy_backward(DType dt, DType target_dt, const void*
         cross_entropy_backward_kernel<T, I, 1><<<grid, threads, 0, s>>>(static_cast<const T*>(logits), n, v, s0, s1,
                                                                         tp, ts, ignore_index, reduction, gp, gstride,
                                                                         count, static_cast<T*>(out), err);
+      }
+      return cudaGetLastError();
+    });
+  });
+}
+
+cudaError_t launch_cross_entropy_loss_grad(DType dt, DType target_dt, void* logits, int64_t n, int64_t v,
+                                           const void* targets, int64_t ts, int64_t ignore_index, const void* scale,
+                                           double label_smoothing, double z_loss_weight, void* loss, void* stream) {
+  if (n == 0 || v == 0) return cudaSuccess;
+  auto s = static_cast<cudaStream_t>(stream);
+  return visit_float(dt, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using C = device_compute_t<T>;
+    return visit_index(target_dt, [&](auto itag) {
+      using I = typename decltype(itag)::type;
+      const bool vec = logits_vectorisable<T>(logits, v, v, 1);
+      const int threads = ce_threads(vec ? v / vec_of<T>() : v, kSweepUnroll, 1024);
+      const int64_t blocks = static_cast<int64_t>(sm_count()) * (1024 / threads);  // rows in flight fit in L2
+      const int grid = static_cast<int>(n < blocks ? n : blocks);
+      auto* rows = static_cast<T*>(logits);
+      const auto* tp = static_cast<const I*>(targets);
+      const auto* sp = static_cast<const C*>(scale);
+      const C sm = static_cast<C>(label_smoothing), zl = static_cast<C>(z_loss_weight);
+      auto* lp = static_cast<C*>(loss);
+      if (vec) {
+        cross_entropy_loss_grad_kernel<T, I, vec_of<T>()><<<grid, threads, 0, s>>>(rows, n, v, tp, ts, ignore_index, sp,
+                                                                                   sm, zl, lp);
+      } else {
+        cross_entropy_loss_grad_kernel<T, I, 1><<<grid, threads, 0, s>>>(rows, n, v, tp, ts, ignore_index, sp, sm, zl, lp);
       }
       return cudaGetLastError();
     });

@@ -30,4 +30,11 @@ cudaError_t launch_cross_entropy_backward(DType dt, DType target_dt, const void*
                                           int reduction, const void* grad, int64_t gstride, void* out, void* workspace,
                                           unsigned long long* err, void* stream);
 
+// Loss and gradient in one pass, in place: logits (n, v) contiguous are overwritten with scale *
+// d(loss)/d(logits); loss (n) in the compute type. targets already validated (no check); scale: one
+// device compute-type value.
+cudaError_t launch_cross_entropy_loss_grad(DType dt, DType target_dt, void* logits, int64_t n, int64_t v,
+                                           const void* targets, int64_t ts, int64_t ignore_index, const void* scale,
+                                           double label_smoothing, double z_loss_weight, void* loss, void* stream);
+
 }  // namespace kiln::cuda

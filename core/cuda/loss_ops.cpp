@@ -68,11 +68,31 @@ void cross_entropy_backward_kernel(const prim::CrossEntropyBackward& p, const st
   if (check) check_targets(*check, targets, v, p.ignore_index(), op);
 }
 
+// out[1] is the logits themselves (cross_entropy_loss_grad_) or a fresh buffer: copied first then.
+void cross_entropy_loss_grad_kernel(const prim::CrossEntropyLossGrad& p, const std::vector<Tensor>& in,
+                                    std::vector<Tensor>& out) {
+  const char* op = "cross_entropy_loss_grad";
+  const Tensor &logits = in[0], &targets = in[1];  // (N, V), (N)
+  const int64_t n = logits.size(0), v = logits.size(1);
+  if (n == 0) return;
+  DeviceGuard guard(logits.device().index);
+  void* stream = stream_of(out[0]);
+  if (out[1].raw_data() != logits.raw_data() || !logits.is_contiguous()) copy_(out[1], logits);
+  const DType ct = compute_dtype(logits.dtype());
+  const Tensor scale = in[2].dtype() == ct ? in[2] : cast(in[2], ct);  // 0-d
+  KILN_CUDA_CHECK(launch_cross_entropy_loss_grad(logits.dtype(), targets.dtype(), out[1].raw_data(), n, v,
+                                                 targets.raw_data(), targets.strides()[0], p.ignore_index(),
+                                                 scale.raw_data(), p.label_smoothing(), p.z_loss_weight(),
+                                                 out[0].raw_data(), stream),
+                  op);
+}
+
 }  // namespace
 
 KILN_REGISTER(cuda_loss_kernels) {
   register_kernel<prim::CrossEntropy>(DeviceType::cuda, &cross_entropy_kernel);
   register_kernel<prim::CrossEntropyBackward>(DeviceType::cuda, &cross_entropy_backward_kernel);
+  register_kernel<prim::CrossEntropyLossGrad>(DeviceType::cuda, &cross_entropy_loss_grad_kernel);
 }
 
 }  // namespace kiln::cuda

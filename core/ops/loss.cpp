@@ -66,6 +66,19 @@ std::vector<Tensor> CrossEntropyBackward::vjp(const std::vector<Tensor>&, const 
   KILN_FAIL(name(), "second-order gradients of cross_entropy are not implemented; use cross_entropy_composite");
 }
 
+std::vector<TensorMeta> CrossEntropyLossGrad::infer(const std::vector<Tensor>& in) const {
+  KILN_CHECK(in.size() == 3, name(), "expected 3 inputs (logits, targets, scale), found {}", in.size());
+  check_cross_entropy(in[0], in[1]);
+  KILN_CHECK(in[2].dim() == 0 && is_floating(in[2].dtype()), name(), "scale must be a 0-d float tensor, found {} {}",
+             dtype_name(in[2].dtype()), shape_str(in[2].shape()));
+  KILN_CHECK(in[1].device() == in[0].device() && in[2].device() == in[0].device(), name(),
+             "logits, targets and scale must be on one device, found {}, {} and {}", in[0].device().str(),
+             in[1].device().str(), in[2].device().str());
+  KILN_CHECK(label_smoothing_ >= 0.0 && label_smoothing_ <= 1.0, name(), "label_smoothing must be in [0, 1], found {}",
+             label_smoothing_);
+  return {{{in[0].size(0)}, compute_dtype(in[0].dtype()), in[0].device()}, {in[0].shape(), in[0].dtype(), in[0].device()}};
+}
+
 }  // namespace prim
 
 Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index, Reduction reduction) {
@@ -75,6 +88,17 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore
 Tensor cross_entropy_unchecked(const Tensor& logits, const Tensor& targets, int64_t ignore_index,
                                Reduction reduction) {
   return dispatch1(std::make_shared<const prim::CrossEntropy>(ignore_index, reduction, false), {logits, targets});
+}
+
+Tensor cross_entropy_loss_grad_(const Tensor& logits, const Tensor& targets, const Tensor& scale, int64_t ignore_index,
+                                double label_smoothing, double z_loss_weight) {
+  KILN_CHECK(logits.defined() && logits.is_contiguous(), "cross_entropy_loss_grad_",
+             "logits must be a defined contiguous tensor (its rows are overwritten with their gradient)");
+  auto op = std::make_shared<const prim::CrossEntropyLossGrad>(ignore_index, label_smoothing, z_loss_weight);
+  std::vector<Tensor> out{empty({logits.dim() == 2 ? logits.size(0) : 0}, compute_dtype(logits.dtype()), logits.device()),
+                          logits};
+  dispatch_into(op, {logits, targets, scale}, out);
+  return out[0];
 }
 
 Tensor cross_entropy_composite(const Tensor& logits, const Tensor& targets, int64_t ignore_index,

@@ -1,5 +1,5 @@
-// Loss primitives: CrossEntropy (fused log-softmax + NLL with ignore_index and a reduction) and its
-// backward. Kernels in core/cpu/loss.cpp and core/cuda/loss.cu; composite fallback
+// Loss primitives: CrossEntropy (fused log-softmax + NLL with ignore_index and a reduction), its
+// backward, and CrossEntropyLossGrad (loss and gradient in one pass, for chunked heads). Kernels in core/cpu/loss.cpp and core/cuda/loss.cu; composite fallback
 // cross_entropy_composite (core/ops.h).
 #pragma once
 #include <vector>
@@ -69,6 +69,28 @@ class CrossEntropyBackward : public Primitive {
   int64_t ignore_index_;
   Reduction reduction_;
   bool check_targets_;
+};
+
+// (logits (N, V), targets (N) validated, scale 0-d float) -> (loss (N) in the compute dtype, dlogits
+// (N, V) in logits' dtype): cross_entropy_loss_grad_ (core/ops.h) runs it with dlogits written over
+// the logits (its kernels allow that alias: a row's statistics and target logit are read before the
+// row is overwritten). Not differentiable: it is its own backward.
+class CrossEntropyLossGrad : public Primitive {
+ public:
+  CrossEntropyLossGrad(int64_t ignore_index, double label_smoothing, double z_loss_weight)
+      : ignore_index_(ignore_index), label_smoothing_(label_smoothing), z_loss_weight_(z_loss_weight) {}
+  const char* name() const override { return "cross_entropy_loss_grad"; }
+  std::vector<Attr> attrs() const override {
+    return {{"ignore_index", ignore_index_}, {"label_smoothing", label_smoothing_}, {"z_loss_weight", z_loss_weight_}};
+  }
+  std::vector<TensorMeta> infer(const std::vector<Tensor>& inputs) const override;
+  int64_t ignore_index() const { return ignore_index_; }
+  double label_smoothing() const { return label_smoothing_; }
+  double z_loss_weight() const { return z_loss_weight_; }
+
+ private:
+  int64_t ignore_index_;
+  double label_smoothing_, z_loss_weight_;
 };
 
 }  // namespace kiln::prim

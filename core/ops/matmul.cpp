@@ -15,6 +15,14 @@ Tensor matmul_add(const Tensor& a, const Tensor& b, const Tensor& c) {
   return dispatch1(std::make_shared<const prim::Matmul>(), {a, b, c});
 }
 
+void matmul_into(const Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) {
+  KILN_CHECK(out.defined() && out.is_contiguous(), "matmul_into", "out must be a defined contiguous tensor");
+  std::vector<Tensor> outs{out};
+  std::vector<Tensor> in{a, b};
+  if (accumulate) in.push_back(out);
+  dispatch_into(std::make_shared<const prim::Matmul>(), in, outs);
+}
+
 namespace prim {
 
 std::vector<TensorMeta> Matmul::infer(const std::vector<Tensor>& inputs) const {
