@@ -7,8 +7,11 @@
 #include <filesystem>
 #include <map>
 #include <nlohmann/json.hpp>
-#include <regex>
 #include <set>
+#include <vector>
+
+#define PCRE2_CODE_UNIT_WIDTH 8
+#include <pcre2.h>
 
 #include "autograd/grad_mode.h"
 #include "core/ops.h"
@@ -53,37 +56,54 @@ double LoraConfig::scaling() const { return use_rslora ? alpha / std::sqrt(stati
 
 namespace {
 
-// target_regex compiled (ECMAScript, as std::regex reads it); a malformed pattern is a kiln::Error. With
-// libstdc++ the match runs as a Thompson NFA (its __polynomial flag: time linear in the path for a given
-// pattern), not by backtracking, which takes exponential time on patterns like "(a?){30}a{30}".
-// libstdc++ 12's regex compiler overflows a signed integer (undefined behaviour) reading a long number in a
-// back-reference ("\\2222222222222222222") or a repetition ("a{99999999999999999999}"): refused first. The
-// NFA match has no back-references anyway, and PEFT's module-name patterns need neither.
-std::regex compile_target_regex(const std::string& pattern) {
-  for (size_t i = 0; i < pattern.size(); ++i) {
-    if (pattern[i] == '\\') {
-      KILN_CHECK(i + 1 == pattern.size() || !std::isdigit(static_cast<unsigned char>(pattern[i + 1])), "lora",
-                 "target_modules regex '{}': back-references (\\1) are not supported", pattern);
-      ++i;
-    } else if (pattern[i] == '{') {
-      size_t digits = 0;
-      for (size_t j = i + 1; j < pattern.size() && pattern[j] != '}'; ++j) {
-        digits = std::isdigit(static_cast<unsigned char>(pattern[j])) ? digits + 1 : 0;
-        KILN_CHECK(digits <= 4, "lora", "target_modules regex '{}': a repetition count above 9999", pattern);
-      }
+// PEFT's target_modules regex, matched against a whole module path as Python's re.fullmatch does:
+// PCRE2 (Perl syntax, close to Python's), compiled anchored at both ends and run by PCRE2's DFA matcher,
+// whose time is linear in the path for a given pattern (no backtracking: "(a?){40}a{40}" is quick). A
+// pattern that is malformed, compiles too large (nested repetitions such as "((q{9}){9}){9}" hit PCRE2's
+// size limit at once) or uses back-references (the DFA has none; PEFT's patterns need none) is a
+// kiln::Error naming it.
+class TargetRegex {
+ public:
+  explicit TargetRegex(const std::string& pattern) : pattern_(pattern) {
+    int err = 0;
+    PCRE2_SIZE offset = 0;
+    code_ = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(),
+                          PCRE2_ANCHORED | PCRE2_ENDANCHORED, &err, &offset, nullptr);
+    KILN_CHECK(code_ != nullptr, "lora", "target_modules regex '{}' does not compile: {} (at offset {})", pattern,
+               message(err), offset);
+    uint32_t backrefs = 0;
+    pcre2_pattern_info(code_, PCRE2_INFO_BACKREFMAX, &backrefs);
+    if (backrefs > 0) {
+      pcre2_code_free(code_);
+      KILN_FAIL("lora", "target_modules regex '{}': back-references (\\1) are not supported", pattern);
     }
   }
-#ifdef __GLIBCXX__
-  constexpr auto flags = std::regex_constants::ECMAScript | std::regex_constants::__polynomial;
-#else
-  constexpr auto flags = std::regex_constants::ECMAScript;
-#endif
-  try {
-    return std::regex(pattern, flags);
-  } catch (const std::regex_error& e) {
-    KILN_FAIL("lora", "target_modules regex '{}' does not compile: {}", pattern, e.what());
+  TargetRegex(const TargetRegex&) = delete;
+  TargetRegex& operator=(const TargetRegex&) = delete;
+  ~TargetRegex() { pcre2_code_free(code_); }
+
+  bool full_match(const std::string& path) const {
+    pcre2_match_data* md = pcre2_match_data_create(1, nullptr);
+    KILN_CHECK(md != nullptr, "lora", "out of memory matching target_modules regex '{}'", pattern_);
+    std::vector<int> workspace(4096);
+    const int rc = pcre2_dfa_match(code_, reinterpret_cast<PCRE2_SPTR>(path.data()), path.size(), 0, 0, md, nullptr,
+                                   workspace.data(), workspace.size());
+    pcre2_match_data_free(md);
+    if (rc == PCRE2_ERROR_NOMATCH) return false;
+    KILN_CHECK(rc >= 0, "lora", "target_modules regex '{}' failed on '{}': {}", pattern_, path, message(rc));
+    return true;
   }
-}
+
+ private:
+  static std::string message(int code) {
+    std::string msg(256, '\0');
+    const int n = pcre2_get_error_message(code, reinterpret_cast<PCRE2_UCHAR*>(msg.data()), msg.size());
+    msg.resize(n > 0 ? static_cast<size_t>(n) : 0);
+    return msg;
+  }
+  std::string pattern_;
+  pcre2_code* code_ = nullptr;
+};
 
 }  // namespace
 
@@ -91,18 +111,11 @@ void LoraConfig::validate() const {
   KILN_CHECK(r > 0, "lora", "rank r must be positive, found {}", r);
   KILN_CHECK(dropout >= 0 && dropout < 1, "lora", "dropout must be in [0, 1), found {}", dropout);
   KILN_CHECK(!target_modules.empty() || !target_regex.empty(), "lora", "no target modules given");
-  if (!target_regex.empty()) (void)compile_target_regex(target_regex);
+  if (!target_regex.empty()) (void)TargetRegex(target_regex);
 }
 
 bool LoraConfig::matches(const std::string& path) const {
-  if (!target_regex.empty()) {
-    const std::regex re = compile_target_regex(target_regex);
-    try {
-      return std::regex_match(path, re);
-    } catch (const std::regex_error& e) {  // e.g. error_complexity on a catastrophic pattern
-      KILN_FAIL("lora", "target_modules regex '{}' failed on '{}': {}", target_regex, path, e.what());
-    }
-  }
+  if (!target_regex.empty()) return TargetRegex(target_regex).full_match(path);
   for (const std::string& t : target_modules)
     if (path == t || (path.size() > t.size() && path.ends_with(t) && path[path.size() - t.size() - 1] == '.')) return true;
   return false;

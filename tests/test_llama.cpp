@@ -1,6 +1,7 @@
 // Llama built from a config (forward, KV cache, activation checkpointing, HF folder loading with
 // its errors) and LoRA (wrapping by name, frozen base, merge, PEFT adapter files and their errors).
 #include <catch2/catch_test_macros.hpp>
+#include <chrono>
 #include <catch2/matchers/catch_matchers_string.hpp>
 #include <filesystem>
 #include <fstream>
@@ -232,14 +233,28 @@ TEST_CASE("lora: target_modules as a regex (PEFT's string form); bad or catastro
   CHECK_THROWS_WITH(c.validate(), ContainsSubstring("[lora] target_modules regex '(q|v_proj' does not compile"));
   CHECK_THROWS_WITH(c.matches("q_proj"), ContainsSubstring("does not compile"));
   // Numbers libstdc++'s regex compiler would overflow on are refused before it sees them.
-  c.target_regex = R"((q)\2222222222222222222)";
+  c.target_regex = R"((q)\1)";
   CHECK_THROWS_WITH(c.validate(), ContainsSubstring("back-references"));
+  c.target_regex = R"((q)\2222222222222222222)";  // \222 is an octal escape (as in Python), then digits
+  CHECK_NOTHROW(c.validate());
+  CHECK_FALSE(c.matches("q_proj"));
   c.target_regex = "q_proj{99999999999999999999}";
-  CHECK_THROWS_WITH(c.validate(), ContainsSubstring("a repetition count above 9999"));
-  // Backtracking would take 2^40 steps here; the match runs as an NFA instead (libstdc++).
+  CHECK_THROWS_WITH(c.validate(), ContainsSubstring("does not compile"));
+  // Backtracking would take 2^40 steps here; the DFA matcher is linear in the path.
   c.target_regex = "(a?){40}a{40}";
   CHECK(c.matches(std::string(40, 'a')));
   CHECK_FALSE(c.matches(std::string(39, 'a') + "b"));
+  // Nested repetitions (found by the fuzzer: libstdc++'s regex compiler ran for minutes) fail at once.
+  c.target_regex = "((((((q{1}){9}){9})2{6}){9}){9})";
+  const auto t0 = std::chrono::steady_clock::now();
+  CHECK_THROWS_WITH(c.validate(), ContainsSubstring("does not compile"));
+  CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(2));
+  // Python's re syntax PEFT users write: classes, alternation, non-capturing groups
+  c.target_regex = R"(model\.layers\.\d+\.(?:self_attn|mlp)\.(q|k|gate)_proj)";
+  CHECK(c.matches("model.layers.12.self_attn.q_proj"));
+  CHECK(c.matches("model.layers.0.mlp.gate_proj"));
+  CHECK_FALSE(c.matches("model.layers.0.mlp.gate_proj.lora_A"));
+  CHECK_FALSE(c.matches("xmodel.layers.0.mlp.gate_proj"));
 }
 
 TEST_CASE("lora: PEFT adapter folders round trip; bad folders are errors that change nothing", "[lora]") {
