@@ -28,7 +28,7 @@ struct PrintLoss : train::Callback {
 
 int main() try {
   const data::Tokenizer tok = data::Tokenizer::from_file(data::default_tokenizer_path());
-  auto chapters = data::load_documents(data::default_corpus_path(), data::default_corpus_options());
+  auto chapters = data::load_documents(data::kjv_corpus_path(), data::default_corpus_options());
   chapters.resize(std::min<size_t>(chapters.size(), 32));
   data::PackedDataset train_data(data::tokenize_documents(tok, chapters), {.seq_len = 64, .batch_size = 4, .pad_id = tok.eos_id()});
 

@@ -561,17 +561,17 @@ TEST_CASE("packing: resume from a saved position equals the uninterrupted run", 
                       ContainsSubstring("epoch"));
 }
 
-TEST_CASE("default corpus: the KJV from tools/bootstrap.sh, with the default tokenizer", "[dataset]") {
-  const char* old = std::getenv("KILN_DEFAULT_CORPUS");
+TEST_CASE("KJV corpus: the King James Bible from tools/bootstrap.sh, with the default tokenizer", "[dataset]") {
+  const char* old = std::getenv("KILN_KJV_CORPUS");
   std::string saved = old ? old : "";
-  ::setenv("KILN_DEFAULT_CORPUS", "/nonexistent/kiln/kjv.txt", 1);
-  REQUIRE_THROWS_WITH(default_corpus_path(), ContainsSubstring("[dataset]") && ContainsSubstring("tools/bootstrap.sh"));
-  if (old) ::setenv("KILN_DEFAULT_CORPUS", saved.c_str(), 1);
-  else ::unsetenv("KILN_DEFAULT_CORPUS");
+  ::setenv("KILN_KJV_CORPUS", "/nonexistent/kiln/kjv.txt", 1);
+  REQUIRE_THROWS_WITH(kjv_corpus_path(), ContainsSubstring("[dataset]") && ContainsSubstring("tools/bootstrap.sh"));
+  if (old) ::setenv("KILN_KJV_CORPUS", saved.c_str(), 1);
+  else ::unsetenv("KILN_KJV_CORPUS");
 
   std::string path;
   try {
-    path = default_corpus_path();
+    path = kjv_corpus_path();
   } catch (const kiln::Error& e) {
     SKIP(e.what());
   }

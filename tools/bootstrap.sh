@@ -49,9 +49,9 @@ fi
 echo "bootstrap: meson $(meson --version), catch2 $(dpkg-query -W -f='${Version}' libcatch2-dev 2>/dev/null ||
   dpkg-query -W -f='${Version}' catch2), fmt $(dpkg-query -W -f='${Version}' libfmt-dev)"
 
-# The default corpus (data/default_corpus.h): the King James Bible (public domain) from bible-kjv, as
-# plain text in third_party/corpus/kjv.txt: one chapter per document ("Genesis 1", then one verse per
-# line), documents split by blank lines.
+# The default base's pretraining corpus (data/default_corpus.h, tools/make_default_base.sh): the King James
+# Bible (public domain) from bible-kjv, as plain text in third_party/corpus/kjv.txt: one chapter per document
+# ("Genesis 1", then one verse per line), documents split by blank lines.
 corpus_dir="$(cd "$(dirname "$0")/.." && pwd)/third_party/corpus"
 if [ ! -s "$corpus_dir/kjv.txt" ]; then
   mkdir -p "$corpus_dir"
@@ -66,6 +66,22 @@ if [ ! -s "$corpus_dir/kjv.txt" ]; then
     echo "bootstrap: bible-kjv printed an unexpected text ($chapters chapter breaks); no default corpus" >&2
     exit 1
   fi
+fi
+
+# The default fine-tuning corpus (data/default_corpus.h): Ambrose Bierce's The Devil's Dictionary (1911, public
+# domain) from dict-devil, one entry per document in third_party/corpus/devil.txt (tools/make_devil_corpus.py).
+# The package is downloaded and unpacked, not installed: it depends on dictd, a network daemon kiln has no use for.
+if [ ! -s "$corpus_dir/devil.txt" ]; then
+  tmp=$(mktemp -d)
+  [ "$(id -u)" -ne 0 ] || chown _apt "$tmp" 2>/dev/null || true  # apt's download sandbox user writes there
+  if ! (cd "$tmp" && apt-get download -qq dict-devil); then
+    $SUDO apt-get update -qq  # no package lists yet (a fresh image)
+    (cd "$tmp" && apt-get download -qq dict-devil) || { rm -rf "$tmp"; echo "bootstrap: cannot download dict-devil" >&2; exit 1; }
+  fi
+  dpkg-deb -x "$tmp"/dict-devil_*.deb "$tmp/x" &&
+    python3 "$(dirname "$0")/make_devil_corpus.py" "$tmp/x/usr/share/dictd" "$corpus_dir/devil.txt" ||
+    { rm -rf "$tmp"; echo "bootstrap: could not write third_party/corpus/devil.txt from dict-devil" >&2; exit 1; }
+  rm -rf "$tmp"
 fi
 
 # The cuDNN C++ frontend (header-only) for the CUDA backend, from its PyPI wheel, into third_party/.

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: installs dependencies (tools/bootstrap.sh; skip with KILN_SKIP_BOOTSTRAP=1), configures
-# build-ci/ with -Dwerror=true, builds, runs the Catch2 suite with a console and a JUnit reporter, and ends
+# build/ with tools/configure.sh (-Dwerror=true; the folder and options tools/run_example.sh uses too, so one
+# build serves both), builds, runs the Catch2 suite with a console and a JUnit reporter, and ends
 # with one line "N passed, N failed, N skipped" counting test cases. Arguments go to kiln_tests ("[autograd]").
 # KILN_MESON_ARGS adds meson options (e.g. "-Dcpu_arch=native"). Where no GPU is present (no nvidia-smi
 # that lists one) the CUDA backend is left out (-Dcuda=disabled): its [cuda] tests would skip anyway and
@@ -11,7 +12,9 @@
 #   install  after the build: meson install into a temporary DESTDIR; every installed header must
 #            compile with only `pkg-config --cflags kiln` of that install; tests/install/consumer.cpp,
 #            copied out of the tree, is built with `c++ -std=c++20 consumer.cpp $(pkg-config --cflags
-#            --libs kiln)` and run. KILN_SKIP_INSTALL_CHECK=1 skips it (counted as skipped).
+#            --libs kiln)` and run; the installed `kiln` runs two steps of the default job and must have
+#            found its base model and corpus beside itself (<prefix>/share/kiln), not in the source tree.
+#            KILN_SKIP_INSTALL_CHECK=1 skips it (counted as skipped).
 #   sanitizers  after the suite (one case, though it reruns the suite): build-asan/ (CPU only,
 #            debugoptimized, -Db_sanitize=address,undefined,
 #            UBSan made fatal with -fno-sanitize-recover=undefined) builds only what the suite needs
@@ -26,13 +29,9 @@
 # A failing check makes the script exit non-zero; the build and the suite still run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-build=build-ci
+build=build
 bin="$build/tests/kiln_tests"
 junit="$build/junit.xml"
-read -r -a extra <<<"${KILN_MESON_ARGS:-}"
-if [[ " ${KILN_MESON_ARGS:-} " != *" -Dcuda="* ]] && ! nvidia-smi -L 2>/dev/null | grep -q GPU; then
-  extra+=(-Dcuda=disabled)
-fi
 
 if [ "${KILN_SKIP_BOOTSTRAP:-0}" != 1 ]; then
   tools/bootstrap.sh || { echo "test.sh: tools/bootstrap.sh failed"; exit 1; }
@@ -49,14 +48,8 @@ if python3 tools/check_layers.py --self-test && python3 tools/check_layers.py; t
   count 1
 fi
 
-# Idempotent configure: reuse an existing build dir (re-applying the options), else start afresh.
-if [ -f "$build/meson-private/coredata.dat" ]; then
-  meson setup --reconfigure "$build" -Dwerror=true "${extra[@]}" ||
-    meson setup --wipe "$build" -Dwerror=true "${extra[@]}" || { echo "test.sh: meson setup failed"; exit 1; }
-else
-  rm -rf "$build"
-  meson setup "$build" -Dwerror=true "${extra[@]}" || { echo "test.sh: meson setup failed"; exit 1; }
-fi
+# Idempotent configure (tools/configure.sh): an existing build/ with the same options is reused as it is.
+tools/configure.sh "$build" || { echo "test.sh: meson setup failed"; exit 1; }
 ninja -C "$build" || { echo "test.sh: build failed"; exit 1; }
 
 # Install check: a program outside the tree builds against an install through pkg-config alone.
@@ -83,7 +76,19 @@ install_check() {
       { echo "test.sh: an installed header does not compile from the install alone"; exit 1; }
     echo "test.sh: $(wc -l <all_headers.cpp) installed headers compile; c++ -std=c++20 consumer.cpp $flags"
     # shellcheck disable=SC2086
-    ${CXX:-c++} -std=c++20 -o consumer consumer.cpp $flags && ./consumer
+    ${CXX:-c++} -std=c++20 -o consumer consumer.cpp $flags && ./consumer || exit 1
+    # The installed kiln finds the default job's files beside itself: two steps of it, the banner naming them.
+    kiln=$(find "$tmp/root" -path '*/bin/kiln' -type f | head -n 1)
+    [ -x "$kiln" ] || { echo "test.sh: the install has no bin/kiln"; exit 1; }
+    share=$(cd "$(dirname "$kiln")/../share/kiln" && pwd -P) || { echo "test.sh: no share/kiln beside bin/kiln"; exit 1; }
+    banner=$(env -u KILN_DEFAULT_BASE -u KILN_DEFAULT_CORPUS -u KILN_DEFAULT_TOKENIZER "$kiln" finetune --steps 2 \
+      --seq-len 32 --batch-size 2 --eval-every 0 --save-every 0 --sample-tokens 0 --device cpu \
+      --output "$tmp/run" 2>&1 | grep '^kiln finetune:') || { echo "test.sh: the installed kiln's default job failed"; exit 1; }
+    echo "test.sh: installed $banner"
+    case "$banner" in
+      *"kiln finetune: $share/default/base,"*"docs of $share/corpus/devil.txt,"*) ;;
+      *) echo "test.sh: the installed kiln did not take its base and corpus from $share"; exit 1 ;;
+    esac
   )
   rc=$?
   rm -rf "$tmp"

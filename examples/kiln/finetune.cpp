@@ -84,9 +84,9 @@ void prepare_output(const std::string& output, bool lead) {
 }
 
 // The model's config.json (or named config), read before the model itself to check memory and lengths.
-nn::LlamaConfig model_config(const FinetuneConfig& c) {
-  return c.model_dir.empty() ? nn::LlamaConfig::named(c.config)
-                             : nn::LlamaConfig::from_file((fs::path(c.model_dir) / "config.json").string());
+nn::LlamaConfig model_config(const FinetuneConfig& c, const std::string& model_dir) {
+  return model_dir.empty() ? nn::LlamaConfig::named(c.config)
+                           : nn::LlamaConfig::from_file((fs::path(model_dir) / "config.json").string());
 }
 
 // The fingerprint a resume is checked against. Checkpoints written before --steps and --epochs left the
@@ -105,11 +105,11 @@ std::string resume_fingerprint(const FinetuneConfig& c) {
 }
 
 // What kiln generate/eval --adapter need to load the same base (adapter_base.h).
-AdapterBase adapter_base(const FinetuneConfig& c) {
+AdapterBase adapter_base(const FinetuneConfig& c, const std::string& model_dir) {
   auto absolute = [](const std::string& p) { return p.empty() ? p : fs::absolute(p).lexically_normal().string(); };
   AdapterBase b;
-  b.model_dir = absolute(c.model_dir);
-  if (c.model_dir.empty()) b.config = fs::exists(c.config) ? absolute(c.config) : c.config;
+  b.model_dir = absolute(model_dir);
+  if (model_dir.empty()) b.config = fs::exists(c.config) ? absolute(c.config) : c.config;
   b.seed = c.seed;
   b.nf4 = c.base == "nf4";
   b.tokenizer = absolute(c.tokenizer);
@@ -134,12 +134,13 @@ class AdapterBaseCallback final : public train::Callback {
 FinetuneJob::FinetuneJob(const FinetuneConfig& c, RunWorld world)
     : config_(c), world_(std::move(world)), device_(world_.group ? world_.device : resolve_device(c.device)) {
   c.validate();
+  model_dir_ = c.base_model_dir();
   if (c.shard && !world_.group) world_.group = dist::make_local_groups(1)[0];  // fully_shard over a world of one
   const bool lead = world_.rank() == 0;
   prepare_output(c.output, lead);
 
   // ---- before anything large is allocated: does one step fit in memory (CPU), are the lengths in range
-  const nn::LlamaConfig mc = model_config(c);
+  const nn::LlamaConfig mc = model_config(c, model_dir_);
   if (!device_.is_cuda())
     if (const std::optional<double> available = available_host_memory())
       check_step_fits(mc, c, resolve_dtype(c.dtype, device_), *available);
@@ -150,15 +151,15 @@ FinetuneJob::FinetuneJob(const FinetuneConfig& c, RunWorld world)
 
   // ---- model (NF4 base for QLoRA, quantised layer by layer as it loads), tokenizer, LoRA
   ModelSpec spec;
-  spec.model_dir = c.model_dir;
-  spec.config = c.model_dir.empty() ? c.config : "";
+  spec.model_dir = model_dir_;
+  spec.config = model_dir_.empty() ? c.config : "";
   spec.seed = c.seed;
   spec.dtype = c.dtype;
   spec.device = device_.str();
   spec.nf4 = c.base == "nf4";
   if (device_.is_cuda()) cuda::set_device(device_.index);
   model_ = load_model(spec);
-  tokenizer_ = std::make_unique<data::Tokenizer>(load_tokenizer(c.tokenizer, c.model_dir));
+  tokenizer_ = std::make_unique<data::Tokenizer>(load_tokenizer(c.tokenizer, model_dir_));
   KILN_CHECK(tokenizer_->vocab_size() <= model_->config().vocab_size, "finetune",
              "the tokenizer has {} ids, more than the model's vocabulary of {}", tokenizer_->vocab_size(),
              model_->config().vocab_size);
@@ -167,7 +168,7 @@ FinetuneJob::FinetuneJob(const FinetuneConfig& c, RunWorld world)
   lora_.dropout = c.lora_dropout;
   lora_.use_rslora = c.rslora;
   lora_.target_modules = c.target_modules;
-  lora_.base_model_name_or_path = c.model_dir.empty() ? c.config : c.model_dir;
+  lora_.base_model_name_or_path = model_dir_.empty() ? c.config : model_dir_;
   if (c.full) {
     for (auto& [name, p] : model_->named_parameters()) p.set_requires_grad(true);
   } else {
@@ -178,9 +179,9 @@ FinetuneJob::FinetuneJob(const FinetuneConfig& c, RunWorld world)
   if (c.shard) shards_ = dist::shard_llama(*model_, world_.group);  // each decoder layer, then the root
 
   // ---- data: documents -> tokens -> held-out split -> packed training stream and eval batches
-  const std::string data_path = c.data.empty() ? data::default_corpus_path() : c.data;
-  const auto docs = data::tokenize_documents(*tokenizer_, data::load_documents(data_path, text_options(c)));
-  KILN_CHECK(!docs.empty(), "finetune", "{} holds no documents", data_path);
+  data_path_ = c.data.empty() ? data::default_corpus_path() : c.data;
+  const auto docs = data::tokenize_documents(*tokenizer_, data::load_documents(data_path_, text_options(c)));
+  KILN_CHECK(!docs.empty(), "finetune", "{} holds no documents", data_path_);
   data::SplitOptions so;
   so.fraction = c.eval_fraction;
   so.seed = c.seed;
@@ -194,7 +195,7 @@ FinetuneJob::FinetuneJob(const FinetuneConfig& c, RunWorld world)
   po.epochs = c.steps > 0 ? -1 : c.epochs;
   po.pad_id = tokenizer_->eos_id();
   train_data_ = std::make_unique<data::PackedDataset>(data::select_documents(docs, split.train), po);
-  KILN_CHECK(train_data_->rows_per_epoch() > 0, "finetune", "{} has too few tokens for one sequence", data_path);
+  KILN_CHECK(train_data_->rows_per_epoch() > 0, "finetune", "{} has too few tokens for one sequence", data_path_);
   const int64_t per_step = c.batch_size * c.grad_accum;
   total_steps_ = c.steps > 0 ? c.steps : (train_data_->rows_per_epoch() * c.epochs + per_step - 1) / per_step;
 
@@ -251,7 +252,7 @@ FinetuneJob::FinetuneJob(const FinetuneConfig& c, RunWorld world)
   }
   if (lead) {
     trainer_->add_callback(std::make_shared<train::MetricsCallback>(c.output, c.resume, "kiln finetune: loss"));
-    if (!c.full) trainer_->add_callback(std::make_shared<AdapterBaseCallback>(adapter_base(c)));
+    if (!c.full) trainer_->add_callback(std::make_shared<AdapterBaseCallback>(adapter_base(c, model_dir_)));
     // Written last: a start refused above (a failed --resume, bad data, too little memory) leaves the
     // run folder's settings as they were.
     write_file_atomic((fs::path(c.output) / "config.toml").string(), c.to_toml(), "finetune");
@@ -271,9 +272,9 @@ std::string FinetuneJob::banner() const {
   if (c.full) trainable = model_->config().num_parameters();
   const std::string what = c.full ? std::string("full training") : fmt::format("LoRA r={}", c.lora_r);
   return fmt::format("kiln finetune: {}, {} base, {} on {}{} | {} trainable + {} base parameters | {} train + {} eval "
-                     "docs, {} tokens/epoch | {} steps of {} x {} tokens -> {}",
-                     c.model_dir.empty() ? c.config : c.model_dir, c.base, what, device_.str(), ranks, trainable,
-                     model_->config().num_parameters(), n_train_docs_, n_eval_docs_, train_data_->tokens_per_epoch(),
+                     "docs of {}, {} tokens/epoch | {} steps of {} x {} tokens -> {}",
+                     model_dir_.empty() ? c.config : model_dir_, c.base, what, device_.str(), ranks, trainable,
+                     model_->config().num_parameters(), n_train_docs_, n_eval_docs_, data_path_, train_data_->tokens_per_epoch(),
                      total_steps_, c.batch_size * c.grad_accum * world_.size(), c.seq_len, c.output);
 }
 
@@ -290,12 +291,12 @@ FinetuneResult FinetuneJob::run() {
   if (config_.full) {  // the whole model, as a Hugging Face folder (replicated: every rank holds it)
     if (lead)
       save_hf_folder(*model_, (fs::path(config_.output) / "model").string(), resolve_dtype(config_.dtype, device_),
-                     config_.model_dir, config_.tokenizer);
+                     model_dir_, config_.tokenizer);
   } else {
     const std::string adapter = (fs::path(config_.output) / "adapter").string();
     if (shards_) dist::save_adapter_sharded(*shards_, *model_, lora_, adapter);  // gathered; rank 0 writes
     else if (lead) nn::save_adapter(*model_, lora_, adapter);
-    if (lead) write_adapter_base(adapter, adapter_base(config_));
+    if (lead) write_adapter_base(adapter, adapter_base(config_, model_dir_));
   }
   if (result.interrupted || config_.sample_tokens <= 0) return result;
   if (!shards_ && !lead) return result;  // replicated: rank 0 samples alone
@@ -373,7 +374,8 @@ FinetuneResult run_finetune(const FinetuneConfig& c) {
 void add_finetune_command(CLI::App& app) {
   auto config = std::make_shared<FinetuneConfig>();
   auto nproc = std::make_shared<int>(1);
-  CLI::App* cmd = app.add_subcommand("finetune", "QLoRA/LoRA fine-tuning (no arguments: the default job on the embedded corpus)");
+  CLI::App* cmd = app.add_subcommand("finetune", "QLoRA/LoRA fine-tuning (no arguments: the default job, QLoRA of kiln's "
+                                     "KJV-pretrained tiny base on The Devil's Dictionary)");
   add_finetune_options(*cmd, *config);
   cmd->add_option("--nproc", *nproc, "run as N ranks on this machine (kiln launch --nproc N -- kiln finetune ...)")
       ->check(CLI::PositiveNumber);

@@ -59,6 +59,8 @@ class FinetuneJob {
 
  private:
   FinetuneConfig config_;
+  std::string model_dir_;  // the base's folder: --model or the default base ("" for --config)
+  std::string data_path_;  // --data or the default corpus
   RunWorld world_;
   Device device_;
   std::shared_ptr<nn::Llama> model_;

@@ -13,6 +13,7 @@
 
 #include "core/error.h"
 #include "core/file_io.h"
+#include "data/default_corpus.h"
 
 namespace kiln::app {
 
@@ -30,9 +31,10 @@ struct Field {
 
 const std::vector<Field>& fields() {
   static const std::vector<Field> f{
-      {"model", "Hugging Face model folder (config.json + safetensors)", &C::model_dir, true},
+      {"model", "Hugging Face model folder (config.json + safetensors); without --model and --config: kiln's default "
+                "base (a tiny Llama pretrained on the KJV, data/default/base)", &C::model_dir, true},
       {"config", "named config (tiny, llama3.1-8b, llama3.1-70b) or config.json for a random-weight model", &C::config, true},
-      {"random_init", "random weights for --config (required unless it is the default tiny job)", &C::random_init, true},
+      {"random_init", "random weights for --config (required with it)", &C::random_init, true},
       {"tokenizer", "tokenizer.json or a folder holding one", &C::tokenizer, true},
       {"base", "nf4 (QLoRA) or bf16 (LoRA over the model's dtype)", &C::base, true},
       {"full", "train every parameter (no LoRA; needs --base bf16); the result is a model folder, output/model", &C::full, true},
@@ -43,7 +45,7 @@ const std::vector<Field>& fields() {
       {"lora_dropout", "LoRA dropout", &C::lora_dropout, true},
       {"rslora", "rank-stabilised scaling alpha/sqrt(r)", &C::rslora, true},
       {"target_modules", "linear layers to adapt", &C::target_modules, true},
-      {"data", "training text/JSONL file or folder (default: the embedded corpus)", &C::data, true},
+      {"data", "training text/JSONL file or folder (default: The Devil's Dictionary, third_party/corpus/devil.txt)", &C::data, true},
       {"text_split", "plain text documents: auto | file | blank_lines | separator", &C::text_split, true},
       {"eval_fraction", "share of documents held out for eval loss", &C::eval_fraction, true},
       {"seq_len", "tokens per sequence", &C::seq_len, true},
@@ -266,9 +268,15 @@ void FinetuneConfig::validate() const {
   KILN_CHECK(eval_batches >= 1, "finetune",
              "--eval-batches must be >= 1, found {} (to skip the eval loss: --eval-every 0 or --eval-fraction 0)", eval_batches);
   KILN_CHECK(!output.empty(), "finetune", "--output must name a folder");
-  KILN_CHECK(model_dir.empty() || config == "tiny" || config.empty(), "finetune", "give --model or --config, not both");
-  KILN_CHECK(!model_dir.empty() || random_init || config == "tiny", "finetune",
+  KILN_CHECK(model_dir.empty() || config.empty(), "finetune", "give --model or --config, not both");
+  KILN_CHECK(config.empty() || random_init, "finetune",
              "--config {} builds a model with random weights: add --random-init (or give --model DIR)", config);
+  KILN_CHECK(!random_init || !config.empty(), "finetune",
+             "--random-init needs --config NAME (tiny, llama3.1-8b, ...; the old default job: --config tiny --random-init)");
+}
+
+std::string FinetuneConfig::base_model_dir() const {
+  return model_dir.empty() && config.empty() ? data::default_base_path() : model_dir;
 }
 
 }  // namespace kiln::app

@@ -12,8 +12,8 @@ namespace kiln::app {
 struct FinetuneConfig {
   // model
   std::string model_dir;          // a HF folder; or
-  std::string config = "tiny";    // a named config / config.json with random weights (--random-init)
-  bool random_init = false;       // required with --config unless it is the default job
+  std::string config;             // a named config / config.json with random weights (needs --random-init);
+  bool random_init = false;       // neither: kiln's default base (data/default/base, pretrained on the KJV)
   std::string tokenizer;          // tokenizer.json or folder; default: the model's, else kiln's default
   std::string base = "nf4";       // nf4 (QLoRA) | bf16 (LoRA over the model dtype)
   std::string dtype = "auto";
@@ -25,7 +25,7 @@ struct FinetuneConfig {
   bool rslora = false;
   std::vector<std::string> target_modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
   // data
-  std::string data;               // text file, folder or JSONL; default: the embedded corpus
+  std::string data;               // text file, folder or JSONL; default: the default corpus (Devil's Dictionary)
   std::string text_split = "auto";  // auto | file | blank_lines | separator
   double eval_fraction = 0.02;
   int64_t seq_len = 128;
@@ -53,11 +53,14 @@ struct FinetuneConfig {
   int64_t log_every = 10;
   std::string output = "runs/default";
   bool resume = false;
-  std::string sample_prompt = "And God said";
+  std::string sample_prompt = "LAWYER, n.";
   int64_t sample_tokens = 48;
   std::string config_file;        // TOML
 
   void validate() const;
+  // The base model folder: --model, or kiln's default base when neither --model nor --config is given
+  // (data::default_base_path()); "" for a --config model with random weights.
+  std::string base_model_dir() const;
   std::string to_toml() const;
   // Each setting as config.toml spells it: (name, TOML value).
   std::vector<std::pair<std::string, std::string>> settings() const;
