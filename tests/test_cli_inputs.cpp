@@ -189,6 +189,7 @@ TEST_CASE("finetune: the adapter records its base; generate --adapter loads it a
   CHECK(record.at("model") == "");
   CHECK(record.at("seed") == 3);
   CHECK(record.at("nf4") == true);
+  CHECK(record.at("dtype") == "f32");  // what the base was built in (auto on the CPU): NF4 codes depend on it
   CHECK(fs::exists(fs::path(c.output) / "checkpoint-1" / "adapter" / "kiln_base.json"));
 
   // `kiln generate --adapter DIR --prompt P` with nothing else: the recorded base
@@ -199,6 +200,7 @@ TEST_CASE("finetune: the adapter records its base; generate --adapter loads it a
   CHECK(g.model.config == record.at("config"));
   CHECK(g.model.seed == 3);
   CHECK(g.model.nf4);
+  CHECK(g.model.dtype == "f32");
   g.prompt = c.sample_prompt;
   g.options.max_new_tokens = c.sample_tokens;
   g.options.temperature = 0.7;
@@ -231,6 +233,23 @@ TEST_CASE("finetune: the adapter records its base; generate --adapter loads it a
   REQUIRE(warnings.size() == 1);
   CHECK_THAT(warnings[0], ContainsSubstring("not on --config tiny"));
   CHECK(spec.config == "tiny");
+  spec = {};
+  spec.adapter = adapter.string();
+  spec.dtype = "bf16";
+  warnings = app::apply_adapter_base(spec, nullptr, {.dtype = true});
+  REQUIRE(warnings.size() == 1);
+  CHECK_THAT(warnings[0], ContainsSubstring("built in f32") && ContainsSubstring("NF4 codes"));
+  CHECK(spec.dtype == "bf16");
+  // `kiln export`: --base-dtype is the base's dtype (its --dtype is the output's)
+  CLI::App exp;
+  app::ModelSpec e;
+  std::string out_dtype;
+  exp.add_option("--base-dtype", e.dtype);
+  exp.add_option("--dtype", out_dtype);
+  exp.parse(std::vector<std::string>{"bf16", "--dtype"});
+  CHECK_FALSE(app::given_model_options(exp).dtype);
+  exp.parse(std::vector<std::string>{"bf16", "--base-dtype"});
+  CHECK(app::given_model_options(exp).dtype);
 
   // flags as the command line gives them: `--nf4 false` is a value, not a stray argument
   CLI::App cli;

@@ -38,7 +38,8 @@ void write_adapter_base(const std::string& adapter_dir, const AdapterBase& b) {
                {"config", b.config},
                {"seed", b.seed},
                {"nf4", b.nf4},
-               {"tokenizer", b.tokenizer}};
+               {"tokenizer", b.tokenizer},
+               {"dtype", b.dtype}};
   write_file_atomic((fs::path(adapter_dir) / kAdapterBaseFile).string(), j.dump(2) + "\n", "adapter");
 }
 
@@ -56,6 +57,7 @@ std::optional<AdapterBase> read_adapter_base(const std::string& adapter_dir) {
     b.seed = j.at("seed").get<uint64_t>();
     b.nf4 = j.at("nf4").get<bool>();
     b.tokenizer = j.value("tokenizer", "");
+    b.dtype = j.value("dtype", "");
   } catch (const json::exception& e) {
     KILN_FAIL("adapter", "{}: malformed: {}", path.string(), e.what());
   }
@@ -69,7 +71,8 @@ GivenModelOptions given_model_options(const CLI::App& cmd) {
     const CLI::Option* o = cmd.get_option_no_throw(name);
     return o != nullptr && o->count() > 0;
   };
-  return {given("--model"), given("--config"), given("--seed"), given("--nf4"), given("--tokenizer")};
+  const bool dtype = cmd.get_option_no_throw("--base-dtype") != nullptr ? given("--base-dtype") : given("--dtype");
+  return {given("--model"), given("--config"), given("--seed"), given("--nf4"), given("--tokenizer"), dtype};
 }
 
 std::vector<std::string> apply_adapter_base(ModelSpec& spec, std::string* tokenizer, const GivenModelOptions& given) {
@@ -97,6 +100,13 @@ std::vector<std::string> apply_adapter_base(ModelSpec& spec, std::string* tokeni
     warnings.push_back(fmt::format("{} with {} base; --nf4 {} loads it {}: outputs will differ from the trained ones", where,
                                    rec->nf4 ? "an NF4 (QLoRA)" : "an unquantised", spec.nf4 ? "true" : "false",
                                    spec.nf4 ? "quantised to NF4" : "unquantised"));
+  if (!rec->dtype.empty()) {
+    if (!given.dtype) spec.dtype = rec->dtype;
+    else if (spec.dtype != rec->dtype)
+      warnings.push_back(fmt::format("{} built in {}; building it in {} changes its {}: outputs will differ from the "
+                                     "trained ones", where, rec->dtype, spec.dtype,
+                                     rec->nf4 ? "NF4 codes" : "weights' rounding"));
+  }
   if (tokenizer != nullptr && !rec->tokenizer.empty()) {
     if (!given.tokenizer) *tokenizer = rec->tokenizer;
     else if (!same_path(*tokenizer, rec->tokenizer))

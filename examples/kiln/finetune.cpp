@@ -105,7 +105,7 @@ std::string resume_fingerprint(const FinetuneConfig& c) {
 }
 
 // What kiln generate/eval --adapter need to load the same base (adapter_base.h).
-AdapterBase adapter_base(const FinetuneConfig& c, const std::string& model_dir) {
+AdapterBase adapter_base(const FinetuneConfig& c, const std::string& model_dir, DType built) {
   auto absolute = [](const std::string& p) { return p.empty() ? p : fs::absolute(p).lexically_normal().string(); };
   AdapterBase b;
   b.model_dir = absolute(model_dir);
@@ -113,6 +113,7 @@ AdapterBase adapter_base(const FinetuneConfig& c, const std::string& model_dir) 
   b.seed = c.seed;
   b.nf4 = c.base == "nf4";
   b.tokenizer = absolute(c.tokenizer);
+  b.dtype = dtype_name(built);
   return b;
 }
 
@@ -252,7 +253,7 @@ FinetuneJob::FinetuneJob(const FinetuneConfig& c, RunWorld world)
   }
   if (lead) {
     trainer_->add_callback(std::make_shared<train::MetricsCallback>(c.output, c.resume, "kiln finetune: loss"));
-    if (!c.full) trainer_->add_callback(std::make_shared<AdapterBaseCallback>(adapter_base(c, model_dir_)));
+    if (!c.full) trainer_->add_callback(std::make_shared<AdapterBaseCallback>(adapter_base(c, model_dir_, resolve_dtype(c.dtype, device_))));
     // Written last: a start refused above (a failed --resume, bad data, too little memory) leaves the
     // run folder's settings as they were.
     write_file_atomic((fs::path(c.output) / "config.toml").string(), c.to_toml(), "finetune");
@@ -296,7 +297,7 @@ FinetuneResult FinetuneJob::run() {
     const std::string adapter = (fs::path(config_.output) / "adapter").string();
     if (shards_) dist::save_adapter_sharded(*shards_, *model_, lora_, adapter);  // gathered; rank 0 writes
     else if (lead) nn::save_adapter(*model_, lora_, adapter);
-    if (lead) write_adapter_base(adapter, adapter_base(config_, model_dir_));
+    if (lead) write_adapter_base(adapter, adapter_base(config_, model_dir_, resolve_dtype(config_.dtype, device_)));
   }
   if (result.interrupted || config_.sample_tokens <= 0) return result;
   if (!shards_ && !lead) return result;  // replicated: rank 0 samples alone
