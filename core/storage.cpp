@@ -1,7 +1,9 @@
 // Storage and the CPU allocator (64-byte aligned, so 16-byte vector loads and cache lines line up).
 #include "core/storage.h"
 
+#include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdlib>
 #include <new>
 
@@ -11,15 +13,28 @@
 namespace kiln {
 namespace {
 
+size_t rounded_size(size_t nbytes) { return (std::max<size_t>(nbytes, 1) + 63) / 64 * 64; }
+
+// The CPU allocator's byte counts: allocated now and the peak since the last reset.
+std::atomic<size_t> cpu_allocated{0};
+std::atomic<size_t> cpu_peak{0};
+
 class CpuAllocator final : public Allocator {
  public:
   void* allocate(size_t nbytes, Device) override {
-    size_t rounded = (std::max<size_t>(nbytes, 1) + 63) / 64 * 64;
+    const size_t rounded = rounded_size(nbytes);
     void* p = std::aligned_alloc(64, rounded);
     KILN_CHECK(p != nullptr, "alloc", "out of host memory allocating {} bytes", nbytes);
+    const size_t now = cpu_allocated.fetch_add(rounded, std::memory_order_relaxed) + rounded;
+    size_t peak = cpu_peak.load(std::memory_order_relaxed);
+    while (now > peak && !cpu_peak.compare_exchange_weak(peak, now, std::memory_order_relaxed)) {
+    }
     return p;
   }
-  void deallocate(void* ptr, size_t, Device) override { std::free(ptr); }
+  void deallocate(void* ptr, size_t nbytes, Device) override {
+    std::free(ptr);
+    cpu_allocated.fetch_sub(rounded_size(nbytes), std::memory_order_relaxed);
+  }
 };
 
 std::array<Allocator*, kNumDeviceTypes>& allocators() {
@@ -50,6 +65,12 @@ StorageImpl::StorageImpl(void* data, size_t nbytes, Device device, std::function
 StorageImpl::~StorageImpl() {
   if (deleter_) deleter_(data_);
 }
+
+MemoryUsage cpu_memory_usage() {
+  return {cpu_allocated.load(std::memory_order_relaxed), cpu_peak.load(std::memory_order_relaxed)};
+}
+
+void reset_cpu_peak_memory() { cpu_peak.store(cpu_allocated.load(std::memory_order_relaxed), std::memory_order_relaxed); }
 
 Storage allocate_storage(size_t nbytes, Device device) {
   Allocator* a = get_allocator(device.type);

@@ -21,6 +21,17 @@ class Allocator {
 void set_allocator(DeviceType type, Allocator* allocator);
 Allocator* get_allocator(DeviceType type);  // throws kiln::Error if none is registered
 
+// Bytes an allocator has handed out now and at most since its last peak reset. Read it for any
+// device through memory_usage() (core/memory.h).
+struct MemoryUsage {
+  size_t allocated = 0;
+  size_t peak = 0;
+};
+// The CPU allocator's counts (atomics; every thread's allocations, 64-byte rounded sizes). Memory a
+// storage views (storage_from_blob: mmapped files, others' buffers) is not counted.
+MemoryUsage cpu_memory_usage();
+void reset_cpu_peak_memory();  // peak = allocated now
+
 class StorageImpl {
  public:
   StorageImpl(void* data, size_t nbytes, Device device, std::function<void(void*)> deleter);

@@ -155,17 +155,20 @@ LlamaModel::LlamaModel(const LlamaConfig& c, const LlamaOptions& o, const Weight
   fill(*norm, "model.norm.");
 }
 
-Tensor LlamaModel::forward(const Tensor& ids, int64_t start, KVCache* cache, bool checkpoint) {
+Tensor LlamaModel::forward(const Tensor& ids, int64_t start, KVCache* cache, const std::vector<bool>& checkpoint) {
   KILN_CHECK(ids.dim() == 2 && !is_floating(ids.dtype()), "Llama", "expected integer ids (B, T), found {} {}",
              dtype_name(ids.dtype()), shape_str(ids.shape()));
   Tensor x = child_as<Embedding>("embed_tokens")(ids);  // (B, T, hidden)
   auto& layers = child_as<ModuleList>("layers");
   KILN_CHECK(!cache || static_cast<int64_t>(cache->layers.size()) == layers.size(), "Llama",
              "the KV cache has {} layers, the model {}", cache ? cache->layers.size() : 0, layers.size());
+  KILN_CHECK(checkpoint.empty() || static_cast<int64_t>(checkpoint.size()) == layers.size(), "Llama",
+             "expected a checkpoint choice per decoder layer ({}), found {}", layers.size(), checkpoint.size());
   for (int64_t i = 0; i < layers.size(); ++i) {
     auto& layer = layers.at<LlamaDecoderLayer>(i);
     KVCache::Layer* lc = cache ? &cache->layers[static_cast<size_t>(i)] : nullptr;
-    if (checkpoint && autograd::grad_enabled() && !cache) {
+    const bool checkpointed = !checkpoint.empty() && checkpoint[static_cast<size_t>(i)];
+    if (checkpointed && autograd::grad_enabled() && !cache) {
       x = autograd::checkpoint([&layer, start](const std::vector<Tensor>& in) { return std::vector<Tensor>{layer(in[0], start)}; },
                                {x})[0];
     } else {
@@ -178,6 +181,15 @@ Tensor LlamaModel::forward(const Tensor& ids, int64_t start, KVCache* cache, boo
 
 namespace {
 std::string call_key(int64_t start, const void* cache) { return fmt::format("start={} cache={}", start, cache ? "yes" : "none"); }
+// "" (no layer checkpointed), " checkpoint" (every layer) or " checkpoint=0011" (per layer).
+std::string checkpoint_key(const std::vector<bool>& checkpoint) {
+  const auto n = std::count(checkpoint.begin(), checkpoint.end(), true);
+  if (n == 0) return "";
+  if (n == static_cast<std::ptrdiff_t>(checkpoint.size())) return " checkpoint";
+  std::string key = " checkpoint=";
+  for (bool c : checkpoint) key += c ? '1' : '0';
+  return key;
+}
 }  // namespace
 
 Tensor LlamaAttention::operator()(const Tensor& x, int64_t start, KVCache::Layer* cache) {
@@ -194,9 +206,9 @@ Tensor LlamaDecoderLayer::operator()(const Tensor& x, int64_t start, KVCache::La
   }).at(0);
 }
 
-Tensor LlamaModel::operator()(const Tensor& ids, int64_t start, KVCache* cache, bool checkpoint) {
+Tensor LlamaModel::operator()(const Tensor& ids, int64_t start, KVCache* cache, const std::vector<bool>& checkpoint) {
   if (!has_forward_hooks()) return forward(ids, start, cache, checkpoint);
-  return call_forward({ids}, call_key(start, cache) + (checkpoint ? " checkpoint" : ""), [&](const std::vector<Tensor>& in) {
+  return call_forward({ids}, call_key(start, cache) + checkpoint_key(checkpoint), [&](const std::vector<Tensor>& in) {
     return std::vector<Tensor>{forward(in.at(0), start, cache, checkpoint)};
   }).at(0);
 }
@@ -204,8 +216,9 @@ Tensor LlamaModel::operator()(const Tensor& ids, int64_t start, KVCache* cache, 
 // ---- causal LM
 
 Llama::Llama(const LlamaConfig& config, const LlamaOptions& options, const WeightSource* source)
-    : config_(config), options_(options), checkpoint_(options.checkpoint_activations) {
+    : config_(config), options_(options) {
   config_.validate();
+  set_checkpoint_activations(options.checkpoint_activations);
   register_module("model", std::make_shared<LlamaModel>(config_, options_, source));
   if (!config_.tie_word_embeddings) {
     Generator gen(options.seed + 1);
@@ -220,8 +233,24 @@ Llama::Llama(const LlamaConfig& config, const LlamaOptions& options, const Weigh
   }
 }
 
+void Llama::set_checkpoint_activations(bool on) {
+  checkpoint_.assign(static_cast<size_t>(config_.num_hidden_layers), on);
+}
+
+void Llama::set_checkpoint_layers(std::vector<bool> per_layer) {
+  KILN_CHECK(static_cast<int64_t>(per_layer.size()) == config_.num_hidden_layers, "Llama",
+             "set_checkpoint_layers expected one entry per decoder layer ({}), found {}", config_.num_hidden_layers,
+             per_layer.size());
+  checkpoint_ = std::move(per_layer);
+}
+
+void Llama::set_loss_memory_budget(size_t bytes) {
+  KILN_CHECK(bytes > 0, "Llama", "the loss head's memory budget must be positive, found 0 bytes");
+  loss_memory_budget_ = bytes;
+}
+
 Tensor Llama::forward(const Tensor& ids, int64_t start, KVCache* cache) {
-  return model()(ids, start, cache, checkpoint_ && is_training());
+  return model()(ids, start, cache, is_training() ? checkpoint_ : std::vector<bool>{});
 }
 
 Tensor Llama::operator()(const Tensor& ids, int64_t start, KVCache* cache) {
@@ -253,6 +282,7 @@ Tensor Llama::chunked_loss(const Tensor& hidden, const Tensor& targets, Reductio
              "the chunked loss head needs a plain lm_head, found {}", child_as<LinearBase>("lm_head").type_name());
   ChunkedLossOptions o;
   o.reduction = reduction;
+  o.memory_budget_bytes = loss_memory_budget_;
   return chunked_linear_loss(hidden, lm_head_weight(), targets, cross_entropy_loss(), o);
 }
 

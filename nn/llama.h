@@ -1,7 +1,7 @@
 // Llama (2/3/3.1 architecture) as Hugging Face's LlamaForCausalLM lays it out, so parameter
 // names equal the keys of a HF checkpoint: grouped-query causal attention with rotary embeddings
-// (llama3 scaling), SwiGLU MLP, RMSNorm, tied or untied embeddings, optional activation
-// checkpointing per block, and a KV cache for generation.
+// (llama3 scaling), SwiGLU MLP, RMSNorm, tied or untied embeddings, activation checkpointing
+// chosen per decoder layer, and a KV cache for generation.
 #pragma once
 #include <functional>
 #include <optional>
@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/ops.h"
+#include "nn/chunked_loss.h"
 #include "nn/layers.h"
 
 namespace kiln::nn {
@@ -91,7 +92,7 @@ struct LlamaOptions {
   Device device = kCPU;
   uint64_t seed = 0;          // random init: N(0, 0.02) linears/embedding as HF initialises
   bool random_init = true;    // false: parameters start at zero (to be loaded by the caller)
-  bool checkpoint_activations = false;
+  bool checkpoint_activations = false;  // every decoder layer (Llama::set_checkpoint_layers: a per-layer choice)
   // Called after each decoder layer is built (and filled from `source` when loading), before the
   // next one: quantising here keeps the peak near one layer's size (QLoRA's NF4 base).
   std::function<void(const std::string& prefix, LlamaDecoderLayer& layer)> on_layer_built;
@@ -109,8 +110,10 @@ class LlamaModel : public Module {
  public:
   LlamaModel(const LlamaConfig& c, const LlamaOptions& o, const WeightSource* source);
   std::string type_name() const override { return "LlamaModel"; }
-  Tensor forward(const Tensor& ids, int64_t start, KVCache* cache, bool checkpoint);  // (B, T) -> (B, T, hidden)
-  Tensor operator()(const Tensor& ids, int64_t start, KVCache* cache, bool checkpoint);  // through the hooks
+  // (B, T) -> (B, T, hidden). `checkpoint`: one entry per decoder layer (true: checkpointed when
+  // grad mode is on and there is no cache), or empty for none.
+  Tensor forward(const Tensor& ids, int64_t start, KVCache* cache, const std::vector<bool>& checkpoint);
+  Tensor operator()(const Tensor& ids, int64_t start, KVCache* cache, const std::vector<bool>& checkpoint);  // through the hooks
   int64_t num_layers() const { return child_as<ModuleList>("layers").size(); }
 };
 
@@ -126,7 +129,16 @@ class Llama : public Module {
 
   const LlamaConfig& config() const { return config_; }
   LlamaModel& model() const { return child_as<LlamaModel>("model"); }
-  void set_checkpoint_activations(bool on) { checkpoint_ = on; }
+  // Activation checkpointing in training mode: a checkpointed decoder layer keeps only its input for
+  // backward and runs its forward again there. set_checkpoint_activations: every layer or none;
+  // set_checkpoint_layers: one entry per decoder layer (true: checkpointed).
+  void set_checkpoint_activations(bool on);
+  void set_checkpoint_layers(std::vector<bool> per_layer);
+  const std::vector<bool>& checkpoint_layers() const { return checkpoint_; }
+  // ChunkedLossOptions::memory_budget_bytes of chunked_loss (default 2 GiB): it sets the chunk size
+  // (nn::chunked_loss_chunk_size; the built-in cross-entropy takes V * itemsize bytes per token).
+  void set_loss_memory_budget(size_t bytes);
+  size_t loss_memory_budget() const { return loss_memory_budget_; }
 
   // ids (B, T) int -> final hidden states (B, T, hidden) after the last norm.
   Tensor forward(const Tensor& ids, int64_t start = 0, KVCache* cache = nullptr);
@@ -138,8 +150,8 @@ class Llama : public Module {
   // Cross-entropy of the logits at each position against `targets` (B, T) (the next token, already
   // shifted; -100 ignored), computed in f32 over the full logits; mean over the scored tokens or sum.
   Tensor loss(const Tensor& hidden, const Tensor& targets, Reduction reduction = Reduction::mean);
-  // The same through the chunked linear+cross-entropy head (nn/chunked_loss.h): the full logits
-  // never exist. Needs a plain (tied or Linear) output projection.
+  // The same through the chunked linear+cross-entropy head (nn/chunked_loss.h), with chunks of
+  // loss_memory_budget(): the full logits never exist. Needs a plain (tied or Linear) output projection.
   Tensor chunked_loss(const Tensor& hidden, const Tensor& targets, Reduction reduction = Reduction::mean);
 
   KVCache make_cache(int64_t batch, int64_t capacity) const;
@@ -147,7 +159,8 @@ class Llama : public Module {
  private:
   LlamaConfig config_;
   LlamaOptions options_;
-  bool checkpoint_ = false;
+  std::vector<bool> checkpoint_;  // per decoder layer
+  size_t loss_memory_budget_ = ChunkedLossOptions{}.memory_budget_bytes;
 };
 
 // The weights of a HF model folder by key: model.safetensors, or the shards an index names.

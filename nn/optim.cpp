@@ -73,6 +73,14 @@ const std::map<std::string, Tensor>& Optimizer::state(const std::string& name) c
   KILN_FAIL("optim", "no parameter named '{}'", name);
 }
 
+size_t Optimizer::pending_state_bytes() const {
+  const size_t per_element = state_keys().size() * itemsize(DType::f32);
+  size_t bytes = 0;
+  for (size_t i = 0; i < params_.size(); ++i)
+    if (state_[i].empty()) bytes += static_cast<size_t>(params_[i].second.numel()) * per_element;
+  return bytes;
+}
+
 OptimizerState Optimizer::state_dict() const {
   OptimizerState s;
   s.type = type();

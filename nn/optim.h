@@ -43,6 +43,9 @@ class Optimizer {
   const NamedTensors& parameters() const { return params_; }
   // State tensors of parameter `name` (empty before its first update).
   const std::map<std::string, Tensor>& state(const std::string& name) const;
+  // Bytes the first updates of the parameters without state will allocate (f32 state tensors of
+  // each parameter's shape: AdamW 8 bytes per element, SGD with momentum 4, without 0).
+  size_t pending_state_bytes() const;
 
   OptimizerState state_dict() const;  // tensors are the live state (not copies)
   // Replaces the state with copies of `s` on the parameters' devices. Throws kiln::Error "[optim] ..."

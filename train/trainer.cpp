@@ -52,6 +52,7 @@ Trainer::Trainer(nn::Module& model, nn::Optimizer& optimizer, data::PackedDatase
   parallel_ = o.parallel ? o.parallel : std::make_shared<SingleProcess>();
   KILN_CHECK(parallel_->world_size() >= 1 && parallel_->rank() >= 0 && parallel_->rank() < parallel_->world_size(),
              "trainer", "expected 0 <= rank < world size, found rank {} of {}", parallel_->rank(), parallel_->world_size());
+  if (o.memory_budget) plan_memory();
   loss_ = o.loss ? o.loss : llama_loss(true);
   if (o.compile) {
     loss_ = o.compile(model_, loss_);
@@ -64,6 +65,22 @@ Trainer::Trainer(nn::Module& model, nn::Optimizer& optimizer, data::PackedDatase
   manual_seed(o.seed);
   state_.rng = default_generator().state();
   window_start_ = std::chrono::steady_clock::now();
+}
+
+void Trainer::plan_memory() {
+  auto* llama = dynamic_cast<nn::Llama*>(&model_);
+  KILN_CHECK(llama != nullptr, "trainer", "memory_budget plans an nn::Llama's memory, found {}", model_.type_name());
+  KILN_CHECK(!options_.loss, "trainer",
+             "memory_budget plans for the default loss (the chunked head); unset TrainerOptions::loss or memory_budget");
+  KILN_CHECK(parallel_->world_size() == 1, "trainer", "memory_budget plans for one process, found a world of {}",
+             parallel_->world_size());
+  nn::MemoryPlanOptions mo;
+  mo.batch_size = train_data_.options().batch_size;
+  mo.seq_len = train_data_.options().seq_len;
+  mo.budget_bytes = *options_.memory_budget;
+  mo.optimizer_state_bytes = optimizer_.pending_state_bytes();
+  memory_plan_ = nn::plan_memory(*llama, mo);
+  memory_plan_->apply(*llama);
 }
 
 void Trainer::add_callback(std::shared_ptr<Callback> callback) {

@@ -13,6 +13,7 @@
 #include "data/packing.h"
 #include "nn/lora.h"
 #include "nn/lr_schedule.h"
+#include "nn/memory_plan.h"
 #include "nn/module.h"
 #include "nn/optim.h"
 #include "train/checkpoint.h"
@@ -62,6 +63,14 @@ struct TrainerOptions {
   std::string fingerprint;   // "key=value;" settings that must match on resume (differences are listed)
   // ---- reporting
   int64_t log_every = 1;     // StepInfo::log is set every N steps and on the last one
+  // ---- memory (nn/memory_plan.h)
+  // Set: the constructor plans which decoder layers to checkpoint and the loss head's chunk size for
+  // train_data's batch size and sequence length, the fastest plan whose predicted peak fits, applies
+  // it to the model and keeps it (memory_plan()). The model must be an nn::Llama trained with the
+  // default loss (`loss` unset) by one process. 0: the default budget (nn::default_memory_budget:
+  // the device's free memory less a margin); else bytes. Unset: no planning (the model's own
+  // settings stay).
+  std::optional<size_t> memory_budget;
   // ---- seams
   std::shared_ptr<DataParallel> parallel;  // unset: SingleProcess (see data_parallel.h)
   CompileFn compile;                       // unset: eager
@@ -160,6 +169,8 @@ class Trainer {
 
   const TrainerState& state() const { return state_; }
   const TrainerOptions& options() const { return options_; }
+  // The memory plan applied at construction (TrainerOptions::memory_budget); nullopt without one.
+  const std::optional<nn::MemoryPlan>& memory_plan() const { return memory_plan_; }
   nn::Module& model() { return model_; }
   nn::Optimizer& optimizer() { return optimizer_; }
   DataParallel& parallel() { return *parallel_; }
@@ -167,6 +178,7 @@ class Trainer {
  private:
   // This rank's micro-batches of the step; `slots`: the most any rank got (grad_accum until the data ends).
   std::vector<data::Batch> next_micro_batches(int64_t& slots);
+  void plan_memory();  // TrainerOptions::memory_budget: plans and applies memory_plan_
   bool stop_agreed();  // any rank asked to stop
   // "step N: the loss is nan" / "the gradient of 'p' holds inf" (a host read per parameter: only once the check tripped).
   std::string nonfinite_report(double loss, double grad_norm) const;
@@ -180,6 +192,7 @@ class Trainer {
   BatchLossFn loss_;                     // after compile
   nn::NamedTensors params_;           // the optimizer's parameters
   std::optional<data::DataPosition> eval_start_;
+  std::optional<nn::MemoryPlan> memory_plan_;
   TrainerState state_;
   std::vector<std::shared_ptr<Callback>> callbacks_;
   std::atomic<bool> stop_{false};

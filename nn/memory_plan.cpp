@@ -1,0 +1,314 @@
+// plan_memory: the probe of one decoder layer (and the final norm) through memory_usage, the peak
+// model of a training step built from it, and the choice of checkpointed layers and loss chunk.
+#include "nn/memory_plan.h"
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <utility>
+
+#include "autograd/checkpoint.h"
+#include "autograd/engine.h"
+#include "autograd/grad_mode.h"
+#include "core/memory.h"
+#include "core/ops.h"
+#include "core/random.h"
+
+namespace kiln::nn {
+
+namespace {
+
+constexpr const char* kOp = "memory plan";
+constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+
+// One run of `f` on a (1, t, hidden) input that needs a gradient: bytes above the input (BlockMemory).
+struct ProbeRun {
+  double saved = 0, forward_peak = 0, backward_extra = 0;
+};
+
+ProbeRun probe_once(const std::function<Tensor(const Tensor&)>& f, int64_t t, int64_t hidden, DType dtype,
+                    Device device, Generator& gen) {
+  autograd::EnableGradGuard grad_on;
+  Tensor x = randn({1, t, hidden}, dtype, device, &gen);  // (1, t, hidden)
+  x.set_requires_grad(true);
+  ProbeRun r;
+  const size_t base = memory_usage(device).allocated;
+  reset_peak_memory(device);
+  Tensor y = f(x);  // (1, t, hidden)
+  const MemoryUsage after = memory_usage(device);
+  r.saved = static_cast<double>(after.allocated) - static_cast<double>(base);
+  r.forward_peak = static_cast<double>(after.peak) - static_cast<double>(base);
+  Tensor dy = randn(y.shape(), y.dtype(), device, &gen);  // (1, t, hidden) the incoming gradient
+  const size_t before_backward = memory_usage(device).allocated;
+  reset_peak_memory(device);
+  autograd::backward({y}, {dy});
+  r.backward_extra = static_cast<double>(memory_usage(device).peak) - static_cast<double>(before_backward);
+  return r;
+}
+
+// Fits bytes = fixed + per_token * tokens through (t1, v1) and (t2, v2), t1 < t2; a negative slope
+// or intercept (allocator noise) falls back to the larger per-token ratio.
+BytesPerToken fit(int64_t t1, double v1, int64_t t2, double v2) {
+  const double r1 = v1 / static_cast<double>(t1), r2 = v2 / static_cast<double>(t2);
+  if (t1 == t2) return {0.0, std::max(r2, 0.0)};
+  const double slope = (v2 - v1) / static_cast<double>(t2 - t1);
+  const double fixed = v1 - slope * static_cast<double>(t1);
+  if (slope < 0 || fixed < 0) return {0.0, std::max({r1, r2, 0.0})};
+  return {fixed, slope};
+}
+
+// Runs `f` at half of `tokens` and at `tokens` (after a first run that warms up lazily built state)
+// and fits each measurement. Before each run, and after the last, the gradients of `owner`'s
+// parameters are put back as they were, so each run allocates them as a step's backward does.
+BlockMemory probe(const std::function<Tensor(const Tensor&)>& f, Module& owner, int64_t tokens, int64_t hidden,
+                  DType dtype, Device device) {
+  std::vector<std::pair<Tensor, Tensor>> grads;  // (parameter, its gradient before the probe)
+  for (auto& [name, p] : owner.named_parameters())
+    if (p.requires_grad()) grads.emplace_back(p, p.grad());
+  auto restore = [&grads] {
+    for (auto& [p, g] : grads) g.defined() ? p.set_grad(g) : p.zero_grad();
+  };
+  Generator gen(0x6d656d706c616eULL);  // the probe's own numbers: the default generator is not touched
+  const int64_t t2 = tokens, t1 = std::max<int64_t>(1, tokens / 2);
+  std::vector<ProbeRun> runs;
+  try {
+    for (int64_t t : {t1, t1, t2}) {
+      runs.push_back(probe_once(f, t, hidden, dtype, device, gen));
+      restore();
+    }
+  } catch (...) {
+    restore();
+    throw;
+  }
+  const ProbeRun &a = runs[1], &b = runs[2];
+  return {fit(t1, a.saved, t2, b.saved), fit(t1, a.forward_peak, t2, b.forward_peak),
+          fit(t1, a.backward_extra, t2, b.backward_extra)};
+}
+
+// The step's activations and its peak for one choice of checkpointed layers and loss chunk.
+struct Prediction {
+  size_t activations = 0, extra = 0;
+  std::string at;
+};
+
+struct StepModel {
+  int64_t layers = 0, tokens = 0;
+  size_t act_bytes = 0;    // one (B, T, hidden) activation
+  size_t logit_bytes = 0;  // one token's logits (the fused cross-entropy's gradient is written over them)
+  LayerMemory m;
+
+  // `checkpointed`: the lowest layers checkpointed. The peak is the largest of the moments below:
+  // what is alive then, from the embeddings up.
+  Prediction predict(int64_t checkpointed, int64_t chunk) const {
+    auto block = [&](int64_t i) -> const BlockMemory& { return i < checkpointed ? m.checkpointed : m.kept; };
+    auto name = [&](int64_t i, const char* what) {
+      return fmt::format("layer {}'s {}{}", i, what, i < checkpointed ? " (checkpointed)" : "");
+    };
+    std::vector<std::pair<size_t, std::string>> moments;  // (alive then, where)
+    // Forward: the embeddings (the first layer's input), then what each layer keeps.
+    size_t below = act_bytes;
+    std::vector<size_t> prefix;  // prefix[i]: kept below layer i
+    for (int64_t i = 0; i < layers; ++i) {
+      prefix.push_back(below);
+      moments.emplace_back(below + block(i).forward_peak.at(tokens), name(i, "forward"));
+      below += block(i).saved.at(tokens);
+    }
+    moments.emplace_back(below + m.norm.forward_peak.at(tokens), "the final norm's forward");
+    Prediction p;
+    p.activations = below + m.norm.saved.at(tokens);
+    // The head: d(hidden) (an activation) and one chunk of logits (and its per-row losses).
+    moments.emplace_back(p.activations + act_bytes + static_cast<size_t>(chunk) * (logit_bytes + 16), "the loss head");
+    moments.emplace_back(p.activations + act_bytes + m.norm.backward_extra.at(tokens), "the final norm's backward");
+    // Backward, top down: the layers above are freed; a layer's own forward leftovers (its output
+    // at least) and the gradient from above (an activation) are alive.
+    for (int64_t i = layers - 1; i >= 0; --i)
+      moments.emplace_back(prefix[static_cast<size_t>(i)] + block(i).saved.at(tokens) + act_bytes +
+                               block(i).backward_extra.at(tokens),
+                           name(i, "backward"));
+    const auto& peak = *std::max_element(moments.begin(), moments.end(),
+                                         [](const auto& x, const auto& y) { return x.first < y.first; });
+    p.extra = peak.first > p.activations ? peak.first - p.activations : 0;
+    p.at = peak.second;
+    return p;
+  }
+};
+
+std::string layer_ranges(const std::vector<bool>& checkpoint, bool value) {
+  std::string out;
+  const int64_t n = static_cast<int64_t>(checkpoint.size());
+  for (int64_t i = 0; i < n;) {
+    if (checkpoint[static_cast<size_t>(i)] != value) {
+      ++i;
+      continue;
+    }
+    int64_t j = i;
+    while (j + 1 < n && checkpoint[static_cast<size_t>(j + 1)] == value) ++j;
+    if (!out.empty()) out += ", ";
+    out += i == j ? std::to_string(i) : fmt::format("{}-{}", i, j);
+    i = j + 1;
+  }
+  return out.empty() ? "none" : out;
+}
+
+}  // namespace
+
+size_t BytesPerToken::at(int64_t tokens) const {
+  const double v = fixed + per_token * static_cast<double>(tokens);
+  return v > 0 ? static_cast<size_t>(std::ceil(v)) : 0;
+}
+
+std::string format_bytes(double bytes) {
+  if (bytes >= kGiB) return fmt::format("{:.2f} GiB", bytes / kGiB);
+  if (bytes >= 1024.0 * 1024.0) return fmt::format("{:.1f} MiB", bytes / (1024.0 * 1024.0));
+  if (bytes >= 1024.0) return fmt::format("{:.1f} KiB", bytes / 1024.0);
+  return fmt::format("{:.0f} B", bytes);
+}
+
+size_t default_memory_budget(Device device) {
+  const size_t total = memory_usage(device).allocated + free_memory(device);
+  const size_t margin = std::max<size_t>(total / 20, size_t{1} << 30);
+  return total > margin ? total - margin : 0;
+}
+
+MemoryPlan plan_memory(Llama& model, const MemoryPlanOptions& options) {
+  const LlamaConfig& c = model.config();
+  const int64_t b = options.batch_size, t = options.seq_len;
+  KILN_CHECK(b >= 1 && t >= 1, kOp, "expected batch_size >= 1 and seq_len >= 1, found {} and {}", b, t);
+  KILN_CHECK(options.probe_tokens >= 2, kOp, "expected probe_tokens >= 2, found {}", options.probe_tokens);
+  const Tensor embed = model.model().child_as<Embedding>("embed_tokens").weight();
+  const Device device = embed.device();
+  const DType dtype = embed.dtype();
+  for (const auto& [name, p] : model.named_parameters())
+    KILN_CHECK(p.device() == device, kOp, "the model must be on one device: '{}' is on {}, the embeddings on {}", name,
+               p.device().str(), device.str());
+  KILN_CHECK(c.tie_word_embeddings || dynamic_cast<Linear*>(&model.child_as<LinearBase>("lm_head")), kOp,
+             "the plan is for the chunked loss head, which needs a plain lm_head; found {}",
+             model.child_as<LinearBase>("lm_head").type_name());
+
+  MemoryPlan plan;
+  plan.device = device;
+  plan.batch_size = b;
+  plan.seq_len = t;
+  plan.budget_bytes = options.budget_bytes > 0 ? options.budget_bytes : default_memory_budget(device);
+  const int64_t layers = c.num_hidden_layers, hidden = c.hidden_size, tokens = b * t;
+  auto& top = model.model().child_as<ModuleList>("layers").at<LlamaDecoderLayer>(layers - 1);
+  auto& norm = model.model().child_as<RMSNorm>("norm");
+
+  // Warm-up at the full length (no grad): tables built lazily for T positions (RoPE) belong to the
+  // static bytes, not to the probe.
+  const GeneratorState rng = default_generator().state();
+  {
+    autograd::NoGradGuard no_grad;
+    Generator gen(1);
+    top(randn({1, t, hidden}, dtype, device, &gen));
+  }
+  // Measure.
+  const int64_t probe_tokens = std::min(t, options.probe_tokens);
+  try {
+    plan.layer.kept = probe([&top](const Tensor& x) { return top(x); }, top, probe_tokens, hidden, dtype, device);
+    plan.layer.checkpointed = probe(
+        [&top](const Tensor& x) {
+          return autograd::checkpoint([&top](const std::vector<Tensor>& in) { return std::vector<Tensor>{top(in[0])}; },
+                                      {x})[0];
+        },
+        top, probe_tokens, hidden, dtype, device);
+    plan.layer.norm = probe([&norm](const Tensor& x) { return norm(x); }, norm, probe_tokens, hidden, dtype, device);
+  } catch (...) {
+    default_generator().set_state(rng);
+    throw;
+  }
+  default_generator().set_state(rng);
+
+  plan.static_bytes = memory_usage(device).allocated;
+  for (const auto& [name, p] : model.named_parameters())
+    if (p.requires_grad() && !p.grad().defined()) plan.gradient_bytes += static_cast<size_t>(p.numel()) * itemsize(p.dtype());
+  plan.optimizer_bytes = options.optimizer_state_bytes;
+  plan.batch_bytes = 2 * static_cast<size_t>(tokens) * itemsize(DType::i64);
+  const size_t fixed = plan.static_bytes + plan.gradient_bytes + plan.optimizer_bytes + plan.batch_bytes;
+
+  StepModel step;
+  step.layers = layers;
+  step.tokens = tokens;
+  step.act_bytes = static_cast<size_t>(tokens * hidden) * itemsize(dtype);
+  plan.layer_input_bytes = step.act_bytes;
+  step.logit_bytes = chunked_loss_bytes_per_token(c.vocab_size, dtype, /*fused_cross_entropy=*/true);
+  step.m = plan.layer;
+  const int64_t min_chunk = std::min(tokens, kMinLossChunk);
+  auto total = [&](const Prediction& p) { return fixed + p.activations + p.extra; };
+
+  // The fewest checkpointed layers that fit with the smallest chunk. Checkpointing more layers
+  // normally lowers the peak, but not always (a checkpointed top layer recomputes at the peak), so
+  // every count is tried.
+  std::vector<size_t> needs;  // needs[k]: the peak with the lowest k layers checkpointed
+  for (int64_t k = 0; k <= layers; ++k) needs.push_back(total(step.predict(k, min_chunk)));
+  int64_t checkpointed = -1, least = layers;
+  for (int64_t k = layers; k >= 0; --k) {
+    if (needs[static_cast<size_t>(k)] < needs[static_cast<size_t>(least)]) least = k;
+    if (needs[static_cast<size_t>(k)] <= plan.budget_bytes) checkpointed = k;
+  }
+  const Prediction all = step.predict(least, min_chunk);
+  plan.minimum_budget_bytes = total(all);
+  if (checkpointed < 0) {
+    KILN_FAIL(kOp,
+              "a training step on batches of {} x {} tokens needs at least {} ({} of {} decoder layers checkpointed, "
+              "loss chunks of {} tokens): {} of model and other tensors, {} of gradients, {} of optimizer state, {} of "
+              "activations, {} more at {}; the budget is {}. Lower the sequence length or the batch size (raise "
+              "gradient accumulation to keep the tokens per step), train LoRA adapters on an NF4 base, or give a "
+              "larger budget",
+              b, t, format_bytes(static_cast<double>(plan.minimum_budget_bytes)), least, layers, min_chunk,
+              format_bytes(static_cast<double>(plan.static_bytes)), format_bytes(static_cast<double>(plan.gradient_bytes)),
+              format_bytes(static_cast<double>(plan.optimizer_bytes)), format_bytes(static_cast<double>(all.activations)),
+              format_bytes(static_cast<double>(all.extra)), all.at, format_bytes(static_cast<double>(plan.budget_bytes)));
+  }
+
+  // The largest chunk that fits, up to the default loss budget; loss_chunk is what the head will use.
+  const size_t default_loss_budget = ChunkedLossOptions{}.memory_budget_bytes;
+  size_t lo = static_cast<size_t>(min_chunk) * step.logit_bytes, hi = std::max(lo, default_loss_budget);
+  auto chunk_of = [&](size_t loss_budget) {
+    return std::min(tokens, chunked_loss_chunk_size(c.vocab_size, dtype, loss_budget, /*fused_cross_entropy=*/true));
+  };
+  while (lo < hi) {  // the largest loss budget whose chunk fits
+    const size_t mid = lo + (hi - lo + 1) / 2;
+    if (total(step.predict(checkpointed, chunk_of(mid))) <= plan.budget_bytes) lo = mid;
+    else hi = mid - 1;
+  }
+  plan.loss_memory_budget = lo;
+  plan.loss_chunk = chunk_of(lo);  // as chunked_linear_loss will choose it
+  plan.checkpoint_layers.assign(static_cast<size_t>(layers), false);
+  for (int64_t i = 0; i < checkpointed; ++i) plan.checkpoint_layers[static_cast<size_t>(i)] = true;
+  const Prediction chosen = step.predict(checkpointed, plan.loss_chunk);
+  plan.activation_bytes = chosen.activations;
+  plan.peak_extra_bytes = chosen.extra;
+  plan.peak_at = chosen.at;
+  plan.predicted_peak_bytes = total(chosen);
+  return plan;
+}
+
+int64_t MemoryPlan::num_checkpointed() const {
+  return static_cast<int64_t>(std::count(checkpoint_layers.begin(), checkpoint_layers.end(), true));
+}
+
+std::string MemoryPlan::describe() const {
+  auto f = [](size_t v) { return format_bytes(static_cast<double>(v)); };
+  const int64_t n = static_cast<int64_t>(checkpoint_layers.size()), ck = num_checkpointed();
+  std::string s = fmt::format("memory plan for batches of {} x {} tokens on {}, budget {}:\n", batch_size, seq_len,
+                              device.str(), f(budget_bytes));
+  s += fmt::format("  decoder layers: {} of {} kept whole ({}), {} checkpointed ({})\n", n - ck, n,
+                   layer_ranges(checkpoint_layers, false), ck, layer_ranges(checkpoint_layers, true));
+  s += fmt::format("  loss head: chunks of {} tokens\n", loss_chunk);
+  s += fmt::format("  predicted peak {} at {}: model and other tensors {} + gradients {} + optimizer state {} + batch {} "
+                   "+ activations {} + {} at the peak\n",
+                   f(predicted_peak_bytes), peak_at, f(static_bytes), f(gradient_bytes), f(optimizer_bytes),
+                   f(batch_bytes), f(activation_bytes), f(peak_extra_bytes));
+  const int64_t tokens = batch_size * seq_len;
+  s += fmt::format("  one decoder layer keeps {} for backward (checkpointed: {}); the smallest budget that fits: {}",
+                   f(layer.kept.saved.at(tokens)), f(layer.checkpointed.saved.at(tokens)), f(minimum_budget_bytes));
+  return s;
+}
+
+void MemoryPlan::apply(Llama& model) const {
+  model.set_checkpoint_layers(checkpoint_layers);
+  model.set_loss_memory_budget(loss_memory_budget);
+}
+
+}  // namespace kiln::nn

@@ -1,0 +1,108 @@
+// The memory-budget planner (issue 15): for a Llama about to train on (B, T) batches it measures
+// what one decoder layer keeps for backward and needs while it runs, on the device, and chooses
+// which layers to checkpoint and the loss head's chunk size: the fastest plan whose predicted peak
+// fits a budget in bytes. plan_memory() measures and chooses; MemoryPlan::apply() sets the model.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/device.h"
+#include "nn/llama.h"
+
+namespace kiln::nn {
+
+struct MemoryPlanOptions {
+  int64_t batch_size = 1;  // B
+  int64_t seq_len = 0;     // T
+  // The most the device may hold at the peak of a training step (memory_usage's allocated bytes,
+  // the model included); 0: default_memory_budget(device).
+  size_t budget_bytes = 0;
+  // Optimizer state still to be allocated by its first step: Optimizer::pending_state_bytes().
+  size_t optimizer_state_bytes = 0;
+  // The probe runs one decoder layer on one sequence of min(T, probe_tokens) tokens and one of
+  // half as many, and fits bytes = fixed + per_token * tokens through the two.
+  int64_t probe_tokens = 256;
+};
+
+// bytes = fixed + per_token * tokens, fitted through two probe lengths.
+struct BytesPerToken {
+  double fixed = 0;
+  double per_token = 0;
+  size_t at(int64_t tokens) const;
+};
+
+// What a block needs, measured by running it forward and backward on a (1, t, hidden) input that
+// needs a gradient: bytes above that input.
+struct BlockMemory {
+  BytesPerToken saved;           // allocated after forward with grad on (the output included)
+  BytesPerToken forward_peak;    // the most allocated during forward
+  BytesPerToken backward_extra;  // the most allocated during backward above what forward left plus the
+                                 // incoming gradient (the block's parameter gradients included; when
+                                 // checkpointed, the recomputed forward too)
+};
+
+// The probe's measurements (plan_memory): one decoder layer kept whole and checkpointed, and the
+// final RMSNorm.
+struct LayerMemory {
+  BlockMemory kept, checkpointed, norm;
+};
+
+// The chosen plan and its prediction. Predicted peak = static + gradients + optimizer + batch +
+// activations + peak_extra; every part is in bytes.
+struct MemoryPlan {
+  Device device;
+  int64_t batch_size = 0, seq_len = 0;
+  size_t budget_bytes = 0;
+  // Per decoder layer, true: checkpointed (only its input is kept; its forward runs again in
+  // backward). The lowest layers are checkpointed first: the top ones' activations are used first.
+  std::vector<bool> checkpoint_layers;
+  int64_t loss_chunk = 0;            // tokens per chunk of the loss head
+  size_t loss_memory_budget = 0;     // Llama::set_loss_memory_budget value giving loss_chunk
+
+  size_t static_bytes = 0;       // allocated on the device when planned: weights, caches, other tensors
+  size_t gradient_bytes = 0;     // gradients of trainable parameters not allocated yet
+  size_t optimizer_bytes = 0;    // optimizer state not allocated yet
+  size_t batch_bytes = 0;        // the (B, T) input ids and labels (i64)
+  size_t activation_bytes = 0;   // kept for backward when forward ends: embeddings, each layer's saved
+                                 // tensors (checkpointed: its output only), the final norm's
+  size_t peak_extra_bytes = 0;   // on top at the peak (see peak_at)
+  std::string peak_at;           // "the loss head", "the final norm's backward", "layer N's backward", ...
+  size_t predicted_peak_bytes = 0;
+  size_t minimum_budget_bytes = 0;  // the least any plan needs (normally every layer checkpointed, the
+                                    // smallest loss chunk)
+  size_t layer_input_bytes = 0;     // one (B, T, hidden) activation: what a checkpointed layer keeps
+  LayerMemory layer;                // the probe's measurements
+
+  int64_t num_checkpointed() const;
+  // A few lines for a person: the budget, the layers checkpointed, the chunk, the predicted peak
+  // and its parts.
+  std::string describe() const;
+  // Sets the model's per-layer checkpointing and loss head budget to this plan.
+  void apply(Llama& model) const;
+};
+
+// The smallest loss chunk a plan uses (fewer tokens make the head's GEMMs inefficient), or every
+// token when there are fewer.
+inline constexpr int64_t kMinLossChunk = 256;
+
+// Measures and chooses (see the file comment): as many layers kept whole as fit, then the largest
+// loss chunk up to the default loss budget (ChunkedLossOptions' 2 GiB). The measurements run the top
+// decoder layer (kept whole and checkpointed) and the final norm forward and backward on the model's
+// device, in the model's training mode (call model.train() first, as training does), and take every
+// layer to be like the top one. The model stays as it was (its gradients, the default generator). A
+// budget that no plan fits with the smallest chunk is a kiln::Error naming the smallest budget that
+// fits and what to lower. The model must be on one device, without forward hooks that communicate
+// (fully_shard's): the probe runs on one process alone.
+MemoryPlan plan_memory(Llama& model, const MemoryPlanOptions& options);
+
+// A budget when the user gives none: what kiln holds on `device` now plus free_memory(device), less
+// a margin of 5% or 1 GiB, whichever is more (fragmentation, library workspaces); 0 when the margin
+// takes everything.
+size_t default_memory_budget(Device device);
+
+// "1.50 GiB", "12.3 MiB", "512 B": how the plan prints bytes.
+std::string format_bytes(double bytes);
+
+}  // namespace kiln::nn

@@ -1,0 +1,349 @@
+// Memory accounting (memory_usage on the CPU and CUDA), per-layer activation checkpointing in
+// nn::Llama, and the memory-budget planner: at several budgets the plan fits, keeps more layers as
+// the budget grows, and the real peak of training steps stays within the budget and near the prediction.
+#include <catch2/catch_test_macros.hpp>
+#include <catch2/matchers/catch_matchers_string.hpp>
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <functional>
+
+#include "core/cuda/runtime.h"
+#include "core/memory.h"
+#include "nn/lora.h"
+#include "nn/memory_plan.h"
+#include "nn/nf4_linear.h"
+#include "nn/optim.h"
+#include "tests/helpers.h"
+#include "train/trainer.h"
+
+using namespace kiln;
+using Catch::Matchers::ContainsSubstring;
+
+namespace {
+
+constexpr size_t kMiB = size_t{1} << 20;
+
+// The CPU allocator rounds every allocation up to 64 bytes.
+size_t cpu_bytes(size_t n) { return (n + 63) / 64 * 64; }
+
+// Loss and gradients of every trainable parameter after one forward + backward.
+struct Step {
+  double loss = 0;
+  std::vector<Tensor> grads;
+};
+
+Step loss_and_grads(nn::Llama& m, const Tensor& ids, const Tensor& targets) {
+  for (auto& [name, p] : m.named_parameters()) p.zero_grad();
+  Tensor loss = m.chunked_loss(m(ids), targets);
+  loss.backward();
+  Step s{loss.item<double>(), {}};
+  for (auto& [name, p] : m.named_trainable_parameters()) s.grads.push_back(p.grad());
+  return s;
+}
+
+int64_t numel_of(const nn::NamedTensors& params) {
+  int64_t n = 0;
+  for (const auto& [name, p] : params) n += p.numel();
+  return n;
+}
+
+// A Llama as QLoRA trains it: NF4 base, LoRA r 8 on every linear layer, training mode.
+using ModelFactory = std::function<std::shared_ptr<nn::Llama>()>;
+
+std::shared_ptr<nn::Llama> qlora(const nn::LlamaConfig& config, Device device, DType dtype) {
+  nn::LlamaOptions lo;
+  lo.seed = 3;
+  lo.dtype = dtype;
+  lo.device = device;
+  lo.on_layer_built = [](const std::string&, nn::LlamaDecoderLayer& layer) { nn::quantize_linears_nf4(layer); };
+  auto model = std::make_shared<nn::Llama>(config, lo);
+  nn::LoraConfig lc;
+  lc.r = 8;
+  lc.alpha = 16;
+  nn::apply_lora(*model, lc, 4);
+  model->train();
+  return model;
+}
+
+// The tiny named Llama (4 layers, hidden 256, vocab 4096, tied embeddings).
+std::shared_ptr<nn::Llama> tiny_qlora(Device device, DType dtype) {
+  return qlora(nn::LlamaConfig::named("tiny"), device, dtype);
+}
+
+struct BudgetRun {
+  nn::MemoryPlan plan;
+  size_t actual_peak = 0;
+};
+
+// A Trainer with memory_budget = budget on a fresh model: its plan, and the peak of two training
+// steps (the second with the optimizer state) measured from after planning.
+BudgetRun train_within(const ModelFactory& make, size_t budget, int64_t batch, int64_t seq) {
+  auto model = make();
+  const Device device = model->lm_head_weight().device();
+  nn::AdamW opt(model->named_trainable_parameters());
+  data::PackOptions po;
+  po.batch_size = batch;
+  po.seq_len = seq;
+  data::PackedDataset stream(test::random_documents(400, 5, model->config().vocab_size), po);
+  train::TrainerOptions o;
+  o.device = device;
+  o.memory_budget = budget;
+  train::Trainer trainer(*model, opt, stream, o);
+  REQUIRE(trainer.memory_plan().has_value());
+  BudgetRun r{*trainer.memory_plan(), 0};
+  reset_peak_memory(device);
+  REQUIRE(trainer.train_step().has_value());
+  REQUIRE(trainer.train_step().has_value());
+  if (device.is_cuda()) cuda::synchronize();
+  r.actual_peak = memory_usage(device).peak;
+  return r;
+}
+
+// The several-budgets check (B * T must exceed kMinLossChunk): from the smallest budget that fits
+// (every layer checkpointed) through one where every layer is kept and the head runs in chunks, to
+// the peak of the plan without checkpointing and one chunk, each plan fits, keeps at least as many
+// layers whole as the smaller budget's, and two real training steps peak within the budget and
+// within 15% of the prediction. Prints one line per budget.
+void check_budgets(const ModelFactory& make, int64_t batch, int64_t seq) {
+  size_t minimum = 0, roomy = 0, logit_bytes = 0;
+  {
+    auto model = make();
+    const Tensor head = model->lm_head_weight();
+    logit_bytes = nn::chunked_loss_bytes_per_token(model->config().vocab_size, head.dtype(), true);
+    nn::AdamW opt(model->named_trainable_parameters());
+    nn::MemoryPlanOptions mo;
+    mo.batch_size = batch;
+    mo.seq_len = seq;
+    mo.budget_bytes = size_t{1} << 50;
+    mo.optimizer_state_bytes = opt.pending_state_bytes();
+    const nn::MemoryPlan free_plan = nn::plan_memory(*model, mo);
+    CHECK(free_plan.num_checkpointed() == 0);
+    CHECK(free_plan.loss_chunk == batch * seq);
+    minimum = free_plan.minimum_budget_bytes;
+    roomy = free_plan.predicted_peak_bytes;
+    REQUIRE(minimum < roomy);
+  }
+  std::vector<size_t> budgets;
+  for (int k = 0; k < 4; ++k) budgets.push_back(minimum + (roomy - minimum) * static_cast<size_t>(k) / 4);
+  // Every layer kept, the head in chunks: the logits of half the tokens past the smallest chunk less.
+  budgets.push_back(roomy - static_cast<size_t>(batch * seq - nn::kMinLossChunk) / 2 * logit_bytes);
+  budgets.push_back(roomy);
+  REQUIRE(std::is_sorted(budgets.begin(), budgets.end()));
+  int64_t last_checkpointed = -1;
+  for (size_t budget : budgets) {
+    const BudgetRun r = train_within(make, budget, batch, seq);
+    const double predicted = static_cast<double>(r.plan.predicted_peak_bytes);
+    const double actual = static_cast<double>(r.actual_peak);
+    std::printf("[memory_plan] %s, batch %lld x %lld: budget %.2f MiB: %lld of %zu layers checkpointed, chunk %lld, "
+                "predicted %.2f MiB at %s, actual %.2f MiB (%+.1f%%)\n",
+                r.plan.device.str().c_str(), static_cast<long long>(batch), static_cast<long long>(seq),
+                static_cast<double>(budget) / kMiB, static_cast<long long>(r.plan.num_checkpointed()),
+                r.plan.checkpoint_layers.size(), static_cast<long long>(r.plan.loss_chunk), predicted / kMiB,
+                r.plan.peak_at.c_str(), actual / kMiB, 100.0 * (actual - predicted) / predicted);
+    INFO(r.plan.describe());
+    CHECK(r.plan.predicted_peak_bytes <= budget);
+    CHECK(r.actual_peak <= budget);
+    CHECK(std::abs(actual - predicted) <= 0.15 * predicted);
+    if (budget == budgets.front()) CHECK(r.plan.num_checkpointed() == static_cast<int64_t>(r.plan.checkpoint_layers.size()));
+    if (budget == budgets.end()[-2]) {  // all kept, the chunk shrunk to fit
+      CHECK(r.plan.num_checkpointed() == 0);
+      CHECK(r.plan.peak_at == "the loss head");
+      CHECK(r.plan.loss_chunk >= nn::kMinLossChunk);
+      CHECK(r.plan.loss_chunk < batch * seq);
+    }
+    if (budget == budgets.back()) CHECK(r.plan.loss_chunk == batch * seq);  // one chunk
+    if (last_checkpointed >= 0) CHECK(r.plan.num_checkpointed() <= last_checkpointed);
+    last_checkpointed = r.plan.num_checkpointed();
+  }
+  CHECK(last_checkpointed == 0);
+}
+
+}  // namespace
+
+TEST_CASE("memory_usage counts the CPU allocator's bytes now and at the peak", "[memory_plan]") {
+  reset_peak_memory(kCPU);
+  const size_t base = memory_usage(kCPU).allocated;
+  CHECK(memory_usage(kCPU).peak == base);
+  {
+    Tensor a = empty({1000}, DType::f32);  // 4000 bytes
+    CHECK(memory_usage(kCPU).allocated == base + cpu_bytes(4000));
+    { Tensor b = empty({1 << 18}, DType::f64); }  // 2 MiB, freed at once
+    const MemoryUsage u = memory_usage(kCPU);
+    CHECK(u.allocated == base + cpu_bytes(4000));
+    CHECK(u.peak == base + cpu_bytes(4000) + 2 * kMiB);
+  }
+  CHECK(memory_usage(kCPU).allocated == base);
+  CHECK(memory_usage(kCPU).peak == base + cpu_bytes(4000) + 2 * kMiB);
+  reset_peak_memory(kCPU);
+  CHECK(memory_usage(kCPU).peak == base);
+  // A view of memory owned elsewhere is not kiln's allocation.
+  std::vector<float> host(1024);
+  Tensor view = from_blob(host.data(), {1024}, DType::f32, kCPU);
+  CHECK(memory_usage(kCPU).allocated == base);
+  CHECK(free_memory(kCPU) > 0);
+  CHECK(nn::default_memory_budget(kCPU) < memory_usage(kCPU).allocated + free_memory(kCPU));
+}
+
+TEST_CASE("memory_usage counts the CUDA caching allocator's bytes now and at the peak", "[memory_plan][cuda]") {
+  if (!cuda::is_available()) SKIP("no CUDA device");
+  const Device gpu("cuda:0");
+  cuda::synchronize();
+  reset_peak_memory(gpu);
+  const size_t base = memory_usage(gpu).allocated;
+  {
+    Tensor a = empty({1 << 20}, DType::f32, gpu);  // 4 MiB
+    CHECK(memory_usage(gpu).allocated == base + 4 * kMiB);
+    { Tensor b = empty({1 << 20}, DType::f64, gpu); }  // 8 MiB
+    CHECK(memory_usage(gpu).allocated == base + 4 * kMiB);
+    CHECK(memory_usage(gpu).peak == base + 12 * kMiB);
+  }
+  CHECK(memory_usage(gpu).allocated == base);
+  reset_peak_memory(gpu);
+  CHECK(memory_usage(gpu).peak == base);
+  CHECK(free_memory(gpu) > 0);
+}
+
+TEST_CASE("Llama: per-layer checkpointing gives the loss and gradients of none and all and keeps less", "[memory_plan][llama]") {
+  nn::LlamaOptions lo;
+  lo.seed = 11;
+  nn::Llama m(test::tiny_llama_config(4), lo);
+  m.train();
+  Generator gen(12);
+  const Tensor ids_ok = randint(0, 41, {2, 24}, DType::i64, kCPU, &gen);   // (2, 24)
+  const Tensor targets = randint(0, 41, {2, 24}, DType::i64, kCPU, &gen);  // (2, 24)
+  REQUIRE(m.checkpoint_layers() == std::vector<bool>(4, false));
+  const Step none = loss_and_grads(m, ids_ok, targets);
+  m.set_checkpoint_activations(true);
+  REQUIRE(m.checkpoint_layers() == std::vector<bool>(4, true));
+  const Step all = loss_and_grads(m, ids_ok, targets);
+  m.set_checkpoint_layers({true, false, true, false});
+  const Step some = loss_and_grads(m, ids_ok, targets);
+  for (const Step* s : {&all, &some}) {
+    CHECK(std::abs(s->loss - none.loss) <= 1e-6 * std::abs(none.loss));
+    REQUIRE(s->grads.size() == none.grads.size());
+    for (size_t i = 0; i < none.grads.size(); ++i) test::require_close(s->grads[i], none.grads[i], 1e-6, 1e-7);
+  }
+  // What forward keeps for backward shrinks with every layer checkpointed.
+  auto kept_after_forward = [&](std::vector<bool> checkpoint) {
+    m.set_checkpoint_layers(std::move(checkpoint));
+    const size_t before = memory_usage(kCPU).allocated;
+    Tensor h = m(ids_ok);
+    return memory_usage(kCPU).allocated - before;
+  };
+  const size_t k0 = kept_after_forward({false, false, false, false});
+  const size_t k2 = kept_after_forward({true, true, false, false});
+  const size_t k4 = kept_after_forward({true, true, true, true});
+  CHECK(k0 > k2);
+  CHECK(k2 > k4);
+  CHECK(k0 - k2 == (k2 - k4));  // two layers' saved tensors less their outputs each time
+  // Eval mode never checkpoints; a wrong-sized choice is an error.
+  CHECK_THROWS_WITH(m.set_checkpoint_layers({true}), ContainsSubstring("one entry per decoder layer (4), found 1"));
+}
+
+TEST_CASE("Llama: the loss head's memory budget sets the chunk and not the loss", "[memory_plan][llama]") {
+  nn::LlamaOptions lo;
+  lo.seed = 13;
+  nn::Llama m(test::tiny_llama_config(2), lo);
+  Generator gen(14);
+  const Tensor ids = randint(0, 41, {2, 40}, DType::i64, kCPU, &gen);      // (2, 40)
+  const Tensor targets = randint(0, 41, {2, 40}, DType::i64, kCPU, &gen);  // (2, 40)
+  const Step whole = loss_and_grads(m, ids, targets);
+  CHECK(m.loss_memory_budget() == nn::ChunkedLossOptions{}.memory_budget_bytes);
+  // 41 f32 logits per token: 7 tokens per chunk, 12 chunks; the head's transient shrinks with them.
+  m.set_loss_memory_budget(7 * 41 * 4);
+  REQUIRE(nn::chunked_loss_chunk_size(41, DType::f32, m.loss_memory_budget(), true) == 7);
+  const Step chunked = loss_and_grads(m, ids, targets);
+  CHECK(std::abs(chunked.loss - whole.loss) <= 1e-5 * std::abs(whole.loss));
+  for (size_t i = 0; i < whole.grads.size(); ++i) test::require_close(chunked.grads[i], whole.grads[i], 1e-5, 1e-6);
+  CHECK_THROWS_WITH(m.set_loss_memory_budget(0), ContainsSubstring("must be positive"));
+}
+
+TEST_CASE("memory plan: a tiny QLoRA Llama at several budgets on the CPU: the plan and the real peak fit", "[memory_plan]") {
+  check_budgets([] { return tiny_qlora(kCPU, DType::f32); }, 2, 256);
+}
+
+TEST_CASE("memory plan: the parts of a plan and its description; the error below the minimum", "[memory_plan]") {
+  auto model = tiny_qlora(kCPU, DType::f32);
+  nn::MemoryPlanOptions mo;
+  mo.batch_size = 2;
+  mo.seq_len = 64;
+  mo.budget_bytes = size_t{1} << 30;
+  mo.optimizer_state_bytes = 12345;
+  const auto grads_before = model->named_trainable_parameters();
+  const GeneratorState rng = default_generator().state();
+  const nn::MemoryPlan plan = nn::plan_memory(*model, mo);
+  // The model and the default generator are as they were.
+  for (const auto& [name, p] : grads_before) CHECK_FALSE(p.grad().defined());
+  CHECK(default_generator().state().offset == rng.offset);
+  CHECK(plan.optimizer_bytes == 12345);
+  CHECK(plan.batch_bytes == 2 * 64 * 2 * 8);
+  CHECK(plan.layer_input_bytes == 2 * 64 * 256 * 4);
+  CHECK(plan.loss_chunk == 128);
+  CHECK(plan.predicted_peak_bytes == plan.static_bytes + plan.gradient_bytes + plan.optimizer_bytes + plan.batch_bytes +
+                                         plan.activation_bytes + plan.peak_extra_bytes);
+  CHECK(plan.layer.kept.saved.at(128) > 4 * plan.layer_input_bytes);  // a kept layer holds far more than its output
+  CHECK(plan.layer.checkpointed.saved.at(128) >= plan.layer_input_bytes);   // a checkpointed one: its output
+  CHECK(plan.layer.checkpointed.saved.at(128) <= plan.layer_input_bytes + 4096);
+  const std::string text = plan.describe();
+  CHECK_THAT(text, ContainsSubstring("batches of 2 x 64 tokens on cpu, budget 1.00 GiB"));
+  CHECK_THAT(text, ContainsSubstring("4 of 4 kept whole (0-3), 0 checkpointed (none)"));
+  CHECK_THAT(text, ContainsSubstring("chunks of 128 tokens"));
+  CHECK_THAT(text, ContainsSubstring("predicted peak"));
+  plan.apply(*model);
+  CHECK(model->checkpoint_layers() == plan.checkpoint_layers);
+  CHECK(model->loss_memory_budget() == plan.loss_memory_budget);
+
+  mo.budget_bytes = plan.minimum_budget_bytes - 1;
+  CHECK_THROWS_WITH(nn::plan_memory(*model, mo),
+                    ContainsSubstring("[memory plan] a training step on batches of 2 x 64 tokens needs at least") &&
+                        ContainsSubstring("Lower the sequence length or the batch size"));
+  mo.budget_bytes = plan.minimum_budget_bytes;
+  const nn::MemoryPlan tight = nn::plan_memory(*model, mo);
+  CHECK(tight.num_checkpointed() == 4);
+  CHECK_THAT(tight.describe(), ContainsSubstring("0 of 4 kept whole (none), 4 checkpointed (0-3)"));
+}
+
+TEST_CASE("trainer: memory_budget needs a Llama trained with the default loss", "[memory_plan][trainer]") {
+  auto model = tiny_qlora(kCPU, DType::f32);
+  nn::AdamW opt(model->named_trainable_parameters());
+  data::PackOptions po;
+  po.batch_size = 1;
+  po.seq_len = 16;
+  data::PackedDataset stream(test::random_documents(8, 1, 4096), po);
+  train::TrainerOptions o;
+  o.memory_budget = size_t{1} << 30;
+  o.loss = train::llama_loss(false);
+  CHECK_THROWS_WITH(train::Trainer(*model, opt, stream, o), ContainsSubstring("plans for the default loss"));
+  o.loss = {};
+  o.memory_budget.reset();
+  train::Trainer unplanned(*model, opt, stream, o);
+  CHECK_FALSE(unplanned.memory_plan().has_value());
+  // 0: the default budget (this machine's free memory less a margin) keeps every layer whole.
+  o.memory_budget = 0;
+  train::Trainer planned(*model, opt, stream, o);
+  REQUIRE(planned.memory_plan().has_value());
+  CHECK(planned.memory_plan()->budget_bytes > planned.memory_plan()->predicted_peak_bytes);
+  CHECK(planned.memory_plan()->num_checkpointed() == 0);
+  CHECK(planned.memory_plan()->optimizer_bytes == opt.pending_state_bytes());
+  CHECK(opt.pending_state_bytes() == 2 * 4 * static_cast<size_t>(numel_of(model->named_trainable_parameters())));
+  CHECK(model->checkpoint_layers() == planned.memory_plan()->checkpoint_layers);
+  CHECK(model->loss_memory_budget() == planned.memory_plan()->loss_memory_budget);
+  REQUIRE(planned.train_step().has_value());
+  CHECK(opt.pending_state_bytes() == 0);  // the first step allocated it
+  CHECK(nn::SGD(model->named_trainable_parameters()).pending_state_bytes() == 0);  // no momentum, no state
+}
+
+TEST_CASE("memory plan: QLoRA Llamas at several budgets on the GPU: the plan and the real peak fit", "[memory_plan][cuda]") {
+  if (!cuda::is_available()) SKIP("no CUDA device");
+  const Device gpu("cuda:0");
+  SECTION("the tiny Llama, bf16, 2 x 512 tokens") {
+    check_budgets([&] { return tiny_qlora(gpu, DType::bf16); }, 2, 512);
+  }
+  SECTION("Llama 3.1 8B's shapes with 2 decoder layers, bf16, 1 x 2048 tokens") {
+    nn::LlamaConfig c = nn::LlamaConfig::named("llama3.1-8b");
+    c.num_hidden_layers = 2;
+    check_budgets([&] { return qlora(c, gpu, DType::bf16); }, 1, 2048);
+  }
+}
+
