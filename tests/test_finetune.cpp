@@ -236,6 +236,13 @@ TEST_CASE("finetune: settings from TOML round trip; bad files and values are err
   REQUIRE_THROWS_WITH(back.load_toml((root / "header.toml").string()), ContainsSubstring("header.toml:2: a table header needs a key"));
   std::ofstream(root / "latin1.toml") << "lr = 1\xc3\xa9\n";
   REQUIRE_THROWS_WITH(back.load_toml((root / "latin1.toml").string()), ContainsSubstring("latin1.toml:1: a non-ASCII character"));
+  // A quote after a value opens no string for toml++, which then reads what follows as bare text (the
+  // 10-minute fuzz run's input): unterminated strings are refused first, single- and multi-line.
+  std::ofstream(root / "quote.toml") << "seq_len = 3\ne=0\"n\xef\xbb\xaf";
+  REQUIRE_THROWS_WITH(back.load_toml((root / "quote.toml").string()),
+                      ContainsSubstring("quote.toml:2: an unterminated string (a double quote"));
+  std::ofstream(root / "open.toml") << "data = '''\n\xc3\xa9\n";
+  REQUIRE_THROWS_WITH(back.load_toml((root / "open.toml").string()), ContainsSubstring("open.toml:1: an unterminated string"));
   // Non-ASCII text inside strings (all four kinds, escapes, several lines) and comments still loads.
   std::ofstream(root / "utf8.toml") << "# caf\xc3\xa9 [ = \n"
                                     << "sample_prompt = \"Caf\xc3\xa9 \\\" [ = \xe2\x80\x94\"\n"

@@ -106,12 +106,17 @@ void check_toml_input(std::string_view text, const std::string& path) {
     } else if (c == '"' || c == '\'') {  // a string: '...', "...", '''...''' or """..."""
       const std::string_view delim = text.substr(i, 3) == std::string(3, c) ? text.substr(i, 3) : text.substr(i, 1);
       size_t j = i + delim.size();
+      const int64_t start_line = line;
       for (; j < text.size() && text.substr(j, delim.size()) != delim; ++j) {
-        if (text[j] == '\n' && delim.size() == 1) break;  // an unterminated string: toml++ reports it
-        if (c == '"' && text[j] == '\\') ++j;            // an escape: the next character is not a delimiter
+        if (text[j] == '\n' && delim.size() == 1) break;
+        if (c == '"' && text[j] == '\\') ++j;  // an escape: the next character is not a delimiter
         if (j < text.size() && text[j] == '\n') ++line;
       }
-      i = j < text.size() && text[j] == '\n' ? j - 1 : j + delim.size() - 1;
+      // Unterminated (a quote toml++ may not read as a string, e.g. after a value: what follows would then
+      // reach its whitespace test): refused here.
+      KILN_CHECK(j < text.size() && text[j] != '\n', "finetune", "{}:{}: an unterminated string (a {} with no closing {})",
+                 path, start_line, c == '"' ? "double quote" : "single quote", delim);
+      i = j + delim.size() - 1;
       line_start = false;
     } else {
       KILN_CHECK(static_cast<unsigned char>(c) < 0x80, "finetune",
