@@ -2,6 +2,7 @@
 // run stopped like Ctrl-C and resumed gives exactly the losses, adapter and sample of an uninterrupted
 // one; incompatible or corrupt checkpoints are clear errors; the TOML settings round trip; metrics.jsonl
 // and the SVG are written. The Trainer itself is tested without the command line in test_trainer.cpp.
+#include <catch2/catch_approx.hpp>
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
 #include <filesystem>
@@ -263,5 +264,50 @@ TEST_CASE("finetune: settings from TOML round trip; bad files and values are err
   bad = tiny_run(root, "y");
   bad.random_init = false;
   REQUIRE_THROWS_WITH(bad.validate(), ContainsSubstring("--random-init"));
+  fs::remove_all(root);
+}
+
+TEST_CASE("finetune: --memory-budget plans the checkpoints and the loss chunk, prints the plan, keeps the losses",
+          "[finetune][memory_plan]") {
+  const fs::path root = test::scratch_dir("ft", "memplan");
+  // Without --checkpointing the default is a plan within the free memory: nothing checkpointed here.
+  app::FinetuneConfig roomy = tiny_run(root, "roomy");
+  app::FinetuneJob a(roomy);
+  REQUIRE(a.trainer().memory_plan().has_value());
+  CHECK_THAT(a.trainer().memory_plan()->describe(), ContainsSubstring("memory plan for batches of 2 x 16 tokens") &&
+                                                        ContainsSubstring("2 of 2 kept whole") &&
+                                                        ContainsSubstring("predicted peak"));
+  const app::FinetuneResult ra = a.run();
+  // A budget just above the smallest plan: every layer checkpointed; the same losses (checkpointing
+  // recomputes exactly; every chunk holds the whole batch here).
+  app::FinetuneConfig tight = tiny_run(root, "tight");
+  tight.memory_budget = 1e-9;  // far too small: the error names the least budget
+  try {
+    app::FinetuneJob refused(tight);
+    FAIL("a budget below the least plan was accepted");
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    CHECK_THAT(msg, ContainsSubstring("[memory plan]") && ContainsSubstring("needs at least"));
+    const size_t at = msg.find("needs at least ") + std::string("needs at least ").size();
+    const double least_mib = std::stod(msg.substr(at));
+    REQUIRE(msg.substr(msg.find(' ', at) + 1, 3) == "MiB");
+    tight.memory_budget = (least_mib + 0.05) / 1024.0;  // GiB
+  }
+  fs::remove_all(tight.output);
+  app::FinetuneJob b(tight);
+  REQUIRE(b.trainer().memory_plan().has_value());
+  CHECK_THAT(b.trainer().memory_plan()->describe(), ContainsSubstring("0 of 2 kept whole") &&
+                                                        ContainsSubstring("2 checkpointed"));
+  const app::FinetuneResult rb = b.run();
+  REQUIRE(rb.losses.size() == ra.losses.size());
+  for (size_t i = 0; i < ra.losses.size(); ++i) CHECK(rb.losses[i] == Catch::Approx(ra.losses[i]).epsilon(1e-5));
+  // --checkpointing is an explicit choice: no plan
+  app::FinetuneConfig all = tiny_run(root, "all");
+  all.checkpointing = true;
+  CHECK_FALSE(app::FinetuneJob(all).trainer().memory_plan().has_value());
+  app::FinetuneConfig unchunked = tiny_run(root, "unchunked");
+  unchunked.chunked_head = false;
+  unchunked.memory_budget = 1;
+  REQUIRE_THROWS_WITH(unchunked.validate(), ContainsSubstring("--memory-budget plans for the chunked loss head"));
   fs::remove_all(root);
 }

@@ -142,9 +142,16 @@ FinetuneJob::FinetuneJob(const FinetuneConfig& c, RunWorld world)
 
   // ---- before anything large is allocated: does one step fit in memory (CPU), are the lengths in range
   const nn::LlamaConfig mc = model_config(c, model_dir_);
-  if (!device_.is_cuda())
+  const bool plan_memory = c.plans_memory(world_.size());
+  KILN_CHECK(!plan_memory || (world_.size() == 1 && !c.shard), "finetune",
+             "--memory-budget plans for one unsharded process; with {} rank(s){} use --checkpointing instead",
+             world_.size(), c.shard ? " and --shard" : "");
+  if (!device_.is_cuda()) {
+    FinetuneConfig least = c;  // a memory plan may checkpoint every block
+    least.checkpointing = least.checkpointing || plan_memory;
     if (const std::optional<double> available = available_host_memory())
-      check_step_fits(mc, c, resolve_dtype(c.dtype, device_), *available);
+      check_step_fits(mc, least, resolve_dtype(c.dtype, device_), *available);
+  }
   if (c.seq_len > mc.max_position_embeddings)
     notes_.push_back(fmt::format("warning: --seq-len {} is longer than the model's max_position_embeddings of {}: "
                                  "positions past it were never trained (RoPE)",
@@ -211,7 +218,11 @@ FinetuneJob::FinetuneJob(const FinetuneConfig& c, RunWorld world)
   to.clip = c.clip;
   to.skip_nonfinite_steps = c.skip_nonfinite_steps;
   to.schedule.emplace(c.schedule, c.lr, std::min(c.warmup, total_steps_), total_steps_);  // short runs: warmup fits
-  to.loss = train::llama_loss(c.chunked_head);
+  if (plan_memory) {  // the default loss (the chunked head) with a plan of checkpoints and loss chunk
+    to.memory_budget = c.memory_budget > 0 ? static_cast<size_t>(c.memory_budget * static_cast<double>(size_t{1} << 30)) : 0;
+  } else {
+    to.loss = train::llama_loss(c.chunked_head);
+  }
   if (c.compile) to.compile = compile::trainer_compile();
   to.device = device_;
   to.seed = data::mix_seed(c.seed, 7);  // dropout draws
@@ -334,6 +345,7 @@ FinetuneResult run_finetune_ranked(const FinetuneConfig& c) {
     SigintScope sigint(job.trainer());
     return job.run();
   }
+  if (job.trainer().memory_plan()) std::fprintf(stderr, "%s\n", job.trainer().memory_plan()->describe().c_str());
   if (job.resumed_from())
     std::fprintf(stderr, "resumed from %s at step %lld\n", job.resumed_from()->c_str(),
                  static_cast<long long>(job.trainer().state().step));

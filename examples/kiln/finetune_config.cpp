@@ -60,7 +60,10 @@ const std::vector<Field>& fields() {
       {"clip", "clip gradients to this global L2 norm (0: off)", &C::clip, true},
       {"skip_nonfinite_steps", "skip (and count) steps whose loss or gradients are NaN/inf instead of stopping", &C::skip_nonfinite_steps, false},
       {"seed", "seed of weights, adapters, data order and dropout", &C::seed, true},
-      {"checkpointing", "activation checkpointing per decoder block", &C::checkpointing, false},
+      {"checkpointing", "activation checkpointing of every decoder block (no memory plan)", &C::checkpointing, false},
+      {"memory_budget", "GiB a step may use at its peak: kiln plans which blocks to checkpoint and the loss chunk "
+                        "(0: the device's free memory less a margin; default: that plan unless --checkpointing, "
+                        "several ranks or --chunked-head false)", &C::memory_budget, false},
       {"chunked_head", "chunked linear+cross-entropy head (never the full logits)", &C::chunked_head, false},
       {"shard", "with several ranks: shard the model over them (fully_shard) instead of replicating it", &C::shard, false},
       {"compile", "compile each decoder layer, forward and backward, with the JIT fuser (compile/)", &C::compile, false},
@@ -256,7 +259,14 @@ std::string FinetuneConfig::fingerprint() const {
   return out.str();
 }
 
+bool FinetuneConfig::plans_memory(int world_size) const {
+  if (memory_budget >= 0) return true;
+  return !checkpointing && world_size == 1 && !shard && chunked_head;
+}
+
 void FinetuneConfig::validate() const {
+  KILN_CHECK(memory_budget < 0 || chunked_head, "finetune",
+             "--memory-budget plans for the chunked loss head: drop --chunked-head false or --memory-budget");
   KILN_CHECK(base == "nf4" || base == "bf16", "finetune", "--base must be nf4 or bf16, found '{}'", base);
   KILN_CHECK(!full || base == "bf16", "finetune",
              "--full trains every weight, and an NF4 base cannot be trained: add --base bf16 (the model's dtype)");

@@ -40,7 +40,11 @@ struct FinetuneConfig {
   double weight_decay = 0.0;
   double clip = 1.0;
   uint64_t seed = 0;
-  bool checkpointing = false;     // activation checkpointing per block
+  bool checkpointing = false;     // activation checkpointing of every block (no memory plan then)
+  // GiB a step may hold at its peak: kiln plans which blocks to checkpoint and the loss head's chunk
+  // (nn/memory_plan.h). 0: the device's free memory less a margin. Below 0 (the default): the same
+  // default plan, unless --checkpointing, several ranks or --chunked-head false decide otherwise.
+  double memory_budget = -1;
   bool full = false;              // every parameter trainable, no LoRA (needs base bf16)
   bool skip_nonfinite_steps = false;  // a NaN/inf loss or gradient skips the step (counted) instead of stopping
   bool chunked_head = true;       // chunked linear+loss head
@@ -58,6 +62,8 @@ struct FinetuneConfig {
   std::string config_file;        // TOML
 
   void validate() const;
+  // Whether the run plans its memory (see memory_budget) in a world of `world_size` processes.
+  bool plans_memory(int world_size) const;
   // The base model folder: --model, or kiln's default base when neither --model nor --config is given
   // (data::default_base_path()); "" for a --config model with random weights.
   std::string base_model_dir() const;
