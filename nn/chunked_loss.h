@@ -47,7 +47,7 @@ struct ChunkedLossOptions {
 size_t chunked_loss_bytes_per_token(int64_t vocab, DType compute_dtype, bool fused_cross_entropy = false);
 // The largest chunk whose estimate fits the budget, rounded down to a multiple of 64 when >= 64,
 // and at least 1. With a 1 GiB budget, bf16 and V = 128256: 512 tokens (2 GiB: 1024); fused
-// cross-entropy: 4096. The estimate covers the pipelining (the next chunk's logits exist while this
+// cross-entropy: 4160. The estimate covers the pipelining (the next chunk's logits exist while this
 // chunk's gradient is taken; the fused path needs none).
 int64_t chunked_loss_chunk_size(int64_t vocab, DType compute_dtype, size_t memory_budget_bytes,
                                 bool fused_cross_entropy = false);
