@@ -3,6 +3,7 @@
 // with an index that covers every tensor, bad input failing before anything is written, and the GGUF
 // file checked by tools/check_gguf.py with llama.cpp's own gguf package (skipped where it is absent).
 #include <catch2/catch_test_macros.hpp>
+#include <sys/stat.h>
 #include <catch2/matchers/catch_matchers_string.hpp>
 #include <cstdlib>
 #include <filesystem>
@@ -149,6 +150,10 @@ TEST_CASE("export: the Hugging Face folder loads back with the logits of the unm
       CHECK(fs::exists(out / f));
     CHECK_FALSE(fs::exists(out / "model.safetensors.index.json"));
     CHECK(leftovers(root) == 0);
+    // an ordinary folder: the mode mkdir gives (umask applied), not its temporary folder's 0700
+    const mode_t mask = ::umask(0);
+    ::umask(mask);
+    CHECK((fs::status(out).permissions() & fs::perms::all) == static_cast<fs::perms>(0777 & ~mask));
     // f32 merge of an f32 base: the merged model differs from base + adapter only by summation order.
     // The NF4 base is merged into its f32 dequantised weight, exactly what the NF4 forward computes
     // with on CPU, so the same 1e-5 holds there.

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fmt/format.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "core/error.h"
@@ -41,6 +42,10 @@ struct TempFolder {
     KILN_CHECK(::mkdtemp(tmpl.data()) != nullptr, "export", "cannot create a folder next to {}: {}", target.string(),
                std::strerror(errno));
     path = tmpl;
+    // mkdtemp makes it 0700; the result is an ordinary folder, so it gets the mode mkdir would give it
+    const mode_t mask = ::umask(0);
+    ::umask(mask);
+    KILN_CHECK(::chmod(tmpl.c_str(), 0777 & ~mask) == 0, "export", "cannot set the mode of {}: {}", tmpl, std::strerror(errno));
   }
   ~TempFolder() {
     std::error_code ec;
