@@ -1,0 +1,116 @@
+// The memory-budget planner on Llama 3.1 8B (random weights, the real config) as QLoRA trains it:
+// NF4 base, LoRA r=16 on every linear layer, AdamW, batch 1 x 4096 tokens. Per budget: the plan
+// (layers checkpointed, loss chunk), its predicted peak, the real peak of AdamW steps and the step
+// time. Optional: --layers N, --seq T, --batch B, --iters N, --budgets "10,14,20" (GiB; 0: the default).
+#include <cstdio>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "bench/cuda_timing.h"
+#include "core/cuda/runtime.h"
+#include "core/memory.h"
+#include "core/ops.h"
+#include "nn/llama.h"
+#include "nn/lora.h"
+#include "nn/memory_plan.h"
+#include "nn/nf4_linear.h"
+#include "nn/optim.h"
+
+using namespace kiln;
+
+namespace {
+
+struct Args {
+  int64_t layers = 32;
+  int64_t seq = 4096;
+  int64_t batch = 1;
+  int iters = 3;
+  std::string budgets = "8,10,14,20,28,0";
+};
+
+constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Args a;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string k = argv[i], v = argv[i + 1];
+    if (k == "--layers") a.layers = std::stoll(v);
+    else if (k == "--seq") a.seq = std::stoll(v);
+    else if (k == "--batch") a.batch = std::stoll(v);
+    else if (k == "--iters") a.iters = std::stoi(v);
+    else if (k == "--budgets") a.budgets = v;
+    else {
+      std::fprintf(stderr, "usage: %s [--layers N] [--seq T] [--batch B] [--iters N] [--budgets GiB,GiB,...]\n", argv[0]);
+      return 2;
+    }
+  }
+  if (!cuda::is_available()) {
+    std::printf("no CUDA device\n");
+    return 0;
+  }
+  try {
+    const Device gpu(DeviceType::cuda, 0);
+    nn::LlamaConfig cfg = nn::LlamaConfig::named("llama3.1-8b");
+    cfg.num_hidden_layers = a.layers;
+    nn::LlamaOptions o;
+    o.dtype = DType::bf16;
+    o.device = gpu;
+    o.seed = 1;
+    o.on_layer_built = [](const std::string&, nn::LlamaDecoderLayer& layer) { nn::quantize_linears_nf4(layer); };
+    auto model = std::make_shared<nn::Llama>(cfg, o);
+    nn::LoraConfig lora;
+    lora.r = 16;
+    lora.alpha = 32;
+    nn::apply_lora(*model, lora, 2);
+    model->train();
+    nn::AdamW opt(model->named_trainable_parameters());
+    Generator gen(7);
+    const Tensor ids = randint(0, cfg.vocab_size, {a.batch, a.seq}, DType::i64, gpu, &gen);      // (B, T)
+    const Tensor targets = randint(0, cfg.vocab_size, {a.batch, a.seq}, DType::i64, gpu, &gen);  // (B, T)
+    std::printf("Llama 3.1 8B config, %lld layers, NF4 base, LoRA r=16, AdamW, batch %lld x %lld tokens; %.2f GiB allocated\n",
+                static_cast<long long>(a.layers), static_cast<long long>(a.batch), static_cast<long long>(a.seq),
+                static_cast<double>(memory_usage(gpu).allocated) / kGiB);
+    std::printf("| budget GiB | checkpointed | loss chunk | predicted GiB | peak GiB | peak/predicted | step ms |\n"
+                "|---|---|---|---|---|---|---|\n");
+    std::stringstream list(a.budgets);
+    for (std::string item; std::getline(list, item, ',');) {
+      nn::MemoryPlanOptions mo;
+      mo.batch_size = a.batch;
+      mo.seq_len = a.seq;
+      mo.budget_bytes = static_cast<size_t>(std::stod(item) * kGiB);
+      mo.optimizer_state_bytes = opt.pending_state_bytes();
+      nn::MemoryPlan plan;
+      try {
+        plan = nn::plan_memory(*model, mo);
+      } catch (const Error& e) {
+        std::printf("| %s | %s |\n", item.c_str(), e.what());
+        continue;
+      }
+      plan.apply(*model);
+      auto step = [&] {
+        Tensor loss = model->chunked_loss((*model)(ids), targets);
+        loss.backward();
+        nn::clip_grad_norm_(opt.parameters(), 1.0);
+        opt.step();
+        opt.zero_grad();
+      };
+      step();  // warm-up: plans, workspaces, the optimizer state
+      cuda::synchronize();
+      reset_peak_memory(gpu);
+      const double ms = bench::time_ms(step, a.iters, 0);
+      const double peak = static_cast<double>(memory_usage(gpu).peak);
+      const double predicted = static_cast<double>(plan.predicted_peak_bytes);
+      std::printf("| %.2f | %lld of %lld | %lld | %.2f | %.2f | %.3f | %.0f |\n", static_cast<double>(plan.budget_bytes) / kGiB,
+                  static_cast<long long>(plan.num_checkpointed()), static_cast<long long>(a.layers),
+                  static_cast<long long>(plan.loss_chunk), predicted / kGiB, peak / kGiB, peak / predicted, ms);
+      std::fflush(stdout);
+    }
+  } catch (const std::exception& e) {
+    std::printf("error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
