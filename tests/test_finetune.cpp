@@ -244,6 +244,8 @@ TEST_CASE("finetune: settings from TOML round trip; bad files and values are err
                       ContainsSubstring("quote.toml:2: an unterminated string (a double quote"));
   std::ofstream(root / "open.toml") << "data = '''\n\xc3\xa9\n";
   REQUIRE_THROWS_WITH(back.load_toml((root / "open.toml").string()), ContainsSubstring("open.toml:1: an unterminated string"));
+  std::ofstream(root / "brace.toml") << "u=[[[[}[\t\t-";
+  REQUIRE_THROWS_WITH(back.load_toml((root / "brace.toml").string()), ContainsSubstring("brace.toml:1: '}' outside a string"));
   // Non-ASCII text inside strings (all four kinds, escapes, several lines) and comments still loads.
   std::ofstream(root / "utf8.toml") << "# caf\xc3\xa9 [ = \n"
                                     << "sample_prompt = \"Caf\xc3\xa9 \\\" [ = \xe2\x80\x94\"\n"
