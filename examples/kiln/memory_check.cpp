@@ -2,10 +2,9 @@
 #include "examples/kiln/memory_check.h"
 
 #include <algorithm>
-#include <fstream>
-#include <sstream>
 
 #include "core/error.h"
+#include "core/memory.h"
 
 namespace kiln::app {
 
@@ -40,15 +39,11 @@ StepMemory estimate_step_memory(const nn::LlamaConfig& m, const FinetuneConfig& 
 }
 
 std::optional<double> available_host_memory() {
-  std::ifstream in("/proc/meminfo");
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind("MemAvailable:", 0) != 0) continue;
-    std::istringstream fields(line.substr(13));
-    double kib = 0;
-    if (fields >> kib) return kib * 1024.0;
+  try {
+    return static_cast<double>(free_memory(kCPU));  // MemAvailable
+  } catch (const Error&) {
+    return std::nullopt;
   }
-  return std::nullopt;
 }
 
 void check_step_fits(const nn::LlamaConfig& model, const FinetuneConfig& c, DType dtype, double available) {
