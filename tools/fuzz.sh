@@ -9,7 +9,10 @@
 # and the log to build-fuzz/fuzz/<target>.log. Prints one table row per target (runs, seconds, crashes) and
 # exits non-zero when any target crashed. After fixing a crash, keep its input in
 # tests/fuzz/regressions/<target>/ (kiln_tests' [fuzz] case replays it on every test run).
-# Env: KILN_FUZZ_JOBS=N runs N targets at once (default 1); KILN_FUZZ_ARGS adds libFuzzer flags.
+# Env: KILN_FUZZ_JOBS=N runs N targets at once (default 1); KILN_FUZZ_ARGS adds libFuzzer flags;
+# KILN_FUZZ_SMOKE=1 (tools/test.sh's smoke run) starts each target from the committed seeds alone in a fresh
+# folder with libFuzzer's -seed=1, so the same inputs are tried on every machine (a prefix of them where a
+# slow machine reaches the time limit first), and keeps nothing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 seconds=60
@@ -37,8 +40,16 @@ export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=1:allocator_may_return_null=0}
 export UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}"
 read -r -a user_args <<<"${KILN_FUZZ_ARGS:-}"
 
+smoke_dir=""
+if [ "${KILN_FUZZ_SMOKE:-0}" = 1 ]; then
+  smoke_dir=$(mktemp -d)
+  trap 'rm -rf "$smoke_dir"' EXIT
+  user_args+=(-seed=1)
+fi
+
 run_target() {  # target -> writes $out/<target>.log and .row
   local t=$1 work="$out/corpus/$1" crashes="$out/crashes/$1"
+  [ -n "$smoke_dir" ] && work="$smoke_dir/$1"
   mkdir -p "$work" "$crashes"
   rm -f "$crashes"/*
   local seeds=("tests/fuzz/corpus/$t")

@@ -26,6 +26,9 @@
 #            -Wmaybe-uninitialized in libstdc++'s <regex>; warnings are the plain -Werror build's job.
 #            Cost on 2 cores: about 40 CPU-minutes to build from scratch (20 min wall), 2.5 min to run.
 #            KILN_SKIP_SANITIZERS=1 skips it (counted as skipped), e.g. for quick local runs.
+#   fuzz     after that (one case): tools/fuzz.sh builds the libFuzzer targets with clang in build-fuzz/ and runs
+#            each for KILN_FUZZ_SMOKE_SECONDS (10) from its committed seeds with a fixed libFuzzer seed; passed when
+#            none crashes. About 10 minutes of build from scratch on 2 cores. KILN_SKIP_FUZZ=1 skips it.
 # A failing check makes the script exit non-zero; the build and the suite still run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -135,6 +138,21 @@ else
   san_start=$(date +%s)
   if sanitizers "$@"; then count 0; else echo "test.sh: FAILED sanitizer run (the report is above)"; count 1; fi
   echo "test.sh: sanitizer build and run took $(($(date +%s) - san_start)) s"
+fi
+# Fuzz smoke: every libFuzzer target of tests/fuzz for a few seconds from its committed seeds (tools/fuzz.sh,
+# clang, build-fuzz/; deterministic inputs: KILN_FUZZ_SMOKE=1). One case. KILN_FUZZ_SMOKE_SECONDS (default 10)
+# per target; KILN_SKIP_FUZZ=1 skips it (counted as skipped).
+if [ "${KILN_SKIP_FUZZ:-0}" = 1 ]; then
+  echo "test.sh: fuzz smoke run skipped (KILN_SKIP_FUZZ=1)"
+  count skip
+else
+  echo "test.sh: fuzz smoke run (tools/fuzz.sh ${KILN_FUZZ_SMOKE_SECONDS:-10}: every target from its seeds)"
+  fuzz_start=$(date +%s)
+  if KILN_FUZZ_SMOKE=1 tools/fuzz.sh "${KILN_FUZZ_SMOKE_SECONDS:-10}"; then count 0; else
+    echo "test.sh: FAILED fuzz smoke run (see the table above)"
+    count 1
+  fi
+  echo "test.sh: fuzz build and smoke run took $(($(date +%s) - fuzz_start)) s"
 fi
 listed="$build/test_names.txt"
 "$bin" --list-tests --verbosity quiet "$@" >"$listed" 2>/dev/null || true
