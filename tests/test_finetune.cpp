@@ -241,7 +241,9 @@ TEST_CASE("finetune: settings from TOML round trip; bad files and values are err
   // 10-minute fuzz run's input): unterminated strings are refused first, single- and multi-line.
   std::ofstream(root / "quote.toml") << "seq_len = 3\ne=0\"n\xef\xbb\xaf";
   REQUIRE_THROWS_WITH(back.load_toml((root / "quote.toml").string()),
-                      ContainsSubstring("quote.toml:2: an unterminated string (a double quote"));
+                      ContainsSubstring("quote.toml:2: a quote after '0'"));
+  std::ofstream(root / "closed.toml") << "e=0\"n\xef\xbb\xaf 2 # x\"]\n";  // closed later on the line: still no string
+  REQUIRE_THROWS_WITH(back.load_toml((root / "closed.toml").string()), ContainsSubstring("closed.toml:1: a quote after '0'"));
   std::ofstream(root / "open.toml") << "data = '''\n\xc3\xa9\n";
   REQUIRE_THROWS_WITH(back.load_toml((root / "open.toml").string()), ContainsSubstring("open.toml:1: an unterminated string"));
   std::ofstream(root / "brace.toml") << "u=[[[[}[\t\t-";

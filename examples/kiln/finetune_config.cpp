@@ -100,14 +100,21 @@ void check_toml_input(std::string_view text, const std::string& path) {
   };
   int64_t line = 1;
   bool line_start = true;  // nothing but spaces since the last newline
+  char prev = '\n';        // the last character outside strings, spaces and comments ('\n' at a line's start)
   for (size_t i = 0; i < text.size(); ++i) {
     const char c = text[i];
     if (c == '\n') {
       ++line;
       line_start = true;
+      prev = '\n';
     } else if (c == '#') {  // a comment, to the end of the line
       i = std::min(text.find('\n', i), text.size()) - 1;
     } else if (c == '"' || c == '\'') {  // a string: '...', "...", '''...''' or """..."""
+      // Only where TOML lets a string start (a key at a line's start or after '.', a value after '=', '[' or
+      // ','): elsewhere (after a value: `x = 0"...`) toml++ reads what follows as bare text, and its test for
+      // non-ASCII whitespace reaches __builtin_unreachable.
+      KILN_CHECK(prev == '\n' || prev == '=' || prev == '[' || prev == ',' || prev == '.', "finetune",
+                 "{}:{}: a quote after '{}' (strings stand after '=', '[' or ',', or begin a key)", path, line, prev);
       const std::string_view delim = text.substr(i, 3) == std::string(3, c) ? text.substr(i, 3) : text.substr(i, 1);
       size_t j = i + delim.size();
       const int64_t start_line = line;
@@ -116,12 +123,11 @@ void check_toml_input(std::string_view text, const std::string& path) {
         if (c == '"' && text[j] == '\\') ++j;  // an escape: the next character is not a delimiter
         if (j < text.size() && text[j] == '\n') ++line;
       }
-      // Unterminated (a quote toml++ may not read as a string, e.g. after a value: what follows would then
-      // reach its whitespace test): refused here.
       KILN_CHECK(j < text.size() && text[j] != '\n', "finetune", "{}:{}: an unterminated string (a {} with no closing {})",
                  path, start_line, c == '"' ? "double quote" : "single quote", delim);
       i = j + delim.size() - 1;
       line_start = false;
+      prev = c;
     } else {
       KILN_CHECK(static_cast<unsigned char>(c) < 0x80, "finetune",
                  "{}:{}: a non-ASCII character outside a string or comment (byte 0x{:02X})", path, line,
@@ -138,7 +144,10 @@ void check_toml_input(std::string_view text, const std::string& path) {
         KILN_CHECK(j == text.size() || key_start(text[j]), "finetune",
                    "{}:{}: a table header needs a key after '[' (kiln's settings are plain key = value lines)", path, line);
       }
-      if (c != ' ' && c != '\t') line_start = false;
+      if (c != ' ' && c != '\t') {
+        line_start = false;
+        prev = c;
+      }
     }
   }
 }
