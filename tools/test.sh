@@ -43,6 +43,21 @@ fi
 extra_passed=0 extra_failed=0 extra_skipped=0
 count() { case $1 in 0) extra_passed=$((extra_passed + 1)) ;; skip) extra_skipped=$((extra_skipped + 1)) ;;
   *) extra_failed=$((extra_failed + 1)) ;; esac; }
+# check NAME SKIP_VAR WHAT COMMAND...: one counted case outside Catch2 (passed when COMMAND succeeds);
+# skipped, and counted so, when $SKIP_VAR is 1.
+check() {
+  local name=$1 skip_var=$2 what=$3 t0
+  shift 3
+  if [ "${!skip_var:-0}" = 1 ]; then
+    echo "test.sh: $name skipped ($skip_var=1)"
+    count skip
+    return
+  fi
+  echo "test.sh: $name ($what)"
+  t0=$(date +%s)
+  if "$@"; then count 0; else echo "test.sh: FAILED $name (the report is above)"; count 1; fi
+  echo "test.sh: $name took $(($(date +%s) - t0)) s"
+}
 
 # Layer check: the checker proves it catches a wrong-way include, then checks the tree.
 echo "test.sh: layer check (tools/check_layers.py)"
@@ -97,13 +112,8 @@ install_check() {
   rm -rf "$tmp"
   return $rc
 }
-if [ "${KILN_SKIP_INSTALL_CHECK:-0}" = 1 ]; then
-  echo "test.sh: install check skipped (KILN_SKIP_INSTALL_CHECK=1)"
-  count skip
-else
-  echo "test.sh: install check (meson install, then tests/install/consumer.cpp through pkg-config kiln)"
-  if install_check; then count 0; else echo "test.sh: FAILED install check"; count 1; fi
-fi
+check "install check" KILN_SKIP_INSTALL_CHECK "meson install, then tests/install/consumer.cpp through pkg-config kiln" \
+  install_check
 
 rm -f "$junit"
 start=$(date +%s.%N)
@@ -130,30 +140,13 @@ sanitizers() {
   UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1${UBSAN_OPTIONS:+:$UBSAN_OPTIONS}" \
     "$asan/tests/kiln_tests" "${filter[@]}"
 }
-if [ "${KILN_SKIP_SANITIZERS:-0}" = 1 ]; then
-  echo "test.sh: sanitizer run skipped (KILN_SKIP_SANITIZERS=1)"
-  count skip
-else
-  echo "test.sh: sanitizer run (build-asan/: kiln_tests under AddressSanitizer + UndefinedBehaviorSanitizer)"
-  san_start=$(date +%s)
-  if sanitizers "$@"; then count 0; else echo "test.sh: FAILED sanitizer run (the report is above)"; count 1; fi
-  echo "test.sh: sanitizer build and run took $(($(date +%s) - san_start)) s"
-fi
+check "sanitizer run" KILN_SKIP_SANITIZERS "build-asan/: kiln_tests under AddressSanitizer + UndefinedBehaviorSanitizer" \
+  sanitizers "$@"
 # Fuzz smoke: every libFuzzer target of tests/fuzz for a few seconds from its committed seeds (tools/fuzz.sh,
 # clang, build-fuzz/; deterministic inputs: KILN_FUZZ_SMOKE=1). One case. KILN_FUZZ_SMOKE_SECONDS (default 10)
 # per target; KILN_SKIP_FUZZ=1 skips it (counted as skipped).
-if [ "${KILN_SKIP_FUZZ:-0}" = 1 ]; then
-  echo "test.sh: fuzz smoke run skipped (KILN_SKIP_FUZZ=1)"
-  count skip
-else
-  echo "test.sh: fuzz smoke run (tools/fuzz.sh ${KILN_FUZZ_SMOKE_SECONDS:-10}: every target from its seeds)"
-  fuzz_start=$(date +%s)
-  if KILN_FUZZ_SMOKE=1 tools/fuzz.sh "${KILN_FUZZ_SMOKE_SECONDS:-10}"; then count 0; else
-    echo "test.sh: FAILED fuzz smoke run (see the table above)"
-    count 1
-  fi
-  echo "test.sh: fuzz build and smoke run took $(($(date +%s) - fuzz_start)) s"
-fi
+fuzz_smoke() { KILN_FUZZ_SMOKE=1 tools/fuzz.sh "${KILN_FUZZ_SMOKE_SECONDS:-10}"; }
+check "fuzz smoke run" KILN_SKIP_FUZZ "tools/fuzz.sh ${KILN_FUZZ_SMOKE_SECONDS:-10}: every target from its seeds" fuzz_smoke
 listed="$build/test_names.txt"
 "$bin" --list-tests --verbosity quiet "$@" >"$listed" 2>/dev/null || true
 
