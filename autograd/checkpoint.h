@@ -2,6 +2,11 @@
 // backward. Pass every tensor that needs a gradient and is not a leaf (parameters may be captured
 // by the closure). The default generator's state is restored for the recompute, so dropout inside
 // `fn` draws the same mask twice.
+//
+// With `offload`, the inputs wait in host memory instead of on the device (core/offload.h): the copy
+// down overlaps the forward, and when an offloaded checkpoint's backward starts it fetches its own
+// inputs and starts bringing back those of the offloaded checkpoint made just before it in forward
+// (on this thread), so a stack of layers overlaps each copy back with the layer above's backward.
 #pragma once
 #include <functional>
 #include <vector>
@@ -12,6 +17,10 @@ namespace kiln::autograd {
 
 using CheckpointFn = std::function<std::vector<Tensor>(const std::vector<Tensor>&)>;
 
-std::vector<Tensor> checkpoint(CheckpointFn fn, const std::vector<Tensor>& inputs);
+struct CheckpointOptions {
+  bool offload = false;  // keep the inputs in (pinned) host memory until backward
+};
+
+std::vector<Tensor> checkpoint(CheckpointFn fn, const std::vector<Tensor>& inputs, CheckpointOptions options = {});
 
 }  // namespace kiln::autograd

@@ -155,22 +155,32 @@ LlamaModel::LlamaModel(const LlamaConfig& c, const LlamaOptions& o, const Weight
   fill(*norm, "model.norm.");
 }
 
-Tensor LlamaModel::forward(const Tensor& ids, int64_t start, KVCache* cache, const std::vector<bool>& checkpoint) {
+const char* layer_activations_name(LayerActivations a) {
+  switch (a) {
+    case LayerActivations::keep: return "keep";
+    case LayerActivations::checkpoint: return "checkpoint";
+    case LayerActivations::offload: return "offload";
+  }
+  return "?";
+}
+
+Tensor LlamaModel::forward(const Tensor& ids, int64_t start, KVCache* cache,
+                           const std::vector<LayerActivations>& activations) {
   KILN_CHECK(ids.dim() == 2 && !is_floating(ids.dtype()), "Llama", "expected integer ids (B, T), found {} {}",
              dtype_name(ids.dtype()), shape_str(ids.shape()));
   Tensor x = child_as<Embedding>("embed_tokens")(ids);  // (B, T, hidden)
   auto& layers = child_as<ModuleList>("layers");
   KILN_CHECK(!cache || static_cast<int64_t>(cache->layers.size()) == layers.size(), "Llama",
              "the KV cache has {} layers, the model {}", cache ? cache->layers.size() : 0, layers.size());
-  KILN_CHECK(checkpoint.empty() || static_cast<int64_t>(checkpoint.size()) == layers.size(), "Llama",
-             "expected a checkpoint choice per decoder layer ({}), found {}", layers.size(), checkpoint.size());
+  KILN_CHECK(activations.empty() || static_cast<int64_t>(activations.size()) == layers.size(), "Llama",
+             "expected an activations choice per decoder layer ({}), found {}", layers.size(), activations.size());
   for (int64_t i = 0; i < layers.size(); ++i) {
     auto& layer = layers.at<LlamaDecoderLayer>(i);
     KVCache::Layer* lc = cache ? &cache->layers[static_cast<size_t>(i)] : nullptr;
-    const bool checkpointed = !checkpoint.empty() && checkpoint[static_cast<size_t>(i)];
-    if (checkpointed && autograd::grad_enabled() && !cache) {
+    const LayerActivations a = activations.empty() ? LayerActivations::keep : activations[static_cast<size_t>(i)];
+    if (a != LayerActivations::keep && autograd::grad_enabled() && !cache) {
       x = autograd::checkpoint([&layer, start](const std::vector<Tensor>& in) { return std::vector<Tensor>{layer(in[0], start)}; },
-                               {x})[0];
+                               {x}, {.offload = a == LayerActivations::offload})[0];
     } else {
       x = layer(x, start, lc);
     }
@@ -181,13 +191,14 @@ Tensor LlamaModel::forward(const Tensor& ids, int64_t start, KVCache* cache, con
 
 namespace {
 std::string call_key(int64_t start, const void* cache) { return fmt::format("start={} cache={}", start, cache ? "yes" : "none"); }
-// "" (no layer checkpointed), " checkpoint" (every layer) or " checkpoint=0011" (per layer).
-std::string checkpoint_key(const std::vector<bool>& checkpoint) {
-  const auto n = std::count(checkpoint.begin(), checkpoint.end(), true);
-  if (n == 0) return "";
-  if (n == static_cast<std::ptrdiff_t>(checkpoint.size())) return " checkpoint";
-  std::string key = " checkpoint=";
-  for (bool c : checkpoint) key += c ? '1' : '0';
+// "" (every layer kept), " checkpoint" / " offload" (every layer so) or " activations=kcco" (per layer).
+std::string activations_key(const std::vector<LayerActivations>& activations) {
+  auto all = [&](LayerActivations a) { return std::all_of(activations.begin(), activations.end(), [a](auto x) { return x == a; }); };
+  if (all(LayerActivations::keep)) return "";
+  if (all(LayerActivations::checkpoint)) return " checkpoint";
+  if (all(LayerActivations::offload)) return " offload";
+  std::string key = " activations=";
+  for (LayerActivations a : activations) key += layer_activations_name(a)[0];
   return key;
 }
 }  // namespace
@@ -206,10 +217,11 @@ Tensor LlamaDecoderLayer::operator()(const Tensor& x, int64_t start, KVCache::La
   }).at(0);
 }
 
-Tensor LlamaModel::operator()(const Tensor& ids, int64_t start, KVCache* cache, const std::vector<bool>& checkpoint) {
-  if (!has_forward_hooks()) return forward(ids, start, cache, checkpoint);
-  return call_forward({ids}, call_key(start, cache) + checkpoint_key(checkpoint), [&](const std::vector<Tensor>& in) {
-    return std::vector<Tensor>{forward(in.at(0), start, cache, checkpoint)};
+Tensor LlamaModel::operator()(const Tensor& ids, int64_t start, KVCache* cache,
+                              const std::vector<LayerActivations>& activations) {
+  if (!has_forward_hooks()) return forward(ids, start, cache, activations);
+  return call_forward({ids}, call_key(start, cache) + activations_key(activations), [&](const std::vector<Tensor>& in) {
+    return std::vector<Tensor>{forward(in.at(0), start, cache, activations)};
   }).at(0);
 }
 
@@ -234,14 +246,14 @@ Llama::Llama(const LlamaConfig& config, const LlamaOptions& options, const Weigh
 }
 
 void Llama::set_checkpoint_activations(bool on) {
-  checkpoint_.assign(static_cast<size_t>(config_.num_hidden_layers), on);
+  activations_.assign(static_cast<size_t>(config_.num_hidden_layers), on ? LayerActivations::checkpoint : LayerActivations::keep);
 }
 
-void Llama::set_checkpoint_layers(std::vector<bool> per_layer) {
+void Llama::set_layer_activations(std::vector<LayerActivations> per_layer) {
   KILN_CHECK(static_cast<int64_t>(per_layer.size()) == config_.num_hidden_layers, "Llama",
-             "set_checkpoint_layers expected one entry per decoder layer ({}), found {}", config_.num_hidden_layers,
+             "set_layer_activations expected one entry per decoder layer ({}), found {}", config_.num_hidden_layers,
              per_layer.size());
-  checkpoint_ = std::move(per_layer);
+  activations_ = std::move(per_layer);
 }
 
 void Llama::set_loss_memory_budget(size_t bytes) {
@@ -250,7 +262,7 @@ void Llama::set_loss_memory_budget(size_t bytes) {
 }
 
 Tensor Llama::forward(const Tensor& ids, int64_t start, KVCache* cache) {
-  return model()(ids, start, cache, is_training() ? checkpoint_ : std::vector<bool>{});
+  return model()(ids, start, cache, is_training() ? activations_ : std::vector<LayerActivations>{});
 }
 
 Tensor Llama::operator()(const Tensor& ids, int64_t start, KVCache* cache) {

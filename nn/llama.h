@@ -87,12 +87,20 @@ class LlamaDecoderLayer : public Module {
   Tensor operator()(const Tensor& x, int64_t start = 0, KVCache::Layer* cache = nullptr);  // through the hooks
 };
 
+// What a decoder layer keeps for backward when it trains (Llama::set_layer_activations).
+enum class LayerActivations : uint8_t {
+  keep,        // every tensor its backward uses
+  checkpoint,  // only its input; its forward runs again in backward
+  offload,     // checkpointed, its input waiting in pinned host memory (autograd::CheckpointOptions)
+};
+const char* layer_activations_name(LayerActivations a);  // "keep", "checkpoint", "offload"
+
 struct LlamaOptions {
   DType dtype = DType::f32;   // parameters and activations
   Device device = kCPU;
   uint64_t seed = 0;          // random init: N(0, 0.02) linears/embedding as HF initialises
   bool random_init = true;    // false: parameters start at zero (to be loaded by the caller)
-  bool checkpoint_activations = false;  // every decoder layer (Llama::set_checkpoint_layers: a per-layer choice)
+  bool checkpoint_activations = false;  // every decoder layer (Llama::set_layer_activations: a per-layer choice)
   // Called after each decoder layer is built (and filled from `source` when loading), before the
   // next one: quantising here keeps the peak near one layer's size (QLoRA's NF4 base).
   std::function<void(const std::string& prefix, LlamaDecoderLayer& layer)> on_layer_built;
@@ -110,10 +118,11 @@ class LlamaModel : public Module {
  public:
   LlamaModel(const LlamaConfig& c, const LlamaOptions& o, const WeightSource* source);
   std::string type_name() const override { return "LlamaModel"; }
-  // (B, T) -> (B, T, hidden). `checkpoint`: one entry per decoder layer (true: checkpointed when
-  // grad mode is on and there is no cache), or empty for none.
-  Tensor forward(const Tensor& ids, int64_t start, KVCache* cache, const std::vector<bool>& checkpoint);
-  Tensor operator()(const Tensor& ids, int64_t start, KVCache* cache, const std::vector<bool>& checkpoint);  // through the hooks
+  // (B, T) -> (B, T, hidden). `activations`: one entry per decoder layer (checkpoint and offload
+  // apply when grad mode is on and there is no cache), or empty to keep everything.
+  Tensor forward(const Tensor& ids, int64_t start, KVCache* cache, const std::vector<LayerActivations>& activations);
+  Tensor operator()(const Tensor& ids, int64_t start, KVCache* cache,
+                    const std::vector<LayerActivations>& activations);  // through the hooks
   int64_t num_layers() const { return child_as<ModuleList>("layers").size(); }
 };
 
@@ -129,12 +138,13 @@ class Llama : public Module {
 
   const LlamaConfig& config() const { return config_; }
   LlamaModel& model() const { return child_as<LlamaModel>("model"); }
-  // Activation checkpointing in training mode: a checkpointed decoder layer keeps only its input for
-  // backward and runs its forward again there. set_checkpoint_activations: every layer or none;
-  // set_checkpoint_layers: one entry per decoder layer (true: checkpointed).
+  // What each decoder layer keeps for backward in training mode (LayerActivations): a checkpointed
+  // layer keeps only its input and runs its forward again in backward; an offloaded one keeps that
+  // input in host memory. set_checkpoint_activations: every layer checkpointed, or every layer kept;
+  // set_layer_activations: one entry per decoder layer.
   void set_checkpoint_activations(bool on);
-  void set_checkpoint_layers(std::vector<bool> per_layer);
-  const std::vector<bool>& checkpoint_layers() const { return checkpoint_; }
+  void set_layer_activations(std::vector<LayerActivations> per_layer);
+  const std::vector<LayerActivations>& layer_activations() const { return activations_; }
   // ChunkedLossOptions::memory_budget_bytes of chunked_loss (default 2 GiB): it sets the chunk size
   // (nn::chunked_loss_chunk_size; the built-in cross-entropy takes V * itemsize bytes per token).
   void set_loss_memory_budget(size_t bytes);
@@ -159,7 +169,7 @@ class Llama : public Module {
  private:
   LlamaConfig config_;
   LlamaOptions options_;
-  std::vector<bool> checkpoint_;  // per decoder layer
+  std::vector<LayerActivations> activations_;  // per decoder layer
   size_t loss_memory_budget_ = ChunkedLossOptions{}.memory_budget_bytes;
 };
 

@@ -97,21 +97,24 @@ struct StepModel {
   size_t logit_bytes = 0;  // one token's logits (the fused cross-entropy's gradient is written over them)
   LayerMemory m;
 
-  // `checkpointed`: the lowest layers checkpointed. The peak is the largest of the moments below:
-  // what is alive then, from the embeddings up.
-  Prediction predict(int64_t checkpointed, int64_t chunk) const {
+  // The lowest `checkpointed` layers checkpointed (`offload`: their inputs offloaded to host memory).
+  // The peak is the largest of the moments below: what is alive then, from the embeddings up.
+  Prediction predict(int64_t checkpointed, int64_t chunk, bool offload = false) const {
     auto block = [&](int64_t i) -> const BlockMemory& { return i < checkpointed ? m.checkpointed : m.kept; };
+    auto offloaded = [&](int64_t i) { return offload && i >= 0 && i < checkpointed; };
     auto name = [&](int64_t i, const char* what) {
-      return fmt::format("layer {}'s {}{}", i, what, i < checkpointed ? " (checkpointed)" : "");
+      return fmt::format("layer {}'s {}{}", i, what, offloaded(i) ? " (offloaded)" : i < checkpointed ? " (checkpointed)" : "");
     };
     std::vector<std::pair<size_t, std::string>> moments;  // (alive then, where)
-    // Forward: the embeddings (the first layer's input), then what each layer keeps.
+    // Forward: the embeddings (the first layer's input), then what each layer keeps. An offloaded
+    // layer's input leaves the device after its forward (the one below's may still be copying).
     size_t below = act_bytes;
-    std::vector<size_t> prefix;  // prefix[i]: kept below layer i
+    std::vector<size_t> prefix;  // prefix[i]: alive below layer i, its input included
     for (int64_t i = 0; i < layers; ++i) {
       prefix.push_back(below);
-      moments.emplace_back(below + block(i).forward_peak.at(tokens), name(i, "forward"));
+      moments.emplace_back(below + block(i).forward_peak.at(tokens) + (offloaded(i - 1) ? act_bytes : 0), name(i, "forward"));
       below += block(i).saved.at(tokens);
+      if (offloaded(i)) below -= act_bytes;
     }
     moments.emplace_back(below + m.norm.forward_peak.at(tokens), "the final norm's forward");
     Prediction p;
@@ -120,10 +123,11 @@ struct StepModel {
     moments.emplace_back(p.activations + act_bytes + static_cast<size_t>(chunk) * (logit_bytes + 16), "the loss head");
     moments.emplace_back(p.activations + act_bytes + m.norm.backward_extra.at(tokens), "the final norm's backward");
     // Backward, top down: the layers above are freed; a layer's own forward leftovers (its output
-    // at least) and the gradient from above (an activation) are alive.
+    // at least), its input (fetched back when offloaded, while the one below's is prefetched) and
+    // the gradient from above (an activation) are alive.
     for (int64_t i = layers - 1; i >= 0; --i)
-      moments.emplace_back(prefix[static_cast<size_t>(i)] + block(i).saved.at(tokens) + act_bytes +
-                               block(i).backward_extra.at(tokens),
+      moments.emplace_back(prefix[static_cast<size_t>(i)] + (offloaded(i) && offloaded(i - 1) ? act_bytes : 0) +
+                               block(i).saved.at(tokens) + act_bytes + block(i).backward_extra.at(tokens),
                            name(i, "backward"));
     const auto& peak = *std::max_element(moments.begin(), moments.end(),
                                          [](const auto& x, const auto& y) { return x.first < y.first; });
@@ -133,16 +137,17 @@ struct StepModel {
   }
 };
 
-std::string layer_ranges(const std::vector<bool>& checkpoint, bool value) {
+// "0-9, 12" for the layers whose choice is `value`, or "none".
+std::string layer_ranges(const std::vector<LayerActivations>& layers, LayerActivations value) {
   std::string out;
-  const int64_t n = static_cast<int64_t>(checkpoint.size());
+  const int64_t n = static_cast<int64_t>(layers.size());
   for (int64_t i = 0; i < n;) {
-    if (checkpoint[static_cast<size_t>(i)] != value) {
+    if (layers[static_cast<size_t>(i)] != value) {
       ++i;
       continue;
     }
     int64_t j = i;
-    while (j + 1 < n && checkpoint[static_cast<size_t>(j + 1)] == value) ++j;
+    while (j + 1 < n && layers[static_cast<size_t>(j + 1)] == value) ++j;
     if (!out.empty()) out += ", ";
     out += i == j ? std::to_string(i) : fmt::format("{}-{}", i, j);
     i = j + 1;
@@ -236,29 +241,50 @@ MemoryPlan plan_memory(Llama& model, const MemoryPlanOptions& options) {
   const int64_t min_chunk = std::min(tokens, kMinLossChunk);
   auto total = [&](const Prediction& p) { return fixed + p.activations + p.extra; };
 
-  // The fewest checkpointed layers that fit with the smallest chunk. Checkpointing more layers
-  // normally lowers the peak, but not always (a checkpointed top layer recomputes at the peak), so
-  // every count is tried.
-  std::vector<size_t> needs;  // needs[k]: the peak with the lowest k layers checkpointed
-  for (int64_t k = 0; k <= layers; ++k) needs.push_back(total(step.predict(k, min_chunk)));
-  int64_t checkpointed = -1, least = layers;
-  for (int64_t k = layers; k >= 0; --k) {
-    if (needs[static_cast<size_t>(k)] < needs[static_cast<size_t>(least)]) least = k;
-    if (needs[static_cast<size_t>(k)] <= plan.budget_bytes) checkpointed = k;
-  }
-  const Prediction all = step.predict(least, min_chunk);
+  // The fewest checkpointed layers that fit with the smallest chunk, without offloading and, on a
+  // GPU with the host memory for it, with every checkpointed layer's input offloaded. Checkpointing
+  // more layers normally lowers the peak, but not always (a checkpointed top layer recomputes at the
+  // peak), so every count is tried. Offloading is chosen only when it keeps more layers whole: its
+  // copies overlap with compute, a recomputed layer costs its forward again.
+  const size_t host_free = device.is_cpu() ? 0 : free_memory(kCPU) / 2;  // at most half of the host's free memory
+  struct Fit {
+    int64_t checkpointed = -1, least = 0;  // fewest that fit (-1: none), the count with the lowest peak
+  };
+  auto fewest = [&](bool offload) {
+    Fit f;
+    f.least = -1;
+    std::vector<size_t> needs;  // needs[k]: the peak with the lowest k layers checkpointed
+    for (int64_t k = 0; k <= layers; ++k) needs.push_back(total(step.predict(k, min_chunk, offload)));
+    for (int64_t k = layers; k >= 0; --k) {
+      if (offload && static_cast<size_t>(k) * step.act_bytes > host_free) continue;
+      if (f.least < 0 || needs[static_cast<size_t>(k)] < needs[static_cast<size_t>(f.least)]) f.least = k;
+      if (needs[static_cast<size_t>(k)] <= plan.budget_bytes) f.checkpointed = k;
+    }
+    return f;
+  };
+  const Fit plain = fewest(false);
+  const bool can_offload = device.is_cuda() && host_free > 0;
+  const Fit off = can_offload ? fewest(true) : plain;
+  const bool offload =
+      can_offload && off.checkpointed >= 0 && (plain.checkpointed < 0 || off.checkpointed < plain.checkpointed);
+  const int64_t checkpointed = offload ? off.checkpointed : plain.checkpointed;
+  const bool least_offloaded = can_offload && total(step.predict(off.least, min_chunk, true)) <
+                                                  total(step.predict(plain.least, min_chunk, false));
+  const Prediction all = least_offloaded ? step.predict(off.least, min_chunk, true) : step.predict(plain.least, min_chunk);
   plan.minimum_budget_bytes = total(all);
   if (checkpointed < 0) {
     KILN_FAIL(kOp,
-              "a training step on batches of {} x {} tokens needs at least {} ({} of {} decoder layers checkpointed, "
+              "a training step on batches of {} x {} tokens needs at least {} ({} of {} decoder layers checkpointed{}, "
               "loss chunks of {} tokens): {} of model and other tensors, {} of gradients, {} of optimizer state, {} of "
               "activations, {} more at {}; the budget is {}. Lower the sequence length or the batch size (raise "
               "gradient accumulation to keep the tokens per step), train LoRA adapters on an NF4 base, or give a "
               "larger budget",
-              b, t, format_bytes(static_cast<double>(plan.minimum_budget_bytes)), least, layers, min_chunk,
-              format_bytes(static_cast<double>(plan.static_bytes)), format_bytes(static_cast<double>(plan.gradient_bytes)),
-              format_bytes(static_cast<double>(plan.optimizer_bytes)), format_bytes(static_cast<double>(all.activations)),
-              format_bytes(static_cast<double>(all.extra)), all.at, format_bytes(static_cast<double>(plan.budget_bytes)));
+              b, t, format_bytes(static_cast<double>(plan.minimum_budget_bytes)),
+              least_offloaded ? off.least : plain.least, layers, least_offloaded ? " with their inputs in host memory" : "",
+              min_chunk, format_bytes(static_cast<double>(plan.static_bytes)),
+              format_bytes(static_cast<double>(plan.gradient_bytes)), format_bytes(static_cast<double>(plan.optimizer_bytes)),
+              format_bytes(static_cast<double>(all.activations)), format_bytes(static_cast<double>(all.extra)), all.at,
+              format_bytes(static_cast<double>(plan.budget_bytes)));
   }
 
   // The largest chunk that fits, up to the default loss budget; loss_chunk is what the head will use.
@@ -269,14 +295,16 @@ MemoryPlan plan_memory(Llama& model, const MemoryPlanOptions& options) {
   };
   while (lo < hi) {  // the largest loss budget whose chunk fits
     const size_t mid = lo + (hi - lo + 1) / 2;
-    if (total(step.predict(checkpointed, chunk_of(mid))) <= plan.budget_bytes) lo = mid;
+    if (total(step.predict(checkpointed, chunk_of(mid), offload)) <= plan.budget_bytes) lo = mid;
     else hi = mid - 1;
   }
   plan.loss_memory_budget = lo;
   plan.loss_chunk = chunk_of(lo);  // as chunked_linear_loss will choose it
-  plan.checkpoint_layers.assign(static_cast<size_t>(layers), false);
-  for (int64_t i = 0; i < checkpointed; ++i) plan.checkpoint_layers[static_cast<size_t>(i)] = true;
-  const Prediction chosen = step.predict(checkpointed, plan.loss_chunk);
+  plan.layer_activations.assign(static_cast<size_t>(layers), LayerActivations::keep);
+  for (int64_t i = 0; i < checkpointed; ++i)
+    plan.layer_activations[static_cast<size_t>(i)] = offload ? LayerActivations::offload : LayerActivations::checkpoint;
+  plan.host_bytes = offload ? static_cast<size_t>(checkpointed) * step.act_bytes : 0;
+  const Prediction chosen = step.predict(checkpointed, plan.loss_chunk, offload);
   plan.activation_bytes = chosen.activations;
   plan.peak_extra_bytes = chosen.extra;
   plan.peak_at = chosen.at;
@@ -285,17 +313,23 @@ MemoryPlan plan_memory(Llama& model, const MemoryPlanOptions& options) {
 }
 
 int64_t MemoryPlan::num_checkpointed() const {
-  return static_cast<int64_t>(std::count(checkpoint_layers.begin(), checkpoint_layers.end(), true));
+  return static_cast<int64_t>(layer_activations.size()) -
+         std::count(layer_activations.begin(), layer_activations.end(), LayerActivations::keep);
 }
 
 std::string MemoryPlan::describe() const {
   auto f = [](size_t v) { return format_bytes(static_cast<double>(v)); };
-  const int64_t n = static_cast<int64_t>(checkpoint_layers.size()), ck = num_checkpointed();
+  const int64_t n = static_cast<int64_t>(layer_activations.size()), ck = num_checkpointed();
+  const auto offloaded = std::count(layer_activations.begin(), layer_activations.end(), LayerActivations::offload);
   std::string s = fmt::format("memory plan for batches of {} x {} tokens on {}, budget {}:\n", batch_size, seq_len,
                               device.str(), f(budget_bytes));
-  s += fmt::format("  decoder layers: {} of {} kept whole ({}), {} checkpointed ({})\n", n - ck, n,
-                   layer_ranges(checkpoint_layers, false), ck, layer_ranges(checkpoint_layers, true));
-  s += fmt::format("  loss head: chunks of {} tokens\n", loss_chunk);
+  s += fmt::format("  decoder layers: {} of {} kept whole ({}), {} checkpointed ({})", n - ck, n,
+                   layer_ranges(layer_activations, LayerActivations::keep), ck - offloaded,
+                   layer_ranges(layer_activations, LayerActivations::checkpoint));
+  if (offloaded > 0)
+    s += fmt::format(", {} checkpointed with their inputs in pinned host memory ({}; {})", offloaded,
+                     layer_ranges(layer_activations, LayerActivations::offload), f(host_bytes));
+  s += fmt::format("\n  loss head: chunks of {} tokens\n", loss_chunk);
   s += fmt::format("  predicted peak {} at {}: model and other tensors {} + gradients {} + optimizer state {} + batch {} "
                    "+ activations {} + {} at the peak\n",
                    f(predicted_peak_bytes), peak_at, f(static_bytes), f(gradient_bytes), f(optimizer_bytes),
@@ -307,7 +341,7 @@ std::string MemoryPlan::describe() const {
 }
 
 void MemoryPlan::apply(Llama& model) const {
-  model.set_checkpoint_layers(checkpoint_layers);
+  model.set_layer_activations(layer_activations);
   model.set_loss_memory_budget(loss_memory_budget);
 }
 

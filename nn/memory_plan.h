@@ -1,7 +1,7 @@
 // The memory-budget planner (issue 15): for a Llama about to train on (B, T) batches it measures
 // what one decoder layer keeps for backward and needs while it runs, on the device, and chooses
-// which layers to checkpoint and the loss head's chunk size: the fastest plan whose predicted peak
-// fits a budget in bytes. plan_memory() measures and chooses; MemoryPlan::apply() sets the model.
+// which layers to checkpoint (and whether their inputs wait in host memory) and the loss head's
+// chunk size: the fastest plan whose predicted peak fits a budget in bytes. plan_memory() measures and chooses; MemoryPlan::apply() sets the model.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -55,9 +55,11 @@ struct MemoryPlan {
   Device device;
   int64_t batch_size = 0, seq_len = 0;
   size_t budget_bytes = 0;
-  // Per decoder layer, true: checkpointed (only its input is kept; its forward runs again in
-  // backward). The lowest layers are checkpointed first: the top ones' activations are used first.
-  std::vector<bool> checkpoint_layers;
+  // Per decoder layer: kept whole, checkpointed (only its input is kept; its forward runs again in
+  // backward) or offloaded (checkpointed, the input in pinned host memory: chosen on a GPU only
+  // when it keeps more layers whole). The lowest layers are checkpointed first: the top ones'
+  // activations are used first.
+  std::vector<LayerActivations> layer_activations;
   int64_t loss_chunk = 0;            // tokens per chunk of the loss head
   size_t loss_memory_budget = 0;     // Llama::set_loss_memory_budget value giving loss_chunk
 
@@ -73,13 +75,14 @@ struct MemoryPlan {
   size_t minimum_budget_bytes = 0;  // the least any plan needs (normally every layer checkpointed, the
                                     // smallest loss chunk)
   size_t layer_input_bytes = 0;     // one (B, T, hidden) activation: what a checkpointed layer keeps
+  size_t host_bytes = 0;            // pinned host memory the offloaded inputs take
   LayerMemory layer;                // the probe's measurements
 
-  int64_t num_checkpointed() const;
+  int64_t num_checkpointed() const;  // offloaded layers included
   // A few lines for a person: the budget, the layers checkpointed, the chunk, the predicted peak
   // and its parts.
   std::string describe() const;
-  // Sets the model's per-layer checkpointing and loss head budget to this plan.
+  // Sets the model's per-layer activations and loss head budget to this plan.
   void apply(Llama& model) const;
 };
 

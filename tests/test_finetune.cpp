@@ -313,5 +313,11 @@ TEST_CASE("finetune: --memory-budget plans the checkpoints and the loss chunk, p
   unchunked.chunked_head = false;
   unchunked.memory_budget = 1;
   REQUIRE_THROWS_WITH(unchunked.validate(), ContainsSubstring("--memory-budget plans for the chunked loss head"));
+  // --offload goes with --checkpointing, and only where a GPU holds the activations
+  app::FinetuneConfig off = tiny_run(root, "offload");
+  off.offload = true;
+  REQUIRE_THROWS_WITH(off.validate(), ContainsSubstring("add --checkpointing"));
+  off.checkpointing = true;
+  REQUIRE_THROWS_WITH(app::FinetuneJob(off), ContainsSubstring("--offload keeps activations in host memory"));
   fs::remove_all(root);
 }

@@ -140,7 +140,7 @@ void check_budgets(const ModelFactory& make, int64_t batch, int64_t seq) {
                 "predicted %.2f MiB at %s, actual %.2f MiB (%+.1f%%)\n",
                 r.plan.device.str().c_str(), static_cast<long long>(batch), static_cast<long long>(seq),
                 static_cast<double>(budget) / kMiB, static_cast<long long>(r.plan.num_checkpointed()),
-                r.plan.checkpoint_layers.size(), static_cast<long long>(r.plan.loss_chunk), predicted / kMiB,
+                r.plan.layer_activations.size(), static_cast<long long>(r.plan.loss_chunk), predicted / kMiB,
                 r.plan.peak_at.c_str(), actual / kMiB, 100.0 * (actual - predicted) / predicted);
     if (r.plan.device.is_cuda()) std::printf("%s\n", r.plan.describe().c_str());
     INFO(r.plan.describe());
@@ -221,33 +221,37 @@ TEST_CASE("Llama: per-layer checkpointing gives the loss and gradients of none a
   Generator gen(12);
   const Tensor ids_ok = randint(0, 41, {2, 24}, DType::i64, kCPU, &gen);   // (2, 24)
   const Tensor targets = randint(0, 41, {2, 24}, DType::i64, kCPU, &gen);  // (2, 24)
-  REQUIRE(m.checkpoint_layers() == std::vector<bool>(4, false));
+  using A = nn::LayerActivations;
+  REQUIRE(m.layer_activations() == std::vector<A>(4, A::keep));
   const Step none = loss_and_grads(m, ids_ok, targets);
   m.set_checkpoint_activations(true);
-  REQUIRE(m.checkpoint_layers() == std::vector<bool>(4, true));
+  REQUIRE(m.layer_activations() == std::vector<A>(4, A::checkpoint));
   const Step all = loss_and_grads(m, ids_ok, targets);
-  m.set_checkpoint_layers({true, false, true, false});
+  m.set_layer_activations({A::checkpoint, A::keep, A::checkpoint, A::keep});
   const Step some = loss_and_grads(m, ids_ok, targets);
-  for (const Step* s : {&all, &some}) {
+  // Offloaded on the CPU: the input is already in host memory and is kept as it is.
+  m.set_layer_activations({A::offload, A::offload, A::keep, A::checkpoint});
+  const Step offloaded = loss_and_grads(m, ids_ok, targets);
+  for (const Step* s : {&all, &some, &offloaded}) {
     CHECK(std::abs(s->loss - none.loss) <= 1e-6 * std::abs(none.loss));
     REQUIRE(s->grads.size() == none.grads.size());
     for (size_t i = 0; i < none.grads.size(); ++i) test::require_close(s->grads[i], none.grads[i], 1e-6, 1e-7);
   }
   // What forward keeps for backward shrinks with every layer checkpointed.
-  auto kept_after_forward = [&](std::vector<bool> checkpoint) {
-    m.set_checkpoint_layers(std::move(checkpoint));
+  auto kept_after_forward = [&](std::vector<A> activations) {
+    m.set_layer_activations(std::move(activations));
     const size_t before = memory_usage(kCPU).allocated;
     Tensor h = m(ids_ok);
     return memory_usage(kCPU).allocated - before;
   };
-  const size_t k0 = kept_after_forward({false, false, false, false});
-  const size_t k2 = kept_after_forward({true, true, false, false});
-  const size_t k4 = kept_after_forward({true, true, true, true});
+  const size_t k0 = kept_after_forward({A::keep, A::keep, A::keep, A::keep});
+  const size_t k2 = kept_after_forward({A::checkpoint, A::checkpoint, A::keep, A::keep});
+  const size_t k4 = kept_after_forward({A::checkpoint, A::checkpoint, A::checkpoint, A::checkpoint});
   CHECK(k0 > k2);
   CHECK(k2 > k4);
   CHECK(k0 - k2 == (k2 - k4));  // two layers' saved tensors less their outputs each time
   // Eval mode never checkpoints; a wrong-sized choice is an error.
-  CHECK_THROWS_WITH(m.set_checkpoint_layers({true}), ContainsSubstring("one entry per decoder layer (4), found 1"));
+  CHECK_THROWS_WITH(m.set_layer_activations({A::checkpoint}), ContainsSubstring("one entry per decoder layer (4), found 1"));
 }
 
 TEST_CASE("Llama: the loss head's memory budget sets the chunk and not the loss", "[memory_plan][llama]") {
@@ -308,7 +312,7 @@ TEST_CASE("memory plan: the parts of a plan and its description; the error below
   CHECK_THAT(text, ContainsSubstring("chunks of 128 tokens"));
   CHECK_THAT(text, ContainsSubstring("predicted peak"));
   plan.apply(*model);
-  CHECK(model->checkpoint_layers() == plan.checkpoint_layers);
+  CHECK(model->layer_activations() == plan.layer_activations);
   CHECK(model->loss_memory_budget() == plan.loss_memory_budget);
 
   mo.budget_bytes = plan.minimum_budget_bytes - 1;
@@ -344,7 +348,7 @@ TEST_CASE("trainer: memory_budget needs a Llama trained with the default loss", 
   CHECK(planned.memory_plan()->num_checkpointed() == 0);
   CHECK(planned.memory_plan()->optimizer_bytes == opt.pending_state_bytes());
   CHECK(opt.pending_state_bytes() == 2 * 4 * static_cast<size_t>(numel_of(model->named_trainable_parameters())));
-  CHECK(model->checkpoint_layers() == planned.memory_plan()->checkpoint_layers);
+  CHECK(model->layer_activations() == planned.memory_plan()->layer_activations);
   CHECK(model->loss_memory_budget() == planned.memory_plan()->loss_memory_budget);
   REQUIRE(planned.train_step().has_value());
   CHECK(opt.pending_state_bytes() == 0);  // the first step allocated it
@@ -364,3 +368,93 @@ TEST_CASE("memory plan: QLoRA Llamas at several budgets on the GPU: the plan and
   }
 }
 
+
+TEST_CASE("Llama: offloaded layers on the GPU give the checkpointed loss and gradients and keep their inputs on the host",
+          "[memory_plan][llama][cuda]") {
+  if (!cuda::is_available()) SKIP("no CUDA device");
+  const Device gpu("cuda:0");
+  using A = nn::LayerActivations;
+  nn::LlamaOptions lo;
+  lo.seed = 21;
+  lo.device = gpu;
+  nn::Llama m(test::tiny_llama_config(6), lo);
+  m.train();
+  Generator gen(22);
+  const Tensor ids = randint(0, 41, {2, 96}, DType::i64, kCPU, &gen).to(gpu);      // (2, 96)
+  const Tensor targets = randint(0, 41, {2, 96}, DType::i64, kCPU, &gen).to(gpu);  // (2, 96)
+  m.set_checkpoint_activations(true);
+  const Step checkpointed = loss_and_grads(m, ids, targets);
+  const std::vector<A> mixed = {A::offload, A::offload, A::offload, A::checkpoint, A::offload, A::keep};
+  m.set_layer_activations(mixed);
+  for (int round = 0; round < 2; ++round) {  // the second reuses the cached pinned blocks
+    const Step offloaded = loss_and_grads(m, ids, targets);
+    CHECK(std::abs(offloaded.loss - checkpointed.loss) <= 1e-6 * std::abs(checkpointed.loss));
+    for (size_t i = 0; i < checkpointed.grads.size(); ++i)
+      test::require_close(offloaded.grads[i], checkpointed.grads[i], 1e-5, 1e-6);  // atomics in the embedding's backward
+  }
+  CHECK(cuda::pinned_host_bytes() > 0);
+  const size_t pinned = cuda::pinned_host_bytes();
+  // After forward the device holds four layer inputs less (each a (2, 96, hidden) f32 activation).
+  auto kept_after_forward = [&](std::vector<A> activations) {
+    m.set_layer_activations(std::move(activations));
+    cuda::synchronize();
+    const size_t before = memory_usage(gpu).allocated;
+    Tensor h = m(ids);
+    cuda::synchronize();  // offloaded inputs' blocks return once their copies are done
+    return memory_usage(gpu).allocated - before;
+  };
+  const size_t act = 2 * 96 * static_cast<size_t>(m.config().hidden_size) * 4;
+  const size_t all_checkpointed = kept_after_forward(std::vector<A>(6, A::checkpoint));
+  const size_t with_offload = kept_after_forward(mixed);
+  const size_t kept_layer = kept_after_forward(std::vector<A>(6, A::keep));
+  INFO("kept after forward: checkpointed " << all_checkpointed << ", offloaded " << with_offload << ", kept " << kept_layer);
+  CHECK(all_checkpointed >= with_offload + 4 * act - kMiB);  // block rounding
+  CHECK(with_offload < all_checkpointed);
+  CHECK(cuda::pinned_host_bytes() == pinned);  // no new pinned memory: the cache served it
+  // A second backward through an offloaded layer is refused: its inputs went back to the device.
+  m.set_layer_activations(mixed);
+  Tensor loss = m.chunked_loss(m(ids), targets);
+  loss.backward({}, /*retain_graph=*/true);
+  CHECK_THROWS_WITH(loss.backward(), ContainsSubstring("backward ran twice"));
+}
+
+TEST_CASE("memory plan: below the least that checkpointing alone fits, the GPU plan offloads and the real peak fits",
+          "[memory_plan][cuda]") {
+  if (!cuda::is_available()) SKIP("no CUDA device");
+  const Device gpu("cuda:0");
+  nn::LlamaConfig c = nn::LlamaConfig::named("tiny");
+  c.num_hidden_layers = 8;
+  auto make = [&] { return qlora(c, gpu, DType::bf16); };
+  const int64_t batch = 2, seq = 1024;
+  size_t plain_minimum = 0;
+  {
+    auto model = make();
+    nn::MemoryPlanOptions mo;
+    mo.batch_size = batch;
+    mo.seq_len = seq;
+    mo.budget_bytes = size_t{1} << 50;
+    plain_minimum = nn::plan_memory(*model, mo).minimum_budget_bytes;
+    // The least of all plans offloads: it is below what every layer checkpointed on the device needs.
+    mo.budget_bytes = plain_minimum;
+    const nn::MemoryPlan at_minimum = nn::plan_memory(*model, mo);
+    INFO(at_minimum.describe());
+    CHECK(at_minimum.host_bytes > 0);
+    CHECK(at_minimum.predicted_peak_bytes <= plain_minimum);
+  }
+  // The smallest budget that fits: every checkpointed layer offloaded, the real peak within it.
+  auto model = make();
+  nn::MemoryPlanOptions mo;
+  mo.batch_size = batch;
+  mo.seq_len = seq;
+  mo.budget_bytes = size_t{1} << 50;
+  const size_t minimum = nn::plan_memory(*model, mo).minimum_budget_bytes;
+  const BudgetRun r = train_within(make, minimum, batch, seq);
+  INFO(r.plan.describe());
+  std::printf("%s\nactual peak %.2f MiB\n", r.plan.describe().c_str(), static_cast<double>(r.actual_peak) / kMiB);
+  CHECK(std::count(r.plan.layer_activations.begin(), r.plan.layer_activations.end(), nn::LayerActivations::offload) > 0);
+  CHECK(r.plan.host_bytes == static_cast<size_t>(r.plan.num_checkpointed()) * r.plan.layer_input_bytes);
+  CHECK(r.actual_peak <= minimum);
+  const double predicted = static_cast<double>(r.plan.predicted_peak_bytes), actual = static_cast<double>(r.actual_peak);
+  CHECK(std::abs(actual - predicted) <= 0.15 * predicted);
+  CHECK(minimum < plain_minimum);
+}

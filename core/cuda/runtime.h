@@ -109,6 +109,15 @@ void empty_cache();
 // memory not from the caching allocator is ignored.
 void record_stream(const Storage& storage, const Stream& s);
 
+// Page-locked host memory for asynchronous copies, from a cache (pinned.cpp): a CPU Storage of
+// nbytes whose every copy is queued on `s`. When the storage is freed, an event on `s` fences the
+// block, and the cache hands it out again only after that event has completed.
+Storage pinned_host_storage(size_t nbytes, const Stream& s);
+size_t pinned_host_bytes();  // page-locked bytes the cache holds (handed out and free)
+// Queues a copy of nbytes between host and device memory (either direction, as the pointers say)
+// on `s` and returns at once; with pageable host memory the driver may stage it synchronously.
+void memcpy_async(void* dst, const void* src, size_t nbytes, const Stream& s);
+
 // The allocator registered for DeviceType::cuda (kiln::get_allocator returns it).
 Allocator* caching_allocator();
 

@@ -41,6 +41,9 @@ void reset_peak_memory_stats(int) { no_cuda(); }
 void empty_cache() { no_cuda(); }
 void record_stream(const Storage&, const Stream&) { no_cuda(); }
 Allocator* caching_allocator() { no_cuda(); }
+Storage pinned_host_storage(size_t, const Stream&) { no_cuda(); }
+size_t pinned_host_bytes() { return 0; }
+void memcpy_async(void*, const void*, size_t, const Stream&) { no_cuda(); }
 
 void set_allow_tf32(bool) { no_cuda(); }
 bool allow_tf32() { return false; }

@@ -135,6 +135,9 @@ class AdapterBaseCallback final : public train::Callback {
 FinetuneJob::FinetuneJob(const FinetuneConfig& c, RunWorld world)
     : config_(c), world_(std::move(world)), device_(world_.group ? world_.device : resolve_device(c.device)) {
   c.validate();
+  KILN_CHECK(!c.offload || device_.is_cuda(), "finetune",
+             "--offload keeps activations in host memory instead of a GPU's; on {} they are there already: drop it",
+             device_.str());
   model_dir_ = c.base_model_dir();
   if (c.shard && !world_.group) world_.group = dist::make_local_groups(1)[0];  // fully_shard over a world of one
   const bool lead = world_.rank() == 0;
@@ -182,7 +185,9 @@ FinetuneJob::FinetuneJob(const FinetuneConfig& c, RunWorld world)
   } else {
     nn::apply_lora(*model_, lora_, c.seed + 1);
   }
-  model_->set_checkpoint_activations(c.checkpointing);
+  model_->set_layer_activations(std::vector<nn::LayerActivations>(
+      static_cast<size_t>(model_->config().num_hidden_layers),
+      c.offload ? nn::LayerActivations::offload : c.checkpointing ? nn::LayerActivations::checkpoint : nn::LayerActivations::keep));
   model_->train();
   if (c.shard) shards_ = dist::shard_llama(*model_, world_.group);  // each decoder layer, then the root
 

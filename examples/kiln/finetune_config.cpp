@@ -61,6 +61,8 @@ const std::vector<Field>& fields() {
       {"skip_nonfinite_steps", "skip (and count) steps whose loss or gradients are NaN/inf instead of stopping", &C::skip_nonfinite_steps, false},
       {"seed", "seed of weights, adapters, data order and dropout", &C::seed, true},
       {"checkpointing", "activation checkpointing of every decoder block (no memory plan)", &C::checkpointing, false},
+      {"offload", "with --checkpointing on a GPU: each block's input waits in pinned host memory, its copies "
+                  "overlapped with compute", &C::offload, false},
       {"memory_budget", "GiB a step may use at its peak: kiln plans which blocks to checkpoint and the loss chunk "
                         "(0: the device's free memory less a margin; default: that plan unless --checkpointing, "
                         "several ranks or --chunked-head false)", &C::memory_budget, false},
@@ -281,6 +283,9 @@ bool FinetuneConfig::plans_memory(int world_size) const {
 }
 
 void FinetuneConfig::validate() const {
+  KILN_CHECK(!offload || checkpointing, "finetune",
+             "--offload moves checkpointed blocks' inputs to host memory: add --checkpointing (or let --memory-budget "
+             "choose, without --offload)");
   KILN_CHECK(memory_budget < 0 || chunked_head, "finetune",
              "--memory-budget plans for the chunked loss head: drop --chunked-head false or --memory-budget");
   KILN_CHECK(base == "nf4" || base == "bf16", "finetune", "--base must be nf4 or bf16, found '{}'", base);
