@@ -5,19 +5,82 @@
 #include "autograd/engine.h"
 #include "autograd/function.h"
 #include "autograd/grad_mode.h"
+#include "core/dispatch.h"
 #include "core/offload.h"
 #include "core/random.h"
 
 namespace kiln::autograd {
 namespace {
 
+// One op's outputs kept by the first forward for the recompute, with what identifies the op.
+struct SavedOp {
+  PrimitivePtr op;
+  std::vector<TensorMeta> inputs;
+  std::vector<Tensor> outputs;                                   // on the device, or
+  std::vector<std::unique_ptr<OffloadedTensor>> offloaded;       // in host memory
+};
+
+std::vector<TensorMeta> metas_of(const std::vector<Tensor>& ts) {
+  std::vector<TensorMeta> m;
+  for (const Tensor& t : ts) m.push_back({t.shape(), t.dtype(), t.device()});
+  return m;
+}
+
+bool same_op(const SavedOp& s, const Primitive& op, const std::vector<Tensor>& inputs) {
+  if (!s.op->equals(op) || s.inputs.size() != inputs.size()) return false;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const TensorMeta& m = s.inputs[i];
+    if (m.shape != inputs[i].shape() || m.dtype != inputs[i].dtype() || m.device != inputs[i].device()) return false;
+  }
+  return true;
+}
+
+// The first forward: keeps the outputs of the ops `save` picks.
+class SaveOutputs final : public DispatchHandler {
+ public:
+  SaveOutputs(const std::function<bool(const Primitive&)>& save, std::vector<SavedOp>& out) : save_(save), out_(out) {}
+  std::vector<Tensor> run(const PrimitivePtr& op, const std::vector<Tensor>& inputs) override {
+    std::vector<Tensor> outs = dispatch_next(op, inputs);
+    if (!op->is_view() && save_(*op)) out_.push_back({op, metas_of(inputs), outs, {}});
+    return outs;
+  }
+
+ private:
+  const std::function<bool(const Primitive&)>& save_;
+  std::vector<SavedOp>& out_;
+};
+
+// The recompute: the next saved op, when it is this one, gives its outputs instead of a kernel.
+// Once the recompute departs from the first forward, every later op runs.
+class ReuseOutputs final : public DispatchHandler {
+ public:
+  explicit ReuseOutputs(std::vector<SavedOp>& saved) : saved_(saved) {}
+  std::vector<Tensor> run(const PrimitivePtr& op, const std::vector<Tensor>& inputs) override {
+    // (A second backward, with retain_graph, finds the outputs taken: the ops run again.)
+    if (next_ < saved_.size() && !op->is_view() && !saved_[next_].outputs.empty() && same_op(saved_[next_], *op, inputs)) {
+      std::vector<Tensor> outs = std::move(saved_[next_].outputs);
+      ++next_;
+      return outs;
+    }
+    return dispatch_next(op, inputs);
+  }
+
+ private:
+  std::vector<SavedOp>& saved_;
+  size_t next_ = 0;
+};
+
 // An offloaded checkpoint's inputs, linked to the one made before it in forward.
 struct Offloaded {
   std::vector<std::unique_ptr<OffloadedTensor>> inputs;
+  std::vector<SavedOp>* saved = nullptr;  // the checkpoint's saved ops (their outputs offloaded too)
   std::weak_ptr<Offloaded> previous;
   bool fetched = false;
   void prefetch() {
     for (auto& t : inputs) t->prefetch();
+    if (saved)
+      for (SavedOp& s : *saved)
+        for (auto& t : s.offloaded) t->prefetch();
   }
 };
 // The offloaded checkpoint this thread made last (what the next one links to).
@@ -31,16 +94,30 @@ class Checkpoint final : public Function {
   std::vector<Tensor> forward(const std::vector<Tensor>& inputs) override {
     rng_ = default_generator().state();
     for (const Tensor& t : inputs) requires_.push_back(t.requires_grad());
-    if (!options_.offload) {
+    if (options_.offload) {
+      // The copies down are queued first, so they overlap with fn's own kernels.
+      offloaded_ = std::make_shared<Offloaded>();
+      for (const Tensor& t : inputs) offloaded_->inputs.push_back(std::make_unique<OffloadedTensor>(t));
+      offloaded_->saved = &saved_ops_;
+      offloaded_->previous = last_offloaded;
+      last_offloaded = offloaded_;
+    } else {
       save_for_backward(inputs);
-      return fn_(inputs);
     }
-    // The copies down are queued first, so they overlap with fn's own kernels.
-    offloaded_ = std::make_shared<Offloaded>();
-    for (const Tensor& t : inputs) offloaded_->inputs.push_back(std::make_unique<OffloadedTensor>(t));
-    offloaded_->previous = last_offloaded;
-    last_offloaded = offloaded_;
-    return fn_(inputs);
+    if (!options_.save) return fn_(inputs);
+    std::vector<Tensor> outs;
+    {
+      SaveOutputs handler(options_.save, saved_ops_);
+      HandlerScope scope(&handler);
+      outs = fn_(inputs);
+    }
+    if (options_.offload) {
+      for (SavedOp& s : saved_ops_) {
+        for (const Tensor& t : s.outputs) s.offloaded.push_back(std::make_unique<OffloadedTensor>(t));
+        s.outputs.clear();
+      }
+    }
+    return outs;
   }
 
   std::vector<Tensor> backward(const std::vector<Tensor>& grad_outputs) override {
@@ -50,6 +127,10 @@ class Checkpoint final : public Function {
                  "an offloaded checkpoint's backward ran twice: the first released its inputs");
       for (auto& t : offloaded_->inputs) inputs.push_back(t->fetch());
       offloaded_->inputs.clear();
+      for (SavedOp& s : saved_ops_) {
+        for (auto& t : s.offloaded) s.outputs.push_back(t->fetch());
+        s.offloaded.clear();
+      }
       offloaded_->fetched = true;
       if (auto previous = offloaded_->previous.lock()) previous->prefetch();
     } else {
@@ -67,6 +148,8 @@ class Checkpoint final : public Function {
       default_generator().set_state(rng_);
       EnableGradGuard grad_on;
       try {
+        ReuseOutputs reuse(saved_ops_);
+        HandlerScope scope(&reuse);
         outs = fn_(leaves);
       } catch (...) {
         default_generator().set_state(now);
@@ -88,6 +171,7 @@ class Checkpoint final : public Function {
   CheckpointFn fn_;
   CheckpointOptions options_;
   std::shared_ptr<Offloaded> offloaded_;  // with options_.offload
+  std::vector<SavedOp> saved_ops_;        // with options_.save
   GeneratorState rng_;
   std::vector<bool> requires_;
 };

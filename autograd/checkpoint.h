@@ -3,14 +3,21 @@
 // by the closure). The default generator's state is restored for the recompute, so dropout inside
 // `fn` draws the same mask twice.
 //
-// With `offload`, the inputs wait in host memory instead of on the device (core/offload.h): the copy
-// down overlaps the forward, and when an offloaded checkpoint's backward starts it fetches its own
-// inputs and starts bringing back those of the offloaded checkpoint made just before it in forward
-// (on this thread), so a stack of layers overlaps each copy back with the layer above's backward.
+// `save` (selective checkpointing): the outputs of the ops it picks (attention, say) are kept from
+// the first forward, and the recompute takes them instead of running those ops again (an op is
+// matched by its type, attributes and input shapes, in order; where the recompute differs, it runs
+// the op).
+//
+// With `offload`, the inputs (and saved outputs) wait in host memory instead of on the device
+// (core/offload.h): the copies down overlap the forward, and when an offloaded checkpoint's backward
+// starts it fetches its own tensors and starts bringing back those of the offloaded checkpoint made
+// just before it in forward (on this thread), so a stack of layers overlaps each copy back with the
+// layer above's backward.
 #pragma once
 #include <functional>
 #include <vector>
 
+#include "core/primitive.h"
 #include "core/tensor.h"
 
 namespace kiln::autograd {
@@ -18,7 +25,8 @@ namespace kiln::autograd {
 using CheckpointFn = std::function<std::vector<Tensor>(const std::vector<Tensor>&)>;
 
 struct CheckpointOptions {
-  bool offload = false;  // keep the inputs in (pinned) host memory until backward
+  bool offload = false;  // keep the inputs (and saved outputs) in pinned host memory until backward
+  std::function<bool(const Primitive&)> save;  // ops whose outputs the recompute reuses (none if empty)
 };
 
 std::vector<Tensor> checkpoint(CheckpointFn fn, const std::vector<Tensor>& inputs, CheckpointOptions options = {});

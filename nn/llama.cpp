@@ -9,6 +9,7 @@
 #include "autograd/checkpoint.h"
 #include "autograd/grad_mode.h"
 #include "core/ops.h"
+#include "core/ops/attention.h"
 #include "nn/chunked_loss.h"
 #include "nn/nf4_linear.h"
 #include "quant/bnb_checkpoint.h"
@@ -179,8 +180,13 @@ Tensor LlamaModel::forward(const Tensor& ids, int64_t start, KVCache* cache,
     KVCache::Layer* lc = cache ? &cache->layers[static_cast<size_t>(i)] : nullptr;
     const LayerActivations a = activations.empty() ? LayerActivations::keep : activations[static_cast<size_t>(i)];
     if (a != LayerActivations::keep && autograd::grad_enabled() && !cache) {
+      autograd::CheckpointOptions co;
+      if (a == LayerActivations::offload) {  // the attention output and LSE wait on the host too
+        co.offload = true;
+        co.save = [](const Primitive& op) { return dynamic_cast<const prim::ScaledDotProductAttention*>(&op) != nullptr; };
+      }
       x = autograd::checkpoint([&layer, start](const std::vector<Tensor>& in) { return std::vector<Tensor>{layer(in[0], start)}; },
-                               {x}, {.offload = a == LayerActivations::offload})[0];
+                               {x}, co)[0];
     } else {
       x = layer(x, start, lc);
     }

@@ -91,7 +91,8 @@ class LlamaDecoderLayer : public Module {
 enum class LayerActivations : uint8_t {
   keep,        // every tensor its backward uses
   checkpoint,  // only its input; its forward runs again in backward
-  offload,     // checkpointed, its input waiting in pinned host memory (autograd::CheckpointOptions)
+  offload,     // checkpointed, its input, attention output and LSE waiting in pinned host memory; the
+               // recompute skips attention (autograd::CheckpointOptions offload and save)
 };
 const char* layer_activations_name(LayerActivations a);  // "keep", "checkpoint", "offload"
 

@@ -95,6 +95,7 @@ struct StepModel {
   int64_t layers = 0, tokens = 0;
   size_t act_bytes = 0;    // one (B, T, hidden) activation
   size_t logit_bytes = 0;  // one token's logits (the fused cross-entropy's gradient is written over them)
+  size_t offload_bytes = 0;  // what an offloaded layer keeps on the host: its input, attention output and LSE
   LayerMemory m;
 
   // The lowest `checkpointed` layers checkpointed (`offload`: their inputs offloaded to host memory).
@@ -123,10 +124,10 @@ struct StepModel {
     moments.emplace_back(p.activations + act_bytes + static_cast<size_t>(chunk) * (logit_bytes + 16), "the loss head");
     moments.emplace_back(p.activations + act_bytes + m.norm.backward_extra.at(tokens), "the final norm's backward");
     // Backward, top down: the layers above are freed; a layer's own forward leftovers (its output
-    // at least), its input (fetched back when offloaded, while the one below's is prefetched) and
-    // the gradient from above (an activation) are alive.
+    // at least), its input (fetched back when offloaded, while the one below's tensors are
+    // prefetched) and the gradient from above (an activation) are alive.
     for (int64_t i = layers - 1; i >= 0; --i)
-      moments.emplace_back(prefix[static_cast<size_t>(i)] + (offloaded(i) && offloaded(i - 1) ? act_bytes : 0) +
+      moments.emplace_back(prefix[static_cast<size_t>(i)] + (offloaded(i) && offloaded(i - 1) ? offload_bytes : 0) +
                                block(i).saved.at(tokens) + act_bytes + block(i).backward_extra.at(tokens),
                            name(i, "backward"));
     const auto& peak = *std::max_element(moments.begin(), moments.end(),
@@ -237,6 +238,9 @@ MemoryPlan plan_memory(Llama& model, const MemoryPlanOptions& options) {
   step.act_bytes = static_cast<size_t>(tokens * hidden) * itemsize(dtype);
   plan.layer_input_bytes = step.act_bytes;
   step.logit_bytes = chunked_loss_bytes_per_token(c.vocab_size, dtype, /*fused_cross_entropy=*/true);
+  const size_t attention_bytes = static_cast<size_t>(tokens * c.num_attention_heads) *
+                                 (static_cast<size_t>(c.head_dim) * itemsize(dtype) + itemsize(compute_dtype(dtype)));
+  step.offload_bytes = step.act_bytes + attention_bytes;
   step.m = plan.layer;
   const int64_t min_chunk = std::min(tokens, kMinLossChunk);
   auto total = [&](const Prediction& p) { return fixed + p.activations + p.extra; };
@@ -256,7 +260,7 @@ MemoryPlan plan_memory(Llama& model, const MemoryPlanOptions& options) {
     std::vector<size_t> needs;  // needs[k]: the peak with the lowest k layers checkpointed
     for (int64_t k = 0; k <= layers; ++k) needs.push_back(total(step.predict(k, min_chunk, offload)));
     for (int64_t k = layers; k >= 0; --k) {
-      if (offload && static_cast<size_t>(k) * step.act_bytes > host_free) continue;
+      if (offload && static_cast<size_t>(k) * step.offload_bytes > host_free) continue;
       if (f.least < 0 || needs[static_cast<size_t>(k)] < needs[static_cast<size_t>(f.least)]) f.least = k;
       if (needs[static_cast<size_t>(k)] <= plan.budget_bytes) f.checkpointed = k;
     }
@@ -303,7 +307,7 @@ MemoryPlan plan_memory(Llama& model, const MemoryPlanOptions& options) {
   plan.layer_activations.assign(static_cast<size_t>(layers), LayerActivations::keep);
   for (int64_t i = 0; i < checkpointed; ++i)
     plan.layer_activations[static_cast<size_t>(i)] = offload ? LayerActivations::offload : LayerActivations::checkpoint;
-  plan.host_bytes = offload ? static_cast<size_t>(checkpointed) * step.act_bytes : 0;
+  plan.host_bytes = offload ? static_cast<size_t>(checkpointed) * step.offload_bytes : 0;
   const Prediction chosen = step.predict(checkpointed, plan.loss_chunk, offload);
   plan.activation_bytes = chosen.activations;
   plan.peak_extra_bytes = chosen.extra;
@@ -327,7 +331,7 @@ std::string MemoryPlan::describe() const {
                    layer_ranges(layer_activations, LayerActivations::keep), ck - offloaded,
                    layer_ranges(layer_activations, LayerActivations::checkpoint));
   if (offloaded > 0)
-    s += fmt::format(", {} checkpointed with their inputs in pinned host memory ({}; {})", offloaded,
+    s += fmt::format(", {} checkpointed with their inputs and attention outputs in pinned host memory ({}; {})", offloaded,
                      layer_ranges(layer_activations, LayerActivations::offload), f(host_bytes));
   s += fmt::format("\n  loss head: chunks of {} tokens\n", loss_chunk);
   s += fmt::format("  predicted peak {} at {}: model and other tensors {} + gradients {} + optimizer state {} + batch {} "

@@ -75,7 +75,7 @@ struct MemoryPlan {
   size_t minimum_budget_bytes = 0;  // the least any plan needs (normally every layer checkpointed, the
                                     // smallest loss chunk)
   size_t layer_input_bytes = 0;     // one (B, T, hidden) activation: what a checkpointed layer keeps
-  size_t host_bytes = 0;            // pinned host memory the offloaded inputs take
+  size_t host_bytes = 0;            // pinned host memory the offloaded layers take (inputs, attention outputs, LSE)
   LayerMemory layer;                // the probe's measurements
 
   int64_t num_checkpointed() const;  // offloaded layers included

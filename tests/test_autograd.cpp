@@ -482,6 +482,37 @@ TEST_CASE("autograd: checkpoint trains captured parameters when no input require
   test::require_close(w.grad(), plain, 1e-12, 1e-14);
 }
 
+TEST_CASE("autograd: selective checkpoint reuses the saved ops' outputs in the recompute", "[autograd]") {
+  Tensor w = random_leaf({4, 3}, 50);
+  Tensor x = random_leaf({2, 4}, 51);
+  autograd::CheckpointFn block = [&](const std::vector<Tensor>& in) { return std::vector<Tensor>{exp(matmul(in[0], w))}; };
+  const Tensor w_old = w.detach().clone(), w_new = test::random_tensor({4, 3}, DType::f64, 52);
+  // w changes between forward and backward: a recompute would see the new w in exp(x @ w); the
+  // saved matmul output keeps the old one (the vjp of the matmul reads the w it finds).
+  for (bool saving : {false, true}) {
+    INFO("saving matmul outputs: " << saving);
+    { autograd::NoGradGuard g; w.copy_(w_old); }
+    x.zero_grad();
+    autograd::CheckpointOptions co;
+    if (saving) co.save = [](const Primitive& op) { return std::string(op.name()) == "matmul"; };
+    Tensor out = autograd::checkpoint(block, {x}, co)[0];
+    { autograd::NoGradGuard g; w.copy_(w_new); }
+    sum(out).backward();
+    const Tensor e = exp(matmul(x.detach(), saving ? w_old : w_new));  // (2, 3)
+    test::require_close(x.grad(), matmul(e, w_new.transpose(0, 1)), 1e-12, 1e-14);
+  }
+  // A second backward through a selective checkpoint (retain_graph) runs the saved op again.
+  { autograd::NoGradGuard g; w.copy_(w_old); }
+  x.zero_grad();
+  autograd::CheckpointOptions co;
+  co.save = [](const Primitive& op) { return std::string(op.name()) == "matmul"; };
+  Tensor out = autograd::checkpoint(block, {x}, co)[0];
+  sum(out).backward({}, /*retain_graph=*/true);
+  const Tensor once = x.grad().clone();
+  sum(out).backward();
+  test::require_close(x.grad(), once * 2.0, 1e-12, 1e-14);
+}
+
 TEST_CASE("test helpers: random inputs, strided views, comparisons", "[helpers]") {
   SECTION("random_tensor is reproducible per seed and draws every dtype") {
     test::require_equal(test::random_tensor({4, 5}, DType::f32, 1), test::random_tensor({4, 5}, DType::f32, 1));

@@ -452,7 +452,7 @@ TEST_CASE("memory plan: below the least that checkpointing alone fits, the GPU p
   INFO(r.plan.describe());
   std::printf("%s\nactual peak %.2f MiB\n", r.plan.describe().c_str(), static_cast<double>(r.actual_peak) / kMiB);
   CHECK(std::count(r.plan.layer_activations.begin(), r.plan.layer_activations.end(), nn::LayerActivations::offload) > 0);
-  CHECK(r.plan.host_bytes == static_cast<size_t>(r.plan.num_checkpointed()) * r.plan.layer_input_bytes);
+  CHECK(r.plan.host_bytes > static_cast<size_t>(r.plan.num_checkpointed()) * r.plan.layer_input_bytes);  // inputs and attention
   CHECK(r.actual_peak <= minimum);
   const double predicted = static_cast<double>(r.plan.predicted_peak_bytes), actual = static_cast<double>(r.actual_peak);
   CHECK(std::abs(actual - predicted) <= 0.15 * predicted);

@@ -182,11 +182,13 @@ __device__ __forceinline__ uint4 decode_piece(const float* lut, uint32_t bits, f
   }
 }
 
-// kVec: each warp takes 32 chunks of 32 weights (lane l loads chunk l's 16 packed bytes: one
-// coalesced 512-byte read, and decodes its block scale), then writes the warp's 1024 outputs as
-// consecutive 16-byte pieces (fully coalesced), fetching each piece's codes and scale from the
-// owning lane with shuffles. The n % 32 tail (or everything when !kVec: misaligned pointers) goes
-// one weight per thread.
+// kVec: each warp takes kUnroll x 32 chunks of 32 weights per step (lane l loads chunk l of each
+// group of 32: coalesced 512-byte reads, all issued before any decoding so several are in flight,
+// and decodes their block scales), then writes the warp's outputs as consecutive 16-byte pieces
+// (fully coalesced), fetching each piece's codes and scale from the owning lane with shuffles. The
+// n % 32 tail (or everything when !kVec: misaligned pointers) goes one weight per thread.
+constexpr int kUnroll = 2;
+
 template <class T, bool kDouble, bool kVec>
 __global__ void nf4_dequantize_kernel(const uint8_t* __restrict__ packed, NF4Scales s, int bs_shift, int nbs_shift,
                                       int64_t n, T* __restrict__ out) {
@@ -198,26 +200,36 @@ __global__ void nf4_dequantize_kernel(const uint8_t* __restrict__ packed, NF4Sca
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t chunks = kVec ? n / 32 : 0;
-  for (int64_t base = (tid - lane); base < chunks; base += stride) {  // warp-uniform: base = first chunk of the warp
-    const int64_t c = base + lane;
-    uint4 raw = make_uint4(0, 0, 0, 0);
-    float scale = 0.0f;
-    if (c < chunks) {
-      raw = __ldg(reinterpret_cast<const uint4*>(packed) + c);
-      scale = block_scale<kDouble>(s, (c * 32) >> bs_shift, bs_shift, nbs_shift);
-    }
-    uint4* dst = reinterpret_cast<uint4*>(out + base * 32);
+  // warp-uniform: base = the warp's first chunk this step
+  for (int64_t base = (tid - lane) * kUnroll; base < chunks; base += stride * kUnroll) {
+    uint4 raw[kUnroll];
+    float scale[kUnroll];
 #pragma unroll
-    for (int j = 0; j < kPieces; ++j) {
-      const int p = j * 32 + lane;          // piece of the warp's output
-      const int src = p / kPieces, sub = p % kPieces;
-      const uint32_t x = __shfl_sync(0xffffffffu, raw.x, src), y = __shfl_sync(0xffffffffu, raw.y, src);
-      const uint32_t z = __shfl_sync(0xffffffffu, raw.z, src), w = __shfl_sync(0xffffffffu, raw.w, src);
-      const float sc = __shfl_sync(0xffffffffu, scale, src);
-      const int word = sub * 4 / kPieces;   // which 4 packed bytes hold the piece
-      uint32_t bits = word == 0 ? x : word == 1 ? y : word == 2 ? z : w;
-      if constexpr (kPieces == 8) bits >>= 16 * (sub & 1);  // f32: 4 weights = 2 bytes
-      if (base + src < chunks) dst[p] = decode_piece<T>(lut, bits, sc);
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t c = base + u * 32 + lane;
+      raw[u] = make_uint4(0, 0, 0, 0);
+      scale[u] = 0.0f;
+      if (c < chunks) {
+        raw[u] = __ldg(reinterpret_cast<const uint4*>(packed) + c);
+        scale[u] = block_scale<kDouble>(s, (c * 32) >> bs_shift, bs_shift, nbs_shift);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t group = base + u * 32;  // first chunk of this group of 32
+      uint4* dst = reinterpret_cast<uint4*>(out + group * 32);
+#pragma unroll
+      for (int j = 0; j < kPieces; ++j) {
+        const int p = j * 32 + lane;          // piece of the group's output
+        const int src = p / kPieces, sub = p % kPieces;
+        const uint32_t x = __shfl_sync(0xffffffffu, raw[u].x, src), y = __shfl_sync(0xffffffffu, raw[u].y, src);
+        const uint32_t z = __shfl_sync(0xffffffffu, raw[u].z, src), w = __shfl_sync(0xffffffffu, raw[u].w, src);
+        const float sc = __shfl_sync(0xffffffffu, scale[u], src);
+        const int word = sub * 4 / kPieces;   // which 4 packed bytes hold the piece
+        uint32_t bits = word == 0 ? x : word == 1 ? y : word == 2 ? z : w;
+        if constexpr (kPieces == 8) bits >>= 16 * (sub & 1);  // f32: 4 weights = 2 bytes
+        if (group + src < chunks) dst[p] = decode_piece<T>(lut, bits, sc);
+      }
     }
   }
   for (int64_t i = chunks * 32 + tid; i < n; i += stride) {
@@ -238,7 +250,8 @@ cudaError_t dequantize_typed(const uint8_t* packed, const NF4Scales& s, int64_t 
   const bool vec = aligned16(packed) && aligned16(out);
   const bool dq = s.absmax_u8 != nullptr;
   const int bs = log2_exact(s.blocksize), nbs = log2_exact(s.nested_blocksize);
-  const int grid = grid_to_fill(vec ? n / 32 + n % 32 : n, kThreads, 2);  // a thread per chunk (or per weight)
+  // a thread per kUnroll chunks (or per weight)
+  const int grid = grid_to_fill(vec ? (n / 32 + kUnroll - 1) / kUnroll + n % 32 : n, kThreads, 2);
   if (dq && vec) nf4_dequantize_kernel<T, true, true><<<grid, kThreads, 0, st>>>(packed, s, bs, nbs, n, out);
   else if (dq) nf4_dequantize_kernel<T, true, false><<<grid, kThreads, 0, st>>>(packed, s, bs, nbs, n, out);
   else if (vec) nf4_dequantize_kernel<T, false, true><<<grid, kThreads, 0, st>>>(packed, s, bs, nbs, n, out);
