@@ -1,7 +1,10 @@
 // The memory-budget planner on Llama 3.1 8B (random weights, the real config) as QLoRA trains it:
 // NF4 base, LoRA r=16 on every linear layer, AdamW, batch 1 x 4096 tokens. Per budget: the plan
 // (layers checkpointed, loss chunk), its predicted peak, the real peak of AdamW steps and the step
-// time. Optional: --layers N, --seq T, --batch B, --iters N, --budgets "10,14,20" (GiB; 0: the default).
+// time. Optional: --layers N, --seq T, --batch B, --iters N, --budgets "10,14,20" (GiB; 0: the default),
+// --mlp-chunk N (the MLP in checkpointed pieces of N tokens: long sequences). Each plan's description
+// goes to stderr.
+#include <algorithm>
 #include <cstdio>
 #include <sstream>
 #include <string>
@@ -27,6 +30,7 @@ struct Args {
   int64_t batch = 1;
   int iters = 3;
   std::string budgets = "8,10,14,20,28,0";
+  int64_t mlp_chunk = 0;
 };
 
 constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
@@ -42,8 +46,9 @@ int main(int argc, char** argv) {
     else if (k == "--batch") a.batch = std::stoll(v);
     else if (k == "--iters") a.iters = std::stoi(v);
     else if (k == "--budgets") a.budgets = v;
+    else if (k == "--mlp-chunk") a.mlp_chunk = std::stoll(v);
     else {
-      std::fprintf(stderr, "usage: %s [--layers N] [--seq T] [--batch B] [--iters N] [--budgets GiB,GiB,...]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--layers N] [--seq T] [--batch B] [--iters N] [--budgets GiB,GiB,...] [--mlp-chunk N]\n", argv[0]);
       return 2;
     }
   }
@@ -66,15 +71,17 @@ int main(int argc, char** argv) {
     lora.alpha = 32;
     nn::apply_lora(*model, lora, 2);
     model->train();
+    model->set_mlp_chunk(a.mlp_chunk);
     nn::AdamW opt(model->named_trainable_parameters());
     Generator gen(7);
     const Tensor ids = randint(0, cfg.vocab_size, {a.batch, a.seq}, DType::i64, gpu, &gen);      // (B, T)
     const Tensor targets = randint(0, cfg.vocab_size, {a.batch, a.seq}, DType::i64, gpu, &gen);  // (B, T)
-    std::printf("Llama 3.1 8B config, %lld layers, NF4 base, LoRA r=16, AdamW, batch %lld x %lld tokens; %.2f GiB allocated\n",
+    std::printf("Llama 3.1 8B config, %lld layers, NF4 base, LoRA r=16, AdamW, batch %lld x %lld tokens, MLP chunk %lld; "
+                "%.2f GiB allocated\n",
                 static_cast<long long>(a.layers), static_cast<long long>(a.batch), static_cast<long long>(a.seq),
-                static_cast<double>(memory_usage(gpu).allocated) / kGiB);
-    std::printf("| budget GiB | checkpointed | loss chunk | predicted GiB | peak GiB | peak/predicted | step ms |\n"
-                "|---|---|---|---|---|---|---|\n");
+                static_cast<long long>(a.mlp_chunk), static_cast<double>(memory_usage(gpu).allocated) / kGiB);
+    std::printf("| budget GiB | checkpointed (offloaded) | host GiB | loss chunk | predicted GiB | peak GiB | peak/predicted | step ms | tok/s |\n"
+                "|---|---|---|---|---|---|---|---|---|\n");
     std::stringstream list(a.budgets);
     for (std::string item; std::getline(list, item, ',');) {
       nn::MemoryPlanOptions mo;
@@ -90,6 +97,7 @@ int main(int argc, char** argv) {
         continue;
       }
       plan.apply(*model);
+      std::fprintf(stderr, "%s\n", plan.describe().c_str());
       auto step = [&] {
         Tensor loss = model->chunked_loss((*model)(ids), targets);
         loss.backward();
@@ -103,9 +111,12 @@ int main(int argc, char** argv) {
       const double ms = bench::time_ms(step, a.iters, 0);
       const double peak = static_cast<double>(memory_usage(gpu).peak);
       const double predicted = static_cast<double>(plan.predicted_peak_bytes);
-      std::printf("| %.2f | %lld of %lld | %lld | %.2f | %.2f | %.3f | %.0f |\n", static_cast<double>(plan.budget_bytes) / kGiB,
-                  static_cast<long long>(plan.num_checkpointed()), static_cast<long long>(a.layers),
-                  static_cast<long long>(plan.loss_chunk), predicted / kGiB, peak / kGiB, peak / predicted, ms);
+      const auto offloaded = std::count(plan.layer_activations.begin(), plan.layer_activations.end(), nn::LayerActivations::offload);
+      std::printf("| %.2f | %lld of %lld (%lld) | %.2f | %lld | %.2f | %.2f | %.3f | %.0f | %.0f |\n",
+                  static_cast<double>(plan.budget_bytes) / kGiB, static_cast<long long>(plan.num_checkpointed()),
+                  static_cast<long long>(a.layers), static_cast<long long>(offloaded), static_cast<double>(plan.host_bytes) / kGiB,
+                  static_cast<long long>(plan.loss_chunk), predicted / kGiB, peak / kGiB, peak / predicted, ms,
+                  static_cast<double>(a.batch * a.seq) / (ms / 1000.0));
       std::fflush(stdout);
     }
   } catch (const std::exception& e) {

@@ -76,10 +76,29 @@ LlamaMLP::LlamaMLP(const LlamaConfig& c, DType dtype, Device device, const Init&
   register_module("down_proj", make_linear(c.intermediate_size, c.hidden_size, c.mlp_bias, dtype, device, init));
 }
 
-Tensor LlamaMLP::forward(const Tensor& x) {
+Tensor LlamaMLP::run(const Tensor& x) {
   Tensor g = child_as<LinearBase>("gate_proj")(x);  // (B, T, I)
-  Tensor u = child_as<LinearBase>("up_proj")(x);            // (B, T, I)
+  Tensor u = child_as<LinearBase>("up_proj")(x);    // (B, T, I)
   return child_as<LinearBase>("down_proj")(swiglu(g, u));
+}
+
+void LlamaMLP::set_sequence_chunk(int64_t tokens) {
+  KILN_CHECK(tokens >= 0, "Llama", "the MLP's sequence chunk must be 0 (off) or positive, found {}", tokens);
+  chunk_ = tokens;
+}
+
+Tensor LlamaMLP::forward(const Tensor& x) {
+  const int64_t dim = x.dim() - 2;  // the token dimension of (..., T, hidden)
+  if (chunk_ == 0 || dim < 0 || x.size(dim) <= chunk_) return run(x);
+  const bool grad = autograd::grad_enabled();
+  std::vector<Tensor> outs;
+  for (int64_t s = 0; s < x.size(dim); s += chunk_) {
+    Tensor piece = slice(x, dim, s, s + chunk_);  // (..., chunk, hidden)
+    outs.push_back(grad ? autograd::checkpoint([this](const std::vector<Tensor>& in) { return std::vector<Tensor>{run(in[0])}; },
+                                               {piece})[0]
+                        : run(piece));
+  }
+  return cat(outs, dim);
 }
 
 // ---- decoder layer
@@ -260,6 +279,15 @@ void Llama::set_layer_activations(std::vector<LayerActivations> per_layer) {
              "set_layer_activations expected one entry per decoder layer ({}), found {}", config_.num_hidden_layers,
              per_layer.size());
   activations_ = std::move(per_layer);
+}
+
+void Llama::set_mlp_chunk(int64_t tokens) {
+  auto& layers = model().child_as<ModuleList>("layers");
+  for (int64_t i = 0; i < layers.size(); ++i) layers.at<LlamaDecoderLayer>(i).child_as<LlamaMLP>("mlp").set_sequence_chunk(tokens);
+}
+
+int64_t Llama::mlp_chunk() const {
+  return model().child_as<ModuleList>("layers").at<LlamaDecoderLayer>(0).child_as<LlamaMLP>("mlp").sequence_chunk();
 }
 
 void Llama::set_loss_memory_budget(size_t bytes) {

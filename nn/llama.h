@@ -76,6 +76,15 @@ class LlamaMLP : public Module {
   Tensor forward(const Tensor& x);  // down(silu(gate(x)) * up(x))
   // forward through the module's hooks (Module::call_forward)
   Tensor operator()(const Tensor& x) { return call_forward1(x, [this](const Tensor& v) { return forward(v); }); }
+  // Sequence chunks for long sequences (0: off): the MLP runs on at most `tokens` tokens at a time,
+  // so its (tokens, intermediate) tensors exist for one chunk only; in grad mode each chunk is
+  // checkpointed (it keeps only its input and runs again in backward: one more MLP forward).
+  void set_sequence_chunk(int64_t tokens);
+  int64_t sequence_chunk() const { return chunk_; }
+
+ private:
+  Tensor run(const Tensor& x);  // the MLP on one chunk
+  int64_t chunk_ = 0;
 };
 
 class LlamaDecoderLayer : public Module {
@@ -150,6 +159,9 @@ class Llama : public Module {
   // (nn::chunked_loss_chunk_size; the built-in cross-entropy takes V * itemsize bytes per token).
   void set_loss_memory_budget(size_t bytes);
   size_t loss_memory_budget() const { return loss_memory_budget_; }
+  // LlamaMLP::set_sequence_chunk of every decoder layer (0: off).
+  void set_mlp_chunk(int64_t tokens);
+  int64_t mlp_chunk() const;
 
   // ids (B, T) int -> final hidden states (B, T, hidden) after the last norm.
   Tensor forward(const Tensor& ids, int64_t start = 0, KVCache* cache = nullptr);

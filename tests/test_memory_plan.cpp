@@ -254,6 +254,47 @@ TEST_CASE("Llama: per-layer checkpointing gives the loss and gradients of none a
   CHECK_THROWS_WITH(m.set_layer_activations({A::checkpoint}), ContainsSubstring("one entry per decoder layer (4), found 1"));
 }
 
+TEST_CASE("Llama: a sequence-chunked MLP gives the same loss and gradients and keeps less", "[memory_plan][llama]") {
+  using A = nn::LayerActivations;
+  nn::LlamaOptions lo;
+  lo.seed = 15;
+  nn::Llama m(test::tiny_llama_config(3), lo);
+  m.train();
+  Generator gen(16);
+  const Tensor ids = randint(0, 41, {2, 29}, DType::i64, kCPU, &gen);      // (2, 29)
+  const Tensor targets = randint(0, 41, {2, 29}, DType::i64, kCPU, &gen);  // (2, 29)
+  CHECK(m.mlp_chunk() == 0);
+  for (std::vector<A> layers : {std::vector<A>(3, A::keep), std::vector<A>{A::checkpoint, A::offload, A::keep}}) {
+    m.set_layer_activations(layers);
+    m.set_mlp_chunk(0);
+    const Step whole = loss_and_grads(m, ids, targets);
+    m.set_mlp_chunk(8);  // 29 tokens: chunks of 8, 8, 8 and 5
+    CHECK(m.mlp_chunk() == 8);
+    const Step chunked = loss_and_grads(m, ids, targets);
+    CHECK(std::abs(chunked.loss - whole.loss) <= 1e-6 * std::abs(whole.loss));
+    for (size_t i = 0; i < whole.grads.size(); ++i) test::require_close(chunked.grads[i], whole.grads[i], 1e-6, 1e-7);
+  }
+  // Kept layers hold no (tokens, intermediate) tensors for backward once the MLP is chunked.
+  auto kept_after_forward = [&](int64_t chunk) {
+    m.set_layer_activations(std::vector<A>(3, A::keep));
+    m.set_mlp_chunk(chunk);
+    const size_t before = memory_usage(kCPU).allocated;
+    Tensor h = m(ids);
+    return memory_usage(kCPU).allocated - before;
+  };
+  const size_t whole = kept_after_forward(0), chunked = kept_after_forward(8);
+  const size_t intermediates = 3 * 2 * 29 * static_cast<size_t>(m.config().intermediate_size) * 4;  // g, u, swiglu: f32
+  INFO("kept after forward: whole " << whole << ", chunked " << chunked);
+  CHECK(whole - chunked >= 3 * intermediates * 9 / 10);
+  // In eval mode the chunks run without checkpoints, and give the same hidden states.
+  m.eval();
+  m.set_mlp_chunk(0);
+  const Tensor a = m(ids);
+  m.set_mlp_chunk(5);
+  test::require_close(m(ids), a, 1e-6, 1e-7);
+  CHECK_THROWS_WITH(m.set_mlp_chunk(-1), ContainsSubstring("0 (off) or positive"));
+}
+
 TEST_CASE("Llama: the loss head's memory budget sets the chunk and not the loss", "[memory_plan][llama]") {
   nn::LlamaOptions lo;
   lo.seed = 13;

@@ -188,6 +188,7 @@ FinetuneJob::FinetuneJob(const FinetuneConfig& c, RunWorld world)
   model_->set_layer_activations(std::vector<nn::LayerActivations>(
       static_cast<size_t>(model_->config().num_hidden_layers),
       c.offload ? nn::LayerActivations::offload : c.checkpointing ? nn::LayerActivations::checkpoint : nn::LayerActivations::keep));
+  model_->set_mlp_chunk(c.mlp_chunk);
   model_->train();
   if (c.shard) shards_ = dist::shard_llama(*model_, world_.group);  // each decoder layer, then the root
 

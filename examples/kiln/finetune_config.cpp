@@ -63,6 +63,8 @@ const std::vector<Field>& fields() {
       {"checkpointing", "activation checkpointing of every decoder block (no memory plan)", &C::checkpointing, false},
       {"offload", "with --checkpointing on a GPU: each block's input waits in pinned host memory, its copies "
                   "overlapped with compute", &C::offload, false},
+      {"mlp_chunk", "long sequences: each MLP runs on at most this many tokens at a time, each chunk "
+                    "checkpointed (0: off)", &C::mlp_chunk, false},
       {"memory_budget", "GiB a step may use at its peak: kiln plans which blocks to checkpoint and the loss chunk "
                         "(0: the device's free memory less a margin; default: that plan unless --checkpointing, "
                         "several ranks or --chunked-head false)", &C::memory_budget, false},
@@ -283,6 +285,10 @@ bool FinetuneConfig::plans_memory(int world_size) const {
 }
 
 void FinetuneConfig::validate() const {
+  KILN_CHECK(mlp_chunk >= 0, "finetune", "--mlp-chunk must be 0 (off) or a number of tokens, found {}", mlp_chunk);
+  KILN_CHECK(mlp_chunk == 0 || !compile, "finetune",
+             "--mlp-chunk runs the MLP in checkpointed pieces, which the compiled decoder layers (--compile) do not "
+             "trace: use one of them");
   KILN_CHECK(!offload || checkpointing, "finetune",
              "--offload moves checkpointed blocks' inputs to host memory: add --checkpointing (or let --memory-budget "
              "choose, without --offload)");
