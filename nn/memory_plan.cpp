@@ -57,10 +57,10 @@ BytesPerToken fit(int64_t t1, double v1, int64_t t2, double v2) {
   return {fixed, slope};
 }
 
-// Runs `f` at half of `tokens` and at `tokens` (after a first run that warms up lazily built state)
+// Runs `f` at t1 and at t2 tokens, t1 <= t2 (after a first run that warms up lazily built state)
 // and fits each measurement. Before each run, and after the last, the gradients of `owner`'s
 // parameters are put back as they were, so each run allocates them as a step's backward does.
-BlockMemory probe(const std::function<Tensor(const Tensor&)>& f, Module& owner, int64_t tokens, int64_t hidden,
+BlockMemory probe(const std::function<Tensor(const Tensor&)>& f, Module& owner, int64_t t1, int64_t t2, int64_t hidden,
                   DType dtype, Device device) {
   std::vector<std::pair<Tensor, Tensor>> grads;  // (parameter, its gradient before the probe)
   for (auto& [name, p] : owner.named_parameters())
@@ -69,7 +69,6 @@ BlockMemory probe(const std::function<Tensor(const Tensor&)>& f, Module& owner, 
     for (auto& [p, g] : grads) g.defined() ? p.set_grad(g) : p.zero_grad();
   };
   Generator gen(0x6d656d706c616eULL);  // the probe's own numbers: the default generator is not touched
-  const int64_t t2 = tokens, t1 = std::max<int64_t>(1, tokens / 2);
   std::vector<ProbeRun> runs;
   try {
     for (int64_t t : {t1, t1, t2}) {
@@ -209,16 +208,23 @@ MemoryPlan plan_memory(Llama& model, const MemoryPlanOptions& options) {
     top(randn({1, t, hidden}, dtype, device, &gen));
   }
   // Measure.
-  const int64_t probe_tokens = std::min(t, options.probe_tokens);
+  // Probe lengths: half of min(T, probe_tokens) and that. With a sequence-chunked MLP that T
+  // exceeds, both are longer than the chunk (up to 4 chunks), so the probe sees pieces as T will.
+  int64_t t2 = std::min(t, options.probe_tokens), t1 = std::max<int64_t>(1, t2 / 2);
+  const int64_t mlp_chunk = model.mlp_chunk();
+  if (mlp_chunk > 0 && t > mlp_chunk) {
+    t2 = std::min(t, 4 * mlp_chunk);
+    t1 = std::max(mlp_chunk + 1, t2 / 2);
+  }
   try {
-    plan.layer.kept = probe([&top](const Tensor& x) { return top(x); }, top, probe_tokens, hidden, dtype, device);
+    plan.layer.kept = probe([&top](const Tensor& x) { return top(x); }, top, t1, t2, hidden, dtype, device);
     plan.layer.checkpointed = probe(
         [&top](const Tensor& x) {
           return autograd::checkpoint([&top](const std::vector<Tensor>& in) { return std::vector<Tensor>{top(in[0])}; },
                                       {x})[0];
         },
-        top, probe_tokens, hidden, dtype, device);
-    plan.layer.norm = probe([&norm](const Tensor& x) { return norm(x); }, norm, probe_tokens, hidden, dtype, device);
+        top, t1, t2, hidden, dtype, device);
+    plan.layer.norm = probe([&norm](const Tensor& x) { return norm(x); }, norm, t1, t2, hidden, dtype, device);
   } catch (...) {
     default_generator().set_state(rng);
     throw;

@@ -22,7 +22,9 @@ struct MemoryPlanOptions {
   // Optimizer state still to be allocated by its first step: Optimizer::pending_state_bytes().
   size_t optimizer_state_bytes = 0;
   // The probe runs one decoder layer on one sequence of min(T, probe_tokens) tokens and one of
-  // half as many, and fits bytes = fixed + per_token * tokens through the two.
+  // half as many, and fits bytes = fixed + per_token * tokens through the two. With a
+  // sequence-chunked MLP (Llama::set_mlp_chunk) shorter than T, both lengths exceed the chunk: up to
+  // 4 chunks and half of that.
   int64_t probe_tokens = 256;
 };
 
