@@ -769,6 +769,29 @@ TEST_CASE("compile: QLoRA (NF4 base, LoRA with dropout) and checkpointed layers 
   }
 }
 
+TEST_CASE("compile: compiled layers checkpointed with offload (attention output kept) match plain checkpoints", "[compile][llama]") {
+  using A = nn::LayerActivations;
+  nn::LlamaOptions o;
+  o.seed = 17;
+  nn::Llama plain(test::tiny_llama_config(3), o), offloaded(test::tiny_llama_config(3), o);
+  make_lora(plain, true);
+  make_lora(offloaded, true);
+  plain.set_checkpoint_activations(true);
+  offloaded.set_layer_activations({A::offload, A::offload, A::keep});
+  auto hp = compile::compile_llama_layers(plain);
+  auto ho = compile::compile_llama_layers(offloaded);
+  const Tensor ids = random_ids(2, 11, 18);
+  Tensor yp, yo;
+  const auto gp = trainable_grads(plain, ids, yp);
+  const auto go = trainable_grads(offloaded, ids, yo);
+  require_rel(yo, yp, 1e-6);
+  REQUIRE(gp.size() == go.size());
+  for (size_t i = 0; i < gp.size(); ++i) {
+    INFO(gp[i].first);
+    require_rel(go[i].second, gp[i].second, 1e-5);
+  }
+}
+
 TEST_CASE("compile: the forward keeps GEMM outputs and row results for backward and recomputes pointwise work", "[compile]") {
   Tensor x = test::random_tensor({4, 8}, DType::f32, 60).set_requires_grad(true);
   Tensor w = test::random_tensor({8, 8}, DType::f32, 61).set_requires_grad(true);
