@@ -175,7 +175,11 @@ size_t default_memory_budget(Device device) {
   return total > margin ? total - margin : 0;
 }
 
-MemoryPlan plan_memory(Llama& model, const MemoryPlanOptions& options) {
+namespace {
+
+// One plan with the model's MLP pieces as they are; when no plan fits, `no_fit` says why (and
+// plan.minimum_budget_bytes the least that fits).
+MemoryPlan plan_once(Llama& model, const MemoryPlanOptions& options, std::string& no_fit) {
   const LlamaConfig& c = model.config();
   const int64_t b = options.batch_size, t = options.seq_len;
   KILN_CHECK(b >= 1 && t >= 1, kOp, "expected batch_size >= 1 and seq_len >= 1, found {} and {}", b, t);
@@ -282,8 +286,9 @@ MemoryPlan plan_memory(Llama& model, const MemoryPlanOptions& options) {
                                                   total(step.predict(plain.least, min_chunk, false));
   const Prediction all = least_offloaded ? step.predict(off.least, min_chunk, true) : step.predict(plain.least, min_chunk);
   plan.minimum_budget_bytes = total(all);
+  plan.mlp_chunk = mlp_chunk;
   if (checkpointed < 0) {
-    KILN_FAIL(kOp,
+    no_fit = fmt::format(
               "a training step on batches of {} x {} tokens needs at least {} ({} of {} decoder layers checkpointed{}, "
               "loss chunks of {} tokens): {} of model and other tensors, {} of gradients, {} of optimizer state, {} of "
               "activations, {} more at {}; the budget is {}. Lower the sequence length or the batch size (raise "
@@ -295,6 +300,7 @@ MemoryPlan plan_memory(Llama& model, const MemoryPlanOptions& options) {
               format_bytes(static_cast<double>(plan.gradient_bytes)), format_bytes(static_cast<double>(plan.optimizer_bytes)),
               format_bytes(static_cast<double>(all.activations)), format_bytes(static_cast<double>(all.extra)), all.at,
               format_bytes(static_cast<double>(plan.budget_bytes)));
+    return plan;
   }
 
   // The largest chunk that fits, up to the default loss budget; loss_chunk is what the head will use.
@@ -322,6 +328,34 @@ MemoryPlan plan_memory(Llama& model, const MemoryPlanOptions& options) {
   return plan;
 }
 
+}  // namespace
+
+MemoryPlan plan_memory(Llama& model, const MemoryPlanOptions& options) {
+  std::string no_fit;
+  MemoryPlan plan = plan_once(model, options, no_fit);
+  const int64_t had = model.mlp_chunk(), piece = options.mlp_chunk_when_needed;
+  if (!no_fit.empty() && had == 0 && piece > 0 && options.seq_len >= 2 * piece) {
+    // Nothing fits with whole MLPs: try them in pieces (one more MLP forward per layer in backward).
+    std::string chunked_no_fit;
+    model.set_mlp_chunk(piece);
+    try {
+      MemoryPlan chunked = plan_once(model, options, chunked_no_fit);
+      if (chunked_no_fit.empty()) {
+        plan = chunked;
+        no_fit.clear();
+      } else {
+        no_fit = chunked_no_fit + fmt::format(" (also tried: the MLPs in pieces of {} tokens)", piece);
+      }
+    } catch (...) {
+      model.set_mlp_chunk(had);
+      throw;
+    }
+    model.set_mlp_chunk(had);
+  }
+  if (!no_fit.empty()) throw Error(fmt::format("[{}] {}", kOp, no_fit));
+  return plan;
+}
+
 int64_t MemoryPlan::num_checkpointed() const {
   return static_cast<int64_t>(layer_activations.size()) -
          std::count(layer_activations.begin(), layer_activations.end(), LayerActivations::keep);
@@ -339,6 +373,7 @@ std::string MemoryPlan::describe() const {
   if (offloaded > 0)
     s += fmt::format(", {} checkpointed with their inputs and attention outputs in pinned host memory ({}; {})", offloaded,
                      layer_ranges(layer_activations, LayerActivations::offload), f(host_bytes));
+  if (mlp_chunk > 0) s += fmt::format("\n  MLPs in pieces of {} tokens", mlp_chunk);
   s += fmt::format("\n  loss head: chunks of {} tokens\n", loss_chunk);
   s += fmt::format("  predicted peak {} at {}: model and other tensors {} + gradients {} + optimizer state {} + batch {} "
                    "+ activations {} + {} at the peak\n",
@@ -353,6 +388,7 @@ std::string MemoryPlan::describe() const {
 void MemoryPlan::apply(Llama& model) const {
   model.set_layer_activations(layer_activations);
   model.set_loss_memory_budget(loss_memory_budget);
+  model.set_mlp_chunk(mlp_chunk);
 }
 
 }  // namespace kiln::nn

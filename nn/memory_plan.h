@@ -26,6 +26,9 @@ struct MemoryPlanOptions {
   // sequence-chunked MLP (Llama::set_mlp_chunk) shorter than T, both lengths exceed the chunk: up to
   // 4 chunks and half of that.
   int64_t probe_tokens = 256;
+  // When no plan fits with whole MLPs, the model has no MLP pieces and T is at least twice this: the
+  // plan tries the MLPs in pieces of this many tokens (0: never).
+  int64_t mlp_chunk_when_needed = 8192;
 };
 
 // bytes = fixed + per_token * tokens, fitted through two probe lengths.
@@ -62,6 +65,7 @@ struct MemoryPlan {
   // when it keeps more layers whole). The lowest layers are checkpointed first: the top ones'
   // activations are used first.
   std::vector<LayerActivations> layer_activations;
+  int64_t mlp_chunk = 0;             // Llama::set_mlp_chunk: the model's, or chosen when nothing fits whole
   int64_t loss_chunk = 0;            // tokens per chunk of the loss head
   size_t loss_memory_budget = 0;     // Llama::set_loss_memory_budget value giving loss_chunk
 
@@ -84,7 +88,7 @@ struct MemoryPlan {
   // A few lines for a person: the budget, the layers checkpointed, the chunk, the predicted peak
   // and its parts.
   std::string describe() const;
-  // Sets the model's per-layer activations and loss head budget to this plan.
+  // Sets the model's per-layer activations, MLP pieces and loss head budget to this plan.
   void apply(Llama& model) const;
 };
 
@@ -92,8 +96,10 @@ struct MemoryPlan {
 // token when there are fewer.
 inline constexpr int64_t kMinLossChunk = 256;
 
+
 // Measures and chooses (see the file comment): as many layers kept whole as fit, then the largest
-// loss chunk up to the default loss budget (ChunkedLossOptions' 2 GiB). The measurements run the top
+// loss chunk up to the default loss budget (ChunkedLossOptions' 2 GiB); when nothing fits and the
+// model's MLPs are whole, the same with the MLPs in pieces (MemoryPlanOptions::mlp_chunk_when_needed). The measurements run the top
 // decoder layer (kept whole and checkpointed) and the final norm forward and backward on the model's
 // device, in the model's training mode (call model.train() first, as training does), and take every
 // layer to be like the top one. The model stays as it was (its gradients, the default generator). A

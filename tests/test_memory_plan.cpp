@@ -333,6 +333,59 @@ TEST_CASE("memory plan: a tiny QLoRA Llama at several budgets on the CPU: the pl
   CHECK(nn::plan_memory(*model, mo).num_checkpointed() == 4);  // here the least memory checkpoints every layer
 }
 
+TEST_CASE("memory plan: when nothing fits with whole MLPs the plan puts them in pieces", "[memory_plan]") {
+  nn::MemoryPlanOptions mo;
+  mo.batch_size = 2;
+  mo.seq_len = 256;
+  mo.budget_bytes = size_t{1} << 40;
+  mo.mlp_chunk_when_needed = 64;
+  auto model = tiny_qlora(kCPU, DType::f32);
+  mo.optimizer_state_bytes = nn::AdamW(model->named_trainable_parameters()).pending_state_bytes();  // as the Trainer plans
+  const size_t whole_minimum = nn::plan_memory(*model, mo).minimum_budget_bytes;
+  model->set_mlp_chunk(64);
+  const size_t pieces_minimum = nn::plan_memory(*model, mo).minimum_budget_bytes;
+  model->set_mlp_chunk(0);
+  REQUIRE(pieces_minimum < whole_minimum);
+  // Between the two least budgets: only pieces fit; the plan says so and sets them.
+  mo.budget_bytes = (pieces_minimum + whole_minimum) / 2;
+  const nn::MemoryPlan plan = nn::plan_memory(*model, mo);
+  CHECK(plan.mlp_chunk == 64);
+  CHECK(model->mlp_chunk() == 0);  // planning leaves the model as it was
+  CHECK_THAT(plan.describe(), ContainsSubstring("MLPs in pieces of 64 tokens"));
+  plan.apply(*model);
+  CHECK(model->mlp_chunk() == 64);
+  // Never, or a sequence shorter than two pieces: the budget is refused.
+  model->set_mlp_chunk(0);
+  mo.mlp_chunk_when_needed = 0;
+  CHECK_THROWS_WITH(nn::plan_memory(*model, mo), ContainsSubstring("needs at least"));
+  mo.mlp_chunk_when_needed = 200;
+  CHECK_THROWS_WITH(nn::plan_memory(*model, mo), ContainsSubstring("needs at least"));
+  // Below both: the error names the least budget with pieces.
+  mo.mlp_chunk_when_needed = 64;
+  mo.budget_bytes = pieces_minimum - 1;
+  CHECK_THROWS_WITH(nn::plan_memory(*model, mo), ContainsSubstring("also tried: the MLPs in pieces of 64 tokens"));
+  // The Trainer trains within it: the plan's pieces are the model's. (On the CPU every allocation
+  // counts: the first model goes before the second is made.)
+  const size_t budget = (pieces_minimum + whole_minimum) / 2;
+  model.reset();
+  auto fresh = tiny_qlora(kCPU, DType::f32);
+  nn::AdamW opt(fresh->named_trainable_parameters());
+  data::PackOptions po;
+  po.batch_size = 2;
+  po.seq_len = 256;
+  data::PackedDataset stream(test::random_documents(400, 5, fresh->config().vocab_size), po);
+  train::TrainerOptions o;
+  o.memory_budget = budget;
+  o.memory_plan_options.mlp_chunk_when_needed = 64;
+  train::Trainer trainer(*fresh, opt, stream, o);
+  REQUIRE(trainer.memory_plan().has_value());
+  CHECK(fresh->mlp_chunk() == 64);
+  reset_peak_memory(kCPU);
+  REQUIRE(trainer.train_step().has_value());
+  REQUIRE(trainer.train_step().has_value());
+  CHECK(memory_usage(kCPU).peak <= budget);
+}
+
 TEST_CASE("memory plan: the parts of a plan and its description; the error below the minimum", "[memory_plan]") {
   auto model = tiny_qlora(kCPU, DType::f32);
   nn::MemoryPlanOptions mo;

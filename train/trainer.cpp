@@ -74,7 +74,7 @@ void Trainer::plan_memory() {
              "memory_budget plans for the default loss (the chunked head); unset TrainerOptions::loss or memory_budget");
   KILN_CHECK(parallel_->world_size() == 1, "trainer", "memory_budget plans for one process, found a world of {}",
              parallel_->world_size());
-  nn::MemoryPlanOptions mo;
+  nn::MemoryPlanOptions mo = options_.memory_plan_options;
   mo.batch_size = train_data_.options().batch_size;
   mo.seq_len = train_data_.options().seq_len;
   mo.budget_bytes = *options_.memory_budget;

@@ -71,6 +71,9 @@ struct TrainerOptions {
   // the device's free memory less a margin); else bytes. Unset: no planning (the model's own
   // settings stay).
   std::optional<size_t> memory_budget;
+  // The planner's other settings (probe lengths, MLP pieces when nothing fits); the trainer sets
+  // the batch, the sequence length, the budget and the optimizer state itself.
+  nn::MemoryPlanOptions memory_plan_options;
   // ---- seams
   std::shared_ptr<DataParallel> parallel;  // unset: SingleProcess (see data_parallel.h)
   CompileFn compile;                       // unset: eager
