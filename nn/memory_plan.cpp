@@ -107,12 +107,14 @@ struct StepModel {
     };
     std::vector<std::pair<size_t, std::string>> moments;  // (alive then, where)
     // Forward: the embeddings (the first layer's input), then what each layer keeps. An offloaded
-    // layer's input leaves the device after its forward (the one below's may still be copying).
+    // layer holds its attention output and LSE until its forward ends (then they are copied down
+    // with its input, which leaves the device).
     size_t below = act_bytes;
     std::vector<size_t> prefix;  // prefix[i]: alive below layer i, its input included
     for (int64_t i = 0; i < layers; ++i) {
       prefix.push_back(below);
-      moments.emplace_back(below + block(i).forward_peak.at(tokens) + (offloaded(i - 1) ? act_bytes : 0), name(i, "forward"));
+      moments.emplace_back(below + block(i).forward_peak.at(tokens) + (offloaded(i) ? offload_bytes - act_bytes : 0),
+                           name(i, "forward"));
       below += block(i).saved.at(tokens);
       if (offloaded(i)) below -= act_bytes;
     }
