@@ -819,7 +819,9 @@ TEST_CASE("compile: the forward keeps GEMM outputs and row results for backward 
   for (const compile::Node& n : joint.nodes) recomputed += n.origin.trace == 0;
   REQUIRE(recomputed == 2);  // exp, mul
   REQUIRE(count_ops(joint, "exp") == 1);
-  require_matches_eager(f, {x, w});
+  // f32 through exp(h) * h (up to ~60) and a softmax over it: the recomputed chain rounds apart from
+  // eager's by up to ~4e-5 relative (seen once in a full CI run at 1.7e-5 on 0.47).
+  require_matches_eager(f, {x, w}, 1e-4, 1e-6);
 }
 
 TEST_CASE("compile: a random op inside a compiled function draws eager's numbers, fresh ones each call", "[compile]") {
