@@ -22,6 +22,13 @@ cuda::Stream offload_stream(int device) {
   return s;
 }
 
+// Work queued on `side` from now on waits for what the current stream of `device` has queued so far.
+void after_current_stream(int device, const cuda::Stream& side) {
+  cuda::Event queued;
+  queued.record(cuda::current_stream(device));
+  queued.wait(side);
+}
+
 }  // namespace
 
 OffloadedTensor::OffloadedTensor(const Tensor& t)
@@ -35,9 +42,7 @@ OffloadedTensor::OffloadedTensor(const Tensor& t)
   KILN_CHECK(device_.is_cuda(), kOp, "tensors on {} cannot be offloaded", device_.str());
   cuda::DeviceGuard guard(device_.index);
   const cuda::Stream side = offload_stream(device_.index);
-  cuda::Event made;  // the current stream's work so far, which produced t
-  made.record(cuda::current_stream(device_.index));
-  made.wait(side);
+  after_current_stream(device_.index, side);  // the work that produced t
   Storage pinned = cuda::pinned_host_storage(nbytes_, side);
   host_ = from_blob(pinned->data(), shape_, dtype_, kCPU, pinned);
   cuda::memcpy_async(host_.raw_data(), src.raw_data(), nbytes_, side);
@@ -52,9 +57,7 @@ void OffloadedTensor::prefetch() {
   cuda::DeviceGuard guard(device_.index);
   const cuda::Stream side = offload_stream(device_.index);
   Tensor dev = empty(shape_, dtype_, device_);  // (shape_) allocated for the current stream
-  cuda::Event free_now;  // the block's earlier users on the current stream are done before it is written
-  free_now.record(cuda::current_stream(device_.index));
-  free_now.wait(side);
+  after_current_stream(device_.index, side);  // the block's earlier users are done before it is written
   cuda::memcpy_async(dev.raw_data(), host_.raw_data(), nbytes_, side);
   cuda::record_stream(dev.storage(), side);
   ready_ = std::make_unique<cuda::Event>();
