@@ -14,15 +14,14 @@
 #include <cstdlib>
 #include <algorithm>
 #include <functional>
-#include <map>
 #include <memory>
 #include <string>
-#include <tuple>
 #include <utility>
 #include <vector>
 
 #include "autograd/grad_mode.h"
 #include "bench/cuda_timing.h"
+#include "bench/op_timer.h"
 #include "compile/compile.h"
 #include "core/cuda/runtime.h"
 #include "core/dispatch.h"
@@ -38,64 +37,9 @@ using kiln::Tensor;
 namespace cuda = kiln::cuda;
 const kiln::Device kGPU{kiln::DeviceType::cuda, 0};
 
-// GEMMs and attention; NF4 dequantisation (before each base GEMM) is its own column.
-bool heavy(const std::string& n) { return n == "matmul" || n == "scaled_dot_product_attention" || n == "sdpa_backward"; }
-bool dequant(const std::string& n) { return n == "nf4_dequantize" || n == "blockwise8_dequantize"; }
-
-// Times every GEMM and attention op with CUDA events around it and counts the kernels that pass
-// through dispatch (fused groups of a compiled plan do not; compile::stats() counts those).
-struct OpTimer : kiln::DispatchHandler {
-  struct Span {
-    std::string name;
-    std::unique_ptr<cuda::Event> start, stop;
-  };
-  explicit OpTimer(bool all) : all_(all) {}
-  std::vector<Span> spans;
-  int kernels = 0;
-  std::vector<Tensor> run(const kiln::PrimitivePtr& op, const std::vector<Tensor>& inputs) override {
-    if (op->is_view()) return kiln::dispatch_next(op, inputs);
-    ++kernels;
-    const std::string name = op->name();
-    if (!all_ && !heavy(name) && !dequant(name)) return kiln::dispatch_next(op, inputs);
-    Span s{name, std::make_unique<cuda::Event>(true), std::make_unique<cuda::Event>(true)};
-    s.start->record();
-    std::vector<Tensor> out = kiln::dispatch_next(op, inputs);
-    s.stop->record();
-    spans.push_back(std::move(s));
-    return out;
-  }
-  void run_into(const kiln::PrimitivePtr& op, const std::vector<Tensor>& inputs, std::vector<Tensor>& outputs) override {
-    ++kernels;
-    kiln::dispatch_next_into(op, inputs, outputs);
-  }
-  // GPU ms of the spans whose op name passes `pick`.
-  double ms(const std::function<bool(const std::string&)>& pick) {
-    double total = 0;
-    for (Span& s : spans) {
-      if (!pick(s.name)) continue;
-      s.stop->synchronize();
-      total += s.start->elapsed_ms(*s.stop);
-    }
-    return total;
-  }
-  // (op name, calls, GPU ms), slowest first.
-  std::vector<std::tuple<std::string, int, double>> by_name() {
-    std::map<std::string, std::pair<int, double>> acc;
-    for (Span& s : spans) {
-      s.stop->synchronize();
-      auto& [calls, total] = acc[s.name];
-      ++calls;
-      total += s.start->elapsed_ms(*s.stop);
-    }
-    std::vector<std::tuple<std::string, int, double>> rows;
-    for (const auto& [name, v] : acc) rows.emplace_back(name, v.first, v.second);
-    std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return std::get<2>(a) > std::get<2>(b); });
-    return rows;
-  }
-
- private:
-  bool all_;
-};
+using kiln::bench::OpTimer;
+using kiln::bench::is_dequant;
+using kiln::bench::is_heavy;
 
 struct Row {
   double ms, heavy_ms, dequant_ms, host_ms;
@@ -118,8 +62,8 @@ Row measure(const std::function<void()>& step, int iters, const std::function<in
   }
   Row r;
   r.ms = ms;
-  r.heavy_ms = timer.ms(heavy);
-  r.dequant_ms = timer.ms(dequant);
+  r.heavy_ms = timer.ms(is_heavy);
+  r.dequant_ms = timer.ms(is_dequant);
   r.host_ms = std::chrono::duration<double, std::milli>(t1 - t0).count() / iters;
   r.kernels = timer.kernels + fused_kernels();
   return r;
@@ -142,7 +86,7 @@ void print_ops(const char* title, const std::function<void()>& step) {
     step();
   }
   std::printf("\n%s, op by op:\n%-34s %6s %9s\n", title, "op", "calls", "GPU ms");
-  for (const auto& [name, calls, ms] : timer.by_name()) std::printf("%-34s %6d %9.3f\n", name.c_str(), calls, ms);
+  for (const OpTimer::Row& r : timer.rows()) std::printf("%-34s %6d %9.3f\n", r.name.c_str(), r.calls, r.ms);
 }
 
 // The chunked LM head of Llama 3.1 8B (frozen bf16 weight), forward+backward, per loss function.

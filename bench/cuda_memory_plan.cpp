@@ -2,8 +2,10 @@
 // NF4 base, LoRA r=16 on every linear layer, AdamW, batch 1 x 4096 tokens. Per budget: the plan
 // (layers checkpointed, loss chunk), its predicted peak, the real peak of AdamW steps and the step
 // time. Optional: --layers N, --seq T, --batch B, --iters N, --budgets "10,14,20" (GiB; 0: the default),
-// --mlp-chunk N (the MLP in checkpointed pieces of N tokens: long sequences). Each plan's description
-// goes to stderr.
+// --mlp-chunk N (the MLP in checkpointed pieces of N tokens: long sequences), --ops (each plan's step
+// by category — GEMMs, attention, dequantisation, loss, optimizer, the rest, the time between ops — with
+// GEMM and attention TFLOP/s against the 790 cuBLASLt reaches on an 8192³ bf16 product). Each plan's
+// description goes to stderr.
 #include <algorithm>
 #include <cstdio>
 #include <sstream>
@@ -11,6 +13,7 @@
 #include <vector>
 
 #include "bench/cuda_timing.h"
+#include "bench/op_timer.h"
 #include "core/cuda/runtime.h"
 #include "core/memory.h"
 #include "core/ops.h"
@@ -31,7 +34,10 @@ struct Args {
   int iters = 3;
   std::string budgets = "8,10,14,20,28,0";
   int64_t mlp_chunk = 0;
+  bool ops = false;
 };
+
+constexpr double kCublasLtTflops = 790;  // bf16 8192³ through cuBLASLt on the H200 (and about so on an H100)
 
 constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 
@@ -39,18 +45,26 @@ constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 
 int main(int argc, char** argv) {
   Args a;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    const std::string k = argv[i], v = argv[i + 1];
+  const auto usage = [&] {
+    std::fprintf(stderr, "usage: %s [--layers N] [--seq T] [--batch B] [--iters N] [--budgets GiB,GiB,...] [--mlp-chunk N] [--ops]\n",
+                 argv[0]);
+    return 2;
+  };
+  for (int i = 1; i < argc; ++i) {
+    const std::string k = argv[i];
+    if (k == "--ops") {
+      a.ops = true;
+      continue;
+    }
+    if (i + 1 >= argc) return usage();
+    const std::string v = argv[++i];
     if (k == "--layers") a.layers = std::stoll(v);
     else if (k == "--seq") a.seq = std::stoll(v);
     else if (k == "--batch") a.batch = std::stoll(v);
     else if (k == "--iters") a.iters = std::stoi(v);
     else if (k == "--budgets") a.budgets = v;
     else if (k == "--mlp-chunk") a.mlp_chunk = std::stoll(v);
-    else {
-      std::fprintf(stderr, "usage: %s [--layers N] [--seq T] [--batch B] [--iters N] [--budgets GiB,GiB,...] [--mlp-chunk N]\n", argv[0]);
-      return 2;
-    }
+    else return usage();
   }
   if (!cuda::is_available()) {
     std::printf("no CUDA device\n");
@@ -117,6 +131,7 @@ int main(int argc, char** argv) {
                   static_cast<long long>(a.layers), static_cast<long long>(offloaded), static_cast<double>(plan.host_bytes) / kGiB,
                   static_cast<long long>(plan.loss_chunk), predicted / kGiB, peak / kGiB, peak / predicted, ms,
                   static_cast<double>(a.batch * a.seq) / (ms / 1000.0));
+      if (a.ops) bench::print_step_breakdown(step, ms, kCublasLtTflops);
       std::fflush(stdout);
     }
   } catch (const std::exception& e) {
