@@ -80,6 +80,26 @@ struct Run {
     buf[static_cast<size_t>(e.output_nr)] = accumulate(buf[static_cast<size_t>(e.output_nr)], g);
   }
 
+  // For each wanted input of `n`: the gradient gathered so far for the node output it came from, when
+  // the vjp may add its own to it (not with create_graph, not where grad() catches it, once per output).
+  std::vector<Tensor> gathered(const Node& n, const std::vector<bool>& wanted) {
+    std::vector<Tensor> out(n.edges.size());
+    if (create_graph) return out;
+    for (size_t i = 0; i < n.edges.size(); ++i) {
+      const Edge& e = n.edges[i];
+      if (!wanted[i] || !e.node || caught_nodes.count({e.node.get(), e.output_nr})) continue;
+      bool repeated = false;
+      for (size_t j = 0; j < i; ++j)
+        repeated |= n.edges[j].node == e.node && n.edges[j].output_nr == e.output_nr;
+      if (repeated) continue;
+      auto it = buffers.find(e.node.get());
+      if (it == buffers.end() || it->second.empty()) continue;
+      const Tensor& g = it->second[static_cast<size_t>(e.output_nr)];
+      if (g.defined() && g.dtype() == n.input_meta[i].dtype) out[i] = g;
+    }
+    return out;
+  }
+
   void process(Node& n) {
     auto it = buffers.find(&n);
     if (it == buffers.end()) return;
@@ -95,7 +115,7 @@ struct Run {
     size_t vi = 0;
     for (const auto* saved : {&n.saved_inputs, &n.saved_outputs}) {
       for (const Tensor& t : *saved) {
-        KILN_CHECK(!t.storage() || t.storage()->version() == n.saved_versions[vi], "backward",
+        KILN_CHECK(!t.defined() || !t.storage() || t.storage()->version() == n.saved_versions[vi], "backward",
                    "a tensor saved by {} for backward was modified in place after it was saved", n.op->name());
         ++vi;
       }
@@ -115,12 +135,15 @@ struct Run {
     }
     std::vector<bool> wanted;
     for (const Edge& e : n.edges) wanted.push_back(e.active());
+    std::vector<Tensor> addends = gathered(n, wanted);
+    std::vector<bool> offered;
+    for (const Tensor& a : addends) offered.push_back(a.defined());
     std::vector<Tensor> grads;
     {
       bool prev = grad_enabled();
       set_grad_enabled(create_graph);
       try {
-        grads = n.op->vjp(n.saved_inputs, outputs, cot, wanted);
+        grads = n.op->vjp_accumulating(n.saved_inputs, outputs, cot, wanted, addends);
       } catch (...) {
         set_grad_enabled(prev);
         throw;
@@ -135,6 +158,10 @@ struct Run {
       KILN_CHECK(grads[i].shape() == m.shape, "backward", "vjp of {} gave input {} a gradient of shape {}, expected {}",
                  n.op->name(), i, shape_str(grads[i].shape()), shape_str(m.shape));
       Tensor g = grads[i].dtype() == m.dtype ? grads[i] : cast(grads[i], m.dtype);
+      if (offered[i] && !addends[i].defined()) {  // the op summed it with what was gathered
+        buffers[n.edges[i].node.get()][static_cast<size_t>(n.edges[i].output_nr)] = g;
+        continue;
+      }
       to_edge(n.edges[i], g);
     }
     if (!retain_graph) {

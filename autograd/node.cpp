@@ -8,7 +8,8 @@ namespace {
 std::atomic<uint64_t> g_sequence{0};
 
 Tensor save(const Tensor& t, bool keep_history, std::vector<uint64_t>& versions) {
-  versions.push_back(t.storage() ? t.storage()->version() : 0);
+  versions.push_back(t.defined() && t.storage() ? t.storage()->version() : 0);
+  if (!t.defined()) return t;
   return keep_history ? t : t.detach();
 }
 }  // namespace
@@ -38,7 +39,8 @@ void record(const PrimitivePtr& op, const std::vector<Tensor>& inputs, std::vect
   auto node = std::make_shared<Node>();
   node->op = op;
   node->sequence = g_sequence.fetch_add(1);
-  for (const Tensor& t : inputs) {
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const Tensor& t = inputs[i];
     node->input_meta.push_back({t.shape(), t.dtype(), t.device()});
     Edge e;
     if (t.requires_grad()) {
@@ -50,7 +52,8 @@ void record(const PrimitivePtr& op, const std::vector<Tensor>& inputs, std::vect
       }
     }
     node->edges.push_back(std::move(e));
-    if (op->vjp_needs_inputs()) node->saved_inputs.push_back(save(t, true, node->saved_versions));
+    if (op->vjp_needs_inputs())
+      node->saved_inputs.push_back(save(op->vjp_needs_input(i) ? t : Tensor(), true, node->saved_versions));
   }
   for (const Tensor& t : outputs) {
     node->output_meta.push_back({t.shape(), t.dtype(), t.device()});

@@ -80,8 +80,20 @@ class Primitive {
   virtual bool differentiable() const { return false; }
   virtual std::vector<Tensor> vjp(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
                                   const std::vector<Tensor>& cotangents, const std::vector<bool>& wanted) const;
+  // vjp, offered the gradient already gathered for some inputs (addends[i] defined: another op's vjp
+  // gave input i one first). An op may return addends[i] + its own gradient as grads[i], summed in its
+  // kernel (matmul: in the GEMM's epilogue, sparing an add's pass over the tensor), and then undefine
+  // addends[i]; the engine adds the gradients of those left as it always does.
+  virtual std::vector<Tensor> vjp_accumulating(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
+                                               const std::vector<Tensor>& cotangents, const std::vector<bool>& wanted,
+                                               std::vector<Tensor>& /*addends*/) const {
+    return vjp(inputs, outputs, cotangents, wanted);
+  }
   // What the vjp reads; autograd saves only that (add saves nothing, exp saves its output).
   virtual bool vjp_needs_inputs() const { return true; }
+  // With vjp_needs_inputs: whether it reads input i; one it does not is saved as an undefined Tensor
+  // (matmul's addend: the gradient of a + b @ c needs b and c, never a).
+  virtual bool vjp_needs_input(size_t /*i*/) const { return true; }
   virtual bool vjp_needs_outputs() const { return true; }
   // Called when a backward without retain_graph is done with this op's node (custom Functions
   // free the tensors they saved).

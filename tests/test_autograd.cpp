@@ -4,6 +4,7 @@
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
 #include <cmath>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -11,6 +12,7 @@
 #include "autograd/engine.h"
 #include "autograd/function.h"
 #include "autograd/grad_mode.h"
+#include "core/dispatch.h"
 #include "core/ops.h"
 #include "tests/helpers.h"
 
@@ -111,6 +113,46 @@ TEST_CASE("autograd: shared subgraphs accumulate", "[autograd]") {
     test::require_close(g[0], f64({4.0, -8.0}, {2}), 1e-12, 1e-12);
     test::require_close(g[1], f64({8.0, -16.0}, {2}), 1e-12, 1e-12);
   }
+}
+
+namespace {
+// Counts the non-view ops dispatched on this thread by name.
+struct OpCounter : DispatchHandler {
+  std::map<std::string, int> calls;
+  std::vector<Tensor> run(const PrimitivePtr& op, const std::vector<Tensor>& inputs) override {
+    if (!op->is_view()) ++calls[op->name()];
+    return dispatch_next(op, inputs);
+  }
+};
+}  // namespace
+
+TEST_CASE("autograd: a matmul's vjp adds the gradient gathered so far in its GEMM", "[autograd]") {
+  // h = tanh(x) feeds three GEMMs (as a norm's output feeds q, k and v): h's gradient is the sum of three
+  // products, the second and third computed with the sum so far as their GEMM's addend, so backward runs
+  // no add.
+  Tensor x = random_leaf({2, 5, 8}, 60);
+  const Tensor w1 = test::random_tensor({8, 6}, DType::f64, 61), w2 = test::random_tensor({8, 3}, DType::f64, 62);
+  const Tensor w3 = test::random_tensor({8, 4}, DType::f64, 63), c = test::random_tensor({2, 5, 4}, DType::f64, 64);
+  auto f = [&](const std::vector<Tensor>& in) {
+    const Tensor h = tanh(in[0]);
+    return sum(matmul(h, w1)) + sum(exp(matmul(h, w2))) + sum(matmul(h, w3) * c);
+  };
+  OpCounter count;
+  {
+    const Tensor y = f({x});
+    HandlerScope scope(&count);
+    y.backward();
+  }
+  CHECK(count.calls["add"] == 0);
+  CHECK(count.calls["matmul"] == 3);
+  const Tensor h = tanh(x.detach());
+  const Tensor dh = matmul(ones({2, 5, 6}, DType::f64), w1.t()) + matmul(exp(matmul(h, w2)), w2.t()) + matmul(c, w3.t());
+  test::require_close(x.grad(), dh * (1.0 - h * h), 1e-12, 1e-12);
+  test::check_gradients(f, {x});
+  // grad() catching h's gradient gets the whole sum
+  Tensor hh = tanh(x);
+  const std::vector<Tensor> gh = autograd::grad({sum(matmul(hh, w1)) + sum(matmul(hh, w3) * c)}, {hh});
+  test::require_close(gh[0], matmul(ones({2, 5, 6}, DType::f64), w1.t()) + matmul(c, w3.t()), 1e-12, 1e-12);
 }
 
 TEST_CASE("autograd: .grad accumulates across backward calls until zero_grad", "[autograd]") {

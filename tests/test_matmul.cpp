@@ -4,8 +4,10 @@
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
 #include <cmath>
+#include <memory>
 #include <vector>
 
+#include "autograd/node.h"
 #include "core/cpu/gemm.h"
 #include "tests/helpers.h"
 
@@ -306,6 +308,20 @@ TEST_CASE("matmul_add adds C in the GEMM: rounds once, differentiates, rejects a
     b.set_requires_grad(true);
     cc.set_requires_grad(true);
     test::check_gradients([](const std::vector<Tensor>& x) { return matmul_add(x[0], x[1], x[2]); }, {a, b, cc});
+  }
+  {  // backward needs a and b, never c: the addend is not kept alive by the graph
+    Tensor a = test::random_tensor({3, 4}, DType::f64, 640).set_requires_grad(true);
+    Tensor b = test::random_tensor({4, 5}, DType::f64, 641).set_requires_grad(true);
+    Tensor cc = mul(test::random_tensor({3, 5}, DType::f64, 642).set_requires_grad(true), 2.0);
+    const std::weak_ptr<TensorImpl> addend = cc.impl();
+    Tensor y = matmul_add(a, b, cc);
+    const auto& saved = y.grad_fn()->saved_inputs;
+    REQUIRE(saved.size() == 3);
+    CHECK((saved[0].defined() && saved[1].defined() && !saved[2].defined()));
+    cc = Tensor();
+    CHECK(addend.expired());
+    sum(y).backward();
+    CHECK(a.grad().defined());
   }
   // a transposed (non-contiguous) addend reads as its values
   Tensor a = test::random_tensor({5, 6}, DType::f32, 620), b = test::random_tensor({6, 4}, DType::f32, 621);

@@ -57,8 +57,34 @@ std::vector<TensorMeta> Matmul::infer(const std::vector<Tensor>& inputs) const {
   return {TensorMeta{batch, a.dtype(), a.device()}};
 }
 
-std::vector<Tensor> Matmul::vjp(const std::vector<Tensor>& inputs, const std::vector<Tensor>&,
+std::vector<Tensor> Matmul::vjp(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
                                 const std::vector<Tensor>& cotangents, const std::vector<bool>& wanted) const {
+  std::vector<Tensor> none(inputs.size());
+  return vjp_accumulating(inputs, outputs, cotangents, wanted, none);
+}
+
+namespace {
+// x @ y, plus `addend` in the GEMM when it is x @ y's shape, dtype and device (then undefined), so the
+// caller gets the sum; otherwise the product alone.
+Tensor product_plus(const Tensor& x, const Tensor& y, Tensor& addend) {
+  if (addend.defined()) {
+    Shape shape = broadcast_shapes(Shape(x.shape().begin(), x.shape().end() - 2), Shape(y.shape().begin(), y.shape().end() - 2),
+                                   "matmul");
+    shape.push_back(x.shape()[x.shape().size() - 2]);
+    shape.push_back(y.shape().back());
+    if (addend.shape() == shape && addend.dtype() == x.dtype() && addend.device() == x.device()) {
+      Tensor sum = matmul_add(x, y, addend);
+      addend = Tensor();
+      return sum;
+    }
+  }
+  return matmul(x, y);
+}
+}  // namespace
+
+std::vector<Tensor> Matmul::vjp_accumulating(const std::vector<Tensor>& inputs, const std::vector<Tensor>&,
+                                             const std::vector<Tensor>& cotangents, const std::vector<bool>& wanted,
+                                             std::vector<Tensor>& addends) const {
   const Tensor& a = inputs[0];  // (..., M, K)
   const Tensor& b = inputs[1];  // (..., K, N)
   const Tensor& g = cotangents[0];  // (batch..., M, N)
@@ -66,17 +92,17 @@ std::vector<Tensor> Matmul::vjp(const std::vector<Tensor>& inputs, const std::ve
   if (inputs.size() == 3 && wanted[2]) grads[2] = g;  // the addend: the product's shape exactly
   if (wanted[0]) {
     // dA (batch..., M, K) = g @ B^T, summed over the batch dims A was broadcast along
-    grads[0] = sum_to(matmul(g, transpose(b, -2, -1)), a.shape());
+    grads[0] = sum_to(product_plus(g, transpose(b, -2, -1), addends[0]), a.shape());
   }
   if (wanted[1]) {
     if (b.dim() == 2 && a.dim() > 2) {
       // B is shared by the whole batch: fold the batch into rows, dB (K, N) = A (rows, K)^T @ g (rows, N),
       // which needs no (batch..., K, N) intermediate.
       const int64_t k = a.shape().back(), n = b.shape().back();
-      grads[1] = matmul(transpose(reshape(a, {-1, k}), 0, 1), reshape(g, {-1, n}));
+      grads[1] = product_plus(transpose(reshape(a, {-1, k}), 0, 1), reshape(g, {-1, n}), addends[1]);
     } else {
       // dB (batch..., K, N) = A^T @ g, summed over the batch dims B was broadcast along
-      grads[1] = sum_to(matmul(transpose(a, -2, -1), g), b.shape());
+      grads[1] = sum_to(product_plus(transpose(a, -2, -1), g, addends[1]), b.shape());
     }
   }
   return grads;

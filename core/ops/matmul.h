@@ -19,7 +19,12 @@ class Matmul : public Primitive {
   // dA = g @ B^T and dB = A^T @ g (dC = g): inputs, no output.
   std::vector<Tensor> vjp(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
                           const std::vector<Tensor>& cotangents, const std::vector<bool>& wanted) const override;
+  // dA or dB summed with the gradient already gathered, as the addend of its GEMM.
+  std::vector<Tensor> vjp_accumulating(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
+                                       const std::vector<Tensor>& cotangents, const std::vector<bool>& wanted,
+                                       std::vector<Tensor>& addends) const override;
   bool vjp_needs_outputs() const override { return false; }
+  bool vjp_needs_input(size_t i) const override { return i < 2; }  // not the addend
 };
 
 }  // namespace kiln::prim
