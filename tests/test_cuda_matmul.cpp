@@ -195,6 +195,29 @@ TEST_CASE("cuda matmul_add adds C in cuBLASLt's epilogue as the CPU does", "[cud
   }
 }
 
+TEST_CASE("cuda matmul: tuned GEMMs give the products, in place too", "[cuda][matmul]") {
+  if (!cuda::is_available()) SKIP("no CUDA device");
+  const bool was = cuda::gemm_tuning();
+  cuda::set_gemm_tuning(true);
+  // Shapes no other case uses, so their plans are made (and tuned) here: plain, with an addend, and
+  // out += a @ b (tuning skips that call: running it several times would add the product several times;
+  // the next call of the shape, with a fresh output, tunes it).
+  for (DType dt : {DType::bf16, DType::f32}) {
+    INFO(dtype_name(dt));
+    const Tensor a = test::random_tensor({333, 260}, dt, 40), b = test::random_tensor({260, 198}, dt, 41);
+    const Tensor c = test::random_tensor({333, 198}, dt, 42);
+    const Tol t = tol_for(dt, 260);
+    Tensor acc = c.to(kGPU);
+    matmul_into(acc, a.to(kGPU), b.to(kGPU), /*accumulate=*/true);
+    test::require_close(acc.to(kCPU), matmul_add(a, b, c), t.rtol, t.atol);
+    test::require_close(matmul(a.to(kGPU), b.to(kGPU)).to(kCPU), matmul(a, b), t.rtol, t.atol);
+    test::require_close(matmul_add(a.to(kGPU), b.to(kGPU), c.to(kGPU)).to(kCPU), matmul_add(a, b, c), t.rtol, t.atol);
+    matmul_into(acc, a.to(kGPU), b.to(kGPU), /*accumulate=*/true);  // tuned now: adds once more
+    test::require_close(acc.to(kCPU), add(matmul_add(a, b, c), matmul(a, b)), 2 * t.rtol, 2 * t.atol);
+  }
+  cuda::set_gemm_tuning(was);
+}
+
 TEST_CASE("cuda matmul: host threads sharing one stream get their own products", "[cuda][matmul]") {
   // The local backend's ranks are threads on the default stream. A cuBLASLt call may enqueue several
   // kernels that pass partial sums through the stream's workspace (split-K); another thread's GEMM

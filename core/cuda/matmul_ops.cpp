@@ -6,7 +6,9 @@
 
 #include <array>
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
+#include <vector>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -28,6 +30,12 @@ namespace {
 
 constexpr size_t kWorkspaceBytes = size_t{32} << 20;
 std::atomic<bool> g_allow_tf32{false};
+std::atomic<bool> g_tune{[] {
+  const char* e = std::getenv("KILN_GEMM_TUNE");
+  return e != nullptr && std::strcmp(e, "1") == 0;
+}()};
+constexpr int kTuneCandidates = 8;
+constexpr int kTuneRuns = 3;
 
 #define KILN_CUBLAS_CHECK(call, op)                                                                     \
   do {                                                                                                  \
@@ -123,6 +131,7 @@ struct Plan {
   cublasLtMatmulDesc_t desc = nullptr;
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
   cublasLtMatmulAlgo_t algo{};
+  std::vector<cublasLtMatmulAlgo_t> candidates;  // to time, when tuning (then emptied)
   Plan() = default;
   Plan(const Plan&) = delete;
   Plan& operator=(const Plan&) = delete;
@@ -178,19 +187,21 @@ std::unique_ptr<Plan> build_plan(const GemmKey& k, const TypeInfo& ti, cublasLtH
   for (const auto& [attr, value] : aligns) {
     KILN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, attr, &value, sizeof(value)), "matmul");
   }
-  cublasLtMatmulHeuristicResult_t result{};
+  std::array<cublasLtMatmulHeuristicResult_t, kTuneCandidates> results{};
   int found = 0;
-  const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(handle, plan->desc, plan->a, plan->b, plan->c, plan->c,
-                                                           pref, 1, &result, &found);
+  const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(handle, plan->desc, plan->a, plan->b, plan->c, plan->c, pref,
+                                                           g_tune.load() ? kTuneCandidates : 1, results.data(), &found);
   if (st == CUBLAS_STATUS_NOT_SUPPORTED || (st == CUBLAS_STATUS_SUCCESS && found == 0)) return nullptr;
   KILN_CUBLAS_CHECK(st, "matmul");
-  plan->algo = result.algo;
+  plan->algo = results[0].algo;
+  if (found > 1)
+    for (int i = 0; i < found; ++i) plan->candidates.push_back(results[static_cast<size_t>(i)].algo);
   return plan;
 }
 
 // The cached plan of `key` on this thread (cuBLASLt descriptors are not shared between threads);
 // null when cuBLASLt has no algorithm for it (remembered too).
-const Plan* plan_for(const GemmKey& key, const TypeInfo& ti, cublasLtHandle_t handle) {
+Plan* plan_for(const GemmKey& key, const TypeInfo& ti, cublasLtHandle_t handle) {
   thread_local std::unordered_map<GemmKey, std::unique_ptr<Plan>, GemmKeyHash> cache;
   auto it = cache.find(key);
   if (it != cache.end()) return it->second.get();
@@ -321,9 +332,9 @@ bool try_gemm(const Tensor& a_in, const Tensor& b_in, const Tensor* addend, Tens
   }
 
   cublasLtHandle_t handle = handle_for(device);
-  const Plan* found = plan_for(key, ti, handle);
+  Plan* found = plan_for(key, ti, handle);
   if (found == nullptr) return false;
-  const Plan& plan = *found;
+  Plan& plan = *found;
   Workspace& workspace = workspace_for(device, stream);
   std::lock_guard<std::mutex> enqueue(workspace.enqueue);
   void* ws = workspace.buffer.raw_data();
@@ -333,6 +344,30 @@ bool try_gemm(const Tensor& a_in, const Tensor& b_in, const Tensor* addend, Tens
   const void* beta = add_base != nullptr ? alpha
                      : ti.scale == CUDA_R_64F ? static_cast<const void*>(&zero_d)
                                               : static_cast<const void*>(&zero_f);
+  // Tuning writes D several times: not where D is also C (out += a @ b); a later call of the key tunes.
+  if (!plan.candidates.empty() && add_base != c_base) {
+    const auto& off = offsets.front();
+    void* d = c_base + off[0] * static_cast<int64_t>(es);
+    const void* c = add_base != nullptr ? add_base + off[0] * static_cast<int64_t>(es) : d;
+    const void* a_ptr = b_base + off[2] * static_cast<int64_t>(es);
+    const void* b_ptr = a_base + off[1] * static_cast<int64_t>(es);
+    float best = 0;
+    for (const cublasLtMatmulAlgo_t& algo : plan.candidates) {
+      auto run = [&] {
+        return cublasLtMatmul(handle, plan.desc, alpha, a_ptr, plan.a, b_ptr, plan.b, beta, c, plan.c, d, plan.c, &algo, ws,
+                              kWorkspaceBytes, static_cast<cudaStream_t>(stream));
+      };
+      if (run() != CUBLAS_STATUS_SUCCESS) continue;  // warm-up; an algorithm that refuses is skipped
+      Event start(true), stop(true);
+      start.record(current_stream(device));
+      for (int i = 0; i < kTuneRuns; ++i) KILN_CUBLAS_CHECK(run(), op);
+      stop.record(current_stream(device));
+      stop.synchronize();
+      const float ms = start.elapsed_ms(stop);
+      if (best == 0 || ms < best) best = ms, plan.algo = algo;
+    }
+    plan.candidates.clear();
+  }
   for (const auto& off : offsets) {
     void* d = c_base + off[0] * static_cast<int64_t>(es);
     const void* c = add_base != nullptr ? add_base + off[0] * static_cast<int64_t>(es) : d;
@@ -365,6 +400,8 @@ void matmul_kernel(const prim::Matmul&, const std::vector<Tensor>& in, std::vect
 
 void set_allow_tf32(bool allow) { g_allow_tf32.store(allow); }
 bool allow_tf32() { return g_allow_tf32.load(); }
+void set_gemm_tuning(bool on) { g_tune.store(on); }
+bool gemm_tuning() { return g_tune.load(); }
 
 KILN_REGISTER(cuda_matmul_kernels) { register_kernel<prim::Matmul>(DeviceType::cuda, &matmul_kernel); }
 

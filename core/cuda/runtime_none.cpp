@@ -47,5 +47,7 @@ void memcpy_async(void*, const void*, size_t, const Stream&) { no_cuda(); }
 
 void set_allow_tf32(bool) { no_cuda(); }
 bool allow_tf32() { return false; }
+void set_gemm_tuning(bool) { no_cuda(); }
+bool gemm_tuning() { return false; }
 
 }  // namespace kiln::cuda
