@@ -136,7 +136,9 @@ Tensor log_softmax(const Tensor& x, int64_t dim);
 // ---- linear algebra (core/ops/matmul.cpp)
 // (..., M, K) @ (..., K, N) -> (..., M, N), batch dims broadcast; both at least 2-d.
 Tensor matmul(const Tensor& a, const Tensor& b);
-Tensor matmul_add(const Tensor& a, const Tensor& b, const Tensor& c);  // a @ b + c in the GEMM (c: the product's shape)
+Tensor matmul(const Tensor& a, const Tensor& b, double alpha);  // alpha (a @ b), scaled in the GEMM
+// alpha (a @ b) + c in the GEMM (c: the product's shape), rounded once
+Tensor matmul_add(const Tensor& a, const Tensor& b, const Tensor& c, double alpha = 1.0);
 // out = a @ b, or out += a @ b with `accumulate` (the addend of the GEMM, one rounding), written into
 // `out` (contiguous, the product's shape and dtype): no new buffer. Not recorded by autograd.
 void matmul_into(const Tensor& out, const Tensor& a, const Tensor& b, bool accumulate = false);

@@ -217,14 +217,13 @@ Tensor LoraLinear::forward(const Tensor& x) {
   Tensor y = base()(x);  // (..., out)
   if (merged_) return y;
   const DType dt = x.dtype();
-  // Adapters live in f32 and compute in x's dtype; the scaling is folded into the small B (out, r)
-  // rather than applied to the (..., out) product, and the base output joins the second GEMM as its
-  // addend (one pass over (..., out), rounded once).
-  Tensor a = lora_a(), b = mul(lora_b(), scaling_);
+  // Adapters live in f32 and compute in x's dtype. The second GEMM applies the scaling (its alpha) and
+  // adds the base output (its addend): one pass over (..., out), rounded once.
+  Tensor a = lora_a(), b = lora_b();
   if (a.dtype() != dt) a = cast(a, dt), b = cast(b, dt);
   const Tensor xd = dropout_ > 0 ? dropout(x, dropout_, is_training()) : x;
-  const Tensor u = matmul(xd, transpose(a, 0, 1));  // (..., r)
-  return matmul_add(u, transpose(b, 0, 1), y);     // (..., out)
+  const Tensor u = matmul(xd, transpose(a, 0, 1));          // (..., r)
+  return matmul_add(u, transpose(b, 0, 1), y, scaling_);  // (..., out)
 }
 
 void LoraLinear::add_delta(const Tensor& w, double sign) const {

@@ -178,7 +178,7 @@ TEST_CASE("cuda matmul in f32 with TF32 allowed stays close", "[cuda][matmul]") 
   test::require_close(matmul(a.to(kGPU), b.to(kGPU)).to(kCPU), want, 1e-4, 1e-5 * 16);
 }
 
-TEST_CASE("cuda matmul_add adds C in cuBLASLt's epilogue as the CPU does", "[cuda][matmul]") {
+TEST_CASE("cuda matmul_add adds C in cuBLASLt's epilogue and scales by alpha as the CPU does", "[cuda][matmul]") {
   if (!cuda::is_available()) SKIP("no CUDA device");
   const Case cases[] = {{{7, 13}, {13, 5}}, {{3, 5, 7}, {7, 2}}, {{4, 1, 5, 6}, {3, 6, 2}}, {{64, 4096}, {4096, 48}},
                         {{3, 0}, {0, 4}}};
@@ -191,6 +191,10 @@ TEST_CASE("cuda matmul_add adds C in cuBLASLt's epilogue as the CPU does", "[cud
       const Tensor got = matmul_add(a.to(kGPU), b.to(kGPU), cc.to(kGPU));
       const Tol t = tol_for(dt, a.size(-1));
       test::require_close(got.to(kCPU), want, t.rtol, t.atol);
+      // alpha (cuBLASLt's) scales the product only
+      test::require_close(matmul_add(a.to(kGPU), b.to(kGPU), cc.to(kGPU), 0.375).to(kCPU), matmul_add(a, b, cc, 0.375),
+                          t.rtol, t.atol);
+      test::require_close(matmul(a.to(kGPU), b.to(kGPU), -2.5).to(kCPU), matmul(a, b, -2.5), t.rtol, 2.5 * t.atol);
     }
   }
 }

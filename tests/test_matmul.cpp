@@ -308,6 +308,11 @@ TEST_CASE("matmul_add adds C in the GEMM: rounds once, differentiates, rejects a
     b.set_requires_grad(true);
     cc.set_requires_grad(true);
     test::check_gradients([](const std::vector<Tensor>& x) { return matmul_add(x[0], x[1], x[2]); }, {a, b, cc});
+    // alpha scales the product in the GEMM, not the addend
+    test::require_close(matmul_add(a, b, cc, -0.75), add(mul(matmul(a, b), -0.75), cc), 1e-14, 1e-14);
+    test::require_close(matmul(a, b, 3.0), mul(matmul(a, b), 3.0), 1e-14, 1e-14);
+    test::check_gradients([](const std::vector<Tensor>& x) { return matmul_add(x[0], x[1], x[2], -0.75); }, {a, b, cc});
+    test::check_gradients([](const std::vector<Tensor>& x) { return matmul(x[0], x[1], 3.0); }, {a, b});
   }
   {  // backward needs a and b, never c: the addend is not kept alive by the graph
     Tensor a = test::random_tensor({3, 4}, DType::f64, 640).set_requires_grad(true);

@@ -126,7 +126,7 @@ std::vector<std::vector<Factory>> families() {
        make<prim::LogSumExp>(std::vector<int64_t>{0}, true)},
       {make<prim::Softmax>(int64_t{1}, false), make<prim::Softmax>(int64_t{0}, false),
        make<prim::Softmax>(int64_t{1}, true)},
-      {make<prim::Matmul>()},
+      {make<prim::Matmul>(), make<prim::Matmul>(0.5)},
       // optimisers
       {make<prim::MultiTensorL2Norm>()},
       {make<prim::MultiTensorScale>(0.5f), make<prim::MultiTensorScale>(0.25f)},
@@ -279,5 +279,5 @@ TEST_CASE("attributes() prints the typed attributes", "[primitive]") {
   REQUIRE(prim::Copy({2, 3}, DType::bf16, kCPU, DType::f32, kCPU).attributes() ==
           "shape=(2, 3), dtype=bf16, device=cpu, src_dtype=f32, src_device=cpu");
   REQUIRE_THAT(prim::Unary(UnaryOp::exp).attributes(), ContainsSubstring("op=exp"));
-  REQUIRE(prim::Matmul().attributes().empty());
+  REQUIRE(prim::Matmul().attributes() == "alpha=1");
 }

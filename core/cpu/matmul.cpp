@@ -1,7 +1,7 @@
 // CPU kernel of prim::Matmul: walks the broadcast batch and hands each (M, K) @ (K, N) pair to
 // cpu::gemm as strided views (no copies of transposed or sliced operands). A batch against one
-// shared B folds into a single taller GEMM; bf16/f16 accumulate in an f32 buffer rounded once. An
-// addend (third input) joins the product before that rounding.
+// shared B folds into a single taller GEMM; bf16/f16 accumulate in an f32 buffer rounded once. The
+// product is scaled by the primitive's alpha, and an addend (third input) joins it, before that rounding.
 #include <algorithm>
 #include <optional>
 #include <type_traits>
@@ -57,7 +57,7 @@ std::vector<int64_t> batch_offsets(const Shape& batch, const Shape& strides) {
 }
 
 template <class T>
-void matmul_typed(const Tensor& a, const Tensor& b, const Tensor* addend, Tensor& out) {
+void matmul_typed(const Tensor& a, const Tensor& b, const Tensor* addend, double alpha, Tensor& out) {
   using C = compute_t<T>;
   const Shape& os = out.shape();
   const int64_t m = os[os.size() - 2], n = os[os.size() - 1], k = a.shape().back();
@@ -116,6 +116,12 @@ void matmul_typed(const Tensor& a, const Tensor& b, const Tensor* addend, Tensor
     }
   }
 
+  if (alpha != 1.0) {
+    const C s = static_cast<C>(alpha);
+    parallel_for(nbatch * m * n, 1 << 16, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) c[i] *= s;
+    });
+  }
   if (addend != nullptr) {
     const T* d = add.data_ptr<T>();  // (batch..., M, N)
     parallel_for(nbatch * m * n, 1 << 16, [&](int64_t i0, int64_t i1) {
@@ -130,12 +136,12 @@ void matmul_typed(const Tensor& a, const Tensor& b, const Tensor* addend, Tensor
   }
 }
 
-void matmul_kernel(const prim::Matmul&, const std::vector<Tensor>& in, std::vector<Tensor>& out) {
+void matmul_kernel(const prim::Matmul& p, const std::vector<Tensor>& in, std::vector<Tensor>& out) {
   visit_dtype(in[0].dtype(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     if constexpr (std::is_same_v<T, double> || std::is_same_v<T, float> || std::is_same_v<T, bf16> ||
                   std::is_same_v<T, f16>) {
-      matmul_typed<T>(in[0], in[1], in.size() > 2 ? &in[2] : nullptr, out[0]);
+      matmul_typed<T>(in[0], in[1], in.size() > 2 ? &in[2] : nullptr, p.alpha(), out[0]);
     } else {
       KILN_FAIL("matmul", "expected floating-point operands (f64, f32, bf16, f16), found {}",
                 dtype_name(in[0].dtype()));

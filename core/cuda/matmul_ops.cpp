@@ -237,10 +237,10 @@ Operand prepare(const Tensor& x) {
   return {cx, matrix_view(r, c, c, 1)};
 }
 
-// D (batch..., M, N) = A (batch..., M, K) @ B (batch..., K, N) (+ C, a contiguous tensor of D's shape,
-// with beta = 1) into a contiguous `out`. False (nothing launched) when cuBLASLt has no algorithm for
+// D (batch..., M, N) = alpha A (batch..., M, K) @ B (batch..., K, N) (+ C, a contiguous tensor of D's
+// shape, with beta = 1) into a contiguous `out`. False (nothing launched) when cuBLASLt has no algorithm for
 // these layouts and alignments.
-bool try_gemm(const Tensor& a_in, const Tensor& b_in, const Tensor* addend, Tensor& out, const char* op) {
+bool try_gemm(const Tensor& a_in, const Tensor& b_in, const Tensor* addend, double alpha_value, Tensor& out, const char* op) {
   const Shape& os = out.shape();
   const int64_t m = os[os.size() - 2], n = os.back(), k = a_in.shape().back();
   if (out.numel() == 0) return true;
@@ -338,12 +338,13 @@ bool try_gemm(const Tensor& a_in, const Tensor& b_in, const Tensor* addend, Tens
   Workspace& workspace = workspace_for(device, stream);
   std::lock_guard<std::mutex> enqueue(workspace.enqueue);
   void* ws = workspace.buffer.raw_data();
-  const float one_f = 1.0f, zero_f = 0.0f;
+  const float one_f = 1.0f, zero_f = 0.0f, alpha_f = static_cast<float>(alpha_value);
   const double one_d = 1.0, zero_d = 0.0;
-  const void* alpha = ti.scale == CUDA_R_64F ? static_cast<const void*>(&one_d) : static_cast<const void*>(&one_f);
-  const void* beta = add_base != nullptr ? alpha
-                     : ti.scale == CUDA_R_64F ? static_cast<const void*>(&zero_d)
-                                              : static_cast<const void*>(&zero_f);
+  const bool f64 = ti.scale == CUDA_R_64F;
+  const void* alpha = f64 ? static_cast<const void*>(&alpha_value) : static_cast<const void*>(&alpha_f);
+  const void* beta = add_base != nullptr ? (f64 ? static_cast<const void*>(&one_d) : static_cast<const void*>(&one_f))
+                     : f64               ? static_cast<const void*>(&zero_d)
+                                         : static_cast<const void*>(&zero_f);
   // Tuning writes D several times: not where D is also C (out += a @ b); a later call of the key tunes.
   if (!plan.candidates.empty() && add_base != c_base) {
     const auto& off = offsets.front();
@@ -381,19 +382,19 @@ bool try_gemm(const Tensor& a_in, const Tensor& b_in, const Tensor* addend, Tens
 
 // try_gemm, retried on fresh (aligned, contiguous) copies of the operands when cuBLASLt has no
 // algorithm for their layouts.
-void gemm(const Tensor& a, const Tensor& b, const Tensor* addend, Tensor& out, const char* op) {
+void gemm(const Tensor& a, const Tensor& b, const Tensor* addend, double alpha, Tensor& out, const char* op) {
   Tensor add;  // contiguous, as D is
   if (addend != nullptr) add = addend->is_contiguous() ? *addend : contiguous(addend->detach());
   const Tensor* c = addend != nullptr ? &add : nullptr;
-  if (try_gemm(a, b, c, out, op)) return;
+  if (try_gemm(a, b, c, alpha, out, op)) return;
   Tensor c_copy = c != nullptr ? add.clone() : Tensor();
-  KILN_CHECK(try_gemm(a.detach().clone(), b.detach().clone(), c != nullptr ? &c_copy : nullptr, out, op), op,
+  KILN_CHECK(try_gemm(a.detach().clone(), b.detach().clone(), c != nullptr ? &c_copy : nullptr, alpha, out, op), op,
              "cuBLASLt found no algorithm for {} @ {} in {}", shape_str(a.shape()), shape_str(b.shape()),
              dtype_name(a.dtype()));
 }
 
-void matmul_kernel(const prim::Matmul&, const std::vector<Tensor>& in, std::vector<Tensor>& out) {
-  gemm(in[0], in[1], in.size() > 2 ? &in[2] : nullptr, out[0], "matmul");
+void matmul_kernel(const prim::Matmul& p, const std::vector<Tensor>& in, std::vector<Tensor>& out) {
+  gemm(in[0], in[1], in.size() > 2 ? &in[2] : nullptr, p.alpha(), out[0], "matmul");
 }
 
 }  // namespace

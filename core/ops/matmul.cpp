@@ -11,8 +11,12 @@ namespace kiln {
 
 Tensor matmul(const Tensor& a, const Tensor& b) { return dispatch1(std::make_shared<const prim::Matmul>(), {a, b}); }
 
-Tensor matmul_add(const Tensor& a, const Tensor& b, const Tensor& c) {
-  return dispatch1(std::make_shared<const prim::Matmul>(), {a, b, c});
+Tensor matmul(const Tensor& a, const Tensor& b, double alpha) {
+  return dispatch1(std::make_shared<const prim::Matmul>(alpha), {a, b});
+}
+
+Tensor matmul_add(const Tensor& a, const Tensor& b, const Tensor& c, double alpha) {
+  return dispatch1(std::make_shared<const prim::Matmul>(alpha), {a, b, c});
 }
 
 void matmul_into(const Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) {
@@ -64,21 +68,21 @@ std::vector<Tensor> Matmul::vjp(const std::vector<Tensor>& inputs, const std::ve
 }
 
 namespace {
-// x @ y, plus `addend` in the GEMM when it is x @ y's shape, dtype and device (then undefined), so the
-// caller gets the sum; otherwise the product alone.
-Tensor product_plus(const Tensor& x, const Tensor& y, Tensor& addend) {
+// alpha (x @ y), plus `addend` in the GEMM when it is x @ y's shape, dtype and device (then undefined),
+// so the caller gets the sum; otherwise the product alone.
+Tensor product_plus(const Tensor& x, const Tensor& y, double alpha, Tensor& addend) {
   if (addend.defined()) {
     Shape shape = broadcast_shapes(Shape(x.shape().begin(), x.shape().end() - 2), Shape(y.shape().begin(), y.shape().end() - 2),
                                    "matmul");
     shape.push_back(x.shape()[x.shape().size() - 2]);
     shape.push_back(y.shape().back());
     if (addend.shape() == shape && addend.dtype() == x.dtype() && addend.device() == x.device()) {
-      Tensor sum = matmul_add(x, y, addend);
+      Tensor sum = matmul_add(x, y, addend, alpha);
       addend = Tensor();
       return sum;
     }
   }
-  return matmul(x, y);
+  return matmul(x, y, alpha);
 }
 }  // namespace
 
@@ -91,18 +95,18 @@ std::vector<Tensor> Matmul::vjp_accumulating(const std::vector<Tensor>& inputs, 
   std::vector<Tensor> grads(inputs.size());
   if (inputs.size() == 3 && wanted[2]) grads[2] = g;  // the addend: the product's shape exactly
   if (wanted[0]) {
-    // dA (batch..., M, K) = g @ B^T, summed over the batch dims A was broadcast along
-    grads[0] = sum_to(product_plus(g, transpose(b, -2, -1), addends[0]), a.shape());
+    // dA (batch..., M, K) = alpha g @ B^T, summed over the batch dims A was broadcast along
+    grads[0] = sum_to(product_plus(g, transpose(b, -2, -1), alpha_, addends[0]), a.shape());
   }
   if (wanted[1]) {
     if (b.dim() == 2 && a.dim() > 2) {
-      // B is shared by the whole batch: fold the batch into rows, dB (K, N) = A (rows, K)^T @ g (rows, N),
+      // B is shared by the whole batch: fold the batch into rows, dB (K, N) = alpha A (rows, K)^T @ g (rows, N),
       // which needs no (batch..., K, N) intermediate.
       const int64_t k = a.shape().back(), n = b.shape().back();
-      grads[1] = product_plus(transpose(reshape(a, {-1, k}), 0, 1), reshape(g, {-1, n}), addends[1]);
+      grads[1] = product_plus(transpose(reshape(a, {-1, k}), 0, 1), reshape(g, {-1, n}), alpha_, addends[1]);
     } else {
-      // dB (batch..., K, N) = A^T @ g, summed over the batch dims B was broadcast along
-      grads[1] = sum_to(product_plus(transpose(a, -2, -1), g, addends[1]), b.shape());
+      // dB (batch..., K, N) = alpha A^T @ g, summed over the batch dims B was broadcast along
+      grads[1] = sum_to(product_plus(transpose(a, -2, -1), g, alpha_, addends[1]), b.shape());
     }
   }
   return grads;
