@@ -290,6 +290,41 @@ int64_t Llama::mlp_chunk() const {
   return model().child_as<ModuleList>("layers").at<LlamaDecoderLayer>(0).child_as<LlamaMLP>("mlp").sequence_chunk();
 }
 
+namespace {
+// The NF4 layers of decoder layer `layer` (inside LoRA wrappers too).
+std::vector<NF4Linear*> nf4_layers(Module& layer) {
+  std::vector<NF4Linear*> out;
+  for (auto& [path, m] : layer.named_modules())
+    if (auto* q = dynamic_cast<NF4Linear*>(m)) out.push_back(q);
+  return out;
+}
+}  // namespace
+
+void Llama::set_dequantized_layers(int64_t n) {
+  auto& layers = model().child_as<ModuleList>("layers");
+  KILN_CHECK(n >= 0 && n <= layers.size(), "Llama", "dequantized layers must be 0 to {}, found {}", layers.size(), n);
+  for (int64_t i = 0; i < layers.size(); ++i)
+    for (NF4Linear* q : nf4_layers(layers.at<LlamaDecoderLayer>(i))) q->keep_dequantized(i < n);
+}
+
+int64_t Llama::dequantized_layers() const {
+  auto& layers = model().child_as<ModuleList>("layers");
+  int64_t n = 0;
+  while (n < layers.size()) {
+    const std::vector<NF4Linear*> q = nf4_layers(layers.at<LlamaDecoderLayer>(n));
+    if (q.empty() || !q.front()->keeps_dequantized()) break;
+    ++n;
+  }
+  return n;
+}
+
+size_t Llama::dequantized_layer_bytes() const {
+  auto& layer = model().child_as<ModuleList>("layers").at<LlamaDecoderLayer>(0);
+  size_t elements = 0;
+  for (NF4Linear* q : nf4_layers(layer)) elements += static_cast<size_t>(q->weight().numel());
+  return elements * itemsize(lm_head_weight().dtype());
+}
+
 void Llama::set_loss_memory_budget(size_t bytes) {
   KILN_CHECK(bytes > 0, "Llama", "the loss head's memory budget must be positive, found 0 bytes");
   loss_memory_budget_ = bytes;

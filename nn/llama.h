@@ -162,6 +162,12 @@ class Llama : public Module {
   // LlamaMLP::set_sequence_chunk of every decoder layer (0: off).
   void set_mlp_chunk(int64_t tokens);
   int64_t mlp_chunk() const;
+  // NF4Linear::keep_dequantized for the NF4 layers of the first `n` decoder layers, off for the rest:
+  // those skip NF4 dequantisation, holding dequantized_layer_bytes() each.
+  void set_dequantized_layers(int64_t n);
+  int64_t dequantized_layers() const;
+  // What one decoder layer's NF4 weights take dequantised in the model's dtype; 0 without NF4 layers.
+  size_t dequantized_layer_bytes() const;
 
   // ids (B, T) int -> final hidden states (B, T, hidden) after the last norm.
   Tensor forward(const Tensor& ids, int64_t start = 0, KVCache* cache = nullptr);

@@ -327,12 +327,28 @@ MemoryPlan plan_once(Llama& model, const MemoryPlanOptions& options, std::string
   plan.peak_extra_bytes = chosen.extra;
   plan.peak_at = chosen.at;
   plan.predicted_peak_bytes = total(chosen);
+  // What is left holds dequantised NF4 weights, a layer at a time (each saves its dequantisations: after
+  // the layers kept whole, the best use of memory).
+  const size_t dense = model.dequantized_layer_bytes();
+  if (dense > 0 && plan.predicted_peak_bytes < plan.budget_bytes) {
+    plan.dequantized_layers = std::min<int64_t>(layers, static_cast<int64_t>((plan.budget_bytes - plan.predicted_peak_bytes) / dense));
+    plan.dequantized_bytes = static_cast<size_t>(plan.dequantized_layers) * dense;
+    plan.predicted_peak_bytes += plan.dequantized_bytes;
+  }
   return plan;
 }
 
 }  // namespace
 
 MemoryPlan plan_memory(Llama& model, const MemoryPlanOptions& options) {
+  // Measured without dequantised weights (freed here, built again at the next forward after planning).
+  const int64_t had_dense = model.dequantized_layers();
+  model.set_dequantized_layers(0);
+  struct Restore {
+    Llama& m;
+    int64_t n;
+    ~Restore() { m.set_dequantized_layers(n); }
+  } restore{model, had_dense};
   std::string no_fit;
   MemoryPlan plan = plan_once(model, options, no_fit);
   const int64_t had = model.mlp_chunk(), piece = options.mlp_chunk_when_needed;
@@ -376,11 +392,15 @@ std::string MemoryPlan::describe() const {
     s += fmt::format(", {} checkpointed with their inputs and attention outputs in pinned host memory ({}; {})", offloaded,
                      layer_ranges(layer_activations, LayerActivations::offload), f(host_bytes));
   if (mlp_chunk > 0) s += fmt::format("\n  MLPs in pieces of {} tokens", mlp_chunk);
+  if (dequantized_layers > 0)
+    s += fmt::format("\n  NF4 weights kept dequantised in {} of {} decoder layers ({}): no dequantisation there", dequantized_layers,
+                     n, f(dequantized_bytes));
   s += fmt::format("\n  loss head: chunks of {} tokens\n", loss_chunk);
-  s += fmt::format("  predicted peak {} at {}: model and other tensors {} + gradients {} + optimizer state {} + batch {} "
+  s += fmt::format("  predicted peak {} at {}: model and other tensors {}{} + gradients {} + optimizer state {} + batch {} "
                    "+ activations {} + {} at the peak\n",
-                   f(predicted_peak_bytes), peak_at, f(static_bytes), f(gradient_bytes), f(optimizer_bytes),
-                   f(batch_bytes), f(activation_bytes), f(peak_extra_bytes));
+                   f(predicted_peak_bytes), peak_at, f(static_bytes),
+                   dequantized_bytes > 0 ? " + dequantised weights " + f(dequantized_bytes) : std::string(),
+                   f(gradient_bytes), f(optimizer_bytes), f(batch_bytes), f(activation_bytes), f(peak_extra_bytes));
   const int64_t tokens = batch_size * seq_len;
   s += fmt::format("  one decoder layer keeps {} for backward (checkpointed: {}); the smallest budget that fits: {}",
                    f(layer.kept.saved.at(tokens)), f(layer.checkpointed.saved.at(tokens)), f(minimum_budget_bytes));
@@ -391,6 +411,7 @@ void MemoryPlan::apply(Llama& model) const {
   model.set_layer_activations(layer_activations);
   model.set_loss_memory_budget(loss_memory_budget);
   model.set_mlp_chunk(mlp_chunk);
+  model.set_dequantized_layers(dequantized_layers);
 }
 
 }  // namespace kiln::nn

@@ -54,8 +54,8 @@ struct LayerMemory {
   BlockMemory kept, checkpointed, norm;
 };
 
-// The chosen plan and its prediction. Predicted peak = static + gradients + optimizer + batch +
-// activations + peak_extra; every part is in bytes.
+// The chosen plan and its prediction. Predicted peak = static + dequantised weights + gradients +
+// optimizer + batch + activations + peak_extra; every part is in bytes.
 struct MemoryPlan {
   Device device;
   int64_t batch_size = 0, seq_len = 0;
@@ -67,6 +67,9 @@ struct MemoryPlan {
   std::vector<LayerActivations> layer_activations;
   int64_t mlp_chunk = 0;             // Llama::set_mlp_chunk: the model's, or chosen when nothing fits whole
   int64_t loss_chunk = 0;            // tokens per chunk of the loss head
+  // Decoder layers whose NF4 weights stay dequantised (Llama::set_dequantized_layers): what budget is
+  // left once the activations and the loss chunk are chosen, one layer's dense weights at a time.
+  int64_t dequantized_layers = 0;
   size_t loss_memory_budget = 0;     // Llama::set_loss_memory_budget value giving loss_chunk
 
   size_t static_bytes = 0;       // allocated on the device when planned: weights, caches, other tensors
@@ -82,13 +85,14 @@ struct MemoryPlan {
                                     // smallest loss chunk)
   size_t layer_input_bytes = 0;     // one (B, T, hidden) activation: what a checkpointed layer keeps
   size_t host_bytes = 0;            // pinned host memory the offloaded layers take (inputs, attention outputs, LSE)
+  size_t dequantized_bytes = 0;     // the dequantised weights of those layers (in the predicted peak)
   LayerMemory layer;                // the probe's measurements
 
   int64_t num_checkpointed() const;  // offloaded layers included
   // A few lines for a person: the budget, the layers checkpointed, the chunk, the predicted peak
   // and its parts.
   std::string describe() const;
-  // Sets the model's per-layer activations, MLP pieces and loss head budget to this plan.
+  // Sets the model's per-layer activations, MLP pieces, dequantised layers and loss head budget to this plan.
   void apply(Llama& model) const;
 };
 
@@ -98,7 +102,8 @@ inline constexpr int64_t kMinLossChunk = 256;
 
 
 // Measures and chooses (see the file comment): as many layers kept whole as fit, then the largest
-// loss chunk up to the default loss budget (ChunkedLossOptions' 2 GiB); when nothing fits and the
+// loss chunk up to the default loss budget (ChunkedLossOptions' 2 GiB), then as many layers with their
+// NF4 weights kept dequantised as the rest of the budget holds; when nothing fits and the
 // model's MLPs are whole, the same with the MLPs in pieces (MemoryPlanOptions::mlp_chunk_when_needed). The measurements run the top
 // decoder layer (kept whole and checkpointed) and the final norm forward and backward on the model's
 // device, in the model's training mode (call model.train() first, as training does), and take every

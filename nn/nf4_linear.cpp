@@ -36,7 +36,27 @@ Tensor NF4Linear::forward(const Tensor& x) {
              in_features_, shape_str(x.shape()));
   Tensor b = has_parameter("bias") ? parameter("bias") : Tensor();
   if (b.defined() && b.dtype() != x.dtype()) b = cast(b, x.dtype());
-  return quant::nf4_linear(x, weight_, b);
+  // A tracer's input (compile/: no storage) gets the plain op, so no compiled graph holds the kept weight.
+  if (!keep_dense_ || !x.storage() || x.device() != weight_.device()) return quant::nf4_linear(x, weight_, b);
+  // What the kept weight was built from: each NF4 tensor's data and version (writes bump it).
+  std::vector<std::pair<const void*, uint64_t>> of;
+  for (const Tensor* t : {&weight_.packed, &weight_.absmax, &weight_.nested_absmax})
+    if (t->defined()) of.emplace_back(t->raw_data(), t->storage() ? t->storage()->version() : 0);
+  if (!dense_.defined() || dense_.dtype() != x.dtype() || of != dense_of_) {
+    dense_ = Tensor();  // the old one goes before the new one is made
+    autograd::NoGradGuard no_grad;
+    dense_ = quant::dequantize_nf4(weight_, x.dtype());  // (out, in)
+    dense_of_ = std::move(of);
+  }
+  return quant::nf4_linear(x, weight_, b, dense_);
+}
+
+void NF4Linear::keep_dequantized(bool on) {
+  keep_dense_ = on;
+  if (!on) {
+    dense_ = Tensor();
+    dense_of_.clear();
+  }
 }
 
 Tensor NF4Linear::dequantized_weight(DType dtype) const { return quant::dequantize_nf4(weight_, dtype); }

@@ -97,7 +97,9 @@ Tensor dequantize_blockwise_8bit(const Tensor& codes, const Tensor& absmax, cons
 // y = x @ dequantize_nf4(w)^T (+ bias): x (..., K) bf16/f16/f32, w of shape (N, K), bias (N) of x's
 // dtype -> (..., N) in x's dtype (kiln::matmul, cuBLASLt on CUDA). Autograd gives the input (and bias)
 // gradient only; nothing dequantised is kept between forward and backward (backward dequantises again).
-Tensor nf4_linear(const Tensor& x, const NF4Weight& w, const Tensor& bias = Tensor());
+// `dense`, when given, is w already dequantised ((N, K) in x's dtype, on its device, e.g. kept by
+// nn::NF4Linear): forward and backward multiply by it instead of dequantising.
+Tensor nf4_linear(const Tensor& x, const NF4Weight& w, const Tensor& bias = Tensor(), const Tensor& dense = Tensor());
 
 }  // namespace kiln::quant
 

@@ -1,6 +1,7 @@
 // The NF4 linear op: y = x @ dequantize_nf4(W)^T (+ bias) as a custom autograd Function that saves
 // nothing dequantised. Forward dequantises W, multiplies and drops it; backward dequantises W again
 // for the input gradient (the frozen base gets no weight gradient; a trainable bias gets its sum).
+// Given W already dequantised (`dense`), both multiply by that instead.
 #include "autograd/function.h"
 #include "quant/nf4.h"
 
@@ -9,7 +10,8 @@ namespace {
 
 class NF4LinearFunction : public autograd::Function {
  public:
-  NF4LinearFunction(NF4Weight w, Shape x_shape) : w_(std::move(w)), x_shape_(std::move(x_shape)) {}
+  NF4LinearFunction(NF4Weight w, Tensor dense, Shape x_shape)
+      : w_(std::move(w)), dense_(std::move(dense)), x_shape_(std::move(x_shape)) {}
   const char* name() const override { return "nf4_linear"; }
 
   // inputs: x (..., K) [, bias (N)]
@@ -17,7 +19,7 @@ class NF4LinearFunction : public autograd::Function {
     const Tensor& x = in[0];
     const int64_t k = w_.shape[1], n = w_.shape[0];
     Tensor x2 = reshape(x, {-1, k});                   // (M, K)
-    Tensor y = matmul(x2, dequantize_nf4(w_, x.dtype()).t());  // (M, K) @ (K, N); the (N, K) weight dies here
+    Tensor y = matmul(x2, weight(x.dtype()).t());  // (M, K) @ (K, N); a dequantised (N, K) weight dies here
     if (in.size() > 1) y = add(y, in[1]);
     Shape out_shape(x_shape_.begin(), x_shape_.end() - 1);
     out_shape.push_back(n);
@@ -30,20 +32,23 @@ class NF4LinearFunction : public autograd::Function {
     std::vector<Tensor> out(needs_input_grad().size());
     Tensor g2 = reshape(g, {-1, n});  // (M, N)
     if (needs_input_grad()[0]) {
-      out[0] = reshape(matmul(g2, dequantize_nf4(w_, g.dtype())), x_shape_);  // (M, N) @ (N, K)
+      out[0] = reshape(matmul(g2, weight(g.dtype())), x_shape_);  // (M, N) @ (N, K)
     }
     if (out.size() > 1 && needs_input_grad()[1]) out[1] = sum(g2, {0});
     return out;
   }
 
  private:
-  NF4Weight w_;  // packed bytes and scales only (shared storage, nothing dequantised)
+  Tensor weight(DType dtype) const { return dense_.defined() ? dense_ : dequantize_nf4(w_, dtype); }  // (N, K)
+
+  NF4Weight w_;  // packed bytes and scales only (shared storage)
+  Tensor dense_;  // (N, K) dequantised by the caller, or undefined
   Shape x_shape_;
 };
 
 }  // namespace
 
-Tensor nf4_linear(const Tensor& x, const NF4Weight& w, const Tensor& bias) {
+Tensor nf4_linear(const Tensor& x, const NF4Weight& w, const Tensor& bias, const Tensor& dense) {
   const char* op = "nf4_linear";
   KILN_CHECK(x.defined(), op, "input is undefined");
   KILN_CHECK(w.shape.size() == 2, op, "weight must be 2-d (N, K), found shape ({})", fmt::join(w.shape, ", "));
@@ -61,7 +66,13 @@ Tensor nf4_linear(const Tensor& x, const NF4Weight& w, const Tensor& bias) {
                dtype_name(x.dtype()));
     inputs.push_back(bias);
   }
-  return autograd::apply(std::make_shared<NF4LinearFunction>(w, x.shape()), inputs)[0];
+  if (dense.defined()) {
+    KILN_CHECK(dense.shape() == w.shape && dense.dtype() == x.dtype() && dense.device() == x.device(), op,
+               "the dequantised weight must be ({}, {}) {} on {}, found {} {} on {}", w.shape[0], w.shape[1],
+               dtype_name(x.dtype()), x.device().str(), shape_str(dense.shape()), dtype_name(dense.dtype()),
+               dense.device().str());
+  }
+  return autograd::apply(std::make_shared<NF4LinearFunction>(w, dense.defined() ? dense.detach() : Tensor(), x.shape()), inputs)[0];
 }
 
 }  // namespace kiln::quant

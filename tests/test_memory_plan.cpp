@@ -106,7 +106,7 @@ BudgetRun train_within(const ModelFactory& make, size_t budget, int64_t batch, i
 // layers whole as the smaller budget's, and two real training steps peak within the budget and
 // within 15% of the prediction. Prints one line per budget.
 void check_budgets(const ModelFactory& make, int64_t batch, int64_t seq) {
-  size_t minimum = 0, roomy = 0, logit_bytes = 0;
+  size_t minimum = 0, roomy = 0, logit_bytes = 0, dense = 0;
   {
     auto model = make();
     const Tensor head = model->lm_head_weight();
@@ -120,8 +120,10 @@ void check_budgets(const ModelFactory& make, int64_t batch, int64_t seq) {
     const nn::MemoryPlan free_plan = nn::plan_memory(*model, mo);
     CHECK(free_plan.num_checkpointed() == 0);
     CHECK(free_plan.loss_chunk == batch * seq);
+    CHECK(free_plan.dequantized_layers == (free_plan.dequantized_bytes > 0 ? model->config().num_hidden_layers : 0));
     minimum = free_plan.minimum_budget_bytes;
-    roomy = free_plan.predicted_peak_bytes;
+    dense = free_plan.dequantized_bytes;
+    roomy = free_plan.predicted_peak_bytes - dense;  // the budgets below may hold some of those too
     REQUIRE(minimum < roomy);
   }
   std::vector<size_t> budgets;
@@ -130,17 +132,19 @@ void check_budgets(const ModelFactory& make, int64_t batch, int64_t seq) {
   const size_t chunked = roomy - static_cast<size_t>(batch * seq - nn::kMinLossChunk) / 2 * logit_bytes;
   REQUIRE(chunked > minimum);
   budgets.push_back(chunked);
+  if (dense > 0) budgets.push_back(roomy + dense);  // and every layer's NF4 weights kept dequantised
   std::sort(budgets.begin(), budgets.end());
   int64_t last_checkpointed = -1;
   for (size_t budget : budgets) {
     const BudgetRun r = train_within(make, budget, batch, seq);
     const double predicted = static_cast<double>(r.plan.predicted_peak_bytes);
     const double actual = static_cast<double>(r.actual_peak);
-    std::printf("[memory_plan] %s, batch %lld x %lld: budget %.2f MiB: %lld of %zu layers checkpointed, chunk %lld, "
-                "predicted %.2f MiB at %s, actual %.2f MiB (%+.1f%%)\n",
+    std::printf("[memory_plan] %s, batch %lld x %lld: budget %.2f MiB: %lld of %zu layers checkpointed, %lld dequantised, "
+                "chunk %lld, predicted %.2f MiB at %s, actual %.2f MiB (%+.1f%%)\n",
                 r.plan.device.str().c_str(), static_cast<long long>(batch), static_cast<long long>(seq),
                 static_cast<double>(budget) / kMiB, static_cast<long long>(r.plan.num_checkpointed()),
-                r.plan.layer_activations.size(), static_cast<long long>(r.plan.loss_chunk), predicted / kMiB,
+                r.plan.layer_activations.size(), static_cast<long long>(r.plan.dequantized_layers),
+                static_cast<long long>(r.plan.loss_chunk), predicted / kMiB,
                 r.plan.peak_at.c_str(), actual / kMiB, 100.0 * (actual - predicted) / predicted);
     if (r.plan.device.is_cuda()) std::printf("%s\n", r.plan.describe().c_str());
     INFO(r.plan.describe());
@@ -157,6 +161,8 @@ void check_budgets(const ModelFactory& make, int64_t batch, int64_t seq) {
       CHECK(r.plan.loss_chunk < batch * seq);
     }
     if (budget == budgets.back()) CHECK(r.plan.loss_chunk == batch * seq);  // one chunk
+    if (dense > 0 && budget == roomy + dense)
+      CHECK(r.plan.dequantized_layers == static_cast<int64_t>(r.plan.layer_activations.size()));
     if (last_checkpointed >= 0) CHECK(r.plan.num_checkpointed() <= last_checkpointed);
     last_checkpointed = r.plan.num_checkpointed();
   }
@@ -403,8 +409,8 @@ TEST_CASE("memory plan: the parts of a plan and its description; the error below
   CHECK(plan.batch_bytes == 2 * 64 * 2 * 8);
   CHECK(plan.layer_input_bytes == 2 * 64 * 256 * 4);
   CHECK(plan.loss_chunk == 128);
-  CHECK(plan.predicted_peak_bytes == plan.static_bytes + plan.gradient_bytes + plan.optimizer_bytes + plan.batch_bytes +
-                                         plan.activation_bytes + plan.peak_extra_bytes);
+  CHECK(plan.predicted_peak_bytes == plan.static_bytes + plan.dequantized_bytes + plan.gradient_bytes + plan.optimizer_bytes +
+                                         plan.batch_bytes + plan.activation_bytes + plan.peak_extra_bytes);
   CHECK(plan.layer.kept.saved.at(128) > 4 * plan.layer_input_bytes);  // a kept layer holds far more than its output
   CHECK(plan.layer.checkpointed.saved.at(128) >= plan.layer_input_bytes);   // a checkpointed one: its output
   CHECK(plan.layer.checkpointed.saved.at(128) <= plan.layer_input_bytes + 4096);

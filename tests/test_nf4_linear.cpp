@@ -7,6 +7,8 @@
 #include <fstream>
 
 #include "core/cuda/runtime.h"
+#include "core/dispatch.h"
+#include "core/memory.h"
 #include "nn/llama.h"
 #include "nn/lora.h"
 #include "nn/nf4_linear.h"
@@ -52,6 +54,68 @@ TEST_CASE("nf4 linear: the layer equals a linear over its dequantised weight", "
   REQUIRE(q->buffer("weight_nested_absmax").dtype() == DType::f32);
   REQUIRE(q->parameter("bias").dtype() == DType::f64);
   REQUIRE_THROWS_WITH(q->forward(ones({2, 69})), ContainsSubstring("[NF4Linear]"));
+}
+
+namespace {
+// Counts NF4 dequantisations dispatched on this thread.
+struct DequantCounter : DispatchHandler {
+  int calls = 0;
+  std::vector<Tensor> run(const PrimitivePtr& op, const std::vector<Tensor>& inputs) override {
+    if (std::string(op->name()) == "nf4_dequantize") ++calls;
+    return dispatch_next(op, inputs);
+  }
+};
+}  // namespace
+
+TEST_CASE("nf4 linear: a layer keeping its weight dequantised gives the same results without dequantising", "[nf4_linear]") {
+  nn::Linear lin(96, 40, false, DType::f32);
+  auto q = nn::NF4Linear::from_linear(lin);
+  const Tensor x0 = test::random_tensor({2, 7, 96}, DType::bf16, 5);
+  const Tensor g = test::random_tensor({2, 7, 40}, DType::bf16, 6);
+  auto run = [&](Tensor* dx) {  // forward and backward; the NF4 dequantisations they dispatch
+    DequantCounter count;
+    HandlerScope scope(&count);
+    Tensor x = x0.detach().set_requires_grad(true);
+    Tensor y = (*q)(x);
+    y.backward(g);
+    if (dx) *dx = x.grad();
+    return std::pair{y.detach(), count.calls};
+  };
+  Tensor dx_plain, dx_kept;
+  const auto [y_plain, plain_calls] = run(&dx_plain);
+  CHECK(plain_calls == 2);  // forward, and again for backward
+  const size_t before = memory_usage(kCPU).allocated;
+  q->keep_dequantized(true);
+  CHECK(q->keeps_dequantized());
+  const auto [y_kept, first_calls] = run(&dx_kept);
+  CHECK(first_calls == 1);  // built once, used by forward and backward
+  CHECK(memory_usage(kCPU).allocated - before >= 40 * 96 * 2);  // held: (40, 96) bf16
+  test::require_close(y_kept, y_plain, 0.0, 0.0);
+  test::require_close(dx_kept, dx_plain, 0.0, 0.0);
+  CHECK(run(nullptr).second == 0);  // then never again
+  // Written NF4 tensors (a checkpoint loaded into the layer) are seen: built again from them.
+  nn::Linear other(96, 40, false, DType::f32);
+  q->load_state_dict(nn::NF4Linear::from_linear(other)->state_dict());
+  const auto [y_loaded, loaded_calls] = run(nullptr);
+  CHECK(loaded_calls == 1);
+  const size_t held = memory_usage(kCPU).allocated;
+  q->keep_dequantized(false);
+  CHECK(held - memory_usage(kCPU).allocated >= 40 * 96 * 2);  // off: freed
+  test::require_close(y_loaded, run(nullptr).first, 0.0, 0.0);
+  // A Llama sets it per decoder layer.
+  nn::LlamaOptions o;
+  o.on_layer_built = [](const std::string&, nn::LlamaDecoderLayer& layer) { nn::quantize_linears_nf4(layer); };
+  nn::Llama model(test::tiny_llama_config(3), o);
+  CHECK(model.dequantized_layers() == 0);
+  model.set_dequantized_layers(2);
+  CHECK(model.dequantized_layers() == 2);
+  const auto& c = model.config();
+  const int64_t per_layer = c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim +
+                            c.num_attention_heads * c.head_dim * c.hidden_size + 3 * c.hidden_size * c.intermediate_size;
+  CHECK(model.dequantized_layer_bytes() == static_cast<size_t>(per_layer) * 4);  // f32 model
+  REQUIRE_THROWS_WITH(model.set_dequantized_layers(4), ContainsSubstring("0 to 3"));
+  model.set_dequantized_layers(0);
+  CHECK(model.dequantized_layers() == 0);
 }
 
 TEST_CASE("nf4 linear: a Llama quantised layer by layer while it is built", "[nf4_linear]") {
