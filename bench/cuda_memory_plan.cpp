@@ -94,8 +94,8 @@ int main(int argc, char** argv) {
                 "%.2f GiB allocated\n",
                 static_cast<long long>(a.layers), static_cast<long long>(a.batch), static_cast<long long>(a.seq),
                 static_cast<long long>(a.mlp_chunk), static_cast<double>(memory_usage(gpu).allocated) / kGiB);
-    std::printf("| budget GiB | checkpointed (offloaded) | host GiB | loss chunk | predicted GiB | peak GiB | peak/predicted | step ms | tok/s |\n"
-                "|---|---|---|---|---|---|---|---|---|\n");
+    std::printf("| budget GiB | checkpointed (offloaded) | host GiB | dequantised layers | loss chunk | predicted GiB | peak GiB | "
+                "peak/predicted | step ms | tok/s |\n|---|---|---|---|---|---|---|---|---|---|\n");
     std::stringstream list(a.budgets);
     for (std::string item; std::getline(list, item, ',');) {
       nn::MemoryPlanOptions mo;
@@ -126,10 +126,10 @@ int main(int argc, char** argv) {
       const double peak = static_cast<double>(memory_usage(gpu).peak);
       const double predicted = static_cast<double>(plan.predicted_peak_bytes);
       const auto offloaded = std::count(plan.layer_activations.begin(), plan.layer_activations.end(), nn::LayerActivations::offload);
-      std::printf("| %.2f | %lld of %lld (%lld) | %.2f | %lld | %.2f | %.2f | %.3f | %.0f | %.0f |\n",
+      std::printf("| %.2f | %lld of %lld (%lld) | %.2f | %lld | %lld | %.2f | %.2f | %.3f | %.0f | %.0f |\n",
                   static_cast<double>(plan.budget_bytes) / kGiB, static_cast<long long>(plan.num_checkpointed()),
                   static_cast<long long>(a.layers), static_cast<long long>(offloaded), static_cast<double>(plan.host_bytes) / kGiB,
-                  static_cast<long long>(plan.loss_chunk), predicted / kGiB, peak / kGiB, peak / predicted, ms,
+                  static_cast<long long>(plan.dequantized_layers), static_cast<long long>(plan.loss_chunk), predicted / kGiB, peak / kGiB, peak / predicted, ms,
                   static_cast<double>(a.batch * a.seq) / (ms / 1000.0));
       if (a.ops) bench::print_step_breakdown(step, ms, kCublasLtTflops);
       std::fflush(stdout);
