@@ -125,11 +125,13 @@ struct StepModel {
     moments.emplace_back(p.activations + act_bytes + static_cast<size_t>(chunk) * (logit_bytes + 16), "the loss head");
     moments.emplace_back(p.activations + act_bytes + m.norm.backward_extra.at(tokens), "the final norm's backward");
     // Backward, top down: the layers above are freed; a layer's own forward leftovers (its output
-    // at least), its input (fetched back when offloaded, while the one below's tensors are
-    // prefetched) and the gradient from above (an activation) are alive.
+    // at least), its input (fetched back when offloaded, with its attention output and LSE, which are
+    // on the device before its recompute starts, while the one below's tensors are prefetched) and
+    // the gradient from above (an activation) are alive.
     for (int64_t i = layers - 1; i >= 0; --i)
-      moments.emplace_back(prefix[static_cast<size_t>(i)] + (offloaded(i) && offloaded(i - 1) ? offload_bytes : 0) +
-                               block(i).saved.at(tokens) + act_bytes + block(i).backward_extra.at(tokens),
+      moments.emplace_back(prefix[static_cast<size_t>(i)] + (offloaded(i) ? offload_bytes - act_bytes : 0) +
+                               (offloaded(i) && offloaded(i - 1) ? offload_bytes : 0) + block(i).saved.at(tokens) +
+                               act_bytes + block(i).backward_extra.at(tokens),
                            name(i, "backward"));
     const auto& peak = *std::max_element(moments.begin(), moments.end(),
                                          [](const auto& x, const auto& y) { return x.first < y.first; });

@@ -180,7 +180,8 @@ TEST_CASE("cuda cross_entropy_loss_grad_ matches the CPU, in place", "[cuda][chu
         Tensor gpu_loss = cross_entropy_loss_grad_(gpu, targets.to(kGPU), scale.to(kGPU), -100, s, z);
         // f32: the CPU reference sums up to 128,256 exponentials in order in f32 (relative error ~1e-5 in
         // the log-sum-exp, seen as 8.3e-6 on a target entry of 0.25 on the H100), the GPU in a tree
-        test::require_close(gpu_loss.to(kCPU), cpu_loss, 1e-5, 1e-5);
+        // the GPU in a tree: the losses (about 15) differ by up to 1.8e-5 relative at V = 128256
+        test::require_close(gpu_loss.to(kCPU), cpu_loss, 1e-4, 1e-5);
         const double tol = dt == DType::f32 ? 1e-4 : 1e-2;
         test::require_close(cast(gpu.to(kCPU), DType::f32), cast(cpu, DType::f32), tol, tol * 1e-3);
       }
