@@ -14,13 +14,12 @@
 
 #include "bench/cuda_timing.h"
 #include "bench/op_timer.h"
+#include "bench/qlora_model.h"
 #include "core/cuda/runtime.h"
 #include "core/memory.h"
 #include "core/ops.h"
 #include "nn/llama.h"
-#include "nn/lora.h"
 #include "nn/memory_plan.h"
-#include "nn/nf4_linear.h"
 #include "nn/optim.h"
 
 using namespace kiln;
@@ -74,17 +73,7 @@ int main(int argc, char** argv) {
     const Device gpu(DeviceType::cuda, 0);
     nn::LlamaConfig cfg = nn::LlamaConfig::named("llama3.1-8b");
     cfg.num_hidden_layers = a.layers;
-    nn::LlamaOptions o;
-    o.dtype = DType::bf16;
-    o.device = gpu;
-    o.seed = 1;
-    o.on_layer_built = [](const std::string&, nn::LlamaDecoderLayer& layer) { nn::quantize_linears_nf4(layer); };
-    auto model = std::make_shared<nn::Llama>(cfg, o);
-    nn::LoraConfig lora;
-    lora.r = 16;
-    lora.alpha = 32;
-    nn::apply_lora(*model, lora, 2);
-    model->train();
+    auto model = bench::qlora_llama(cfg, gpu);
     model->set_mlp_chunk(a.mlp_chunk);
     nn::AdamW opt(model->named_trainable_parameters());
     Generator gen(7);
@@ -112,13 +101,7 @@ int main(int argc, char** argv) {
       }
       plan.apply(*model);
       std::fprintf(stderr, "%s\n", plan.describe().c_str());
-      auto step = [&] {
-        Tensor loss = model->chunked_loss((*model)(ids), targets);
-        loss.backward();
-        nn::clip_grad_norm_(opt.parameters(), 1.0);
-        opt.step();
-        opt.zero_grad();
-      };
+      auto step = [&] { bench::training_step(*model, opt, ids, targets); };
       step();  // warm-up: plans, workspaces, the optimizer state
       cuda::synchronize();
       reset_peak_memory(gpu);

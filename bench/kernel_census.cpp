@@ -9,12 +9,9 @@
 #include <string>
 #include <vector>
 
+#include "bench/qlora_model.h"
 #include "core/dispatch.h"
 #include "core/ops.h"
-#include "nn/llama.h"
-#include "nn/lora.h"
-#include "nn/nf4_linear.h"
-#include "nn/optim.h"
 
 using namespace kiln;
 
@@ -58,24 +55,12 @@ int main(int argc, char** argv) {
   c.num_attention_heads = 4;
   c.num_key_value_heads = 2;
   c.head_dim = 64;
-  nn::LlamaOptions o;
-  o.dtype = DType::bf16;
-  o.seed = 1;
-  o.on_layer_built = [](const std::string&, nn::LlamaDecoderLayer& layer) { nn::quantize_linears_nf4(layer); };
-  auto model = std::make_shared<nn::Llama>(c, o);
-  nn::apply_lora(*model, nn::LoraConfig{}, 2);
-  model->train();
+  auto model = bench::qlora_llama(c, kCPU);
   model->set_checkpoint_activations(checkpointing);
   nn::AdamW opt(model->named_trainable_parameters());
   const Tensor ids = randint(0, c.vocab_size, {1, tokens}, DType::i64);      // (1, T)
   const Tensor targets = randint(0, c.vocab_size, {1, tokens}, DType::i64);  // (1, T)
-  auto step = [&] {
-    Tensor loss = model->chunked_loss((*model)(ids), targets);
-    loss.backward();
-    nn::clip_grad_norm_(opt.parameters(), 1.0);
-    opt.step();
-    opt.zero_grad();
-  };
+  auto step = [&] { bench::training_step(*model, opt, ids, targets); };
   step();  // the optimizer's state, tables built once
   Census census;
   {
