@@ -2,7 +2,8 @@
 // clipping, AdamW), counted op by op at the dispatch point: every non-view op is one kernel on the GPU.
 // A small Llama (hidden 256, MLP 512, 4 query / 2 KV heads, vocabulary 512) in bf16 on the CPU with an
 // NF4 base and LoRA r=16 on every linear layer, so the counts need no GPU.
-// Usage: kernel_census [layers (2)] [tokens (64)] [--checkpointing] [--ops]  (--ops: a row per op)
+// Usage: kernel_census [layers (2)] [tokens (64)] [--checkpointing] [--ops] [--copies]
+// (--ops: a row per op; --copies: a row per kind of copy, by source shape and strides and dtypes)
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -19,13 +20,20 @@ namespace {
 
 // Kernels by op name, in-place ops (run_into) included.
 struct Census : DispatchHandler {
-  std::map<std::string, int> calls;
+  std::map<std::string, int> calls, copies;
+  void count(const PrimitivePtr& op, const std::vector<Tensor>& inputs, const std::string& how) {
+    ++calls[op->name()];
+    if (std::string(op->name()) != "copy" || inputs.empty()) return;
+    const Tensor& src = inputs[0];
+    ++copies[how + " " + shape_str(src.shape()) + " strides " + shape_str(src.strides()) + " " +
+             dtype_name(src.dtype())];
+  }
   std::vector<Tensor> run(const PrimitivePtr& op, const std::vector<Tensor>& inputs) override {
-    if (!op->is_view()) ++calls[op->name()];
+    if (!op->is_view()) count(op, inputs, "new");
     return dispatch_next(op, inputs);
   }
   void run_into(const PrimitivePtr& op, const std::vector<Tensor>& inputs, std::vector<Tensor>& outputs) override {
-    ++calls[op->name()];
+    count(op, inputs, outputs.empty() ? std::string("into") : "into " + std::string(dtype_name(outputs[0].dtype())));
     dispatch_next_into(op, inputs, outputs);
   }
 };
@@ -34,17 +42,18 @@ struct Census : DispatchHandler {
 
 int main(int argc, char** argv) {
   std::vector<std::string> pos;
-  bool checkpointing = false, ops = false;
+  bool checkpointing = false, ops = false, copies = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--checkpointing") checkpointing = true;
     else if (a == "--ops") ops = true;
+    else if (a == "--copies") copies = true;
     else pos.push_back(a);
   }
   const int64_t layers = pos.size() > 0 ? std::atoll(pos[0].c_str()) : 2;
   const int64_t tokens = pos.size() > 1 ? std::atoll(pos[1].c_str()) : 64;
   if (layers < 1 || tokens < 1) {
-    std::fprintf(stderr, "usage: %s [layers] [tokens] [--checkpointing] [--ops]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s [layers] [tokens] [--checkpointing] [--ops] [--copies]\n", argv[0]);
     return 2;
   }
   nn::LlamaConfig c = nn::LlamaConfig::named("llama3.1-8b");
@@ -75,6 +84,10 @@ int main(int argc, char** argv) {
   if (ops) {
     std::printf("| op | kernels |\n|---|---|\n");
     for (const auto& [name, n] : census.calls) std::printf("| %s | %d |\n", name.c_str(), n);
+  }
+  if (copies) {
+    std::printf("| copy (into: to an existing tensor of that dtype), source shape, strides, dtype | kernels |\n|---|---|\n");
+    for (const auto& [what, n] : census.copies) std::printf("| %s | %d |\n", what.c_str(), n);
   }
   return 0;
 }

@@ -97,11 +97,11 @@ struct StepModel {
   size_t offload_bytes = 0;  // what an offloaded layer keeps on the host: its input, attention output and LSE
   LayerMemory m;
 
-  // The lowest `checkpointed` layers checkpointed (`offload`: their inputs offloaded to host memory).
-  // The peak is the largest of the moments below: what is alive then, from the embeddings up.
-  Prediction predict(int64_t checkpointed, int64_t chunk, bool offload = false) const {
+  // The lowest `checkpointed` layers checkpointed, the lowest `offloaded` of them with their inputs in
+  // host memory. The peak is the largest of the moments below: what is alive then, from the embeddings up.
+  Prediction predict(int64_t checkpointed, int64_t chunk, int64_t offloaded_layers = 0) const {
     auto block = [&](int64_t i) -> const BlockMemory& { return i < checkpointed ? m.checkpointed : m.kept; };
-    auto offloaded = [&](int64_t i) { return offload && i >= 0 && i < checkpointed; };
+    auto offloaded = [&](int64_t i) { return i >= 0 && i < offloaded_layers; };
     auto name = [&](int64_t i, const char* what) {
       return fmt::format("layer {}'s {}{}", i, what, offloaded(i) ? " (offloaded)" : i < checkpointed ? " (checkpointed)" : "");
     };
@@ -259,38 +259,34 @@ MemoryPlan plan_once(Llama& model, const MemoryPlanOptions& options, std::string
   const int64_t min_chunk = std::min(tokens, kMinLossChunk);
   auto total = [&](const Prediction& p) { return fixed + p.activations + p.extra; };
 
-  // The fewest checkpointed layers that fit with the smallest chunk, without offloading and, on a
-  // GPU with the host memory for it, with every checkpointed layer's input offloaded. Checkpointing
-  // more layers normally lowers the peak, but not always (a checkpointed top layer recomputes at the
-  // peak), so every count is tried. Offloading is chosen only when it keeps more layers whole: its
-  // copies overlap with compute, a recomputed layer costs its forward again.
-  const size_t host_free = device.is_cpu() ? 0 : free_memory(kCPU) / 2;  // at most half of the host's free memory
-  struct Fit {
-    int64_t checkpointed = -1, least = 0;  // fewest that fit (-1: none), the count with the lowest peak
+  // Every split of the layers: the lowest `offloaded` checkpointed with their inputs in host memory (on
+  // a GPU, within the host budget), the next ones checkpointed on the device, the rest
+  // kept whole. Chosen: the fewest layers checkpointed that fit with the smallest chunk (a recomputed
+  // layer costs its forward again), and of those splits the fewest offloaded (host memory and copies).
+  // Checkpointing more layers normally lowers the peak, but not always (a checkpointed top layer
+  // recomputes at the peak), so every split is tried.
+  const size_t host_free =
+      !device.is_cuda() ? 0 : options.host_budget_bytes > 0 ? options.host_budget_bytes : free_memory(kCPU) / 2;
+  const int64_t max_offloaded = std::min<int64_t>(layers, static_cast<int64_t>(host_free / step.offload_bytes));
+  struct Split {
+    int64_t checkpointed = -1, offloaded = 0;  // -1: none
   };
-  auto fewest = [&](bool offload) {
-    Fit f;
-    f.least = -1;
-    std::vector<size_t> needs;  // needs[k]: the peak with the lowest k layers checkpointed
-    for (int64_t k = 0; k <= layers; ++k) needs.push_back(total(step.predict(k, min_chunk, offload)));
-    for (int64_t k = layers; k >= 0; --k) {
-      if (offload && static_cast<size_t>(k) * step.offload_bytes > host_free) continue;
-      if (f.least < 0 || needs[static_cast<size_t>(k)] < needs[static_cast<size_t>(f.least)]) f.least = k;
-      if (needs[static_cast<size_t>(k)] <= plan.budget_bytes) f.checkpointed = k;
+  Split chosen_split, least;
+  size_t least_bytes = 0;
+  for (int64_t k = 0; k <= layers; ++k) {
+    for (int64_t o = 0; o <= std::min(k, max_offloaded); ++o) {
+      const size_t need = total(step.predict(k, min_chunk, o));
+      if (least.checkpointed < 0 || need < least_bytes) {
+        least = {k, o};
+        least_bytes = need;
+      }
+      if (chosen_split.checkpointed < 0 && need <= plan.budget_bytes) chosen_split = {k, o};
     }
-    return f;
-  };
-  const Fit plain = fewest(false);
-  const bool can_offload = device.is_cuda() && host_free > 0;
-  const Fit off = can_offload ? fewest(true) : plain;
-  const bool offload =
-      can_offload && off.checkpointed >= 0 && (plain.checkpointed < 0 || off.checkpointed < plain.checkpointed);
-  const int64_t checkpointed = offload ? off.checkpointed : plain.checkpointed;
-  const bool least_offloaded = can_offload && total(step.predict(off.least, min_chunk, true)) <
-                                                  total(step.predict(plain.least, min_chunk, false));
-  const Prediction all = least_offloaded ? step.predict(off.least, min_chunk, true) : step.predict(plain.least, min_chunk);
-  plan.minimum_budget_bytes = total(all);
+  }
+  const Prediction all = step.predict(least.checkpointed, min_chunk, least.offloaded);
+  plan.minimum_budget_bytes = least_bytes;
   plan.mlp_chunk = mlp_chunk;
+  const int64_t checkpointed = chosen_split.checkpointed, offloaded = chosen_split.offloaded;
   if (checkpointed < 0) {
     no_fit = fmt::format(
               "a training step on batches of {} x {} tokens needs at least {} ({} of {} decoder layers checkpointed{}, "
@@ -298,8 +294,10 @@ MemoryPlan plan_once(Llama& model, const MemoryPlanOptions& options, std::string
               "activations, {} more at {}; the budget is {}. Lower the sequence length or the batch size (raise "
               "gradient accumulation to keep the tokens per step), train LoRA adapters on an NF4 base, or give a "
               "larger budget",
-              b, t, format_bytes(static_cast<double>(plan.minimum_budget_bytes)),
-              least_offloaded ? off.least : plain.least, layers, least_offloaded ? " with their inputs in host memory" : "",
+              b, t, format_bytes(static_cast<double>(plan.minimum_budget_bytes)), least.checkpointed, layers,
+              least.offloaded == 0                   ? std::string()
+              : least.offloaded == least.checkpointed ? std::string(" with their inputs in host memory")
+                                                      : fmt::format(", {} with their inputs in host memory", least.offloaded),
               min_chunk, format_bytes(static_cast<double>(plan.static_bytes)),
               format_bytes(static_cast<double>(plan.gradient_bytes)), format_bytes(static_cast<double>(plan.optimizer_bytes)),
               format_bytes(static_cast<double>(all.activations)), format_bytes(static_cast<double>(all.extra)), all.at,
@@ -315,16 +313,16 @@ MemoryPlan plan_once(Llama& model, const MemoryPlanOptions& options, std::string
   };
   while (lo < hi) {  // the largest loss budget whose chunk fits
     const size_t mid = lo + (hi - lo + 1) / 2;
-    if (total(step.predict(checkpointed, chunk_of(mid), offload)) <= plan.budget_bytes) lo = mid;
+    if (total(step.predict(checkpointed, chunk_of(mid), offloaded)) <= plan.budget_bytes) lo = mid;
     else hi = mid - 1;
   }
   plan.loss_memory_budget = lo;
   plan.loss_chunk = chunk_of(lo);  // as chunked_linear_loss will choose it
   plan.layer_activations.assign(static_cast<size_t>(layers), LayerActivations::keep);
   for (int64_t i = 0; i < checkpointed; ++i)
-    plan.layer_activations[static_cast<size_t>(i)] = offload ? LayerActivations::offload : LayerActivations::checkpoint;
-  plan.host_bytes = offload ? static_cast<size_t>(checkpointed) * step.offload_bytes : 0;
-  const Prediction chosen = step.predict(checkpointed, plan.loss_chunk, offload);
+    plan.layer_activations[static_cast<size_t>(i)] = i < offloaded ? LayerActivations::offload : LayerActivations::checkpoint;
+  plan.host_bytes = static_cast<size_t>(offloaded) * step.offload_bytes;
+  const Prediction chosen = step.predict(checkpointed, plan.loss_chunk, offloaded);
   plan.activation_bytes = chosen.activations;
   plan.peak_extra_bytes = chosen.extra;
   plan.peak_at = chosen.at;

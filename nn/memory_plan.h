@@ -21,6 +21,8 @@ struct MemoryPlanOptions {
   size_t budget_bytes = 0;
   // Optimizer state still to be allocated by its first step: Optimizer::pending_state_bytes().
   size_t optimizer_state_bytes = 0;
+  // The most pinned host memory offloaded layers may take; 0: half of the host's free memory.
+  size_t host_budget_bytes = 0;
   // The probe runs one decoder layer on one sequence of min(T, probe_tokens) tokens and one of
   // half as many, and fits bytes = fixed + per_token * tokens through the two. With a
   // sequence-chunked MLP (Llama::set_mlp_chunk) shorter than T, both lengths exceed the chunk: up to
@@ -61,9 +63,10 @@ struct MemoryPlan {
   int64_t batch_size = 0, seq_len = 0;
   size_t budget_bytes = 0;
   // Per decoder layer: kept whole, checkpointed (only its input is kept; its forward runs again in
-  // backward) or offloaded (checkpointed, the input in pinned host memory: chosen on a GPU only
-  // when it keeps more layers whole). The lowest layers are checkpointed first: the top ones'
-  // activations are used first.
+  // backward) or offloaded (checkpointed, its input and attention output in pinned host memory: on a
+  // GPU, within MemoryPlanOptions::host_budget_bytes, chosen only when it keeps more layers whole). The
+  // lowest layers are checkpointed first (the top ones' activations are used first), the lowest of
+  // those offloaded.
   std::vector<LayerActivations> layer_activations;
   int64_t mlp_chunk = 0;             // Llama::set_mlp_chunk: the model's, or chosen when nothing fits whole
   int64_t loss_chunk = 0;            // tokens per chunk of the loss head
