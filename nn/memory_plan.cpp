@@ -136,6 +136,9 @@ struct StepModel {
     const auto& peak = *std::max_element(moments.begin(), moments.end(),
                                          [](const auto& x, const auto& y) { return x.first < y.first; });
     p.extra = peak.first > p.activations ? peak.first - p.activations : 0;
+    // 0.5% more for what the straight line through two probe lengths misses (allocations rounded at
+    // the probe's lengths): on an H100, a least-budget plan peaked 0.08% over a prediction without it.
+    p.extra += (p.activations + p.extra) / 200;
     p.at = peak.second;
     return p;
   }
@@ -262,9 +265,11 @@ MemoryPlan plan_once(Llama& model, const MemoryPlanOptions& options, std::string
   // Every split of the layers: the lowest `offloaded` checkpointed with their inputs in host memory (on
   // a GPU, within the host budget), the next ones checkpointed on the device, the rest
   // kept whole. Chosen: the fewest layers checkpointed that fit with the smallest chunk (a recomputed
-  // layer costs its forward again), and of those splits the fewest offloaded (host memory and copies).
-  // Checkpointing more layers normally lowers the peak, but not always (a checkpointed top layer
-  // recomputes at the peak), so every split is tried.
+  // layer costs its forward again), and of those splits the most offloaded (an offloaded layer keeps
+  // its attention output: its recompute skips attention, and its copies overlap with compute; on an
+  // H100 at T4096, 16 of 30 offloaded ran 9,841 tok/s, all 30 offloaded 10,199). Checkpointing more
+  // layers normally lowers the peak, but not always (a checkpointed top layer recomputes at the peak),
+  // so every split is tried.
   const size_t host_free =
       !device.is_cuda() ? 0 : options.host_budget_bytes > 0 ? options.host_budget_bytes : free_memory(kCPU) / 2;
   const int64_t max_offloaded = std::min<int64_t>(layers, static_cast<int64_t>(host_free / step.offload_bytes));
@@ -274,7 +279,7 @@ MemoryPlan plan_once(Llama& model, const MemoryPlanOptions& options, std::string
   Split chosen_split, least;
   size_t least_bytes = 0;
   for (int64_t k = 0; k <= layers; ++k) {
-    for (int64_t o = 0; o <= std::min(k, max_offloaded); ++o) {
+    for (int64_t o = std::min(k, max_offloaded); o >= 0; --o) {
       const size_t need = total(step.predict(k, min_chunk, o));
       if (least.checkpointed < 0 || need < least_bytes) {
         least = {k, o};

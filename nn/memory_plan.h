@@ -64,9 +64,9 @@ struct MemoryPlan {
   size_t budget_bytes = 0;
   // Per decoder layer: kept whole, checkpointed (only its input is kept; its forward runs again in
   // backward) or offloaded (checkpointed, its input and attention output in pinned host memory: on a
-  // GPU, within MemoryPlanOptions::host_budget_bytes, chosen only when it keeps more layers whole). The
-  // lowest layers are checkpointed first (the top ones' activations are used first), the lowest of
-  // those offloaded.
+  // GPU, within MemoryPlanOptions::host_budget_bytes; preferred to checkpointing on the device, as its
+  // recompute skips attention). The lowest layers are checkpointed first (the top ones' activations
+  // are used first), the lowest of those offloaded.
   std::vector<LayerActivations> layer_activations;
   int64_t mlp_chunk = 0;             // Llama::set_mlp_chunk: the model's, or chosen when nothing fits whole
   int64_t loss_chunk = 0;            // tokens per chunk of the loss head
