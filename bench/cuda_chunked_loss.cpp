@@ -2,7 +2,8 @@
 // 128256, H = 4096, bf16): kiln's naive head (matmul -> cast f32 -> cross_entropy -> backward)
 // against nn::chunked_linear_loss, frozen and trainable weight: time, effective TFLOP/s (2*N*H*V per
 // matmul pass: frozen = 2 passes, trainable = 3) and peak extra memory from the allocator's stats;
-// then the time of one chunk's parts, generic and fused (the built-in cross-entropy). Usage: cuda_chunked_loss [iterations] [tokens] (tokens: only
+// then the time of one chunk's parts, generic and fused (the built-in cross-entropy), and one fused
+// call at N 16384, chunk 512, op by op. Usage: cuda_chunked_loss [iterations] [tokens] (tokens: only
 // that row group, 16384 or 65536)
 #include <cstdio>
 #include <cstdlib>
@@ -12,6 +13,7 @@
 #include "autograd/engine.h"
 #include "autograd/grad_mode.h"
 #include "bench/cuda_timing.h"
+#include "bench/op_timer.h"
 #include "core/cuda/runtime.h"
 #include "core/ops.h"
 #include "nn/chunked_loss.h"
@@ -139,6 +141,39 @@ void fused_parts(int64_t c) {
   std::printf("  %-44s %8.3f ms %8.1f TFLOP/s\n", "dh = dlogits @ W (bf16, into place)", g2, mm / (g2 * 1e-3) / 1e12);
 }
 
+// One fused forward+backward over n tokens (chunks of the given loss budget), op by op with events
+// around each (their cost included): the GEMMs' rate inside the loop, and the time the ops leave idle.
+void fused_ops(int64_t n, bool trainable, size_t budget, const Tensor& weight) {
+  Tensor x = kiln::randn({n, kH}, DType::bf16, kGPU).set_requires_grad(true);  // (N, H)
+  Tensor w = weight.detach();
+  w.set_requires_grad(trainable);
+  const Tensor targets = kiln::randint(0, kV, {n}, DType::i64, kGPU);  // (N)
+  const Head head = chunked_head(budget);
+  const auto step = [&] {
+    head(x, w, targets).backward();
+    x.zero_grad();
+    w.zero_grad();
+  };
+  step();
+  const double whole = kiln::bench::time_ms(step, g_iters, 0);
+  kiln::bench::OpTimer timer(true);
+  {
+    kiln::HandlerScope scope(&timer);
+    step();
+  }
+  std::printf("fused CE, N=%lld, chunk %lld, %s weight, op by op (one call; %.2f ms without events):\n",
+              static_cast<long long>(n), static_cast<long long>(nn::chunked_loss_chunk_size(kV, DType::bf16, budget, true)),
+              trainable ? "trainable" : "frozen", whole);
+  double sum = 0;
+  for (const kiln::bench::OpTimer::Row& r : timer.rows()) {
+    sum += r.ms;
+    std::printf("  %-34s %6d %9.3f ms", r.name.c_str(), r.calls, r.ms);
+    if (r.flops > 0) std::printf(" %8.1f TFLOP/s", r.flops / (r.ms * 1e-3) / 1e12);
+    std::printf("\n");
+  }
+  std::printf("  %-34s %6s %9.3f ms\n", "sum of ops", "", sum);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -171,5 +206,6 @@ int main(int argc, char** argv) {
   }
   parts(nn::chunked_loss_chunk_size(kV, DType::bf16, size_t{1} << 30));
   fused_parts(nn::chunked_loss_chunk_size(kV, DType::bf16, size_t{256} << 20, true));
+  for (bool trainable : {false, true}) fused_ops(16384, trainable, size_t{128} << 20, weight);
   return 0;
 }
