@@ -64,6 +64,19 @@ std::string read_file(const std::filesystem::path& path);
 // n documents of 12..47 random ids in [1, vocab), each with a random masked prefix (a prompt).
 std::vector<data::Document> random_documents(int n, uint64_t seed, int64_t vocab);
 
+// Counts the ops that reach the kernels (views excluded), below any handler installed before it.
+struct KernelCounter : DispatchHandler {
+  int kernels = 0;
+  std::vector<Tensor> run(const PrimitivePtr& op, const std::vector<Tensor>& inputs) override {
+    if (!op->is_view()) ++kernels;
+    return dispatch_next(op, inputs);
+  }
+  void run_into(const PrimitivePtr& op, const std::vector<Tensor>& inputs, std::vector<Tensor>& outputs) override {
+    ++kernels;
+    dispatch_next_into(op, inputs, outputs);
+  }
+};
+
 // A tiny Llama (vocab 41, hidden 32, MLP 48, 4 heads of 8, 2 KV heads, llama3 RoPE scaling) with
 // `layers` decoder layers.
 nn::LlamaConfig tiny_llama_config(int64_t layers = 2);

@@ -283,18 +283,6 @@ struct Tracer : DispatchHandler {
   int count(const std::string& name) const { return static_cast<int>(std::count(ops.begin(), ops.end(), name)); }
 };
 
-// Counts the ops that reach the kernels (views excluded).
-struct KernelCounter : DispatchHandler {
-  int kernels = 0;
-  std::vector<Tensor> run(const PrimitivePtr& op, const std::vector<Tensor>& inputs) override {
-    if (!op->is_view()) ++kernels;
-    return dispatch_next(op, inputs);
-  }
-  void run_into(const PrimitivePtr& op, const std::vector<Tensor>& inputs, std::vector<Tensor>& outputs) override {
-    ++kernels;
-    dispatch_next_into(op, inputs, outputs);
-  }
-};
 
 }  // namespace
 
@@ -305,10 +293,10 @@ TEST_CASE("hooks: a dispatch handler traces a Llama block's forward and backward
   auto& block = model.model().child_as<nn::ModuleList>("layers").at<nn::LlamaDecoderLayer>(0);
   (void)model(random_ids(1, 16, 4));  // real run first: fills the rotary tables for up to 16 positions
 
-  KernelCounter counter;
+  test::KernelCounter counter;
   HandlerScope count_scope(&counter);
   {
-    KernelCounter probe;  // sanity: the counter sees kernels when nothing intercepts
+    test::KernelCounter probe;  // sanity: the counter sees kernels when nothing intercepts
     HandlerScope s(&probe);
     (void)add(test::random_tensor({3}, DType::f32, 1), 1.0);
     REQUIRE(probe.kernels >= 1);
@@ -366,7 +354,7 @@ TEST_CASE("hooks: ops a handler dispatches itself see only the handlers below it
       return {mul(dispatch_next(op, inputs)[0], 2.0)};
     }
   };
-  KernelCounter counter;
+  test::KernelCounter counter;
   HandlerScope c(&counter);
   Doubler d;
   Tensor x = test::random_tensor({4}, DType::f64, 3);
