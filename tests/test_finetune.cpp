@@ -341,6 +341,12 @@ TEST_CASE("finetune: --memory-budget plans the checkpoints and the loss chunk, p
   REQUIRE_THROWS_WITH(off.validate(), ContainsSubstring("add --checkpointing"));
   off.checkpointing = true;
   REQUIRE_THROWS_WITH(app::FinetuneJob(off), ContainsSubstring("--offload keeps activations in host memory"));
+  // --host-memory-budget: not negative, and only for a GPU's plan
+  app::FinetuneConfig host = tiny_run(root, "host_budget");
+  host.host_memory_budget = -1;
+  REQUIRE_THROWS_WITH(host.validate(), ContainsSubstring("--host-memory-budget must be >= 0 GiB"));
+  host.host_memory_budget = 2;
+  REQUIRE_THROWS_WITH(app::FinetuneJob(host), ContainsSubstring("on cpu nothing is offloaded"));
   app::FinetuneConfig chunk = tiny_run(root, "mlp_chunk");
   chunk.mlp_chunk = -3;
   REQUIRE_THROWS_WITH(chunk.validate(), ContainsSubstring("--mlp-chunk must be 0 (off) or a number of tokens"));

@@ -149,6 +149,11 @@ FinetuneJob::FinetuneJob(const FinetuneConfig& c, RunWorld world)
   KILN_CHECK(!plan_memory || (world_.size() == 1 && !c.shard), "finetune",
              "--memory-budget plans for one unsharded process; with {} rank(s){} use --checkpointing instead",
              world_.size(), c.shard ? " and --shard" : "");
+  KILN_CHECK(c.host_memory_budget == 0 || device_.is_cuda(), "finetune",
+             "--host-memory-budget limits the host memory a GPU's memory plan offloads to; on {} nothing is offloaded: "
+             "drop it", device_.str());
+  KILN_CHECK(c.host_memory_budget == 0 || plan_memory, "finetune",
+             "--host-memory-budget applies to a memory plan; with --checkpointing, --offload offloads every block");
   if (!device_.is_cuda()) {
     FinetuneConfig least = c;  // a memory plan may checkpoint every block
     least.checkpointing = least.checkpointing || plan_memory;
@@ -226,6 +231,7 @@ FinetuneJob::FinetuneJob(const FinetuneConfig& c, RunWorld world)
   to.schedule.emplace(c.schedule, c.lr, std::min(c.warmup, total_steps_), total_steps_);  // short runs: warmup fits
   if (plan_memory) {  // the default loss (the chunked head) with a plan of checkpoints and loss chunk
     to.memory_budget = c.memory_budget > 0 ? static_cast<size_t>(c.memory_budget * static_cast<double>(size_t{1} << 30)) : 0;
+    to.memory_plan_options.host_budget_bytes = static_cast<size_t>(c.host_memory_budget * static_cast<double>(size_t{1} << 30));
   } else {
     to.loss = train::llama_loss(c.chunked_head);
   }

@@ -68,6 +68,8 @@ const std::vector<Field>& fields() {
       {"memory_budget", "GiB a step may use at its peak: kiln plans which blocks to checkpoint and the loss chunk "
                         "(0: the device's free memory less a margin; default: that plan unless --checkpointing, "
                         "several ranks or --chunked-head false)", &C::memory_budget, false},
+      {"host_memory_budget", "GiB of pinned host memory a GPU's memory plan may offload checkpointed blocks to "
+                             "(0: half of the host's free memory)", &C::host_memory_budget, false},
       {"chunked_head", "chunked linear+cross-entropy head (never the full logits)", &C::chunked_head, false},
       {"shard", "with several ranks: shard the model over them (fully_shard) instead of replicating it", &C::shard, false},
       {"compile", "compile each decoder layer, forward and backward, with the JIT fuser (compile/)", &C::compile, false},
@@ -292,6 +294,8 @@ void FinetuneConfig::validate() const {
   KILN_CHECK(!offload || checkpointing, "finetune",
              "--offload moves checkpointed blocks' inputs to host memory: add --checkpointing (or let --memory-budget "
              "choose, without --offload)");
+  KILN_CHECK(host_memory_budget >= 0, "finetune",
+             "--host-memory-budget must be >= 0 GiB (0: half of the host's free memory), found {}", host_memory_budget);
   KILN_CHECK(memory_budget < 0 || chunked_head, "finetune",
              "--memory-budget plans for the chunked loss head: drop --chunked-head false or --memory-budget");
   KILN_CHECK(base == "nf4" || base == "bf16", "finetune", "--base must be nf4 or bf16, found '{}'", base);

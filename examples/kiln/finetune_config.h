@@ -47,6 +47,9 @@ struct FinetuneConfig {
   // (nn/memory_plan.h). 0: the device's free memory less a margin. Below 0 (the default): the same
   // default plan, unless --checkpointing, several ranks or --chunked-head false decide otherwise.
   double memory_budget = -1;
+  // GiB of pinned host memory a GPU's memory plan may offload checkpointed blocks to (0: half of the
+  // host's free memory).
+  double host_memory_budget = 0;
   bool full = false;              // every parameter trainable, no LoRA (needs base bf16)
   bool skip_nonfinite_steps = false;  // a NaN/inf loss or gradient skips the step (counted) instead of stopping
   bool chunked_head = true;       // chunked linear+loss head
