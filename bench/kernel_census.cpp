@@ -2,8 +2,9 @@
 // clipping, AdamW), counted op by op at the dispatch point: every non-view op is one kernel on the GPU.
 // A small Llama (hidden 256, MLP 512, 4 query / 2 KV heads, vocabulary 512) in bf16 on the CPU with an
 // NF4 base and LoRA r=16 on every linear layer, so the counts need no GPU.
-// Usage: kernel_census [layers (2)] [tokens (64)] [--checkpointing] [--ops] [--copies]
-// (--ops: a row per op; --copies: a row per kind of copy, by source shape and strides and dtypes)
+// Usage: kernel_census [layers (2)] [tokens (64)] [--checkpointing] [--compile] [--ops] [--copies]
+// (--compile: the decoder layers compiled as `kiln finetune --compile` does, each fused group one
+// kernel; --ops: a row per op; --copies: a row per kind of copy, by source shape and strides and dtypes)
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -11,6 +12,7 @@
 #include <vector>
 
 #include "bench/qlora_model.h"
+#include "compile/compile.h"
 #include "core/dispatch.h"
 #include "core/ops.h"
 
@@ -42,10 +44,11 @@ struct Census : DispatchHandler {
 
 int main(int argc, char** argv) {
   std::vector<std::string> pos;
-  bool checkpointing = false, ops = false, copies = false;
+  bool checkpointing = false, compiled = false, ops = false, copies = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--checkpointing") checkpointing = true;
+    else if (a == "--compile") compiled = true;
     else if (a == "--ops") ops = true;
     else if (a == "--copies") copies = true;
     else pos.push_back(a);
@@ -53,7 +56,7 @@ int main(int argc, char** argv) {
   const int64_t layers = pos.size() > 0 ? std::atoll(pos[0].c_str()) : 2;
   const int64_t tokens = pos.size() > 1 ? std::atoll(pos[1].c_str()) : 64;
   if (layers < 1 || tokens < 1) {
-    std::fprintf(stderr, "usage: %s [layers] [tokens] [--checkpointing] [--ops] [--copies]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s [layers] [tokens] [--checkpointing] [--compile] [--ops] [--copies]\n", argv[0]);
     return 2;
   }
   nn::LlamaConfig c = nn::LlamaConfig::named("llama3.1-8b");
@@ -66,20 +69,25 @@ int main(int argc, char** argv) {
   c.head_dim = 64;
   auto model = bench::qlora_llama(c, kCPU);
   model->set_checkpoint_activations(checkpointing);
+  compile::CompileOptions co;
+  co.dynamic_dims = {{0, 1}};  // as the Trainer's seam: the sequence length symbolic from the start
+  if (compiled) compile::compile_llama_layers(*model, co);
   nn::AdamW opt(model->named_trainable_parameters());
   const Tensor ids = randint(0, c.vocab_size, {1, tokens}, DType::i64);      // (1, T)
   const Tensor targets = randint(0, c.vocab_size, {1, tokens}, DType::i64);  // (1, T)
   auto step = [&] { bench::training_step(*model, opt, ids, targets); };
   step();  // the optimizer's state, tables built once
   Census census;
+  compile::reset_stats();
   {
     HandlerScope scope(&census);
     step();
   }
+  if (compiled) census.calls["(fused groups)"] = static_cast<int>(compile::stats().group_launches);
   int total = 0;
   for (const auto& [name, n] : census.calls) total += n;
-  std::printf("%lld decoder layers, %lld tokens, checkpointing %s: %d kernels per training step (%.1f per layer)\n",
-              static_cast<long long>(layers), static_cast<long long>(tokens), checkpointing ? "on" : "off", total,
+  std::printf("%lld decoder layers, %lld tokens, checkpointing %s%s: %d kernels per training step (%.1f per layer)\n",
+              static_cast<long long>(layers), static_cast<long long>(tokens), checkpointing ? "on" : "off", compiled ? ", layers compiled" : "", total,
               static_cast<double>(total) / static_cast<double>(layers));
   if (ops) {
     std::printf("| op | kernels |\n|---|---|\n");

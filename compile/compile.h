@@ -76,6 +76,7 @@ struct Stats {
   int64_t last_forward_kernels = 0, last_forward_groups = 0;
   int64_t last_backward_kernels = 0, last_backward_groups = 0;
   int64_t last_dynamic_sizes = 0; // symbolic size positions of the last forward plan built
+  int64_t group_launches = 0;     // fused groups run, forward and backward (a kernel each on a GPU)
   int64_t kernel_compiles = 0;    // NVRTC compilations
   double kernel_compile_ms = 0;   // their wall time
   int64_t kernel_disk_hits = 0;   // kernels loaded from the disk cache

@@ -226,6 +226,7 @@ class CompiledCall : public autograd::Function {
     Counters& c = counters();
     c.last_backward_kernels = bp->plan.kernels;
     c.last_backward_groups = static_cast<int64_t>(bp->plan.fusion.groups.size());
+    c.group_launches += c.last_backward_groups;
     c.fallback_ops += bp->plan.fallbacks;
     std::vector<Tensor> out(args_.size() + t_->grad_externals.size());
     const size_t na = t_->grad_args.size();
@@ -290,6 +291,7 @@ std::vector<Tensor> CompiledFunction::run(const Fn& fn, const std::vector<Tensor
   std::shared_ptr<ForwardPlan> fp = forward_plan(*t, inputs, s_->options, seed);
   c.last_forward_kernels = fp->plan.kernels;
   c.last_forward_groups = static_cast<int64_t>(fp->plan.fusion.groups.size());
+  c.group_launches += c.last_forward_groups;
   c.fallback_ops += fp->plan.fallbacks;
   if (!t->needs_grad) return run_plan(fp->plan, forward_bindings(*t, inputs)).outputs;
   std::vector<Tensor> fn_inputs = inputs;
@@ -334,6 +336,7 @@ Stats stats() {
   s.kernel_compiles = c.kernel_compiles;
   s.kernel_compile_ms = static_cast<double>(c.kernel_compile_us.load()) / 1e3;
   s.kernel_disk_hits = c.kernel_disk_hits;
+  s.group_launches = c.group_launches;
   return s;
 }
 
@@ -342,7 +345,7 @@ void reset_stats() {
   for (std::atomic<int64_t>* a : {&c.calls, &c.compilations, &c.recompilations, &c.cache_hits, &c.fused_groups,
                                   &c.folded_adds, &c.fallback_ops, &c.eager_calls, &c.last_forward_kernels, &c.last_forward_groups,
                                   &c.last_backward_kernels, &c.last_backward_groups, &c.last_dynamic_sizes,
-                                  &c.kernel_compiles, &c.kernel_compile_us, &c.kernel_disk_hits})
+                                  &c.kernel_compiles, &c.kernel_compile_us, &c.kernel_disk_hits, &c.group_launches})
     a->store(0);
 }
 
