@@ -266,8 +266,8 @@ MemoryPlan plan_once(Llama& model, const MemoryPlanOptions& options, std::string
   // a GPU, within the host budget), the next ones checkpointed on the device, the rest
   // kept whole. Chosen: the fewest layers checkpointed that fit with the smallest chunk (a recomputed
   // layer costs its forward again), and of those splits the most offloaded (an offloaded layer keeps
-  // its attention output: its recompute skips attention, and its copies overlap with compute; on an
-  // H100 at T4096, 16 of 30 offloaded ran 9,841 tok/s, all 30 offloaded 10,199). Checkpointing more
+  // its attention output: its recompute skips attention, and its copies overlap with compute; the 8B
+  // at T4096 in 8 GiB on H100s: 16 of 30 offloaded ran 9,841 tok/s, all 30 9,932-10,022). Checkpointing more
   // layers normally lowers the peak, but not always (a checkpointed top layer recomputes at the peak),
   // so every split is tried.
   const size_t host_free =
