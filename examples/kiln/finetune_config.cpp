@@ -207,7 +207,8 @@ void FinetuneConfig::load_toml(const std::string& path) {
             this->*m = node.as_boolean()->get();
           } else if constexpr (std::is_same_v<T, double>) {
             if (!node.is_number()) bad("a number");
-            this->*m = node.value<double>().value();
+            // (an integer too large for a double to hold exactly still reads, rounded)
+            this->*m = node.is_integer() ? static_cast<double>(node.as_integer()->get()) : node.as_floating_point()->get();
           } else if constexpr (std::is_same_v<T, std::vector<std::string>>) {
             if (!node.is_array()) bad("an array of strings");
             T v;
