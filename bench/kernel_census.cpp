@@ -23,19 +23,20 @@ namespace {
 // Kernels by op name, in-place ops (run_into) included.
 struct Census : DispatchHandler {
   std::map<std::string, int> calls, copies;
-  void count(const PrimitivePtr& op, const std::vector<Tensor>& inputs, const std::string& how) {
+  // `into`: the existing output of an in-place op (nullptr: a new one).
+  void count(const PrimitivePtr& op, const std::vector<Tensor>& inputs, const Tensor* into) {
     ++calls[op->name()];
     if (std::string(op->name()) != "copy" || inputs.empty()) return;
     const Tensor& src = inputs[0];
-    ++copies[how + " " + shape_str(src.shape()) + " strides " + shape_str(src.strides()) + " " +
-             dtype_name(src.dtype())];
+    const std::string how = into ? "into " + std::string(dtype_name(into->dtype())) : "new";
+    ++copies[how + " " + shape_str(src.shape()) + " strides " + shape_str(src.strides()) + " " + dtype_name(src.dtype())];
   }
   std::vector<Tensor> run(const PrimitivePtr& op, const std::vector<Tensor>& inputs) override {
-    if (!op->is_view()) count(op, inputs, "new");
+    if (!op->is_view()) count(op, inputs, nullptr);
     return dispatch_next(op, inputs);
   }
   void run_into(const PrimitivePtr& op, const std::vector<Tensor>& inputs, std::vector<Tensor>& outputs) override {
-    count(op, inputs, outputs.empty() ? std::string("into") : "into " + std::string(dtype_name(outputs[0].dtype())));
+    count(op, inputs, outputs.empty() ? nullptr : &outputs[0]);
     dispatch_next_into(op, inputs, outputs);
   }
 };
@@ -69,9 +70,11 @@ int main(int argc, char** argv) {
   c.head_dim = 64;
   auto model = bench::qlora_llama(c, kCPU);
   model->set_checkpoint_activations(checkpointing);
-  compile::CompileOptions co;
-  co.dynamic_dims = {{0, 1}};  // as the Trainer's seam: the sequence length symbolic from the start
-  if (compiled) compile::compile_llama_layers(*model, co);
+  if (compiled) {
+    compile::CompileOptions co;
+    co.dynamic_dims = {{0, 1}};  // as the Trainer's seam: the sequence length symbolic from the start
+    compile::compile_llama_layers(*model, co);
+  }
   nn::AdamW opt(model->named_trainable_parameters());
   const Tensor ids = randint(0, c.vocab_size, {1, tokens}, DType::i64);      // (1, T)
   const Tensor targets = randint(0, c.vocab_size, {1, tokens}, DType::i64);  // (1, T)
@@ -87,7 +90,8 @@ int main(int argc, char** argv) {
   int total = 0;
   for (const auto& [name, n] : census.calls) total += n;
   std::printf("%lld decoder layers, %lld tokens, checkpointing %s%s: %d kernels per training step (%.1f per layer)\n",
-              static_cast<long long>(layers), static_cast<long long>(tokens), checkpointing ? "on" : "off", compiled ? ", layers compiled" : "", total,
+              static_cast<long long>(layers), static_cast<long long>(tokens), checkpointing ? "on" : "off",
+              compiled ? ", layers compiled" : "", total,
               static_cast<double>(total) / static_cast<double>(layers));
   if (ops) {
     std::printf("| op | kernels |\n|---|---|\n");

@@ -230,8 +230,9 @@ FinetuneJob::FinetuneJob(const FinetuneConfig& c, RunWorld world)
   to.skip_nonfinite_steps = c.skip_nonfinite_steps;
   to.schedule.emplace(c.schedule, c.lr, std::min(c.warmup, total_steps_), total_steps_);  // short runs: warmup fits
   if (plan_memory) {  // the default loss (the chunked head) with a plan of checkpoints and loss chunk
-    to.memory_budget = c.memory_budget > 0 ? static_cast<size_t>(c.memory_budget * static_cast<double>(size_t{1} << 30)) : 0;
-    to.memory_plan_options.host_budget_bytes = static_cast<size_t>(c.host_memory_budget * static_cast<double>(size_t{1} << 30));
+    auto bytes = [](double gib) { return gib > 0 ? static_cast<size_t>(gib * static_cast<double>(size_t{1} << 30)) : 0; };
+    to.memory_budget = bytes(c.memory_budget);
+    to.memory_plan_options.host_budget_bytes = bytes(c.host_memory_budget);
   } else {
     to.loss = train::llama_loss(c.chunked_head);
   }
