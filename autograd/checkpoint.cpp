@@ -70,6 +70,21 @@ class ReuseOutputs final : public DispatchHandler {
   size_t next_ = 0;
 };
 
+// A root for backward that holds `t`'s node and metadata but not its data (backward reads only those);
+// a leaf (an input returned as is) stays itself, as its gradient accumulates into it.
+Tensor without_data(const Tensor& t) {
+  if (!t.grad_fn()) return t;
+  auto impl = std::make_shared<TensorImpl>();
+  impl->shape = t.shape();
+  impl->strides = t.strides();
+  impl->dtype = t.dtype();
+  impl->device = t.device();
+  impl->requires_grad = true;
+  impl->grad_fn = t.grad_fn();
+  impl->output_nr = t.impl()->output_nr;
+  return Tensor(impl);
+}
+
 // An offloaded checkpoint's inputs, linked to the one made before it in forward.
 struct Offloaded {
   std::vector<std::unique_ptr<OffloadedTensor>> inputs;
@@ -159,8 +174,9 @@ class Checkpoint final : public Function {
     }
     std::vector<Tensor> roots, seeds;
     for (size_t i = 0; i < outs.size() && i < grad_outputs.size(); ++i) {
-      if (outs[i].requires_grad()) { roots.push_back(outs[i]); seeds.push_back(grad_outputs[i]); }
+      if (outs[i].requires_grad()) { roots.push_back(without_data(outs[i])); seeds.push_back(grad_outputs[i]); }
     }
+    outs.clear();  // the recomputed outputs' data is not needed by their backward (a decoder layer's output: 1 GiB at T131072)
     if (!roots.empty()) autograd::backward(roots, seeds);
     std::vector<Tensor> grads;
     for (const Tensor& l : leaves) grads.push_back(l.requires_grad() ? l.grad() : Tensor());

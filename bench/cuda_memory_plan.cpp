@@ -4,7 +4,8 @@
 // time. Optional: --layers N, --seq T, --batch B, --iters N, --budgets "10,14,20" (GiB; 0: the default),
 // --mlp-chunk N (the MLP in checkpointed pieces of N tokens: long sequences), --ops (each plan's step
 // by category — GEMMs, attention, dequantisation, loss, optimizer, the rest, the time between ops — with
-// GEMM and attention TFLOP/s against the 790 cuBLASLt reaches on an 8192³ bf16 product). Each plan's
+// GEMM and attention TFLOP/s against the 790 cuBLASLt reaches on an 8192³ bf16 product), --trace-memory
+// FILE (one step's per-op memory timeline, bench/memory_trace.h, of each plan in turn). Each plan's
 // description goes to stderr.
 #include <algorithm>
 #include <cstdio>
@@ -13,6 +14,7 @@
 #include <vector>
 
 #include "bench/cuda_timing.h"
+#include "bench/memory_trace.h"
 #include "bench/op_timer.h"
 #include "bench/qlora_model.h"
 #include "core/cuda/runtime.h"
@@ -34,6 +36,7 @@ struct Args {
   std::string budgets = "8,10,14,20,28,0";
   int64_t mlp_chunk = 0;
   bool ops = false;
+  std::string trace_memory;  // file for the per-op memory timeline, or empty
 };
 
 constexpr double kCublasLtTflops = 790;  // bf16 8192³ through cuBLASLt on the H200 (and about so on an H100)
@@ -45,7 +48,7 @@ constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 int main(int argc, char** argv) {
   Args a;
   const auto usage = [&] {
-    std::fprintf(stderr, "usage: %s [--layers N] [--seq T] [--batch B] [--iters N] [--budgets GiB,GiB,...] [--mlp-chunk N] [--ops]\n",
+    std::fprintf(stderr, "usage: %s [--layers N] [--seq T] [--batch B] [--iters N] [--budgets GiB,GiB,...] [--mlp-chunk N] [--ops] [--trace-memory FILE]\n",
                  argv[0]);
     return 2;
   };
@@ -63,6 +66,7 @@ int main(int argc, char** argv) {
     else if (k == "--iters") a.iters = std::stoi(v);
     else if (k == "--budgets") a.budgets = v;
     else if (k == "--mlp-chunk") a.mlp_chunk = std::stoll(v);
+    else if (k == "--trace-memory") a.trace_memory = v;
     else return usage();
   }
   if (!cuda::is_available()) {
@@ -115,6 +119,18 @@ int main(int argc, char** argv) {
                   static_cast<long long>(plan.dequantized_layers), static_cast<long long>(plan.loss_chunk), predicted / kGiB, peak / kGiB, peak / predicted, ms,
                   static_cast<double>(a.batch * a.seq) / (ms / 1000.0));
       if (a.ops) bench::print_step_breakdown(step, ms, kCublasLtTflops);
+      if (!a.trace_memory.empty()) {
+        std::FILE* f = std::fopen(a.trace_memory.c_str(), "a");
+        KILN_CHECK(f, "cuda_memory_plan", "cannot open '{}' for the memory trace", a.trace_memory);
+        std::fprintf(f, "# budget %s: %s\n", item.c_str(), plan.describe().c_str());
+        {
+          bench::MemoryTrace trace(gpu, f);
+          ObserverScope scope(&trace);
+          step();
+          cuda::synchronize();
+        }
+        std::fclose(f);
+      }
       std::fflush(stdout);
     }
   } catch (const std::exception& e) {

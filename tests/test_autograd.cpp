@@ -4,6 +4,8 @@
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
 #include <cmath>
+#include <functional>
+#include <memory>
 #include <map>
 #include <string>
 #include <vector>
@@ -339,6 +341,16 @@ struct Identity : autograd::Function {
   std::vector<Tensor> backward(const std::vector<Tensor>& g) override { return {g[0]}; }
 };
 
+// Identity whose backward calls `on_backward` first.
+struct Probe : autograd::Function {
+  std::function<void()> on_backward;
+  std::vector<Tensor> forward(const std::vector<Tensor>& in) override { return {in[0]}; }
+  std::vector<Tensor> backward(const std::vector<Tensor>& g) override {
+    on_backward();
+    return {g[0]};
+  }
+};
+
 }  // namespace
 
 TEST_CASE("autograd: custom Function", "[autograd]") {
@@ -433,6 +445,30 @@ TEST_CASE("autograd: checkpoint recomputes and matches the plain function", "[au
   test::require_close(x.grad(), gx, 1e-12, 1e-14);
   test::require_close(w1.grad(), g1, 1e-12, 1e-14);
   test::require_close(w2.grad(), g2, 1e-12, 1e-14);
+}
+
+TEST_CASE("autograd: checkpoint frees the recomputed outputs before the backward through them", "[autograd]") {
+  // Their backward needs their nodes, not their data: a decoder layer's output is not held while its
+  // backward runs.
+  Tensor x = random_leaf({16, 32}, 13);
+  std::weak_ptr<StorageImpl> recomputed;  // the output's storage, from the latest run of the block
+  int probes = 0;
+  bool released = false;
+  autograd::CheckpointFn block = [&](const std::vector<Tensor>& in) {
+    auto probe = std::make_shared<Probe>();
+    probe->on_backward = [&] {
+      ++probes;
+      released = recomputed.expired();
+    };
+    Tensor out = mul(autograd::apply(probe, {tanh(in[0])})[0], 3.0);  // (16, 32); its node saves nothing
+    recomputed = out.impl()->storage;
+    return std::vector<Tensor>{out};
+  };
+  sum(autograd::checkpoint(block, {x})[0]).backward();
+  CHECK(probes == 1);
+  CHECK(released);
+  const Tensor t = tanh(x.detach());
+  test::require_close(x.grad(), (1.0 - t * t) * 3.0, 1e-12, 1e-12);
 }
 
 TEST_CASE("autograd: checkpoint replays dropout with the same mask", "[autograd]") {

@@ -5,6 +5,7 @@
 #include <catch2/matchers/catch_matchers_string.hpp>
 #include <cmath>
 
+#include "core/memory.h"
 #include "core/ops/indexing.h"
 #include "core/ops/loss.h"
 #include "tests/helpers.h"
@@ -290,6 +291,20 @@ TEST_CASE("rotary_embedding gradients match finite differences", "[nn_ops]") {
   Tensor fused = autograd::grad({rotary_embedding(xb, cb, sb)}, {xb}, {g})[0];
   Tensor comp = autograd::grad({rotary_embedding_composite(xb, cb, sb)}, {xb}, {g})[0];
   check_close(fused, comp, DType::bf16);
+  // backward needs only cos and sin: the rotated tensor is freed once forward drops it (Llama's q and
+  // k projections' outputs are not held until the attention's backward)
+  Tensor x2 = test::random_tensor({2, 2, 3, 6}, DType::f64, 47).set_requires_grad();
+  Tensor y;
+  size_t with_h = 0;
+  {
+    const Tensor h = mul(x2, 3.0);  // (2, 2, 3, 6) f64
+    with_h = memory_usage(kCPU).allocated;
+    y = rotary_embedding(h, cos, sin);
+  }
+  CHECK(memory_usage(kCPU).allocated == with_h);  // y in, h out
+  const Tensor gy = test::random_tensor({2, 2, 3, 6}, DType::f64, 48);
+  y.backward(gy);
+  test::require_close(x2.grad(), mul(rotary_embedding(gy, cos, neg(sin)), 3.0), 1e-12, 1e-12);
 }
 
 TEST_CASE("rotary_embedding rejects bad input", "[nn_ops]") {

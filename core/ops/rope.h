@@ -21,6 +21,7 @@ class RotaryEmbedding : public Primitive {
   bool differentiable() const override { return true; }
   std::vector<Tensor> vjp(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
                           const std::vector<Tensor>& cotangents, const std::vector<bool>& wanted) const override;
+  bool vjp_needs_input(size_t i) const override { return i > 0; }  // the rotation needs cos and sin, not x
   bool vjp_needs_outputs() const override { return false; }
 };
 
