@@ -1,11 +1,14 @@
 // checkpoint() as a custom Function: forward under no_grad, backward = recompute with grad on, then
-// a nested backward through the recomputed graph.
+// a nested backward through the recomputed graph; checkpoint_chunks() the same piece by piece.
 #include "autograd/checkpoint.h"
+
+#include <algorithm>
 
 #include "autograd/engine.h"
 #include "autograd/function.h"
 #include "autograd/grad_mode.h"
 #include "core/dispatch.h"
+#include "core/ops.h"
 #include "core/offload.h"
 #include "core/random.h"
 
@@ -192,7 +195,77 @@ class Checkpoint final : public Function {
   std::vector<bool> requires_;
 };
 
+// fn on x piece by piece along `dim`, each piece's output written into one tensor (x's shape).
+Tensor run_pieces(const std::function<Tensor(const Tensor&)>& fn, const Tensor& x, int64_t dim, int64_t chunk) {
+  Tensor out;
+  for (int64_t s = 0; s < x.size(dim); s += chunk) {
+    const Tensor piece = narrow(x, dim, s, std::min(chunk, x.size(dim) - s));
+    const Tensor y = fn(piece);
+    KILN_CHECK(y.shape() == piece.shape(), "checkpoint_chunks", "the function must keep a piece's shape: {} gave {}",
+               shape_str(piece.shape()), shape_str(y.shape()));
+    if (!out.defined()) out = empty(x.shape(), y.dtype(), x.device());
+    narrow(out, dim, s, piece.size(dim)).copy_(y);
+  }
+  return out;
+}
+
+// checkpoint_chunks: forward and backward piece by piece along one dim.
+class ChunkedCheckpoint final : public Function {
+ public:
+  ChunkedCheckpoint(std::function<Tensor(const Tensor&)> fn, int64_t dim, int64_t chunk)
+      : fn_(std::move(fn)), dim_(dim), chunk_(chunk) {}
+  const char* name() const override { return "checkpoint_chunks"; }
+
+  std::vector<Tensor> forward(const std::vector<Tensor>& inputs) override {
+    rng_ = default_generator().state();
+    save_for_backward({inputs[0]});
+    return {run_pieces(fn_, inputs[0], dim_, chunk_)};
+  }
+
+  std::vector<Tensor> backward(const std::vector<Tensor>& grad_outputs) override {
+    const Tensor x = saved()[0];
+    const bool wants_x = needs_input_grad()[0];
+    Tensor dx = wants_x ? empty(x.shape(), x.dtype(), x.device()) : Tensor();  // (x's shape)
+    const GeneratorState now = default_generator().state();
+    default_generator().set_state(rng_);  // the pieces draw as they did in forward, in the same order
+    try {
+      for (int64_t s = 0; s < x.size(dim_); s += chunk_) {
+        const int64_t n = std::min(chunk_, x.size(dim_) - s);
+        Tensor leaf = narrow(x, dim_, s, n).detach();
+        if (wants_x) leaf.set_requires_grad(true);
+        {
+          EnableGradGuard grad_on;
+          const Tensor y = fn_(leaf);
+          if (y.requires_grad()) autograd::backward({without_data(y)}, {narrow(grad_outputs[0], dim_, s, n)});
+        }
+        if (!wants_x) continue;
+        Tensor piece = narrow(dx, dim_, s, n);
+        if (leaf.grad().defined()) piece.copy_(leaf.grad());
+        else piece.zero_();
+      }
+    } catch (...) {
+      default_generator().set_state(now);
+      throw;
+    }
+    default_generator().set_state(now);
+    return {dx};
+  }
+
+ private:
+  std::function<Tensor(const Tensor&)> fn_;
+  int64_t dim_, chunk_;
+  GeneratorState rng_;
+};
+
 }  // namespace
+
+Tensor checkpoint_chunks(std::function<Tensor(const Tensor&)> fn, const Tensor& x, int64_t dim, int64_t chunk) {
+  KILN_CHECK(x.defined() && x.dim() > 0, "checkpoint_chunks", "expected a tensor with at least one dim");
+  const int64_t d = wrap_dim(dim, x.dim(), "checkpoint_chunks");
+  KILN_CHECK(chunk > 0, "checkpoint_chunks", "the chunk must be positive, found {}", chunk);
+  if (!grad_enabled()) return run_pieces(fn, x, d, chunk);  // no backward to prepare for
+  return autograd::apply(std::make_shared<ChunkedCheckpoint>(std::move(fn), d, chunk), {x}, /*always_record=*/true)[0];
+}
 
 std::vector<Tensor> checkpoint(CheckpointFn fn, const std::vector<Tensor>& inputs, CheckpointOptions options) {
   return autograd::apply(std::make_shared<Checkpoint>(std::move(fn), options), inputs, /*always_record=*/true);

@@ -31,4 +31,12 @@ struct CheckpointOptions {
 
 std::vector<Tensor> checkpoint(CheckpointFn fn, const std::vector<Tensor>& inputs, CheckpointOptions options = {});
 
+// `fn` applied to `x` in pieces of `chunk` along `dim`, keeping only `x` for backward: the same
+// result as fn(x) where fn treats positions along `dim` independently and keeps a piece's shape (a
+// per-token MLP, a norm, a residual add). Forward writes each piece's output into one tensor;
+// backward runs each piece again with grad (the generator's state replayed, as checkpoint does) and
+// writes its input gradient into one tensor, so no piece's activations outlive it and no full-size
+// gradient is made per piece. Parameters `fn` captures get their gradients as usual.
+Tensor checkpoint_chunks(std::function<Tensor(const Tensor&)> fn, const Tensor& x, int64_t dim, int64_t chunk);
+
 }  // namespace kiln::autograd

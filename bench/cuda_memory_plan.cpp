@@ -1,7 +1,7 @@
 // The memory-budget planner on Llama 3.1 8B (random weights, the real config) as QLoRA trains it:
 // NF4 base, LoRA r=16 on every linear layer, AdamW, batch 1 x 4096 tokens. Per budget: the plan
 // (layers checkpointed, loss chunk), its predicted peak, the real peak of AdamW steps and the step
-// time. Optional: --layers N, --seq T, --batch B, --iters N, --budgets "10,14,20" (GiB; 0: the default),
+// time. Optional: --layers N, --seq T, --batch B, --iters N, --budgets "10,14,20" (GiB; 0: the default; least: the least budget a plan fits),
 // --mlp-chunk N (the MLP in checkpointed pieces of N tokens: long sequences), --ops (each plan's step
 // by category — GEMMs, attention, dequantisation, loss, optimizer, the rest, the time between ops — with
 // GEMM and attention TFLOP/s against the 790 cuBLASLt reaches on an 8192³ bf16 product), --trace-memory
@@ -94,10 +94,15 @@ int main(int argc, char** argv) {
       nn::MemoryPlanOptions mo;
       mo.batch_size = a.batch;
       mo.seq_len = a.seq;
-      mo.budget_bytes = static_cast<size_t>(std::stod(item) * kGiB);
       mo.optimizer_state_bytes = opt.pending_state_bytes();
       nn::MemoryPlan plan;
       try {
+        if (item == "least") {  // the least budget any plan fits
+          mo.budget_bytes = size_t{1} << 50;
+          mo.budget_bytes = nn::plan_memory(*model, mo).minimum_budget_bytes;
+        } else {
+          mo.budget_bytes = static_cast<size_t>(std::stod(item) * kGiB);
+        }
         plan = nn::plan_memory(*model, mo);
       } catch (const Error& e) {
         std::printf("| %s | %s |\n", item.c_str(), e.what());

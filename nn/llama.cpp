@@ -88,17 +88,8 @@ void LlamaMLP::set_sequence_chunk(int64_t tokens) {
 }
 
 Tensor LlamaMLP::forward(const Tensor& x) {
-  const int64_t dim = x.dim() - 2;  // the token dimension of (..., T, hidden)
-  if (chunk_ == 0 || dim < 0 || x.size(dim) <= chunk_) return run(x);
-  const bool grad = autograd::grad_enabled();
-  std::vector<Tensor> outs;
-  for (int64_t s = 0; s < x.size(dim); s += chunk_) {
-    Tensor piece = slice(x, dim, s, s + chunk_);  // (..., chunk, hidden)
-    outs.push_back(grad ? autograd::checkpoint([this](const std::vector<Tensor>& in) { return std::vector<Tensor>{run(in[0])}; },
-                                               {piece})[0]
-                        : run(piece));
-  }
-  return cat(outs, dim);
+  if (chunk_ == 0 || x.dim() < 2 || x.size(-2) <= chunk_) return run(x);
+  return autograd::checkpoint_chunks([this](const Tensor& piece) { return run(piece); }, x, -2, chunk_);
 }
 
 // ---- decoder layer
@@ -113,7 +104,12 @@ LlamaDecoderLayer::LlamaDecoderLayer(const LlamaConfig& c, DType dtype, Device d
 
 Tensor LlamaDecoderLayer::forward(const Tensor& x, int64_t start, KVCache::Layer* cache) {
   Tensor h = add(x, child_as<LlamaAttention>("self_attn")(child_as<RMSNorm>("input_layernorm")(x), start, cache));
-  return add(h, child_as<LlamaMLP>("mlp")(child_as<RMSNorm>("post_attention_layernorm")(h)));
+  auto mlp_block = [this](const Tensor& v) {  // (B, T', hidden) -> (B, T', hidden)
+    return add(v, child_as<LlamaMLP>("mlp")(child_as<RMSNorm>("post_attention_layernorm")(v)));
+  };
+  const int64_t chunk = child_as<LlamaMLP>("mlp").sequence_chunk();
+  if (chunk > 0 && h.size(1) > chunk) return autograd::checkpoint_chunks(mlp_block, h, 1, chunk);
+  return mlp_block(h);
 }
 
 // ---- model

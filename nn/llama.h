@@ -77,8 +77,10 @@ class LlamaMLP : public Module {
   // forward through the module's hooks (Module::call_forward)
   Tensor operator()(const Tensor& x) { return call_forward1(x, [this](const Tensor& v) { return forward(v); }); }
   // Sequence chunks for long sequences (0: off): the MLP runs on at most `tokens` tokens at a time,
-  // so its (tokens, intermediate) tensors exist for one chunk only; in grad mode each chunk is
-  // checkpointed (it keeps only its input and runs again in backward: one more MLP forward).
+  // so its (tokens, intermediate) tensors exist for one chunk only; in grad mode the chunks are
+  // checkpointed (autograd::checkpoint_chunks: only the input is kept, each chunk runs again in
+  // backward: one more MLP forward). In a decoder layer the post-attention norm and the residual add
+  // go into the chunks too, so the layer keeps neither the norm's output nor the MLP's for backward.
   void set_sequence_chunk(int64_t tokens);
   int64_t sequence_chunk() const { return chunk_; }
 

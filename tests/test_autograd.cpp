@@ -15,6 +15,7 @@
 #include "autograd/function.h"
 #include "autograd/grad_mode.h"
 #include "core/dispatch.h"
+#include "core/memory.h"
 #include "core/ops.h"
 #include "tests/helpers.h"
 
@@ -493,6 +494,59 @@ TEST_CASE("autograd: checkpoint replays dropout with the same mask", "[autograd]
   }
   // the mask matters: another seed gives another loss
   REQUIRE_FALSE(test::all_close(run(false, 99)[0], plain[0], 1e-9, 0.0));
+}
+
+TEST_CASE("autograd: checkpoint_chunks runs a per-position function piece by piece", "[autograd]") {
+  Tensor w1 = random_leaf({6, 8}, 23), w2 = random_leaf({8, 6}, 24);
+  Tensor x = random_leaf({2, 13, 6}, 25);
+  double p = 0.0;  // dropout probability
+  auto fn = [&](const Tensor& v) { return v + matmul(dropout(tanh(matmul(v, w1)), p), w2); };  // (B, T', 6)
+  auto run = [&](bool chunked, bool pieces_by_hand) {
+    x.zero_grad(); w1.zero_grad(); w2.zero_grad();
+    manual_seed(77);
+    Tensor out;
+    if (chunked) {
+      out = autograd::checkpoint_chunks(fn, x, 1, 4);  // pieces of 4, 4, 4 and 1 positions
+    } else if (pieces_by_hand) {  // the pieces in order, plain autograd: dropout draws as the chunks do
+      std::vector<Tensor> pieces;
+      for (int64_t s = 0; s < 13; s += 4) pieces.push_back(fn(narrow(x, 1, s, std::min<int64_t>(4, 13 - s))));
+      out = cat(pieces, 1);
+    } else {
+      out = fn(x);
+    }
+    Tensor loss = sum(out * out);
+    randn({3});  // other random work between forward and backward
+    loss.backward();
+    return std::vector<Tensor>{loss, x.grad(), w1.grad(), w2.grad()};
+  };
+  auto require_same = [](const std::vector<Tensor>& a, const std::vector<Tensor>& b) {
+    for (size_t i = 0; i < a.size(); ++i) {
+      INFO("result " << i << " (loss, dx, dw1, dw2)");
+      test::require_close(a[i], b[i], 1e-12, 1e-14);
+    }
+  };
+  require_same(run(true, false), run(false, false));  // no dropout: fn on the whole
+  p = 0.4;
+  require_same(run(true, false), run(false, true));  // dropout: the same masks in the recompute
+  REQUIRE_FALSE(test::all_close(run(true, false)[0], run(false, false)[0], 1e-9, 0.0));  // the masks matter
+  // Forward keeps nothing but its output; backward makes no full-size gradient per piece.
+  p = 0.0;
+  size_t before = memory_usage(kCPU).allocated;
+  const size_t one_output = [&] {  // what the allocator takes for an output (rounded up)
+    const Tensor t = empty({2, 13, 6}, DType::f64);
+    return memory_usage(kCPU).allocated - before;
+  }();
+  before = memory_usage(kCPU).allocated;
+  Tensor out = autograd::checkpoint_chunks(fn, x, -2, 4);
+  CHECK(memory_usage(kCPU).allocated - before == one_output);
+  test::OpCounter count;
+  sum(out).backward();
+  CHECK(count.count("slice_backward") == 0);
+  CHECK(count.count("matmul") == 4 * (2 + 4));  // per piece: 2 recomputed, 4 in backward (dx and dw of each)
+  // Bad input.
+  CHECK_THROWS_WITH(autograd::checkpoint_chunks(fn, x, 1, 0), ContainsSubstring("chunk must be positive"));
+  CHECK_THROWS_WITH(autograd::checkpoint_chunks([](const Tensor& v) { return sum(v, {1}); }, x, 1, 4),
+                    ContainsSubstring("keep a piece's shape"));
 }
 
 TEST_CASE("autograd: requires_grad rules", "[autograd]") {

@@ -158,6 +158,39 @@ TEST_CASE("cuda attention: the cuDNN path matches the CPU", "[cuda][attention]")
   }
 }
 
+TEST_CASE("cuda attention: the cuDNN backward in kv-head groups matches one call", "[cuda][attention]") {
+#if !KILN_WITH_CUDA
+  SKIP("built without CUDA");
+#else
+  if (!cuda::is_available()) SKIP("no CUDA device");
+  // A workspace limit of 0 splits to the smallest groups; long sequences do so at the default limit.
+  struct LimitScope {
+    size_t saved = cuda::sdpa_backward_workspace_limit();
+    ~LimitScope() { cuda::set_sdpa_backward_workspace_limit(saved); }
+  } restore;
+  struct Split {
+    Case c;
+    int calls;  // kv-head groups at limit 0
+  };
+  const Split cases[] = {
+      {{2, 8, 2, 200, 200, 128, 128, true, DType::bf16}, 2},  {{1, 16, 4, 256, 256, 128, 128, false, DType::bf16}, 4},
+      {{1, 8, 8, 130, 130, 64, 64, true, DType::f16}, 4},     // groups of 2: one kv head's lse (130 f32) is not 16-byte aligned
+      {{1, 4, 1, 64, 192, 128, 128, true, DType::bf16}, 1},
+  };
+  uint64_t seed = 900;
+  for (const Split& sc : cases) {
+    for (bool perm : {true, false}) {
+      cuda::set_sdpa_backward_workspace_limit(0);
+      CHECK(check_case(sc.c, Backend::cudnn, perm, false, seed += 10) == "cudnn");
+      CHECK(cuda::last_sdpa_backward_calls() == sc.calls);
+      cuda::set_sdpa_backward_workspace_limit(size_t{1} << 40);
+      CHECK(check_case(sc.c, Backend::cudnn, perm, false, seed) == "cudnn");
+      CHECK(cuda::last_sdpa_backward_calls() == 1);
+    }
+  }
+#endif
+}
+
 TEST_CASE("cuda attention: the flash kernel matches the CPU", "[cuda][attention]") {
   if (!cuda::is_available()) SKIP("no CUDA device");
   const Case cases[] = {

@@ -17,6 +17,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "core/cpu/copy.h"
 #include "core/cuda/attention.cuh"
 #include "core/cuda/check.h"
 #include "core/cuda/tensor_args.h"
@@ -37,6 +38,7 @@ SdpaBackend backend_from_env() {
 
 std::atomic<int> g_backend{-1};  // -1: not read from the environment yet
 thread_local const char* t_last_path = "";
+thread_local int t_last_backward_calls = 0;
 
 enum Uid : int64_t { kQ = 1, kK, kV, kO, kStats, kDO, kDQ, kDK, kDV };
 
@@ -236,45 +238,92 @@ bool cudnn_sdpa_forward(const prim::ScaledDotProductAttention& p, const Tensor& 
   return true;
 }
 
+namespace {
+
+// One cuDNN backward call over query heads [h0 * rep, (h0 + g) * rep) and kv heads [h0, h0 + g) of
+// the operands (views with the full tensors' strides, written in place); false when cuDNN refuses.
+// Its plan's workspace goes to `workspace` (the caller sizes the head groups by it).
+bool backward_call(DeviceState& ds, const prim::SdpaBackward& p, const Tensor& q, const Tensor& k, const Tensor& v,
+                   const Tensor& o, const Tensor& dout, const Tensor& lse, const Tensor& dq, const Tensor& dk,
+                   const Tensor& dv, int64_t* workspace, bool run) {
+  std::vector<int64_t> key = base_key(1, q, v, k.size(1), k.size(2), p.causal(), p.scale());
+  for (const Tensor* t : {&q, &k, &v, &o, &dout, &lse, &dq, &dk, &dv}) append_strides(key, *t);
+  std::shared_ptr<const Plan> plan = find_plan(ds, key, [&]() -> std::shared_ptr<const Plan> {
+    auto g = std::make_shared<fe::graph::Graph>();
+    g->set_io_data_type(fe_dtype(q.dtype()))
+        .set_intermediate_data_type(fe::DataType_t::FLOAT)
+        .set_compute_data_type(fe::DataType_t::FLOAT);
+    auto tq = input(*g, "Q", kQ, q), tk = input(*g, "K", kK, k), tv = input(*g, "V", kV, v);
+    auto to = input(*g, "O", kO, o), tg = input(*g, "dO", kDO, dout);
+    std::vector<int64_t> lse_strides = strides_of(lse);
+    lse_strides.push_back(1);
+    auto stats = g->tensor(fe::graph::Tensor_attributes()
+                               .set_name("Stats")
+                               .set_uid(kStats)
+                               .set_data_type(fe::DataType_t::FLOAT)
+                               .set_dim({q.size(0), q.size(1), q.size(2), 1})
+                               .set_stride(lse_strides));
+    auto opts = fe::graph::SDPA_backward_attributes().set_name("sdpa_backward").set_attn_scale(
+        static_cast<float>(p.scale()));
+    set_mask(opts, p.causal(), q.size(2), k.size(2));
+    auto grads = g->sdpa_backward(tq, tk, tv, to, tg, stats, opts);
+    grads[0]->set_output(true).set_uid(kDQ).set_dim(dq.shape()).set_stride(strides_of(dq));
+    grads[1]->set_output(true).set_uid(kDK).set_dim(dk.shape()).set_stride(strides_of(dk));
+    grads[2]->set_output(true).set_uid(kDV).set_dim(dv.shape()).set_stride(strides_of(dv));
+    return finish(g, ds.handle, "the backward");
+  });
+  if (!plan) return false;
+  *workspace = plan->workspace;
+  if (!run) return true;
+  std::unordered_map<int64_t, void*> pack{{kQ, q.raw_data()},   {kK, k.raw_data()},     {kV, v.raw_data()},
+                                          {kO, o.raw_data()},   {kDO, dout.raw_data()}, {kStats, lse.raw_data()},
+                                          {kDQ, dq.raw_data()}, {kDK, dk.raw_data()},   {kDV, dv.raw_data()}};
+  execute(*plan, ds, pack, q, "sdpa_backward");
+  return true;
+}
+
+std::atomic<size_t> g_backward_workspace_limit{size_t{512} << 20};
+
+}  // namespace
+
+void set_sdpa_backward_workspace_limit(size_t bytes) { g_backward_workspace_limit.store(bytes); }
+size_t sdpa_backward_workspace_limit() { return g_backward_workspace_limit.load(); }
+int last_sdpa_backward_calls() { return t_last_backward_calls; }
+
 bool cudnn_sdpa_backward(const prim::SdpaBackward& p, const Tensor& q, const Tensor& k, const Tensor& v,
                          const Tensor& out, const Tensor& dout, const Tensor& lse_f32, Tensor& dq, Tensor& dk,
                          Tensor& dv) {
   if (!cudnn_sdpa_eligible(q, k, v, p.causal())) return false;
   const Tensor qc = cudnn_operand(q), kc = cudnn_operand(k), vc = cudnn_operand(v);
   const Tensor oc = cudnn_operand(out), gc = cudnn_operand(dout);
-  std::vector<int64_t> key = base_key(1, qc, vc, kc.size(1), kc.size(2), p.causal(), p.scale());
-  for (const Tensor* t : {&qc, &kc, &vc, &oc, &gc}) append_strides(key, *t);
-
   DeviceState& ds = device_state(q.device().index);
   std::lock_guard<std::mutex> lock(ds.mu);
   ensure_handle(ds);
-  std::shared_ptr<const Plan> plan = find_plan(ds, key, [&]() -> std::shared_ptr<const Plan> {
-    auto g = std::make_shared<fe::graph::Graph>();
-    g->set_io_data_type(fe_dtype(q.dtype()))
-        .set_intermediate_data_type(fe::DataType_t::FLOAT)
-        .set_compute_data_type(fe::DataType_t::FLOAT);
-    auto tq = input(*g, "Q", kQ, qc), tk = input(*g, "K", kK, kc), tv = input(*g, "V", kV, vc);
-    auto to = input(*g, "O", kO, oc), tg = input(*g, "dO", kDO, gc);
-    auto stats = g->tensor(fe::graph::Tensor_attributes()
-                               .set_name("Stats")
-                               .set_uid(kStats)
-                               .set_data_type(fe::DataType_t::FLOAT)
-                               .set_dim({q.size(0), q.size(1), q.size(2), 1})
-                               .set_stride({q.size(1) * q.size(2), q.size(2), 1, 1}));
-    auto opts = fe::graph::SDPA_backward_attributes().set_name("sdpa_backward").set_attn_scale(
-        static_cast<float>(p.scale()));
-    set_mask(opts, p.causal(), qc.size(2), kc.size(2));
-    auto grads = g->sdpa_backward(tq, tk, tv, to, tg, stats, opts);
-    grads[0]->set_output(true).set_uid(kDQ).set_dim(dq.shape()).set_stride(contiguous_strides(dq.shape()));
-    grads[1]->set_output(true).set_uid(kDK).set_dim(dk.shape()).set_stride(contiguous_strides(dk.shape()));
-    grads[2]->set_output(true).set_uid(kDV).set_dim(dv.shape()).set_stride(contiguous_strides(dv.shape()));
-    return finish(g, ds.handle, "the backward");
-  });
-  if (!plan) return false;
-  std::unordered_map<int64_t, void*> pack{{kQ, qc.raw_data()},  {kK, kc.raw_data()},        {kV, vc.raw_data()},
-                                          {kO, oc.raw_data()},  {kDO, gc.raw_data()},       {kStats, lse_f32.raw_data()},
-                                          {kDQ, dq.raw_data()}, {kDK, dk.raw_data()},       {kDV, dv.raw_data()}};
-  execute(*plan, ds, pack, q, "sdpa_backward");
+  // cuDNN's workspace grows with heads x length (an f32 dq accumulator, and with grouped kv heads
+  // the per-query-head dk and dv before their sum: 4 GiB for Llama 3.1 8B at T131072). Past the
+  // limit, the kv heads go in groups, each call with its query heads: the same sums, a workspace a
+  // fraction the size.
+  const int64_t hkv = kc.size(1), rep = qc.size(1) / hkv;
+  int64_t workspace = 0;
+  auto call = [&](int64_t h0, int64_t g, bool run) {
+    auto heads = [&](const Tensor& t, int64_t per) {  // heads [h0 * per, (h0 + g) * per) of t, a view
+      Shape shape = t.shape();
+      shape[1] = g * per;
+      return cpu::raw_view(t, shape, t.strides(), t.offset() + h0 * per * t.strides()[1]);
+    };
+    return backward_call(ds, p, heads(qc, rep), heads(kc, 1), heads(vc, 1), heads(oc, rep), heads(gc, rep),
+                         heads(lse_f32, rep), heads(dq, rep), heads(dk, 1), heads(dv, 1), &workspace, run);
+  };
+  int64_t group = hkv;  // kv heads per call: the most (a divisor of hkv) whose workspace fits the limit
+  if (!call(0, group, /*run=*/false)) return false;
+  const size_t limit = sdpa_backward_workspace_limit();
+  for (int64_t g = hkv - 1; g >= 1 && (limit == 0 || static_cast<size_t>(workspace) > limit); --g) {
+    if (hkv % g != 0 || (g * rep * qc.size(2)) % 4 != 0) continue;  // each group's f32 lse 16-byte aligned
+    group = g;
+    if (!call(0, group, /*run=*/false)) return false;
+  }
+  for (int64_t h0 = 0; h0 < hkv; h0 += group) call(h0, group, /*run=*/true);
+  t_last_backward_calls = static_cast<int>(hkv / group);
   return true;
 }
 

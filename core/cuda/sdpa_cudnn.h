@@ -2,6 +2,8 @@
 // graphs cached per shape, layout, dtype, mask and scale; and the switch between it and kiln's own
 // flash kernel (KILN_SDPA_BACKEND=auto|cudnn|flash, or set_sdpa_backend) for tests and benchmarks.
 #pragma once
+#include <cstddef>
+
 #include "core/ops/attention.h"
 #include "core/tensor.h"
 
@@ -27,8 +29,16 @@ bool cudnn_sdpa_forward(const prim::ScaledDotProductAttention& p, const Tensor& 
                         Tensor& out, Tensor& lse);
 
 // dq, dk, dv contiguous, from lse_f32 (B, Hq, T) contiguous f32. cuDNN's backward has no lse
-// gradient input: the caller handles a nonzero dlse. False when cuDNN refuses the graph.
+// gradient input: the caller handles a nonzero dlse. False when cuDNN refuses the graph. When the
+// workspace cuDNN asks for exceeds sdpa_backward_workspace_limit(), the kv heads go in groups (one
+// call per group with its query heads), the fewest calls whose workspace fits (one kv head at least).
+
 bool cudnn_sdpa_backward(const prim::SdpaBackward& p, const Tensor& q, const Tensor& k, const Tensor& v,
                          const Tensor& out, const Tensor& dout, const Tensor& lse_f32, Tensor& dq, Tensor& dk, Tensor& dv);
+// The backward's workspace limit in bytes (default 512 MiB; 0: the smallest groups, whatever the workspace).
+void set_sdpa_backward_workspace_limit(size_t bytes);
+size_t sdpa_backward_workspace_limit();
+// The cuDNN calls the last cuDNN backward on this thread made (the kv-head groups).
+int last_sdpa_backward_calls();
 
 }  // namespace kiln::cuda
