@@ -158,7 +158,7 @@ TEST_CASE("cuda attention: the cuDNN path matches the CPU", "[cuda][attention]")
   }
 }
 
-TEST_CASE("cuda attention: the cuDNN backward in kv-head groups matches one call", "[cuda][attention]") {
+TEST_CASE("cuda attention: the cuDNN backward in pieces (sequences, kv-head groups) matches one call", "[cuda][attention]") {
 #if !KILN_WITH_CUDA
   SKIP("built without CUDA");
 #else
@@ -170,10 +170,10 @@ TEST_CASE("cuda attention: the cuDNN backward in kv-head groups matches one call
   } restore;
   struct Split {
     Case c;
-    int calls;  // kv-head groups at limit 0
+    int calls;  // pieces at limit 0: sequences x kv-head groups
   };
   const Split cases[] = {
-      {{2, 8, 2, 200, 200, 128, 128, true, DType::bf16}, 2},  {{1, 16, 4, 256, 256, 128, 128, false, DType::bf16}, 4},
+      {{2, 8, 2, 200, 200, 128, 128, true, DType::bf16}, 4},  {{1, 16, 4, 256, 256, 128, 128, false, DType::bf16}, 4},
       {{1, 8, 8, 130, 130, 64, 64, true, DType::f16}, 4},     // groups of 2: one kv head's lse (130 f32) is not 16-byte aligned
       {{1, 4, 1, 64, 192, 128, 128, true, DType::bf16}, 1},
   };

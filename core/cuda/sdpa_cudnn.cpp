@@ -14,6 +14,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <unordered_map>
 #include <vector>
 
@@ -299,31 +300,41 @@ bool cudnn_sdpa_backward(const prim::SdpaBackward& p, const Tensor& q, const Ten
   DeviceState& ds = device_state(q.device().index);
   std::lock_guard<std::mutex> lock(ds.mu);
   ensure_handle(ds);
-  // cuDNN's workspace grows with heads x length (an f32 dq accumulator, and with grouped kv heads
-  // the per-query-head dk and dv before their sum: 4 GiB for Llama 3.1 8B at T131072). Past the
-  // limit, the kv heads go in groups, each call with its query heads: the same sums, a workspace a
-  // fraction the size.
-  const int64_t hkv = kc.size(1), rep = qc.size(1) / hkv;
-  int64_t workspace = 0;
-  auto call = [&](int64_t h0, int64_t g, bool run) {
-    auto heads = [&](const Tensor& t, int64_t per) {  // heads [h0 * per, (h0 + g) * per) of t, a view
-      Shape shape = t.shape();
-      shape[1] = g * per;
-      return cpu::raw_view(t, shape, t.strides(), t.offset() + h0 * per * t.strides()[1]);
-    };
-    return backward_call(ds, p, heads(qc, rep), heads(kc, 1), heads(vc, 1), heads(oc, rep), heads(gc, rep),
-                         heads(lse_f32, rep), heads(dq, rep), heads(dk, 1), heads(dv, 1), &workspace, run);
+  // cuDNN's workspace grows with batch x heads x length (an f32 dq accumulator, and with grouped kv
+  // heads the per-query-head dk and dv before their sum: 4 GiB for Llama 3.1 8B at T131072). Past
+  // the limit the work goes in pieces, one sequence and a group of kv heads (with their query heads)
+  // per call: the same sums, a workspace a fraction the size.
+  const int64_t batch = qc.size(0), hkv = kc.size(1), rep = qc.size(1) / hkv;
+  struct Split {
+    int64_t batch, group;  // sequences and kv heads per call
   };
-  int64_t group = hkv;  // kv heads per call: the most (a divisor of hkv) whose workspace fits the limit
-  if (!call(0, group, /*run=*/false)) return false;
-  const size_t limit = sdpa_backward_workspace_limit();
-  for (int64_t g = hkv - 1; g >= 1 && (limit == 0 || static_cast<size_t>(workspace) > limit); --g) {
-    if (hkv % g != 0 || (g * rep * qc.size(2)) % 4 != 0) continue;  // each group's f32 lse 16-byte aligned
-    group = g;
-    if (!call(0, group, /*run=*/false)) return false;
+  int64_t workspace = 0;
+  auto call = [&](int64_t b0, int64_t h0, const Split& sp, bool run) {
+    auto part = [&](const Tensor& t, int64_t per) {  // sequences [b0, b0 + sp.batch), heads [h0 * per, (h0 + sp.group) * per)
+      Shape shape = t.shape();
+      shape[0] = sp.batch;
+      shape[1] = sp.group * per;
+      return cpu::raw_view(t, shape, t.strides(), t.offset() + b0 * t.strides()[0] + h0 * per * t.strides()[1]);
+    };
+    return backward_call(ds, p, part(qc, rep), part(kc, 1), part(vc, 1), part(oc, rep), part(gc, rep),
+                         part(lse_f32, rep), part(dq, rep), part(dk, 1), part(dv, 1), &workspace, run);
+  };
+  std::vector<Split> candidates{{batch, hkv}};  // the fewest calls first
+  if (batch > 1) candidates.push_back({1, hkv});
+  for (int64_t g = hkv - 1; g >= 1; --g) {
+    if (hkv % g == 0 && (g * rep * qc.size(2)) % 4 == 0) candidates.push_back({1, g});  // 16-byte aligned f32 lse
   }
-  for (int64_t h0 = 0; h0 < hkv; h0 += group) call(h0, group, /*run=*/true);
-  t_last_backward_calls = static_cast<int>(hkv / group);
+  const size_t limit = sdpa_backward_workspace_limit();
+  std::optional<Split> chosen;  // the first whose workspace fits, else the last cuDNN builds
+  for (const Split& sp : candidates) {
+    if (!call(0, 0, sp, /*run=*/false)) break;
+    chosen = sp;
+    if (limit != 0 && static_cast<size_t>(workspace) <= limit) break;
+  }
+  if (!chosen) return false;
+  for (int64_t b0 = 0; b0 < batch; b0 += chosen->batch)
+    for (int64_t h0 = 0; h0 < hkv; h0 += chosen->group) call(b0, h0, *chosen, /*run=*/true);
+  t_last_backward_calls = static_cast<int>((batch / chosen->batch) * (hkv / chosen->group));
   return true;
 }
 

@@ -30,15 +30,15 @@ bool cudnn_sdpa_forward(const prim::ScaledDotProductAttention& p, const Tensor& 
 
 // dq, dk, dv contiguous, from lse_f32 (B, Hq, T) contiguous f32. cuDNN's backward has no lse
 // gradient input: the caller handles a nonzero dlse. False when cuDNN refuses the graph. When the
-// workspace cuDNN asks for exceeds sdpa_backward_workspace_limit(), the kv heads go in groups (one
-// call per group with its query heads), the fewest calls whose workspace fits (one kv head at least).
+// workspace cuDNN asks for exceeds sdpa_backward_workspace_limit(), it runs in pieces: one sequence
+// per call, then groups of kv heads with their query heads, the fewest calls whose workspace fits.
 
 bool cudnn_sdpa_backward(const prim::SdpaBackward& p, const Tensor& q, const Tensor& k, const Tensor& v,
                          const Tensor& out, const Tensor& dout, const Tensor& lse_f32, Tensor& dq, Tensor& dk, Tensor& dv);
 // The backward's workspace limit in bytes (default 512 MiB; 0: the smallest groups, whatever the workspace).
 void set_sdpa_backward_workspace_limit(size_t bytes);
 size_t sdpa_backward_workspace_limit();
-// The cuDNN calls the last cuDNN backward on this thread made (the kv-head groups).
+// The cuDNN calls the last cuDNN backward on this thread made (its pieces).
 int last_sdpa_backward_calls();
 
 }  // namespace kiln::cuda
