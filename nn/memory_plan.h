@@ -26,8 +26,11 @@ struct MemoryPlanOptions {
   // The probe runs one decoder layer on one sequence of min(T, probe_tokens) tokens and one of
   // half as many, and fits bytes = fixed + per_token * tokens through the two. With a
   // sequence-chunked MLP (Llama::set_mlp_chunk) shorter than T, both lengths exceed the chunk: up to
-  // 4 chunks and half of that.
-  int64_t probe_tokens = 256;
+  // 4 chunks and half of that. The peak of a layer's backward is the largest of several moments, and
+  // at short lengths one with a fixed part (a dequantised weight) can lead where at T a per-token one
+  // does (the MLP's three (T, intermediate) gradients): probes of 128 and 256 tokens put a tiny
+  // Llama's backward at 3.1 MiB for 2048 tokens, where it takes 5.5 MiB. Longer probes see the moment T will.
+  int64_t probe_tokens = 1024;
   // When no plan fits with whole MLPs, the model has no MLP pieces and T is at least twice this: the
   // plan tries the MLPs in pieces of this many tokens (0: never).
   int64_t mlp_chunk_when_needed = 8192;
