@@ -241,9 +241,9 @@ bool cudnn_sdpa_forward(const prim::ScaledDotProductAttention& p, const Tensor& 
 
 namespace {
 
-// One cuDNN backward call over query heads [h0 * rep, (h0 + g) * rep) and kv heads [h0, h0 + g) of
-// the operands (views with the full tensors' strides, written in place); false when cuDNN refuses.
-// Its plan's workspace goes to `workspace` (the caller sizes the head groups by it).
+// One cuDNN backward call on these operands (whole tensors, or pieces of them viewed with their
+// strides: the outputs are written in place); false when cuDNN refuses. Its plan's workspace goes to
+// `workspace` (the caller sizes the pieces by it); with `run` false only the plan is built.
 bool backward_call(DeviceState& ds, const prim::SdpaBackward& p, const Tensor& q, const Tensor& k, const Tensor& v,
                    const Tensor& o, const Tensor& dout, const Tensor& lse, const Tensor& dq, const Tensor& dk,
                    const Tensor& dv, int64_t* workspace, bool run) {
@@ -319,10 +319,12 @@ bool cudnn_sdpa_backward(const prim::SdpaBackward& p, const Tensor& q, const Ten
     return backward_call(ds, p, part(qc, rep), part(kc, 1), part(vc, 1), part(oc, rep), part(gc, rep),
                          part(lse_f32, rep), part(dq, rep), part(dk, 1), part(dv, 1), &workspace, run);
   };
+  // Each piece's f32 lse must start 16-byte aligned (the other operands' pieces are, by their strides).
+  auto aligned = [&](int64_t g) { return (g * rep * qc.size(2)) % 4 == 0 && (batch == 1 || (qc.size(1) * qc.size(2)) % 4 == 0); };
   std::vector<Split> candidates{{batch, hkv}};  // the fewest calls first
-  if (batch > 1) candidates.push_back({1, hkv});
+  if (batch > 1 && aligned(hkv)) candidates.push_back({1, hkv});
   for (int64_t g = hkv - 1; g >= 1; --g) {
-    if (hkv % g == 0 && (g * rep * qc.size(2)) % 4 == 0) candidates.push_back({1, g});  // 16-byte aligned f32 lse
+    if (hkv % g == 0 && aligned(g)) candidates.push_back({1, g});
   }
   const size_t limit = sdpa_backward_workspace_limit();
   std::optional<Split> chosen;  // the first whose workspace fits, else the last cuDNN builds

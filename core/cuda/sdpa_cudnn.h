@@ -32,7 +32,6 @@ bool cudnn_sdpa_forward(const prim::ScaledDotProductAttention& p, const Tensor& 
 // gradient input: the caller handles a nonzero dlse. False when cuDNN refuses the graph. When the
 // workspace cuDNN asks for exceeds sdpa_backward_workspace_limit(), it runs in pieces: one sequence
 // per call, then groups of kv heads with their query heads, the fewest calls whose workspace fits.
-
 bool cudnn_sdpa_backward(const prim::SdpaBackward& p, const Tensor& q, const Tensor& k, const Tensor& v,
                          const Tensor& out, const Tensor& dout, const Tensor& lse_f32, Tensor& dq, Tensor& dk, Tensor& dv);
 // The backward's workspace limit in bytes (default 512 MiB; 0: the smallest groups, whatever the workspace).
