@@ -108,6 +108,7 @@ class Checkpoint final : public Function {
  public:
   Checkpoint(CheckpointFn fn, CheckpointOptions options) : fn_(std::move(fn)), options_(options) {}
   const char* name() const override { return "checkpoint"; }
+  bool traceable_backward() const override { return false; }  // a nested backward through the recompute
 
   std::vector<Tensor> forward(const std::vector<Tensor>& inputs) override {
     rng_ = default_generator().state();
@@ -215,6 +216,7 @@ class ChunkedCheckpoint final : public Function {
   ChunkedCheckpoint(std::function<Tensor(const Tensor&)> fn, int64_t dim, int64_t chunk)
       : fn_(std::move(fn)), dim_(dim), chunk_(chunk) {}
   const char* name() const override { return "checkpoint_chunks"; }
+  bool traceable_backward() const override { return false; }  // a nested backward per piece
 
   std::vector<Tensor> forward(const std::vector<Tensor>& inputs) override {
     rng_ = default_generator().state();

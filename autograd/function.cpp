@@ -1,6 +1,8 @@
 // Custom Functions enter the graph as a primitive whose vjp calls the user's backward.
 #include "autograd/function.h"
 
+#include <unordered_set>
+
 #include "autograd/grad_mode.h"
 #include "autograd/node.h"
 
@@ -33,6 +35,7 @@ class FunctionPrimitive final : public Primitive {
     fn_->saved_.clear();
     fn_->released_ = true;
   }
+  const Function& function() const { return *fn_; }
 
  private:
   std::shared_ptr<Function> fn_;
@@ -60,6 +63,22 @@ std::vector<Tensor> apply(const std::shared_ptr<Function>& fn, const std::vector
   for (const Tensor& t : inputs) any = any || t.requires_grad();
   if (grad_enabled() && any) record(std::make_shared<FunctionPrimitive>(fn), inputs, outputs);
   return outputs;
+}
+
+const char* untraceable_function(const std::vector<Tensor>& outputs) {
+  std::vector<const Node*> stack;
+  std::unordered_set<const Node*> seen;
+  for (const Tensor& t : outputs)
+    if (t.defined() && t.grad_fn() && seen.insert(t.grad_fn().get()).second) stack.push_back(t.grad_fn().get());
+  while (!stack.empty()) {
+    const Node* n = stack.back();
+    stack.pop_back();
+    if (const auto* f = dynamic_cast<const FunctionPrimitive*>(n->op.get()); f && !f->function().traceable_backward())
+      return f->function().name();
+    for (const Edge& e : n->edges)
+      if (e.node && seen.insert(e.node.get()).second) stack.push_back(e.node.get());
+  }
+  return nullptr;
 }
 
 }  // namespace kiln::autograd

@@ -28,6 +28,10 @@ class Function {
   const std::vector<Tensor>& saved() const;  // error once a backward without retain_graph freed them
   // Which inputs need a gradient; valid inside backward.
   const std::vector<bool>& needs_input_grad() const { return needs_input_grad_; }
+  // Whether backward is ops on its arguments and saved tensors only, so a tracer (compile/) can run it
+  // on tensors without data. False for a backward that runs a nested backward or reads .grad
+  // (checkpointing): a compiled region holding such a Function runs eagerly.
+  virtual bool traceable_backward() const { return true; }
 
  private:
   friend class FunctionPrimitive;
@@ -41,5 +45,9 @@ class Function {
 // that reach trainable tensors other than through their inputs (checkpoint's captured parameters).
 std::vector<Tensor> apply(const std::shared_ptr<Function>& fn, const std::vector<Tensor>& inputs,
                           bool always_record = false);
+
+// The name of a custom Function in the graph behind `outputs` whose backward is not traceable
+// (Function::traceable_backward), or null when there is none.
+const char* untraceable_function(const std::vector<Tensor>& outputs);
 
 }  // namespace kiln::autograd

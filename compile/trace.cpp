@@ -9,6 +9,7 @@
 #include <unordered_map>
 
 #include "autograd/engine.h"
+#include "autograd/function.h"
 #include "autograd/grad_mode.h"
 #include "core/dispatch.h"
 #include "core/ops/copy.h"
@@ -193,6 +194,9 @@ std::shared_ptr<TraceState> trace_forward(const Fn& fn, const std::vector<Tensor
     HandlerScope scope(&tracer);
     out = fn(s->arg_proxies);
   }
+  const char* opaque = autograd::grad_enabled() ? autograd::untraceable_function(out) : nullptr;
+  KILN_CHECK(opaque == nullptr, "compile",
+             "it runs the custom autograd Function '{}', whose backward the trace cannot follow", opaque);
   for (size_t i = 0; i < out.size(); ++i) {
     KILN_CHECK(out[i].defined(), "compile", "the traced function returned an undefined tensor (output {})", i);
     s->forward.outputs.push_back(tracer.resolve(out[i]));
