@@ -73,6 +73,21 @@ class ReuseOutputs final : public DispatchHandler {
   size_t next_ = 0;
 };
 
+// RAII: the default generator at `state` for the scope (a recompute drawing what forward drew), then
+// back where it was, exceptions included.
+class ReplayGenerator {
+ public:
+  explicit ReplayGenerator(const GeneratorState& state) : now_(default_generator().state()) {
+    default_generator().set_state(state);
+  }
+  ~ReplayGenerator() { default_generator().set_state(now_); }
+  ReplayGenerator(const ReplayGenerator&) = delete;
+  ReplayGenerator& operator=(const ReplayGenerator&) = delete;
+
+ private:
+  GeneratorState now_;
+};
+
 // A root for backward that holds `t`'s node and metadata but not its data (backward reads only those);
 // a leaf (an input returned as is) stays itself, as its gradient accumulates into it.
 Tensor without_data(const Tensor& t) {
@@ -163,18 +178,11 @@ class Checkpoint final : public Function {
     }
     std::vector<Tensor> outs;
     {
-      GeneratorState now = default_generator().state();
-      default_generator().set_state(rng_);
+      ReplayGenerator replay(rng_);
       EnableGradGuard grad_on;
-      try {
-        ReuseOutputs reuse(saved_ops_);
-        HandlerScope scope(&reuse);
-        outs = fn_(leaves);
-      } catch (...) {
-        default_generator().set_state(now);
-        throw;
-      }
-      default_generator().set_state(now);
+      ReuseOutputs reuse(saved_ops_);
+      HandlerScope scope(&reuse);
+      outs = fn_(leaves);
     }
     std::vector<Tensor> roots, seeds;
     for (size_t i = 0; i < outs.size() && i < grad_outputs.size(); ++i) {
@@ -228,28 +236,21 @@ class ChunkedCheckpoint final : public Function {
     const Tensor x = saved()[0];
     const bool wants_x = needs_input_grad()[0];
     Tensor dx = wants_x ? empty(x.shape(), x.dtype(), x.device()) : Tensor();  // (x's shape)
-    const GeneratorState now = default_generator().state();
-    default_generator().set_state(rng_);  // the pieces draw as they did in forward, in the same order
-    try {
-      for (int64_t s = 0; s < x.size(dim_); s += chunk_) {
-        const int64_t n = std::min(chunk_, x.size(dim_) - s);
-        Tensor leaf = narrow(x, dim_, s, n).detach();
-        if (wants_x) leaf.set_requires_grad(true);
-        {
-          EnableGradGuard grad_on;
-          const Tensor y = fn_(leaf);
-          if (y.requires_grad()) autograd::backward({without_data(y)}, {narrow(grad_outputs[0], dim_, s, n)});
-        }
-        if (!wants_x) continue;
-        Tensor piece = narrow(dx, dim_, s, n);
-        if (leaf.grad().defined()) piece.copy_(leaf.grad());
-        else piece.zero_();
+    ReplayGenerator replay(rng_);  // the pieces draw as they did in forward, in the same order
+    for (int64_t s = 0; s < x.size(dim_); s += chunk_) {
+      const int64_t n = std::min(chunk_, x.size(dim_) - s);
+      Tensor leaf = narrow(x, dim_, s, n).detach();
+      if (wants_x) leaf.set_requires_grad(true);
+      {
+        EnableGradGuard grad_on;
+        const Tensor y = fn_(leaf);
+        if (y.requires_grad()) autograd::backward({without_data(y)}, {narrow(grad_outputs[0], dim_, s, n)});
       }
-    } catch (...) {
-      default_generator().set_state(now);
-      throw;
+      if (!wants_x) continue;
+      Tensor piece = narrow(dx, dim_, s, n);
+      if (leaf.grad().defined()) piece.copy_(leaf.grad());
+      else piece.zero_();
     }
-    default_generator().set_state(now);
     return {dx};
   }
 

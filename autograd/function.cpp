@@ -65,18 +65,20 @@ std::vector<Tensor> apply(const std::shared_ptr<Function>& fn, const std::vector
   return outputs;
 }
 
-const char* untraceable_function(const std::vector<Tensor>& outputs) {
+const char* untraceable_function(const std::vector<Tensor>& outputs, uint64_t since) {
   std::vector<const Node*> stack;
   std::unordered_set<const Node*> seen;
+  auto visit = [&](const Node* n) {
+    if (n != nullptr && n->sequence >= since && seen.insert(n).second) stack.push_back(n);
+  };
   for (const Tensor& t : outputs)
-    if (t.defined() && t.grad_fn() && seen.insert(t.grad_fn().get()).second) stack.push_back(t.grad_fn().get());
+    if (t.defined()) visit(t.grad_fn().get());
   while (!stack.empty()) {
     const Node* n = stack.back();
     stack.pop_back();
     if (const auto* f = dynamic_cast<const FunctionPrimitive*>(n->op.get()); f && !f->function().traceable_backward())
       return f->function().name();
-    for (const Edge& e : n->edges)
-      if (e.node && seen.insert(e.node.get()).second) stack.push_back(e.node.get());
+    for (const Edge& e : n->edges) visit(e.node.get());
   }
   return nullptr;
 }

@@ -10,6 +10,7 @@
 //   };
 //   Tensor y = autograd::apply(std::make_shared<Square>(), {x})[0];
 #pragma once
+#include <cstdint>
 #include <memory>
 #include <vector>
 
@@ -46,8 +47,9 @@ class Function {
 std::vector<Tensor> apply(const std::shared_ptr<Function>& fn, const std::vector<Tensor>& inputs,
                           bool always_record = false);
 
-// The name of a custom Function in the graph behind `outputs` whose backward is not traceable
-// (Function::traceable_backward), or null when there is none.
-const char* untraceable_function(const std::vector<Tensor>& outputs);
+// The name of a custom Function recorded since node sequence `since` (next_node_sequence()) in the
+// graph behind `outputs` whose backward is not traceable (Function::traceable_backward), or null when
+// there is none. Nodes recorded before `since` (history the outputs reach from outside) are not visited.
+const char* untraceable_function(const std::vector<Tensor>& outputs, uint64_t since);
 
 }  // namespace kiln::autograd

@@ -35,6 +35,8 @@ Node::~Node() {
   }
 }
 
+uint64_t next_node_sequence() { return g_sequence.load(); }
+
 void record(const PrimitivePtr& op, const std::vector<Tensor>& inputs, std::vector<Tensor>& outputs) {
   auto node = std::make_shared<Node>();
   node->op = op;

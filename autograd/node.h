@@ -39,6 +39,9 @@ struct Node : std::enable_shared_from_this<Node> {
   ~Node();
 };
 
+// The sequence number the next recorded node gets (nodes recorded from now on have it or more).
+uint64_t next_node_sequence();
+
 // Called by dispatch after a differentiable op ran with grad mode on and some input requiring grad.
 void record(const PrimitivePtr& op, const std::vector<Tensor>& inputs, std::vector<Tensor>& outputs);
 

@@ -11,6 +11,7 @@
 #include "autograd/engine.h"
 #include "autograd/function.h"
 #include "autograd/grad_mode.h"
+#include "autograd/node.h"
 #include "core/dispatch.h"
 #include "core/ops/copy.h"
 #include "core/ops/creation.h"
@@ -189,12 +190,13 @@ std::shared_ptr<TraceState> trace_forward(const Fn& fn, const std::vector<Tensor
     s->arg_proxies.push_back(p);
   }
   std::vector<Tensor> out;
+  const uint64_t first_node = autograd::next_node_sequence();  // the trace's own nodes come from here
   {
     TracingFlag flag;
     HandlerScope scope(&tracer);
     out = fn(s->arg_proxies);
   }
-  const char* opaque = autograd::grad_enabled() ? autograd::untraceable_function(out) : nullptr;
+  const char* opaque = autograd::grad_enabled() ? autograd::untraceable_function(out, first_node) : nullptr;
   KILN_CHECK(opaque == nullptr, "compile",
              "it runs the custom autograd Function '{}', whose backward the trace cannot follow", opaque);
   for (size_t i = 0; i < out.size(); ++i) {
