@@ -20,13 +20,19 @@ class FunctionPrimitive final : public Primitive {
   bool differentiable() const override { return true; }
   bool vjp_needs_inputs() const override { return false; }
   bool vjp_needs_outputs() const override { return false; }
-  std::vector<Tensor> vjp(const std::vector<Tensor>&, const std::vector<Tensor>&, const std::vector<Tensor>& cot,
+  std::vector<Tensor> vjp(const std::vector<Tensor>& in, const std::vector<Tensor>& out, const std::vector<Tensor>& cot,
                           const std::vector<bool>& wanted) const override {
+    std::vector<Tensor> none(wanted.size());
+    return vjp_accumulating(in, out, cot, wanted, none);
+  }
+  std::vector<Tensor> vjp_accumulating(const std::vector<Tensor>&, const std::vector<Tensor>&,
+                                       const std::vector<Tensor>& cot, const std::vector<bool>& wanted,
+                                       std::vector<Tensor>& addends) const override {
     KILN_CHECK(!fn_->released_, fn_->name(),
                "backward called a second time, but the saved tensors were freed by the first backward; pass "
                "retain_graph=true to the first backward");
     fn_->needs_input_grad_ = wanted;
-    std::vector<Tensor> g = fn_->backward(cot);
+    std::vector<Tensor> g = fn_->backward_accumulating(cot, addends);
     KILN_CHECK(g.size() == wanted.size(), fn_->name(), "backward returned {} gradients for {} inputs", g.size(),
                wanted.size());
     return g;

@@ -24,6 +24,14 @@ class Function {
   virtual const char* name() const { return "custom_function"; }
   virtual std::vector<Tensor> forward(const std::vector<Tensor>& inputs) = 0;
   virtual std::vector<Tensor> backward(const std::vector<Tensor>& grad_outputs) = 0;
+  // backward, offered the gradient already gathered for some inputs (addends[i] defined: another op
+  // gave input i one first). It may return addends[i] plus its own gradient for input i, summed in its
+  // kernel (the NF4 linear: in the GEMM's epilogue), and then undefine addends[i]; the engine adds the
+  // others as usual. Primitive::vjp_accumulating is the same contract for ops.
+  virtual std::vector<Tensor> backward_accumulating(const std::vector<Tensor>& grad_outputs,
+                                                    std::vector<Tensor>& /*addends*/) {
+    return backward(grad_outputs);
+  }
 
   void save_for_backward(std::vector<Tensor> tensors);
   const std::vector<Tensor>& saved() const;  // error once a backward without retain_graph freed them

@@ -2,9 +2,10 @@
 // clipping, AdamW), counted op by op at the dispatch point: every non-view op is one kernel on the GPU.
 // A small Llama (hidden 256, MLP 512, 4 query / 2 KV heads, vocabulary 512) in bf16 on the CPU with an
 // NF4 base and LoRA r=16 on every linear layer, so the counts need no GPU.
-// Usage: kernel_census [layers (2)] [tokens (64)] [--checkpointing] [--compile] [--ops] [--copies]
+// Usage: kernel_census [layers (2)] [tokens (64)] [--checkpointing] [--compile] [--ops] [--shapes OP]
 // (--compile: the decoder layers compiled as `kiln finetune --compile` does, each fused group one
-// kernel; --ops: a row per op; --copies: a row per kind of copy, by source shape and strides and dtypes)
+// kernel; --ops: a row per op; --shapes OP: a row per kind of call of OP (`copy`, `add`, ...), by its
+// inputs' shapes, the first input's strides, and dtypes)
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -22,14 +23,17 @@ namespace {
 
 // Kernels by op name, in-place ops (run_into) included.
 struct Census : DispatchHandler {
-  std::map<std::string, int> calls, copies;
+  std::string shapes_of;  // the op whose calls are told apart by shape ("": none)
+  std::map<std::string, int> calls, shapes;
   // `into`: the existing output of an in-place op (nullptr: a new one).
   void count(const PrimitivePtr& op, const std::vector<Tensor>& inputs, const Tensor* into) {
     ++calls[op->name()];
-    if (std::string(op->name()) != "copy" || inputs.empty()) return;
-    const Tensor& src = inputs[0];
-    const std::string how = into ? "into " + std::string(dtype_name(into->dtype())) : "new";
-    ++copies[how + " " + shape_str(src.shape()) + " strides " + shape_str(src.strides()) + " " + dtype_name(src.dtype())];
+    if (op->name() != shapes_of || inputs.empty()) return;
+    std::string what = into ? "into " : "new";
+    if (into) what += dtype_name(into->dtype());
+    for (const Tensor& in : inputs) what.append(" ").append(shape_str(in.shape()));
+    what.append(" strides ").append(shape_str(inputs[0].strides())).append(" ").append(dtype_name(inputs[0].dtype()));
+    ++shapes[what];
   }
   std::vector<Tensor> run(const PrimitivePtr& op, const std::vector<Tensor>& inputs) override {
     if (!op->is_view()) count(op, inputs, nullptr);
@@ -45,19 +49,20 @@ struct Census : DispatchHandler {
 
 int main(int argc, char** argv) {
   std::vector<std::string> pos;
-  bool checkpointing = false, compiled = false, ops = false, copies = false;
+  bool checkpointing = false, compiled = false, ops = false;
+  std::string shapes_of;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--checkpointing") checkpointing = true;
     else if (a == "--compile") compiled = true;
     else if (a == "--ops") ops = true;
-    else if (a == "--copies") copies = true;
+    else if (a == "--shapes" && i + 1 < argc) shapes_of = argv[++i];
     else pos.push_back(a);
   }
   const int64_t layers = pos.size() > 0 ? std::atoll(pos[0].c_str()) : 2;
   const int64_t tokens = pos.size() > 1 ? std::atoll(pos[1].c_str()) : 64;
   if (layers < 1 || tokens < 1) {
-    std::fprintf(stderr, "usage: %s [layers] [tokens] [--checkpointing] [--compile] [--ops] [--copies]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s [layers] [tokens] [--checkpointing] [--compile] [--ops] [--shapes OP]\n", argv[0]);
     return 2;
   }
   nn::LlamaConfig c = nn::LlamaConfig::named("llama3.1-8b");
@@ -81,6 +86,7 @@ int main(int argc, char** argv) {
   auto step = [&] { bench::training_step(*model, opt, ids, targets); };
   step();  // the optimizer's state, tables built once
   Census census;
+  census.shapes_of = shapes_of;
   compile::reset_stats();
   {
     HandlerScope scope(&census);
@@ -97,9 +103,10 @@ int main(int argc, char** argv) {
     std::printf("| op | kernels |\n|---|---|\n");
     for (const auto& [name, n] : census.calls) std::printf("| %s | %d |\n", name.c_str(), n);
   }
-  if (copies) {
-    std::printf("| copy (into: to an existing tensor of that dtype), source shape, strides, dtype | kernels |\n|---|---|\n");
-    for (const auto& [what, n] : census.copies) std::printf("| %s | %d |\n", what.c_str(), n);
+  if (!shapes_of.empty()) {
+    std::printf("| %s (into: to an existing tensor of that dtype), input shapes, strides, dtype | kernels |\n|---|---|\n",
+                shapes_of.c_str());
+    for (const auto& [what, n] : census.shapes) std::printf("| %s | %d |\n", what.c_str(), n);
   }
   return 0;
 }

@@ -55,6 +55,28 @@ Tensor Linear::forward(const Tensor& x) {
   return b.defined() ? add(y, b) : y;
 }
 
+Tensor LinearBase::residual_add(const Tensor& residual, const Tensor& x) {
+  return has_forward_hooks() ? add(residual, (*this)(x)) : forward_add(x, residual);
+}
+
+Tensor LinearBase::forward_add(const Tensor& x, const Tensor& residual) { return add(residual, forward(x)); }
+
+Tensor Linear::forward_add(const Tensor& x, const Tensor& residual) {
+  if (bias().defined() || x.dim() < 2 || !gemm_addend_fits(residual, x, out_features_)) return LinearBase::forward_add(x, residual);
+  KILN_CHECK(x.shape().back() == in_features_, "Linear", "expected input (..., {}), found {}", in_features_,
+             shape_str(x.shape()));
+  return matmul_add(x, transpose(weight(), 0, 1), residual);  // (..., in) @ (in, out) + (..., out)
+}
+
+bool gemm_addend_fits(const Tensor& residual, const Tensor& x, int64_t out) {
+  if (!residual.defined() || !x.defined() || x.dim() < 1 || residual.dtype() != x.dtype() ||
+      residual.device() != x.device() || residual.dim() != x.dim() || !residual.is_contiguous())
+    return false;
+  Shape want(x.shape().begin(), x.shape().end() - 1);
+  want.push_back(out);
+  return residual.shape() == want;
+}
+
 Embedding::Embedding(int64_t num_embeddings, int64_t dim, DType dtype, Device device, Init init) {
   KILN_CHECK(num_embeddings > 0 && dim > 0, "Embedding", "expected positive sizes, found {} x {}", num_embeddings, dim);
   if (init.kind == Init::Kind::kaiming_uniform) init.kind = Init::Kind::normal, init.std = 1.0;  // torch's N(0, 1)

@@ -24,10 +24,15 @@ class LinearBase : public Module {
   virtual Tensor forward(const Tensor& x) = 0;
   // forward through the module's hooks (Module::call_forward)
   Tensor operator()(const Tensor& x) { return call_forward1(x, [this](const Tensor& v) { return forward(v); }); }
+  // residual + this layer(x), residual of the output's shape (a block's residual stream). Without hooks
+  // on the layer the add runs in the GEMM's epilogue where the layer can (forward_add): one pass over
+  // the output fewer, the sum rounded once.
+  Tensor residual_add(const Tensor& residual, const Tensor& x);
   int64_t in_features() const { return in_features_; }
   int64_t out_features() const { return out_features_; }
 
  protected:
+  virtual Tensor forward_add(const Tensor& x, const Tensor& residual);  // residual + forward(x), no hooks
   int64_t in_features_;
   int64_t out_features_;
 };
@@ -41,7 +46,14 @@ class Linear : public LinearBase {
   Tensor forward(const Tensor& x) override;
   Tensor weight() const { return parameter("weight"); }  // (out, in)
   Tensor bias() const { return has_parameter("bias") ? parameter("bias") : Tensor(); }  // (out) or undefined
+
+ protected:
+  Tensor forward_add(const Tensor& x, const Tensor& residual) override;
 };
+
+// Whether `residual` can be the addend of the GEMM of a linear layer's input x (..., in) with `out`
+// outputs: x's dtype and device, shape (..., out), contiguous.
+bool gemm_addend_fits(const Tensor& residual, const Tensor& x, int64_t out);
 
 // ids (...) int -> (..., dim) rows of weight (num_embeddings, dim).
 class Embedding : public Module {

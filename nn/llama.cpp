@@ -45,7 +45,7 @@ LlamaAttention::LlamaAttention(const LlamaConfig& c, DType dtype, Device device,
   register_module("o_proj", make_linear(heads_ * head_dim_, h, c.attention_bias, dtype, device, init));
 }
 
-Tensor LlamaAttention::forward(const Tensor& x, int64_t start, KVCache::Layer* cache) {
+Tensor LlamaAttention::forward(const Tensor& x, int64_t start, KVCache::Layer* cache, const Tensor& residual) {
   KILN_CHECK(x.dim() == 3, "LlamaAttention", "expected x (B, T, hidden), found {}", shape_str(x.shape()));
   const int64_t b = x.size(0), t = x.size(1);
   auto heads = [&](const char* proj, int64_t n) {  // (B, T, n*D) -> (B, n, T, D)
@@ -65,7 +65,8 @@ Tensor LlamaAttention::forward(const Tensor& x, int64_t start, KVCache::Layer* c
   }
   Tensor o = scaled_dot_product_attention(q, k, v, /*causal=*/true);  // (B, Hq, T, D)
   o = reshape(transpose(o, 1, 2), {b, t, heads_ * head_dim_});          // (B, T, Hq*D)
-  return child_as<LinearBase>("o_proj")(o);
+  auto& o_proj = child_as<LinearBase>("o_proj");
+  return residual.defined() ? o_proj.residual_add(residual, o) : o_proj(o);
 }
 
 // ---- MLP
@@ -76,10 +77,12 @@ LlamaMLP::LlamaMLP(const LlamaConfig& c, DType dtype, Device device, const Init&
   register_module("down_proj", make_linear(c.intermediate_size, c.hidden_size, c.mlp_bias, dtype, device, init));
 }
 
-Tensor LlamaMLP::run(const Tensor& x) {
+Tensor LlamaMLP::run(const Tensor& x, const Tensor& residual) {
   Tensor g = child_as<LinearBase>("gate_proj")(x);  // (B, T, I)
   Tensor u = child_as<LinearBase>("up_proj")(x);    // (B, T, I)
-  return child_as<LinearBase>("down_proj")(swiglu(g, u));
+  auto& down = child_as<LinearBase>("down_proj");
+  const Tensor s = swiglu(g, u);  // (B, T, I)
+  return residual.defined() ? down.residual_add(residual, s) : down(s);
 }
 
 void LlamaMLP::set_sequence_chunk(int64_t tokens) {
@@ -87,9 +90,10 @@ void LlamaMLP::set_sequence_chunk(int64_t tokens) {
   chunk_ = tokens;
 }
 
-Tensor LlamaMLP::forward(const Tensor& x) {
-  if (chunk_ == 0 || x.dim() < 2 || x.size(-2) <= chunk_) return run(x);
-  return autograd::checkpoint_chunks([this](const Tensor& piece) { return run(piece); }, x, -2, chunk_);
+Tensor LlamaMLP::forward(const Tensor& x, const Tensor& residual) {
+  if (chunk_ == 0 || x.dim() < 2 || x.size(-2) <= chunk_) return run(x, residual);
+  Tensor y = autograd::checkpoint_chunks([this](const Tensor& piece) { return run(piece, Tensor()); }, x, -2, chunk_);
+  return residual.defined() ? add(residual, y) : y;
 }
 
 // ---- decoder layer
@@ -103,9 +107,14 @@ LlamaDecoderLayer::LlamaDecoderLayer(const LlamaConfig& c, DType dtype, Device d
 }
 
 Tensor LlamaDecoderLayer::forward(const Tensor& x, int64_t start, KVCache::Layer* cache) {
-  Tensor h = add(x, child_as<LlamaAttention>("self_attn")(child_as<RMSNorm>("input_layernorm")(x), start, cache));
+  // Each residual add runs in the block's last GEMM (o_proj, down_proj), unless hooks watch the block.
+  auto& attn = child_as<LlamaAttention>("self_attn");
+  const Tensor n1 = child_as<RMSNorm>("input_layernorm")(x);  // (B, T, hidden)
+  const Tensor h = attn.has_forward_hooks() ? add(x, attn(n1, start, cache)) : attn.forward(n1, start, cache, x);
   auto mlp_block = [this](const Tensor& v) {  // (B, T', hidden) -> (B, T', hidden)
-    return add(v, child_as<LlamaMLP>("mlp")(child_as<RMSNorm>("post_attention_layernorm")(v)));
+    auto& mlp = child_as<LlamaMLP>("mlp");
+    const Tensor n2 = child_as<RMSNorm>("post_attention_layernorm")(v);
+    return mlp.has_forward_hooks() ? add(v, mlp(n2)) : mlp.forward(n2, v);
   };
   const int64_t chunk = child_as<LlamaMLP>("mlp").sequence_chunk();
   if (chunk > 0 && h.size(1) > chunk) return autograd::checkpoint_chunks(mlp_block, h, 1, chunk);

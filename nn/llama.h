@@ -60,8 +60,9 @@ class LlamaAttention : public Module {
                  std::shared_ptr<RotaryEmbedding> rope);
   std::string type_name() const override { return "LlamaAttention"; }
   // x (B, T, hidden) at positions start .. start+T-1 -> (B, T, hidden). With a cache, this call's
-  // keys/values are written at [start, start+T) and attention sees positions [0, start+T).
-  Tensor forward(const Tensor& x, int64_t start = 0, KVCache::Layer* cache = nullptr);
+  // keys/values are written at [start, start+T) and attention sees positions [0, start+T). With a
+  // residual (B, T, hidden): residual + attention(x), the add in o_proj's GEMM where it can be.
+  Tensor forward(const Tensor& x, int64_t start = 0, KVCache::Layer* cache = nullptr, const Tensor& residual = Tensor());
   Tensor operator()(const Tensor& x, int64_t start = 0, KVCache::Layer* cache = nullptr);  // through the hooks
 
  private:
@@ -73,7 +74,9 @@ class LlamaMLP : public Module {
  public:
   LlamaMLP(const LlamaConfig& c, DType dtype, Device device, const Init& init);
   std::string type_name() const override { return "LlamaMLP"; }
-  Tensor forward(const Tensor& x);  // down(silu(gate(x)) * up(x))
+  // down(silu(gate(x)) * up(x)); with a residual (x's shape): residual + that, the add in down_proj's GEMM
+  // where it can be.
+  Tensor forward(const Tensor& x, const Tensor& residual = Tensor());
   // forward through the module's hooks (Module::call_forward)
   Tensor operator()(const Tensor& x) { return call_forward1(x, [this](const Tensor& v) { return forward(v); }); }
   // Sequence chunks for long sequences (0: off): the MLP runs on at most `tokens` tokens at a time,
@@ -85,7 +88,7 @@ class LlamaMLP : public Module {
   int64_t sequence_chunk() const { return chunk_; }
 
  private:
-  Tensor run(const Tensor& x);  // the MLP on one chunk
+  Tensor run(const Tensor& x, const Tensor& residual);  // the MLP on one chunk
   int64_t chunk_ = 0;
 };
 

@@ -213,8 +213,13 @@ void LoraLinear::apply_to(std::optional<Device> device, std::optional<DType> dty
 Tensor LoraLinear::lora_a() const { return child_as<Linear>("lora_A").weight(); }
 Tensor LoraLinear::lora_b() const { return child_as<Linear>("lora_B").weight(); }
 
-Tensor LoraLinear::forward(const Tensor& x) {
-  Tensor y = base()(x);  // (..., out)
+Tensor LoraLinear::forward(const Tensor& x) { return adapt(x, base()(x)); }
+
+Tensor LoraLinear::forward_add(const Tensor& x, const Tensor& residual) {
+  return adapt(x, base().residual_add(residual, x));  // the residual in the base layer's GEMM
+}
+
+Tensor LoraLinear::adapt(const Tensor& x, const Tensor& y) {
   if (merged_) return y;
   const DType dt = x.dtype();
   // Adapters live in f32 and compute in x's dtype. The second GEMM applies the scaling (its alpha) and

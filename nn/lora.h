@@ -50,7 +50,11 @@ class LoraLinear : public LinearBase {
   // The base follows the model's dtype; A and B only move (they stay f32).
   void apply_to(std::optional<Device> device, std::optional<DType> dtype) override;
 
+ protected:
+  Tensor forward_add(const Tensor& x, const Tensor& residual) override;
+
  private:
+  Tensor adapt(const Tensor& x, const Tensor& y);  // y (the base's output, ...) + the adapters' on x
   void add_delta(const Tensor& weight, double sign) const;  // weight += sign * scaling * B @ A
   double scaling_;
   double dropout_;

@@ -31,13 +31,21 @@ std::shared_ptr<NF4Linear> NF4Linear::from_linear(const Linear& linear, bool dou
                                      b.defined() ? b.detach() : Tensor());
 }
 
-Tensor NF4Linear::forward(const Tensor& x) {
+Tensor NF4Linear::forward(const Tensor& x) { return run(x, Tensor()); }
+
+Tensor NF4Linear::forward_add(const Tensor& x, const Tensor& residual) {
+  if (!gemm_addend_fits(residual, x, out_features_)) return LinearBase::forward_add(x, residual);
+  return run(x, residual);
+}
+
+Tensor NF4Linear::run(const Tensor& x, const Tensor& residual) {
   KILN_CHECK(x.dim() >= 1 && x.shape().back() == in_features_, "NF4Linear", "expected input (..., {}), found {}",
              in_features_, shape_str(x.shape()));
   Tensor b = has_parameter("bias") ? parameter("bias") : Tensor();
   if (b.defined() && b.dtype() != x.dtype()) b = cast(b, x.dtype());
   // A tracer's input (compile/: no storage) gets the plain op, so no compiled graph holds the kept weight.
-  if (!keep_dense_ || !x.storage() || x.device() != weight_.device()) return quant::nf4_linear(x, weight_, b);
+  if (!keep_dense_ || !x.storage() || x.device() != weight_.device())
+    return quant::nf4_linear(x, weight_, b, Tensor(), residual);
   // What the kept weight was built from: each NF4 tensor's data and version (writes bump it).
   std::vector<std::pair<const void*, uint64_t>> of;
   for (const Tensor* t : {&weight_.packed, &weight_.absmax, &weight_.nested_absmax})
@@ -48,7 +56,7 @@ Tensor NF4Linear::forward(const Tensor& x) {
     dense_ = quant::dequantize_nf4(weight_, x.dtype());  // (out, in)
     dense_of_ = std::move(of);
   }
-  return quant::nf4_linear(x, weight_, b, dense_);
+  return quant::nf4_linear(x, weight_, b, dense_, residual);
 }
 
 void NF4Linear::keep_dequantized(bool on) {

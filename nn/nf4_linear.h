@@ -30,7 +30,11 @@ class NF4Linear : public LinearBase {
   void keep_dequantized(bool on);
   bool keeps_dequantized() const { return keep_dense_; }
 
+ protected:
+  Tensor forward_add(const Tensor& x, const Tensor& residual) override;
+
  private:
+  Tensor run(const Tensor& x, const Tensor& residual);  // residual: undefined, or the GEMM's addend
   quant::NF4Weight weight_;  // its tensors are this module's buffers (moved in place by to())
   bool keep_dense_ = false;
   Tensor dense_;                      // (out, in) in the last input's dtype, or undefined

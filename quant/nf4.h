@@ -98,8 +98,11 @@ Tensor dequantize_blockwise_8bit(const Tensor& codes, const Tensor& absmax, cons
 // dtype -> (..., N) in x's dtype (kiln::matmul, cuBLASLt on CUDA). Autograd gives the input (and bias)
 // gradient only; nothing dequantised is kept between forward and backward (backward dequantises again).
 // `dense`, when given, is w already dequantised ((N, K) in x's dtype, on its device, e.g. kept by
-// nn::NF4Linear): forward and backward multiply by it instead of dequantising.
-Tensor nf4_linear(const Tensor& x, const NF4Weight& w, const Tensor& bias = Tensor(), const Tensor& dense = Tensor());
+// nn::NF4Linear): forward and backward multiply by it instead of dequantising. `residual`, when given
+// ((..., N) of x's dtype and device, contiguous), is added in the GEMM's epilogue (residual + the
+// product, rounded once; with a bias, the bias is added after) and gets the output's gradient.
+Tensor nf4_linear(const Tensor& x, const NF4Weight& w, const Tensor& bias = Tensor(), const Tensor& dense = Tensor(),
+                  const Tensor& residual = Tensor());
 
 }  // namespace kiln::quant
 

@@ -11,6 +11,8 @@
 #include "core/cuda/runtime.h"
 #include "core/ops/indexing.h"
 #include "core/ops/loss.h"
+#include "core/ops/norm.h"
+#include "core/dispatch.h"
 #include "tests/helpers.h"
 
 using namespace kiln;
@@ -155,6 +157,28 @@ TEST_CASE("cuda rms_norm forward and backward match the CPU", "[cuda][nn_ops]") 
         // dw sums every row: its error grows with the row count
         compare_grads([](const std::vector<Tensor>& in) { return rms_norm(in[0], in[1], 1e-5); }, {x, w},
                       test::random_tensor(s, dt, 12), nc, dt, std::max(1.0, std::sqrt(rows)));
+      }
+    }
+  }
+}
+
+TEST_CASE("cuda rms_norm backward adds a gathered gradient in its kernel as the CPU does", "[cuda][nn_ops]") {
+  if (!cuda::is_available()) SKIP("no CUDA device");
+  // the staged kernel (Llama's 4096), the register-held one (4095: not in packs), a long row, one
+  // element per row; a contiguous addend, and a broadcast one (made contiguous for the kernel)
+  const Shape shapes[] = {{5, 4096}, {3, 4095}, {2, 20000}, {3000, 24}, {4, 1}};
+  for (DType dt : kFloats) {
+    for (const Shape& s : shapes) {
+      for (bool broadcast : {false, true}) {
+        INFO(dtype_name(dt) << " " << shape_str(s) << " broadcast addend " << broadcast);
+        const Tensor x = test::random_tensor(s, dt, 60), w = test::random_tensor({s.back()}, dt, 61);
+        const Tensor g = test::random_tensor(s, dt, 62);
+        const Tensor a = broadcast ? expand(test::random_tensor({1, s.back()}, dt, 63), s) : test::random_tensor(s, dt, 63);
+        auto op = std::make_shared<const prim::RmsNormBackward>(1e-5);
+        const std::vector<Tensor> want = dispatch(op, {x, w, g, a});
+        const std::vector<Tensor> got = dispatch(op, {gpu(x), gpu(w), gpu(g), broadcast ? expand(gpu(a.narrow(0, 0, 1)), s) : gpu(a)});
+        check_close(got[0], want[0], dt);
+        check_close(got[1], want[1], dt, std::max(1.0, std::sqrt(static_cast<double>(s[0]))));
       }
     }
   }

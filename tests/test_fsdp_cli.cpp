@@ -85,7 +85,9 @@ TEST_CASE("kiln finetune --nproc 2 (Gloo processes) trains as one process with t
       const Tensor a = two.get(k).to(DType::f64), b = one.get(k).to(DType::f64);
       const double diff = std::sqrt(sum(square(sub(a, b))).item<double>()), norm = std::sqrt(sum(square(b)).item<double>());
       CAPTURE(diff, norm);
-      CHECK(diff <= 1e-6 * norm);
+      // The rounding noise Adam amplifies (above) reaches 1.05e-6 of a norm in places; 2e-6 still fails a
+      // missed or doubled rank (an error of the gradient's size).
+      CHECK(diff <= 2e-6 * norm);
     }
     // The checkpoint: one shard file per rank, or rank 0's plain one.
     if (std::string(mode) == "--shard") {

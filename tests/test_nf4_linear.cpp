@@ -236,3 +236,64 @@ TEST_CASE("nf4 linear: quantising while loading keeps the GPU peak near one bf16
   REQUIRE(over <= layer_bytes * 3 / 2);      // never more than ~one bf16 layer on top
   std::filesystem::remove_all(dir);
 }
+
+TEST_CASE("nf4 linear: a residual added in the GEMMs equals the separate add, forward and backward", "[nf4_linear]") {
+  // A block's last layer adds the residual stream in its GEMM (LinearBase::residual_add), and the NF4
+  // base sums the input gradient gathered so far (a LoRA path's) into its backward GEMM: no add op
+  // either way, the same values as the unfused ops.
+  nn::Linear dense(24, 16, false, DType::f32);
+  {
+    autograd::NoGradGuard g;
+    copy_(dense.weight(), test::random_tensor({16, 24}, DType::f32, 70));
+  }
+  nn::LoraConfig cfg;
+  cfg.r = 4;
+  Generator gen(71);
+  auto lora = std::make_shared<nn::LoraLinear>(nn::NF4Linear::from_linear(dense), cfg, &gen);
+  {
+    autograd::NoGradGuard g;
+    copy_(lora->lora_b(), test::random_tensor(lora->lora_b().shape(), DType::f32, 72));
+  }
+  auto nf4 = nn::NF4Linear::from_linear(dense);
+  std::vector<std::pair<const char*, nn::LinearBase*>> layers = {{"Linear", &dense}, {"NF4Linear", nf4.get()},
+                                                                 {"LoRA over NF4", lora.get()}};
+  const Tensor x0 = test::random_tensor({2, 5, 24}, DType::f32, 73), r0 = test::random_tensor({2, 5, 16}, DType::f32, 74);
+  const Tensor c = test::random_tensor({2, 5, 16}, DType::f32, 75), cx = test::random_tensor({2, 5, 24}, DType::f32, 76);
+  for (auto [name, layer] : layers) {
+    INFO(name);
+    for (bool hooked : {false, true}) {
+      INFO("a forward hook on the layer " << hooked);
+      int hook_calls = 0;
+      HookHandle hook;
+      if (hooked) hook = layer->register_forward_pre_hook([&](nn::Module&, nn::Module::ForwardCall&) { ++hook_calls; });
+      auto run = [&](bool fused, int& adds) {
+        Tensor x = x0.detach().set_requires_grad(), r = r0.detach().set_requires_grad();
+        test::OpCounter ops;
+        const Tensor xs = mul(x, 1.0);  // a node, so the engine gathers its gradients
+        const Tensor y = fused ? layer->residual_add(r, xs) : add(r, (*layer)(xs));
+        const Tensor loss = add(sum(mul(y, c)), sum(mul(xs, cx)));  // xs: a second consumer after the layer
+        std::vector<Tensor> params = {x, r};
+        if (layer == lora.get()) params.push_back(lora->lora_a()), params.push_back(lora->lora_b());
+        std::vector<Tensor> grads = autograd::grad({loss}, params);
+        adds = ops.count("add");
+        grads.insert(grads.begin(), y.detach());
+        return grads;
+      };
+      int fused_adds = 0, plain_adds = 0;
+      const std::vector<Tensor> got = run(true, fused_adds), want = run(false, plain_adds);
+      REQUIRE(got.size() == want.size());
+      for (size_t i = 0; i < got.size(); ++i) test::require_close(got[i], want[i], 1e-5, 1e-5);
+      // the loss's own add is the only one left when the layer has no hooks; with one, the layer's
+      // output is what the hooks saw and the residual is a separate add
+      CHECK(fused_adds == (hooked ? plain_adds : 1));
+      CHECK(hook_calls == (hooked ? 2 : 0));
+      hook.remove();
+    }
+  }
+  // a residual that does not fit the GEMM falls back to an add; a wrong one is an error
+  Tensor rb = test::random_tensor({2, 5, 16}, DType::f32, 77).transpose(0, 1).contiguous().transpose(0, 1);  // strided
+  test::require_close(nf4->residual_add(rb, x0), add(rb, nf4->forward(x0)), 1e-5, 1e-5);
+  REQUIRE_THROWS_WITH(quant::nf4_linear(x0, nf4->weight(), Tensor(), Tensor(), ones({2, 5, 15})),
+                      ContainsSubstring("[nf4_linear] the residual must be (2, 5, 16) f32"));
+  REQUIRE_THROWS_WITH(nf4->residual_add(ones({2, 5, 15}), x0), ContainsSubstring("add"));
+}

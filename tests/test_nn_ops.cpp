@@ -8,6 +8,8 @@
 #include "core/memory.h"
 #include "core/ops/indexing.h"
 #include "core/ops/loss.h"
+#include "core/ops/norm.h"
+#include "core/dispatch.h"
 #include "tests/helpers.h"
 
 using namespace kiln;
@@ -193,6 +195,52 @@ TEST_CASE("rms_norm gradients match finite differences and the composite", "[nn_
     test::require_close(fused[0], comp[0], t.rtol, t.atol);
     test::require_close(fused[1], comp[1], t.rtol, t.atol * 10);  // dw sums 37 rounded rows
   }
+}
+
+TEST_CASE("rms_norm's backward adds the gradient gathered for x in its kernel", "[nn_ops]") {
+  // x (an op's output: the engine gathers gradients of nodes, not of leaves) feeds the norm and a
+  // residual path created after it, so the residual's gradient is gathered when the norm's vjp runs:
+  // the backward kernel adds it to dx (one rounding), no add op.
+  auto block = [](auto norm) {
+    return [norm](const std::vector<Tensor>& in) {
+      const Tensor x = mul(in[0], 1.5);
+      const Tensor n = norm(x, in[1], 1e-6);
+      return add(n, mul(x, in[2]));
+    };
+  };
+  const auto fused = block([](const Tensor& x, const Tensor& w, double eps) { return rms_norm(x, w, eps); });
+  const auto composite = block([](const Tensor& x, const Tensor& w, double eps) { return rms_norm_composite(x, w, eps); });
+  Tensor x = test::random_tensor({3, 2, 5}, DType::f64, 40).set_requires_grad();
+  Tensor w = test::random_tensor({5}, DType::f64, 41).set_requires_grad();
+  test::check_gradients(fused, {x, w, test::random_tensor({3, 2, 5}, DType::f64, 42)});
+  for (DType dt : kFloats) {
+    INFO(dtype_name(dt));
+    Tensor xd = test::random_tensor({37, 11}, dt, 43).set_requires_grad();
+    Tensor wd = test::random_tensor({11}, dt, 44).set_requires_grad();
+    const Tensor c = test::random_tensor({37, 11}, dt, 45), g = test::random_tensor({37, 11}, dt, 46);
+    std::vector<Tensor> got;
+    {
+      const Tensor y = fused({xd, wd, c});
+      test::OpCounter ops;
+      got = autograd::grad({y}, {xd, wd}, {g});
+      REQUIRE(ops.count("rms_norm_backward") == 1);
+      REQUIRE(ops.count("add") == 0);
+    }
+    const std::vector<Tensor> want = autograd::grad({composite({xd, wd, c})}, {xd, wd}, {g});
+    const Tol t = tol_for(dt);
+    test::require_close(got[0], want[0], t.rtol, t.atol);
+    test::require_close(got[1], want[1], t.rtol, t.atol * 10);
+  }
+  // The primitive takes any layout of addend (a broadcast seed, say) and adds it after the gradient.
+  Tensor x3 = test::random_tensor({4, 6}, DType::f32, 47), w3 = test::random_tensor({6}, DType::f32, 48);
+  Tensor g3 = test::random_tensor({4, 6}, DType::f32, 49);
+  const Tensor a3 = expand(test::random_tensor({1, 6}, DType::f32, 50), {4, 6});
+  const auto plain = dispatch(std::make_shared<const prim::RmsNormBackward>(1e-5), {x3, w3, g3});
+  const auto summed = dispatch(std::make_shared<const prim::RmsNormBackward>(1e-5), {x3, w3, g3, a3});
+  test::require_close(summed[0], add(plain[0], a3), 1e-6, 1e-6);
+  test::require_equal(summed[1], plain[1]);
+  REQUIRE_THROWS_WITH(dispatch(std::make_shared<const prim::RmsNormBackward>(1e-5), {x3, w3, g3, ones({4, 5})}),
+                      ContainsSubstring("the addend must match x"));
 }
 
 TEST_CASE("rms_norm rejects bad input", "[nn_ops]") {

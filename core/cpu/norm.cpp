@@ -65,6 +65,8 @@ void rms_norm_backward_kernel(const prim::RmsNormBackward& p, const std::vector<
     const C eps = static_cast<C>(p.eps());
     T* dx = out[0].data_ptr<T>();  // (R, D)
     T* dw = out[1].data_ptr<T>();  // (D)
+    const Tensor addend = in.size() > 3 ? in[3].contiguous() : Tensor();  // (R, D) or none
+    const T* ap = addend.defined() ? static_cast<const T*>(addend.raw_data()) : nullptr;
     std::vector<C> wc(static_cast<size_t>(d));  // (D)
     for (int64_t j = 0; j < d; ++j) wc[static_cast<size_t>(j)] = load<C>(wp[j * ws]);
     std::vector<C> partial(static_cast<size_t>(nblocks * d), C(0));  // (blocks, D)
@@ -85,7 +87,8 @@ void rms_norm_backward_kernel(const prim::RmsNormBackward& p, const std::vector<
           const C c = rstd * rstd * rstd * gwx / static_cast<C>(d);
           for (int64_t j = 0; j < d; ++j) {
             const C xv = load<C>(xr[j * xs]), gv = load<C>(gr[j * gs]);
-            dx[r * d + j] = store<T>(rstd * wc[static_cast<size_t>(j)] * gv - xv * c);
+            const C sum = rstd * wc[static_cast<size_t>(j)] * gv - xv * c;
+            dx[r * d + j] = store<T>(ap ? sum + load<C>(ap[r * d + j]) : sum);
             part[j] += gv * xv * rstd;
           }
         }

@@ -85,7 +85,8 @@ template <class T, int VEC, int ITEMS, bool SMEM>
 __global__ void __launch_bounds__(kRowThreads, 2)
     rms_norm_backward_kernel(const T* __restrict__ x, const T* __restrict__ g, Strided<2> rows, int64_t xs,
                              int64_t gs, const T* __restrict__ w, int64_t ws, int64_t r, int64_t d, double eps,
-                             int64_t rpb, T* __restrict__ dx, device_compute_t<T>* __restrict__ partial) {
+                             int64_t rpb, const T* __restrict__ addend, T* __restrict__ dx,
+                             device_compute_t<T>* __restrict__ partial) {
   using C = device_compute_t<T>;
   __shared__ C red[64];
   extern __shared__ __align__(16) unsigned char dyn[];
@@ -140,13 +141,16 @@ __global__ void __launch_bounds__(kRowThreads, 2)
     // dx = rstd * w * g - x * rstd^3 * sum(g * w * x) / d
     const C c = rstd * rstd * rstd * gwx / static_cast<C>(d);
     T* dxr = dx + row * d;
+    const T* ar = addend ? addend + row * d : nullptr;
     auto emit = [&](int64_t vi, const Pack<T, VEC>& xp, const Pack<T, VEC>& gp) {
       const Pack<T, VEC> wp = load_pack<VEC>(vec_at<VEC>(w, vi, ws));
       Pack<T, VEC> y;
+      if (ar) y = load_pack<VEC>(ar + vi * VEC);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         const C a = static_cast<C>(to_compute(xp.v[k])), b = static_cast<C>(to_compute(gp.v[k]));
-        y.v[k] = from_compute<T>(rstd * static_cast<C>(to_compute(wp.v[k])) * b - a * c);
+        const C sum = rstd * static_cast<C>(to_compute(wp.v[k])) * b - a * c;
+        y.v[k] = from_compute<T>(ar ? sum + static_cast<C>(to_compute(y.v[k])) : sum);
         acc_at(vi, k) += b * a * rstd;
       }
       *reinterpret_cast<Pack<T, VEC>*>(dxr + vi * VEC) = y;
@@ -189,7 +193,8 @@ template <class T, int ITEMS>
 __global__ void __launch_bounds__(256, 4)
     rms_norm_backward_staged_kernel(const T* __restrict__ x, const T* __restrict__ g, Strided<2> rows,
                                     const T* __restrict__ w, int64_t r, int64_t d, double eps, int64_t rpb,
-                                    T* __restrict__ dx, device_compute_t<T>* __restrict__ partial) {
+                                    const T* __restrict__ addend, T* __restrict__ dx,
+                                    device_compute_t<T>* __restrict__ partial) {
   using C = device_compute_t<T>;
   constexpr int VEC = vec_of<T>();
   using P = Pack<T, VEC>;
@@ -247,16 +252,19 @@ __global__ void __launch_bounds__(256, 4)
     // dx = rstd * w * g - x * rstd^3 * sum(g * w * x) / d
     const C c = rstd * rstd * rstd * gwx / static_cast<C>(d);
     T* dxr = dx + row * d;
+    const T* ar = addend ? addend + row * d : nullptr;
 #pragma unroll
     for (int it = 0; it < ITEMS; ++it) {
       const int vi = tid + it * nt;
       if (vi < nvec) {
         const P xp = slot(row - first, 0, it), gp = slot(row - first, 1, it);
         P y;
+        if (ar) y = load_pack<VEC>(ar + vi * VEC);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
           const C a = static_cast<C>(to_compute(xp.v[k])), b = static_cast<C>(to_compute(gp.v[k]));
-          y.v[k] = from_compute<T>(rstd * static_cast<C>(to_compute(wp[it].v[k])) * b - a * c);
+          const C sum = rstd * static_cast<C>(to_compute(wp[it].v[k])) * b - a * c;
+          y.v[k] = from_compute<T>(ar ? sum + static_cast<C>(to_compute(y.v[k])) : sum);
           acc[it][k] += b * a * rstd;
         }
         *reinterpret_cast<P*>(dxr + vi * VEC) = y;
@@ -332,7 +340,7 @@ size_t rms_norm_backward_workspace(DType dt, int64_t r, int64_t d) {
 
 cudaError_t launch_rms_norm_backward(DType dt, const void* x, const void* g, const Strided<2>& rows, int64_t xs,
                                      int64_t gs, const void* w, int64_t ws, int64_t r, int64_t d, double eps,
-                                     void* dx, void* dw, void* workspace, void* stream) {
+                                     const void* addend, void* dx, void* dw, void* workspace, void* stream) {
   if (d == 0) return cudaSuccess;
   auto s = static_cast<cudaStream_t>(stream);
   if (r == 0) return cudaMemsetAsync(dw, 0, static_cast<size_t>(d) * itemsize(dt), s);
@@ -344,7 +352,8 @@ cudaError_t launch_rms_norm_backward(DType dt, const void* x, const void* g, con
     constexpr int V = vec_of<T>();
     const bool vec = xs == 1 && gs == 1 && d % V == 0 && aligned16(x) && aligned16(g) &&
                      rows_aligned16(rows, 0, sizeof(T)) && rows_aligned16(rows, 1, sizeof(T)) && ws == 1 &&
-                     aligned16(w) && aligned16(dx);
+                     aligned16(w) && aligned16(dx) && (addend == nullptr || aligned16(addend));
+    const T* add = static_cast<const T*>(addend);
     auto* partial = static_cast<C*>(workspace);  // (blocks, d)
     if (vec && d / V <= 256 * kBwdItems) {  // staged: w and dw in registers, rows in flight through smem
       const int threads = row_threads(d / V, kBwdItems);
@@ -354,7 +363,7 @@ cudaError_t launch_rms_norm_backward(DType dt, const void* x, const void* g, con
       if (e != cudaSuccess) return e;
       kernel<<<static_cast<unsigned>(blocks), threads, smem, s>>>(static_cast<const T*>(x), static_cast<const T*>(g),
                                                                   rows, static_cast<const T*>(w), r, d, eps, rpb,
-                                                                  static_cast<T*>(dx), partial);
+                                                                  add, static_cast<T*>(dx), partial);
     } else {  // dw accumulated in shared memory when it fits, else in the block's partial row
       const int threads = row_threads(vec ? d / V : d, kBwdItems);
       const size_t acc_bytes = static_cast<size_t>(d) * sizeof(C);
@@ -364,7 +373,7 @@ cudaError_t launch_rms_norm_backward(DType dt, const void* x, const void* g, con
         rms_norm_backward_kernel<T, decltype(vtag)::value, kBwdItems, decltype(stag)::value>
             <<<static_cast<unsigned>(blocks), threads, smem, s>>>(static_cast<const T*>(x), static_cast<const T*>(g),
                                                                   rows, xs, gs, static_cast<const T*>(w), ws, r, d, eps,
-                                                                  rpb, static_cast<T*>(dx), partial);
+                                                                  rpb, add, static_cast<T*>(dx), partial);
       };
       using V8 = std::integral_constant<int, V>;
       using V1 = std::integral_constant<int, 1>;

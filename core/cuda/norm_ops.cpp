@@ -34,9 +34,11 @@ void rms_norm_backward_kernel(const prim::RmsNormBackward& p, const std::vector<
   const Strided<2> rows = make_strided<2>(lead_of(x.shape()), {lead_of(x.strides()), lead_of(g.strides())}, p.name());
   const size_t bytes = rms_norm_backward_workspace(x.dtype(), r, d);
   Tensor partial = empty({static_cast<int64_t>(bytes)}, DType::u8, x.device());  // (blocks, D) f32/f64
+  const Tensor addend = in.size() > 3 ? in[3].contiguous() : Tensor();  // (R, D) or none: the kernel reads rows of d
   KILN_CUDA_CHECK(launch_rms_norm_backward(x.dtype(), x.raw_data(), g.raw_data(), rows, x.strides().back(),
                                            g.strides().back(), w.raw_data(), w.strides()[0], r, d, p.eps(),
-                                           out[0].raw_data(), out[1].raw_data(), partial.raw_data(), stream_of(out[0])),
+                                           addend.defined() ? addend.raw_data() : nullptr, out[0].raw_data(),
+                                           out[1].raw_data(), partial.raw_data(), stream_of(out[0])),
                   p.name());
 }
 

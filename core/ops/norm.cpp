@@ -29,18 +29,35 @@ std::vector<TensorMeta> RmsNorm::infer(const std::vector<Tensor>& in) const {
   return {{in[0].shape(), in[0].dtype(), in[0].device()}};
 }
 
-std::vector<Tensor> RmsNorm::vjp(const std::vector<Tensor>& in, const std::vector<Tensor>&,
+std::vector<Tensor> RmsNorm::vjp(const std::vector<Tensor>& in, const std::vector<Tensor>& out,
                                  const std::vector<Tensor>& cot, const std::vector<bool>& wanted) const {
-  std::vector<Tensor> g = dispatch(std::make_shared<const RmsNormBackward>(eps_), {in[0], in[1], cot[0]});
+  std::vector<Tensor> none(in.size());
+  return vjp_accumulating(in, out, cot, wanted, none);
+}
+
+std::vector<Tensor> RmsNorm::vjp_accumulating(const std::vector<Tensor>& in, const std::vector<Tensor>&,
+                                              const std::vector<Tensor>& cot, const std::vector<bool>& wanted,
+                                              std::vector<Tensor>& addends) const {
+  std::vector<Tensor> args = {in[0], in[1], cot[0]};
+  Tensor& a = addends[0];
+  const bool summed = wanted[0] && a.defined() && a.shape() == in[0].shape() && a.dtype() == in[0].dtype() &&
+                      a.device() == in[0].device() && a.is_contiguous();
+  if (summed) args.push_back(a);
+  std::vector<Tensor> g = dispatch(std::make_shared<const RmsNormBackward>(eps_), args);
+  if (summed) a = Tensor();
   return {wanted[0] ? g[0] : Tensor(), wanted[1] ? g[1] : Tensor()};
 }
 
 std::vector<TensorMeta> RmsNormBackward::infer(const std::vector<Tensor>& in) const {
-  KILN_CHECK(in.size() == 3, name(), "expected 3 inputs (x, weight, grad), found {}", in.size());
+  KILN_CHECK(in.size() == 3 || in.size() == 4, name(), "expected 3 or 4 inputs (x, weight, grad[, addend]), found {}",
+             in.size());
   check_rms_norm(in[0], in[1], eps_, name());
-  KILN_CHECK(in[2].shape() == in[0].shape() && in[2].dtype() == in[0].dtype(), name(),
-             "grad must match x {} {}, found {} {}", shape_str(in[0].shape()), dtype_name(in[0].dtype()),
-             shape_str(in[2].shape()), dtype_name(in[2].dtype()));
+  for (size_t i = 2; i < in.size(); ++i) {
+    KILN_CHECK(in[i].shape() == in[0].shape() && in[i].dtype() == in[0].dtype() && in[i].device() == in[0].device(),
+               name(), "{} must match x {} {} on {}, found {} {} on {}", i == 2 ? "grad" : "the addend",
+               shape_str(in[0].shape()), dtype_name(in[0].dtype()), in[0].device().str(), shape_str(in[i].shape()),
+               dtype_name(in[i].dtype()), in[i].device().str());
+  }
   return {{in[0].shape(), in[0].dtype(), in[0].device()}, {in[1].shape(), in[1].dtype(), in[1].device()}};
 }
 

@@ -19,6 +19,10 @@ class RmsNorm : public Primitive {
   bool differentiable() const override { return true; }
   std::vector<Tensor> vjp(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
                           const std::vector<Tensor>& cotangents, const std::vector<bool>& wanted) const override;
+  // dx summed with the gradient already gathered for x (a residual stream's), in the backward kernel.
+  std::vector<Tensor> vjp_accumulating(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
+                                       const std::vector<Tensor>& cotangents, const std::vector<bool>& wanted,
+                                       std::vector<Tensor>& addends) const override;
   bool vjp_needs_outputs() const override { return false; }
   double eps() const { return eps_; }
 
@@ -26,8 +30,9 @@ class RmsNorm : public Primitive {
   double eps_;
 };
 
-// x (..., D), weight (D), g (..., D) -> dx (..., D), dw (D) (summed over every row in a fixed
-// order). Second-order gradients through it are not implemented (use rms_norm_composite).
+// x (..., D), weight (D), g (..., D) [, addend (..., D)] -> dx (..., D) (plus the addend,
+// rounded once), dw (D) (summed over every row in a fixed order). Second-order gradients through it
+// are not implemented (use rms_norm_composite).
 class RmsNormBackward : public Primitive {
  public:
   explicit RmsNormBackward(double eps) : eps_(eps) {}
