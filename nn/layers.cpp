@@ -161,4 +161,11 @@ Tensor RotaryEmbedding::apply(const Tensor& x, int64_t start) {
   return rotary_embedding(x, c, s);
 }
 
+Tensor RotaryEmbedding::apply_heads_last(const Tensor& x, int64_t start) {
+  KILN_CHECK(x.dim() >= 3 && x.shape().back() == head_dim_, "rope", "expected x (..., T, H, {}), found {}", head_dim_,
+             shape_str(x.shape()));
+  auto [c, s] = tables(start, x.size(-3), x.device());       // (T, D/2)
+  return rotary_embedding(x, unsqueeze(c, -2), unsqueeze(s, -2));  // tables (T, 1, D/2) against x (..., T, H, D)
+}
+
 }  // namespace kiln::nn

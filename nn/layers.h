@@ -99,6 +99,8 @@ class RotaryEmbedding {
   RotaryEmbedding(int64_t head_dim, double theta, std::optional<RopeScaling> scaling);
   // x (B, H, T, head_dim) rotated for positions start .. start + T - 1.
   Tensor apply(const Tensor& x, int64_t start = 0);
+  // The same with the heads after the positions: x (B, T, H, head_dim) (the tables broadcast over H).
+  Tensor apply_heads_last(const Tensor& x, int64_t start = 0);
   std::pair<Tensor, Tensor> tables(int64_t start, int64_t length, Device device);
 
  private:

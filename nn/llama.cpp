@@ -48,23 +48,25 @@ LlamaAttention::LlamaAttention(const LlamaConfig& c, DType dtype, Device device,
 Tensor LlamaAttention::forward(const Tensor& x, int64_t start, KVCache::Layer* cache, const Tensor& residual) {
   KILN_CHECK(x.dim() == 3, "LlamaAttention", "expected x (B, T, hidden), found {}", shape_str(x.shape()));
   const int64_t b = x.size(0), t = x.size(1);
-  auto heads = [&](const char* proj, int64_t n) {  // (B, T, n*D) -> (B, n, T, D)
-    return transpose(view(child_as<LinearBase>(proj)(x), {b, t, n, head_dim_}), 1, 2);
+  // Heads stay after the positions throughout (heads_last attention): the projections' outputs are
+  // viewed as heads and the attention output as (B, T, Hq*D), with no layout copy either way.
+  auto heads = [&](const char* proj, int64_t n) {  // (B, T, n*D) -> (B, T, n, D)
+    return view(child_as<LinearBase>(proj)(x), {b, t, n, head_dim_});
   };
-  Tensor q = rope_->apply(heads("q_proj", heads_), start);     // (B, Hq, T, D)
-  Tensor k = rope_->apply(heads("k_proj", kv_heads_), start);  // (B, Hkv, T, D)
-  Tensor v = heads("v_proj", kv_heads_);                       // (B, Hkv, T, D)
-  if (cache) {
+  Tensor q = rope_->apply_heads_last(heads("q_proj", heads_), start);     // (B, T, Hq, D)
+  Tensor k = rope_->apply_heads_last(heads("k_proj", kv_heads_), start);  // (B, T, Hkv, D)
+  Tensor v = heads("v_proj", kv_heads_);                                  // (B, T, Hkv, D)
+  if (cache) {  // the cache is (B, Hkv, positions, D)
     KILN_CHECK(start + t <= cache->k.size(2), "LlamaAttention", "the KV cache holds {} positions, asked for {}",
                cache->k.size(2), start + t);
     autograd::NoGradGuard no_grad;
-    copy_(narrow(cache->k, 2, start, t), k);
-    copy_(narrow(cache->v, 2, start, t), v);
-    k = narrow(cache->k, 2, 0, start + t);  // (B, Hkv, start+T, D)
-    v = narrow(cache->v, 2, 0, start + t);
+    copy_(narrow(cache->k, 2, start, t), transpose(k, 1, 2));
+    copy_(narrow(cache->v, 2, start, t), transpose(v, 1, 2));
+    k = transpose(narrow(cache->k, 2, 0, start + t), 1, 2);  // (B, start+T, Hkv, D)
+    v = transpose(narrow(cache->v, 2, 0, start + t), 1, 2);
   }
-  Tensor o = scaled_dot_product_attention(q, k, v, /*causal=*/true);  // (B, Hq, T, D)
-  o = reshape(transpose(o, 1, 2), {b, t, heads_ * head_dim_});          // (B, T, Hq*D)
+  Tensor o = scaled_dot_product_attention_heads_last(q, k, v, /*causal=*/true);  // (B, T, Hq, D)
+  o = view(o, {b, t, heads_ * head_dim_});                                         // (B, T, Hq*D)
   auto& o_proj = child_as<LinearBase>("o_proj");
   return residual.defined() ? o_proj.residual_add(residual, o) : o_proj(o);
 }

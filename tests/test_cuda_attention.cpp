@@ -243,6 +243,42 @@ TEST_CASE("cuda attention: autograd gradients match the CPU", "[cuda][attention]
   }
 }
 
+TEST_CASE("cuda attention: heads after the positions match the CPU on both paths, forward and backward", "[cuda][attention]") {
+  if (!cuda::is_available()) SKIP("no CUDA device");
+  // (B, T, H, D) operands: cuDNN writes out and the gradients through their strides, the flash kernel
+  // too (f32 always takes it; bf16 is forced onto it once).
+  const Case cases[] = {{2, 8, 2, 96, 96, 64, 64, true, DType::bf16}, {1, 4, 2, 80, 112, 128, 128, true, DType::bf16},
+                        {2, 8, 2, 96, 96, 64, 64, true, DType::f32}};
+  for (const Case& c : cases) {
+    for (Backend backend : {Backend::automatic, Backend::flash}) {
+      if (c.dtype == DType::f32 && backend == Backend::flash) continue;
+      INFO(case_str(c) << (backend == Backend::flash ? " flash" : " auto"));
+      const Tensor q = test::random_tensor({c.b, c.t, c.hq, c.d}, c.dtype, 720);
+      const Tensor k = test::random_tensor({c.b, c.s, c.hkv, c.d}, c.dtype, 721);
+      const Tensor v = test::random_tensor({c.b, c.s, c.hkv, c.dv}, c.dtype, 722);
+      const Tensor g = test::random_tensor({c.b, c.t, c.hq, c.dv}, c.dtype, 723);
+      std::vector<Tensor> res[2];
+      std::string path;
+      for (int dev = 0; dev < 2; ++dev) {
+        BackendScope scope(dev ? backend : Backend::automatic);
+        Tensor qi = (dev ? q.to(kCuda) : q).detach().set_requires_grad();
+        Tensor ki = (dev ? k.to(kCuda) : k).detach().set_requires_grad();
+        Tensor vi = (dev ? v.to(kCuda) : v).detach().set_requires_grad();
+        Tensor out = scaled_dot_product_attention_heads_last(qi, ki, vi, c.causal);
+        out.backward(dev ? g.to(kCuda) : g);
+        if (dev) path = last_path();
+        res[dev] = {out, qi.grad(), ki.grad(), vi.grad()};
+      }
+      CHECK(path == (c.dtype == DType::bf16 && backend == Backend::automatic ? "cudnn" : "flash"));
+      for (size_t i = 0; i < 4; ++i) {
+        INFO("tensor " << i);
+        REQUIRE(res[1][i].is_contiguous());
+        CHECK(rel_error(res[1][i], res[0][i]) <= tol_for(c.dtype));
+      }
+    }
+  }
+}
+
 TEST_CASE("cuda attention: forcing cuDNN on a call it cannot take is an error", "[cuda][attention]") {
   if (!cuda::is_available()) SKIP("no CUDA device");
   BackendScope scope(Backend::cudnn);

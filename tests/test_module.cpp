@@ -182,6 +182,14 @@ TEST_CASE("layers: llama3 rotary frequency scaling", "[module]") {
   for (int i = 0; i < 4; ++i) REQUIRE(cv[static_cast<size_t>(i)] == 1.0f);
   auto [c2, s2] = rope.tables(3, 2, kCPU);
   test::require_equal(c2, narrow(c, 0, 3, 2));
+  // Heads after the positions: the same rotation, forward and backward, from position 2.
+  Tensor x = test::random_tensor({2, 5, 3, 8}, DType::f32, 40).set_requires_grad();  // (B, T, H, D)
+  const Tensor g = test::random_tensor({2, 5, 3, 8}, DType::f32, 41);
+  const Tensor got = rope.apply_heads_last(x, 2);
+  const Tensor want = transpose(rope.apply(transpose(x, 1, 2), 2), 1, 2);
+  test::require_equal(got, contiguous(want));
+  test::require_equal(autograd::grad({got}, {x}, {g})[0], contiguous(autograd::grad({want}, {x}, {g})[0]));
+  REQUIRE_THROWS_WITH(rope.apply_heads_last(ones({5, 8})), Catch::Matchers::ContainsSubstring("(..., T, H, 8)"));
 }
 
 TEST_CASE("llama config: parsing, named configs and errors", "[module]") {

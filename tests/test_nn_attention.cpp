@@ -172,6 +172,44 @@ TEST_CASE("attention backward kernel matches the composite in every dtype", "[nn
   }
 }
 
+TEST_CASE("attention with the heads after the positions equals the (B, H, T, D) op, forward and backward", "[nn_ops]") {
+  // heads_last takes q (B, T, Hq, D), k/v (B, S, Hkv, D) and returns (B, T, Hq, Dv): the same values as
+  // the op on the transposed operands, gradients included, written in place of the layout copies.
+  const Config cases[] = {{2, 4, 2, 5, 7, 8, 6, true}, {1, 3, 3, 6, 4, 4, 4, false}, {1, 2, 1, 6, 4, 4, 4, true}};
+  for (const Config& c : cases) {
+    for (DType dt : {DType::f64, DType::f32, DType::bf16}) {
+      INFO(dtype_name(dt) << " Hq " << c.hq << " Hkv " << c.hkv << " T " << c.t << " S " << c.s << " causal " << c.causal);
+      Tensor q = test::random_tensor({c.b, c.t, c.hq, c.d}, dt, 110).set_requires_grad();
+      Tensor k = test::random_tensor({c.b, c.s, c.hkv, c.d}, dt, 111).set_requires_grad();
+      Tensor v = test::random_tensor({c.b, c.s, c.hkv, c.dv}, dt, 112).set_requires_grad();
+      const Tensor g = test::random_tensor({c.b, c.t, c.hq, c.dv}, dt, 113);
+      const Tensor got = scaled_dot_product_attention_heads_last(q, k, v, c.causal);
+      REQUIRE(got.shape() == Shape{c.b, c.t, c.hq, c.dv});
+      REQUIRE(got.is_contiguous());
+      const Tensor want = transpose(
+          scaled_dot_product_attention(transpose(q, 1, 2), transpose(k, 1, 2), transpose(v, 1, 2), c.causal), 1, 2);
+      test::require_equal(got, contiguous(want));
+      const std::vector<Tensor> dg = autograd::grad({got}, {q, k, v}, {g});
+      const std::vector<Tensor> dw = autograd::grad({want}, {q, k, v}, {g});
+      for (size_t i = 0; i < 3; ++i) {
+        INFO("input " << i);
+        REQUIRE(dg[i].is_contiguous());
+        test::require_equal(dg[i], contiguous(dw[i]));
+      }
+    }
+  }
+  Tensor q = test::random_tensor({1, 5, 4, 6}, DType::f64, 114).set_requires_grad();
+  Tensor k = test::random_tensor({1, 5, 2, 6}, DType::f64, 115, true).set_requires_grad();
+  Tensor v = test::random_tensor({1, 5, 2, 6}, DType::f64, 116).set_requires_grad();
+  test::check_gradients(
+      [](const std::vector<Tensor>& in) { return scaled_dot_product_attention_heads_last(in[0], in[1], in[2], true); },
+      {q, k, v});
+  REQUIRE_THROWS_WITH(scaled_dot_product_attention_heads_last(test::random_tensor({5, 4, 6}, DType::f32, 117), k, v),
+                      ContainsSubstring("[scaled_dot_product_attention]") && ContainsSubstring("(B, T, Hq, D)"));
+  REQUIRE_THROWS_WITH(scaled_dot_product_attention_heads_last(test::random_tensor({1, 5, 3, 6}, DType::f64, 118), k, v),
+                      ContainsSubstring("multiple"));
+}
+
 TEST_CASE("attention rejects bad input", "[nn_ops]") {
   Tensor q = test::random_tensor({1, 3, 4, 8}, DType::f32, 93);
   Tensor k = test::random_tensor({1, 2, 5, 8}, DType::f32, 94);

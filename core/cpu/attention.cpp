@@ -6,6 +6,7 @@
 #include <cmath>
 #include <limits>
 
+#include "core/cpu/copy.h"
 #include "core/cpu/fused_common.h"
 #include "core/cpu/parallel.h"
 #include "core/dispatch.h"
@@ -168,13 +169,38 @@ void sdpa_backward_impl(const prim::SdpaBackward& p, const std::vector<Tensor>& 
   });
 }
 
+// The kernels read any strides and write contiguous (B, H, T, D) outputs. heads_last: operands are
+// viewed as (B, H, T, D) (swapped strides), outputs computed into contiguous buffers and copied into
+// the (B, T, H, D) ones.
+template <class P, class Impl>
+void run_in_heads_layout(const P& p, const std::vector<Tensor>& in, std::vector<Tensor>& out,
+                         const std::vector<size_t>& heads_inputs, size_t heads_outputs, Impl impl) {
+  if (!p.heads_last()) {
+    impl(in, out);
+    return;
+  }
+  std::vector<Tensor> in2 = in, out2 = out;
+  for (size_t i : heads_inputs) in2[i] = prim::sdpa_heads_view(in[i]);
+  for (size_t i = 0; i < heads_outputs; ++i) {
+    const Tensor v = prim::sdpa_heads_view(out[i]);
+    out2[i] = empty(v.shape(), v.dtype(), v.device());  // (B, H, T, D)
+  }
+  impl(in2, out2);
+  for (size_t i = 0; i < heads_outputs; ++i) copy_into(prim::sdpa_heads_view(out[i]), out2[i]);
+}
+
 void sdpa_forward_kernel(const prim::ScaledDotProductAttention& p, const std::vector<Tensor>& in,
                          std::vector<Tensor>& out) {
-  visit_float(in[0].dtype(), p.name(), [&](auto tag) { sdpa_forward_impl<typename decltype(tag)::type>(p, in, out); });
+  run_in_heads_layout(p, in, out, {0, 1, 2}, 1, [&](const std::vector<Tensor>& i, std::vector<Tensor>& o) {
+    visit_float(i[0].dtype(), p.name(), [&](auto tag) { sdpa_forward_impl<typename decltype(tag)::type>(p, i, o); });
+  });
 }
 
 void sdpa_backward_kernel(const prim::SdpaBackward& p, const std::vector<Tensor>& in, std::vector<Tensor>& out) {
-  visit_float(in[0].dtype(), p.name(), [&](auto tag) { sdpa_backward_impl<typename decltype(tag)::type>(p, in, out); });
+  // q, k, v, out, dout are (B, T, H, D) with heads_last; lse, dlse (B, Hq, T) either way
+  run_in_heads_layout(p, in, out, {0, 1, 2, 3, 5}, 3, [&](const std::vector<Tensor>& i, std::vector<Tensor>& o) {
+    visit_float(i[0].dtype(), p.name(), [&](auto tag) { sdpa_backward_impl<typename decltype(tag)::type>(p, i, o); });
+  });
 }
 
 }  // namespace

@@ -122,8 +122,8 @@ __device__ void tile_accumulate(C (&acc)[4][kNJ], const C* ps, const Rows<T>& m,
 struct FwdParams {
   AttnDims dims;
   AttnOperand q, k, v;
-  void* out;  // (B, Hq, T, Dv)
-  void* lse;  // (B, Hq, T)
+  AttnOperand out;  // (B, Hq, T, Dv), written through its strides
+  void* lse;        // (B, Hq, T)
 };
 
 struct BwdParams {
@@ -132,11 +132,17 @@ struct BwdParams {
   const void* lse;   // (B, Hq, T)
   const void* dlse;  // (B, Hq, T)
   void* delta;       // (B, Hq, T): rowsum(dout * out) - dlse
-  void* dq;          // (B, Hq, T, D)
-  void* dk;          // (B, Hkv, S, D)
-  void* dv;          // (B, Hkv, S, Dv)
+  AttnOperand dq;    // (B, Hq, T, D), written through its strides
+  AttnOperand dk;    // (B, Hkv, S, D)
+  AttnOperand dv;    // (B, Hkv, S, Dv)
   const int* gate;
 };
+
+// Element (b, h, l, c) of an output operand.
+template <class T>
+__device__ __forceinline__ T& out_at(const AttnOperand& o, int64_t b, int64_t h, int64_t l, int64_t c) {
+  return static_cast<T*>(const_cast<void*>(o.data))[b * o.stride[0] + h * o.stride[1] + l * o.stride[2] + c * o.stride[3]];
+}
 
 // Query tile of this block: the heavy (late, under a causal mask) tiles are scheduled first.
 __device__ __forceinline__ int64_t tile_start() { return int64_t(gridDim.y - 1 - blockIdx.y) * kTile; }
@@ -198,7 +204,6 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(const FwdParams
     }
     tile_accumulate(acc, ps, rows_of<T>(p.v, b, kh, k0, d.s), col0, d.dv, stage);
   }
-  T* out = static_cast<T*>(p.out);
   C* lse = static_cast<C*>(p.lse);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -209,7 +214,7 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(const FwdParams
 #pragma unroll
     for (int j = 0; j < kNJ; ++j) {
       const int64_t col = col0 + tx + 16 * j;
-      if (col < d.dv) out[row * d.dv + col] = from_compute<T>(acc[i][j] * inv);
+      if (col < d.dv) out_at<T>(p.out, b, h, q0 + r, col) = from_compute<T>(acc[i][j] * inv);
     }
     if (blockIdx.z == 0 && tx == 0) lse[row] = l[i] > C(0) ? m[i] + attn_log(l[i]) : neg_inf;
   }
@@ -282,7 +287,6 @@ __global__ void __launch_bounds__(kThreads) flash_dq_kernel(const BwdParams p) {
     }
     tile_accumulate(acc, ps, k, col0, d.d, stage);
   }
-  T* dq = static_cast<T*>(p.dq);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int r = ty + 16 * i;
@@ -290,7 +294,7 @@ __global__ void __launch_bounds__(kThreads) flash_dq_kernel(const BwdParams p) {
 #pragma unroll
     for (int j = 0; j < kNJ; ++j) {
       const int64_t col = col0 + tx + 16 * j;
-      if (col < d.d) dq[(bh * d.t + q0 + r) * d.d + col] = from_compute<T>(acc[i][j] * scale);
+      if (col < d.d) out_at<T>(p.dq, b, h, q0 + r, col) = from_compute<T>(acc[i][j] * scale);
     }
   }
 }
@@ -355,7 +359,7 @@ __global__ void __launch_bounds__(kThreads) flash_dkdv_kernel(const BwdParams p)
       tile_accumulate(acc, ps, is_dk ? q : dout, col0, ncols, stage);
     }
   }
-  T* dst = static_cast<T*>(is_dk ? p.dk : p.dv);
+  const AttnOperand& dst = is_dk ? p.dk : p.dv;
   const C mult = is_dk ? scale : C(1);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -364,7 +368,7 @@ __global__ void __launch_bounds__(kThreads) flash_dkdv_kernel(const BwdParams p)
 #pragma unroll
     for (int j = 0; j < kNJ; ++j) {
       const int64_t col = col0 + tx + 16 * j;
-      if (col < ncols) dst[(bkh * d.s + k0 + r) * ncols + col] = from_compute<T>(acc[i][j] * mult);
+      if (col < ncols) out_at<T>(dst, b, kh, k0 + r, col) = from_compute<T>(acc[i][j] * mult);
     }
   }
 }
@@ -415,7 +419,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 }  // namespace
 
 cudaError_t launch_flash_forward(DType dtype, const AttnDims& dims, const AttnOperand& q, const AttnOperand& k,
-                                 const AttnOperand& v, void* out, void* lse, void* stream) {
+                                 const AttnOperand& v, const AttnOperand& out, void* lse, void* stream) {
   cudaError_t err = cudaSuccess;
   const bool ok = visit_float_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -433,8 +437,8 @@ cudaError_t launch_flash_forward(DType dtype, const AttnDims& dims, const AttnOp
 
 cudaError_t launch_flash_backward(DType dtype, const AttnDims& dims, const AttnOperand& q, const AttnOperand& k,
                                   const AttnOperand& v, const AttnOperand& out, const AttnOperand& dout,
-                                  const void* lse, const void* dlse, void* delta, void* dq, void* dk, void* dv,
-                                  const int* gate, void* stream) {
+                                  const void* lse, const void* dlse, void* delta, const AttnOperand& dq,
+                                  const AttnOperand& dk, const AttnOperand& dv, const int* gate, void* stream) {
   cudaError_t err = cudaSuccess;
   const BwdParams params{dims, q, k, v, out, dout, lse, dlse, delta, dq, dk, dv, gate};
   const auto st = static_cast<cudaStream_t>(stream);

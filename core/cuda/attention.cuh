@@ -24,12 +24,12 @@ struct AttnDims {
   double scale = 1.0;
 };
 
-// out (B, Hq, T, Dv) contiguous in `dtype`; lse (B, Hq, T) contiguous in the compute type (f64 for
-// f64, f32 otherwise). Rows that see no key get zeros and lse = -inf.
+// out (B, Hq, T, Dv) in `dtype`, any strides (written through them); lse (B, Hq, T) contiguous in the
+// compute type (f64 for f64, f32 otherwise). Rows that see no key get zeros and lse = -inf.
 cudaError_t launch_flash_forward(DType dtype, const AttnDims& dims, const AttnOperand& q, const AttnOperand& k,
-                                 const AttnOperand& v, void* out, void* lse, void* stream);
+                                 const AttnOperand& v, const AttnOperand& out, void* lse, void* stream);
 
-// dq (B, Hq, T, D), dk (B, Hkv, S, D), dv (B, Hkv, S, Dv), all contiguous in `dtype`, from the
+// dq (B, Hq, T, D), dk (B, Hkv, S, D), dv (B, Hkv, S, Dv) in `dtype`, any strides, from the
 // forward's out and lse, dout and dlse (lse and dlse contiguous (B, Hq, T) in the compute type).
 // `delta` is scratch of B*Hq*T compute-type elements. Deterministic: every output element is
 // written by one thread, summing in a fixed order. With `gate` non-null, every kernel first reads
@@ -37,8 +37,8 @@ cudaError_t launch_flash_forward(DType dtype, const AttnDims& dims, const AttnOp
 // turns out nonzero, without a host synchronisation).
 cudaError_t launch_flash_backward(DType dtype, const AttnDims& dims, const AttnOperand& q, const AttnOperand& k,
                                   const AttnOperand& v, const AttnOperand& out, const AttnOperand& dout,
-                                  const void* lse, const void* dlse, void* delta, void* dq, void* dk, void* dv,
-                                  const int* gate, void* stream);
+                                  const void* lse, const void* dlse, void* delta, const AttnOperand& dq,
+                                  const AttnOperand& dk, const AttnOperand& dv, const int* gate, void* stream);
 
 // dst (n0 * n1 * n2) contiguous in `dst_dtype` (f32 or f64) from a strided (n0, n1, n2) float
 // tensor; with `nonzero` non-null, sets *nonzero to 1 when some element is nonzero (it is zeroed

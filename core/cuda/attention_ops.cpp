@@ -1,6 +1,7 @@
 // CUDA kernels of prim::ScaledDotProductAttention and prim::SdpaBackward: cuDNN's fused SDPA where it
 // takes the call (bf16/f16; see sdpa_cudnn.h), else kiln's flash kernel (attention.cu); the
-// KILN_SDPA_BACKEND switch forces either.
+// KILN_SDPA_BACKEND switch forces either. Both read and write every operand through its strides, so
+// heads_last operands are (B, H, T, D) views (prim::sdpa_heads_view) of the (B, T, H, D) tensors.
 #include <cuda_runtime_api.h>
 
 #include "core/cuda/attention.cuh"
@@ -45,17 +46,22 @@ Tensor pack_rows(const Tensor& x, DType to, int* nonzero, const char* op) {
   return dst;
 }
 
+// heads_last operands (B, T, H, D) as the (B, H, T, D) views every kernel here takes.
+Tensor heads(const Tensor& t, bool heads_last) { return heads_last ? prim::sdpa_heads_view(t) : t; }
+
 std::string describe(const Tensor& q, const Tensor& k, const Tensor& v, bool causal) {
   return fmt::format("{} q {}, k {}, v {}, causal={}", dtype_name(q.dtype()), shape_str(q.shape()), shape_str(k.shape()),
                      shape_str(v.shape()), causal);
 }
 
 void sdpa_forward_cuda(const prim::ScaledDotProductAttention& p, const std::vector<Tensor>& in, std::vector<Tensor>& out) {
-  const Tensor &q = in[0], &k = in[1], &v = in[2];
+  const bool hl = p.heads_last();
+  const Tensor q = heads(in[0], hl), k = heads(in[1], hl), v = heads(in[2], hl);  // (B, H, T, D) views
+  Tensor o = heads(out[0], hl);                                                    // (B, Hq, T, Dv)
   DeviceGuard guard(q.device().index);
   const SdpaBackend backend = sdpa_backend();
   if (backend != SdpaBackend::flash) {
-    if (cudnn_sdpa_forward(p, q, k, v, out[0], out[1])) {
+    if (cudnn_sdpa_forward(p, q, k, v, o, out[1])) {
       set_last_sdpa_path("cudnn");
       return;
     }
@@ -63,7 +69,7 @@ void sdpa_forward_cuda(const prim::ScaledDotProductAttention& p, const std::vect
                describe(q, k, v, p.causal()));
   }
   KILN_CUDA_CHECK(launch_flash_forward(q.dtype(), dims_of(q, v, p.causal(), p.scale()), operand(q), operand(k),
-                                       operand(v), out[0].raw_data(), out[1].raw_data(), stream_of(q)),
+                                       operand(v), operand(o), out[1].raw_data(), stream_of(q)),
                   p.name());
   set_last_sdpa_path("flash");
 }
@@ -74,7 +80,12 @@ void sdpa_forward_cuda(const prim::ScaledDotProductAttention& p, const std::vect
 // gated on the flag — it returns at once when dlse is zero (a few microseconds of launches) and
 // otherwise overwrites dq, dk, dv with the exact gradients.
 void sdpa_backward_cuda(const prim::SdpaBackward& p, const std::vector<Tensor>& in, std::vector<Tensor>& out) {
-  const Tensor &q = in[0], &k = in[1], &v = in[2], &o = in[3], &lse = in[4], &dout = in[5], &dlse = in[6];
+  const bool hl = p.heads_last();
+  // (B, H, T, D) views of the heads_last operands; lse, dlse (B, Hq, T) either way
+  const Tensor q = heads(in[0], hl), k = heads(in[1], hl), v = heads(in[2], hl), o = heads(in[3], hl);
+  const Tensor dout = heads(in[5], hl);
+  const Tensor &lse = in[4], &dlse = in[6];
+  Tensor dq = heads(out[0], hl), dk = heads(out[1], hl), dv = heads(out[2], hl);
   DeviceGuard guard(q.device().index);
   const DType ct = compute_dtype(q.dtype());
   Tensor flag = empty({1}, DType::i32, q.device());
@@ -85,7 +96,7 @@ void sdpa_backward_cuda(const prim::SdpaBackward& p, const std::vector<Tensor>& 
   const SdpaBackend backend = sdpa_backend();
   bool ran_cudnn = false;
   if (backend != SdpaBackend::flash) {
-    ran_cudnn = cudnn_sdpa_backward(p, q, k, v, o, dout, lse_c, out[0], out[1], out[2]);
+    ran_cudnn = cudnn_sdpa_backward(p, q, k, v, o, dout, lse_c, dq, dk, dv);
     KILN_CHECK(ran_cudnn || backend != SdpaBackend::cudnn, p.name(),
                "cuDNN cannot run this attention backward ({}) and KILN_SDPA_BACKEND=cudnn", describe(q, k, v, p.causal()));
     if (ran_cudnn) gate = flag_ptr;
@@ -93,8 +104,7 @@ void sdpa_backward_cuda(const prim::SdpaBackward& p, const std::vector<Tensor>& 
   Tensor delta = empty(lse.shape(), ct, q.device());  // (B, Hq, T)
   KILN_CUDA_CHECK(launch_flash_backward(q.dtype(), dims_of(q, v, p.causal(), p.scale()), operand(q), operand(k),
                                         operand(v), operand(o), operand(dout), lse_c.raw_data(), dlse_c.raw_data(),
-                                        delta.raw_data(), out[0].raw_data(), out[1].raw_data(), out[2].raw_data(), gate,
-                                        stream_of(q)),
+                                        delta.raw_data(), operand(dq), operand(dk), operand(dv), gate, stream_of(q)),
                   p.name());
   set_last_sdpa_path(ran_cudnn ? "cudnn" : "flash");
 }

@@ -21,6 +21,7 @@
 #include "core/cpu/copy.h"
 #include "core/cuda/attention.cuh"
 #include "core/cuda/check.h"
+#include "core/cuda/copy.cuh"
 #include "core/cuda/tensor_args.h"
 
 namespace kiln::cuda {
@@ -211,8 +212,11 @@ bool cudnn_sdpa_forward(const prim::ScaledDotProductAttention& p, const Tensor& 
                         Tensor& out, Tensor& lse) {
   if (!cudnn_sdpa_eligible(q, k, v, p.causal())) return false;
   const Tensor qc = cudnn_operand(q), kc = cudnn_operand(k), vc = cudnn_operand(v);
+  // out is written through its strides ((B, T, H, D) memory for heads_last) where cuDNN takes them
+  const bool out_ok = cudnn_layout_ok(out);
+  const Tensor oc = out_ok ? out : empty(out.shape(), out.dtype(), out.device());
   std::vector<int64_t> key = base_key(0, qc, vc, kc.size(1), kc.size(2), p.causal(), p.scale());
-  for (const Tensor* t : {&qc, &kc, &vc}) append_strides(key, *t);
+  for (const Tensor* t : {&qc, &kc, &vc, &oc}) append_strides(key, *t);
 
   DeviceState& ds = device_state(q.device().index);
   std::lock_guard<std::mutex> lock(ds.mu);
@@ -227,15 +231,21 @@ bool cudnn_sdpa_forward(const prim::ScaledDotProductAttention& p, const Tensor& 
         static_cast<float>(p.scale()));
     set_mask(opts, p.causal(), qc.size(2), kc.size(2));
     auto outs = g->sdpa(tq, tk, tv, opts);
-    outs[0]->set_output(true).set_uid(kO).set_dim(out.shape()).set_stride(contiguous_strides(out.shape()));
+    outs[0]->set_output(true).set_uid(kO).set_dim(oc.shape()).set_stride(strides_of(oc));
     outs[1]->set_output(true).set_uid(kStats).set_data_type(fe::DataType_t::FLOAT)
         .set_dim({q.size(0), q.size(1), q.size(2), 1}).set_stride({q.size(1) * q.size(2), q.size(2), 1, 1});
     return finish(g, ds.handle, "the forward");
   });
   if (!plan) return false;
   std::unordered_map<int64_t, void*> pack{{kQ, qc.raw_data()},  {kK, kc.raw_data()},   {kV, vc.raw_data()},
-                                          {kO, out.raw_data()}, {kStats, lse.raw_data()}};
+                                          {kO, oc.raw_data()}, {kStats, lse.raw_data()}};
   execute(*plan, ds, pack, q, kOp);
+  if (!out_ok) {
+    const Strided<2> st = make_strided<2>(out.shape(), {&out, &oc}, kOp);
+    KILN_CUDA_CHECK(launch_copy_strided(out.raw_data(), out.dtype(), oc.raw_data(), oc.dtype(), st, out.numel(),
+                                        stream_of(out)),
+                    kOp);
+  }
   return true;
 }
 
@@ -295,6 +305,7 @@ bool cudnn_sdpa_backward(const prim::SdpaBackward& p, const Tensor& q, const Ten
                          const Tensor& out, const Tensor& dout, const Tensor& lse_f32, Tensor& dq, Tensor& dk,
                          Tensor& dv) {
   if (!cudnn_sdpa_eligible(q, k, v, p.causal())) return false;
+  if (!cudnn_layout_ok(dq) || !cudnn_layout_ok(dk) || !cudnn_layout_ok(dv)) return false;  // the flash kernel's, then
   const Tensor qc = cudnn_operand(q), kc = cudnn_operand(k), vc = cudnn_operand(v);
   const Tensor oc = cudnn_operand(out), gc = cudnn_operand(dout);
   DeviceState& ds = device_state(q.device().index);

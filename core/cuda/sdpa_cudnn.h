@@ -23,12 +23,14 @@ void set_last_sdpa_path(const char* path);
 // that sees no key (T > S), unit-stride head dims. cuDNN may still refuse while building the graph.
 bool cudnn_sdpa_eligible(const Tensor& q, const Tensor& k, const Tensor& v, bool causal);
 
-// out (B, Hq, T, Dv) and lse (B, Hq, T) f32, both contiguous. False when cuDNN refuses the graph
+// out (B, Hq, T, Dv) any strides (a layout cuDNN cannot write goes through a contiguous buffer) and lse
+// (B, Hq, T) f32 contiguous. False when cuDNN refuses the graph
 // (remembered, so the build is not retried); errors while running it throw kiln::Error.
 bool cudnn_sdpa_forward(const prim::ScaledDotProductAttention& p, const Tensor& q, const Tensor& k, const Tensor& v,
                         Tensor& out, Tensor& lse);
 
-// dq, dk, dv contiguous, from lse_f32 (B, Hq, T) contiguous f32. cuDNN's backward has no lse
+// dq, dk, dv written through their strides (unit head-dim stride, 16-byte aligned rows), from lse_f32
+// (B, Hq, T) contiguous f32. cuDNN's backward has no lse
 // gradient input: the caller handles a nonzero dlse. False when cuDNN refuses the graph. When the
 // workspace cuDNN asks for exceeds sdpa_backward_workspace_limit(), it runs in pieces: one sequence
 // per call, then groups of kv heads with their query heads, the fewest calls whose workspace fits.

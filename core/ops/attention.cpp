@@ -7,6 +7,7 @@
 #include <limits>
 #include <memory>
 
+#include "core/cpu/copy.h"
 #include "core/dispatch.h"
 
 namespace kiln {
@@ -33,19 +34,33 @@ void check_sdpa(const Tensor& q, const Tensor& k, const Tensor& v, const char* o
 
 namespace prim {
 
+Tensor sdpa_heads_view(const Tensor& t) {
+  KILN_CHECK(t.dim() == 4, "scaled_dot_product_attention", "heads_last operands are (B, T, H, D), found {}",
+             shape_str(t.shape()));
+  const Shape& s = t.shape();
+  const Shape& st = t.strides();
+  return cpu::raw_view(t, {s[0], s[2], s[1], s[3]}, {st[0], st[2], st[1], st[3]}, t.offset());
+}
+
 std::vector<TensorMeta> ScaledDotProductAttention::infer(const std::vector<Tensor>& in) const {
   KILN_CHECK(in.size() == 3, name(), "expected 3 inputs (q, k, v), found {}", in.size());
-  check_sdpa(in[0], in[1], in[2], name());
-  const Tensor& q = in[0];
+  if (heads_last_) {
+    for (const Tensor& t : in) KILN_CHECK(t.dim() == 4, name(), "heads_last q, k, v are (B, T, H, D), found {}", shape_str(t.shape()));
+  }
+  const Tensor q = heads_last_ ? sdpa_heads_view(in[0]) : in[0];  // (B, Hq, T, D)
+  const Tensor k = heads_last_ ? sdpa_heads_view(in[1]) : in[1];
+  const Tensor v = heads_last_ ? sdpa_heads_view(in[2]) : in[2];
+  check_sdpa(q, k, v, name());
   const DType lse_dtype = compute_dtype(q.dtype());
-  return {{{q.size(0), q.size(1), q.size(2), in[2].size(3)}, q.dtype(), q.device()},
-          {{q.size(0), q.size(1), q.size(2)}, lse_dtype, q.device()}};
+  Shape out{q.size(0), q.size(1), q.size(2), v.size(3)};  // (B, Hq, T, Dv)
+  if (heads_last_) std::swap(out[1], out[2]);
+  return {{out, q.dtype(), q.device()}, {{q.size(0), q.size(1), q.size(2)}, lse_dtype, q.device()}};
 }
 
 std::vector<Tensor> ScaledDotProductAttention::vjp(const std::vector<Tensor>& in, const std::vector<Tensor>& out,
                                                    const std::vector<Tensor>& cot,
                                                    const std::vector<bool>& wanted) const {
-  std::vector<Tensor> g = dispatch(std::make_shared<const SdpaBackward>(causal_, scale_),
+  std::vector<Tensor> g = dispatch(std::make_shared<const SdpaBackward>(causal_, scale_, heads_last_),
                                    {in[0], in[1], in[2], out[0], out[1], cot[0], cot[1]});
   for (size_t i = 0; i < 3; ++i) {
     if (!wanted[i]) g[i] = Tensor();
@@ -55,9 +70,17 @@ std::vector<Tensor> ScaledDotProductAttention::vjp(const std::vector<Tensor>& in
 
 std::vector<TensorMeta> SdpaBackward::infer(const std::vector<Tensor>& in) const {
   KILN_CHECK(in.size() == 7, name(), "expected 7 inputs (q, k, v, out, lse, dout, dlse), found {}", in.size());
-  const Tensor &q = in[0], &k = in[1], &v = in[2];
+  if (heads_last_) {
+    for (size_t i = 0; i < 3; ++i) {
+      KILN_CHECK(in[i].dim() == 4, name(), "heads_last q, k, v are (B, T, H, D), found {}", shape_str(in[i].shape()));
+    }
+  }
+  const Tensor q = heads_last_ ? sdpa_heads_view(in[0]) : in[0];  // (B, Hq, T, D)
+  const Tensor k = heads_last_ ? sdpa_heads_view(in[1]) : in[1];
+  const Tensor v = heads_last_ ? sdpa_heads_view(in[2]) : in[2];
   check_sdpa(q, k, v, name());
-  const Shape out_shape{q.size(0), q.size(1), q.size(2), v.size(3)};
+  Shape out_shape{q.size(0), q.size(1), q.size(2), v.size(3)};  // (B, Hq, T, Dv), or (B, T, Hq, Dv)
+  if (heads_last_) std::swap(out_shape[1], out_shape[2]);
   const Shape lse_shape{q.size(0), q.size(1), q.size(2)};
   for (size_t i : {size_t{3}, size_t{5}}) {
     KILN_CHECK(in[i].shape() == out_shape && in[i].dtype() == q.dtype(), name(), "{} must be {} {}, found {} {}",
@@ -68,7 +91,7 @@ std::vector<TensorMeta> SdpaBackward::infer(const std::vector<Tensor>& in) const
     KILN_CHECK(in[i].shape() == lse_shape && is_floating(in[i].dtype()), name(), "{} must be a float tensor {}, found {} {}",
                i == 4 ? "lse" : "dlse", shape_str(lse_shape), shape_str(in[i].shape()), dtype_name(in[i].dtype()));
   }
-  return {{q.shape(), q.dtype(), q.device()}, {k.shape(), k.dtype(), k.device()}, {v.shape(), v.dtype(), v.device()}};
+  return {{in[0].shape(), q.dtype(), q.device()}, {in[1].shape(), k.dtype(), k.device()}, {in[2].shape(), v.dtype(), v.device()}};
 }
 
 std::vector<Tensor> SdpaBackward::vjp(const std::vector<Tensor>&, const std::vector<Tensor>&,
@@ -84,6 +107,17 @@ Tensor scaled_dot_product_attention(const Tensor& q, const Tensor& k, const Tens
   check_sdpa(q, k, v, "scaled_dot_product_attention");
   const double sc = scale.value_or(1.0 / std::sqrt(static_cast<double>(std::max<int64_t>(q.size(3), 1))));
   return dispatch(std::make_shared<const prim::ScaledDotProductAttention>(causal, sc), {q, k, v})[0];
+}
+
+Tensor scaled_dot_product_attention_heads_last(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
+                                               std::optional<double> scale) {
+  const char* op = "scaled_dot_product_attention";
+  KILN_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op,
+             "q must be (B, T, Hq, D) and k, v (B, S, Hkv, D), found q {}, k {}, v {}", shape_str(q.shape()),
+             shape_str(k.shape()), shape_str(v.shape()));
+  check_sdpa(prim::sdpa_heads_view(q), prim::sdpa_heads_view(k), prim::sdpa_heads_view(v), op);
+  const double sc = scale.value_or(1.0 / std::sqrt(static_cast<double>(std::max<int64_t>(q.size(3), 1))));
+  return dispatch(std::make_shared<const prim::ScaledDotProductAttention>(causal, sc, true), {q, k, v})[0];
 }
 
 Tensor scaled_dot_product_attention_composite(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
