@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The measurements behind bench/RESULTS.md, as stages of one device call (run from the repository root on the GPU
+# machine, carrying .device-bin, third_party/corpus and, for `unsloth`, .anchors):
+#   tools/device_bench.sh STAGE...
+# Binaries: .device-bin/kiln-cuda.tar.xz (tools/cuda_suite.sh build); `ab` also runs .device-bin/base.tar.xz (an
+# older pack, renamed) on the same machine. Stages (each prints its command lines):
+#   suite    the [cuda] tests (SUITE_FILTER, default "[cuda]"), no sanitizers
+#   ab       8B QLoRA B1 T4096 steps, base and new alternating (AB_ROUNDS, default 2; AB_BUDGETS, default "7.04,0")
+#   plan8b   8B QLoRA B1 T4096 at PLAN_BUDGETS (default "least,8,0")
+#   b4       8B QLoRA B4 T2048 at B4_BUDGETS (default "least,0")
+#   long     8B QLoRA at LONG_SEQ (default 131072) and LONG_BUDGETS (default least), with --mlp-chunk 16384
+#   compile  one decoder layer at T4096, eager against compiled, bf16 and QLoRA
+#   nf4      NF4 dequantisation against copy bandwidth
+#   head     the chunked linear+loss head (cuda_chunked_loss 5 16384)
+#   unsloth  the Unsloth anchor (UNSLOTH_PARTS, default train; ANCHOR_BUDGET, default 300 s)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl/lib:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cudnn/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export NCCL_NVLS_ENABLE=0
+root=$PWD
+unpack() {  # unpack TAR DIR
+  [ -d "$2" ] || { mkdir -p "$2" && tar -xJf "$1" -C "$2"; }
+}
+new=/tmp/kiln-new base=/tmp/kiln-base
+unpack .device-bin/kiln-cuda.tar.xz $new
+step() { echo "+ $*"; "$@" 2>&1; echo "  (exit $?)"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+git -C "$root" log --oneline -1 2>/dev/null || true
+for stage in "$@"; do
+  echo "== $stage [$(date +%T)]"
+  case $stage in
+    suite) step $new/kiln_tests "${SUITE_FILTER:-[cuda]}" ;;
+    ab)
+      unpack .device-bin/base.tar.xz $base
+      for round in $(seq "${AB_ROUNDS:-2}"); do
+        for v in base new; do
+          d=$base; [ $v = new ] && d=$new
+          echo "-- $v round $round"
+          step $d/cuda_memory_plan --iters 3 --budgets "${AB_BUDGETS:-7.04,0}"
+        done
+      done ;;
+    plan8b) step $new/cuda_memory_plan --iters 3 --budgets "${PLAN_BUDGETS:-least,8,0}" ;;
+    b4) step $new/cuda_memory_plan --iters 3 --batch 4 --seq 2048 --budgets "${B4_BUDGETS:-least,0}" ;;
+    long) step timeout "${LONG_TIMEOUT:-400}" $new/cuda_memory_plan --iters 1 --seq "${LONG_SEQ:-131072}" \
+            --mlp-chunk 16384 --budgets "${LONG_BUDGETS:-least}" ;;
+    compile)
+      step $new/compile_block 4096 5
+      step $new/compile_block 4096 5 --qlora ;;
+    nf4) step $new/cuda_nf4 ;;
+    head) step $new/cuda_chunked_loss 5 16384 ;;
+    unsloth)
+      [ -d .anchors ] || { echo "unsloth: carry .anchors (../shared/anchors/README.md)"; continue; }
+      (cd .anchors && ANCHOR_BUDGET=${ANCHOR_BUDGET:-300} UNSLOTH_PARTS=${UNSLOTH_PARTS:-train} \
+         bash anchors/run_anchors.sh make unsloth) ;;
+    *) echo "unknown stage $stage"; sed -n 2,17p "$0"; exit 2 ;;
+  esac
+done
+echo "== done [$(date +%T)]"
