@@ -8,6 +8,14 @@
 // matched by its type, attributes and input shapes, in order; where the recompute differs, it runs
 // the op).
 //
+// The recompute leaves out the ops whose outputs nothing reads: neither an op that runs nor a
+// backward (Primitive::vjp_needs_inputs / vjp_needs_outputs, Function::backward_reads_input /
+// backward_reads_outputs). A decoder layer's last GEMM (or its MLP in pieces, which checkpoint_chunks
+// runs again in its own backward), whose output only carries the gradient back, is not run again. Tensors of the right shape, left uncomputed, stand for those outputs. The data flow
+// comes from the first forward's record of the calls fn makes itself; where the recompute departs from
+// it (another call, an in-place write) or a running op reads a left-out output, the left-out ops run
+// then. KILN_CHECKPOINT_RECOMPUTE_ALL=1 runs every op.
+//
 // With `offload`, the inputs (and saved outputs) wait in host memory instead of on the device
 // (core/offload.h): the copies down overlap the forward, and when an offloaded checkpoint's backward
 // starts it fetches its own tensors and starts bringing back those of the offloaded checkpoint made

@@ -54,12 +54,27 @@ const std::vector<Tensor>& Function::saved() const {
   return saved_;
 }
 
+namespace {
+thread_local FunctionObserver* t_function_observer = nullptr;
+}  // namespace
+
+FunctionObserverScope::FunctionObserverScope(FunctionObserver* observer) : previous_(t_function_observer) {
+  t_function_observer = observer;
+}
+FunctionObserverScope::~FunctionObserverScope() { t_function_observer = previous_; }
+
 std::vector<Tensor> apply(const std::shared_ptr<Function>& fn, const std::vector<Tensor>& inputs, bool always_record) {
   std::vector<Tensor> outputs;
-  {
+  FunctionObserver* observer = t_function_observer;
+  if (observer) observer->before_forward(fn, inputs);
+  try {
     NoGradGuard no_grad;
     outputs = fn->forward(inputs);
+  } catch (...) {
+    if (observer) observer->after_forward(fn, {});
+    throw;
   }
+  if (observer) observer->after_forward(fn, outputs);
   // Fresh handles, so an output that is an input (or aliases one) gets its own history.
   for (Tensor& o : outputs) {
     KILN_CHECK(o.defined(), fn->name(), "forward returned an undefined tensor");

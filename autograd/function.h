@@ -10,6 +10,7 @@
 //   };
 //   Tensor y = autograd::apply(std::make_shared<Square>(), {x})[0];
 #pragma once
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -41,6 +42,13 @@ class Function {
   // on tensors without data. False for a backward that runs a nested backward or reads .grad
   // (checkpointing): a compiled region holding such a Function runs eagerly.
   virtual bool traceable_backward() const { return true; }
+  // What backward reads: input i's value, the outputs' values. A checkpoint's recompute leaves out a
+  // Function whose outputs nothing reads (autograd/checkpoint.h) when backward_reads_outputs() is
+  // false, which promises as well that forward does nothing but compute the outputs and that backward
+  // reads no tensor computed beside it (only the gradients, what it saved of its inputs and state made
+  // before the code around it ran). By default backward may read everything.
+  virtual bool backward_reads_input(size_t /*i*/) const { return true; }
+  virtual bool backward_reads_outputs() const { return true; }
 
  private:
   friend class FunctionPrimitive;
@@ -54,6 +62,27 @@ class Function {
 // that reach trainable tensors other than through their inputs (checkpoint's captured parameters).
 std::vector<Tensor> apply(const std::shared_ptr<Function>& fn, const std::vector<Tensor>& inputs,
                           bool always_record = false);
+
+// Sees the custom Functions this thread applies, around their forward (a checkpoint's recompute
+// tells the ops inside a Function apart from the ones it calls directly).
+class FunctionObserver {
+ public:
+  virtual ~FunctionObserver() = default;
+  virtual void before_forward(const std::shared_ptr<Function>& fn, const std::vector<Tensor>& inputs) = 0;
+  // `outputs` is empty when forward threw.
+  virtual void after_forward(const std::shared_ptr<Function>& fn, const std::vector<Tensor>& outputs) = 0;
+};
+// RAII: `observer` sees this thread's Functions for the scope, then the one before it again.
+class FunctionObserverScope {
+ public:
+  explicit FunctionObserverScope(FunctionObserver* observer);
+  ~FunctionObserverScope();
+  FunctionObserverScope(const FunctionObserverScope&) = delete;
+  FunctionObserverScope& operator=(const FunctionObserverScope&) = delete;
+
+ private:
+  FunctionObserver* previous_;
+};
 
 // The name of a custom Function recorded since node sequence `since` (next_node_sequence()) in the
 // graph behind `outputs` whose backward is not traceable (Function::traceable_backward), or null when

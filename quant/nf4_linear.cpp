@@ -15,6 +15,9 @@ class NF4LinearFunction : public autograd::Function {
   NF4LinearFunction(NF4Weight w, Tensor dense, Shape x_shape, bool bias, bool residual)
       : w_(std::move(w)), dense_(std::move(dense)), x_shape_(std::move(x_shape)), bias_(bias), residual_(residual) {}
   const char* name() const override { return "nf4_linear"; }
+  // Backward reads W (packed or given) and the gradient only.
+  bool backward_reads_input(size_t) const override { return false; }
+  bool backward_reads_outputs() const override { return false; }
 
   // inputs: x (..., K) [, bias (N)] [, residual (..., N)]
   std::vector<Tensor> forward(const std::vector<Tensor>& in) override {

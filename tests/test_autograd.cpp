@@ -645,6 +645,90 @@ TEST_CASE("autograd: selective checkpoint reuses the saved ops' outputs in the r
   test::require_close(x.grad(), once * 2.0, 1e-12, 1e-14);
 }
 
+// Counts the kernels that run below it, by op name (views excluded).
+struct KernelsByName : DispatchHandler {
+  std::map<std::string, int> count;
+  int total = 0;
+  std::vector<Tensor> run(const PrimitivePtr& op, const std::vector<Tensor>& inputs) override {
+    if (!op->is_view()) ++count[op->name()], ++total;
+    return dispatch_next(op, inputs);
+  }
+  void run_into(const PrimitivePtr& op, const std::vector<Tensor>& inputs, std::vector<Tensor>& outputs) override {
+    ++count[op->name()], ++total;
+    dispatch_next_into(op, inputs, outputs);
+  }
+};
+
+TEST_CASE("autograd: a checkpoint's recompute leaves out the ops whose outputs nothing reads", "[autograd]") {
+  // The end of a LoRA linear: base = h @ w2, out = (h @ a) @ b + base. The last GEMM's output only
+  // carries the gradient back, and its vjp reads neither its output nor its addend (base), so neither
+  // GEMM runs again; h (tanh reads its output in backward) and h @ a (the last GEMM's vjp reads it) do.
+  Tensor w1 = random_leaf({4, 5}, 60), w2 = random_leaf({5, 3}, 61), a = random_leaf({5, 2}, 62), b = random_leaf({2, 3}, 63);
+  Tensor x = random_leaf({6, 4}, 64);
+  autograd::CheckpointFn block = [&](const std::vector<Tensor>& in) {
+    const Tensor h = tanh(matmul(in[0], w1));  // (6, 5)
+    return std::vector<Tensor>{matmul_add(matmul(h, a), b, matmul(h, w2), 0.5)};  // (6, 3)
+  };
+  const std::string mm = op_name([] { matmul(ones({2, 2}), ones({2, 2})); });
+  const std::string mma = op_name([] { matmul_add(ones({2, 2}), ones({2, 2}), ones({2, 2})); });
+  const Tensor seed = test::random_tensor({6, 3}, DType::f64, 65);
+  auto run = [&](bool checkpointed) {
+    for (Tensor* t : {&x, &w1, &w2, &a, &b}) t->zero_grad();
+    Tensor out = checkpointed ? autograd::checkpoint(block, {x})[0] : block({x})[0];
+    KernelsByName counter;
+    {
+      HandlerScope scope(&counter);
+      sum(out * seed).backward();
+    }
+    return counter;
+  };
+  const KernelsByName plain = run(false);
+  const std::vector<Tensor> expected = {x.grad().clone(), w1.grad().clone(), w2.grad().clone(), a.grad().clone(),
+                                        b.grad().clone()};
+  const KernelsByName ck = run(true);
+  const std::vector<Tensor> got = {x.grad(), w1.grad(), w2.grad(), a.grad(), b.grad()};
+  for (size_t i = 0; i < got.size(); ++i) test::require_close(got[i], expected[i], 1e-12, 1e-14);
+  auto n = [](const KernelsByName& k, const std::string& name) { return k.count.count(name) ? k.count.at(name) : 0; };
+  const int recompute_mm = n(ck, mm) - n(plain, mm) + (mm == mma ? 0 : n(ck, mma) - n(plain, mma));
+  INFO("matmul kernels: plain backward " << n(plain, mm) << ", checkpointed " << n(ck, mm));
+  REQUIRE(recompute_mm == 2);            // x @ w1 and h @ a; not h @ w2 nor the last GEMM
+  REQUIRE(ck.total - plain.total == 3);  // and tanh
+}
+
+// y = 3x as a custom Function whose backward reads no value: a recompute may leave it out.
+struct TimesThree : autograd::Function {
+  std::vector<Tensor> forward(const std::vector<Tensor>& in) override { return {in[0] * 3.0}; }
+  std::vector<Tensor> backward(const std::vector<Tensor>& g) override { return {g[0] * 3.0}; }
+  bool backward_reads_input(size_t) const override { return false; }
+  bool backward_reads_outputs() const override { return false; }
+};
+
+TEST_CASE("autograd: a recompute that departs from the first forward computes what it left out", "[autograd]") {
+  // With grad on (the recompute), the block reads outputs the first forward's record says nothing
+  // reads: the left-out GEMMs (and a left-out custom Function) run then, and the gradient is that of
+  // the block run with grad.
+  Tensor w1 = random_leaf({4, 5}, 70), w2 = random_leaf({5, 3}, 71), a = random_leaf({5, 2}, 72), b = random_leaf({2, 3}, 73);
+  Tensor x = random_leaf({6, 4}, 74);
+  for (bool function : {false, true}) {
+    INFO("the tail is " << (function ? "a custom Function" : "two GEMMs"));
+    autograd::CheckpointFn block = [&](const std::vector<Tensor>& in) {
+      const Tensor h = tanh(matmul(in[0], w1));
+      const Tensor base = matmul(h, w2);
+      Tensor out = function ? autograd::apply(std::make_shared<TimesThree>(), {base})[0] : matmul_add(matmul(h, a), b, base, 0.5);
+      if (autograd::grad_enabled()) out = out * exp(base);  // reads base's and out's values
+      return std::vector<Tensor>{out};
+    };
+    const Tensor seed = test::random_tensor({6, 3}, DType::f64, 75);
+    for (Tensor* t : {&x, &w1, &w2, &a, &b}) t->zero_grad();
+    sum(block({x})[0] * seed).backward();
+    const Tensor gx = x.grad().clone(), gw2 = w2.grad().clone();
+    for (Tensor* t : {&x, &w1, &w2, &a, &b}) t->zero_grad();
+    sum(autograd::checkpoint(block, {x})[0] * seed).backward();
+    test::require_close(x.grad(), gx, 1e-12, 1e-14);
+    test::require_close(w2.grad(), gw2, 1e-12, 1e-14);
+  }
+}
+
 TEST_CASE("test helpers: random inputs, strided views, comparisons", "[helpers]") {
   SECTION("random_tensor is reproducible per seed and draws every dtype") {
     test::require_equal(test::random_tensor({4, 5}, DType::f32, 1), test::random_tensor({4, 5}, DType::f32, 1));

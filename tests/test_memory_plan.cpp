@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdio>
 #include <functional>
+#include <map>
 
 #include "core/cuda/runtime.h"
 #include "core/memory.h"
@@ -259,6 +260,65 @@ TEST_CASE("Llama: per-layer checkpointing gives the loss and gradients of none a
   CHECK(k0 - k2 == (k2 - k4));  // two layers' saved tensors less their outputs each time
   // Eval mode never checkpoints; a wrong-sized choice is an error.
   CHECK_THROWS_WITH(m.set_layer_activations({A::checkpoint}), ContainsSubstring("one entry per decoder layer (4), found 1"));
+}
+
+TEST_CASE("Llama: a checkpointed QLoRA layer's recompute leaves out the down projection and keeps the gradients",
+          "[memory_plan][llama]") {
+  // The down projection's output (its NF4 GEMM plus the LoRA GEMM adding to it) only carries the
+  // gradient back: the recompute runs neither that GEMM nor its dequantisation, and the gradients are
+  // those of the layers kept whole. Offloaded layers also take attention from the first forward.
+  auto m = qlora(test::tiny_llama_config(2), kCPU, DType::f32);
+  Generator gen(14);
+  const Tensor ids = randint(0, 41, {2, 20}, DType::i64, kCPU, &gen);      // (2, 20)
+  const Tensor targets = randint(0, 41, {2, 20}, DType::i64, kCPU, &gen);  // (2, 20)
+  using A = nn::LayerActivations;
+  struct Counter : DispatchHandler {
+    std::map<std::string, int> n;
+    std::vector<Tensor> run(const PrimitivePtr& op, const std::vector<Tensor>& inputs) override {
+      if (!op->is_view()) ++n[op->name()];
+      return dispatch_next(op, inputs);
+    }
+  };
+  auto backward_kernels = [&](A a, Step& step) {
+    m->set_layer_activations({a, a});
+    for (auto& [name, p] : m->named_parameters()) p.zero_grad();
+    Tensor loss = m->chunked_loss((*m)(ids), targets);
+    Counter c;
+    {
+      HandlerScope scope(&c);
+      loss.backward();
+    }
+    step.loss = loss.item<double>();
+    for (auto& [name, p] : m->named_trainable_parameters()) step.grads.push_back(p.grad());
+    return c.n;
+  };
+  Step kept, checkpointed, offloaded;
+  auto k = backward_kernels(A::keep, kept);
+  auto c = backward_kernels(A::checkpoint, checkpointed);
+  auto o = backward_kernels(A::offload, offloaded);
+  // 7 linears a layer: the backward dequantises each once for its input gradient (not q, k and v in
+  // layer 0, whose input, the frozen embedding's output, needs none); the recompute 6 a layer.
+  CHECK(k["nf4_dequantize"] == 2 * 7 - 3);
+  CHECK(c["nf4_dequantize"] == 2 * 7 - 3 + 2 * 6);
+  CHECK(o["nf4_dequantize"] == 2 * 7 - 3 + 2 * 6);
+  CHECK(o["scaled_dot_product_attention"] == 0);
+  CHECK(c["scaled_dot_product_attention"] == 2);
+  // With the MLP in pieces of 8 tokens (checkpoint_chunks runs each piece again in its backward), the
+  // layer's recompute leaves the whole MLP out: 4 dequantisations a layer (q, k, v, o) over the kept
+  // layer's.
+  m->set_mlp_chunk(8);
+  Step kept_pieces, checkpointed_pieces;
+  auto kp = backward_kernels(A::keep, kept_pieces);
+  auto cp = backward_kernels(A::checkpoint, checkpointed_pieces);
+  CHECK(cp["nf4_dequantize"] - kp["nf4_dequantize"] == 2 * 4);
+  // Each piece's backward runs it again without down_proj, except the last (4 tokens, not the first
+  // piece's size): 2 + 2 + 3, then 3 input gradients a piece, and 4 for attention's linears.
+  CHECK(kp["nf4_dequantize"] == 2 * (2 + 2 + 3 + 3 * 3 + 4) - 3);
+  for (const Step* s : {&checkpointed, &offloaded, &kept_pieces, &checkpointed_pieces}) {
+    CHECK(std::abs(s->loss - kept.loss) <= 1e-6 * std::abs(kept.loss));
+    REQUIRE(s->grads.size() == kept.grads.size());
+    for (size_t i = 0; i < kept.grads.size(); ++i) test::require_close(s->grads[i], kept.grads[i], 1e-5, 1e-6);
+  }
 }
 
 TEST_CASE("Llama: a sequence-chunked MLP gives the same loss and gradients and keeps less", "[memory_plan][llama]") {

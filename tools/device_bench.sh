@@ -13,6 +13,7 @@
 #   nf4      NF4 dequantisation against copy bandwidth
 #   head     the chunked linear+loss head (cuda_chunked_loss 5 16384)
 #   unsloth  the Unsloth anchor (UNSLOTH_PARTS, default train; ANCHOR_BUDGET, default 300 s)
+#   pcie     pinned host <-> device copy bandwidth (PyTorch), 256 MiB each way, alone and both at once
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl/lib:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cudnn/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
@@ -52,6 +53,30 @@ for stage in "$@"; do
       [ -d .anchors ] || { echo "unsloth: carry .anchors (../shared/anchors/README.md)"; continue; }
       (cd .anchors && ANCHOR_BUDGET=${ANCHOR_BUDGET:-300} UNSLOTH_PARTS=${UNSLOTH_PARTS:-train} \
          bash anchors/run_anchors.sh make unsloth) ;;
+    pcie) python3 - <<'PY'
+import torch
+n = 256 << 20
+d = torch.empty(n, dtype=torch.uint8, device="cuda")
+h = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+h2 = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+def timed(fn, reps=10):
+    fn(); torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps): fn()
+    b.record(); torch.cuda.synchronize()
+    return a.elapsed_time(b) / reps / 1e3
+def both():
+    with torch.cuda.stream(s1): h.copy_(d, non_blocking=True)
+    with torch.cuda.stream(s2): d.copy_(h2, non_blocking=True)
+    torch.cuda.current_stream().wait_stream(s1); torch.cuda.current_stream().wait_stream(s2)
+for name, fn, nbytes in [("device->host", lambda: h.copy_(d, non_blocking=True), n),
+                         ("host->device", lambda: d.copy_(h, non_blocking=True), n),
+                         ("both at once (each way)", both, n)]:
+    print(f"{name}: {nbytes / timed(fn) / 1e9:.1f} GB/s")
+PY
+      ;;
     *) echo "unknown stage $stage"; sed -n 2,17p "$0"; exit 2 ;;
   esac
 done
