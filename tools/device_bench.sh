@@ -10,7 +10,7 @@
 #   b4       8B QLoRA B4 T2048 at B4_BUDGETS (default "least,0")
 #   long     8B QLoRA at LONG_SEQ (default 131072) and LONG_BUDGETS (default least), with --mlp-chunk 16384
 #   compile  one decoder layer at T4096, eager against compiled, bf16 and QLoRA
-#   nf4      NF4 dequantisation against copy bandwidth
+#   nf4      NF4 dequantisation against copy bandwidth (nf4ab: the base pack's and the new one's, alternating)
 #   head     the chunked linear+loss head (cuda_chunked_loss 5 16384)
 #   unsloth  the Unsloth anchor (UNSLOTH_PARTS, default train; ANCHOR_BUDGET, default 300 s)
 #   pcie     pinned host <-> device copy bandwidth (PyTorch), 256 MiB each way, alone and both at once
@@ -48,6 +48,9 @@ for stage in "$@"; do
       step $new/compile_block 4096 5
       step $new/compile_block 4096 5 --qlora ;;
     nf4) step $new/cuda_nf4 ;;
+    nf4ab)  # the NF4 bench of the base pack and of the new one, alternating
+      unpack .device-bin/base.tar.xz $base
+      for round in 1 2; do step $base/cuda_nf4; step $new/cuda_nf4; done ;;
     head) step $new/cuda_chunked_loss 5 16384 ;;
     unsloth)
       [ -d .anchors ] || { echo "unsloth: carry .anchors (../shared/anchors/README.md)"; continue; }

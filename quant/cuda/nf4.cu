@@ -200,10 +200,11 @@ __global__ void nf4_dequantize_kernel(const uint8_t* __restrict__ packed, NF4Sca
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t chunks = kVec ? n / 32 : 0;
-  // warp-uniform: base = the warp's first chunk this step
-  for (int64_t base = (tid - lane) * kUnroll; base < chunks; base += stride * kUnroll) {
-    uint4 raw[kUnroll];
-    float scale[kUnroll];
+  // This step's codes and scales, loaded during the step before (software pipelining: the loads of
+  // step i + 1 are in flight while step i decodes and stores).
+  uint4 raw[kUnroll];
+  float scale[kUnroll];
+  auto load = [&](int64_t base) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t c = base + u * 32 + lane;
@@ -214,6 +215,16 @@ __global__ void nf4_dequantize_kernel(const uint8_t* __restrict__ packed, NF4Sca
         scale[u] = block_scale<kDouble>(s, (c * 32) >> bs_shift, bs_shift, nbs_shift);
       }
     }
+  };
+  const int64_t step = stride * kUnroll;
+  // warp-uniform: base = the warp's first chunk this step
+  if ((tid - lane) * kUnroll < chunks) load((tid - lane) * kUnroll);
+  for (int64_t base = (tid - lane) * kUnroll; base < chunks; base += step) {
+    uint4 cur[kUnroll];
+    float cur_scale[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) cur[u] = raw[u], cur_scale[u] = scale[u];
+    if (base + step < chunks) load(base + step);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t group = base + u * 32;  // first chunk of this group of 32
@@ -222,9 +233,9 @@ __global__ void nf4_dequantize_kernel(const uint8_t* __restrict__ packed, NF4Sca
       for (int j = 0; j < kPieces; ++j) {
         const int p = j * 32 + lane;          // piece of the group's output
         const int src = p / kPieces, sub = p % kPieces;
-        const uint32_t x = __shfl_sync(0xffffffffu, raw[u].x, src), y = __shfl_sync(0xffffffffu, raw[u].y, src);
-        const uint32_t z = __shfl_sync(0xffffffffu, raw[u].z, src), w = __shfl_sync(0xffffffffu, raw[u].w, src);
-        const float sc = __shfl_sync(0xffffffffu, scale[u], src);
+        const uint32_t x = __shfl_sync(0xffffffffu, cur[u].x, src), y = __shfl_sync(0xffffffffu, cur[u].y, src);
+        const uint32_t z = __shfl_sync(0xffffffffu, cur[u].z, src), w = __shfl_sync(0xffffffffu, cur[u].w, src);
+        const float sc = __shfl_sync(0xffffffffu, cur_scale[u], src);
         const int word = sub * 4 / kPieces;   // which 4 packed bytes hold the piece
         uint32_t bits = word == 0 ? x : word == 1 ? y : word == 2 ? z : w;
         if constexpr (kPieces == 8) bits >>= 16 * (sub & 1);  // f32: 4 weights = 2 bytes
