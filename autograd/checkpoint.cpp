@@ -17,6 +17,7 @@ namespace kiln::autograd {
 namespace {
 
 using detail::Call;
+using detail::InterceptScope;
 using detail::Recorder;
 using detail::Replayer;
 using detail::ReplayGenerator;
@@ -75,8 +76,7 @@ class Checkpoint final : public Function {
     std::vector<Tensor> outs;
     {
       Recorder recorder(options_.save, calls_);
-      HandlerScope scope(&recorder);
-      FunctionObserverScope observing(&recorder);
+      InterceptScope intercept(recorder);
       outs = fn_(inputs);
       recorder.finish();
     }
@@ -116,8 +116,7 @@ class Checkpoint final : public Function {
       ReplayGenerator replay(rng_);
       EnableGradGuard grad_on;
       Replayer replayer(calls_);
-      HandlerScope scope(&replayer);
-      FunctionObserverScope observing(&replayer);
+      InterceptScope intercept(replayer);
       outs = fn_(leaves);
     }
     std::vector<Tensor> roots, seeds;
@@ -151,8 +150,7 @@ Tensor run_pieces(const std::function<Tensor(const Tensor&)>& fn, const Tensor& 
     if (s == 0 && first && !t_filling) {
       const std::function<bool(const Primitive&)> none;
       Recorder recorder(none, *first);
-      HandlerScope scope(&recorder);
-      FunctionObserverScope observing(&recorder);
+      InterceptScope intercept(recorder);
       y = fn(piece);
       recorder.finish();
     } else {
@@ -196,8 +194,7 @@ class ChunkedCheckpoint final : public Function {
         Tensor y;
         {
           Replayer replayer(first_piece_);  // pieces of the first one's size leave out what it could
-          HandlerScope scope(&replayer);
-          FunctionObserverScope observing(&replayer);
+          InterceptScope intercept(replayer);
           y = fn_(leaf);
         }
         if (y.requires_grad()) autograd::backward({without_data(y)}, {narrow(grad_outputs[0], dim_, s, n)});

@@ -49,6 +49,12 @@ class Function {
   // before the code around it ran). By default backward may read everything.
   virtual bool backward_reads_input(size_t /*i*/) const { return true; }
   virtual bool backward_reads_outputs() const { return true; }
+  // A checkpoint's recompute asks this, just before forward, of a Function it runs (one that may not be
+  // left out) whose outputs nothing else reads. Returning true promises that this next forward still
+  // does all that backward needs but may return the outputs left uncomputed (tensors of their shapes),
+  // and that a later forward computes them in full. (A compiled function runs the part of its plan
+  // that makes what its backward keeps: a decoder layer's last GEMMs are not run.)
+  virtual bool leave_outputs_uncomputed() { return false; }
 
  private:
   friend class FunctionPrimitive;

@@ -20,6 +20,7 @@ void mark_skippable(std::vector<Call>& calls) {
     Call& call = calls[c];
     const bool computes = !call.reused && (!call.may_skip || call.reads_outputs || read[c]);
     call.skip = !call.reused && !computes;
+    call.outputs_read = read[c];
     for (size_t i = 0; i < call.producers.size(); ++i)
       if (call.producers[i] >= 0 && (computes || call.backward_reads[i])) read[static_cast<size_t>(call.producers[i])] = true;
   }

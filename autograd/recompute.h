@@ -32,6 +32,17 @@ class ReplayGenerator {
   GeneratorState now_;
 };
 
+// RAII: `h` (a Recorder or a Replayer) sees this thread's ops and custom Functions for the scope.
+class InterceptScope {
+ public:
+  template <class H>
+  explicit InterceptScope(H& h) : ops_(&h), functions_(&h) {}
+
+ private:
+  HandlerScope ops_;
+  FunctionObserverScope functions_;
+};
+
 // One call the checkpointed function made itself in its first forward: an op other than a view, or
 // a custom Function (the ops inside a Function are its own; views alias, so a view's consumers count
 // as the consumers of the storage it views).
@@ -45,6 +56,8 @@ struct Call {
   bool may_skip = false;            // an op, or a Function whose backward reads no output
   bool reused = false;              // CheckpointOptions::save picked it: the recompute takes `outputs`
   bool skip = false;                // the recompute leaves its outputs uncomputed (nothing reads them)
+  bool outputs_read = true;         // a later call or its backward reads the outputs (false: a Function
+                                    // that runs may still leave them uncomputed)
   std::vector<Tensor> outputs;                              // reused: on the device, or
   std::vector<std::unique_ptr<OffloadedTensor>> offloaded;  // in host memory
 };
@@ -153,9 +166,11 @@ inline thread_local bool t_filling = false;
 
 // The recompute: each call the first forward recorded, when it comes again, takes its reused outputs,
 // is left out (uncomputed tensors of the right shape stand for its outputs, for the backward graph's
-// sake; a left-out Function's own ops all get such tensors) or runs. Should the recompute depart from
-// the record (a different call, an in-place write), or a running op read a left-out output, the
-// left-out calls run then (their outputs filled in) and every later op runs.
+// sake; a left-out Function's own ops all get such tensors) or runs; a Function that runs with its
+// outputs unread is asked to leave them uncomputed (Function::leave_outputs_uncomputed: a compiled
+// layer). Should the recompute depart from the record (a different call, an in-place write), or a
+// running op read an output left uncomputed, the calls that left it run then in full (their outputs
+// filled in) and every later op runs.
 class Replayer final : public DispatchHandler, public FunctionObserver {
  public:
   explicit Replayer(std::vector<Call>& calls) : calls_(calls) {}
@@ -190,14 +205,17 @@ class Replayer final : public DispatchHandler, public FunctionObserver {
     const Call* c = next(*fn, inputs);
     if (c == nullptr || !c->skip) {
       fill_if_read(inputs);
-      return;
+      // A Function that runs, its outputs unread: it may leave them uncomputed (stand-ins, as a left-out call's).
+      outputs_left_ = c != nullptr && !c->outputs_read && fn->leave_outputs_uncomputed();
+      if (!outputs_left_) return;
+    } else {
+      skipping_function_ = true;
     }
-    skipping_function_ = true;
     function_ = LeftOut{nullptr, fn, default_generator().state(), inputs, {}, {}};
   }
   void after_forward(const std::shared_ptr<Function>&, const std::vector<Tensor>& outputs) override {
-    if (filling_ || --depth_ > 0 || !skipping_function_) return;
-    skipping_function_ = false;
+    if (filling_ || --depth_ > 0 || !(skipping_function_ || outputs_left_)) return;
+    skipping_function_ = outputs_left_ = false;
     left_out(std::move(function_), outputs);
   }
 
@@ -297,7 +315,8 @@ class Replayer final : public DispatchHandler, public FunctionObserver {
   size_t next_ = 0;
   int depth_ = 0;  // Functions running
   bool skipping_function_ = false, departed_ = false, filling_ = false;
-  LeftOut function_;  // the left-out Function running
+  bool outputs_left_ = false;  // the Function running leaves its outputs uncomputed
+  LeftOut function_;           // the left-out Function running (or the one leaving its outputs)
   std::vector<LeftOut> left_;
   std::unordered_map<const StorageImpl*, std::weak_ptr<StorageImpl>> stand_ins_;
 };

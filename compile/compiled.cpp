@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <mutex>
 #include <unordered_map>
+#include <utility>
 
 #include "autograd/function.h"
 #include "autograd/grad_mode.h"
@@ -49,6 +50,7 @@ constexpr size_t kMaxVariants = 8;  // plans kept per structure, each with its o
 struct BackwardPlan {
   SizeProfile profile;
   Plan plan;
+  bool reads_outputs = false;  // some forward output's value (not an argument returned as is)
 };
 
 // A forward plan, and the backward plans built against the values it keeps.
@@ -59,7 +61,26 @@ struct ForwardPlan {
   std::vector<int> kept;  // forward trace value ids, in plan.kept's order
   std::mutex mu;
   std::unordered_map<uint64_t, std::vector<std::shared_ptr<BackwardPlan>>> backward;
+  bool backward_reads_outputs = false;  // a backward plan built so far reads a forward output
+  std::shared_ptr<const Plan> kept_only;  // the plan less what only the outputs need (built when first asked)
 };
+
+// Whether a backward plan reads the value of a forward output made by the forward (an output that is
+// an argument or a captured tensor is read from there).
+bool reads_forward_outputs(const Plan& p, const Graph& forward) {
+  const std::vector<std::vector<int>> users = p.graph.users();
+  const std::vector<bool> escaping = p.graph.escaping();
+  for (int v : p.graph.inputs) {
+    const Value& val = p.graph.values[static_cast<size_t>(v)];
+    if (val.input.kind != InputKind::saved || (users[static_cast<size_t>(v)].empty() && !escaping[static_cast<size_t>(v)]))
+      continue;
+    const int s = val.input.index;
+    if (forward.values[static_cast<size_t>(s)].producer >= 0 &&
+        std::find(forward.outputs.begin(), forward.outputs.end(), s) != forward.outputs.end())
+      return true;
+  }
+  return false;
+}
 
 struct Cache {
   std::mutex mu;
@@ -133,6 +154,8 @@ std::shared_ptr<BackwardPlan> backward_plan(ForwardPlan& fp, const TraceState& t
   in.signatures[1] = &sb;
   in.profiles[1] = &bp->profile;
   bp->plan = build_plan(in);
+  bp->reads_outputs = reads_forward_outputs(bp->plan, t.forward);
+  fp.backward_reads_outputs = fp.backward_reads_outputs || bp->reads_outputs;
   count_plan(bp->plan);
   log_plan("backward", o, joint, bp->plan, bp->profile);
   if (variants.size() >= kMaxVariants) variants.erase(variants.begin());
@@ -180,7 +203,29 @@ std::shared_ptr<ForwardPlan> forward_plan(TraceState& t, const std::vector<Tenso
   return fp;
 }
 
-// One differentiable call: its forward runs the forward plan and saves what the backward reads.
+// The forward plan without the outputs: what it keeps for the backward and nothing only the outputs need.
+const Plan& kept_only_plan(ForwardPlan& fp, const TraceState& t, const CompileOptions& o) {
+  std::lock_guard<std::mutex> lock(fp.mu);
+  if (!fp.kept_only) {
+    Graph g = t.forward;
+    g.outputs.clear();
+    PlanInput in;
+    in.graph = &g;
+    in.keep = fp.kept;
+    in.fuse.enabled = o.fuse;
+    in.signatures[0] = &fp.sig;
+    in.profiles[0] = &fp.profile;
+    auto p = std::make_shared<Plan>(build_plan(in));
+    count_plan(*p);
+    log_plan("forward (kept values only)", o, g, *p, fp.profile);
+    fp.kept_only = std::move(p);
+  }
+  return *fp.kept_only;
+}
+
+// One call, differentiable when the trace needs grad: its forward runs the forward plan and saves what
+// the backward reads. (Without grad it is a Function too, so a checkpoint's first forward records the
+// call its recompute makes.)
 class CompiledCall : public autograd::Function {
  public:
   CompiledCall(std::shared_ptr<ForwardPlan> fp, std::shared_ptr<TraceState> t, std::vector<Tensor> args,
@@ -188,8 +233,23 @@ class CompiledCall : public autograd::Function {
       : fp_(std::move(fp)), t_(std::move(t)), args_(std::move(args)), options_(o), seed_(seed) {}
   const char* name() const override { return "compiled"; }
 
+  bool leave_outputs_uncomputed() override {
+    if (!t_->needs_grad) return false;
+    std::lock_guard<std::mutex> lock(fp_->mu);
+    leave_outputs_ = !fp_->backward_reads_outputs;
+    return leave_outputs_;
+  }
+
   std::vector<Tensor> forward(const std::vector<Tensor>&) override {
-    RunResult r = run_plan(fp_->plan, forward_bindings(*t_, args_));
+    outputs_uncomputed_ = std::exchange(leave_outputs_, false);
+    RunResult r = run_plan(outputs_uncomputed_ ? kept_only_plan(*fp_, *t_, options_) : fp_->plan,
+                           forward_bindings(*t_, args_));
+    if (outputs_uncomputed_)
+      for (int v : t_->forward.outputs) {
+        const TensorMeta& m = t_->forward.values[static_cast<size_t>(v)].meta;
+        r.outputs.push_back(empty(m.shape, m.dtype, m.device));
+      }
+    versions_.clear();
     for (const Tensor& a : args_) versions_.push_back(a.storage() ? a.storage()->version() : 0);
     for (const Tensor& e : t_->externals) versions_.push_back(e.storage() ? e.storage()->version() : 0);
     std::vector<Tensor> saved = r.kept;
@@ -201,12 +261,18 @@ class CompiledCall : public autograd::Function {
   std::vector<Tensor> backward(const std::vector<Tensor>& grads) override {
     KILN_CHECK(!autograd::grad_enabled(), "compile",
                "gradients of gradients (create_graph=true) through a compiled function are not supported");
-    const std::vector<Tensor>& saved = this->saved();
     size_t k = 0;
     for (const Tensor& a : args_) check_version(a, k++, "an argument");
     for (size_t e = 0; e < t_->forward_externals; ++e) check_version(t_->externals[e], k++, "a captured tensor");
     if (!t_->has_backward) trace_backward(*t_);
     std::shared_ptr<BackwardPlan> bp = backward_plan(*fp_, *t_, args_, options_, seed_);
+    if (outputs_uncomputed_ && bp->reads_outputs) {  // (a backward traced unlike the first): compute them now
+      RunResult full = run_plan(fp_->plan, forward_bindings(*t_, args_));
+      full.kept.insert(full.kept.end(), full.outputs.begin(), full.outputs.end());
+      save_for_backward(std::move(full.kept));
+      outputs_uncomputed_ = false;
+    }
+    const std::vector<Tensor>& saved = this->saved();
     Bindings b;
     b.traces[0] = &t_->forward;
     b.traces[1] = &t_->backward;
@@ -228,10 +294,11 @@ class CompiledCall : public autograd::Function {
     c.last_backward_groups = static_cast<int64_t>(bp->plan.fusion.groups.size());
     c.group_launches += c.last_backward_groups;
     c.fallback_ops += bp->plan.fallbacks;
-    std::vector<Tensor> out(args_.size() + t_->grad_externals.size());
+    std::vector<Tensor> out(args_.size() + t_->forward_externals);  // per input: the arguments, then the captured tensors
     const size_t na = t_->grad_args.size();
     for (size_t i = 0; i < na; ++i) out[static_cast<size_t>(t_->grad_args[i])] = r.outputs[i];
-    for (size_t m = 0; m < t_->grad_externals.size(); ++m) out[args_.size() + m] = r.outputs[na + m];
+    for (size_t m = 0; m < t_->grad_externals.size(); ++m)
+      out[args_.size() + static_cast<size_t>(t_->grad_externals[m])] = r.outputs[na + m];
     return out;
   }
 
@@ -262,6 +329,8 @@ class CompiledCall : public autograd::Function {
   CompileOptions options_;
   uint64_t seed_;
   std::vector<uint64_t> versions_;
+  bool leave_outputs_ = false;        // the next forward runs the kept-only plan
+  bool outputs_uncomputed_ = false;   // the last forward did
 };
 
 }  // namespace
@@ -293,9 +362,10 @@ std::vector<Tensor> CompiledFunction::run(const Fn& fn, const std::vector<Tensor
   c.last_forward_groups = static_cast<int64_t>(fp->plan.fusion.groups.size());
   c.group_launches += c.last_forward_groups;
   c.fallback_ops += fp->plan.fallbacks;
-  if (!t->needs_grad) return run_plan(fp->plan, forward_bindings(*t, inputs)).outputs;
+  // Every captured tensor is an input, with grad or without (so a checkpoint's first forward, without
+  // grad, records the call its recompute makes); gradients flow to those that require grad.
   std::vector<Tensor> fn_inputs = inputs;
-  for (int e : t->grad_externals) fn_inputs.push_back(t->externals[static_cast<size_t>(e)]);
+  fn_inputs.insert(fn_inputs.end(), t->externals.begin(), t->externals.begin() + static_cast<std::ptrdiff_t>(t->forward_externals));
   auto call = std::make_shared<CompiledCall>(fp, t, inputs, s_->options, seed);
   return autograd::apply(call, fn_inputs);
 }

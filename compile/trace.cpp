@@ -164,9 +164,12 @@ class Tracer : public DispatchHandler {
   int phase_;
 };
 
+// Marks this thread as tracing; custom Functions the traced code applies are hidden from any observer
+// (a checkpoint's record or recompute sees the compiled call, not the placeholders inside it).
 struct TracingFlag {
   TracingFlag() { ++t_tracing; }
   ~TracingFlag() { --t_tracing; }
+  autograd::FunctionObserverScope hidden{nullptr};
 };
 
 }  // namespace

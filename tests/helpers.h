@@ -4,6 +4,7 @@
 #include <catch2/catch_test_macros.hpp>
 #include <filesystem>
 #include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -64,15 +65,21 @@ std::string read_file(const std::filesystem::path& path);
 // n documents of 12..47 random ids in [1, vocab), each with a random masked prefix (a prompt).
 std::vector<data::Document> random_documents(int n, uint64_t seed, int64_t vocab);
 
-// Counts the ops that reach the kernels (views excluded), below any handler installed before it.
+// Counts the ops that reach the kernels (views excluded), in all and by op name, below any handler
+// installed before it.
 struct KernelCounter : DispatchHandler {
   int kernels = 0;
+  std::map<std::string, int> by_name;
+  int count(const std::string& name) const {
+    auto it = by_name.find(name);
+    return it == by_name.end() ? 0 : it->second;
+  }
   std::vector<Tensor> run(const PrimitivePtr& op, const std::vector<Tensor>& inputs) override {
-    if (!op->is_view()) ++kernels;
+    if (!op->is_view()) ++kernels, ++by_name[op->name()];
     return dispatch_next(op, inputs);
   }
   void run_into(const PrimitivePtr& op, const std::vector<Tensor>& inputs, std::vector<Tensor>& outputs) override {
-    ++kernels;
+    ++kernels, ++by_name[op->name()];
     dispatch_next_into(op, inputs, outputs);
   }
 };

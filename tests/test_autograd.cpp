@@ -6,7 +6,6 @@
 #include <cmath>
 #include <functional>
 #include <memory>
-#include <map>
 #include <string>
 #include <vector>
 
@@ -118,17 +117,6 @@ TEST_CASE("autograd: shared subgraphs accumulate", "[autograd]") {
   }
 }
 
-namespace {
-// Counts the non-view ops dispatched on this thread by name.
-struct OpCounter : DispatchHandler {
-  std::map<std::string, int> calls;
-  std::vector<Tensor> run(const PrimitivePtr& op, const std::vector<Tensor>& inputs) override {
-    if (!op->is_view()) ++calls[op->name()];
-    return dispatch_next(op, inputs);
-  }
-};
-}  // namespace
-
 TEST_CASE("autograd: a matmul's vjp adds the gradient gathered so far in its GEMM", "[autograd]") {
   // h = tanh(x) feeds three GEMMs (as a norm's output feeds q, k and v): h's gradient is the sum of three
   // products, the second and third computed with the sum so far as their GEMM's addend, so backward runs
@@ -140,14 +128,14 @@ TEST_CASE("autograd: a matmul's vjp adds the gradient gathered so far in its GEM
     const Tensor h = tanh(in[0]);
     return sum(matmul(h, w1)) + sum(exp(matmul(h, w2))) + sum(matmul(h, w3) * c);
   };
-  OpCounter count;
+  test::KernelCounter count;
   {
     const Tensor y = f({x});
     HandlerScope scope(&count);
     y.backward();
   }
-  CHECK(count.calls["add"] == 0);
-  CHECK(count.calls["matmul"] == 3);
+  CHECK(count.count("add") == 0);
+  CHECK(count.count("matmul") == 3);
   const Tensor h = tanh(x.detach());
   const Tensor dh = matmul(ones({2, 5, 6}, DType::f64), w1.t()) + matmul(exp(matmul(h, w2)), w2.t()) + matmul(c, w3.t());
   test::require_close(x.grad(), dh * (1.0 - h * h), 1e-12, 1e-12);
@@ -645,20 +633,6 @@ TEST_CASE("autograd: selective checkpoint reuses the saved ops' outputs in the r
   test::require_close(x.grad(), once * 2.0, 1e-12, 1e-14);
 }
 
-// Counts the kernels that run below it, by op name (views excluded).
-struct KernelsByName : DispatchHandler {
-  std::map<std::string, int> count;
-  int total = 0;
-  std::vector<Tensor> run(const PrimitivePtr& op, const std::vector<Tensor>& inputs) override {
-    if (!op->is_view()) ++count[op->name()], ++total;
-    return dispatch_next(op, inputs);
-  }
-  void run_into(const PrimitivePtr& op, const std::vector<Tensor>& inputs, std::vector<Tensor>& outputs) override {
-    ++count[op->name()], ++total;
-    dispatch_next_into(op, inputs, outputs);
-  }
-};
-
 TEST_CASE("autograd: a checkpoint's recompute leaves out the ops whose outputs nothing reads", "[autograd]") {
   // The end of a LoRA linear: base = h @ w2, out = (h @ a) @ b + base. The last GEMM's output only
   // carries the gradient back, and its vjp reads neither its output nor its addend (base), so neither
@@ -675,24 +649,24 @@ TEST_CASE("autograd: a checkpoint's recompute leaves out the ops whose outputs n
   auto run = [&](bool checkpointed) {
     for (Tensor* t : {&x, &w1, &w2, &a, &b}) t->zero_grad();
     Tensor out = checkpointed ? autograd::checkpoint(block, {x})[0] : block({x})[0];
-    KernelsByName counter;
+    test::KernelCounter counter;
     {
       HandlerScope scope(&counter);
       sum(out * seed).backward();
     }
     return counter;
   };
-  const KernelsByName plain = run(false);
+  const test::KernelCounter plain = run(false);
   const std::vector<Tensor> expected = {x.grad().clone(), w1.grad().clone(), w2.grad().clone(), a.grad().clone(),
                                         b.grad().clone()};
-  const KernelsByName ck = run(true);
+  const test::KernelCounter ck = run(true);
   const std::vector<Tensor> got = {x.grad(), w1.grad(), w2.grad(), a.grad(), b.grad()};
   for (size_t i = 0; i < got.size(); ++i) test::require_close(got[i], expected[i], 1e-12, 1e-14);
-  auto n = [](const KernelsByName& k, const std::string& name) { return k.count.count(name) ? k.count.at(name) : 0; };
+  auto n = [](const test::KernelCounter& k, const std::string& name) { return k.count(name); };
   const int recompute_mm = n(ck, mm) - n(plain, mm) + (mm == mma ? 0 : n(ck, mma) - n(plain, mma));
   INFO("matmul kernels: plain backward " << n(plain, mm) << ", checkpointed " << n(ck, mm));
   REQUIRE(recompute_mm == 2);            // x @ w1 and h @ a; not h @ w2 nor the last GEMM
-  REQUIRE(ck.total - plain.total == 3);  // and tanh
+  REQUIRE(ck.kernels - plain.kernels == 3);  // and tanh
 }
 
 // y = 3x as a custom Function whose backward reads no value: a recompute may leave it out.

@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <thread>
 
+#include "autograd/checkpoint.h"
 #include "autograd/engine.h"
 #include "autograd/grad_mode.h"
 #include "compile/codegen.h"
@@ -572,6 +573,50 @@ TEST_CASE("compile: the forward keeps GEMM outputs and row results for backward 
   // f32 through exp(h) * h (up to ~60) and a softmax over it: the recomputed chain rounds apart from
   // eager's by up to ~4e-5 relative (seen once in a full CI run at 1.7e-5 on 0.47).
   require_matches_eager(f, {x, w}, 1e-4, 1e-6);
+}
+
+TEST_CASE("compile: a checkpoint's recompute runs a compiled call without its unread outputs, in full once read", "[compile]") {
+  // y = (sin(x) @ w1) @ w2: the backward reads sin(x) @ w1 (kept) and not y, so the recompute leaves
+  // the last GEMM out; a recompute that then reads y (squares it) gets it computed.
+  Tensor x = test::random_tensor({5, 6}, DType::f64, 70).set_requires_grad(true);
+  Tensor w1 = test::random_tensor({6, 4}, DType::f64, 71).set_requires_grad(true);
+  Tensor w2 = test::random_tensor({4, 3}, DType::f64, 72).set_requires_grad(true);
+  const Tensor seed = test::random_tensor({5, 3}, DType::f64, 73);  // d loss / d output
+  const compile::CompiledFunction f = compile::compile([](const std::vector<Tensor>& in) {
+    return std::vector<Tensor>{matmul(matmul(sin(in[0]), in[1]), in[2])};
+  });
+  bool square = false;  // whether the function squares y (set between the forward and the recompute)
+  const autograd::CheckpointFn block = [&](const std::vector<Tensor>& in) {
+    const Tensor y = f({in[0], w1, w2})[0];
+    return std::vector<Tensor>{square ? y * y : y};
+  };
+  // The gradients of sum(seed * out) and the GEMMs its backward ran.
+  auto run = [&](bool checkpointed, bool square_in_recompute) {
+    for (Tensor* t : {&x, &w1, &w2}) t->zero_grad();
+    square = false;
+    const Tensor out = checkpointed ? autograd::checkpoint(block, {x})[0] : block({x})[0];
+    square = square_in_recompute;
+    test::KernelCounter counter;
+    {
+      HandlerScope scope(&counter);
+      autograd::backward({out}, {seed});
+    }
+    return std::pair{std::vector<Tensor>{x.grad().clone(), w1.grad().clone(), w2.grad().clone()}, counter.count("matmul")};
+  };
+  const auto [plain, plain_gemms] = run(false, false);
+  const auto [ck, ck_gemms] = run(true, false);
+  for (size_t i = 0; i < plain.size(); ++i) test::require_close(ck[i], plain[i], 1e-12, 1e-14);
+  CHECK(ck_gemms - plain_gemms == 1);  // the recompute: sin(x) @ w1 only
+  // Squared in the recompute: y is read, so the call is run in full and y filled in (the gradients of
+  // sum(seed * y * y)).
+  const auto [squared, squared_gemms] = run(true, true);
+  const Tensor y = matmul(matmul(sin(x.detach()), w1.detach()), w2.detach());
+  const Tensor dy = 2.0 * y * seed;  // (5, 3)
+  const Tensor dh = matmul(dy, w2.detach().t());  // (5, 4)
+  test::require_close(squared[0], matmul(dh, w1.detach().t()) * cos(x.detach()), 1e-12, 1e-14);
+  test::require_close(squared[1], matmul(sin(x.detach()).t(), dh), 1e-12, 1e-14);
+  test::require_close(squared[2], matmul(matmul(sin(x.detach()), w1.detach()).t(), dy), 1e-12, 1e-14);
+  CHECK(squared_gemms - plain_gemms == 3);  // the kept-only plan's GEMM, then both when y is read
 }
 
 TEST_CASE("compile: a random op inside a compiled function draws eager's numbers, fresh ones each call", "[compile]") {

@@ -262,6 +262,43 @@ TEST_CASE("compile: compiled layers checkpointed with offload (attention output 
   }
 }
 
+TEST_CASE("compile: a checkpointed compiled QLoRA layer's recompute leaves out down_proj", "[compile][llama]") {
+  // A decoder layer returns residual + down_proj(...), which its backward never reads: the recompute
+  // runs the plan of what the backward keeps, so down_proj's dequantisation and GEMMs do not run again.
+  nn::LlamaOptions o;
+  o.seed = 19;
+  nn::Llama kept(test::tiny_llama_config(2), o), checkpointed(test::tiny_llama_config(2), o);
+  make_lora(kept, true);
+  make_lora(checkpointed, true);
+  checkpointed.set_checkpoint_activations(true);
+  auto hk = compile::compile_llama_layers(kept);
+  auto hc = compile::compile_llama_layers(checkpointed);
+  const Tensor ids = random_ids(2, 9, 20);
+  auto run = [&](nn::Llama& m, std::vector<Tensor>& grads) {
+    manual_seed(99);
+    const Tensor y = m(ids);
+    const Tensor seed = test::random_tensor(y.shape(), DType::f32, 21);  // d loss / d logits
+    test::KernelCounter counter;
+    {
+      HandlerScope scope(&counter);
+      autograd::backward({y}, {seed});
+    }
+    for (auto& [name, p] : m.named_trainable_parameters()) grads.push_back(p.grad());
+    return counter;
+  };
+  std::vector<Tensor> gk, gc;
+  compile::reset_stats();
+  const test::KernelCounter k = run(kept, gk), c = run(checkpointed, gc);
+  REQUIRE(compile::stats().eager_calls == 0);
+  // 7 NF4 linears a layer; the recompute dequantises q, k, v, o, gate and up, not down.
+  CHECK(c.count("nf4_dequantize") - k.count("nf4_dequantize") == 2 * 6);
+  REQUIRE(gk.size() == gc.size());
+  for (size_t i = 0; i < gk.size(); ++i) {
+    INFO("trainable parameter " << i);
+    require_rel(gc[i], gk[i], 1e-6);
+  }
+}
+
 TEST_CASE("compile: the Trainer's compile seam compiles a Llama's layers and keeps its loss", "[compile][llama]") {
   nn::LlamaOptions o;
   o.seed = 21;

@@ -272,25 +272,18 @@ TEST_CASE("Llama: a checkpointed QLoRA layer's recompute leaves out the down pro
   const Tensor ids = randint(0, 41, {2, 20}, DType::i64, kCPU, &gen);      // (2, 20)
   const Tensor targets = randint(0, 41, {2, 20}, DType::i64, kCPU, &gen);  // (2, 20)
   using A = nn::LayerActivations;
-  struct Counter : DispatchHandler {
-    std::map<std::string, int> n;
-    std::vector<Tensor> run(const PrimitivePtr& op, const std::vector<Tensor>& inputs) override {
-      if (!op->is_view()) ++n[op->name()];
-      return dispatch_next(op, inputs);
-    }
-  };
   auto backward_kernels = [&](A a, Step& step) {
     m->set_layer_activations({a, a});
     for (auto& [name, p] : m->named_parameters()) p.zero_grad();
     Tensor loss = m->chunked_loss((*m)(ids), targets);
-    Counter c;
+    test::KernelCounter c;
     {
       HandlerScope scope(&c);
       loss.backward();
     }
     step.loss = loss.item<double>();
     for (auto& [name, p] : m->named_trainable_parameters()) step.grads.push_back(p.grad());
-    return c.n;
+    return c.by_name;
   };
   Step kept, checkpointed, offloaded;
   auto k = backward_kernels(A::keep, kept);
