@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 #include <unistd.h>
 
+#include "data/default_corpus.h"
 #include "dist/config.h"
 #include "dist/local.h"
 #include "examples/kiln/distributed.h"
@@ -54,6 +55,11 @@ std::vector<double> losses(const fs::path& metrics) {
 
 TEST_CASE("kiln finetune --nproc 2 (Gloo processes) trains as one process with twice the batch", "[dist]") {
   if (!KILN_WITH_GLOO) SKIP("this build has no Gloo backend");
+  try {  // the default job trains on the default corpus, which tools/bootstrap.sh writes
+    (void)data::find_default_file(data::DefaultFile::corpus);
+  } catch (const Error& e) {
+    SKIP(e.what());
+  }
   const fs::path root = test::scratch_dir("fsdp_cli", "nproc");
   const std::string kiln = kiln_program();
   const std::string job = kiln + " finetune --device cpu --steps 4 --seq-len 16 --eval-every 0 --sample-tokens 0 "

@@ -177,6 +177,20 @@ else:
             status[owner] = "skipped"
 values = list(status.values())
 passed, failed, skipped = (values.count(k) + e for k, e in zip(("passed", "failed", "skipped"), extra))
+# The failed cases again, with their first failure and the seed that replays them (CI shows only the
+# end of the output).
+if os.path.exists(junit) and failed > extra[1]:
+    root = ET.parse(junit).getroot()
+    seed = next((p.get("value") for p in root.iter("property") if p.get("name") == "random-seed"), None)
+    if seed:
+        print(f"test.sh: kiln_tests ran with --rng-seed {seed}", file=sys.stderr)
+    for tc in root.iter("testcase"):
+        f = tc.find("failure")
+        if f is None:
+            f = tc.find("error")
+        if f is not None:
+            text = " | ".join(l.strip() for l in (f.text or f.get("message", "")).strip().splitlines()[:6])
+            print(f'test.sh: FAILED case "{tc.get("name", "")}": {text[:600]}', file=sys.stderr)
 print(f'{passed} passed, {failed} failed, {skipped} skipped')
 PY
 ) || summary="$extra_passed passed, $((extra_failed + 1)) failed, $extra_skipped skipped"
