@@ -1,10 +1,14 @@
 // The CPU executor of fused groups: an interpreter over the program's instructions that sweeps each
-// row of the domain in tiles (so every instruction's switch is paid once per tile, not per element),
-// computes with the same functors as the CPU kernels (core/functors.h, core/philox.h) and rounds each
-// result to its dtype as eager ops store it. Sums of floats accumulate in double, as core/cpu does.
+// row of the domain in tiles, each instruction running over a tile through a kernel chosen once per
+// group (loads and stores per dtype; unary, binary and cast ops in float or double with the op and the
+// rounding fixed at compile time; a generic per-element kernel for the rest). It computes with the same
+// functors as the CPU kernels (core/functors.h, core/philox.h) and rounds each result to its dtype as
+// eager ops store it. Sums of floats accumulate in double, as core/cpu does. bench/cpu_compile times it.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
+#include <utility>
 
 #include "compile/executor.h"
 #include "core/cpu/parallel.h"
@@ -189,6 +193,180 @@ struct SlotView {
   int64_t last;   // element slots: stride along the last dim
 };
 
+// An instruction's operand over one tile: element values (stride 1) or a row value (stride 0).
+struct Operand {
+  const Scalar* p = nullptr;
+  int64_t stride = 0;
+  const Scalar& operator[](int64_t e) const { return p[e * stride]; }
+};
+
+// One element-level instruction over a tile of n elements. The generic kernels switch per element; the
+// specialised ones (float or double compute, the op and the rounding fixed at compile time) are what
+// most groups run.
+using TileFn = void (*)(const Instr& in, DType a_dtype, Scalar* out, Operand a, Operand b, Operand c, int64_t n);
+
+void unary_generic(const Instr& in, DType, Scalar* out, Operand a, Operand, Operand, int64_t n) {
+  for (int64_t e = 0; e < n; ++e) out[e] = eval_unary(static_cast<UnaryOp>(in.code), in.dtype, a[e]);
+}
+void binary_generic(const Instr& in, DType a_dtype, Scalar* out, Operand a, Operand b, Operand, int64_t n) {
+  for (int64_t e = 0; e < n; ++e) out[e] = eval_binary(static_cast<BinaryOp>(in.code), a_dtype, in.dtype, a[e], b[e]);
+}
+void where_tile(const Instr&, DType, Scalar* out, Operand a, Operand b, Operand c, int64_t n) {
+  for (int64_t e = 0; e < n; ++e) out[e] = a[e].i ? b[e] : c[e];
+}
+void cast_generic(const Instr& in, DType a_dtype, Scalar* out, Operand a, Operand, Operand, int64_t n) {
+  for (int64_t e = 0; e < n; ++e) out[e] = convert_scalar(a[e], a_dtype, in.dtype);
+}
+
+// A float result rounded to what a tensor of floating dtype D (not f64) stores, widened back.
+template <DType D>
+inline double round_float(float v) {
+  if constexpr (D == DType::bf16) return static_cast<float>(bf16(v));
+  else if constexpr (D == DType::f16) return static_cast<float>(f16(v));
+  else return v;
+}
+
+template <UnaryOp Op, DType D>
+void unary_float(const Instr&, DType, Scalar* out, Operand a, Operand, Operand, int64_t n) {
+  for (int64_t e = 0; e < n; ++e) out[e].f = round_float<D>(apply_unary<float>(Op, static_cast<float>(a[e].f)));
+}
+template <UnaryOp Op>
+void unary_double(const Instr&, DType, Scalar* out, Operand a, Operand, Operand, int64_t n) {
+  for (int64_t e = 0; e < n; ++e) out[e].f = apply_unary<double>(Op, a[e].f);
+}
+template <BinaryOp Op, DType D>
+void binary_float(const Instr&, DType, Scalar* out, Operand a, Operand b, Operand, int64_t n) {
+  if (a.stride == 1 && b.stride == 1) {
+    for (int64_t e = 0; e < n; ++e)
+      out[e].f = round_float<D>(apply_binary<float>(Op, static_cast<float>(a.p[e].f), static_cast<float>(b.p[e].f)));
+  } else {
+    for (int64_t e = 0; e < n; ++e)
+      out[e].f = round_float<D>(apply_binary<float>(Op, static_cast<float>(a[e].f), static_cast<float>(b[e].f)));
+  }
+}
+template <BinaryOp Op>
+void binary_double(const Instr&, DType, Scalar* out, Operand a, Operand b, Operand, int64_t n) {
+  for (int64_t e = 0; e < n; ++e) out[e].f = apply_binary<double>(Op, a[e].f, b[e].f);
+}
+// A cast between floating dtypes other than f64: the value rounded to the target's precision.
+template <DType D>
+void cast_float(const Instr&, DType, Scalar* out, Operand a, Operand, Operand, int64_t n) {
+  for (int64_t e = 0; e < n; ++e) out[e].f = round_float<D>(static_cast<float>(a[e].f));
+}
+
+template <DType D, size_t... I>
+constexpr std::array<TileFn, sizeof...(I)> unary_float_table(std::index_sequence<I...>) {
+  return {&unary_float<static_cast<UnaryOp>(I), D>...};
+}
+template <size_t... I>
+constexpr std::array<TileFn, sizeof...(I)> unary_double_table(std::index_sequence<I...>) {
+  return {&unary_double<static_cast<UnaryOp>(I)>...};
+}
+template <DType D, size_t... I>
+constexpr std::array<TileFn, sizeof...(I)> binary_float_table(std::index_sequence<I...>) {
+  return {&binary_float<static_cast<BinaryOp>(I), D>...};
+}
+template <size_t... I>
+constexpr std::array<TileFn, sizeof...(I)> binary_double_table(std::index_sequence<I...>) {
+  return {&binary_double<static_cast<BinaryOp>(I)>...};
+}
+
+// Index of a floating dtype other than f64 among the float kernels' roundings, or -1.
+int float_rounding(DType d) { return d == DType::f32 ? 0 : d == DType::bf16 ? 1 : d == DType::f16 ? 2 : -1; }
+
+// The kernel of an element-level unary, binary, where or cast instruction; null for the others.
+TileFn tile_fn(const Instr& in, DType a_dtype) {
+  using U = std::make_index_sequence<kNumUnaryOps>;
+  using B = std::make_index_sequence<kNumBinaryOps>;
+  static constexpr std::array<std::array<TileFn, kNumUnaryOps>, 3> unary_f = {
+      unary_float_table<DType::f32>(U{}), unary_float_table<DType::bf16>(U{}), unary_float_table<DType::f16>(U{})};
+  static constexpr std::array<TileFn, kNumUnaryOps> unary_d = unary_double_table(U{});
+  static constexpr std::array<std::array<TileFn, kNumBinaryOps>, 3> binary_f = {
+      binary_float_table<DType::f32>(B{}), binary_float_table<DType::bf16>(B{}),
+      binary_float_table<DType::f16>(B{})};
+  static constexpr std::array<TileFn, kNumBinaryOps> binary_d = binary_double_table(B{});
+  static constexpr std::array<TileFn, 3> cast_f = {&cast_float<DType::f32>, &cast_float<DType::bf16>, &cast_float<DType::f16>};
+  const int r = float_rounding(in.dtype);
+  switch (in.op) {
+    case Op::unary:
+      if (r >= 0) return unary_f[static_cast<size_t>(r)][static_cast<size_t>(in.code)];
+      if (in.dtype == DType::f64) return unary_d[static_cast<size_t>(in.code)];
+      return &unary_generic;
+    case Op::binary:
+      if (binary_is_comparison(static_cast<BinaryOp>(in.code))) return &binary_generic;
+      if (r >= 0 && float_rounding(a_dtype) >= 0) return binary_f[static_cast<size_t>(r)][static_cast<size_t>(in.code)];
+      if (in.dtype == DType::f64 && a_dtype == DType::f64) return binary_d[static_cast<size_t>(in.code)];
+      return &binary_generic;
+    case Op::where: return &where_tile;
+    case Op::cast:
+      if (r >= 0 && float_rounding(a_dtype) >= 0) return cast_f[static_cast<size_t>(r)];
+      return &cast_generic;
+    default: return nullptr;
+  }
+}
+
+// Loads n elements of dtype D at base[b + e * step] into compute-kind values.
+template <DType D>
+void load_tile(const char* base, int64_t b, int64_t step, Scalar* out, int64_t n) {
+  for (int64_t e = 0; e < n; ++e) out[e] = load(base, D, b + e * step);
+}
+using LoadFn = void (*)(const char*, int64_t, int64_t, Scalar*, int64_t);
+LoadFn load_fn(DType d) {
+  switch (d) {
+    case DType::f64: return &load_tile<DType::f64>;
+    case DType::f32: return &load_tile<DType::f32>;
+    case DType::bf16: return &load_tile<DType::bf16>;
+    case DType::f16: return &load_tile<DType::f16>;
+    case DType::i64: return &load_tile<DType::i64>;
+    case DType::i32: return &load_tile<DType::i32>;
+    case DType::u8: return &load_tile<DType::u8>;
+    case DType::boolean: return &load_tile<DType::boolean>;
+  }
+  return nullptr;
+}
+// Stores n values as dtype D at base[b + e] (outputs are contiguous).
+template <DType D>
+void store_tile(char* base, int64_t b, const Scalar* in, int64_t n) {
+  for (int64_t e = 0; e < n; ++e) store(base, D, b + e, in[e]);
+}
+using StoreFn = void (*)(char*, int64_t, const Scalar*, int64_t);
+StoreFn store_fn(DType d) {
+  switch (d) {
+    case DType::f64: return &store_tile<DType::f64>;
+    case DType::f32: return &store_tile<DType::f32>;
+    case DType::bf16: return &store_tile<DType::bf16>;
+    case DType::f16: return &store_tile<DType::f16>;
+    case DType::i64: return &store_tile<DType::i64>;
+    case DType::i32: return &store_tile<DType::i32>;
+    case DType::u8: return &store_tile<DType::u8>;
+    case DType::boolean: return &store_tile<DType::boolean>;
+  }
+  return nullptr;
+}
+
+// Adds a tile to a running reduction; float sums (in double, or in the result's type) run without the
+// per-element switch.
+void accumulate_tile(Acc& acc, ReduceOp op, DType d, const Scalar* x, int64_t n, bool in_type) {
+  if (n == 0) return;
+  if ((op == ReduceOp::sum || op == ReduceOp::mean) && kind_of(d) != Kind::i64) {
+    if (acc.first) {
+      acc.v.f = 0.0;
+      acc.first = false;
+    }
+    if (in_type && kind_of(d) == Kind::f32) {
+      float s = static_cast<float>(acc.v.f);
+      for (int64_t e = 0; e < n; ++e) s = s + static_cast<float>(x[e].f);
+      acc.v.f = s;
+    } else {
+      double s = acc.v.f;
+      for (int64_t e = 0; e < n; ++e) s += x[e].f;
+      acc.v.f = s;
+    }
+    return;
+  }
+  for (int64_t e = 0; e < n; ++e) accumulate(acc, op, d, x[e], in_type);
+}
+
 }  // namespace
 
 void run_group_cpu(const Program& p, const GroupArgs& a) {
@@ -212,6 +390,18 @@ void run_group_cpu(const Program& p, const GroupArgs& a) {
   std::vector<int> out_of(ni, -1);  // element outputs by instruction
   for (size_t o = 0; o < p.outputs.size(); ++o)
     if (p.outputs[o].level == Level::element) out_of[static_cast<size_t>(p.outputs[o].instr)] = static_cast<int>(o);
+  // Per instruction: its tile kernel, its first operand's dtype, and its load or store kernel.
+  std::vector<TileFn> fns(ni, nullptr);
+  std::vector<DType> a_dtype(ni, DType::f32);
+  std::vector<LoadFn> loads(ni, nullptr);
+  std::vector<StoreFn> stores(ni, nullptr);
+  for (size_t i = 0; i < ni; ++i) {
+    const Instr& in = p.instrs[i];
+    if (in.a >= 0) a_dtype[i] = p.instrs[static_cast<size_t>(in.a)].dtype;
+    fns[i] = tile_fn(in, a_dtype[i]);
+    if (in.op == Op::load) loads[i] = load_fn(in.dtype);
+    if (out_of[i] >= 0) stores[i] = store_fn(in.dtype);
+  }
 
   cpu::parallel_for(rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](int64_t r0, int64_t r1) {
     std::vector<Scalar> tile(ni * static_cast<size_t>(kTile));
@@ -262,21 +452,22 @@ void run_group_cpu(const Program& p, const GroupArgs& a) {
             const Instr& in = p.instrs[i];
             if (in.op == Op::reduce) {
               if (p.instrs[static_cast<size_t>(in.a)].stage != pass) continue;
-              const Scalar* x = &tile[static_cast<size_t>(in.a) * kTile];
-              for (int64_t e = 0; e < n; ++e) accumulate(acc[i], static_cast<ReduceOp>(in.code), in.dtype, x[e], in.value != 0.0);
+              accumulate_tile(acc[i], static_cast<ReduceOp>(in.code), in.dtype, &tile[static_cast<size_t>(in.a) * kTile], n,
+                              in.value != 0.0);
               continue;
             }
             if (!mask[i]) continue;
             Scalar* out = &tile[i * kTile];
-            auto opnd = [&](int k, int64_t e) -> Scalar {
-              const Instr& src = p.instrs[static_cast<size_t>(k)];
-              return src.level == Level::row ? row[static_cast<size_t>(k)] : tile[static_cast<size_t>(k) * kTile + static_cast<size_t>(e)];
+            auto operand = [&](int k) -> Operand {
+              if (k < 0) return {};
+              if (p.instrs[static_cast<size_t>(k)].level == Level::row) return {&row[static_cast<size_t>(k)], 0};
+              return {&tile[static_cast<size_t>(k) * kTile], 1};
             };
+            auto opnd = [&](int k, int64_t e) -> Scalar { return operand(k)[e]; };
             switch (in.op) {
               case Op::load: {
                 const SlotView& sv = slots[static_cast<size_t>(in.slot)];
-                const int64_t b = base[static_cast<size_t>(in.slot)] + j0 * sv.last;
-                for (int64_t e = 0; e < n; ++e) out[e] = load(sv.base, in.dtype, b + e * sv.last);
+                loads[i](sv.base, base[static_cast<size_t>(in.slot)] + j0 * sv.last, sv.last, out, n);
                 break;
               }
               case Op::constant: {
@@ -290,22 +481,9 @@ void run_group_cpu(const Program& p, const GroupArgs& a) {
                 break;
               }
               case Op::unary:
-                for (int64_t e = 0; e < n; ++e) out[e] = eval_unary(static_cast<UnaryOp>(in.code), in.dtype, opnd(in.a, e));
-                break;
-              case Op::binary: {
-                const DType dt = p.instrs[static_cast<size_t>(in.a)].dtype;
-                for (int64_t e = 0; e < n; ++e)
-                  out[e] = eval_binary(static_cast<BinaryOp>(in.code), dt, in.dtype, opnd(in.a, e), opnd(in.b, e));
-                break;
-              }
+              case Op::binary:
               case Op::where:
-                for (int64_t e = 0; e < n; ++e) out[e] = opnd(in.a, e).i ? opnd(in.b, e) : opnd(in.c, e);
-                break;
-              case Op::cast: {
-                const DType from = p.instrs[static_cast<size_t>(in.a)].dtype;
-                for (int64_t e = 0; e < n; ++e) out[e] = convert_scalar(opnd(in.a, e), from, in.dtype);
-                break;
-              }
+              case Op::cast: fns[i](in, a_dtype[i], out, operand(in.a), operand(in.b), operand(in.c), n); break;
               case Op::dropout: {
                 const auto [seed, offset] = a.rng[static_cast<size_t>(in.slot)];
                 const bool dead = in.value >= 1.0;
@@ -326,11 +504,8 @@ void run_group_cpu(const Program& p, const GroupArgs& a) {
               }
               case Op::reduce: break;
             }
-            if (out_of[i] >= 0 && in.stage == pass) {
-              const Tensor& t = a.outputs[static_cast<size_t>(out_of[i])];
-              char* ob = static_cast<char*>(t.raw_data());
-              for (int64_t e = 0; e < n; ++e) store(ob, in.dtype, r * d + j0 + e, out[e]);
-            }
+            if (out_of[i] >= 0 && in.stage == pass)
+              stores[i](static_cast<char*>(a.outputs[static_cast<size_t>(out_of[i])].raw_data()), r * d + j0, out, n);
           }
         }
         for (size_t i = 0; i < ni; ++i) {
