@@ -3,6 +3,7 @@
 #include "autograd/checkpoint.h"
 
 #include <algorithm>
+#include <map>
 
 #include "autograd/engine.h"
 #include "autograd/function.h"
@@ -139,17 +140,20 @@ class Checkpoint final : public Function {
   std::vector<bool> requires_;
 };
 
+// The calls fn made on the first piece of each size (a shorter last piece has its own).
+using PieceRecords = std::map<int64_t, std::vector<Call>>;
+
 // fn on x piece by piece along `dim`, each piece's output written into one tensor (x's shape). With
-// `first`, the calls fn makes on the first piece are recorded there.
+// `records`, the calls fn makes on the first piece of each size are recorded there.
 Tensor run_pieces(const std::function<Tensor(const Tensor&)>& fn, const Tensor& x, int64_t dim, int64_t chunk,
-                  std::vector<Call>* first = nullptr) {
+                  PieceRecords* records = nullptr) {
   Tensor out;
   for (int64_t s = 0; s < x.size(dim); s += chunk) {
     const Tensor piece = narrow(x, dim, s, std::min(chunk, x.size(dim) - s));
     Tensor y;
-    if (s == 0 && first && !t_filling) {
+    if (records && !records->count(piece.size(dim)) && !t_filling) {
       const std::function<bool(const Primitive&)> none;
-      Recorder recorder(none, *first);
+      Recorder recorder(none, (*records)[piece.size(dim)]);
       InterceptScope intercept(recorder);
       y = fn(piece);
       recorder.finish();
@@ -176,8 +180,8 @@ class ChunkedCheckpoint final : public Function {
   std::vector<Tensor> forward(const std::vector<Tensor>& inputs) override {
     rng_ = default_generator().state();
     save_for_backward({inputs[0]});
-    first_piece_.clear();
-    return {run_pieces(fn_, inputs[0], dim_, chunk_, &first_piece_)};
+    records_.clear();
+    return {run_pieces(fn_, inputs[0], dim_, chunk_, &records_)};
   }
 
   std::vector<Tensor> backward(const std::vector<Tensor>& grad_outputs) override {
@@ -193,7 +197,7 @@ class ChunkedCheckpoint final : public Function {
         EnableGradGuard grad_on;
         Tensor y;
         {
-          Replayer replayer(first_piece_);  // pieces of the first one's size leave out what it could
+          Replayer replayer(records_[n]);  // each piece leaves out what the first of its size could
           InterceptScope intercept(replayer);
           y = fn_(leaf);
         }
@@ -211,7 +215,7 @@ class ChunkedCheckpoint final : public Function {
   std::function<Tensor(const Tensor&)> fn_;
   int64_t dim_, chunk_;
   GeneratorState rng_;
-  std::vector<Call> first_piece_;  // what fn did on the first piece in forward
+  PieceRecords records_;  // what fn did in forward on the first piece of each size
 };
 
 }  // namespace

@@ -364,6 +364,21 @@ void accumulate_tile(Acc& acc, ReduceOp op, DType d, const Scalar* x, int64_t n,
     }
     return;
   }
+  if ((op == ReduceOp::max || op == ReduceOp::min) && kind_of(d) != Kind::i64) {
+    int64_t e = 0;
+    if (acc.first) {
+      acc.v = x[e++];
+      acc.first = false;
+    }
+    double m = acc.v.f;
+    if (op == ReduceOp::max) {
+      for (; e < n; ++e) m = apply_binary<double>(BinaryOp::maximum, m, x[e].f);
+    } else {
+      for (; e < n; ++e) m = apply_binary<double>(BinaryOp::minimum, m, x[e].f);
+    }
+    acc.v.f = m;
+    return;
+  }
   for (int64_t e = 0; e < n; ++e) accumulate(acc, op, d, x[e], in_type);
 }
 
