@@ -10,6 +10,8 @@
 #   b4       8B QLoRA B4 T2048 at B4_BUDGETS (default "least,0")
 #   long     8B QLoRA at LONG_SEQ (default 131072) and LONG_BUDGETS (default least), with --mlp-chunk 16384
 #   compile  one decoder layer at T4096, eager against compiled, bf16 and QLoRA
+#   compileab  `kiln finetune` 8B QLoRA B1 T4096, 20 steps, eager and --compile alternating (COMPILE_ROUNDS, default
+#            2), every layer checkpointed (COMPILE_MODE=checkpointing) or at a memory budget (COMPILE_MODE=7.04)
 #   nf4      NF4 dequantisation against copy bandwidth (nf4ab: the base pack's and the new one's, alternating)
 #   head     the chunked linear+loss head (cuda_chunked_loss 5 16384)
 #   unsloth  the Unsloth anchor (UNSLOTH_PARTS, default train; ANCHOR_BUDGET, default 300 s)
@@ -47,6 +49,17 @@ for stage in "$@"; do
     compile)
       step $new/compile_block 4096 5
       step $new/compile_block 4096 5 --qlora ;;
+    compileab)
+      mode=${COMPILE_MODE:-checkpointing}
+      if [ "$mode" = checkpointing ]; then plan=(--checkpointing); else plan=(--memory-budget "$mode"); fi
+      for round in $(seq "${COMPILE_ROUNDS:-2}"); do
+        for c in "" --compile; do
+          echo "-- ${c:-eager} round $round"
+          rm -rf /tmp/kiln-ft
+          step $new/kiln finetune --config llama3.1-8b --random-init --seq-len 4096 --batch-size 1 "${plan[@]}" $c \
+            --steps 20 --log-every 10 --eval-every 0 --save-every 0 --sample-tokens 0 --output /tmp/kiln-ft
+        done
+      done ;;
     nf4) step $new/cuda_nf4 ;;
     nf4ab)  # the NF4 bench of the base pack and of the new one, alternating
       unpack .device-bin/base.tar.xz $base
