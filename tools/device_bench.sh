@@ -16,6 +16,8 @@
 #   head     the chunked linear+loss head (cuda_chunked_loss 5 16384)
 #   unsloth  the Unsloth anchor (UNSLOTH_PARTS, default train; ANCHOR_BUDGET, default 300 s)
 #   pcie     pinned host <-> device copy bandwidth (PyTorch), 256 MiB each way, alone and both at once
+#   multigpu on a machine of several GPUs: the NCCL tests, then `kiln finetune` 8B QLoRA B1 T4096 (10 steps) on one
+#            rank and on every GPU, sharded (--shard) and plain data parallel: losses and tokens/s side by side
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl/lib:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cudnn/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
@@ -58,6 +60,20 @@ for stage in "$@"; do
           rm -rf /tmp/kiln-ft
           step $new/kiln finetune --config llama3.1-8b --random-init --seq-len 4096 --batch-size 1 "${plan[@]}" $c \
             --steps 20 --log-every 10 --eval-every 0 --save-every 0 --sample-tokens 0 --output /tmp/kiln-ft
+        done
+      done ;;
+    multigpu)
+      gpus=$(nvidia-smi -L | grep -c GPU)
+      [ "$gpus" -ge 2 ] || { echo "multigpu: $gpus GPU on this machine (ask for a kind of several)"; continue; }
+      step $new/kiln_tests "[cuda][dist]"
+      ft=(finetune --config llama3.1-8b --random-init --seq-len 4096 --batch-size 1 --checkpointing --steps 10
+          --log-every 5 --eval-every 0 --save-every 0 --sample-tokens 0)
+      for n in 1 "$gpus"; do
+        for mode in --shard ""; do
+          [ "$n" = 1 ] && [ -n "$mode" ] && continue
+          echo "-- $n rank(s) ${mode:-plain}"
+          rm -rf /tmp/kiln-mg
+          step $new/kiln "${ft[@]}" --nproc "$n" $mode --output /tmp/kiln-mg
         done
       done ;;
     nf4) step $new/cuda_nf4 ;;
