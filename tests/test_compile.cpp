@@ -617,6 +617,20 @@ TEST_CASE("compile: a checkpoint's recompute runs a compiled call without its un
   test::require_close(squared[1], matmul(sin(x.detach()).t(), dh), 1e-12, 1e-14);
   test::require_close(squared[2], matmul(matmul(sin(x.detach()), w1.detach()).t(), dy), 1e-12, 1e-14);
   CHECK(squared_gemms - plain_gemms == 3);  // the kept-only plan's GEMM, then both when y is read
+  // A compiled call whose backward reads its output (exp's vjp reads exp's value) computes it in the
+  // recompute: the gradients of a checkpoint over it are the plain ones.
+  const compile::CompiledFunction g = compile::compile([](const std::vector<Tensor>& in) {
+    return std::vector<Tensor>{exp(matmul(sin(in[0]), in[1]))};
+  });
+  auto grads_of = [&](bool checkpointed) {
+    for (Tensor* t : {&x, &w1}) t->zero_grad();
+    const autograd::CheckpointFn fn = [&](const std::vector<Tensor>& in) { return g({in[0], w1}); };
+    const Tensor out = checkpointed ? autograd::checkpoint(fn, {x})[0] : fn({x})[0];
+    autograd::backward({out}, {test::random_tensor(out.shape(), DType::f64, 74)});
+    return std::vector<Tensor>{x.grad().clone(), w1.grad().clone()};
+  };
+  const std::vector<Tensor> want = grads_of(false), got = grads_of(true);
+  for (size_t i = 0; i < want.size(); ++i) test::require_close(got[i], want[i], 1e-12, 1e-14);
 }
 
 TEST_CASE("compile: a random op inside a compiled function draws eager's numbers, fresh ones each call", "[compile]") {
