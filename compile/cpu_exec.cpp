@@ -5,7 +5,6 @@
 // functors as the CPU kernels (core/functors.h, core/philox.h) and rounds each result to its dtype as
 // eager ops store it. Sums of floats accumulate in double, as core/cpu does. bench/cpu_compile times it.
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <limits>
 #include <utility>
@@ -254,53 +253,43 @@ void cast_float(const Instr&, DType, Scalar* out, Operand a, Operand, Operand, i
   for (int64_t e = 0; e < n; ++e) out[e].f = round_float<D>(static_cast<float>(a[e].f));
 }
 
-template <DType D, size_t... I>
-constexpr std::array<TileFn, sizeof...(I)> unary_float_table(std::index_sequence<I...>) {
-  return {&unary_float<static_cast<UnaryOp>(I), D>...};
-}
-template <size_t... I>
-constexpr std::array<TileFn, sizeof...(I)> unary_double_table(std::index_sequence<I...>) {
-  return {&unary_double<static_cast<UnaryOp>(I)>...};
-}
-template <DType D, size_t... I>
-constexpr std::array<TileFn, sizeof...(I)> binary_float_table(std::index_sequence<I...>) {
-  return {&binary_float<static_cast<BinaryOp>(I), D>...};
-}
-template <size_t... I>
-constexpr std::array<TileFn, sizeof...(I)> binary_double_table(std::index_sequence<I...>) {
-  return {&binary_double<static_cast<BinaryOp>(I)>...};
+// Calls fn(std::integral_constant<DType, D>{}) for a floating dtype D computed in float (f32, bf16, f16);
+// false for the others.
+template <class Fn>
+bool visit_float_dtype(DType d, Fn&& fn) {
+  switch (d) {
+    case DType::f32: fn(std::integral_constant<DType, DType::f32>{}); return true;
+    case DType::bf16: fn(std::integral_constant<DType, DType::bf16>{}); return true;
+    case DType::f16: fn(std::integral_constant<DType, DType::f16>{}); return true;
+    default: return false;
+  }
 }
 
-// Index of a floating dtype other than f64 among the float kernels' roundings, or -1.
-int float_rounding(DType d) { return d == DType::f32 ? 0 : d == DType::bf16 ? 1 : d == DType::f16 ? 2 : -1; }
-
-// The kernel of an element-level unary, binary, where or cast instruction; null for the others.
+// The kernel of an element-level unary, binary, where or cast instruction (`a_dtype`: its first
+// operand's); null for the others.
 TileFn tile_fn(const Instr& in, DType a_dtype) {
-  using U = std::make_index_sequence<kNumUnaryOps>;
-  using B = std::make_index_sequence<kNumBinaryOps>;
-  static constexpr std::array<std::array<TileFn, kNumUnaryOps>, 3> unary_f = {
-      unary_float_table<DType::f32>(U{}), unary_float_table<DType::bf16>(U{}), unary_float_table<DType::f16>(U{})};
-  static constexpr std::array<TileFn, kNumUnaryOps> unary_d = unary_double_table(U{});
-  static constexpr std::array<std::array<TileFn, kNumBinaryOps>, 3> binary_f = {
-      binary_float_table<DType::f32>(B{}), binary_float_table<DType::bf16>(B{}),
-      binary_float_table<DType::f16>(B{})};
-  static constexpr std::array<TileFn, kNumBinaryOps> binary_d = binary_double_table(B{});
-  static constexpr std::array<TileFn, 3> cast_f = {&cast_float<DType::f32>, &cast_float<DType::bf16>, &cast_float<DType::f16>};
-  const int r = float_rounding(in.dtype);
+  TileFn f = nullptr;
+  const bool float_operand = visit_float_dtype(a_dtype, [](auto) {});
   switch (in.op) {
-    case Op::unary:
-      if (r >= 0) return unary_f[static_cast<size_t>(r)][static_cast<size_t>(in.code)];
-      if (in.dtype == DType::f64) return unary_d[static_cast<size_t>(in.code)];
-      return &unary_generic;
-    case Op::binary:
-      if (binary_is_comparison(static_cast<BinaryOp>(in.code))) return &binary_generic;
-      if (r >= 0 && float_rounding(a_dtype) >= 0) return binary_f[static_cast<size_t>(r)][static_cast<size_t>(in.code)];
-      if (in.dtype == DType::f64 && a_dtype == DType::f64) return binary_d[static_cast<size_t>(in.code)];
-      return &binary_generic;
+    case Op::unary: {
+      const auto op = static_cast<UnaryOp>(in.code);
+      visit_float_dtype(in.dtype, [&](auto d) { visit_enum<UnaryOp, kNumUnaryOps>(op, [&](auto o) { f = &unary_float<o.value, d.value>; }); });
+      if (in.dtype == DType::f64) visit_enum<UnaryOp, kNumUnaryOps>(op, [&](auto o) { f = &unary_double<o.value>; });
+      return f ? f : &unary_generic;
+    }
+    case Op::binary: {
+      const auto op = static_cast<BinaryOp>(in.code);
+      if (binary_is_comparison(op)) return &binary_generic;
+      if (float_operand)
+        visit_float_dtype(in.dtype, [&](auto d) { visit_enum<BinaryOp, kNumBinaryOps>(op, [&](auto o) { f = &binary_float<o.value, d.value>; }); });
+      if (in.dtype == DType::f64 && a_dtype == DType::f64)
+        visit_enum<BinaryOp, kNumBinaryOps>(op, [&](auto o) { f = &binary_double<o.value>; });
+      return f ? f : &binary_generic;
+    }
     case Op::where: return &where_tile;
     case Op::cast:
-      if (r >= 0 && float_rounding(a_dtype) >= 0) return cast_f[static_cast<size_t>(r)];
-      return &cast_generic;
+      if (float_operand) visit_float_dtype(in.dtype, [&](auto d) { f = &cast_float<d.value>; });
+      return f ? f : &cast_generic;
     default: return nullptr;
   }
 }
@@ -312,17 +301,7 @@ void load_tile(const char* base, int64_t b, int64_t step, Scalar* out, int64_t n
 }
 using LoadFn = void (*)(const char*, int64_t, int64_t, Scalar*, int64_t);
 LoadFn load_fn(DType d) {
-  switch (d) {
-    case DType::f64: return &load_tile<DType::f64>;
-    case DType::f32: return &load_tile<DType::f32>;
-    case DType::bf16: return &load_tile<DType::bf16>;
-    case DType::f16: return &load_tile<DType::f16>;
-    case DType::i64: return &load_tile<DType::i64>;
-    case DType::i32: return &load_tile<DType::i32>;
-    case DType::u8: return &load_tile<DType::u8>;
-    case DType::boolean: return &load_tile<DType::boolean>;
-  }
-  return nullptr;
+  return visit_dtype(d, [](auto t) -> LoadFn { return &load_tile<dtype_v<typename decltype(t)::type>>; });
 }
 // Stores n values as dtype D at base[b + e] (outputs are contiguous).
 template <DType D>
@@ -331,17 +310,7 @@ void store_tile(char* base, int64_t b, const Scalar* in, int64_t n) {
 }
 using StoreFn = void (*)(char*, int64_t, const Scalar*, int64_t);
 StoreFn store_fn(DType d) {
-  switch (d) {
-    case DType::f64: return &store_tile<DType::f64>;
-    case DType::f32: return &store_tile<DType::f32>;
-    case DType::bf16: return &store_tile<DType::bf16>;
-    case DType::f16: return &store_tile<DType::f16>;
-    case DType::i64: return &store_tile<DType::i64>;
-    case DType::i32: return &store_tile<DType::i32>;
-    case DType::u8: return &store_tile<DType::u8>;
-    case DType::boolean: return &store_tile<DType::boolean>;
-  }
-  return nullptr;
+  return visit_dtype(d, [](auto t) -> StoreFn { return &store_tile<dtype_v<typename decltype(t)::type>>; });
 }
 
 // Adds a tile to a running reduction; float sums (in double, or in the result's type) run without the
