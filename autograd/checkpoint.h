@@ -11,10 +11,13 @@
 // The recompute leaves out the ops whose outputs nothing reads: neither an op that runs nor a
 // backward (Primitive::vjp_needs_inputs / vjp_needs_outputs, Function::backward_reads_input /
 // backward_reads_outputs). A decoder layer's last GEMM (or its MLP in pieces, which checkpoint_chunks
-// runs again in its own backward), whose output only carries the gradient back, is not run again. Tensors of the right shape, left uncomputed, stand for those outputs. The data flow
-// comes from the first forward's record of the calls fn makes itself; where the recompute departs from
-// it (another call, an in-place write) or a running op reads a left-out output, the left-out ops run
-// then. KILN_CHECKPOINT_RECOMPUTE_ALL=1 runs every op.
+// runs again in its own backward), whose output only carries the gradient back, is not run again.
+// Tensors of the right shape, left uncomputed, stand for those outputs; a custom Function that must
+// run but whose outputs nothing reads may leave them uncomputed too (Function::leave_outputs_uncomputed:
+// a compiled layer runs its plan less down_proj). The data flow comes from the first forward's record
+// of the calls fn makes itself; where the recompute departs from it (another call, an in-place write)
+// or a running op reads a left-out output, the left-out ops run then. KILN_CHECKPOINT_RECOMPUTE_ALL=1
+// runs every op.
 //
 // With `offload`, the inputs (and saved outputs) wait in host memory instead of on the device
 // (core/offload.h): the copies down overlap the forward, and when an offloaded checkpoint's backward
@@ -44,7 +47,8 @@ std::vector<Tensor> checkpoint(CheckpointFn fn, const std::vector<Tensor>& input
 // per-token MLP, a norm, a residual add). Forward writes each piece's output into one tensor;
 // backward runs each piece again with grad (the generator's state replayed, as checkpoint does) and
 // writes its input gradient into one tensor, so no piece's activations outlive it and no full-size
-// gradient is made per piece. Parameters `fn` captures get their gradients as usual.
+// gradient is made per piece; each piece's recompute leaves out what the first piece of its size
+// (recorded in forward) showed nothing reads. Parameters `fn` captures get their gradients as usual.
 Tensor checkpoint_chunks(std::function<Tensor(const Tensor&)> fn, const Tensor& x, int64_t dim, int64_t chunk);
 
 }  // namespace kiln::autograd
