@@ -8,6 +8,8 @@
 // time in one eager forward+backward, by op name. `--head`: the chunked LM head (V = 128256, frozen
 // weight, T tokens) forward+backward with the built-in cross-entropy, nn::focal_loss(2) eager, and
 // focal loss through compile::compile_loss.
+// Rows: forward, forward+backward, and forward+backward with the layer checkpointed (its recompute leaves out
+// what backward never reads: down_proj).
 // Usage: compile_block [T] [iterations] [--qlora] [--ops] [--head]
 #include <chrono>
 #include <cstdio>
@@ -19,6 +21,7 @@
 #include <utility>
 #include <vector>
 
+#include "autograd/checkpoint.h"
 #include "autograd/grad_mode.h"
 #include "bench/cuda_timing.h"
 #include "bench/op_timer.h"
@@ -163,6 +166,13 @@ int main(int argc, char** argv) {
     Tensor y = layer(xg);
     y.backward(g);
   };
+  auto train_checkpointed = [&] {  // the layer checkpointed: its forward runs again in backward
+    layer.zero_grad();
+    xg.zero_grad();
+    Tensor y = kiln::autograd::checkpoint([&](const std::vector<Tensor>& in) { return std::vector<Tensor>{layer(in[0])}; },
+                                          {xg})[0];
+    y.backward(g);
+  };
   const auto none = [] { return 0; };
   std::printf("Llama 3.1 8B decoder layer%s, bf16, B=1, T=%lld, %d iterations\n",
               qlora ? " (NF4 base, LoRA r=16 on 7 linears)" : "", static_cast<long long>(t), iters);
@@ -171,6 +181,8 @@ int main(int argc, char** argv) {
   print("eager forward", ef);
   const Row et = measure(train, iters, none);
   print("eager forward+backward", et);
+  const Row ek = measure(train_checkpointed, iters, none);
+  print("eager checkpointed fwd+bwd", ek);
   if (ops) print_ops("eager forward+backward", train);
 
   kiln::compile::CompileOptions co;
@@ -185,6 +197,11 @@ int main(int argc, char** argv) {
     return static_cast<int>(s.last_forward_groups + s.last_backward_groups);
   });
   print("compiled forward+backward", ct);
+  const Row ck = measure(train_checkpointed, iters, [] {
+    const kiln::compile::Stats s = kiln::compile::stats();
+    return static_cast<int>(2 * s.last_forward_groups + s.last_backward_groups);
+  });
+  print("compiled checkpointed fwd+bwd", ck);
   if (ops) print_ops("compiled forward+backward (fused groups not listed)", train);
   const kiln::compile::Stats s = kiln::compile::stats();
   std::printf("\ncompiled: %lld plans built, %lld adds in GEMM epilogues, %lld NVRTC compilations (%.0f ms), %lld kernels "
@@ -195,8 +212,8 @@ int main(int argc, char** argv) {
   std::printf("per layer: forward %lld kernels (%lld fused groups), backward %lld kernels (%lld fused groups)\n",
               static_cast<long long>(s.last_forward_kernels), static_cast<long long>(s.last_forward_groups),
               static_cast<long long>(s.last_backward_kernels), static_cast<long long>(s.last_backward_groups));
-  std::printf("outside GEMM+attention: forward %.3f -> %.3f ms, forward+backward %.3f -> %.3f ms\n", outside(ef), outside(cf),
-              outside(et), outside(ct));
+  std::printf("outside GEMM+attention: forward %.3f -> %.3f ms, forward+backward %.3f -> %.3f ms, checkpointed %.3f -> %.3f ms\n",
+              outside(ef), outside(cf), outside(et), outside(ct), outside(ek), outside(ck));
   h.remove();
   if (head) loss_heads(t, iters);
   return 0;
