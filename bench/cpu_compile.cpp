@@ -1,6 +1,7 @@
 // Benchmark of compile/'s CPU executor (compile/cpu_exec.cpp: the interpreter of fused groups) against
 // eager CPU kernels on the transformer block's fusable patterns, forward + backward: best wall ms of
-// repeated calls, and the bytes the fused groups move per ms (inputs read and outputs written once).
+// repeated calls, and the bytes the fused groups move per ms (inputs read and outputs written once); then
+// the host cost of a call whose kernels are nothing (one token, no grad).
 // Usage: cpu_compile [seconds_per_row] [tokens]; KILN_NUM_THREADS sets the thread count.
 #include <algorithm>
 #include <chrono>
@@ -11,6 +12,7 @@
 #include <vector>
 
 #include "autograd/engine.h"
+#include "autograd/grad_mode.h"
 #include "compile/compile.h"
 #include "core/ops.h"
 
@@ -91,6 +93,30 @@ int main(int argc, char** argv) {
       std::printf("| %s | %s | %.3f | %.3f | %.2f | %.1f |\n", c.name, kiln::dtype_name(dt), eager * 1e3, fused * 1e3,
                   fused / eager, bytes / fused / 1e9);
     }
+  }
+  // Host cost per call where the kernels are nothing: one token, no grad (tracing, plan lookup, dispatch).
+  std::printf("\nOne token, no grad: microseconds per call (best of repeated calls)\n\n");
+  std::printf("| case | eager us | compiled us |\n|---|---|---|\n");
+  for (Case c : cases) {
+    for (kiln::Shape& s : c.shapes) s.front() = s.size() > 1 ? 1 : s.front();  // (1, ...) rows; weights as they are
+    kiln::Generator gen(9);
+    std::vector<Tensor> inputs;
+    for (const kiln::Shape& s : c.shapes) inputs.push_back(kiln::randn(s, DType::f32, kiln::kCPU, &gen));
+    const kiln::compile::CompiledFunction compiled = kiln::compile::compile(c.fn);
+    auto best_us = [&](const std::function<void()>& f) {
+      f();
+      double best = 1e30;
+      for (int r = 0; r < 2000; ++r) {
+        const auto t0 = std::chrono::steady_clock::now();
+        f();
+        best = std::min(best, std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
+      }
+      return best;
+    };
+    kiln::autograd::NoGradGuard no_grad;
+    const double eager = best_us([&] { (void)c.fn(inputs); });
+    const double fused = best_us([&] { (void)compiled(inputs); });
+    std::printf("| %s | %.1f | %.1f |\n", c.name, eager, fused);
   }
   return 0;
 }
