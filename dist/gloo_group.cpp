@@ -11,6 +11,8 @@
 #include <gloo/rendezvous/store.h>
 #include <gloo/transport/tcp/device.h>
 
+#include <signal.h>
+
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
@@ -28,6 +30,14 @@ namespace kiln::dist {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
+// Gloo's TCP transport writes with writev, which raises SIGPIPE once a peer has gone: a rank whose peer
+// vanished must get the error (and name that rank), not die of the signal. SIGPIPE's default action
+// (terminate) becomes ignore; a handler the program installed itself is left alone.
+void ignore_sigpipe() {
+  struct sigaction current {};
+  if (::sigaction(SIGPIPE, nullptr, &current) == 0 && current.sa_handler == SIG_DFL) ::signal(SIGPIPE, SIG_IGN);
+}
 
 // gloo's rendezvous store over kiln's, under a prefix.
 class StoreAdapter final : public gloo::rendezvous::Store {
@@ -105,6 +115,7 @@ class GlooGroup final : public ProcessGroup {
       attr.iface = iface;
     }
     StoreAdapter adapter(*store_, prefix, timeout);
+    ignore_sigpipe();
     try {
       auto device = gloo::transport::tcp::CreateDevice(attr);
       auto context = std::make_shared<gloo::rendezvous::Context>(rank(), size());
