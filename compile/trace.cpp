@@ -164,8 +164,8 @@ class Tracer : public DispatchHandler {
   int phase_;
 };
 
-// Marks this thread as tracing; custom Functions the traced code applies are hidden from any observer
-// (a checkpoint's record or recompute sees the compiled call, not the placeholders inside it).
+// Marks this thread as tracing, and hides the custom Functions the traced code applies (on placeholders)
+// from any FunctionObserver: a checkpoint's record and recompute see the compiled call as one Function.
 struct TracingFlag {
   TracingFlag() { ++t_tracing; }
   ~TracingFlag() { --t_tracing; }

@@ -161,11 +161,12 @@ junit, listed = sys.argv[1], sys.argv[2]
 extra = [int(v) for v in sys.argv[3:6]]  # the layer, install and sanitizer checks
 names = [l for l in open(listed, encoding="utf-8", errors="replace").read().splitlines() if l]
 status = {n: "passed" for n in names}
-if not os.path.exists(junit):
+root = ET.parse(junit).getroot() if os.path.exists(junit) else None
+if root is None:
     status = {n: "failed" for n in names} or {"kiln_tests": "failed"}
 else:
     by_length = sorted(names, key=len, reverse=True)
-    for tc in ET.parse(junit).getroot().iter("testcase"):
+    for tc in root.iter("testcase"):
         name = tc.get("name", "")
         owner = name if name in status else next((n for n in by_length if name.startswith(n + "/")), None)
         if owner is None:  # not listed (should not happen): its first path component
@@ -179,8 +180,7 @@ values = list(status.values())
 passed, failed, skipped = (values.count(k) + e for k, e in zip(("passed", "failed", "skipped"), extra))
 # The failed cases again, with their first failure and the seed that replays them (CI shows only the
 # end of the output).
-if os.path.exists(junit) and failed > extra[1]:
-    root = ET.parse(junit).getroot()
+if root is not None and failed > extra[1]:
     seed = next((p.get("value") for p in root.iter("property") if p.get("name") == "random-seed"), None)
     if seed:
         print(f"test.sh: kiln_tests ran with --rng-seed {seed}", file=sys.stderr)
