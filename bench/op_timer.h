@@ -3,6 +3,7 @@
 // ops' shapes. Fused groups of a compiled plan run their kernels without dispatch and are not seen.
 #pragma once
 #include <algorithm>
+#include <cstdint>
 #include <cstdio>
 #include <functional>
 #include <map>
@@ -54,6 +55,7 @@ inline double op_flops(const Primitive& op, const std::vector<Tensor>& in, const
 struct OpTimer : DispatchHandler {
   struct Span {
     std::string name;
+    std::string gemm_shape;  // "M x N x K" of a GEMM, empty otherwise
     double flops = 0;
     std::unique_ptr<cuda::Event> start, stop;
   };
@@ -89,11 +91,12 @@ struct OpTimer : DispatchHandler {
       if (pick(s.name)) total += elapsed(s);
     return total;
   }
-  // One row per key of the op names (the name itself by default), slowest first.
-  std::vector<Row> rows(const std::function<std::string(const std::string&)>& key = {}) {
+  // One row per key of the spans (the op name by default; an empty key leaves the span out), slowest first.
+  std::vector<Row> rows(const std::function<std::string(const Span&)>& key = {}) {
     std::map<std::string, Row> acc;
     for (Span& s : spans) {
-      const std::string k = key ? key(s.name) : s.name;
+      const std::string k = key ? key(s) : s.name;
+      if (k.empty()) continue;
       Row& r = acc[k];
       r.name = k;
       ++r.calls;
@@ -110,13 +113,17 @@ struct OpTimer : DispatchHandler {
   bool timed(const std::string& name) const { return all_ || is_heavy(name) || is_dequant(name); }
   // The index of the new span (ops run inside the op may add spans).
   size_t open(const std::string& name) {
-    spans.push_back(Span{name, 0, std::make_unique<cuda::Event>(true), std::make_unique<cuda::Event>(true)});
+    spans.push_back(Span{name, {}, 0, std::make_unique<cuda::Event>(true), std::make_unique<cuda::Event>(true)});
     spans.back().start->record();
     return spans.size() - 1;
   }
   static void close(Span& s, const Primitive& op, const std::vector<Tensor>& in, const std::vector<Tensor>& out) {
     s.stop->record();
     s.flops = op_flops(op, in, out);
+    if (s.name == "matmul" && !out.empty() && !in.empty() && out[0].dim() >= 1) {
+      const int64_t n = out[0].shape().back(), m = n > 0 ? out[0].numel() / n : 0;
+      s.gemm_shape = std::to_string(m) + " x " + std::to_string(n) + " x " + std::to_string(in[0].shape().back());
+    }
   }
   static double elapsed(Span& s) {
     s.stop->synchronize();
@@ -136,7 +143,8 @@ inline void print_step_breakdown(const std::function<void()>& step, double step_
     step();
   }
   cuda::synchronize();
-  const std::vector<OpTimer::Row> rows = timer.rows([](const std::string& n) { return std::string(step_category(n)); });
+  const std::vector<OpTimer::Row> rows =
+      timer.rows([](const OpTimer::Span& s) { return std::string(step_category(s.name)); });
   std::printf("\nstep of %.1f ms by category (each op timed with events around it):\n"
               "| category | calls | GPU ms | share | TFLOP/s | of %.0f |\n|---|---|---|---|---|---|\n",
               step_ms, peak_tflops);
@@ -157,6 +165,14 @@ inline void print_step_breakdown(const std::function<void()>& step, double step_
     const OpTimer::Row& r = ops[i];
     std::printf("| %s | %d | %.2f | %s |\n", r.name.c_str(), r.calls, r.ms,
                 r.flops > 0 ? std::to_string(static_cast<int>(r.flops / (r.ms * 1e-3) / 1e12)).c_str() : "");
+  }
+  std::printf("\nGEMMs by output rows x columns x inner size (slowest 16):\n"
+              "| M x N x K | calls | GPU ms | share | TFLOP/s |\n|---|---|---|---|---|\n");
+  const std::vector<OpTimer::Row> gemms = timer.rows([](const OpTimer::Span& s) { return s.gemm_shape; });
+  for (size_t i = 0; i < gemms.size() && i < 16; ++i) {
+    const OpTimer::Row& r = gemms[i];
+    std::printf("| %s | %d | %.2f | %.1f%% | %.0f |\n", r.name.c_str(), r.calls, r.ms, 100 * r.ms / step_ms,
+                r.flops / (r.ms * 1e-3) / 1e12);
   }
 }
 
