@@ -76,7 +76,7 @@ class Checkpoint final : public Function {
     }
     std::vector<Tensor> outs;
     {
-      Recorder recorder(options_.save, calls_);
+      Recorder recorder(options_.save, calls_, options_.keep_marked);
       InterceptScope intercept(recorder);
       outs = fn_(inputs);
       recorder.finish();
@@ -227,6 +227,10 @@ Tensor checkpoint_chunks(std::function<Tensor(const Tensor&)> fn, const Tensor& 
   // (Without grad too: a checkpoint's first forward, which runs without grad, then records the same
   // call its recompute makes.)
   return autograd::apply(std::make_shared<ChunkedCheckpoint>(std::move(fn), d, chunk), {x}, /*always_record=*/true)[0];
+}
+
+void keep_for_recompute(const Tensor& t) {
+  if (Recorder* r = Recorder::keeping()) r->keep(t);
 }
 
 std::vector<Tensor> checkpoint(CheckpointFn fn, const std::vector<Tensor>& inputs, CheckpointOptions options) {

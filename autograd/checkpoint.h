@@ -38,9 +38,16 @@ using CheckpointFn = std::function<std::vector<Tensor>(const std::vector<Tensor>
 struct CheckpointOptions {
   bool offload = false;  // keep the inputs (and saved outputs) in pinned host memory until backward
   std::function<bool(const Primitive&)> save;  // ops whose outputs the recompute reuses (none if empty)
+  bool keep_marked = false;  // the tensors fn marks with keep_for_recompute are kept too
 };
 
 std::vector<Tensor> checkpoint(CheckpointFn fn, const std::vector<Tensor>& inputs, CheckpointOptions options = {});
+
+// Marks `t`, just computed by an op, as one a checkpoint with CheckpointOptions::keep_marked keeps
+// from its first forward (offloaded with the rest), so its recompute takes it instead of computing it
+// and what only it needed: for values costly to compute and cheap to keep (a decoder layer's q, k, v
+// and the residual stream after attention). Elsewhere, and for a custom Function's output, it does nothing.
+void keep_for_recompute(const Tensor& t);
 
 // `fn` applied to `x` in pieces of `chunk` along `dim`, keeping only `x` for backward: the same
 // result as fn(x) where fn treats positions along `dim` independently and keeps a piece's shape (a

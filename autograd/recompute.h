@@ -90,7 +90,35 @@ void mark_skippable(std::vector<Call>& calls);
 // call computed in the recompute.
 class Recorder final : public DispatchHandler, public FunctionObserver {
  public:
-  Recorder(const std::function<bool(const Primitive&)>& save, std::vector<Call>& calls) : save_(save), calls_(calls) {}
+  // `keep_marked`: keep_for_recompute's tensors are kept too (while this recorder is the thread's latest).
+  Recorder(const std::function<bool(const Primitive&)>& save, std::vector<Call>& calls, bool keep_marked = false)
+      : save_(save), calls_(calls), previous_(t_recorder) {
+    if (keep_marked) t_recorder = this;
+  }
+  ~Recorder() override { t_recorder = previous_; }
+  Recorder(const Recorder&) = delete;
+  Recorder& operator=(const Recorder&) = delete;
+
+  // The recorder keep_for_recompute marks for, or null.
+  static Recorder* keeping() { return t_recorder; }
+  // The op call that made `t` (a view of its output included) keeps its outputs for the recompute, as
+  // if `save` had picked it; a Function's output, or one whose call's other outputs are gone, is not kept.
+  void keep(const Tensor& t) {
+    if (depth_ > 0 || !t.defined() || !t.storage()) return;
+    auto it = producer_.find(t.storage().get());
+    if (it == producer_.end()) return;
+    Call& c = calls_[static_cast<size_t>(it->second)];
+    if (!c.op || c.reused) return;
+    std::vector<Tensor> outs;
+    for (const auto& [memory, layout] : outputs_[static_cast<size_t>(it->second)]) {
+      Storage held = memory.lock();
+      if (!held) return;
+      outs.push_back(layout.detach());
+      outs.back().impl()->storage = std::move(held);
+    }
+    c.reused = true;
+    c.outputs = std::move(outs);
+  }
 
   std::vector<Tensor> run(const PrimitivePtr& op, const std::vector<Tensor>& inputs) override {
     std::vector<Tensor> outs = dispatch_next(op, inputs);
@@ -145,6 +173,12 @@ class Recorder final : public DispatchHandler, public FunctionObserver {
   // Outputs sharing an input's storage are written in place: the data flow stops being followed.
   void end(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs) {
     const int index = static_cast<int>(calls_.size()) - 1;
+    outputs_.resize(calls_.size());
+    for (const Tensor& o : outputs) {
+      Tensor layout = o.detach();  // the shape and strides only: the record must not keep the memory
+      layout.impl()->storage = nullptr;
+      outputs_.back().emplace_back(o.storage(), std::move(layout));
+    }
     for (const Tensor& o : outputs) {
       if (!o.defined() || !o.storage()) continue;
       for (const Tensor& t : inputs)
@@ -153,9 +187,13 @@ class Recorder final : public DispatchHandler, public FunctionObserver {
     }
   }
 
+  inline static thread_local Recorder* t_recorder = nullptr;
   const std::function<bool(const Primitive&)>& save_;
   std::vector<Call>& calls_;
+  Recorder* previous_;
   std::unordered_map<const StorageImpl*, int> producer_;
+  // Per call: each output's memory (while something holds it) and layout.
+  std::vector<std::vector<std::pair<std::weak_ptr<StorageImpl>, Tensor>>> outputs_;
   std::vector<Tensor> pending_inputs_;  // the top-level Function's, while it runs
   int depth_ = 0;                       // Functions running
   bool in_place_ = false;

@@ -65,6 +65,7 @@ Tensor LlamaAttention::forward(const Tensor& x, int64_t start, KVCache::Layer* c
     k = transpose(narrow(cache->k, 2, 0, start + t), 1, 2);  // (B, start+T, Hkv, D)
     v = transpose(narrow(cache->v, 2, 0, start + t), 1, 2);
   }
+  for (const Tensor* kept : {&q, &k, &v}) autograd::keep_for_recompute(*kept);  // an offloaded layer keeps them
   Tensor o = scaled_dot_product_attention_heads_last(q, k, v, /*causal=*/true);  // (B, T, Hq, D)
   o = view(o, {b, t, heads_ * head_dim_});                                         // (B, T, Hq*D)
   auto& o_proj = child_as<LinearBase>("o_proj");
@@ -113,6 +114,7 @@ Tensor LlamaDecoderLayer::forward(const Tensor& x, int64_t start, KVCache::Layer
   auto& attn = child_as<LlamaAttention>("self_attn");
   const Tensor n1 = child_as<RMSNorm>("input_layernorm")(x);  // (B, T, hidden)
   const Tensor h = attn.has_forward_hooks() ? add(x, attn(n1, start, cache)) : attn.forward(n1, start, cache, x);
+  autograd::keep_for_recompute(h);  // (an offloaded layer's recompute then skips o_proj)
   auto mlp_block = [this](const Tensor& v) {  // (B, T', hidden) -> (B, T', hidden)
     auto& mlp = child_as<LlamaMLP>("mlp");
     const Tensor n2 = child_as<RMSNorm>("post_attention_layernorm")(v);
@@ -210,6 +212,7 @@ Tensor LlamaModel::forward(const Tensor& ids, int64_t start, KVCache* cache,
       if (a == LayerActivations::offload) {  // the attention output and LSE wait on the host too
         co.offload = true;
         co.save = [](const Primitive& op) { return dynamic_cast<const prim::ScaledDotProductAttention*>(&op) != nullptr; };
+        co.keep_marked = true;  // q, k, v and the residual stream after attention: the recompute skips their GEMMs
       }
       x = autograd::checkpoint([&layer, start](const std::vector<Tensor>& in) { return std::vector<Tensor>{layer(in[0], start)}; },
                                {x}, co)[0];

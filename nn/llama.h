@@ -105,8 +105,9 @@ class LlamaDecoderLayer : public Module {
 enum class LayerActivations : uint8_t {
   keep,        // every tensor its backward uses
   checkpoint,  // only its input; its forward runs again in backward
-  offload,     // checkpointed, its input, attention output and LSE waiting in pinned host memory; the
-               // recompute skips attention (autograd::CheckpointOptions offload and save)
+  offload,     // checkpointed, its input, q, k, v, attention output and LSE and the residual stream after
+               // attention waiting in pinned host memory; the recompute skips attention and the q, k, v
+               // and o projections (autograd::CheckpointOptions offload, save and keep_marked)
 };
 const char* layer_activations_name(LayerActivations a);  // "keep", "checkpoint", "offload"
 

@@ -94,7 +94,8 @@ struct StepModel {
   int64_t layers = 0, tokens = 0;
   size_t act_bytes = 0;    // one (B, T, hidden) activation
   size_t logit_bytes = 0;  // one token's logits (the fused cross-entropy's gradient is written over them)
-  size_t offload_bytes = 0;  // what an offloaded layer keeps on the host: its input, attention output and LSE
+  size_t offload_bytes = 0;  // what an offloaded layer keeps on the host: its input, q, k, v, attention output and
+                             // LSE, the residual stream after attention
   LayerMemory m;
 
   // The lowest `checkpointed` layers checkpointed, the lowest `offloaded` of them with their inputs in
@@ -257,7 +258,11 @@ MemoryPlan plan_once(Llama& model, const MemoryPlanOptions& options, std::string
   step.logit_bytes = chunked_loss_bytes_per_token(c.vocab_size, dtype, /*fused_cross_entropy=*/true);
   const size_t attention_bytes = static_cast<size_t>(tokens * c.num_attention_heads) *
                                  (static_cast<size_t>(c.head_dim) * itemsize(dtype) + itemsize(compute_dtype(dtype)));
-  step.offload_bytes = step.act_bytes + attention_bytes;
+  // What an offloaded layer also keeps (autograd::keep_for_recompute): q, k, v and the residual stream
+  // after attention.
+  const size_t qkv_bytes = static_cast<size_t>(tokens * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim) *
+                           itemsize(dtype);
+  step.offload_bytes = 2 * step.act_bytes + attention_bytes + qkv_bytes;
   step.m = plan.layer;
   const int64_t min_chunk = std::min(tokens, kMinLossChunk);
   auto total = [&](const Prediction& p) { return fixed + p.activations + p.extra; };

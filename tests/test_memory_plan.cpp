@@ -262,11 +262,12 @@ TEST_CASE("Llama: per-layer checkpointing gives the loss and gradients of none a
   CHECK_THROWS_WITH(m.set_layer_activations({A::checkpoint}), ContainsSubstring("one entry per decoder layer (4), found 1"));
 }
 
-TEST_CASE("Llama: a checkpointed QLoRA layer's recompute leaves out the down projection and keeps the gradients",
+TEST_CASE("Llama: a checkpointed QLoRA layer's recompute leaves out what backward never reads and keeps the gradients",
           "[memory_plan][llama]") {
   // The down projection's output (its NF4 GEMM plus the LoRA GEMM adding to it) only carries the
   // gradient back: the recompute runs neither that GEMM nor its dequantisation, and the gradients are
-  // those of the layers kept whole. Offloaded layers also take attention from the first forward.
+  // those of the layers kept whole. Offloaded layers also take attention, q, k, v and the residual
+  // stream after attention from the first forward, so the q, k, v and o projections are left out too.
   auto m = qlora(test::tiny_llama_config(2), kCPU, DType::f32);
   Generator gen(14);
   const Tensor ids = randint(0, 41, {2, 20}, DType::i64, kCPU, &gen);      // (2, 20)
@@ -290,10 +291,12 @@ TEST_CASE("Llama: a checkpointed QLoRA layer's recompute leaves out the down pro
   auto c = backward_kernels(A::checkpoint, checkpointed);
   auto o = backward_kernels(A::offload, offloaded);
   // 7 linears a layer: the backward dequantises each once for its input gradient (not q, k and v in
-  // layer 0, whose input, the frozen embedding's output, needs none); the recompute 6 a layer.
+  // layer 0, whose input, the frozen embedding's output, needs none); the recompute 6 a layer, and
+  // an offloaded layer's, which keeps q, k, v and the residual stream after attention, 2 (gate, up).
   CHECK(k["nf4_dequantize"] == 2 * 7 - 3);
   CHECK(c["nf4_dequantize"] == 2 * 7 - 3 + 2 * 6);
-  CHECK(o["nf4_dequantize"] == 2 * 7 - 3 + 2 * 6);
+  CHECK(o["nf4_dequantize"] == 2 * 7 - 3 + 2 * 2);
+  CHECK(o["rotary_embedding"] == k["rotary_embedding"]);  // only rope's backward: q and k are kept
   CHECK(o["scaled_dot_product_attention"] == 0);
   CHECK(c["scaled_dot_product_attention"] == 2);
   // With the MLP in pieces of 8 tokens (checkpoint_chunks runs each piece again in its backward), the
