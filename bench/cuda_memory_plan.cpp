@@ -117,7 +117,7 @@ int main(int argc, char** argv) {
       const double ms = bench::time_ms(step, a.iters, 0);
       const double peak = static_cast<double>(memory_usage(gpu).peak);
       const double predicted = static_cast<double>(plan.predicted_peak_bytes);
-      const auto offloaded = std::count(plan.layer_activations.begin(), plan.layer_activations.end(), nn::LayerActivations::offload);
+      const auto offloaded = std::count_if(plan.layer_activations.begin(), plan.layer_activations.end(), nn::is_offloaded);
       std::printf("| %.2f | %lld of %lld (%lld) | %.2f | %lld | %lld | %.2f | %.2f | %.3f | %.0f | %.0f |\n",
                   static_cast<double>(plan.budget_bytes) / kGiB, static_cast<long long>(plan.num_checkpointed()),
                   static_cast<long long>(a.layers), static_cast<long long>(offloaded), static_cast<double>(plan.host_bytes) / kGiB,

@@ -189,6 +189,7 @@ const char* layer_activations_name(LayerActivations a) {
     case LayerActivations::keep: return "keep";
     case LayerActivations::checkpoint: return "checkpoint";
     case LayerActivations::offload: return "offload";
+    case LayerActivations::offload_qkv: return "qkv-offload";
   }
   return "?";
 }
@@ -209,10 +210,11 @@ Tensor LlamaModel::forward(const Tensor& ids, int64_t start, KVCache* cache,
     const LayerActivations a = activations.empty() ? LayerActivations::keep : activations[static_cast<size_t>(i)];
     if (a != LayerActivations::keep && autograd::grad_enabled() && !cache) {
       autograd::CheckpointOptions co;
-      if (a == LayerActivations::offload) {  // the attention output and LSE wait on the host too
+      if (is_offloaded(a)) {  // the attention output and LSE wait on the host too
         co.offload = true;
         co.save = [](const Primitive& op) { return dynamic_cast<const prim::ScaledDotProductAttention*>(&op) != nullptr; };
-        co.keep_marked = true;  // q, k, v and the residual stream after attention: the recompute skips their GEMMs
+        // q, k, v and the residual stream after attention too: the recompute skips their GEMMs
+        co.keep_marked = a == LayerActivations::offload_qkv;
       }
       x = autograd::checkpoint([&layer, start](const std::vector<Tensor>& in) { return std::vector<Tensor>{layer(in[0], start)}; },
                                {x}, co)[0];

@@ -105,11 +105,14 @@ class LlamaDecoderLayer : public Module {
 enum class LayerActivations : uint8_t {
   keep,        // every tensor its backward uses
   checkpoint,  // only its input; its forward runs again in backward
-  offload,     // checkpointed, its input, q, k, v, attention output and LSE and the residual stream after
-               // attention waiting in pinned host memory; the recompute skips attention and the q, k, v
-               // and o projections (autograd::CheckpointOptions offload, save and keep_marked)
+  offload,     // checkpointed, its input, attention output and LSE waiting in pinned host memory; the
+               // recompute skips attention (autograd::CheckpointOptions offload and save)
+  offload_qkv, // offload, and q, k, v and the residual stream after attention wait on the host too: the
+               // recompute also skips the q, k, v and o projections (CheckpointOptions::keep_marked)
 };
-const char* layer_activations_name(LayerActivations a);  // "keep", "checkpoint", "offload"
+// "keep", "checkpoint", "offload", "qkv-offload" (first letters distinct: a layer's key letter)
+const char* layer_activations_name(LayerActivations a);
+inline bool is_offloaded(LayerActivations a) { return a == LayerActivations::offload || a == LayerActivations::offload_qkv; }
 
 struct LlamaOptions {
   DType dtype = DType::f32;   // parameters and activations

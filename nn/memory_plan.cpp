@@ -94,17 +94,21 @@ struct StepModel {
   int64_t layers = 0, tokens = 0;
   size_t act_bytes = 0;    // one (B, T, hidden) activation
   size_t logit_bytes = 0;  // one token's logits (the fused cross-entropy's gradient is written over them)
-  size_t offload_bytes = 0;  // what an offloaded layer keeps on the host: its input, q, k, v, attention output and
-                             // LSE, the residual stream after attention
+  size_t offload_bytes = 0;  // what an offloaded layer keeps on the host: its input, attention output and LSE
+  size_t qkv_bytes = 0;      // what an offload_qkv layer keeps there besides: q, k, v and the residual stream
   LayerMemory m;
 
   // The lowest `checkpointed` layers checkpointed, the lowest `offloaded` of them with their inputs in
-  // host memory. The peak is the largest of the moments below: what is alive then, from the embeddings up.
-  Prediction predict(int64_t checkpointed, int64_t chunk, int64_t offloaded_layers = 0) const {
+  // host memory, the lowest `with_qkv` of those with q, k, v and the residual stream too. The peak is the
+  // largest of the moments below: what is alive then, from the embeddings up.
+  Prediction predict(int64_t checkpointed, int64_t chunk, int64_t offloaded_layers = 0, int64_t with_qkv = 0) const {
     auto block = [&](int64_t i) -> const BlockMemory& { return i < checkpointed ? m.checkpointed : m.kept; };
     auto offloaded = [&](int64_t i) { return i >= 0 && i < offloaded_layers; };
+    // What layer i holds on the host (and brings back to the device before its backward).
+    auto host = [&](int64_t i) -> size_t { return !offloaded(i) ? 0 : offload_bytes + (i < with_qkv ? qkv_bytes : 0); };
     auto name = [&](int64_t i, const char* what) {
-      return fmt::format("layer {}'s {}{}", i, what, offloaded(i) ? " (offloaded)" : i < checkpointed ? " (checkpointed)" : "");
+      return fmt::format("layer {}'s {}{}", i, what,
+                         i < with_qkv ? " (offloaded with q, k, v)" : offloaded(i) ? " (offloaded)" : i < checkpointed ? " (checkpointed)" : "");
     };
     std::vector<std::pair<size_t, std::string>> moments;  // (alive then, where)
     // Forward: the embeddings (the first layer's input), then what each layer keeps. An offloaded
@@ -114,7 +118,7 @@ struct StepModel {
     std::vector<size_t> prefix;  // prefix[i]: alive below layer i, its input included
     for (int64_t i = 0; i < layers; ++i) {
       prefix.push_back(below);
-      moments.emplace_back(below + block(i).forward_peak.at(tokens) + (offloaded(i) ? offload_bytes - act_bytes : 0),
+      moments.emplace_back(below + block(i).forward_peak.at(tokens) + (offloaded(i) ? host(i) - act_bytes : 0),
                            name(i, "forward"));
       below += block(i).saved.at(tokens);
       if (offloaded(i)) below -= act_bytes;
@@ -128,11 +132,13 @@ struct StepModel {
     // Backward, top down: the layers above are freed; a layer's own forward leftovers (its output
     // at least), its input (fetched back when offloaded, with its attention output and LSE, which are
     // on the device before its recompute starts, while the one below's tensors are prefetched) and
-    // the gradient from above (an activation) are alive.
+    // the gradient from above (an activation) are alive. A layer's own q, k, v and residual stream,
+    // fetched, stand for what its recompute would have made (within its backward_extra); the prefetched
+    // ones of the layer below come on top.
     for (int64_t i = layers - 1; i >= 0; --i)
       moments.emplace_back(prefix[static_cast<size_t>(i)] + (offloaded(i) ? offload_bytes - act_bytes : 0) +
-                               (offloaded(i) && offloaded(i - 1) ? offload_bytes : 0) + block(i).saved.at(tokens) +
-                               act_bytes + block(i).backward_extra.at(tokens),
+                               (offloaded(i) ? host(i - 1) : 0) + block(i).saved.at(tokens) + act_bytes +
+                               block(i).backward_extra.at(tokens),
                            name(i, "backward"));
     const auto& peak = *std::max_element(moments.begin(), moments.end(),
                                          [](const auto& x, const auto& y) { return x.first < y.first; });
@@ -145,22 +151,25 @@ struct StepModel {
   }
 };
 
-// "0-9, 12" for the layers whose choice is `value`, or "none".
-std::string layer_ranges(const std::vector<LayerActivations>& layers, LayerActivations value) {
+// "0-9, 12" for the layers whose choice `pick` takes, or "none".
+std::string layer_ranges(const std::vector<LayerActivations>& layers, const std::function<bool(LayerActivations)>& pick) {
   std::string out;
   const int64_t n = static_cast<int64_t>(layers.size());
   for (int64_t i = 0; i < n;) {
-    if (layers[static_cast<size_t>(i)] != value) {
+    if (!pick(layers[static_cast<size_t>(i)])) {
       ++i;
       continue;
     }
     int64_t j = i;
-    while (j + 1 < n && layers[static_cast<size_t>(j + 1)] == value) ++j;
+    while (j + 1 < n && pick(layers[static_cast<size_t>(j + 1)])) ++j;
     if (!out.empty()) out += ", ";
     out += i == j ? std::to_string(i) : fmt::format("{}-{}", i, j);
     i = j + 1;
   }
   return out.empty() ? "none" : out;
+}
+std::string layer_ranges(const std::vector<LayerActivations>& layers, LayerActivations value) {
+  return layer_ranges(layers, [value](LayerActivations a) { return a == value; });
 }
 
 }  // namespace
@@ -258,11 +267,11 @@ MemoryPlan plan_once(Llama& model, const MemoryPlanOptions& options, std::string
   step.logit_bytes = chunked_loss_bytes_per_token(c.vocab_size, dtype, /*fused_cross_entropy=*/true);
   const size_t attention_bytes = static_cast<size_t>(tokens * c.num_attention_heads) *
                                  (static_cast<size_t>(c.head_dim) * itemsize(dtype) + itemsize(compute_dtype(dtype)));
-  // What an offloaded layer also keeps (autograd::keep_for_recompute): q, k, v and the residual stream
+  step.offload_bytes = step.act_bytes + attention_bytes;
+  // What an offload_qkv layer also keeps (autograd::keep_for_recompute): q, k, v and the residual stream
   // after attention.
-  const size_t qkv_bytes = static_cast<size_t>(tokens * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim) *
-                           itemsize(dtype);
-  step.offload_bytes = 2 * step.act_bytes + attention_bytes + qkv_bytes;
+  step.qkv_bytes = static_cast<size_t>(tokens * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim) *
+                       itemsize(dtype) + step.act_bytes;
   step.m = plan.layer;
   const int64_t min_chunk = std::min(tokens, kMinLossChunk);
   auto total = [&](const Prediction& p) { return fixed + p.activations + p.extra; };
@@ -278,25 +287,32 @@ MemoryPlan plan_once(Llama& model, const MemoryPlanOptions& options, std::string
   const size_t host_free =
       !device.is_cuda() ? 0 : options.host_budget_bytes > 0 ? options.host_budget_bytes : free_memory(kCPU) / 2;
   const int64_t max_offloaded = std::min<int64_t>(layers, static_cast<int64_t>(host_free / step.offload_bytes));
+  // Of `o` offloaded layers, the most that can also keep q, k, v on the host.
+  auto max_with_qkv = [&](int64_t o) {
+    const size_t spare = host_free - static_cast<size_t>(o) * step.offload_bytes;
+    return std::min<int64_t>(o, static_cast<int64_t>(spare / step.qkv_bytes));
+  };
   struct Split {
-    int64_t checkpointed = -1, offloaded = 0;  // -1: none
+    int64_t checkpointed = -1, offloaded = 0, with_qkv = 0;  // -1: none
   };
   Split chosen_split, least;
   size_t least_bytes = 0;
   for (int64_t k = 0; k <= layers; ++k) {
     for (int64_t o = std::min(k, max_offloaded); o >= 0; --o) {
-      const size_t need = total(step.predict(k, min_chunk, o));
-      if (least.checkpointed < 0 || need < least_bytes) {
-        least = {k, o};
-        least_bytes = need;
+      for (int64_t q = max_with_qkv(o); q >= 0; --q) {
+        const size_t need = total(step.predict(k, min_chunk, o, q));
+        if (least.checkpointed < 0 || need < least_bytes) {
+          least = {k, o, q};
+          least_bytes = need;
+        }
+        if (chosen_split.checkpointed < 0 && need <= plan.budget_bytes) chosen_split = {k, o, q};
       }
-      if (chosen_split.checkpointed < 0 && need <= plan.budget_bytes) chosen_split = {k, o};
     }
   }
-  const Prediction all = step.predict(least.checkpointed, min_chunk, least.offloaded);
+  const Prediction all = step.predict(least.checkpointed, min_chunk, least.offloaded, least.with_qkv);
   plan.minimum_budget_bytes = least_bytes;
   plan.mlp_chunk = mlp_chunk;
-  const int64_t checkpointed = chosen_split.checkpointed, offloaded = chosen_split.offloaded;
+  const int64_t checkpointed = chosen_split.checkpointed, offloaded = chosen_split.offloaded, with_qkv = chosen_split.with_qkv;
   if (checkpointed < 0) {
     no_fit = fmt::format(
               "a training step on batches of {} x {} tokens needs at least {} ({} of {} decoder layers checkpointed{}, "
@@ -323,16 +339,18 @@ MemoryPlan plan_once(Llama& model, const MemoryPlanOptions& options, std::string
   };
   while (lo < hi) {  // the largest loss budget whose chunk fits
     const size_t mid = lo + (hi - lo + 1) / 2;
-    if (total(step.predict(checkpointed, chunk_of(mid), offloaded)) <= plan.budget_bytes) lo = mid;
+    if (total(step.predict(checkpointed, chunk_of(mid), offloaded, with_qkv)) <= plan.budget_bytes) lo = mid;
     else hi = mid - 1;
   }
   plan.loss_memory_budget = lo;
   plan.loss_chunk = chunk_of(lo);  // as chunked_linear_loss will choose it
   plan.layer_activations.assign(static_cast<size_t>(layers), LayerActivations::keep);
   for (int64_t i = 0; i < checkpointed; ++i)
-    plan.layer_activations[static_cast<size_t>(i)] = i < offloaded ? LayerActivations::offload : LayerActivations::checkpoint;
-  plan.host_bytes = static_cast<size_t>(offloaded) * step.offload_bytes;
-  const Prediction chosen = step.predict(checkpointed, plan.loss_chunk, offloaded);
+    plan.layer_activations[static_cast<size_t>(i)] = i < with_qkv ? LayerActivations::offload_qkv
+                                                     : i < offloaded ? LayerActivations::offload
+                                                                     : LayerActivations::checkpoint;
+  plan.host_bytes = static_cast<size_t>(offloaded) * step.offload_bytes + static_cast<size_t>(with_qkv) * step.qkv_bytes;
+  const Prediction chosen = step.predict(checkpointed, plan.loss_chunk, offloaded, with_qkv);
   plan.activation_bytes = chosen.activations;
   plan.peak_extra_bytes = chosen.extra;
   plan.peak_at = chosen.at;
@@ -392,7 +410,8 @@ int64_t MemoryPlan::num_checkpointed() const {
 std::string MemoryPlan::describe() const {
   auto f = [](size_t v) { return format_bytes(static_cast<double>(v)); };
   const int64_t n = static_cast<int64_t>(layer_activations.size()), ck = num_checkpointed();
-  const auto offloaded = std::count(layer_activations.begin(), layer_activations.end(), LayerActivations::offload);
+  const auto offloaded = std::count_if(layer_activations.begin(), layer_activations.end(), is_offloaded);
+  const auto with_qkv = std::count(layer_activations.begin(), layer_activations.end(), LayerActivations::offload_qkv);
   std::string s = fmt::format("memory plan for batches of {} x {} tokens on {}, budget {}:\n", batch_size, seq_len,
                               device.str(), f(budget_bytes));
   s += fmt::format("  decoder layers: {} of {} kept whole ({}), {} checkpointed ({})", n - ck, n,
@@ -400,7 +419,10 @@ std::string MemoryPlan::describe() const {
                    layer_ranges(layer_activations, LayerActivations::checkpoint));
   if (offloaded > 0)
     s += fmt::format(", {} checkpointed with their inputs and attention outputs in pinned host memory ({}; {})", offloaded,
-                     layer_ranges(layer_activations, LayerActivations::offload), f(host_bytes));
+                     layer_ranges(layer_activations, is_offloaded), f(host_bytes));
+  if (with_qkv > 0)
+    s += fmt::format(", of those {} with q, k, v and the residual stream there too ({})", with_qkv,
+                     layer_ranges(layer_activations, LayerActivations::offload_qkv));
   if (mlp_chunk > 0) s += fmt::format("\n  MLPs in pieces of {} tokens", mlp_chunk);
   if (dequantized_layers > 0)
     s += fmt::format("\n  NF4 weights kept dequantised in {} of {} decoder layers ({}): no dequantisation there", dequantized_layers,

@@ -66,11 +66,12 @@ struct MemoryPlan {
   int64_t batch_size = 0, seq_len = 0;
   size_t budget_bytes = 0;
   // Per decoder layer: kept whole, checkpointed (only its input is kept; its forward runs again in
-  // backward) or offloaded (checkpointed, its input, q, k, v, attention output and the residual stream
-  // after attention in pinned host memory: on a GPU, within MemoryPlanOptions::host_budget_bytes;
-  // preferred to checkpointing on the device, as its recompute skips attention and the q, k, v and o
-  // GEMMs). The lowest layers are checkpointed first (the top ones' activations
-  // are used first), the lowest of those offloaded.
+  // backward) or offloaded (checkpointed, its input, attention output and LSE in pinned host memory: on a
+  // GPU, within MemoryPlanOptions::host_budget_bytes; preferred to checkpointing on the device, as its
+  // recompute skips attention), and of those the lowest with q, k, v and the residual stream after
+  // attention on the host too (LayerActivations::offload_qkv: its recompute also skips the q, k, v and o
+  // GEMMs, for more host memory and the device memory its prefetch takes). The lowest layers are
+  // checkpointed first (the top ones' activations are used first), the lowest of those offloaded.
   std::vector<LayerActivations> layer_activations;
   int64_t mlp_chunk = 0;             // Llama::set_mlp_chunk: the model's, or chosen when nothing fits whole
   int64_t loss_chunk = 0;            // tokens per chunk of the loss head
@@ -91,8 +92,8 @@ struct MemoryPlan {
   size_t minimum_budget_bytes = 0;  // the least any plan needs (normally every layer checkpointed, the
                                     // smallest loss chunk)
   size_t layer_input_bytes = 0;     // one (B, T, hidden) activation: what a checkpointed layer keeps
-  size_t host_bytes = 0;            // pinned host memory the offloaded layers take (inputs, q, k, v, attention
-                                    // outputs and LSE, the residual stream after attention)
+  size_t host_bytes = 0;            // pinned host memory the offloaded layers take (inputs, attention outputs
+                                    // and LSE; q, k, v and the residual stream of offload_qkv layers)
   size_t dequantized_bytes = 0;     // the dequantised weights of those layers (in the predicted peak)
   LayerMemory layer;                // the probe's measurements
 
