@@ -5,7 +5,9 @@
 // --mlp-chunk N (the MLP in checkpointed pieces of N tokens: long sequences), --ops (each plan's step
 // by category — GEMMs, attention, dequantisation, loss, optimizer, the rest, the time between ops — with
 // GEMM and attention TFLOP/s against the 790 cuBLASLt reaches on an 8192³ bf16 product), --trace-memory
-// FILE (one step's per-op memory timeline, bench/memory_trace.h, of each plan in turn). Each plan's
+// FILE (one step's per-op memory timeline, bench/memory_trace.h, of each plan in turn), --longest (no
+// step: the planner's memory model at T = --seq, 2T, 4T, ... until the least plan no longer fits the
+// default budget or the host budget: the longest sequence that trains on this GPU). Each plan's
 // description goes to stderr.
 #include <algorithm>
 #include <cstdio>
@@ -36,6 +38,7 @@ struct Args {
   std::string budgets = "8,10,14,20,28,0";
   int64_t mlp_chunk = 0;
   bool ops = false;
+  bool longest = false;
   std::string trace_memory;  // file for the per-op memory timeline, or empty
 };
 
@@ -43,19 +46,58 @@ constexpr double kCublasLtTflops = 790;  // bf16 8192³ through cuBLASLt on the 
 
 constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 
+// The least plan at T = a.seq, 2T, 4T, ... (the planner's probe and memory model; no step runs), until
+// it needs more than the default budget (the GPU's free memory less a margin) or no plan fits the
+// host budget: one row per length.
+int longest_sequence(nn::Llama& model, nn::AdamW& opt, const Args& a) {
+  const Device gpu(DeviceType::cuda, 0);
+  const size_t budget = nn::default_memory_budget(gpu);
+  std::printf("default budget %.2f GiB (free device memory less the margin)\n"
+              "| T | least GiB | checkpointed (offloaded, with q k v) | host GiB | MLP pieces | loss chunk | fits |\n"
+              "|---|---|---|---|---|---|---|\n",
+              static_cast<double>(budget) / kGiB);
+  for (int64_t t = a.seq; t <= (int64_t{1} << 24); t *= 2) {
+    nn::MemoryPlanOptions mo;
+    mo.batch_size = a.batch;
+    mo.seq_len = t;
+    mo.optimizer_state_bytes = opt.pending_state_bytes();
+    mo.budget_bytes = size_t{1} << 50;
+    nn::MemoryPlan plan;
+    try {
+      mo.budget_bytes = nn::plan_memory(model, mo).minimum_budget_bytes;
+      plan = nn::plan_memory(model, mo);
+    } catch (const Error& e) {
+      std::printf("| %lld | %s |\n", static_cast<long long>(t), e.what());
+      break;
+    }
+    const auto count = [&](bool (*pick)(nn::LayerActivations)) {
+      return static_cast<long long>(std::count_if(plan.layer_activations.begin(), plan.layer_activations.end(), pick));
+    };
+    const bool fits = plan.predicted_peak_bytes <= budget;
+    std::printf("| %lld | %.2f | %lld (%lld, %lld) | %.2f | %lld | %lld | %s |\n", static_cast<long long>(t),
+                static_cast<double>(plan.predicted_peak_bytes) / kGiB, static_cast<long long>(plan.num_checkpointed()),
+                count(nn::is_offloaded), count([](nn::LayerActivations x) { return x == nn::LayerActivations::offload_qkv; }),
+                static_cast<double>(plan.host_bytes) / kGiB, static_cast<long long>(plan.mlp_chunk),
+                static_cast<long long>(plan.loss_chunk), fits ? "yes" : "no");
+    std::fflush(stdout);
+    if (!fits) break;
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   Args a;
   const auto usage = [&] {
-    std::fprintf(stderr, "usage: %s [--layers N] [--seq T] [--batch B] [--iters N] [--budgets GiB,GiB,...] [--mlp-chunk N] [--ops] [--trace-memory FILE]\n",
+    std::fprintf(stderr, "usage: %s [--layers N] [--seq T] [--batch B] [--iters N] [--budgets GiB,GiB,...] [--mlp-chunk N] [--ops] [--trace-memory FILE] [--longest]\n",
                  argv[0]);
     return 2;
   };
   for (int i = 1; i < argc; ++i) {
     const std::string k = argv[i];
-    if (k == "--ops") {
-      a.ops = true;
+    if (k == "--ops" || k == "--longest") {
+      (k == "--ops" ? a.ops : a.longest) = true;
       continue;
     }
     if (i + 1 >= argc) return usage();
@@ -80,6 +122,7 @@ int main(int argc, char** argv) {
     auto model = bench::qlora_llama(cfg, gpu);
     model->set_mlp_chunk(a.mlp_chunk);
     nn::AdamW opt(model->named_trainable_parameters());
+    if (a.longest) return longest_sequence(*model, opt, a);
     Generator gen(7);
     const Tensor ids = randint(0, cfg.vocab_size, {a.batch, a.seq}, DType::i64, gpu, &gen);      // (B, T)
     const Tensor targets = randint(0, cfg.vocab_size, {a.batch, a.seq}, DType::i64, gpu, &gen);  // (B, T)
