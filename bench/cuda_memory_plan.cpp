@@ -7,7 +7,9 @@
 // GEMM and attention TFLOP/s against the 790 cuBLASLt reaches on an 8192³ bf16 product), --trace-memory
 // FILE (one step's per-op memory timeline, bench/memory_trace.h, of each plan in turn), --longest (no
 // step: the planner's memory model at T = --seq, 2T, 4T, ... until the least plan no longer fits the
-// default budget or the host budget: the longest sequence that trains on this GPU). Each plan's
+// default budget or the host budget, then halving the step between the last length that fits and the first
+// that does not, down to 16384 tokens: the longest sequence that trains on this GPU), --host-budget GiB (the
+// pinned host memory offloaded layers may take; default: half the host's free memory). Each plan's
 // description goes to stderr.
 #include <algorithm>
 #include <cstdio>
@@ -37,6 +39,7 @@ struct Args {
   int iters = 3;
   std::string budgets = "8,10,14,20,28,0";
   int64_t mlp_chunk = 0;
+  double host_budget_gib = 0;  // 0: the planner's default
   bool ops = false;
   bool longest = false;
   std::string trace_memory;  // file for the per-op memory timeline, or empty
@@ -46,9 +49,20 @@ constexpr double kCublasLtTflops = 790;  // bf16 8192³ through cuBLASLt on the 
 
 constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 
-// The least plan at T = a.seq, 2T, 4T, ... (the planner's probe and memory model; no step runs), until
-// it needs more than the default budget (the GPU's free memory less a margin) or no plan fits the
-// host budget: one row per length.
+// The least plan of `model` for batches of a.batch x t tokens (the planner's probe and memory model; no step).
+nn::MemoryPlan least_plan(nn::Llama& model, nn::AdamW& opt, const Args& a, int64_t t) {
+  nn::MemoryPlanOptions mo;
+  mo.batch_size = a.batch;
+  mo.seq_len = t;
+  mo.optimizer_state_bytes = opt.pending_state_bytes();
+  mo.host_budget_bytes = static_cast<size_t>(a.host_budget_gib * kGiB);
+  mo.budget_bytes = size_t{1} << 50;
+  mo.budget_bytes = nn::plan_memory(model, mo).minimum_budget_bytes;
+  return nn::plan_memory(model, mo);
+}
+
+// The least plan at T = a.seq, 2T, 4T, ... until it needs more than the default budget (the GPU's free
+// memory less a margin), then bisected down to 16384 tokens: one row per length tried.
 int longest_sequence(nn::Llama& model, nn::AdamW& opt, const Args& a) {
   const Device gpu(DeviceType::cuda, 0);
   const size_t budget = nn::default_memory_budget(gpu);
@@ -56,32 +70,33 @@ int longest_sequence(nn::Llama& model, nn::AdamW& opt, const Args& a) {
               "| T | least GiB | checkpointed (offloaded, with q k v) | host GiB | MLP pieces | loss chunk | fits |\n"
               "|---|---|---|---|---|---|---|\n",
               static_cast<double>(budget) / kGiB);
-  for (int64_t t = a.seq; t <= (int64_t{1} << 24); t *= 2) {
-    nn::MemoryPlanOptions mo;
-    mo.batch_size = a.batch;
-    mo.seq_len = t;
-    mo.optimizer_state_bytes = opt.pending_state_bytes();
-    mo.budget_bytes = size_t{1} << 50;
+  const auto fits = [&](int64_t t) {
     nn::MemoryPlan plan;
     try {
-      mo.budget_bytes = nn::plan_memory(model, mo).minimum_budget_bytes;
-      plan = nn::plan_memory(model, mo);
+      plan = least_plan(model, opt, a, t);
     } catch (const Error& e) {
       std::printf("| %lld | %s |\n", static_cast<long long>(t), e.what());
-      break;
+      return false;
     }
     const auto count = [&](bool (*pick)(nn::LayerActivations)) {
       return static_cast<long long>(std::count_if(plan.layer_activations.begin(), plan.layer_activations.end(), pick));
     };
-    const bool fits = plan.predicted_peak_bytes <= budget;
+    const bool ok = plan.predicted_peak_bytes <= budget;
     std::printf("| %lld | %.2f | %lld (%lld, %lld) | %.2f | %lld | %lld | %s |\n", static_cast<long long>(t),
                 static_cast<double>(plan.predicted_peak_bytes) / kGiB, static_cast<long long>(plan.num_checkpointed()),
                 count(nn::is_offloaded), count([](nn::LayerActivations x) { return x == nn::LayerActivations::offload_qkv; }),
                 static_cast<double>(plan.host_bytes) / kGiB, static_cast<long long>(plan.mlp_chunk),
-                static_cast<long long>(plan.loss_chunk), fits ? "yes" : "no");
+                static_cast<long long>(plan.loss_chunk), ok ? "yes" : "no");
     std::fflush(stdout);
-    if (!fits) break;
+    return ok;
+  };
+  int64_t good = 0, bad = a.seq;
+  while (bad <= (int64_t{1} << 24) && fits(bad)) good = bad, bad *= 2;
+  while (good > 0 && bad - good > 16384) {
+    const int64_t mid = good + (bad - good) / 2 / 16384 * 16384;
+    (fits(mid) ? good : bad) = mid;
   }
+  std::printf("longest: %lld tokens\n", static_cast<long long>(good));
   return 0;
 }
 
@@ -90,7 +105,7 @@ int longest_sequence(nn::Llama& model, nn::AdamW& opt, const Args& a) {
 int main(int argc, char** argv) {
   Args a;
   const auto usage = [&] {
-    std::fprintf(stderr, "usage: %s [--layers N] [--seq T] [--batch B] [--iters N] [--budgets GiB,GiB,...] [--mlp-chunk N] [--ops] [--trace-memory FILE] [--longest]\n",
+    std::fprintf(stderr, "usage: %s [--layers N] [--seq T] [--batch B] [--iters N] [--budgets GiB,GiB,...] [--mlp-chunk N] [--ops] [--trace-memory FILE] [--longest] [--host-budget GiB]\n",
                  argv[0]);
     return 2;
   };
@@ -109,6 +124,7 @@ int main(int argc, char** argv) {
     else if (k == "--budgets") a.budgets = v;
     else if (k == "--mlp-chunk") a.mlp_chunk = std::stoll(v);
     else if (k == "--trace-memory") a.trace_memory = v;
+    else if (k == "--host-budget") a.host_budget_gib = std::stod(v);
     else return usage();
   }
   if (!cuda::is_available()) {
@@ -138,6 +154,7 @@ int main(int argc, char** argv) {
       mo.batch_size = a.batch;
       mo.seq_len = a.seq;
       mo.optimizer_state_bytes = opt.pending_state_bytes();
+      mo.host_budget_bytes = static_cast<size_t>(a.host_budget_gib * kGiB);
       nn::MemoryPlan plan;
       try {
         if (item == "least") {  // the least budget any plan fits
