@@ -29,13 +29,22 @@ class Builder {
  public:
   Builder(Program& p, const Graph& g, const std::vector<Level>& level) : p_(p), g_(g), level_(level) {}
 
+  // Appends `in`, or returns the equal instruction already there (value numbering): fused ops lower
+  // shared work separately (swiglu and swiglu_backward each compute sigmoid(gate)), and every
+  // instruction but a dropout (its own random numbers) is a pure function of its operands.
   int emit(Instr in) {
     in.stage = 0;
     for (int o : {in.a, in.b, in.c})
       if (o >= 0) in.stage = std::max(in.stage, p_.instrs[static_cast<size_t>(o)].stage);
     if (in.op == Op::reduce) in.stage += 1;
+    const bool pure = in.op != Op::dropout && in.op != Op::load;
+    const auto key = std::make_tuple(in.op, in.level, in.dtype, in.a, in.b, in.c, in.code, std::bit_cast<uint64_t>(in.value));
+    if (pure)
+      if (auto it = numbered_.find(key); it != numbered_.end()) return it->second;
     p_.instrs.push_back(in);
-    return static_cast<int>(p_.instrs.size()) - 1;
+    const int i = static_cast<int>(p_.instrs.size()) - 1;
+    if (pure) numbered_[key] = i;
+    return i;
   }
   DType dtype(int i) const { return p_.instrs[static_cast<size_t>(i)].dtype; }
 
@@ -142,6 +151,7 @@ class Builder {
   const std::vector<Level>& level_;
   std::unordered_map<int, int> reg_;
   std::map<std::pair<int, Level>, int> loads_;
+  std::map<std::tuple<Op, Level, DType, int, int, int, int, uint64_t>, int> numbered_;
 };
 
 // softmax / log_softmax of a row as the CPU kernel computes it: shift by the row maximum (0 for a

@@ -179,6 +179,40 @@ TEST_CASE("compile: swiglu composite and the swiglu op are one group each way", 
   REQUIRE(compile::stats().last_forward_groups == 1);
 }
 
+TEST_CASE("compile: a group computes what its fused ops share once (value numbering of instructions)", "[compile]") {
+  // Two swiglus of one gate lower sigmoid(gate) each; the group's program computes it once.
+  Tensor gt = test::random_tensor({3, 5, 16}, DType::bf16, 13);
+  Tensor u1 = test::random_tensor({3, 5, 16}, DType::bf16, 14), u2 = test::random_tensor({3, 5, 16}, DType::bf16, 15);
+  const compile::Fn f = [](const std::vector<Tensor>& in) {
+    return std::vector<Tensor>{swiglu(in[0], in[1]) * 2.0 + swiglu(in[0], in[2])};
+  };
+  auto t = [&] {
+    autograd::NoGradGuard ng;
+    return compile::trace(f, {gt, u1, u2}, false);
+  }();
+  compile::PlanInput in;
+  in.graph = &t->forward;
+  const compile::Plan plan = compile::build_plan(in);
+  REQUIRE(plan.fusion.groups.size() == 1);
+  const compile::Program& p = plan.fusion.groups[0].program;
+  const auto count = [&](compile::Op op, UnaryOp u) {
+    return std::count_if(p.instrs.begin(), p.instrs.end(),
+                         [&](const compile::Instr& i) { return i.op == op && (op != compile::Op::unary || i.code == static_cast<int>(u)); });
+  };
+  CHECK(count(compile::Op::unary, UnaryOp::exp) == 1);
+  CHECK(count(compile::Op::load, UnaryOp::exp) == 3);
+  for (size_t i = 0; i < p.instrs.size(); ++i)
+    for (size_t j = 0; j < i; ++j) {
+      const compile::Instr &a = p.instrs[i], &b = p.instrs[j];
+      CHECK_FALSE((a.op == b.op && a.a == b.a && a.b == b.b && a.c == b.c && a.code == b.code && a.dtype == b.dtype &&
+                   a.level == b.level && a.value == b.value && a.op != compile::Op::load));
+    }
+  // and still rounds as eager does, forward and backward
+  require_matches_eager(f, {gt.to(DType::f32).set_requires_grad(true), u1.to(DType::f32).set_requires_grad(true),
+                            u2.to(DType::f32).set_requires_grad(true)});
+  require_matches_eager(f, {gt, u1, u2}, 1e-2, 1e-2);
+}
+
 TEST_CASE("compile: LoRA scale-and-add fuses around the two small matmuls", "[compile]") {
   Tensor x = test::random_tensor({2, 5, 16}, DType::f32, 13).set_requires_grad(true);
   Tensor w = test::random_tensor({24, 16}, DType::f32, 14).set_requires_grad(true);
