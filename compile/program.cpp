@@ -30,8 +30,9 @@ class Builder {
   Builder(Program& p, const Graph& g, const std::vector<Level>& level) : p_(p), g_(g), level_(level) {}
 
   // Appends `in`, or returns the equal instruction already there (value numbering): fused ops lower
-  // shared work separately (swiglu and swiglu_backward each compute sigmoid(gate)), and every
-  // instruction but a dropout (its own random numbers) is a pure function of its operands.
+  // shared work separately (swiglu and swiglu_backward each compute sigmoid(gate)). Every instruction
+  // but a dropout (its own random numbers) is a pure function of its operands; loads are shared
+  // through loads_ (by graph value and level).
   int emit(Instr in) {
     in.stage = 0;
     for (int o : {in.a, in.b, in.c})
