@@ -92,7 +92,7 @@ class Recorder final : public DispatchHandler, public FunctionObserver {
  public:
   // `keep_marked`: keep_for_recompute's tensors are kept too (while this recorder is the thread's latest).
   Recorder(const std::function<bool(const Primitive&)>& save, std::vector<Call>& calls, bool keep_marked = false)
-      : save_(save), calls_(calls), previous_(t_recorder) {
+      : save_(save), calls_(calls), previous_(t_recorder), keeping_(keep_marked) {
     if (keep_marked) t_recorder = this;
   }
   ~Recorder() override { t_recorder = previous_; }
@@ -173,11 +173,17 @@ class Recorder final : public DispatchHandler, public FunctionObserver {
   // Outputs sharing an input's storage are written in place: the data flow stops being followed.
   void end(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs) {
     const int index = static_cast<int>(calls_.size()) - 1;
-    outputs_.resize(calls_.size());
-    for (const Tensor& o : outputs) {
-      Tensor layout = o.detach();  // the shape and strides only: the record must not keep the memory
-      layout.impl()->storage = nullptr;
-      outputs_.back().emplace_back(o.storage(), std::move(layout));
+    if (keeping_) {  // what keep() needs: each output's memory and layout
+      outputs_.resize(calls_.size());
+      for (const Tensor& o : outputs) {
+        if (!o.defined()) {
+          outputs_.back().emplace_back();  // no memory: the call is never kept
+          continue;
+        }
+        Tensor layout = o.detach();  // the shape and strides only: the record must not keep the memory
+        layout.impl()->storage = nullptr;
+        outputs_.back().emplace_back(o.storage(), std::move(layout));
+      }
     }
     for (const Tensor& o : outputs) {
       if (!o.defined() || !o.storage()) continue;
@@ -191,8 +197,9 @@ class Recorder final : public DispatchHandler, public FunctionObserver {
   const std::function<bool(const Primitive&)>& save_;
   std::vector<Call>& calls_;
   Recorder* previous_;
+  const bool keeping_;  // keep_marked: outputs_ is recorded
   std::unordered_map<const StorageImpl*, int> producer_;
-  // Per call: each output's memory (while something holds it) and layout.
+  // Per call, when keeping_: each output's memory (while something holds it) and layout.
   std::vector<std::vector<std::pair<std::weak_ptr<StorageImpl>, Tensor>>> outputs_;
   std::vector<Tensor> pending_inputs_;  // the top-level Function's, while it runs
   int depth_ = 0;                       // Functions running

@@ -49,13 +49,19 @@ constexpr double kCublasLtTflops = 790;  // bf16 8192³ through cuBLASLt on the 
 
 constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 
-// The least plan of `model` for batches of a.batch x t tokens (the planner's probe and memory model; no step).
-nn::MemoryPlan least_plan(nn::Llama& model, nn::AdamW& opt, const Args& a, int64_t t) {
+// The planner's options for batches of a.batch x t tokens (budget unset).
+nn::MemoryPlanOptions plan_options(const nn::AdamW& opt, const Args& a, int64_t t) {
   nn::MemoryPlanOptions mo;
   mo.batch_size = a.batch;
   mo.seq_len = t;
   mo.optimizer_state_bytes = opt.pending_state_bytes();
   mo.host_budget_bytes = static_cast<size_t>(a.host_budget_gib * kGiB);
+  return mo;
+}
+
+// The least plan of `model` for batches of a.batch x t tokens (the planner's probe and memory model; no step).
+nn::MemoryPlan least_plan(nn::Llama& model, const nn::AdamW& opt, const Args& a, int64_t t) {
+  nn::MemoryPlanOptions mo = plan_options(opt, a, t);
   mo.budget_bytes = size_t{1} << 50;
   mo.budget_bytes = nn::plan_memory(model, mo).minimum_budget_bytes;
   return nn::plan_memory(model, mo);
@@ -63,7 +69,7 @@ nn::MemoryPlan least_plan(nn::Llama& model, nn::AdamW& opt, const Args& a, int64
 
 // The least plan at T = a.seq, 2T, 4T, ... until it needs more than the default budget (the GPU's free
 // memory less a margin), then bisected down to 16384 tokens: one row per length tried.
-int longest_sequence(nn::Llama& model, nn::AdamW& opt, const Args& a) {
+int longest_sequence(nn::Llama& model, const nn::AdamW& opt, const Args& a) {
   const Device gpu(DeviceType::cuda, 0);
   const size_t budget = nn::default_memory_budget(gpu);
   std::printf("default budget %.2f GiB (free device memory less the margin)\n"
@@ -150,11 +156,7 @@ int main(int argc, char** argv) {
                 "peak/predicted | step ms | tok/s |\n|---|---|---|---|---|---|---|---|---|---|\n");
     std::stringstream list(a.budgets);
     for (std::string item; std::getline(list, item, ',');) {
-      nn::MemoryPlanOptions mo;
-      mo.batch_size = a.batch;
-      mo.seq_len = a.seq;
-      mo.optimizer_state_bytes = opt.pending_state_bytes();
-      mo.host_budget_bytes = static_cast<size_t>(a.host_budget_gib * kGiB);
+      nn::MemoryPlanOptions mo = plan_options(opt, a, a.seq);
       nn::MemoryPlan plan;
       try {
         if (item == "least") {  // the least budget any plan fits
