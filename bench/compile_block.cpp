@@ -197,8 +197,8 @@ int main(int argc, char** argv) {
     return static_cast<int>(s.last_forward_groups + s.last_backward_groups);
   });
   print("compiled forward+backward", ct);
-  const kiln::compile::Stats per_layer = kiln::compile::stats();  // one plain forward+backward's plans (the
-                                                                   // checkpointed row's recompute runs a smaller one)
+  // One plain forward+backward's plans (the checkpointed row's recompute runs a smaller one).
+  const kiln::compile::Stats per_layer = kiln::compile::stats();
   const Row ck = measure(train_checkpointed, iters, [] {
     const kiln::compile::Stats s = kiln::compile::stats();
     return static_cast<int>(2 * s.last_forward_groups + s.last_backward_groups);
