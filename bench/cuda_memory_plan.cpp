@@ -73,8 +73,8 @@ int longest_sequence(nn::Llama& model, const nn::AdamW& opt, const Args& a) {
   const Device gpu(DeviceType::cuda, 0);
   const size_t budget = nn::default_memory_budget(gpu);
   std::printf("default budget %.2f GiB (free device memory less the margin)\n"
-              "| T | least GiB | checkpointed (offloaded, with q k v) | host GiB | MLP pieces | loss chunk | fits |\n"
-              "|---|---|---|---|---|---|---|\n",
+              "| T | least GiB | checkpointed (offloaded, with q k v) | segments of | host GiB | MLP pieces | loss chunk | fits |\n"
+              "|---|---|---|---|---|---|---|---|\n",
               static_cast<double>(budget) / kGiB);
   const auto fits = [&](int64_t t) {
     nn::MemoryPlan plan;
@@ -88,9 +88,10 @@ int longest_sequence(nn::Llama& model, const nn::AdamW& opt, const Args& a) {
       return static_cast<long long>(std::count_if(plan.layer_activations.begin(), plan.layer_activations.end(), pick));
     };
     const bool ok = plan.predicted_peak_bytes <= budget;
-    std::printf("| %lld | %.2f | %lld (%lld, %lld) | %.2f | %lld | %lld | %s |\n", static_cast<long long>(t),
+    std::printf("| %lld | %.2f | %lld (%lld, %lld) | %s | %.2f | %lld | %lld | %s |\n", static_cast<long long>(t),
                 static_cast<double>(plan.predicted_peak_bytes) / kGiB, static_cast<long long>(plan.num_checkpointed()),
                 count(nn::is_offloaded), count([](nn::LayerActivations x) { return x == nn::LayerActivations::offload_qkv; }),
+                plan.segment_layers > 0 ? std::to_string(plan.segment_layers).c_str() : "-",
                 static_cast<double>(plan.host_bytes) / kGiB, static_cast<long long>(plan.mlp_chunk),
                 static_cast<long long>(plan.loss_chunk), ok ? "yes" : "no");
     std::fflush(stdout);

@@ -184,12 +184,20 @@ LlamaModel::LlamaModel(const LlamaConfig& c, const LlamaOptions& o, const Weight
   fill(*norm, "model.norm.");
 }
 
+void check_segments(const std::vector<LayerActivations>& per_layer) {
+  for (size_t i = 0; i < per_layer.size(); ++i)
+    KILN_CHECK(per_layer[i] != LayerActivations::segment || (i > 0 && per_layer[i - 1] != LayerActivations::keep), "Llama",
+               "decoder layer {} is marked segment but {}: a segment starts at a checkpointed or offloaded layer", i,
+               i == 0 ? "is the first layer" : fmt::format("layer {} below it is kept whole", i - 1));
+}
+
 const char* layer_activations_name(LayerActivations a) {
   switch (a) {
     case LayerActivations::keep: return "keep";
     case LayerActivations::checkpoint: return "checkpoint";
     case LayerActivations::offload: return "offload";
     case LayerActivations::offload_qkv: return "qkv-offload";
+    case LayerActivations::segment: return "segment";
   }
   return "?";
 }
@@ -204,23 +212,41 @@ Tensor LlamaModel::forward(const Tensor& ids, int64_t start, KVCache* cache,
              "the KV cache has {} layers, the model {}", cache ? cache->layers.size() : 0, layers.size());
   KILN_CHECK(activations.empty() || static_cast<int64_t>(activations.size()) == layers.size(), "Llama",
              "expected an activations choice per decoder layer ({}), found {}", layers.size(), activations.size());
+  check_segments(activations);
+  auto choice = [&](int64_t i) { return activations.empty() ? LayerActivations::keep : activations[static_cast<size_t>(i)]; };
+  auto checkpointed = [start](LlamaDecoderLayer& layer, const Tensor& in, const autograd::CheckpointOptions& co) {
+    return autograd::checkpoint([&layer, start](const std::vector<Tensor>& x) { return std::vector<Tensor>{layer(x[0], start)}; },
+                                {in}, co)[0];
+  };
   for (int64_t i = 0; i < layers.size(); ++i) {
     auto& layer = layers.at<LlamaDecoderLayer>(i);
     KVCache::Layer* lc = cache ? &cache->layers[static_cast<size_t>(i)] : nullptr;
-    const LayerActivations a = activations.empty() ? LayerActivations::keep : activations[static_cast<size_t>(i)];
-    if (a != LayerActivations::keep && autograd::grad_enabled() && !cache) {
-      autograd::CheckpointOptions co;
-      if (is_offloaded(a)) {  // the attention output and LSE wait on the host too
-        co.offload = true;
-        co.save = [](const Primitive& op) { return dynamic_cast<const prim::ScaledDotProductAttention*>(&op) != nullptr; };
-        // q, k, v and the residual stream after attention too: the recompute skips their GEMMs
-        co.keep_marked = a == LayerActivations::offload_qkv;
-      }
-      x = autograd::checkpoint([&layer, start](const std::vector<Tensor>& in) { return std::vector<Tensor>{layer(in[0], start)}; },
-                               {x}, co)[0];
-    } else {
+    const LayerActivations a = choice(i);
+    if (a == LayerActivations::keep || !autograd::grad_enabled() || cache) {
       x = layer(x, start, lc);
+      continue;
     }
+    int64_t last = i;  // the segment i starts: i .. last
+    while (last + 1 < layers.size() && choice(last + 1) == LayerActivations::segment) ++last;
+    autograd::CheckpointOptions co;
+    co.offload = is_offloaded(a);
+    if (last > i) {  // the segment's input only (on the host when offloaded); its layers checkpointed inside
+      x = autograd::checkpoint(
+          [&layers, checkpointed, i, last](const std::vector<Tensor>& in) {
+            Tensor h = in[0];
+            for (int64_t l = i; l <= last; ++l) h = checkpointed(layers.at<LlamaDecoderLayer>(l), h, {});
+            return std::vector<Tensor>{h};
+          },
+          {x}, co)[0];
+      i = last;
+      continue;
+    }
+    if (co.offload) {  // the attention output and LSE wait on the host too
+      co.save = [](const Primitive& op) { return dynamic_cast<const prim::ScaledDotProductAttention*>(&op) != nullptr; };
+      // q, k, v and the residual stream after attention too: the recompute skips their GEMMs
+      co.keep_marked = a == LayerActivations::offload_qkv;
+    }
+    x = checkpointed(layer, x, co);
   }
   if (cache) cache->length = start + ids.size(1);
   return child_as<RMSNorm>("norm")(x);
@@ -290,6 +316,7 @@ void Llama::set_layer_activations(std::vector<LayerActivations> per_layer) {
   KILN_CHECK(static_cast<int64_t>(per_layer.size()) == config_.num_hidden_layers, "Llama",
              "set_layer_activations expected one entry per decoder layer ({}), found {}", config_.num_hidden_layers,
              per_layer.size());
+  check_segments(per_layer);
   activations_ = std::move(per_layer);
 }
 

@@ -109,9 +109,17 @@ enum class LayerActivations : uint8_t {
                // recompute skips attention (autograd::CheckpointOptions offload and save)
   offload_qkv, // offload, and q, k, v and the residual stream after attention wait on the host too: the
                // recompute also skips the q, k, v and o projections (CheckpointOptions::keep_marked)
+  segment,     // nothing, not even its input: it belongs to the segment that the nearest layer below it
+               // not marked segment starts (checkpoint or offload; offloaded, only the segment's input goes
+               // to the host). Backward runs the segment's forward again, each of its layers checkpointed,
+               // then their backward top down: every layer of a segment runs forward three times, and a
+               // segment of g layers holds g layer inputs at most, for sequences whose per-layer inputs
+               // alone would not fit
 };
-// "keep", "checkpoint", "offload", "qkv-offload" (first letters distinct: a layer's key letter)
+// "keep", "checkpoint", "offload", "qkv-offload", "segment" (first letters distinct: a layer's key letter)
 const char* layer_activations_name(LayerActivations a);
+// A kiln::Error when a layer marked segment is the first or follows a layer kept whole.
+void check_segments(const std::vector<LayerActivations>& per_layer);
 inline bool is_offloaded(LayerActivations a) { return a == LayerActivations::offload || a == LayerActivations::offload_qkv; }
 
 struct LlamaOptions {

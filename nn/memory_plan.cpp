@@ -149,6 +149,52 @@ struct StepModel {
     p.at = peak.second;
     return p;
   }
+
+  // Every layer in segments of `g` (LayerActivations::segment): segment j starts at layer j * g; the
+  // lowest `offloaded` segments' inputs wait in host memory. A segment keeps its input (and its
+  // output, the next one's input); its backward runs its layers forward again, each checkpointed
+  // (keeping its input), then their backward top down, with the gradient from above alive throughout.
+  Prediction predict_segments(int64_t g, int64_t chunk, int64_t offloaded) const {
+    const BlockMemory& ck = m.checkpointed;
+    const size_t act = act_bytes, fp = ck.forward_peak.at(tokens), saved = ck.saved.at(tokens),
+                 bx = ck.backward_extra.at(tokens);
+    const int64_t segments = (layers + g - 1) / g;
+    auto size_of = [&](int64_t j) { return std::min(g, layers - j * g); };
+    auto name = [&](int64_t j, const char* what) {
+      return fmt::format("segment {} (layers {}-{}{})'s {}", j, j * g, j * g + size_of(j) - 1,
+                         j < offloaded ? ", its input offloaded" : "", what);
+    };
+    std::vector<std::pair<size_t, std::string>> moments;  // (alive then, where)
+    size_t below = act;          // the embeddings: segment 0's input
+    std::vector<size_t> prefix;  // prefix[j]: alive below segment j, its input included
+    for (int64_t j = 0; j < segments; ++j) {
+      prefix.push_back(below);
+      // Layer after layer without grad: the segment's input, the previous layer's output, this one's forward.
+      moments.emplace_back(below + (size_of(j) > 1 ? act : 0) + fp, name(j, "forward"));
+      below += saved;
+      if (j < offloaded) below -= act;
+    }
+    moments.emplace_back(below + m.norm.forward_peak.at(tokens), "the final norm's forward");
+    Prediction p;
+    p.activations = below + m.norm.saved.at(tokens);
+    moments.emplace_back(p.activations + act + static_cast<size_t>(chunk) * (logit_bytes + 16), "the loss head");
+    moments.emplace_back(p.activations + act + m.norm.backward_extra.at(tokens), "the final norm's backward");
+    // Backward, top down: the segment's input (fetched back when offloaded, the one below's prefetched
+    // meanwhile), its leftovers, the gradient from above, the inputs its recompute keeps for its layers
+    // above the first, and the top one's backward (its own recompute included).
+    for (int64_t j = segments - 1; j >= 0; --j) {
+      const size_t prefetched = j > 0 && j < offloaded ? act : 0;  // the one below; prefix[j] counts its own input
+      moments.emplace_back(prefix[static_cast<size_t>(j)] + prefetched + saved + act +
+                               static_cast<size_t>(size_of(j) - 1) * act + std::max(bx, fp),
+                           name(j, "backward"));
+    }
+    const auto& peak = *std::max_element(moments.begin(), moments.end(),
+                                         [](const auto& x, const auto& y) { return x.first < y.first; });
+    p.extra = peak.first > p.activations ? peak.first - p.activations : 0;
+    p.extra += (p.activations + p.extra) / 200;  // as predict()
+    p.at = peak.second;
+    return p;
+  }
 };
 
 // "0-9, 12" for the layers whose choice `pick` takes, or "none".
@@ -196,7 +242,10 @@ namespace {
 
 // One plan with the model's MLP pieces as they are; when no plan fits, `no_fit` says why (and
 // plan.minimum_budget_bytes the least that fits).
-MemoryPlan plan_once(Llama& model, const MemoryPlanOptions& options, std::string& no_fit) {
+// Plans with every layer in segments (LayerActivations::segment) count in the least budget (with
+// MemoryPlanOptions::segments_when_needed); with `segments`, the least of those is taken when no plan
+// without them fits.
+MemoryPlan plan_once(Llama& model, const MemoryPlanOptions& options, std::string& no_fit, bool segments) {
   const LlamaConfig& c = model.config();
   const int64_t b = options.batch_size, t = options.seq_len;
   KILN_CHECK(b >= 1 && t >= 1, kOp, "expected batch_size >= 1 and seq_len >= 1, found {} and {}", b, t);
@@ -309,27 +358,53 @@ MemoryPlan plan_once(Llama& model, const MemoryPlanOptions& options, std::string
       }
     }
   }
-  const Prediction all = step.predict(least.checkpointed, min_chunk, least.offloaded, least.with_qkv);
-  plan.minimum_budget_bytes = least_bytes;
+  // Segments of g layers, the lowest `offloaded` segments' inputs in host memory: every layer's
+  // forward runs three times whatever g is, so the least of these.
+  struct SegmentSplit {
+    int64_t g = 0, offloaded = 0;  // g 0: none
+  } seg;
+  size_t seg_bytes = 0;
+  if (options.segments_when_needed) {  // in the least budget always, taken only with `segments`
+    const int64_t max_segments_offloaded = static_cast<int64_t>(host_free / step.act_bytes);
+    for (int64_t g = 2; g <= layers; ++g) {
+      for (int64_t o = std::min((layers + g - 1) / g, max_segments_offloaded); o >= 0; --o) {
+        const size_t need = total(step.predict_segments(g, min_chunk, o));
+        if (seg.g == 0 || need < seg_bytes) seg = {g, o}, seg_bytes = need;
+      }
+    }
+  }
+  const bool least_in_segments = seg.g > 0 && seg_bytes < least_bytes;
+  const SegmentSplit least_seg = seg;
+  if (!segments || chosen_split.checkpointed >= 0 || !least_in_segments || seg_bytes > plan.budget_bytes) seg = {};  // not taken
+  const Prediction all = least_in_segments ? step.predict_segments(least_seg.g, min_chunk, least_seg.offloaded)
+                                           : step.predict(least.checkpointed, min_chunk, least.offloaded, least.with_qkv);
+  plan.minimum_budget_bytes = least_in_segments ? seg_bytes : least_bytes;
   plan.mlp_chunk = mlp_chunk;
   const int64_t checkpointed = chosen_split.checkpointed, offloaded = chosen_split.offloaded, with_qkv = chosen_split.with_qkv;
-  if (checkpointed < 0) {
+  if (checkpointed < 0 && seg.g == 0) {
+    std::string least_plan;
+    if (least_in_segments) {
+      least_plan = fmt::format("every decoder layer in segments of {}", least_seg.g);
+    } else {
+      least_plan = fmt::format("{} of {} decoder layers checkpointed{}", least.checkpointed, layers,
+                               least.offloaded == 0                    ? std::string()
+                               : least.offloaded == least.checkpointed ? std::string(" with their inputs in host memory")
+                                                                       : fmt::format(", {} with their inputs in host memory", least.offloaded));
+    }
     no_fit = fmt::format(
-              "a training step on batches of {} x {} tokens needs at least {} ({} of {} decoder layers checkpointed{}, "
-              "loss chunks of {} tokens): {} of model and other tensors, {} of gradients, {} of optimizer state, {} of "
-              "activations, {} more at {}; the budget is {}. Lower the sequence length or the batch size (raise "
-              "gradient accumulation to keep the tokens per step), train LoRA adapters on an NF4 base, or give a "
-              "larger budget",
-              b, t, format_bytes(static_cast<double>(plan.minimum_budget_bytes)), least.checkpointed, layers,
-              least.offloaded == 0                   ? std::string()
-              : least.offloaded == least.checkpointed ? std::string(" with their inputs in host memory")
-                                                      : fmt::format(", {} with their inputs in host memory", least.offloaded),
-              min_chunk, format_bytes(static_cast<double>(plan.static_bytes)),
-              format_bytes(static_cast<double>(plan.gradient_bytes)), format_bytes(static_cast<double>(plan.optimizer_bytes)),
-              format_bytes(static_cast<double>(all.activations)), format_bytes(static_cast<double>(all.extra)), all.at,
-              format_bytes(static_cast<double>(plan.budget_bytes)));
+              "a training step on batches of {} x {} tokens needs at least {} ({}, loss chunks of {} tokens): {} of model "
+              "and other tensors, {} of gradients, {} of optimizer state, {} of activations, {} more at {}; the budget is "
+              "{}. Lower the sequence length or the batch size (raise gradient accumulation to keep the tokens per step), "
+              "train LoRA adapters on an NF4 base, or give a larger budget",
+              b, t, format_bytes(static_cast<double>(plan.minimum_budget_bytes)), least_plan, min_chunk,
+              format_bytes(static_cast<double>(plan.static_bytes)), format_bytes(static_cast<double>(plan.gradient_bytes)),
+              format_bytes(static_cast<double>(plan.optimizer_bytes)), format_bytes(static_cast<double>(all.activations)),
+              format_bytes(static_cast<double>(all.extra)), all.at, format_bytes(static_cast<double>(plan.budget_bytes)));
     return plan;
   }
+  auto predict_chosen = [&](int64_t chunk) {
+    return seg.g > 0 ? step.predict_segments(seg.g, chunk, seg.offloaded) : step.predict(checkpointed, chunk, offloaded, with_qkv);
+  };
 
   // The largest chunk that fits, up to the default loss budget; loss_chunk is what the head will use.
   const size_t default_loss_budget = ChunkedLossOptions{}.memory_budget_bytes;
@@ -339,18 +414,27 @@ MemoryPlan plan_once(Llama& model, const MemoryPlanOptions& options, std::string
   };
   while (lo < hi) {  // the largest loss budget whose chunk fits
     const size_t mid = lo + (hi - lo + 1) / 2;
-    if (total(step.predict(checkpointed, chunk_of(mid), offloaded, with_qkv)) <= plan.budget_bytes) lo = mid;
+    if (total(predict_chosen(chunk_of(mid))) <= plan.budget_bytes) lo = mid;
     else hi = mid - 1;
   }
   plan.loss_memory_budget = lo;
   plan.loss_chunk = chunk_of(lo);  // as chunked_linear_loss will choose it
   plan.layer_activations.assign(static_cast<size_t>(layers), LayerActivations::keep);
-  for (int64_t i = 0; i < checkpointed; ++i)
-    plan.layer_activations[static_cast<size_t>(i)] = i < with_qkv ? LayerActivations::offload_qkv
-                                                     : i < offloaded ? LayerActivations::offload
-                                                                     : LayerActivations::checkpoint;
-  plan.host_bytes = static_cast<size_t>(offloaded) * step.offload_bytes + static_cast<size_t>(with_qkv) * step.qkv_bytes;
-  const Prediction chosen = step.predict(checkpointed, plan.loss_chunk, offloaded, with_qkv);
+  if (seg.g > 0) {
+    plan.segment_layers = seg.g;
+    for (int64_t i = 0; i < layers; ++i)
+      plan.layer_activations[static_cast<size_t>(i)] = i % seg.g != 0      ? LayerActivations::segment
+                                                       : i / seg.g < seg.offloaded ? LayerActivations::offload
+                                                                                   : LayerActivations::checkpoint;
+    plan.host_bytes = static_cast<size_t>(seg.offloaded) * step.act_bytes;
+  } else {
+    for (int64_t i = 0; i < checkpointed; ++i)
+      plan.layer_activations[static_cast<size_t>(i)] = i < with_qkv ? LayerActivations::offload_qkv
+                                                       : i < offloaded ? LayerActivations::offload
+                                                                       : LayerActivations::checkpoint;
+    plan.host_bytes = static_cast<size_t>(offloaded) * step.offload_bytes + static_cast<size_t>(with_qkv) * step.qkv_bytes;
+  }
+  const Prediction chosen = predict_chosen(plan.loss_chunk);
   plan.activation_bytes = chosen.activations;
   plan.peak_extra_bytes = chosen.extra;
   plan.peak_at = chosen.at;
@@ -378,19 +462,24 @@ MemoryPlan plan_memory(Llama& model, const MemoryPlanOptions& options) {
     ~Restore() { m.set_dequantized_layers(n); }
   } restore{model, had_dense};
   std::string no_fit;
-  MemoryPlan plan = plan_once(model, options, no_fit);
+  MemoryPlan plan = plan_once(model, options, no_fit, /*segments=*/false);
   const int64_t had = model.mlp_chunk(), piece = options.mlp_chunk_when_needed;
-  if (!no_fit.empty() && had == 0 && piece > 0 && options.seq_len >= 2 * piece) {
-    // Nothing fits with whole MLPs: try them in pieces (one more MLP forward per layer in backward).
-    std::string chunked_no_fit;
-    model.set_mlp_chunk(piece);
+  const bool pieces = !no_fit.empty() && had == 0 && piece > 0 && options.seq_len >= 2 * piece;
+  std::string tried;
+  // Nothing fits: the MLPs in pieces (one more MLP forward per layer in backward), then segments of
+  // layers (two more forwards of every layer), the MLPs still in pieces.
+  for (const bool segments : {false, true}) {
+    if (no_fit.empty() || (!segments && !pieces) || (segments && !options.segments_when_needed)) continue;
+    std::string again;
+    if (pieces) model.set_mlp_chunk(piece);
     try {
-      MemoryPlan chunked = plan_once(model, options, chunked_no_fit);
-      if (chunked_no_fit.empty()) {
-        plan = chunked;
+      MemoryPlan next = plan_once(model, options, again, segments);
+      if (again.empty()) {
+        plan = next;
         no_fit.clear();
       } else {
-        no_fit = chunked_no_fit + fmt::format(" (also tried: the MLPs in pieces of {} tokens)", piece);
+        tried += segments ? ", the layers in segments" : fmt::format(", the MLPs in pieces of {} tokens", piece);
+        no_fit = again;
       }
     } catch (...) {
       model.set_mlp_chunk(had);
@@ -398,7 +487,7 @@ MemoryPlan plan_memory(Llama& model, const MemoryPlanOptions& options) {
     }
     model.set_mlp_chunk(had);
   }
-  if (!no_fit.empty()) throw Error(fmt::format("[{}] {}", kOp, no_fit));
+  if (!no_fit.empty()) throw Error(fmt::format("[{}] {}{}", kOp, no_fit, tried.empty() ? "" : " (also tried: " + tried.substr(2) + ")"));
   return plan;
 }
 
@@ -414,10 +503,18 @@ std::string MemoryPlan::describe() const {
   const auto with_qkv = std::count(layer_activations.begin(), layer_activations.end(), LayerActivations::offload_qkv);
   std::string s = fmt::format("memory plan for batches of {} x {} tokens on {}, budget {}:\n", batch_size, seq_len,
                               device.str(), f(budget_bytes));
-  s += fmt::format("  decoder layers: {} of {} kept whole ({}), {} checkpointed ({})", n - ck, n,
-                   layer_ranges(layer_activations, LayerActivations::keep), ck - offloaded,
-                   layer_ranges(layer_activations, LayerActivations::checkpoint));
-  if (offloaded > 0)
+  if (segment_layers > 0) {
+    const int64_t segments = (n + segment_layers - 1) / segment_layers;
+    s += fmt::format("  decoder layers: all {} in {} segment{} of {} (each runs forward again in backward, its layers "
+                     "checkpointed)", n, segments, segments == 1 ? "" : "s", segment_layers);
+    if (offloaded > 0)
+      s += fmt::format(", the inputs of {} segments in pinned host memory ({})", offloaded, f(host_bytes));
+  } else {
+    s += fmt::format("  decoder layers: {} of {} kept whole ({}), {} checkpointed ({})", n - ck, n,
+                     layer_ranges(layer_activations, LayerActivations::keep), ck - offloaded,
+                     layer_ranges(layer_activations, LayerActivations::checkpoint));
+  }
+  if (offloaded > 0 && segment_layers == 0)
     s += fmt::format(", {} checkpointed with their inputs and attention outputs in pinned host memory ({}; {})", offloaded,
                      layer_ranges(layer_activations, is_offloaded), f(host_bytes));
   if (with_qkv > 0)

@@ -34,6 +34,10 @@ struct MemoryPlanOptions {
   // When no plan fits with whole MLPs, the model has no MLP pieces and T is at least twice this: the
   // plan tries the MLPs in pieces of this many tokens (0: never).
   int64_t mlp_chunk_when_needed = 8192;
+  // When nothing fits even so, the plan puts every layer in segments (LayerActivations::segment: two
+  // more forwards of every layer), the least memory of those, with the segments' inputs in host memory
+  // as the host budget allows.
+  bool segments_when_needed = true;
 };
 
 // bytes = fixed + per_token * tokens, fitted through two probe lengths.
@@ -74,6 +78,7 @@ struct MemoryPlan {
   // checkpointed first (the top ones' activations are used first), the lowest of those offloaded.
   std::vector<LayerActivations> layer_activations;
   int64_t mlp_chunk = 0;             // Llama::set_mlp_chunk: the model's, or chosen when nothing fits whole
+  int64_t segment_layers = 0;        // layers a segment spans when every layer is in segments, else 0
   int64_t loss_chunk = 0;            // tokens per chunk of the loss head
   // Decoder layers whose NF4 weights stay dequantised (Llama::set_dequantized_layers): what budget is
   // left once the activations and the loss chunk are chosen, one layer's dense weights at a time.

@@ -103,7 +103,7 @@ BudgetRun train_within(const ModelFactory& make, size_t budget, int64_t batch, i
 }
 
 // The several-budgets check (B * T must exceed kMinLossChunk): from the smallest budget that fits
-// (normally every layer checkpointed) through one where every layer is kept and the head runs in chunks, to
+// (every layer checkpointed, or in segments) through one where every layer is kept and the head runs in chunks, to
 // the peak of the plan without checkpointing and one chunk, each plan fits, keeps at least as many
 // layers whole as the smaller budget's, and two real training steps peak within the budget and
 // within 15% of the prediction. Prints one line per budget.
@@ -240,7 +240,12 @@ TEST_CASE("Llama: per-layer checkpointing gives the loss and gradients of none a
   // Offloaded on the CPU: the input is already in host memory and is kept as it is.
   m.set_layer_activations({A::offload, A::offload, A::keep, A::checkpoint});
   const Step offloaded = loss_and_grads(m, ids_ok, targets);
-  for (const Step* s : {&all, &some, &offloaded}) {
+  // Segments: layers 0-2 run again from layer 0's input; 0 and 1-3 (layer 1's input offloaded).
+  m.set_layer_activations({A::checkpoint, A::segment, A::segment, A::keep});
+  const Step segment = loss_and_grads(m, ids_ok, targets);
+  m.set_layer_activations({A::checkpoint, A::offload, A::segment, A::segment});
+  const Step segments = loss_and_grads(m, ids_ok, targets);
+  for (const Step* s : {&all, &some, &offloaded, &segment, &segments}) {
     CHECK(std::abs(s->loss - none.loss) <= 1e-6 * std::abs(none.loss));
     REQUIRE(s->grads.size() == none.grads.size());
     for (size_t i = 0; i < none.grads.size(); ++i) test::require_close(s->grads[i], none.grads[i], 1e-6, 1e-7);
@@ -258,6 +263,16 @@ TEST_CASE("Llama: per-layer checkpointing gives the loss and gradients of none a
   CHECK(k0 > k2);
   CHECK(k2 > k4);
   CHECK(k0 - k2 == (k2 - k4));  // two layers' saved tensors less their outputs each time
+  // One segment of all four keeps the last output only: three layer outputs less than all checkpointed.
+  const size_t k1 = kept_after_forward({A::checkpoint, A::segment, A::segment, A::segment});
+  CHECK(k4 > k1);
+  CHECK((k4 - k1) % 3 == 0);
+  // A segment starts at a checkpointed or offloaded layer.
+  CHECK_THROWS_WITH(m.set_layer_activations({A::segment, A::checkpoint, A::keep, A::keep}),
+                    ContainsSubstring("decoder layer 0 is marked segment but is the first layer"));
+  CHECK_THROWS_WITH(m.set_layer_activations({A::checkpoint, A::keep, A::segment, A::keep}),
+                    ContainsSubstring("decoder layer 2 is marked segment but layer 1 below it is kept whole"));
+  CHECK(m.layer_activations() == std::vector<A>{A::checkpoint, A::segment, A::segment, A::segment});  // unchanged
   // Eval mode never checkpoints; a wrong-sized choice is an error.
   CHECK_THROWS_WITH(m.set_layer_activations({A::checkpoint}), ContainsSubstring("one entry per decoder layer (4), found 1"));
 }
@@ -397,7 +412,7 @@ TEST_CASE("memory plan: a tiny QLoRA Llama at several budgets on the CPU: the pl
   mo.budget_bytes = size_t{1} << 40;
   const nn::MemoryPlan plan = nn::plan_memory(*model, mo);
   mo.budget_bytes = plan.minimum_budget_bytes;
-  CHECK(nn::plan_memory(*model, mo).num_checkpointed() == 4);  // here the least memory checkpoints every layer
+  CHECK(nn::plan_memory(*model, mo).num_checkpointed() == 4);  // here the least memory has every layer in segments
 }
 
 TEST_CASE("memory plan: when nothing fits with whole MLPs the plan puts them in pieces", "[memory_plan]") {
@@ -490,8 +505,25 @@ TEST_CASE("memory plan: the parts of a plan and its description; the error below
                         ContainsSubstring("Lower the sequence length or the batch size"));
   mo.budget_bytes = plan.minimum_budget_bytes;
   const nn::MemoryPlan tight = nn::plan_memory(*model, mo);
-  CHECK(tight.num_checkpointed() == 4);
-  CHECK_THAT(tight.describe(), ContainsSubstring("0 of 4 kept whole (none), 4 checkpointed (0-3)"));
+  CHECK(tight.num_checkpointed() == 4);  // here the least memory puts the layers in segments
+  REQUIRE(tight.segment_layers >= 2);
+  const std::vector<nn::LayerActivations> seg = tight.layer_activations;
+  for (size_t i = 0; i < seg.size(); ++i)
+    CHECK(seg[i] == (i % static_cast<size_t>(tight.segment_layers) == 0 ? nn::LayerActivations::checkpoint
+                                                                          : nn::LayerActivations::segment));
+  CHECK_THAT(tight.describe(), ContainsSubstring(fmt::format("decoder layers: all 4 in {} segment", 
+                                                             (4 + tight.segment_layers - 1) / tight.segment_layers)));
+  // Without segments the least plan checkpoints every layer, and needs more.
+  mo.segments_when_needed = false;
+  mo.budget_bytes = size_t{1} << 30;
+  const size_t without = nn::plan_memory(*model, mo).minimum_budget_bytes;
+  CHECK(without > plan.minimum_budget_bytes);
+  mo.budget_bytes = plan.minimum_budget_bytes;
+  CHECK_THROWS_WITH(nn::plan_memory(*model, mo), ContainsSubstring("needs at least"));
+  mo.budget_bytes = without;
+  const nn::MemoryPlan checkpointed = nn::plan_memory(*model, mo);
+  CHECK(checkpointed.segment_layers == 0);
+  CHECK_THAT(checkpointed.describe(), ContainsSubstring("0 of 4 kept whole (none), 4 checkpointed (0-3)"));
 }
 
 TEST_CASE("trainer: memory_budget needs a Llama trained with the default loss", "[memory_plan][trainer]") {
@@ -584,6 +616,14 @@ TEST_CASE("Llama: offloaded layers on the GPU give the checkpointed loss and gra
   REQUIRE(on_device > with_offload);
   CHECK(on_device - with_offload == 4 * act);
   CHECK(cuda::pinned_host_bytes() == pinned);  // no new pinned memory: the cache served it
+  // Segments 0-2 and 3-4, their inputs offloaded: the same loss and gradients, and after forward no
+  // layer input of theirs on the device (five fewer than checkpointed).
+  const std::vector<A> segments = {A::offload, A::segment, A::segment, A::offload, A::segment, A::keep};
+  m.set_layer_activations(segments);
+  const Step segmented = loss_and_grads(m, ids, targets);
+  CHECK(std::abs(segmented.loss - checkpointed.loss) <= 1e-6 * std::abs(checkpointed.loss));
+  for (size_t i = 0; i < checkpointed.grads.size(); ++i) test::require_close(segmented.grads[i], checkpointed.grads[i], 1e-5, 1e-6);
+  CHECK(on_device - kept_after_forward(segments) == 5 * act);
   // A second backward through an offloaded layer is refused: its inputs went back to the device. (Not
   // through the chunked head, which refuses a second backward itself.)
   m.set_layer_activations(mixed);
@@ -615,6 +655,7 @@ TEST_CASE("memory plan: on a GPU the least plan offloads what the host budget ho
     mo.batch_size = batch;
     mo.seq_len = seq;
     mo.optimizer_state_bytes = opt.pending_state_bytes();  // the Trainer's plan counts it too
+    mo.segments_when_needed = false;  // the least plans of layers kept, checkpointed and offloaded
     auto least = [&](size_t host) {  // the plan at the least budget with `host` bytes of host memory
       mo.host_budget_bytes = host;
       mo.budget_bytes = size_t{1} << 50;
