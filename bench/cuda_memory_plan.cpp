@@ -8,7 +8,8 @@
 // FILE (one step's per-op memory timeline, bench/memory_trace.h, of each plan in turn), --longest (no
 // step: the planner's memory model at T = --seq, 2T, 4T, ... until the least plan no longer fits the
 // default budget or the host budget, then halving the step between the last length that fits and the first
-// that does not, down to 16384 tokens: the longest sequence that trains on this GPU), --host-budget GiB (the
+// that does not, down to 16384 tokens: the longest sequence that trains on this GPU; --longest-max T: no
+// length above T is tried, each plan running one decoder layer forward at T), --host-budget GiB (the
 // pinned host memory offloaded layers may take; default: half the host's free memory). Each plan's
 // description goes to stderr.
 #include <algorithm>
@@ -42,6 +43,7 @@ struct Args {
   double host_budget_gib = 0;  // 0: the planner's default
   bool ops = false;
   bool longest = false;
+  int64_t longest_max = int64_t{1} << 24;  // --longest tries no length above this
   std::string trace_memory;  // file for the per-op memory timeline, or empty
 };
 
@@ -98,7 +100,11 @@ int longest_sequence(nn::Llama& model, const nn::AdamW& opt, const Args& a) {
     return ok;
   };
   int64_t good = 0, bad = a.seq;
-  while (bad <= (int64_t{1} << 24) && fits(bad)) good = bad, bad *= 2;
+  while (bad <= a.longest_max && fits(bad)) good = bad, bad *= 2;
+  if (bad > a.longest_max) {  // everything tried fits
+    std::printf("longest: at least %lld tokens (none longer tried: --longest-max)\n", static_cast<long long>(good));
+    return 0;
+  }
   while (good > 0 && bad - good > 16384) {
     const int64_t mid = good + (bad - good) / 2 / 16384 * 16384;
     (fits(mid) ? good : bad) = mid;
@@ -112,7 +118,7 @@ int longest_sequence(nn::Llama& model, const nn::AdamW& opt, const Args& a) {
 int main(int argc, char** argv) {
   Args a;
   const auto usage = [&] {
-    std::fprintf(stderr, "usage: %s [--layers N] [--seq T] [--batch B] [--iters N] [--budgets GiB,GiB,...] [--mlp-chunk N] [--ops] [--trace-memory FILE] [--longest] [--host-budget GiB]\n",
+    std::fprintf(stderr, "usage: %s [--layers N] [--seq T] [--batch B] [--iters N] [--budgets GiB,GiB,...] [--mlp-chunk N] [--ops] [--trace-memory FILE] [--longest] [--longest-max T] [--host-budget GiB]\n",
                  argv[0]);
     return 2;
   };
@@ -132,6 +138,7 @@ int main(int argc, char** argv) {
     else if (k == "--mlp-chunk") a.mlp_chunk = std::stoll(v);
     else if (k == "--trace-memory") a.trace_memory = v;
     else if (k == "--host-budget") a.host_budget_gib = std::stod(v);
+    else if (k == "--longest-max") a.longest_max = std::stoll(v);
     else return usage();
   }
   if (!cuda::is_available()) {
