@@ -346,6 +346,26 @@ TEST_CASE("finetune: --memory-budget plans the checkpoints and the loss chunk, p
   REQUIRE_THROWS_WITH(host.validate(), ContainsSubstring("--host-memory-budget must be >= 0 GiB"));
   host.host_memory_budget = 2;
   REQUIRE_THROWS_WITH(app::FinetuneJob(host), ContainsSubstring("on cpu nothing is offloaded"));
+  // --segment-layers: both blocks in one segment, the losses of --checkpointing; 1, or without
+  // --checkpointing, or with --compile: refused
+  const app::FinetuneResult rc = app::FinetuneJob(all).run();
+  app::FinetuneConfig seg = tiny_run(root, "segments");
+  seg.checkpointing = true;
+  seg.segment_layers = 2;
+  app::FinetuneJob segmented(seg);
+  CHECK(segmented.model().layer_activations() ==
+        std::vector<nn::LayerActivations>{nn::LayerActivations::checkpoint, nn::LayerActivations::segment});
+  const app::FinetuneResult rs = segmented.run();
+  REQUIRE(rs.losses.size() == rc.losses.size());
+  for (size_t i = 0; i < rc.losses.size(); ++i) CHECK(rs.losses[i] == Catch::Approx(rc.losses[i]).epsilon(1e-6));
+  seg.segment_layers = 1;
+  REQUIRE_THROWS_WITH(seg.validate(), ContainsSubstring("--segment-layers must be 0 (off) or at least 2"));
+  seg.segment_layers = 2;
+  seg.checkpointing = false;
+  REQUIRE_THROWS_WITH(seg.validate(), ContainsSubstring("add --checkpointing"));
+  seg.checkpointing = true;
+  seg.compile = true;
+  REQUIRE_THROWS_WITH(seg.validate(), ContainsSubstring("--segment-layers with --compile is not supported"));
   app::FinetuneConfig chunk = tiny_run(root, "mlp_chunk");
   chunk.mlp_chunk = -3;
   REQUIRE_THROWS_WITH(chunk.validate(), ContainsSubstring("--mlp-chunk must be 0 (off) or a number of tokens"));

@@ -65,6 +65,9 @@ const std::vector<Field>& fields() {
                   "overlapped with compute", &C::offload, false},
       {"mlp_chunk", "long sequences: each MLP runs on at most this many tokens at a time, each chunk "
                     "checkpointed (0: off)", &C::mlp_chunk, false},
+      {"segment_layers", "with --checkpointing, very long sequences: the blocks in segments of this many, each keeping "
+                         "only its first block's input (offloaded with --offload) and running its forward again in "
+                         "backward, two more forwards per block (0: off)", &C::segment_layers, false},
       {"memory_budget", "GiB a step may use at its peak: kiln plans which blocks to checkpoint and the loss chunk "
                         "(0: the device's free memory less a margin; default: that plan unless --checkpointing, "
                         "several ranks or --chunked-head false)", &C::memory_budget, false},
@@ -292,6 +295,12 @@ void FinetuneConfig::validate() const {
   KILN_CHECK(mlp_chunk == 0 || !compile, "finetune",
              "--mlp-chunk runs the MLP in checkpointed pieces, which the compiled decoder layers (--compile) do not "
              "trace: use one of them");
+  KILN_CHECK(segment_layers == 0 || segment_layers >= 2, "finetune",
+             "--segment-layers must be 0 (off) or at least 2 blocks (1 is --checkpointing itself), found {}", segment_layers);
+  KILN_CHECK(segment_layers == 0 || checkpointing, "finetune",
+             "--segment-layers groups checkpointed blocks: add --checkpointing (or let --memory-budget choose)");
+  KILN_CHECK(segment_layers == 0 || !compile, "finetune",
+             "--segment-layers with --compile is not supported: the compiled blocks are not run inside segments; use one of them");
   KILN_CHECK(!offload || checkpointing, "finetune",
              "--offload moves checkpointed blocks' inputs to host memory: add --checkpointing (or let --memory-budget "
              "choose, without --offload)");

@@ -43,6 +43,7 @@ struct FinetuneConfig {
   bool checkpointing = false;     // activation checkpointing of every block (no memory plan then)
   bool offload = false;           // with checkpointing: each block's input waits in pinned host memory (GPU)
   int64_t mlp_chunk = 0;          // long sequences: the MLP runs on at most this many tokens at a time (0: off)
+  int64_t segment_layers = 0;     // with checkpointing: blocks in segments of this many (nn::LayerActivations::segment; 0: off)
   // GiB a step may hold at its peak: kiln plans which blocks to checkpoint and the loss head's chunk
   // (nn/memory_plan.h). 0: the device's free memory less a margin. Below 0 (the default): the same
   // default plan, unless --checkpointing, several ranks or --chunked-head false decide otherwise.

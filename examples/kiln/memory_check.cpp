@@ -2,6 +2,7 @@
 #include "examples/kiln/memory_check.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "core/error.h"
 #include "core/memory.h"
@@ -27,7 +28,10 @@ StepMemory estimate_step_memory(const nn::LlamaConfig& m, const FinetuneConfig& 
   // Per token and layer, kept for backward: the two norms' outputs, q, k, v, the attention output and
   // the o_proj output (~5h + 2kv), gate, up, silu(gate) and their product (4 x intermediate).
   const double per_token_layer = (5 * h + 2 * kv + 4 * inter) * e;
-  s.activations = c.checkpointing ? tokens * h * e * layers + tokens * per_token_layer
+  // Checkpointed: every block's input, or in segments of g one input per segment and g at once in backward.
+  const double g = static_cast<double>(c.segment_layers);
+  const double inputs = c.segment_layers > 0 ? std::ceil(layers / g) + g - 1 : layers;
+  s.activations = c.checkpointing ? tokens * h * e * inputs + tokens * per_token_layer
                                   : tokens * per_token_layer * layers;
   // One layer's attention scores (B, heads, T, T).
   s.activations += static_cast<double>(c.batch_size) * static_cast<double>(m.num_attention_heads) *
