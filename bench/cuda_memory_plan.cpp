@@ -8,8 +8,8 @@
 // FILE (one step's per-op memory timeline, bench/memory_trace.h, of each plan in turn), --longest (no
 // step: the planner's memory model at T = --seq, 2T, 4T, ... until the least plan no longer fits the
 // default budget or the host budget, then halving the step between the last length that fits and the first
-// that does not, down to 16384 tokens: the longest sequence that trains on this GPU; --longest-max T: no
-// length above T is tried, each plan running one decoder layer forward at T), --host-budget GiB (the
+// that does not, down to 16384 tokens (--longest-step N: N): the longest sequence that trains on this GPU;
+// --longest-max T: no length above T is tried, each plan running one decoder layer forward at T), --host-budget GiB (the
 // pinned host memory offloaded layers may take; default: half the host's free memory). Each plan's
 // description goes to stderr.
 #include <algorithm>
@@ -44,6 +44,7 @@ struct Args {
   bool ops = false;
   bool longest = false;
   int64_t longest_max = int64_t{1} << 24;  // --longest tries no length above this
+  int64_t longest_step = 16384;            // and bisects down to this many tokens
   std::string trace_memory;  // file for the per-op memory timeline, or empty
 };
 
@@ -105,8 +106,8 @@ int longest_sequence(nn::Llama& model, const nn::AdamW& opt, const Args& a) {
     std::printf("longest: at least %lld tokens (none longer tried: --longest-max)\n", static_cast<long long>(good));
     return 0;
   }
-  while (good > 0 && bad - good > 16384) {
-    const int64_t mid = good + (bad - good) / 2 / 16384 * 16384;
+  while (good > 0 && bad - good > a.longest_step) {
+    const int64_t mid = good + (bad - good) / 2 / a.longest_step * a.longest_step;
     (fits(mid) ? good : bad) = mid;
   }
   std::printf("longest: %lld tokens\n", static_cast<long long>(good));
@@ -118,7 +119,7 @@ int longest_sequence(nn::Llama& model, const nn::AdamW& opt, const Args& a) {
 int main(int argc, char** argv) {
   Args a;
   const auto usage = [&] {
-    std::fprintf(stderr, "usage: %s [--layers N] [--seq T] [--batch B] [--iters N] [--budgets GiB,GiB,...] [--mlp-chunk N] [--ops] [--trace-memory FILE] [--longest] [--longest-max T] [--host-budget GiB]\n",
+    std::fprintf(stderr, "usage: %s [--layers N] [--seq T] [--batch B] [--iters N] [--budgets GiB,GiB,...] [--mlp-chunk N] [--ops] [--trace-memory FILE] [--longest] [--longest-max T] [--longest-step T] [--host-budget GiB]\n",
                  argv[0]);
     return 2;
   };
@@ -139,6 +140,7 @@ int main(int argc, char** argv) {
     else if (k == "--trace-memory") a.trace_memory = v;
     else if (k == "--host-budget") a.host_budget_gib = std::stod(v);
     else if (k == "--longest-max") a.longest_max = std::stoll(v);
+    else if (k == "--longest-step") a.longest_step = std::max<int64_t>(1, std::stoll(v));
     else return usage();
   }
   if (!cuda::is_available()) {
