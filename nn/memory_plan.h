@@ -75,7 +75,9 @@ struct MemoryPlan {
   // recompute skips attention), and of those the lowest with q, k, v and the residual stream after
   // attention on the host too (LayerActivations::offload_qkv: its recompute also skips the q, k, v and o
   // GEMMs, for more host memory and the device memory its prefetch takes). The lowest layers are
-  // checkpointed first (the top ones' activations are used first), the lowest of those offloaded.
+  // checkpointed first (the top ones' activations are used first), the lowest of those offloaded. When
+  // nothing of that fits: every layer in segments of segment_layers, each segment's first layer
+  // checkpointed or offloaded (its input only), the others LayerActivations::segment.
   std::vector<LayerActivations> layer_activations;
   int64_t mlp_chunk = 0;             // Llama::set_mlp_chunk: the model's, or chosen when nothing fits whole
   int64_t segment_layers = 0;        // layers a segment spans when every layer is in segments, else 0
