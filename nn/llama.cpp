@@ -191,6 +191,16 @@ void check_segments(const std::vector<LayerActivations>& per_layer) {
                i == 0 ? "is the first layer" : fmt::format("layer {} below it is kept whole", i - 1));
 }
 
+std::vector<LayerActivations> in_segments(int64_t layers, int64_t g, int64_t offloaded) {
+  KILN_CHECK(g >= 2, "Llama", "a segment spans at least 2 layers, found {}", g);
+  std::vector<LayerActivations> out(static_cast<size_t>(std::max<int64_t>(layers, 0)));
+  for (int64_t i = 0; i < layers; ++i)
+    out[static_cast<size_t>(i)] = i % g != 0         ? LayerActivations::segment
+                                  : i / g < offloaded ? LayerActivations::offload
+                                                      : LayerActivations::checkpoint;
+  return out;
+}
+
 const char* layer_activations_name(LayerActivations a) {
   switch (a) {
     case LayerActivations::keep: return "keep";

@@ -120,6 +120,9 @@ enum class LayerActivations : uint8_t {
 const char* layer_activations_name(LayerActivations a);
 // A kiln::Error when a layer marked segment is the first or follows a layer kept whole.
 void check_segments(const std::vector<LayerActivations>& per_layer);
+// `layers` decoder layers in segments of `g` (g >= 2): each segment's first layer offloaded for the lowest
+// `offloaded` segments, checkpointed above them; the others LayerActivations::segment.
+std::vector<LayerActivations> in_segments(int64_t layers, int64_t g, int64_t offloaded);
 inline bool is_offloaded(LayerActivations a) { return a == LayerActivations::offload || a == LayerActivations::offload_qkv; }
 
 struct LlamaOptions {

@@ -90,6 +90,22 @@ struct Prediction {
   std::string at;
 };
 
+using Moments = std::vector<std::pair<size_t, std::string>>;  // (alive then, where)
+
+// The prediction of a step that keeps `activations` when forward ends, whose peak is the largest moment.
+Prediction peak_of(const Moments& moments, size_t activations) {
+  const auto& peak = *std::max_element(moments.begin(), moments.end(),
+                                       [](const auto& x, const auto& y) { return x.first < y.first; });
+  Prediction p;
+  p.activations = activations;
+  p.extra = peak.first > activations ? peak.first - activations : 0;
+  // 0.5% more for what the straight line through two probe lengths misses (allocations rounded at
+  // the probe's lengths): on an H100, a least-budget plan peaked 0.08% over a prediction without it.
+  p.extra += (p.activations + p.extra) / 200;
+  p.at = peak.second;
+  return p;
+}
+
 struct StepModel {
   int64_t layers = 0, tokens = 0;
   size_t act_bytes = 0;    // one (B, T, hidden) activation
@@ -110,7 +126,7 @@ struct StepModel {
       return fmt::format("layer {}'s {}{}", i, what,
                          i < with_qkv ? " (offloaded with q, k, v)" : offloaded(i) ? " (offloaded)" : i < checkpointed ? " (checkpointed)" : "");
     };
-    std::vector<std::pair<size_t, std::string>> moments;  // (alive then, where)
+    Moments moments;
     // Forward: the embeddings (the first layer's input), then what each layer keeps. An offloaded
     // layer holds its attention output and LSE until its forward ends (then they are copied down
     // with its input, which leaves the device).
@@ -124,11 +140,10 @@ struct StepModel {
       if (offloaded(i)) below -= act_bytes;
     }
     moments.emplace_back(below + m.norm.forward_peak.at(tokens), "the final norm's forward");
-    Prediction p;
-    p.activations = below + m.norm.saved.at(tokens);
+    const size_t activations = below + m.norm.saved.at(tokens);
     // The head: d(hidden) (an activation) and one chunk of logits (and its per-row losses).
-    moments.emplace_back(p.activations + act_bytes + static_cast<size_t>(chunk) * (logit_bytes + 16), "the loss head");
-    moments.emplace_back(p.activations + act_bytes + m.norm.backward_extra.at(tokens), "the final norm's backward");
+    moments.emplace_back(activations + act_bytes + static_cast<size_t>(chunk) * (logit_bytes + 16), "the loss head");
+    moments.emplace_back(activations + act_bytes + m.norm.backward_extra.at(tokens), "the final norm's backward");
     // Backward, top down: the layers above are freed; a layer's own forward leftovers (its output
     // at least), its input (fetched back when offloaded, with its attention output and LSE, which are
     // on the device before its recompute starts, while the one below's tensors are prefetched) and
@@ -140,14 +155,7 @@ struct StepModel {
                                (offloaded(i) ? host(i - 1) : 0) + block(i).saved.at(tokens) + act_bytes +
                                block(i).backward_extra.at(tokens),
                            name(i, "backward"));
-    const auto& peak = *std::max_element(moments.begin(), moments.end(),
-                                         [](const auto& x, const auto& y) { return x.first < y.first; });
-    p.extra = peak.first > p.activations ? peak.first - p.activations : 0;
-    // 0.5% more for what the straight line through two probe lengths misses (allocations rounded at
-    // the probe's lengths): on an H100, a least-budget plan peaked 0.08% over a prediction without it.
-    p.extra += (p.activations + p.extra) / 200;
-    p.at = peak.second;
-    return p;
+    return peak_of(moments, activations);
   }
 
   // Every layer in segments of `g` (LayerActivations::segment): segment j starts at layer j * g; the
@@ -164,7 +172,7 @@ struct StepModel {
       return fmt::format("segment {} (layers {}-{}{})'s {}", j, j * g, j * g + size_of(j) - 1,
                          j < offloaded ? ", its input offloaded" : "", what);
     };
-    std::vector<std::pair<size_t, std::string>> moments;  // (alive then, where)
+    Moments moments;
     size_t below = act;          // the embeddings: segment 0's input
     std::vector<size_t> prefix;  // prefix[j]: alive below segment j, its input included
     for (int64_t j = 0; j < segments; ++j) {
@@ -175,10 +183,9 @@ struct StepModel {
       if (j < offloaded) below -= act;
     }
     moments.emplace_back(below + m.norm.forward_peak.at(tokens), "the final norm's forward");
-    Prediction p;
-    p.activations = below + m.norm.saved.at(tokens);
-    moments.emplace_back(p.activations + act + static_cast<size_t>(chunk) * (logit_bytes + 16), "the loss head");
-    moments.emplace_back(p.activations + act + m.norm.backward_extra.at(tokens), "the final norm's backward");
+    const size_t activations = below + m.norm.saved.at(tokens);
+    moments.emplace_back(activations + act + static_cast<size_t>(chunk) * (logit_bytes + 16), "the loss head");
+    moments.emplace_back(activations + act + m.norm.backward_extra.at(tokens), "the final norm's backward");
     // Backward, top down: the segment's input (fetched back when offloaded, the one below's prefetched
     // meanwhile), its leftovers, the gradient from above, the inputs its recompute keeps for its layers
     // above the first, and the top one's backward (its own recompute included).
@@ -188,12 +195,7 @@ struct StepModel {
                                static_cast<size_t>(size_of(j) - 1) * act + std::max(bx, fp),
                            name(j, "backward"));
     }
-    const auto& peak = *std::max_element(moments.begin(), moments.end(),
-                                         [](const auto& x, const auto& y) { return x.first < y.first; });
-    p.extra = peak.first > p.activations ? peak.first - p.activations : 0;
-    p.extra += (p.activations + p.extra) / 200;  // as predict()
-    p.at = peak.second;
-    return p;
+    return peak_of(moments, activations);
   }
 };
 
@@ -422,10 +424,7 @@ MemoryPlan plan_once(Llama& model, const MemoryPlanOptions& options, std::string
   plan.layer_activations.assign(static_cast<size_t>(layers), LayerActivations::keep);
   if (seg.g > 0) {
     plan.segment_layers = seg.g;
-    for (int64_t i = 0; i < layers; ++i)
-      plan.layer_activations[static_cast<size_t>(i)] = i % seg.g != 0      ? LayerActivations::segment
-                                                       : i / seg.g < seg.offloaded ? LayerActivations::offload
-                                                                                   : LayerActivations::checkpoint;
+    plan.layer_activations = in_segments(layers, seg.g, seg.offloaded);
     plan.host_bytes = static_cast<size_t>(seg.offloaded) * step.act_bytes;
   } else {
     for (int64_t i = 0; i < checkpointed; ++i)
@@ -461,25 +460,23 @@ MemoryPlan plan_memory(Llama& model, const MemoryPlanOptions& options) {
     int64_t n;
     ~Restore() { m.set_dequantized_layers(n); }
   } restore{model, had_dense};
-  std::string no_fit;
-  MemoryPlan plan = plan_once(model, options, no_fit, /*segments=*/false);
+  // When nothing fits: the MLPs in pieces (one more MLP forward per layer in backward), and only then
+  // segments of layers (two more forwards of every layer; plan_once takes them where no other plan fits).
   const int64_t had = model.mlp_chunk(), piece = options.mlp_chunk_when_needed;
-  const bool pieces = !no_fit.empty() && had == 0 && piece > 0 && options.seq_len >= 2 * piece;
-  std::string tried;
-  // Nothing fits: the MLPs in pieces (one more MLP forward per layer in backward), then segments of
-  // layers (two more forwards of every layer), the MLPs still in pieces.
-  for (const bool segments : {false, true}) {
-    if (no_fit.empty() || (!segments && !pieces) || (segments && !options.segments_when_needed)) continue;
-    std::string again;
-    if (pieces) model.set_mlp_chunk(piece);
+  const bool pieces = had == 0 && piece > 0 && options.seq_len >= 2 * piece;
+  std::string no_fit;
+  MemoryPlan plan = plan_once(model, options, no_fit, /*segments=*/!pieces);
+  if (!no_fit.empty() && pieces) {
+    std::string chunked_no_fit;
+    model.set_mlp_chunk(piece);
     try {
-      MemoryPlan next = plan_once(model, options, again, segments);
-      if (again.empty()) {
-        plan = next;
+      MemoryPlan chunked = plan_once(model, options, chunked_no_fit, /*segments=*/true);
+      if (chunked_no_fit.empty()) {
+        plan = chunked;
         no_fit.clear();
       } else {
-        tried += segments ? ", the layers in segments" : fmt::format(", the MLPs in pieces of {} tokens", piece);
-        no_fit = again;
+        no_fit = chunked_no_fit + fmt::format(" (also tried: the MLPs in pieces of {} tokens{})", piece,
+                                              options.segments_when_needed ? ", the layers in segments" : "");
       }
     } catch (...) {
       model.set_mlp_chunk(had);
@@ -487,7 +484,7 @@ MemoryPlan plan_memory(Llama& model, const MemoryPlanOptions& options) {
     }
     model.set_mlp_chunk(had);
   }
-  if (!no_fit.empty()) throw Error(fmt::format("[{}] {}{}", kOp, no_fit, tried.empty() ? "" : " (also tried: " + tried.substr(2) + ")"));
+  if (!no_fit.empty()) throw Error(fmt::format("[{}] {}", kOp, no_fit));
   return plan;
 }
 

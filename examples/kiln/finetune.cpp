@@ -190,12 +190,13 @@ FinetuneJob::FinetuneJob(const FinetuneConfig& c, RunWorld world)
   } else {
     nn::apply_lora(*model_, lora_, c.seed + 1);
   }
-  std::vector<nn::LayerActivations> activations(
-      static_cast<size_t>(model_->config().num_hidden_layers),
-      c.offload ? nn::LayerActivations::offload : c.checkpointing ? nn::LayerActivations::checkpoint : nn::LayerActivations::keep);
-  for (size_t i = 0; c.segment_layers > 0 && i < activations.size(); ++i)
-    if (i % static_cast<size_t>(c.segment_layers) != 0) activations[i] = nn::LayerActivations::segment;
-  model_->set_layer_activations(activations);
+  const int64_t layers = model_->config().num_hidden_layers;
+  model_->set_layer_activations(
+      c.segment_layers > 0
+          ? nn::in_segments(layers, c.segment_layers, c.offload ? layers : 0)
+          : std::vector<nn::LayerActivations>(static_cast<size_t>(layers), c.offload       ? nn::LayerActivations::offload
+                                                                           : c.checkpointing ? nn::LayerActivations::checkpoint
+                                                                                             : nn::LayerActivations::keep));
   model_->set_mlp_chunk(c.mlp_chunk);
   model_->train();
   if (c.shard) shards_ = dist::shard_llama(*model_, world_.group);  // each decoder layer, then the root
