@@ -9,8 +9,9 @@
 #   plan8b   8B QLoRA B1 T4096 at PLAN_BUDGETS (default "least,8,0")
 #   b4       8B QLoRA B4 T2048 at B4_BUDGETS (default "least,0")
 #   long     8B QLoRA at LONG_SEQ (default 131072) and LONG_BUDGETS (default least), with --mlp-chunk 16384
-#   longest  the planner's least plan at 131072, 262144, ... tokens, bisected: the longest sequence that fits this GPU
-#            and HOST_BUDGET GiB of pinned host memory (default: half the free host memory); no step runs
+#   longest  the planner's least plan at LONGEST_SEQ (default 131072), twice that, ... tokens up to LONGEST_MAX, bisected
+#            down to LONGEST_STEP tokens: the longest sequence that fits this GPU and HOST_BUDGET GiB of pinned host
+#            memory (default: half the free host memory); no step runs (LONGEST_TIMEOUT, default 300 s)
 #   compile  one decoder layer at T4096, eager against compiled, bf16 and QLoRA
 #   compileab  `kiln finetune` 8B QLoRA B1 T4096, 20 steps, eager and --compile alternating (COMPILE_ROUNDS, default
 #            2), every layer checkpointed (COMPILE_MODE=checkpointing) or at a memory budget (COMPILE_MODE=7.04)
@@ -50,7 +51,8 @@ for stage in "$@"; do
     b4) step $new/cuda_memory_plan --iters 3 --batch 4 --seq 2048 --budgets "${B4_BUDGETS:-least,0}" ;;
     long) step timeout "${LONG_TIMEOUT:-400}" $new/cuda_memory_plan --iters 1 --seq "${LONG_SEQ:-131072}" \
             --mlp-chunk 16384 --budgets "${LONG_BUDGETS:-least}" ;;
-    longest) step timeout 300 $new/cuda_memory_plan --longest --seq 131072 --mlp-chunk 16384 \
+    longest) step timeout "${LONGEST_TIMEOUT:-300}" $new/cuda_memory_plan --longest --seq "${LONGEST_SEQ:-131072}" \
+               --mlp-chunk 16384 ${LONGEST_MAX:+--longest-max "$LONGEST_MAX"} ${LONGEST_STEP:+--longest-step "$LONGEST_STEP"} \
                ${HOST_BUDGET:+--host-budget "$HOST_BUDGET"} ;;
     compile)
       step $new/compile_block 4096 5
