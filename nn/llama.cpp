@@ -11,6 +11,7 @@
 #include "core/ops.h"
 #include "core/ops/attention.h"
 #include "nn/chunked_loss.h"
+#include "nn/lora.h"
 #include "nn/nf4_linear.h"
 #include "quant/bnb_checkpoint.h"
 #include "io/safetensors.h"
@@ -50,12 +51,13 @@ Tensor LlamaAttention::forward(const Tensor& x, int64_t start, KVCache::Layer* c
   const int64_t b = x.size(0), t = x.size(1);
   // Heads stay after the positions throughout (heads_last attention): the projections' outputs are
   // viewed as heads and the attention output as (B, T, Hq*D), with no layout copy either way.
-  auto heads = [&](const char* proj, int64_t n) {  // (B, T, n*D) -> (B, T, n, D)
-    return view(child_as<LinearBase>(proj)(x), {b, t, n, head_dim_});
-  };
-  Tensor q = rope_->apply_heads_last(heads("q_proj", heads_), start);     // (B, T, Hq, D)
-  Tensor k = rope_->apply_heads_last(heads("k_proj", kv_heads_), start);  // (B, T, Hkv, D)
-  Tensor v = heads("v_proj", kv_heads_);                                  // (B, T, Hkv, D)
+  // q, k and v share x's LoRA GEMMs where they can (shared_input_forward)
+  const std::vector<Tensor> qkv = shared_input_forward(
+      {&child_as<LinearBase>("q_proj"), &child_as<LinearBase>("k_proj"), &child_as<LinearBase>("v_proj")}, x);
+  auto heads = [&](const Tensor& y, int64_t n) { return view(y, {b, t, n, head_dim_}); };  // (B, T, n*D) -> (B, T, n, D)
+  Tensor q = rope_->apply_heads_last(heads(qkv[0], heads_), start);     // (B, T, Hq, D)
+  Tensor k = rope_->apply_heads_last(heads(qkv[1], kv_heads_), start);  // (B, T, Hkv, D)
+  Tensor v = heads(qkv[2], kv_heads_);                                  // (B, T, Hkv, D)
   if (cache) {  // the cache is (B, Hkv, positions, D)
     KILN_CHECK(start + t <= cache->k.size(2), "LlamaAttention", "the KV cache holds {} positions, asked for {}",
                cache->k.size(2), start + t);
@@ -81,10 +83,10 @@ LlamaMLP::LlamaMLP(const LlamaConfig& c, DType dtype, Device device, const Init&
 }
 
 Tensor LlamaMLP::run(const Tensor& x, const Tensor& residual) {
-  Tensor g = child_as<LinearBase>("gate_proj")(x);  // (B, T, I)
-  Tensor u = child_as<LinearBase>("up_proj")(x);    // (B, T, I)
+  // gate and up share x's LoRA GEMMs where they can (shared_input_forward)
+  const std::vector<Tensor> gu = shared_input_forward({&child_as<LinearBase>("gate_proj"), &child_as<LinearBase>("up_proj")}, x);
   auto& down = child_as<LinearBase>("down_proj");
-  const Tensor s = swiglu(g, u);  // (B, T, I)
+  const Tensor s = swiglu(gu[0], gu[1]);  // (B, T, I)
   return residual.defined() ? down.residual_add(residual, s) : down(s);
 }
 

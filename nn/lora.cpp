@@ -231,6 +231,41 @@ Tensor LoraLinear::adapt(const Tensor& x, const Tensor& y) {
   return matmul_add(u, transpose(b, 0, 1), y, scaling_);  // (..., out)
 }
 
+std::vector<Tensor> shared_input_forward(const std::vector<LinearBase*>& layers, const Tensor& x) {
+  KILN_CHECK(x.defined() && x.dim() >= 1, "lora", "shared_input_forward: x must be a defined tensor of at least 1 dim");
+  for (size_t i = 0; i < layers.size(); ++i) {
+    KILN_CHECK(layers[i] != nullptr, "lora", "shared_input_forward: layer {} is null", i);
+    KILN_CHECK(layers[i]->in_features() == x.shape().back(), "lora",
+               "shared_input_forward: layer {} ({}) takes {} inputs, x has {}", i, layers[i]->type_name(),
+               layers[i]->in_features(), x.shape().back());
+  }
+  std::vector<LoraLinear*> lora;
+  for (LinearBase* l : layers) {
+    auto* a = dynamic_cast<LoraLinear*>(l);
+    const bool alike = a && !a->merged() && !a->has_forward_hooks() && (a->dropout_rate() == 0 || !a->is_training()) &&
+                       (lora.empty() || (a->scaling() == lora[0]->scaling() && a->lora_a().size(0) == lora[0]->lora_a().size(0) &&
+                                         a->lora_a().device() == lora[0]->lora_a().device()));
+    if (!alike) break;
+    lora.push_back(a);
+  }
+  std::vector<Tensor> out;
+  if (layers.size() < 2 || lora.size() != layers.size()) {
+    for (LinearBase* l : layers) out.push_back((*l)(x));
+    return out;
+  }
+  const DType dt = x.dtype();
+  const auto in_dtype = [&](const Tensor& w) { return w.dtype() == dt ? w : cast(w, dt); };
+  std::vector<Tensor> as;
+  for (LoraLinear* l : lora) as.push_back(in_dtype(l->lora_a()));  // (r, in) each
+  const int64_t r = as[0].size(0);
+  const Tensor u = matmul(x, transpose(cat(as, 0), 0, 1));  // (..., n*r)
+  for (size_t i = 0; i < lora.size(); ++i) {
+    const Tensor ui = narrow(u, -1, static_cast<int64_t>(i) * r, r);  // (..., r), rows n*r apart
+    out.push_back(matmul_add(ui, transpose(in_dtype(lora[i]->lora_b()), 0, 1), lora[i]->base()(x), lora[i]->scaling()));
+  }
+  return out;
+}
+
 void LoraLinear::add_delta(const Tensor& w, double sign) const {
   autograd::NoGradGuard no_grad;
   const DType acc = w.dtype() == DType::f64 ? DType::f64 : DType::f32;  // rounds once into w's dtype

@@ -41,6 +41,7 @@ class LoraLinear : public LinearBase {
   Tensor lora_a() const;  // (r, in)
   Tensor lora_b() const;  // (out, r)
   double scaling() const { return scaling_; }
+  double dropout_rate() const { return dropout_; }
   // Folds scaling * B @ A into the base weight (a Linear base only) and stops adding the adapter;
   // unmerge() subtracts it again.
   void merge();
@@ -60,6 +61,13 @@ class LoraLinear : public LinearBase {
   double dropout_;
   bool merged_ = false;
 };
+
+// The outputs of `layers` on one input x, each as (*layers[i])(x) gives it. Where they are LoRA layers of one
+// rank, scaling and device, unmerged, without forward hooks of their own and without dropout at work (eval, or
+// a rate of 0), their adapters share x's GEMMs: u = x @ [A_1; ...; A_n]^T is one product (..., n*r), and its
+// backward one dA and one dx product instead of n each (q, k, v; gate, up). Otherwise (fewer than two layers,
+// any other layer) each layer runs on its own. Every layer must take x's last dim.
+std::vector<Tensor> shared_input_forward(const std::vector<LinearBase*>& layers, const Tensor& x);
 
 // Wraps every LinearBase below `root` whose path matches `config`, freezes every other parameter,
 // and returns the wrapped paths. A (per module) draws from a generator seeded with `seed`; B starts at 0.

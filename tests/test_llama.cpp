@@ -315,3 +315,174 @@ TEST_CASE("lora: PEFT adapter folders round trip; bad folders are errors that ch
   (void)kept;
   fs::remove_all(dir);
 }
+
+namespace {
+
+// LoRA layers around f64 Linear bases taking 12 inputs, `outs` outputs each, rank `ranks[i]` (alpha 6), B random.
+std::vector<std::shared_ptr<nn::LoraLinear>> lora_group(const std::vector<int64_t>& outs, const std::vector<int64_t>& ranks) {
+  std::vector<std::shared_ptr<nn::LoraLinear>> out;
+  for (size_t i = 0; i < outs.size(); ++i) {
+    Generator gen(500 + i);
+    nn::Init init{nn::Init::Kind::normal, 0.3, &gen};
+    nn::LoraConfig cfg;
+    cfg.r = ranks[i];
+    cfg.alpha = 6;
+    auto l = std::make_shared<nn::LoraLinear>(std::make_shared<nn::Linear>(12, outs[i], false, DType::f64, kCPU, init), cfg, &gen);
+    autograd::NoGradGuard g;
+    copy_(l->lora_b(), test::random_tensor(l->lora_b().shape(), DType::f32, 510 + i));
+    out.push_back(l);
+  }
+  return out;
+}
+
+struct GroupRun {
+  std::vector<Tensor> outputs, grads;  // the outputs; x's gradient, then each layer's dA and dB
+  int matmuls = 0;
+};
+
+// sum_i sum(y_i * w_i) over the layers in `used`, forward and backward, shared or one layer at a time.
+GroupRun run_group(const std::vector<std::shared_ptr<nn::LoraLinear>>& layers, const Tensor& x0, bool shared,
+                   const std::vector<bool>& used) {
+  GroupRun r;
+  Tensor x = x0.detach();
+  x.set_requires_grad(true);
+  for (auto& l : layers) l->zero_grad();
+  test::KernelCounter counter;
+  {
+    HandlerScope scope(&counter);
+    std::vector<nn::LinearBase*> ptrs;
+    for (auto& l : layers) ptrs.push_back(l.get());
+    if (shared) r.outputs = nn::shared_input_forward(ptrs, x);
+    else
+      for (auto* l : ptrs) r.outputs.push_back((*l)(x));
+    Tensor loss;
+    for (size_t i = 0; i < layers.size(); ++i) {
+      if (!used[i]) continue;
+      const Tensor term = sum(mul(r.outputs[i], test::random_tensor(r.outputs[i].shape(), DType::f64, 520 + i)));
+      loss = loss.defined() ? add(loss, term) : term;
+    }
+    loss.backward();
+  }
+  r.matmuls = counter.count("matmul");
+  r.grads.push_back(x.grad());
+  for (auto& l : layers)
+    for (const Tensor& w : {l->lora_a(), l->lora_b()}) r.grads.push_back(w.grad());
+  return r;
+}
+
+void require_same(const GroupRun& a, const GroupRun& b) {
+  REQUIRE(a.outputs.size() == b.outputs.size());
+  for (size_t i = 0; i < a.outputs.size(); ++i) test::require_close(a.outputs[i], b.outputs[i], 1e-12, 1e-12);
+  for (size_t i = 0; i < a.grads.size(); ++i) {
+    // An adapter whose output nothing uses: no gradient one by one, zeros where its A shares the product
+    const Tensor& g = a.grads[i].defined() ? a.grads[i] : b.grads[i];
+    if (!g.defined()) continue;
+    if (!a.grads[i].defined() || !b.grads[i].defined()) test::require_close(g, zeros_like(g), 0, 0);
+    else test::require_close(a.grads[i], b.grads[i], 1e-6, 1e-9);  // f32 adapter gradients
+  }
+}
+
+}  // namespace
+
+TEST_CASE("lora: adapters on one input share their GEMMs and give each layer's own results", "[lora]") {
+  const Tensor x = test::random_tensor({2, 5, 12}, DType::f64, 530);
+  auto layers = lora_group({10, 6, 6}, {3, 3, 3});
+  const std::vector<bool> all(3, true);
+  SECTION("one x @ A^T forward, one dA and one dx backward, for three layers") {
+    const GroupRun alone = run_group(layers, x, false, all), shared = run_group(layers, x, true, all);
+    require_same(shared, alone);
+    // one by one: 3 x A^T + 3 u B^T + 3 bases forward; 3 x (du, dB, dA, dx) + 3 base dx backward = 24
+    REQUIRE(alone.matmuls == 24);
+    REQUIRE(shared.matmuls == 24 - 3 * 2);  // two fewer products in each of forward, dA and dx
+  }
+  SECTION("an output the loss does not use") {
+    const std::vector<bool> some{true, false, true};
+    const GroupRun alone = run_group(layers, x, false, some), shared = run_group(layers, x, true, some);
+    require_same(shared, alone);
+    REQUIRE(!alone.grads[3].defined());  // layer 1's A: no gradient one by one,
+    REQUIRE(shared.grads[3].defined());  // zeros where its rows are part of the shared product
+    REQUIRE(!shared.grads[4].defined());  // its B: none either way
+  }
+  SECTION("a layer with a forward hook, dropout at work, a merged adapter or another rank: one layer at a time") {
+    const int alone = run_group(layers, x, false, all).matmuls;
+    std::vector<kiln::HookHandle> handles;
+    SECTION("hook") {
+      int calls = 0;
+      handles.push_back(layers[1]->register_forward_pre_hook([&](nn::Module&, nn::Module::ForwardCall&) { ++calls; }));
+      const GroupRun shared = run_group(layers, x, true, all);
+      REQUIRE(calls == 1);
+      REQUIRE(shared.matmuls == alone);
+    }
+    SECTION("another rank") {
+      auto mixed = lora_group({10, 6, 6}, {3, 2, 3});
+      const GroupRun a = run_group(mixed, x, false, all), s = run_group(mixed, x, true, all);
+      require_same(s, a);
+      REQUIRE(s.matmuls == a.matmuls);
+    }
+    SECTION("dropout while training; shared again in eval") {
+      nn::LoraConfig cfg;
+      cfg.r = 3;
+      cfg.dropout = 0.25;
+      std::vector<std::shared_ptr<nn::LoraLinear>> drop;
+      for (int64_t out : {10, 6}) drop.push_back(std::make_shared<nn::LoraLinear>(std::make_shared<nn::Linear>(12, out, false, DType::f64), cfg));
+      const std::vector<bool> two(2, true);
+      REQUIRE(run_group(drop, x, true, two).matmuls == run_group(drop, x, false, two).matmuls);
+      for (auto& l : drop) l->eval();
+      const GroupRun a = run_group(drop, x, false, two), s = run_group(drop, x, true, two);
+      require_same(s, a);
+      REQUIRE(s.matmuls == a.matmuls - 3);
+    }
+    SECTION("merged") {
+      layers[2]->merge();
+      const GroupRun a = run_group(layers, x, false, all), s = run_group(layers, x, true, all);
+      require_same(s, a);
+      REQUIRE(s.matmuls == a.matmuls);
+      REQUIRE(a.matmuls == alone - 6);  // the merged layer: its base's product and input gradient only
+    }
+  }
+  SECTION("bad input is an error naming the layer") {
+    std::vector<nn::LinearBase*> ptrs{layers[0].get(), nullptr};
+    REQUIRE_THROWS_WITH(nn::shared_input_forward(ptrs, x), ContainsSubstring("layer 1 is null"));
+    auto wide = std::make_shared<nn::Linear>(13, 4, false, DType::f64);
+    ptrs = {layers[0].get(), wide.get()};
+    REQUIRE_THROWS_WITH(nn::shared_input_forward(ptrs, x), ContainsSubstring("layer 1 (Linear) takes 13 inputs, x has 12"));
+    REQUIRE_THROWS_WITH(nn::shared_input_forward(ptrs, Tensor()), ContainsSubstring("x must be a defined tensor"));
+  }
+}
+
+TEST_CASE("lora: a Llama whose projections share their adapters' GEMMs gives the one-by-one loss and gradients", "[lora][llama]") {
+  auto run = [](bool hooks) {
+    auto m = tiny_model(false, DType::f64);
+    nn::LoraConfig cfg;
+    cfg.r = 4;
+    nn::apply_lora(*m, cfg, 11);
+    {
+      autograd::NoGradGuard g;
+      int i = 0;
+      for (auto& [path, l] : nn::lora_layers(*m)) copy_(l->lora_b(), test::random_tensor(l->lora_b().shape(), DType::f32, 540 + i++));
+    }
+    std::vector<kiln::HookHandle> handles;  // a hook on q_proj and on gate_proj: each group one layer at a time
+    if (hooks)
+      for (const char* p : {"self_attn.q_proj", "mlp.gate_proj"})
+        for (int layer = 0; layer < 2; ++layer)
+          handles.push_back(m->find_module(fmt::format("model.layers.{}.{}", layer, p))
+                                ->register_forward_pre_hook([](nn::Module&, nn::Module::ForwardCall&) {}));
+    test::KernelCounter counter;
+    Tensor loss;
+    {
+      HandlerScope scope(&counter);
+      loss = m->loss(m->forward(random_ids(2, 7, 37, 541)), random_ids(2, 7, 37, 542));
+      loss.backward();
+    }
+    std::vector<Tensor> grads{loss.detach()};
+    for (auto& [n, p] : m->named_trainable_parameters()) grads.push_back(p.grad());
+    return std::make_pair(grads, counter.count("matmul"));
+  };
+  const auto [shared, shared_matmuls] = run(false);
+  const auto [alone, alone_matmuls] = run(true);
+  REQUIRE(shared.size() == alone.size());
+  for (size_t i = 0; i < shared.size(); ++i) test::require_close(shared[i], alone[i], 1e-6, 1e-9);
+  // Per layer: q, k, v two fewer products in forward, dA and dx; gate, up one fewer in each. Layer 0's
+  // q, k, v input (the norm of frozen embeddings) needs no gradient: no dx products there.
+  REQUIRE(alone_matmuls - shared_matmuls == 2 * (2 * 3 + 1 * 3) - 2);
+}
