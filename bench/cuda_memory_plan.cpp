@@ -1,7 +1,8 @@
 // The memory-budget planner on Llama 3.1 8B (random weights, the real config) as QLoRA trains it:
 // NF4 base, LoRA r=16 on every linear layer, AdamW, batch 1 x 4096 tokens. Per budget: the plan
 // (layers checkpointed, loss chunk), its predicted peak, the real peak of AdamW steps and the step
-// time. Optional: --layers N, --seq T, --batch B, --iters N, --budgets "10,14,20" (GiB; 0: the default; least: the least budget a plan fits),
+// time. Optional: --layers N, --seq T, --batch B, --iters N, --warmup N (untimed steps first, default 1; 0 for a
+// sequence so long that one step is all a run can afford: its first step, set-up included, is the one timed), --budgets "10,14,20" (GiB; 0: the default; least: the least budget a plan fits),
 // --mlp-chunk N (the MLP in checkpointed pieces of N tokens: long sequences), --ops (each plan's step
 // by category — GEMMs, attention, dequantisation, loss, optimizer, the rest, the time between ops — with
 // GEMM and attention TFLOP/s against the 790 cuBLASLt reaches on an 8192³ bf16 product), --trace-memory
@@ -38,6 +39,7 @@ struct Args {
   int64_t seq = 4096;
   int64_t batch = 1;
   int iters = 3;
+  int warmup = 1;  // untimed steps first (plans, workspaces, the optimizer state); 0: the first step is timed too
   std::string budgets = "8,10,14,20,28,0";
   int64_t mlp_chunk = 0;
   double host_budget_gib = 0;  // 0: the planner's default
@@ -119,7 +121,7 @@ int longest_sequence(nn::Llama& model, const nn::AdamW& opt, const Args& a) {
 int main(int argc, char** argv) {
   Args a;
   const auto usage = [&] {
-    std::fprintf(stderr, "usage: %s [--layers N] [--seq T] [--batch B] [--iters N] [--budgets GiB,GiB,...] [--mlp-chunk N] [--ops] [--trace-memory FILE] [--longest] [--longest-max T] [--longest-step T] [--host-budget GiB]\n",
+    std::fprintf(stderr, "usage: %s [--layers N] [--seq T] [--batch B] [--iters N] [--warmup N] [--budgets GiB,GiB,...] [--mlp-chunk N] [--ops] [--trace-memory FILE] [--longest] [--longest-max T] [--longest-step T] [--host-budget GiB]\n",
                  argv[0]);
     return 2;
   };
@@ -135,6 +137,7 @@ int main(int argc, char** argv) {
     else if (k == "--seq") a.seq = std::stoll(v);
     else if (k == "--batch") a.batch = std::stoll(v);
     else if (k == "--iters") a.iters = std::stoi(v);
+    else if (k == "--warmup") a.warmup = std::max(0, std::stoi(v));
     else if (k == "--budgets") a.budgets = v;
     else if (k == "--mlp-chunk") a.mlp_chunk = std::stoll(v);
     else if (k == "--trace-memory") a.trace_memory = v;
@@ -183,7 +186,7 @@ int main(int argc, char** argv) {
       plan.apply(*model);
       std::fprintf(stderr, "%s\n", plan.describe().c_str());
       auto step = [&] { bench::training_step(*model, opt, ids, targets); };
-      step();  // warm-up: plans, workspaces, the optimizer state
+      for (int i = 0; i < a.warmup; ++i) step();  // plans, workspaces, the optimizer state
       cuda::synchronize();
       reset_peak_memory(gpu);
       const double ms = bench::time_ms(step, a.iters, 0);

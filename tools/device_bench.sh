@@ -8,7 +8,8 @@
 #   ab       8B QLoRA B1 T4096 steps, base and new alternating (AB_ROUNDS, default 2; AB_BUDGETS, default "7.04,0")
 #   plan8b   8B QLoRA B1 T4096 at PLAN_BUDGETS (default "least,8,0")
 #   b4       8B QLoRA B4 T2048 at B4_BUDGETS (default "least,0")
-#   long     8B QLoRA at LONG_SEQ (default 131072) and LONG_BUDGETS (default least), with --mlp-chunk 16384
+#   long     8B QLoRA at LONG_SEQ (default 131072) and LONG_BUDGETS (default least), with --mlp-chunk 16384, one timed
+#            step after LONG_WARMUP untimed ones (default 1; 0 where one step is all the run can afford)
 #   longest  the planner's least plan at LONGEST_SEQ (default 131072), twice that, ... tokens up to LONGEST_MAX, bisected
 #            down to LONGEST_STEP tokens: the longest sequence that fits this GPU and HOST_BUDGET GiB of pinned host
 #            memory (default: half the free host memory); no step runs (LONGEST_TIMEOUT, default 300 s)
@@ -49,7 +50,7 @@ for stage in "$@"; do
       done ;;
     plan8b) step $new/cuda_memory_plan --iters 3 --budgets "${PLAN_BUDGETS:-least,8,0}" ;;
     b4) step $new/cuda_memory_plan --iters 3 --batch 4 --seq 2048 --budgets "${B4_BUDGETS:-least,0}" ;;
-    long) step timeout "${LONG_TIMEOUT:-400}" $new/cuda_memory_plan --iters 1 --seq "${LONG_SEQ:-131072}" \
+    long) step timeout "${LONG_TIMEOUT:-400}" $new/cuda_memory_plan --iters 1 --warmup "${LONG_WARMUP:-1}" --seq "${LONG_SEQ:-131072}" \
             --mlp-chunk 16384 --budgets "${LONG_BUDGETS:-least}" ;;
     longest) step timeout "${LONGEST_TIMEOUT:-300}" $new/cuda_memory_plan --longest --seq "${LONGEST_SEQ:-131072}" \
                --mlp-chunk 16384 ${LONGEST_MAX:+--longest-max "$LONGEST_MAX"} ${LONGEST_STEP:+--longest-step "$LONGEST_STEP"} \
