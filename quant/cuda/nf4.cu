@@ -265,7 +265,7 @@ cudaError_t dequantize_typed(const uint8_t* packed, const NF4Scales& s, int64_t 
   const int bs = log2_exact(s.blocksize), nbs = log2_exact(s.nested_blocksize);
   // a thread per kUnroll chunks (or per weight), at most two waves of resident blocks; then as few blocks as
   // give every thread the same number of grid-stride steps, so the last step is as full as the others (at the
-  // head's 128256 x 4096 the fullest grid left its 16th step 17% full)
+  // head's 128256 x 4096 the fullest grid left its 16th step 18% full)
   const int64_t units = vec ? (n / 32 + kUnroll - 1) / kUnroll + n % 32 : n;
   const int64_t most = static_cast<int64_t>(grid_to_fill(units, kThreads, 2)) * kThreads;
   const int64_t steps = (units + most - 1) / most;
