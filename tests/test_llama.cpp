@@ -52,6 +52,12 @@ Tensor random_ids(int64_t b, int64_t t, int64_t vocab, uint64_t seed) {
   return randint(0, vocab, {b, t}, DType::i64, kCPU, &gen);
 }
 
+// Every LoRA layer's B (zeros at first) drawn at random, seeds from `seed` on.
+void random_lora_b(nn::Module& m, uint64_t seed) {
+  autograd::NoGradGuard g;
+  for (auto& [path, l] : nn::lora_layers(m)) copy_(l->lora_b(), test::random_tensor(l->lora_b().shape(), DType::f32, seed++));
+}
+
 fs::path temp_dir(const std::string& name) {
   fs::path p = fs::temp_directory_path() / ("kiln_test_" + name + "_" + std::to_string(::getpid()));
   fs::remove_all(p);
@@ -175,11 +181,7 @@ TEST_CASE("lora: wrapping by name, frozen base, zero-init identity, gradients on
   // B = 0: the wrapped model computes exactly the base model.
   test::require_close(m->logits(m->forward(ids)), base_logits, 0, 0);
   // Give B values, then only adapter parameters receive gradients.
-  {
-    autograd::NoGradGuard g;
-    int i = 0;
-    for (auto& [path, l] : nn::lora_layers(*m)) copy_(l->lora_b(), test::random_tensor(l->lora_b().shape(), DType::f32, 40 + i++));
-  }
+  random_lora_b(*m, 40);
   m->loss(m->forward(ids), targets).backward();
   for (auto& [n, p] : m->named_parameters()) REQUIRE(p.grad().defined() == (n.find("lora_") != std::string::npos));
   // rsLoRA scaling
@@ -456,11 +458,7 @@ TEST_CASE("lora: a Llama whose projections share their adapters' GEMMs gives the
     nn::LoraConfig cfg;
     cfg.r = 4;
     nn::apply_lora(*m, cfg, 11);
-    {
-      autograd::NoGradGuard g;
-      int i = 0;
-      for (auto& [path, l] : nn::lora_layers(*m)) copy_(l->lora_b(), test::random_tensor(l->lora_b().shape(), DType::f32, 540 + i++));
-    }
+    random_lora_b(*m, 540);
     std::vector<kiln::HookHandle> handles;  // a hook on q_proj and on gate_proj: each group one layer at a time
     if (hooks)
       for (const char* p : {"self_attn.q_proj", "mlp.gate_proj"})
