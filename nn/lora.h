@@ -66,7 +66,9 @@ class LoraLinear : public LinearBase {
 // rank, scaling and device, unmerged, without forward hooks of their own and without dropout at work (eval, or
 // a rate of 0), their adapters share x's GEMMs: u = x @ [A_1; ...; A_n]^T is one product (..., n*r), and its
 // backward one dA and one dx product instead of n each (q, k, v; gate, up). Otherwise (fewer than two layers,
-// any other layer) each layer runs on its own. Every layer must take x's last dim.
+// any other layer) each layer runs on its own. Every layer must take x's last dim. An adapter whose output
+// takes no part in the loss gets a zero gradient for its A (its rows of the shared product), where on its own
+// it would get none.
 std::vector<Tensor> shared_input_forward(const std::vector<LinearBase*>& layers, const Tensor& x);
 
 // Wraps every LinearBase below `root` whose path matches `config`, freezes every other parameter,
