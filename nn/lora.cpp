@@ -256,9 +256,9 @@ std::vector<Tensor> shared_input_forward(const std::vector<LinearBase*>& layers,
   const DType dt = x.dtype();
   const auto in_dtype = [&](const Tensor& w) { return w.dtype() == dt ? w : cast(w, dt); };
   std::vector<Tensor> as;
-  for (LoraLinear* l : lora) as.push_back(in_dtype(l->lora_a()));  // (r, in) each
+  for (LoraLinear* l : lora) as.push_back(l->lora_a());  // (r, in) each, f32
   const int64_t r = as[0].size(0);
-  const Tensor u = matmul(x, transpose(cat(as, 0), 0, 1));  // (..., n*r)
+  const Tensor u = matmul(x, transpose(in_dtype(cat(as, 0)), 0, 1));  // (..., n*r); one cast of the stacked A
   for (size_t i = 0; i < lora.size(); ++i) {
     const Tensor ui = narrow(u, -1, static_cast<int64_t>(i) * r, r);  // (..., r), rows n*r apart
     out.push_back(matmul_add(ui, transpose(in_dtype(lora[i]->lora_b()), 0, 1), lora[i]->base()(x), lora[i]->scaling()));
