@@ -222,12 +222,18 @@ Tensor LoraLinear::forward_add(const Tensor& x, const Tensor& residual) {
 Tensor LoraLinear::adapt(const Tensor& x, const Tensor& y) {
   if (merged_) return y;
   const DType dt = x.dtype();
-  // Adapters live in f32 and compute in x's dtype. The second GEMM applies the scaling (its alpha) and
-  // adds the base output (its addend): one pass over (..., out), rounded once.
-  Tensor a = lora_a(), b = lora_b();
-  if (a.dtype() != dt) a = cast(a, dt), b = cast(b, dt);
+  // Adapters live in f32 and compute in x's dtype.
+  Tensor a = lora_a();
+  if (a.dtype() != dt) a = cast(a, dt);
   const Tensor xd = dropout_ > 0 ? dropout(x, dropout_, is_training()) : x;
-  const Tensor u = matmul(xd, transpose(a, 0, 1));          // (..., r)
+  return add_up(matmul(xd, transpose(a, 0, 1)), y);  // u (..., r)
+}
+
+Tensor LoraLinear::add_up(const Tensor& u, const Tensor& y) const {
+  // The GEMM applies the scaling (its alpha) and adds the base output (its addend): one pass over
+  // (..., out), rounded once.
+  Tensor b = lora_b();
+  if (b.dtype() != u.dtype()) b = cast(b, u.dtype());
   return matmul_add(u, transpose(b, 0, 1), y, scaling_);  // (..., out)
 }
 
@@ -239,13 +245,17 @@ std::vector<Tensor> shared_input_forward(const std::vector<LinearBase*>& layers,
                "shared_input_forward: layer {} ({}) takes {} inputs, x has {}", i, layers[i]->type_name(),
                layers[i]->in_features(), x.shape().back());
   }
+  // A layer whose adapter runs as adapt() would (unmerged, no hooks of its own, no dropout at work) and
+  // matches the first one's rank, scaling and device.
+  const auto shares = [](const LoraLinear* l, const LoraLinear* first) {
+    if (!l || l->merged() || l->has_forward_hooks() || (l->dropout_rate() > 0 && l->is_training())) return false;
+    return !first || (l->scaling() == first->scaling() && l->lora_a().size(0) == first->lora_a().size(0) &&
+                      l->lora_a().device() == first->lora_a().device());
+  };
   std::vector<LoraLinear*> lora;
   for (LinearBase* l : layers) {
     auto* a = dynamic_cast<LoraLinear*>(l);
-    const bool alike = a && !a->merged() && !a->has_forward_hooks() && (a->dropout_rate() == 0 || !a->is_training()) &&
-                       (lora.empty() || (a->scaling() == lora[0]->scaling() && a->lora_a().size(0) == lora[0]->lora_a().size(0) &&
-                                         a->lora_a().device() == lora[0]->lora_a().device()));
-    if (!alike) break;
+    if (!shares(a, lora.empty() ? nullptr : lora[0])) break;
     lora.push_back(a);
   }
   std::vector<Tensor> out;
@@ -253,16 +263,14 @@ std::vector<Tensor> shared_input_forward(const std::vector<LinearBase*>& layers,
     for (LinearBase* l : layers) out.push_back((*l)(x));
     return out;
   }
-  const DType dt = x.dtype();
-  const auto in_dtype = [&](const Tensor& w) { return w.dtype() == dt ? w : cast(w, dt); };
   std::vector<Tensor> as;
   for (LoraLinear* l : lora) as.push_back(l->lora_a());  // (r, in) each, f32
   const int64_t r = as[0].size(0);
-  const Tensor u = matmul(x, transpose(in_dtype(cat(as, 0)), 0, 1));  // (..., n*r); one cast of the stacked A
-  for (size_t i = 0; i < lora.size(); ++i) {
-    const Tensor ui = narrow(u, -1, static_cast<int64_t>(i) * r, r);  // (..., r), rows n*r apart
-    out.push_back(matmul_add(ui, transpose(in_dtype(lora[i]->lora_b()), 0, 1), lora[i]->base()(x), lora[i]->scaling()));
-  }
+  Tensor a = cat(as, 0);  // (n*r, in)
+  if (a.dtype() != x.dtype()) a = cast(a, x.dtype());  // one cast of the stacked A
+  const Tensor u = matmul(x, transpose(a, 0, 1));  // (..., n*r)
+  for (size_t i = 0; i < lora.size(); ++i)  // u_i (..., r), rows n*r apart
+    out.push_back(lora[i]->add_up(narrow(u, -1, static_cast<int64_t>(i) * r, r), lora[i]->base()(x)));
   return out;
 }
 

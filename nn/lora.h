@@ -42,6 +42,9 @@ class LoraLinear : public LinearBase {
   Tensor lora_b() const;  // (out, r)
   double scaling() const { return scaling_; }
   double dropout_rate() const { return dropout_; }
+  // y + scaling * u @ B^T, B cast to u's dtype: one GEMM with y (..., out) as its addend, u (..., r) the
+  // adapter's first product (x @ A^T, from adapt or from shared_input_forward).
+  Tensor add_up(const Tensor& u, const Tensor& y) const;
   // Folds scaling * B @ A into the base weight (a Linear base only) and stops adding the adapter;
   // unmerge() subtracts it again.
   void merge();
