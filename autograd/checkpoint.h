@@ -43,10 +43,11 @@ struct CheckpointOptions {
 
 std::vector<Tensor> checkpoint(CheckpointFn fn, const std::vector<Tensor>& inputs, CheckpointOptions options = {});
 
-// Marks `t`, just computed by an op, as one a checkpoint with CheckpointOptions::keep_marked keeps
-// from its first forward (offloaded with the rest), so its recompute takes it instead of computing it
-// and what only it needed: for values costly to compute and cheap to keep (a decoder layer's q, k, v
-// and the residual stream after attention). Elsewhere, and for a custom Function's output, it does nothing.
+// Marks `t`, just computed by an op or a custom Function, as one a checkpoint with
+// CheckpointOptions::keep_marked keeps from its first forward (offloaded with the rest), so its recompute
+// takes it instead of computing it and what only it needed (a Function's own ops are left uncomputed):
+// for values costly to compute and cheap to keep (a decoder layer's q, k, v and the residual stream after
+// attention). Elsewhere it does nothing.
 void keep_for_recompute(const Tensor& t);
 
 // `fn` applied to `x` in pieces of `chunk` along `dim`, keeping only `x` for backward: the same

@@ -101,14 +101,14 @@ class Recorder final : public DispatchHandler, public FunctionObserver {
 
   // The recorder keep_for_recompute marks for, or null.
   static Recorder* keeping() { return t_recorder; }
-  // The op call that made `t` (a view of its output included) keeps its outputs for the recompute, as
-  // if `save` had picked it; a Function's output, or one whose call's other outputs are gone, is not kept.
+  // The call (an op or a Function) that made `t` (a view of its output included) keeps its outputs for
+  // the recompute, as if `save` had picked it; one whose other outputs are gone is not kept.
   void keep(const Tensor& t) {
     if (depth_ > 0 || !t.defined() || !t.storage()) return;
     auto it = producer_.find(t.storage().get());
     if (it == producer_.end()) return;
     Call& c = calls_[static_cast<size_t>(it->second)];
-    if (!c.op || c.reused) return;
+    if (c.reused) return;
     std::vector<Tensor> outs;
     for (const auto& [memory, layout] : outputs_[static_cast<size_t>(it->second)]) {
       Storage held = memory.lock();
@@ -247,7 +247,12 @@ class Replayer final : public DispatchHandler, public FunctionObserver {
   }
   void before_forward(const std::shared_ptr<Function>& fn, const std::vector<Tensor>& inputs) override {
     if (filling_ || depth_++ > 0) return;
-    const Call* c = next(*fn, inputs);
+    Call* c = next(*fn, inputs);
+    if (c != nullptr && c->reused && !c->outputs.empty()) {  // its ops left uncomputed, its outputs the kept ones
+      skipping_function_ = true;
+      reused_ = std::move(c->outputs);
+      return;
+    }
     if (c == nullptr || !c->skip) {
       fill_if_read(inputs);
       // A Function that runs, its outputs unread: it may leave them uncomputed (stand-ins, as a left-out call's).
@@ -259,7 +264,13 @@ class Replayer final : public DispatchHandler, public FunctionObserver {
     function_ = LeftOut{nullptr, fn, default_generator().state(), inputs, {}, {}};
   }
   void after_forward(const std::shared_ptr<Function>&, const std::vector<Tensor>& outputs) override {
-    if (filling_ || --depth_ > 0 || !(skipping_function_ || outputs_left_)) return;
+    if (filling_ || --depth_ > 0) return;
+    if (!reused_.empty()) {
+      skipping_function_ = false;
+      take_reused(outputs);
+      return;
+    }
+    if (!(skipping_function_ || outputs_left_)) return;
     skipping_function_ = outputs_left_ = false;
     left_out(std::move(function_), outputs);
   }
@@ -274,6 +285,25 @@ class Replayer final : public DispatchHandler, public FunctionObserver {
     std::vector<std::weak_ptr<StorageImpl>> outputs;  // their memory, while someone holds it
     std::vector<Tensor> layouts;                      // their shapes and strides, without the memory
   };
+
+  // A reused Function's outputs (uncomputed stand-ins) take the kept tensors' memory, or their values
+  // where the layouts differ.
+  void take_reused(const std::vector<Tensor>& outputs) {
+    std::vector<Tensor> kept = std::move(reused_);
+    reused_.clear();
+    for (size_t i = 0; i < outputs.size() && i < kept.size(); ++i) {
+      const Tensor& o = outputs[i];
+      if (!o.defined() || !kept[i].defined()) continue;
+      if (o.shape() == kept[i].shape() && o.strides() == kept[i].strides() && o.dtype() == kept[i].dtype() &&
+          o.device() == kept[i].device()) {
+        o.impl()->storage = kept[i].storage();
+        o.impl()->offset = kept[i].impl()->offset;
+      } else {
+        NoGradGuard no_grad;
+        o.detach().copy_(kept[i]);
+      }
+    }
+  }
 
   // The recorded call this op or Function call is, or null (having departed from the record).
   Call* next(const Primitive& op, const std::vector<Tensor>& inputs) {
@@ -362,6 +392,7 @@ class Replayer final : public DispatchHandler, public FunctionObserver {
   bool skipping_function_ = false, departed_ = false, filling_ = false;
   bool outputs_left_ = false;  // the Function running leaves its outputs uncomputed
   LeftOut function_;           // the left-out Function running (or the one leaving its outputs)
+  std::vector<Tensor> reused_; // the kept outputs of the reused Function running
   std::vector<LeftOut> left_;
   std::unordered_map<const StorageImpl*, std::weak_ptr<StorageImpl>> stand_ins_;
 };

@@ -213,28 +213,26 @@ void LoraLinear::apply_to(std::optional<Device> device, std::optional<DType> dty
 Tensor LoraLinear::lora_a() const { return child_as<Linear>("lora_A").weight(); }
 Tensor LoraLinear::lora_b() const { return child_as<Linear>("lora_B").weight(); }
 
-Tensor LoraLinear::forward(const Tensor& x) { return adapt(x, base()(x)); }
+Tensor LoraLinear::forward(const Tensor& x) { return forward_add(x, Tensor()); }
 
 Tensor LoraLinear::forward_add(const Tensor& x, const Tensor& residual) {
-  return adapt(x, base().residual_add(residual, x));  // the residual in the base layer's GEMM
-}
-
-Tensor LoraLinear::adapt(const Tensor& x, const Tensor& y) {
-  if (merged_) return y;
-  const DType dt = x.dtype();
+  if (merged_) return residual.defined() ? base().residual_add(residual, x) : base()(x);
   // Adapters live in f32 and compute in x's dtype.
   Tensor a = lora_a();
-  if (a.dtype() != dt) a = cast(a, dt);
+  if (a.dtype() != x.dtype()) a = cast(a, x.dtype());
   const Tensor xd = dropout_ > 0 ? dropout(x, dropout_, is_training()) : x;
-  return add_up(matmul(xd, transpose(a, 0, 1)), y);  // u (..., r)
+  return output(x, matmul(xd, transpose(a, 0, 1)), residual);  // u (..., r)
 }
 
-Tensor LoraLinear::add_up(const Tensor& u, const Tensor& y) const {
-  // The GEMM applies the scaling (its alpha) and adds the base output (its addend): one pass over
-  // (..., out), rounded once.
+Tensor LoraLinear::output(const Tensor& x, const Tensor& u, const Tensor& residual) const {
+  // The adapter's up-projection first (its GEMM applies the scaling as alpha and adds the residual
+  // as its addend), then the base layer's GEMM with that as its addend: the memory-bound rank-r GEMM
+  // writes (..., out) once, and the compute-bound base GEMM reads it in its epilogue.
   Tensor b = lora_b();
   if (b.dtype() != u.dtype()) b = cast(b, u.dtype());
-  return matmul_add(u, transpose(b, 0, 1), y, scaling_);  // (..., out)
+  const Tensor bt = transpose(b, 0, 1);  // (r, out)
+  const Tensor up = residual.defined() ? matmul_add(u, bt, residual, scaling_) : matmul(u, bt, scaling_);  // (..., out)
+  return base().residual_add(up, x);
 }
 
 std::vector<Tensor> shared_input_forward(const std::vector<LinearBase*>& layers, const Tensor& x) {
@@ -245,7 +243,7 @@ std::vector<Tensor> shared_input_forward(const std::vector<LinearBase*>& layers,
                "shared_input_forward: layer {} ({}) takes {} inputs, x has {}", i, layers[i]->type_name(),
                layers[i]->in_features(), x.shape().back());
   }
-  // A layer whose adapter runs as adapt() would (unmerged, no hooks of its own, no dropout at work) and
+  // A layer whose adapter runs as forward() would (unmerged, no hooks of its own, no dropout at work) and
   // matches the first one's rank, scaling and device.
   const auto shares = [](const LoraLinear* l, const LoraLinear* first) {
     if (!l || l->merged() || l->has_forward_hooks() || (l->dropout_rate() > 0 && l->is_training())) return false;
@@ -270,7 +268,7 @@ std::vector<Tensor> shared_input_forward(const std::vector<LinearBase*>& layers,
   if (a.dtype() != x.dtype()) a = cast(a, x.dtype());  // one cast of the stacked A
   const Tensor u = matmul(x, transpose(a, 0, 1));  // (..., n*r)
   for (size_t i = 0; i < lora.size(); ++i)  // u_i (..., r), rows n*r apart
-    out.push_back(lora[i]->add_up(narrow(u, -1, static_cast<int64_t>(i) * r, r), lora[i]->base()(x)));
+    out.push_back(lora[i]->output(x, narrow(u, -1, static_cast<int64_t>(i) * r, r), Tensor()));
   return out;
 }
 

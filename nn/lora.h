@@ -42,9 +42,12 @@ class LoraLinear : public LinearBase {
   Tensor lora_b() const;  // (out, r)
   double scaling() const { return scaling_; }
   double dropout_rate() const { return dropout_; }
-  // y + scaling * u @ B^T, B cast to u's dtype: one GEMM with y (..., out) as its addend, u (..., r) the
-  // adapter's first product (x @ A^T, from adapt or from shared_input_forward).
-  Tensor add_up(const Tensor& u, const Tensor& y) const;
+  // base(x) + scaling * u @ B^T (+ residual when defined), B cast to u's dtype, u (..., r) the adapter's
+  // first product (x @ A^T, from forward or from shared_input_forward): the rank-r GEMM writes
+  // scaling * u @ B^T (+ residual, its addend) and the base layer's GEMM adds it in its epilogue (where
+  // the base can: Linear without bias, NF4Linear; otherwise one add), so the memory-bound GEMM passes
+  // over (..., out) once and the base GEMM's output is rounded once.
+  Tensor output(const Tensor& x, const Tensor& u, const Tensor& residual) const;
   // Folds scaling * B @ A into the base weight (a Linear base only) and stops adding the adapter;
   // unmerge() subtracts it again.
   void merge();
@@ -58,7 +61,6 @@ class LoraLinear : public LinearBase {
   Tensor forward_add(const Tensor& x, const Tensor& residual) override;
 
  private:
-  Tensor adapt(const Tensor& x, const Tensor& y);  // y (the base's output, ...) + the adapters' on x
   void add_delta(const Tensor& weight, double sign) const;  // weight += sign * scaling * B @ A
   double scaling_;
   double dropout_;

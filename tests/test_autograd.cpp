@@ -709,6 +709,53 @@ TEST_CASE("autograd: a recompute that departs from the first forward computes wh
   }
 }
 
+TEST_CASE("autograd: a checkpoint keeps a custom Function's marked output: the recompute runs neither it nor its input's GEMM",
+          "[autograd]") {
+  // y = 3 (h @ w2) by a custom Function, marked with keep_for_recompute; exp reads y's value. Kept, the
+  // recompute takes y from the first forward: the Function's ops and h @ w2 (read by nothing else) stay
+  // out, h (read by h @ w2's backward) and exp do not; the gradients are the plain block's.
+  Tensor w1 = random_leaf({4, 5}, 80), w2 = random_leaf({5, 3}, 81);
+  Tensor x = random_leaf({6, 4}, 82);
+  autograd::CheckpointFn block = [&](const std::vector<Tensor>& in) {
+    const Tensor h = tanh(matmul(in[0], w1));                                    // (6, 5)
+    const Tensor y = autograd::apply(std::make_shared<TimesThree>(), {matmul(h, w2)})[0];  // (6, 3)
+    autograd::keep_for_recompute(y);
+    return std::vector<Tensor>{exp(y)};
+  };
+  const Tensor seed = test::random_tensor({6, 3}, DType::f64, 83);
+  auto run = [&](int mode) {  // 0: plain, 1: checkpointed, 2: checkpointed keeping y
+    for (Tensor* t : {&x, &w1, &w2}) t->zero_grad();
+    autograd::CheckpointOptions co;
+    co.keep_marked = mode == 2;
+    Tensor out = mode == 0 ? block({x})[0] : autograd::checkpoint(block, {x}, co)[0];
+    test::KernelCounter counter;
+    {
+      HandlerScope scope(&counter);
+      sum(out * seed).backward();
+    }
+    return std::make_pair(counter, std::vector<Tensor>{x.grad().clone(), w1.grad().clone(), w2.grad().clone()});
+  };
+  const auto [plain, expected] = run(0);
+  const auto [ck, ck_grads] = run(1);
+  const auto [kept, kept_grads] = run(2);
+  for (size_t i = 0; i < expected.size(); ++i) {
+    test::require_close(ck_grads[i], expected[i], 1e-12, 1e-14);
+    test::require_close(kept_grads[i], expected[i], 1e-12, 1e-14);
+  }
+  const std::string mm = op_name([] { matmul(ones({2, 2}), ones({2, 2})); });
+  INFO("kernels: plain backward " << plain.kernels << ", checkpointed " << ck.kernels << ", keeping y " << kept.kernels);
+  REQUIRE(ck.count(mm) - plain.count(mm) == 2);    // x @ w1 and h @ w2 again
+  REQUIRE(kept.count(mm) - plain.count(mm) == 1);  // x @ w1 only
+  test::KernelCounter function_ops;  // the Function's forward alone (its scalar and its multiply)
+  {
+    const Tensor probe = ones({6, 3}, DType::f64);
+    HandlerScope scope(&function_ops);
+    (void)TimesThree().forward({probe});
+  }
+  REQUIRE(function_ops.kernels >= 1);
+  REQUIRE(ck.kernels - kept.kernels == 1 + function_ops.kernels);  // h @ w2 and the Function's ops
+}
+
 TEST_CASE("test helpers: random inputs, strided views, comparisons", "[helpers]") {
   SECTION("random_tensor is reproducible per seed and draws every dtype") {
     test::require_equal(test::random_tensor({4, 5}, DType::f32, 1), test::random_tensor({4, 5}, DType::f32, 1));
