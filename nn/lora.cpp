@@ -216,23 +216,29 @@ Tensor LoraLinear::lora_b() const { return child_as<Linear>("lora_B").weight(); 
 Tensor LoraLinear::forward(const Tensor& x) { return forward_add(x, Tensor()); }
 
 Tensor LoraLinear::forward_add(const Tensor& x, const Tensor& residual) {
-  if (merged_) return residual.defined() ? base().residual_add(residual, x) : base()(x);
+  // The base layer's GEMM (the residual in its epilogue) before the adapter's: backward runs the
+  // adapter's then, so its memory-bound input-gradient GEMM writes dx and the base's compute-bound one
+  // adds to it in its epilogue.
+  const Tensor y = residual.defined() ? base().residual_add(residual, x) : base()(x);  // (..., out)
+  if (merged_) return y;
   // Adapters live in f32 and compute in x's dtype.
   Tensor a = lora_a();
   if (a.dtype() != x.dtype()) a = cast(a, x.dtype());
   const Tensor xd = dropout_ > 0 ? dropout(x, dropout_, is_training()) : x;
-  return output(x, matmul(xd, transpose(a, 0, 1)), residual);  // u (..., r)
+  return matmul_add(matmul(xd, transpose(a, 0, 1)), lora_b_t(a.dtype()), y, scaling_);  // u (..., r) @ B^T + y
 }
 
-Tensor LoraLinear::output(const Tensor& x, const Tensor& u, const Tensor& residual) const {
-  // The adapter's up-projection first (its GEMM applies the scaling as alpha and adds the residual
-  // as its addend), then the base layer's GEMM with that as its addend: the memory-bound rank-r GEMM
-  // writes (..., out) once, and the compute-bound base GEMM reads it in its epilogue.
+Tensor LoraLinear::lora_b_t(DType dtype) const {
   Tensor b = lora_b();
-  if (b.dtype() != u.dtype()) b = cast(b, u.dtype());
-  const Tensor bt = transpose(b, 0, 1);  // (r, out)
-  const Tensor up = residual.defined() ? matmul_add(u, bt, residual, scaling_) : matmul(u, bt, scaling_);  // (..., out)
-  return base().residual_add(up, x);
+  if (b.dtype() != dtype) b = cast(b, dtype);
+  return transpose(b, 0, 1);  // (r, out)
+}
+
+Tensor LoraLinear::base_plus_up(const Tensor& x, const Tensor& u) const {
+  // scaling * u @ B^T by the rank-r GEMM (the scaling its alpha), then the base layer's GEMM with that
+  // as its addend: the memory-bound GEMM writes (..., out) once, the compute-bound one reads it in its
+  // epilogue.
+  return base().residual_add(matmul(u, lora_b_t(u.dtype()), scaling_), x);
 }
 
 std::vector<Tensor> shared_input_forward(const std::vector<LinearBase*>& layers, const Tensor& x) {
@@ -268,7 +274,7 @@ std::vector<Tensor> shared_input_forward(const std::vector<LinearBase*>& layers,
   if (a.dtype() != x.dtype()) a = cast(a, x.dtype());  // one cast of the stacked A
   const Tensor u = matmul(x, transpose(a, 0, 1));  // (..., n*r)
   for (size_t i = 0; i < lora.size(); ++i)  // u_i (..., r), rows n*r apart
-    out.push_back(lora[i]->output(x, narrow(u, -1, static_cast<int64_t>(i) * r, r), Tensor()));
+    out.push_back(lora[i]->base_plus_up(x, narrow(u, -1, static_cast<int64_t>(i) * r, r)));
   return out;
 }
 

@@ -42,12 +42,11 @@ class LoraLinear : public LinearBase {
   Tensor lora_b() const;  // (out, r)
   double scaling() const { return scaling_; }
   double dropout_rate() const { return dropout_; }
-  // base(x) + scaling * u @ B^T (+ residual when defined), B cast to u's dtype, u (..., r) the adapter's
-  // first product (x @ A^T, from forward or from shared_input_forward): the rank-r GEMM writes
-  // scaling * u @ B^T (+ residual, its addend) and the base layer's GEMM adds it in its epilogue (where
-  // the base can: Linear without bias, NF4Linear; otherwise one add), so the memory-bound GEMM passes
-  // over (..., out) once and the base GEMM's output is rounded once.
-  Tensor output(const Tensor& x, const Tensor& u, const Tensor& residual) const;
+  // base(x) + scaling * u @ B^T for u (..., r) = x @ A^T made before (shared_input_forward's): the rank-r
+  // GEMM writes scaling * u @ B^T and the base layer's GEMM adds it in its epilogue (where the base can:
+  // Linear without bias, NF4Linear; otherwise one add), so the memory-bound GEMM passes over (..., out)
+  // once. (forward() keeps the other order, base first, for its backward's sake: see forward_add.)
+  Tensor base_plus_up(const Tensor& x, const Tensor& u) const;
   // Folds scaling * B @ A into the base weight (a Linear base only) and stops adding the adapter;
   // unmerge() subtracts it again.
   void merge();
@@ -62,6 +61,7 @@ class LoraLinear : public LinearBase {
 
  private:
   void add_delta(const Tensor& weight, double sign) const;  // weight += sign * scaling * B @ A
+  Tensor lora_b_t(DType dtype) const;                        // B^T (r, out) in dtype
   double scaling_;
   double dropout_;
   bool merged_ = false;

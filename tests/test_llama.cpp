@@ -4,6 +4,7 @@
 #include <chrono>
 #include <catch2/matchers/catch_matchers_string.hpp>
 #include <filesystem>
+#include <tuple>
 #include <fstream>
 #include <unistd.h>
 
@@ -449,6 +450,59 @@ TEST_CASE("lora: adapters on one input share their GEMMs and give each layer's o
     ptrs = {layers[0].get(), wide.get()};
     REQUIRE_THROWS_WITH(nn::shared_input_forward(ptrs, x), ContainsSubstring("layer 1 (Linear) takes 13 inputs, x has 12"));
     REQUIRE_THROWS_WITH(nn::shared_input_forward(ptrs, Tensor()), ContainsSubstring("x must be a defined tensor"));
+  }
+}
+
+// The matmuls a scope runs: (their inner dim K, their output's last dim N, whether the GEMM has an addend).
+struct GemmLog : DispatchHandler {
+  std::vector<std::tuple<int64_t, int64_t, bool>> calls;
+  std::vector<Tensor> run(const PrimitivePtr& op, const std::vector<Tensor>& inputs) override {
+    if (std::string(op->name()) == "matmul") calls.emplace_back(inputs[0].size(-1), inputs[1].size(-1), inputs.size() > 2);
+    return dispatch_next(op, inputs);
+  }
+};
+using Gemms = std::vector<std::tuple<int64_t, int64_t, bool>>;
+
+TEST_CASE("lora: the rank-r GEMMs take the memory-bound side of each addend", "[lora]") {
+  // Where a rank-r GEMM and a base GEMM sum into one tensor, the rank-r one (memory-bound) writes it
+  // and the base one (compute-bound) adds it in its epilogue. One layer: the base runs first, so
+  // backward's dx = du @ A is written fresh and the base's dy @ W adds to it. Layers sharing x: each
+  // up-projection scaling * u_i @ B_i^T is written first and its base GEMM adds it.
+  const Tensor x = test::random_tensor({2, 4, 12}, DType::f64, 540);  // 8 tokens
+  auto layers = lora_group({10, 6}, {3, 3});
+  for (auto& l : layers) {  // B away from its zero init
+    nn::Linear& b = l->child_as<nn::Linear>("lora_B");
+    autograd::NoGradGuard g;
+    copy_(b.weight(), test::random_tensor(b.weight().shape(), DType::f32, 541));
+  }
+  SECTION("one layer") {
+    const Tensor leaf = x.detach().set_requires_grad(true);
+    const Tensor xi = mul(leaf, 2.0);  // a tensor inside the graph, as a layer's input is
+    GemmLog fwd, bwd;
+    Tensor y;
+    {
+      HandlerScope scope(&fwd);
+      y = (*layers[0])(xi);
+    }
+    REQUIRE(fwd.calls == Gemms{{12, 10, false}, {12, 3, false}, {3, 10, true}});  // base, x A^T, u B^T + y
+    {
+      HandlerScope scope(&bwd);
+      sum(mul(y, test::random_tensor(y.shape(), DType::f64, 542))).backward();
+    }
+    // dx: du @ A (K = r = 3) fresh, then dy @ W (K = 10) with it as the addend (dA = du^T x has K = 8)
+    Gemms dx;
+    for (const auto& call : bwd.calls)
+      if (std::get<1>(call) == 12 && std::get<0>(call) != 8) dx.push_back(call);
+    REQUIRE(dx == Gemms{{3, 12, false}, {10, 12, true}});
+  }
+  SECTION("two layers on one input") {
+    GemmLog fwd;
+    {
+      HandlerScope scope(&fwd);
+      (void)nn::shared_input_forward({layers[0].get(), layers[1].get()}, x);
+    }
+    // x [A_0; A_1]^T, then per layer s u_i B_i^T (fresh) and x W_i^T + it
+    REQUIRE(fwd.calls == Gemms{{12, 6, false}, {3, 10, false}, {12, 10, true}, {3, 6, false}, {12, 6, true}});
   }
 }
 
