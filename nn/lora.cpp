@@ -225,20 +225,16 @@ Tensor LoraLinear::forward_add(const Tensor& x, const Tensor& residual) {
   Tensor a = lora_a();
   if (a.dtype() != x.dtype()) a = cast(a, x.dtype());
   const Tensor xd = dropout_ > 0 ? dropout(x, dropout_, is_training()) : x;
-  return matmul_add(matmul(xd, transpose(a, 0, 1)), lora_b_t(a.dtype()), y, scaling_);  // u (..., r) @ B^T + y
+  return add_up(matmul(xd, transpose(a, 0, 1)), y);  // u (..., r)
 }
 
-Tensor LoraLinear::lora_b_t(DType dtype) const {
+Tensor LoraLinear::add_up(const Tensor& u, const Tensor& y) const {
+  // The GEMM applies the scaling (its alpha) and adds the base output (its addend): one pass over
+  // (..., out), rounded once. (The other order, scaling * u @ B^T first as the base GEMM's addend, saves
+  // that pass but slows the base GEMM more: measured on an H100, bench/RESULTS.md, seventeenth session.)
   Tensor b = lora_b();
-  if (b.dtype() != dtype) b = cast(b, dtype);
-  return transpose(b, 0, 1);  // (r, out)
-}
-
-Tensor LoraLinear::base_plus_up(const Tensor& x, const Tensor& u) const {
-  // scaling * u @ B^T by the rank-r GEMM (the scaling its alpha), then the base layer's GEMM with that
-  // as its addend: the memory-bound GEMM writes (..., out) once, the compute-bound one reads it in its
-  // epilogue.
-  return base().residual_add(matmul(u, lora_b_t(u.dtype()), scaling_), x);
+  if (b.dtype() != u.dtype()) b = cast(b, u.dtype());
+  return matmul_add(u, transpose(b, 0, 1), y, scaling_);  // (..., out)
 }
 
 std::vector<Tensor> shared_input_forward(const std::vector<LinearBase*>& layers, const Tensor& x) {
@@ -274,7 +270,7 @@ std::vector<Tensor> shared_input_forward(const std::vector<LinearBase*>& layers,
   if (a.dtype() != x.dtype()) a = cast(a, x.dtype());  // one cast of the stacked A
   const Tensor u = matmul(x, transpose(a, 0, 1));  // (..., n*r)
   for (size_t i = 0; i < lora.size(); ++i)  // u_i (..., r), rows n*r apart
-    out.push_back(lora[i]->base_plus_up(x, narrow(u, -1, static_cast<int64_t>(i) * r, r)));
+    out.push_back(lora[i]->add_up(narrow(u, -1, static_cast<int64_t>(i) * r, r), lora[i]->base()(x)));
   return out;
 }
 

@@ -42,11 +42,9 @@ class LoraLinear : public LinearBase {
   Tensor lora_b() const;  // (out, r)
   double scaling() const { return scaling_; }
   double dropout_rate() const { return dropout_; }
-  // base(x) + scaling * u @ B^T for u (..., r) = x @ A^T made before (shared_input_forward's): the rank-r
-  // GEMM writes scaling * u @ B^T and the base layer's GEMM adds it in its epilogue (where the base can:
-  // Linear without bias, NF4Linear; otherwise one add), so the memory-bound GEMM passes over (..., out)
-  // once. (forward() keeps the other order, base first, for its backward's sake: see forward_add.)
-  Tensor base_plus_up(const Tensor& x, const Tensor& u) const;
+  // y + scaling * u @ B^T, B cast to u's dtype: one GEMM with y (..., out) as its addend, u (..., r) the
+  // adapter's first product (x @ A^T, from forward or from shared_input_forward).
+  Tensor add_up(const Tensor& u, const Tensor& y) const;
   // Folds scaling * B @ A into the base weight (a Linear base only) and stops adding the adapter;
   // unmerge() subtracts it again.
   void merge();
@@ -61,7 +59,6 @@ class LoraLinear : public LinearBase {
 
  private:
   void add_delta(const Tensor& weight, double sign) const;  // weight += sign * scaling * B @ A
-  Tensor lora_b_t(DType dtype) const;                        // B^T (r, out) in dtype
   double scaling_;
   double dropout_;
   bool merged_ = false;

@@ -463,11 +463,11 @@ struct GemmLog : DispatchHandler {
 };
 using Gemms = std::vector<std::tuple<int64_t, int64_t, bool>>;
 
-TEST_CASE("lora: the rank-r GEMMs take the memory-bound side of each addend", "[lora]") {
-  // Where a rank-r GEMM and a base GEMM sum into one tensor, the rank-r one (memory-bound) writes it
-  // and the base one (compute-bound) adds it in its epilogue. One layer: the base runs first, so
-  // backward's dx = du @ A is written fresh and the base's dy @ W adds to it. Layers sharing x: each
-  // up-projection scaling * u_i @ B_i^T is written first and its base GEMM adds it.
+TEST_CASE("lora: the rank-r GEMMs add the base output forward, and write dx for the base GEMM to add to", "[lora]") {
+  // Forward, each u @ B^T GEMM takes the base output as its addend (the base GEMM has none: with one it
+  // ran slower on an H100 than the pass it saved). One layer runs its base first, so autograd (latest
+  // first) runs backward's du @ A before the base's dy @ W: the memory-bound rank-r GEMM writes dx and
+  // the compute-bound base GEMM adds to it in its epilogue.
   const Tensor x = test::random_tensor({2, 4, 12}, DType::f64, 540);  // 8 tokens
   auto layers = lora_group({10, 6}, {3, 3});
   for (auto& l : layers) {  // B away from its zero init
@@ -501,8 +501,8 @@ TEST_CASE("lora: the rank-r GEMMs take the memory-bound side of each addend", "[
       HandlerScope scope(&fwd);
       (void)nn::shared_input_forward({layers[0].get(), layers[1].get()}, x);
     }
-    // x [A_0; A_1]^T, then per layer s u_i B_i^T (fresh) and x W_i^T + it
-    REQUIRE(fwd.calls == Gemms{{12, 6, false}, {3, 10, false}, {12, 10, true}, {3, 6, false}, {12, 6, true}});
+    // x [A_0; A_1]^T, then per layer x W_i^T and s u_i B_i^T + it
+    REQUIRE(fwd.calls == Gemms{{12, 6, false}, {12, 10, false}, {3, 10, true}, {12, 6, false}, {3, 6, true}});
   }
 }
 
