@@ -4,8 +4,8 @@
 #include <chrono>
 #include <catch2/matchers/catch_matchers_string.hpp>
 #include <filesystem>
-#include <tuple>
 #include <fstream>
+#include <tuple>
 #include <unistd.h>
 
 #include "nn/llama.h"
