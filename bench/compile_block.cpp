@@ -88,8 +88,10 @@ void print_ops(const char* title, const std::function<void()>& step) {
     kiln::HandlerScope scope(&timer);
     step();
   }
-  std::printf("\n%s, op by op:\n%-34s %6s %9s\n", title, "op", "calls", "GPU ms");
-  for (const OpTimer::Row& r : timer.rows()) std::printf("%-34s %6d %9.3f\n", r.name.c_str(), r.calls, r.ms);
+  std::printf("\n%s, op by op:\n%-44s %6s %9s\n", title, "op", "calls", "GPU ms");
+  // GEMMs by shape and layout: compiled and eager calls of one GEMM side by side
+  const auto key = [](const OpTimer::Span& s) { return s.gemm_shape.empty() ? s.name : "matmul " + s.gemm_shape; };
+  for (const OpTimer::Row& r : timer.rows(key)) std::printf("%-44s %6d %9.3f\n", r.name.c_str(), r.calls, r.ms);
 }
 
 // The chunked LM head of Llama 3.1 8B (frozen bf16 weight), forward+backward, per loss function.
@@ -183,7 +185,10 @@ int main(int argc, char** argv) {
   print("eager forward+backward", et);
   const Row ek = measure(train_checkpointed, iters, none);
   print("eager checkpointed fwd+bwd", ek);
-  if (ops) print_ops("eager forward+backward", train);
+  if (ops) {
+    print_ops("eager forward", forward);
+    print_ops("eager forward+backward", train);
+  }
 
   kiln::compile::CompileOptions co;
   co.dynamic_dims = {{0, 1}};
@@ -204,7 +209,10 @@ int main(int argc, char** argv) {
     return static_cast<int>(2 * s.last_forward_groups + s.last_backward_groups);
   });
   print("compiled checkpointed fwd+bwd", ck);
-  if (ops) print_ops("compiled forward+backward (fused groups not listed)", train);
+  if (ops) {
+    print_ops("compiled forward (fused groups not listed)", forward);
+    print_ops("compiled forward+backward (fused groups not listed)", train);
+  }
   const kiln::compile::Stats s = kiln::compile::stats();
   std::printf("\ncompiled: %lld plans built, %lld adds in GEMM epilogues, %lld NVRTC compilations (%.0f ms), %lld kernels "
               "from the disk cache, %lld fallback ops\n",

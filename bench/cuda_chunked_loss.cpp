@@ -3,7 +3,8 @@
 // against nn::chunked_linear_loss, frozen and trainable weight: time, effective TFLOP/s (2*N*H*V per
 // matmul pass: frozen = 2 passes, trainable = 3) and peak extra memory from the allocator's stats;
 // then the time of one chunk's parts, generic and fused (the built-in cross-entropy), and one fused
-// call at N 16384, chunk 512, op by op. Usage: cuda_chunked_loss [iterations] [tokens] (tokens: only
+// call at N 16384, chunk 512, op by op. Rows "in place": hidden made by an op in the step (as a model's final
+// norm makes it) and d(hidden) written over it (overwrite_hidden); extra memory beyond that hidden. Usage: cuda_chunked_loss [iterations] [tokens] (tokens: only
 // that row group, 16384 or 65536)
 #include <cstdio>
 #include <cstdlib>
@@ -38,18 +39,22 @@ Tensor naive_head(const Tensor& x, const Tensor& w, const Tensor& t) {
 
 // The built-in cross-entropy (the fused path); with `generic`, the same loss behind a lambda, which
 // takes the generic path (f32 logits, autograd on each chunk).
-Head chunked_head(size_t budget, bool generic = false) {
-  return [budget, generic](const Tensor& x, const Tensor& w, const Tensor& t) {
+// `overwrite`: ChunkedLossOptions::overwrite_hidden (for a hidden made by an op: see row's `made`).
+Head chunked_head(size_t budget, bool generic = false, bool overwrite = false) {
+  return [budget, generic, overwrite](const Tensor& x, const Tensor& w, const Tensor& t) {
     nn::ChunkedLossOptions o;
     o.memory_budget_bytes = budget;
+    o.overwrite_hidden = overwrite;
     const nn::LossFn ce = nn::cross_entropy_loss();
     const nn::LossFn fn = generic ? nn::LossFn([ce](const Tensor& l, const Tensor& y) { return ce(l, y); }) : ce;
     return nn::chunked_linear_loss(x, w, t, fn, o);
   };
 }
 
+// `made`: the head gets hidden as a model does, made by an op (1.0 * x, as a final norm makes it) in the
+// step; extra memory is then counted beyond that hidden's own N x H (an input, as x is otherwise).
 void row(const std::string& name, int64_t n, bool trainable, const Head& head, const Tensor& weight,
-         double* ref_ms = nullptr) {
+         double* ref_ms = nullptr, bool made = false) {
   Tensor hidden = kiln::mul(kiln::randn({n, kH}, DType::bf16, kGPU), 1.0);  // (N, H)
   Tensor targets = kiln::randint(0, kV, {n}, DType::i64, kGPU);             // (N)
   Tensor x = hidden.detach();
@@ -57,10 +62,11 @@ void row(const std::string& name, int64_t n, bool trainable, const Head& head, c
   Tensor w = weight.detach();
   w.set_requires_grad(trainable);
   const auto step = [&] {
-    head(x, w, targets).backward();
+    head(made ? kiln::mul(x, 1.0) : x, w, targets).backward();
     x.zero_grad();
     w.zero_grad();
   };
+  const size_t made_bytes = made ? static_cast<size_t>(n * kH) * 2 : 0;  // that hidden, bf16
   char label[160];
   std::snprintf(label, sizeof(label), "%-30s N=%-6lld %-9s", name.c_str(), static_cast<long long>(n),
                 trainable ? "trainable" : "frozen");
@@ -71,7 +77,8 @@ void row(const std::string& name, int64_t n, bool trainable, const Head& head, c
     cuda::reset_peak_memory_stats();
     step();
     cuda::synchronize();
-    const double extra_gib = static_cast<double>(cuda::memory_stats().peak_allocated - before) / (1 << 30);
+    const double extra_gib =
+        static_cast<double>(cuda::memory_stats().peak_allocated - before) / (1 << 30) - static_cast<double>(made_bytes) / (1 << 30);
     const double ms = kiln::bench::time_ms(step, g_iters, 0);
     const double flops = (trainable ? 3.0 : 2.0) * 2.0 * static_cast<double>(n) * kH * kV;
     const double tflops = flops / (ms * 1e-3) / 1e12;
@@ -201,6 +208,8 @@ int main(int argc, char** argv) {
         const std::string name = "fused CE (" + std::to_string(mib) + " MiB: chunk " +
                                  std::to_string(nn::chunked_loss_chunk_size(kV, DType::bf16, mib << 20, true)) + ")";
         row(name, n, trainable, chunked_head(mib << 20), weight, &ref);
+        if (mib <= 256)  // hidden made by an op, d(hidden) written over it
+          row(name + ", in place", n, trainable, chunked_head(mib << 20, false, true), weight, &ref, true);
       }
     }
   }

@@ -55,7 +55,7 @@ inline double op_flops(const Primitive& op, const std::vector<Tensor>& in, const
 struct OpTimer : DispatchHandler {
   struct Span {
     std::string name;
-    std::string gemm_shape;  // "M x N x K" of a GEMM, empty otherwise
+    std::string gemm_shape;  // "M x N x K" of a GEMM (", a^T" / ", b^T": stored transposed; ", + C": an addend), else empty
     double flops = 0;
     std::unique_ptr<cuda::Event> start, stop;
   };
@@ -123,6 +123,11 @@ struct OpTimer : DispatchHandler {
     if (s.name == "matmul" && !out.empty() && !in.empty() && out[0].dim() >= 1) {
       const int64_t n = out[0].shape().back(), m = n > 0 ? out[0].numel() / n : 0;
       s.gemm_shape = std::to_string(m) + " x " + std::to_string(n) + " x " + std::to_string(in[0].shape().back());
+      // operands stored transposed (unit stride on the row dim), an addend in the epilogue
+      const auto transposed = [](const Tensor& t) { return t.dim() >= 2 && t.size(-1) > 1 && t.strides().back() != 1; };
+      if (transposed(in[0])) s.gemm_shape += ", a^T";
+      if (in.size() > 1 && transposed(in[1])) s.gemm_shape += ", b^T";
+      if (in.size() > 2) s.gemm_shape += ", + C";
     }
   }
   static double elapsed(Span& s) {

@@ -29,7 +29,7 @@ inline std::shared_ptr<nn::Llama> qlora_llama(const nn::LlamaConfig& config, Dev
 
 // ids and targets (B, T) int.
 inline void training_step(nn::Llama& model, nn::Optimizer& opt, const Tensor& ids, const Tensor& targets) {
-  Tensor loss = model.chunked_loss(model(ids), targets);
+  Tensor loss = model.chunked_loss(model(ids), targets, Reduction::mean, /*overwrite_hidden=*/true);  // as the Trainer
   loss.backward();
   nn::clip_grad_norm_(opt.parameters(), 1.0);
   opt.step();

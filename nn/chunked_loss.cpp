@@ -46,6 +46,7 @@ struct ChunkPlan {
   std::vector<int64_t> valid;        // non-ignored tokens per chunk
   double scale = 1.0;                // 1 (sum) or 1 / #non-ignored tokens (mean; 0 when there are none)
   bool need_hidden = false, need_weight = false, need_bias = false;
+  bool hidden_in_place = false;      // d(hidden) is written over hidden (overwrite_hidden, and it applies)
 };
 
 class ChunkedLinearLossFunction final : public autograd::Function {
@@ -122,7 +123,7 @@ std::vector<Tensor> ChunkedLinearLossFunction::forward_fused(const Tensor& x, co
   const Tensor wt = transpose(weight, 0, 1);                    // (H, V) view
   const Tensor scale = scalar_tensor(plan_.scale, ldt, dev);    // () d(loss)/d(chunk sum)
   Tensor loss = zeros({}, ldt, dev);                            // the sum of the chunk sums
-  Tensor dh = plan_.need_hidden ? empty({n_tok, h}, cdt, dev) : Tensor();        // (N, H)
+  Tensor dh = !plan_.need_hidden ? Tensor() : plan_.hidden_in_place ? x : empty({n_tok, h}, cdt, dev);  // (N, H)
   Tensor dw = plan_.need_weight ? empty({v, h}, weight.dtype(), dev) : Tensor();  // (V, H), accumulated in place
   Tensor db = plan_.need_bias ? zeros({v}, ldt, dev) : Tensor();                 // (V)
   bool dw_written = false;
@@ -138,11 +139,11 @@ std::vector<Tensor> ChunkedLinearLossFunction::forward_fused(const Tensor& x, co
     loss = add(loss, sum(cross_entropy_loss_grad_(z, narrow(targets_, 0, s, n), scale, options_.ignore_index,
                                                   ce.smoothing, ce.z)));
     if (db.defined()) db = add(db, sum(cast(z, ldt), {0}));
-    if (dh.defined()) matmul_into(narrow(dh, 0, s, n), z, weight);
     if (dw.defined()) {
       matmul_into(dw, transpose(z, 0, 1), xc, dw_written);
       dw_written = true;
     }
+    if (dh.defined()) matmul_into(narrow(dh, 0, s, n), z, weight);  // the last read of xc: may overwrite it
   }
   if (dw.defined() && !dw_written) fill_(dw, 0.0);
   if (db.defined()) db = cast(db, bias.dtype());
@@ -171,7 +172,8 @@ std::vector<Tensor> ChunkedLinearLossFunction::forward(const std::vector<Tensor>
   const Tensor safe = where(valid, targets_, scalar_tensor(0.0, targets_.dtype(), dev));      // (N) in [0, V)
 
   Tensor loss = zeros({}, ldt, dev);  // the sum of the chunk sums, scaled at the end
-  Tensor dh = plan_.need_hidden ? zeros({n_tok, h}, cdt, dev) : Tensor();  // (N, H)
+  // (N, H); every row is written (chunks whose targets are all ignored: zeros)
+  Tensor dh = !plan_.need_hidden ? Tensor() : plan_.hidden_in_place ? x : empty({n_tok, h}, cdt, dev);
   Tensor db = plan_.need_bias ? zeros({v}, ldt, dev) : Tensor();           // (V) accumulated in the loss dtype
 
   // Trainable weight: the dlogits rows of a group of chunks (compute dtype); per group, d(hidden)
@@ -192,7 +194,6 @@ std::vector<Tensor> ChunkedLinearLossFunction::forward(const std::vector<Tensor>
     if (group_fill > 0 && group_live) {
       const Tensor g = narrow(group, 0, 0, group_fill);         // (G, V)
       const Tensor hg = narrow(x, 0, group_start, group_fill);  // (G, H)
-      if (plan_.need_hidden) copy_(narrow(dh, 0, group_start, group_fill), matmul(g, weight));
       size_t bi = 0;
       for (int64_t r = 0; r < v; r += block_rows, ++bi) {
         const int64_t rows = std::min(block_rows, v - r);
@@ -200,6 +201,10 @@ std::vector<Tensor> ChunkedLinearLossFunction::forward(const std::vector<Tensor>
         if (bi == dw_blocks.size()) dw_blocks.push_back(part);
         else dw_blocks[bi] = add(dw_blocks[bi], part);
       }
+      // the last read of hg: may overwrite it
+      if (plan_.need_hidden) copy_(narrow(dh, 0, group_start, group_fill), matmul(g, weight));
+    } else if (group_fill > 0 && plan_.need_hidden) {
+      fill_(narrow(dh, 0, group_start, group_fill), 0.0);
     }
     group_start += group_fill;
     group_fill = 0;
@@ -230,6 +235,8 @@ std::vector<Tensor> ChunkedLinearLossFunction::forward(const std::vector<Tensor>
       if (plan_.need_weight) {
         fill_(narrow(group, 0, group_fill, n), 0.0);
         group_fill += n;
+      } else if (plan_.need_hidden) {
+        fill_(narrow(dh, 0, s, n), 0.0);
       }
       continue;
     }
@@ -378,6 +385,8 @@ Tensor chunked_linear_loss(const Tensor& hidden, const Tensor& weight, const Ten
   plan.need_hidden = grad_on && hidden.requires_grad();
   plan.need_weight = grad_on && weight.requires_grad();
   plan.need_bias = grad_on && bias.defined() && bias.requires_grad();
+  plan.hidden_in_place = options.overwrite_hidden && plan.need_hidden && !hidden.is_leaf() && hidden.is_contiguous() &&
+                         hidden.storage() != nullptr;  // (not a tracer's placeholder)
 
   std::vector<Tensor> inputs{hidden, weight};
   if (bias.defined()) inputs.push_back(bias);

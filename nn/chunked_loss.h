@@ -37,6 +37,13 @@ struct ChunkedLossOptions {
   // bf16 and V = 128256: chunks of 1024 tokens, groups of 8192 (measured peaks and the time cost of
   // smaller budgets: bench/RESULTS.md, chunked loss head).
   size_t memory_budget_bytes = size_t{2} << 30;
+  // The caller gives hidden up: nothing reads it after this call (a model's final hidden states,
+  // passed on to the head alone). d(hidden) is then written over hidden, chunk by chunk once the
+  // chunk's rows are read, instead of into a new (N, H) buffer: N x H fewer elements at the head's
+  // peak. Applies when hidden is contiguous and computed by an op (a leaf keeps its values: a new
+  // buffer then, as without the option). An op that saved hidden for its own backward finds it
+  // changed: that backward stops with autograd's "modified in place" error, never a wrong gradient.
+  bool overwrite_hidden = false;
 };
 
 // The estimated extra bytes per token of one chunk: the logits in the compute dtype, the logits in
@@ -84,7 +91,8 @@ int64_t chunked_loss_group_size(int64_t vocab, DType compute_dtype, size_t memor
 // autograd and no host synchronisation; d(hidden) rows and d(weight) come from GEMMs written straight
 // into their buffers, d(weight) accumulating chunk by chunk in weight's dtype through the GEMM's
 // addend (f32 inside the GEMM, one rounding per chunk, as PyTorch and Liger do for a bf16 weight).
-// Extra peak memory: one chunk of logits + d(hidden) (frozen), + d(weight) (trainable).
+// Extra peak memory: one chunk of logits + d(hidden) (frozen), + d(weight) (trainable); d(hidden) takes
+// no memory of its own with overwrite_hidden.
 // Either path: backward scales the stored gradients by the upstream gradient in place, so a second
 // backward through the same loss (retain_graph) is refused with a clear error.
 Tensor chunked_linear_loss(const Tensor& hidden, const Tensor& weight, const Tensor& targets, const LossFn& loss_fn,

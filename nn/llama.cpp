@@ -408,13 +408,14 @@ Tensor Llama::loss(const Tensor& hidden, const Tensor& targets, Reduction reduct
   return cross_entropy(cast(logits2d, DType::f32), reshape(targets, {-1}), -100, reduction);
 }
 
-Tensor Llama::chunked_loss(const Tensor& hidden, const Tensor& targets, Reduction reduction) {
+Tensor Llama::chunked_loss(const Tensor& hidden, const Tensor& targets, Reduction reduction, bool overwrite_hidden) {
   KILN_CHECK(reduction != Reduction::none, "Llama", "chunked_loss reduces to a sum or a mean");
   KILN_CHECK(config_.tie_word_embeddings || dynamic_cast<Linear*>(&child_as<LinearBase>("lm_head")), "Llama",
              "the chunked loss head needs a plain lm_head, found {}", child_as<LinearBase>("lm_head").type_name());
   ChunkedLossOptions o;
   o.reduction = reduction;
   o.memory_budget_bytes = loss_memory_budget_;
+  o.overwrite_hidden = overwrite_hidden;
   return chunked_linear_loss(hidden, lm_head_weight(), targets, cross_entropy_loss(), o);
 }
 

@@ -201,7 +201,10 @@ class Llama : public Module {
   Tensor loss(const Tensor& hidden, const Tensor& targets, Reduction reduction = Reduction::mean);
   // The same through the chunked linear+cross-entropy head (nn/chunked_loss.h), with chunks of
   // loss_memory_budget(): the full logits never exist. Needs a plain (tied or Linear) output projection.
-  Tensor chunked_loss(const Tensor& hidden, const Tensor& targets, Reduction reduction = Reduction::mean);
+  // `overwrite_hidden`: the caller gives hidden up, and d(hidden) takes its memory
+  // (ChunkedLossOptions::overwrite_hidden); the Trainer's loss does.
+  Tensor chunked_loss(const Tensor& hidden, const Tensor& targets, Reduction reduction = Reduction::mean,
+                      bool overwrite_hidden = false);
 
   KVCache make_cache(int64_t batch, int64_t capacity) const;
 

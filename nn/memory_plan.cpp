@@ -141,9 +141,11 @@ struct StepModel {
     }
     moments.emplace_back(below + m.norm.forward_peak.at(tokens), "the final norm's forward");
     const size_t activations = below + m.norm.saved.at(tokens);
-    // The head: d(hidden) (an activation) and one chunk of logits (and its per-row losses).
-    moments.emplace_back(activations + act_bytes + static_cast<size_t>(chunk) * (logit_bytes + 16), "the loss head");
-    moments.emplace_back(activations + act_bytes + m.norm.backward_extra.at(tokens), "the final norm's backward");
+    // The head: one chunk of logits (and its per-row losses); d(hidden) takes the memory of the final
+    // norm's output (the Trainer's loss: ChunkedLossOptions::overwrite_hidden), which is the incoming
+    // gradient of the norm's backward.
+    moments.emplace_back(activations + static_cast<size_t>(chunk) * (logit_bytes + 16), "the loss head");
+    moments.emplace_back(activations + m.norm.backward_extra.at(tokens), "the final norm's backward");
     // Backward, top down: the layers above are freed; a layer's own forward leftovers (its output
     // at least), its input (fetched back when offloaded, with its attention output and LSE, which are
     // on the device before its recompute starts, while the one below's tensors are prefetched) and
@@ -184,8 +186,8 @@ struct StepModel {
     }
     moments.emplace_back(below + m.norm.forward_peak.at(tokens), "the final norm's forward");
     const size_t activations = below + m.norm.saved.at(tokens);
-    moments.emplace_back(activations + act + static_cast<size_t>(chunk) * (logit_bytes + 16), "the loss head");
-    moments.emplace_back(activations + act + m.norm.backward_extra.at(tokens), "the final norm's backward");
+    moments.emplace_back(activations + static_cast<size_t>(chunk) * (logit_bytes + 16), "the loss head");  // as above
+    moments.emplace_back(activations + m.norm.backward_extra.at(tokens), "the final norm's backward");
     // Backward, top down: the segment's input (fetched back when offloaded, the one below's prefetched
     // meanwhile), its leftovers, the gradient from above, the inputs its recompute keeps for its layers
     // above the first, and the top one's backward (its own recompute included).

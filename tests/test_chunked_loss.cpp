@@ -345,6 +345,62 @@ TEST_CASE("chunked_linear_loss: (B, T, H) input, non-contiguous inputs, non-leaf
   test::require_close(ng, naive_loss(x, w, Tensor(), targets, fn, Reduction::mean), 1e-4, 1e-5);
 }
 
+TEST_CASE("chunked_linear_loss: overwrite_hidden writes d(hidden) over hidden, with the same gradients",
+          "[chunked_loss]") {
+  // 23 tokens, chunks of 4 (the last short), chunks 2 and 3 all ignored (make_targets).
+  const int64_t n = 23, h = 6, v = 17;
+  const Tensor x0 = test::random_tensor({n, h}, DType::f32, 71);
+  const Tensor w0 = test::random_tensor({v, h}, DType::f32, 72);
+  const Tensor targets = make_targets(n, v, 73);
+  // the fused cross-entropy and the generic path; a frozen and a trainable weight (its group of 8 tokens
+  // spans chunks)
+  for (const bool fused : {true, false}) {
+    for (const bool trainable : {false, true}) {
+      CAPTURE(fused, trainable);
+      const nn::LossFn fn = fused ? nn::cross_entropy_loss() : nn::focal_loss(2.0);
+      nn::ChunkedLossOptions o;
+      o.chunk_size = 4;
+      o.memory_budget_bytes = static_cast<size_t>(8 * v * 4);  // groups of 8 tokens (f32)
+      const auto step = [&](bool overwrite, Tensor* hidden_out) {
+        Tensor x = x0.detach().set_requires_grad(true);
+        Tensor w = w0.detach().set_requires_grad(trainable);
+        Tensor hidden = mul(x, 1.5);  // (n, h), made by an op
+        if (hidden_out) *hidden_out = hidden;
+        nn::ChunkedLossOptions oo = o;
+        oo.overwrite_hidden = overwrite;
+        Tensor loss = nn::chunked_linear_loss(hidden, w, targets, fn, oo);
+        mul(loss, 2.5).backward();
+        return std::vector<Tensor>{loss, x.grad(), trainable ? w.grad() : Tensor()};
+      };
+      const std::vector<Tensor> want = step(false, nullptr);
+      Tensor hidden;
+      const std::vector<Tensor> got = step(true, &hidden);
+      test::require_close(got[0], want[0], 1e-6, 1e-7);
+      test::require_close(got[1], want[1], 1e-6, 1e-7);
+      if (trainable) test::require_close(got[2], want[2], 1e-6, 1e-7);
+      // hidden's memory now holds d(loss)/d(hidden), 2.5 * d(chunked)/d(hidden): x's gradient over 1.5
+      test::require_close(hidden, mul(want[1], 1.0 / 1.5), 1e-6, 1e-7);
+    }
+  }
+  // A leaf or a non-contiguous hidden keeps its values (a new buffer, as without the option).
+  nn::ChunkedLossOptions o;
+  o.chunk_size = 4;
+  o.overwrite_hidden = true;
+  Tensor leaf = x0.clone().set_requires_grad(true);
+  nn::chunked_linear_loss(leaf, w0, targets, nn::cross_entropy_loss(), o).backward();
+  test::require_equal(leaf, x0);
+  Tensor xt = test::random_tensor({h, n}, DType::f32, 74).set_requires_grad(true);
+  Tensor ht = transpose(mul(xt, 1.0), 0, 1);  // (n, h), not contiguous
+  const Tensor ht_before = ht.detach().clone();
+  nn::chunked_linear_loss(ht, w0, targets, nn::cross_entropy_loss(), o).backward();
+  test::require_equal(ht.detach(), ht_before);
+  // An op that saved hidden for its backward finds it changed: a clear error, not a wrong gradient.
+  Tensor x = x0.detach().set_requires_grad(true);
+  Tensor hidden = mul(x, 1.5);
+  Tensor both = add(nn::chunked_linear_loss(hidden, w0, targets, nn::cross_entropy_loss(), o), sum(mul(hidden, hidden)));
+  REQUIRE_THROWS_WITH(both.backward(), ContainsSubstring("modified in place"));
+}
+
 TEST_CASE("chunked_linear_loss: automatic chunk size from the memory budget", "[chunked_loss]") {
   const size_t gib = size_t{1} << 30;
   const int64_t v = 128256;

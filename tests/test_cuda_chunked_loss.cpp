@@ -162,6 +162,33 @@ TEST_CASE("cuda chunked_linear_loss stays within its memory budget", "[cuda][chu
   const size_t chunk_bytes = size_t(chunk) * v * 2, slack = size_t{1} << 20;
   REQUIRE(frozen <= chunk_bytes + dh + slack);
   REQUIRE(trainable <= chunk_bytes + dh + size_t(v) * h * 2 + slack);
+  // overwrite_hidden, hidden made by an op (as a model's final norm makes it): d(hidden) takes hidden's
+  // memory, so no N x H beyond the chunk (x's gradient, N x H, comes after the chunk is freed).
+  const auto measure_in_place = [&](bool trainable_w) {
+    nn::ChunkedLossOptions ip = o;
+    ip.overwrite_hidden = true;
+    Tensor x = hidden.detach();
+    x.set_requires_grad(true);
+    Tensor w = weight.detach();
+    w.set_requires_grad(trainable_w);
+    nn::chunked_linear_loss(mul(x, 1.0), w, targets, nn::cross_entropy_loss(), ip).backward();  // warm-up
+    x.zero_grad();
+    w.zero_grad();
+    Tensor made = mul(x, 1.0);
+    cuda::synchronize();
+    const size_t before = cuda::memory_stats().allocated;
+    cuda::reset_peak_memory_stats();
+    nn::chunked_linear_loss(made, w, targets, nn::cross_entropy_loss(), ip).backward();
+    cuda::synchronize();
+    const size_t peak = cuda::memory_stats().peak_allocated - before;
+    // d(hidden), in hidden's memory, is x's gradient (1.0 * d(hidden))
+    test::require_equal(cast(x.grad(), DType::f32).to(kCPU), cast(made, DType::f32).to(kCPU));
+    return peak;
+  };
+  const size_t frozen_in_place = measure_in_place(false), trainable_in_place = measure_in_place(true);
+  WARN("peak extra in place: frozen " << frozen_in_place << ", trainable " << trainable_in_place << " bytes");
+  REQUIRE(frozen_in_place <= chunk_bytes + slack);
+  REQUIRE(trainable_in_place <= chunk_bytes + size_t(v) * h * 2 + slack);
 }
 
 TEST_CASE("cuda cross_entropy_loss_grad_ matches the CPU, in place", "[cuda][chunked_loss]") {

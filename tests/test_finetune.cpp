@@ -283,8 +283,9 @@ TEST_CASE("finetune: --memory-budget plans the checkpoints and the loss chunk, p
                                                         ContainsSubstring("2 of 2 kept whole") &&
                                                         ContainsSubstring("predicted peak"));
   const app::FinetuneResult ra = a.run();
-  // A budget just above the smallest plan: both layers in one segment; the same losses (the recompute
-  // is exact; every chunk holds the whole batch here).
+  // A budget just above the smallest plan: both layers checkpointed, alone or in one segment (one layer
+  // input apart: within the 0.01 MiB steps below); the same losses (the recompute is exact; every chunk
+  // holds the whole batch here).
   app::FinetuneConfig tight = tiny_run(root, "tight");
   tight.memory_budget = 1e-9;  // far too small: the error names the least budget
   double least_mib = 0;
@@ -313,7 +314,8 @@ TEST_CASE("finetune: --memory-budget plans the checkpoints and the loss chunk, p
   REQUIRE(accepted);
   app::FinetuneJob& b = *accepted;
   REQUIRE(b.trainer().memory_plan().has_value());
-  CHECK_THAT(b.trainer().memory_plan()->describe(), ContainsSubstring("all 2 in 1 segment of 2"));  // the least here
+  CHECK_THAT(b.trainer().memory_plan()->describe(),
+             ContainsSubstring("all 2 in 1 segment of 2") || ContainsSubstring("2 checkpointed (0-1)"));
   const app::FinetuneResult rb = b.run();
   REQUIRE(rb.losses.size() == ra.losses.size());
   for (size_t i = 0; i < ra.losses.size(); ++i) CHECK(rb.losses[i] == Catch::Approx(ra.losses[i]).epsilon(1e-5));

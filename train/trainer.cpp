@@ -35,7 +35,8 @@ BatchLossFn llama_loss(bool chunked) {
     KILN_CHECK(llama != nullptr, "trainer", "the default loss expected an nn::Llama, found {} (set TrainerOptions::loss)",
                model.type_name());
     Tensor hidden = (*llama)(batch.input_ids);  // (B, T, hidden), through the model's hooks (fully_shard's)
-    return chunked ? llama->chunked_loss(hidden, batch.labels, Reduction::sum)
+    // read by the head alone: its gradient takes its memory
+    return chunked ? llama->chunked_loss(hidden, batch.labels, Reduction::sum, /*overwrite_hidden=*/true)
                    : llama->loss(hidden, batch.labels, Reduction::sum);
   };
 }

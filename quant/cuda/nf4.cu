@@ -201,31 +201,20 @@ __global__ void nf4_dequantize_kernel(const uint8_t* __restrict__ packed, NF4Sca
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t chunks = kVec ? n / 32 : 0;
-  // This step's codes and scales, loaded during the step before (software pipelining: the loads of
-  // step i + 1 are in flight while step i decodes and stores).
-  uint4 raw[kUnroll];
-  float scale[kUnroll];
-  auto load = [&](int64_t base) {
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t c = base + u * 32 + lane;
-      raw[u] = make_uint4(0, 0, 0, 0);
-      scale[u] = 0.0f;
-      if (c < chunks) {
-        raw[u] = __ldg(reinterpret_cast<const uint4*>(packed) + c);
-        scale[u] = block_scale<kDouble>(s, (c * 32) >> bs_shift, bs_shift, nbs_shift);
-      }
-    }
-  };
-  const int64_t step = stride * kUnroll;
-  // warp-uniform: base = the warp's first chunk this step
-  if ((tid - lane) * kUnroll < chunks) load((tid - lane) * kUnroll);
-  for (int64_t base = (tid - lane) * kUnroll; base < chunks; base += step) {
+  // warp-uniform: base = the warp's first chunk this step (one step per thread with dequantize_typed's grid)
+  for (int64_t base = (tid - lane) * kUnroll; base < chunks; base += stride * kUnroll) {
     uint4 cur[kUnroll];
     float cur_scale[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) cur[u] = raw[u], cur_scale[u] = scale[u];
-    if (base + step < chunks) load(base + step);
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t c = base + u * 32 + lane;
+      cur[u] = make_uint4(0, 0, 0, 0);
+      cur_scale[u] = 0.0f;
+      if (c < chunks) {
+        cur[u] = __ldg(reinterpret_cast<const uint4*>(packed) + c);
+        cur_scale[u] = block_scale<kDouble>(s, (c * 32) >> bs_shift, bs_shift, nbs_shift);
+      }
+    }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t group = base + u * 32;  // first chunk of this group of 32
@@ -263,13 +252,11 @@ cudaError_t dequantize_typed(const uint8_t* packed, const NF4Scales& s, int64_t 
   const bool vec = aligned16(packed) && aligned16(out);
   const bool dq = s.absmax_u8 != nullptr;
   const int bs = log2_exact(s.blocksize), nbs = log2_exact(s.nested_blocksize);
-  // a thread per kUnroll chunks (or per weight), at most two waves of resident blocks; then as few blocks as
-  // give every thread the same number of grid-stride steps, so the last step is as full as the others (at the
-  // head's 128256 x 4096 the fullest grid left its 16th step 18% full)
+  // One step per thread (kUnroll chunks, or one weight), every block at once: on an H100 this ran the head's
+  // 128256 x 4096 at 96.4% of copy bandwidth and the layers' shapes at 100%, against 92.0% and 98% with a
+  // grid of two waves of resident blocks looping (bench/RESULTS.md, eighteenth session).
   const int64_t units = vec ? (n / 32 + kUnroll - 1) / kUnroll + n % 32 : n;
-  const int64_t most = static_cast<int64_t>(grid_to_fill(units, kThreads, 2)) * kThreads;
-  const int64_t steps = (units + most - 1) / most;
-  const int grid = static_cast<int>(std::max<int64_t>(1, ((units + steps - 1) / steps + kThreads - 1) / kThreads));
+  const int grid = static_cast<int>(std::clamp<int64_t>((units + kThreads - 1) / kThreads, 1, 2147483647));
   if (dq && vec) nf4_dequantize_kernel<T, true, true><<<grid, kThreads, 0, st>>>(packed, s, bs, nbs, n, out);
   else if (dq) nf4_dequantize_kernel<T, true, false><<<grid, kThreads, 0, st>>>(packed, s, bs, nbs, n, out);
   else if (vec) nf4_dequantize_kernel<T, false, true><<<grid, kThreads, 0, st>>>(packed, s, bs, nbs, n, out);
