@@ -385,8 +385,7 @@ Tensor chunked_linear_loss(const Tensor& hidden, const Tensor& weight, const Ten
   plan.need_hidden = grad_on && hidden.requires_grad();
   plan.need_weight = grad_on && weight.requires_grad();
   plan.need_bias = grad_on && bias.defined() && bias.requires_grad();
-  plan.hidden_in_place = options.overwrite_hidden && plan.need_hidden && !hidden.is_leaf() && hidden.is_contiguous() &&
-                         hidden.storage() != nullptr;  // (not a tracer's placeholder)
+  plan.hidden_in_place = options.overwrite_hidden && plan.need_hidden && !hidden.is_leaf() && hidden.is_contiguous();
 
   std::vector<Tensor> inputs{hidden, weight};
   if (bias.defined()) inputs.push_back(bias);
