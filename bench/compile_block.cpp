@@ -2,7 +2,8 @@
 // 14336) in bf16 on CUDA at T tokens (default 4096): eager against compiled, forward and forward +
 // backward, as milliseconds per call, the part spent in GEMMs and attention (timed op by op with CUDA
 // events by a dispatch handler) and the rest ("outside": norms, residuals, activations, copies —
-// what fusion targets), host milliseconds per call, and kernels per layer.
+// what fusion targets), host milliseconds per call, kernels per layer, and the caching allocator's
+// cudaMalloc + cudaFree calls per call once warm (each can stall the stream).
 // `--qlora`: the layer of the 8B QLoRA job instead (NF4 base, LoRA r=16 on the seven linears; only the
 // adapters train), with NF4 dequantisation timed as its own column. `--ops`: a table of every op's GPU
 // time in one eager forward+backward, by op name. `--head`: the chunked LM head (V = 128256, frozen
@@ -47,6 +48,7 @@ using kiln::bench::is_heavy;
 struct Row {
   double ms, heavy_ms, dequant_ms, host_ms;
   int kernels;
+  double mallocs;  // cudaMalloc + cudaFree calls of the caching allocator per call, once warm
 };
 
 // Mean per call over `iters` calls: GPU time (events on the stream), the GEMM/attention part of one
@@ -54,10 +56,12 @@ struct Row {
 Row measure(const std::function<void()>& step, int iters, const std::function<int()>& fused_kernels) {
   const double ms = kiln::bench::time_ms(step, iters);
   cuda::synchronize();
+  const cuda::MemoryStats m0 = cuda::memory_stats();
   const auto t0 = std::chrono::steady_clock::now();
   for (int i = 0; i < iters; ++i) step();
   const auto t1 = std::chrono::steady_clock::now();
   cuda::synchronize();
+  const cuda::MemoryStats m1 = cuda::memory_stats();
   OpTimer timer(false);
   {
     kiln::HandlerScope scope(&timer);
@@ -69,14 +73,15 @@ Row measure(const std::function<void()>& step, int iters, const std::function<in
   r.dequant_ms = timer.ms(is_dequant);
   r.host_ms = std::chrono::duration<double, std::milli>(t1 - t0).count() / iters;
   r.kernels = timer.kernels + fused_kernels();
+  r.mallocs = static_cast<double>(m1.num_cuda_mallocs + m1.num_cuda_frees - m0.num_cuda_mallocs - m0.num_cuda_frees) / iters;
   return r;
 }
 
 double outside(const Row& r) { return r.ms - r.heavy_ms - r.dequant_ms; }
 
 void print(const char* name, const Row& r) {
-  std::printf("%-34s %9.3f %11.3f %9.3f %11.3f %9.3f %8d\n", name, r.ms, r.heavy_ms, r.dequant_ms, outside(r), r.host_ms,
-              r.kernels);
+  std::printf("%-34s %9.3f %11.3f %9.3f %11.3f %9.3f %8d %8.1f\n", name, r.ms, r.heavy_ms, r.dequant_ms, outside(r),
+              r.host_ms, r.kernels, r.mallocs);
 }
 
 // Every op of one call with CUDA events around it (their cost included): where the time outside GEMMs goes.
@@ -178,7 +183,8 @@ int main(int argc, char** argv) {
   const auto none = [] { return 0; };
   std::printf("Llama 3.1 8B decoder layer%s, bf16, B=1, T=%lld, %d iterations\n",
               qlora ? " (NF4 base, LoRA r=16 on 7 linears)" : "", static_cast<long long>(t), iters);
-  std::printf("%-34s %9s %11s %9s %11s %9s %8s\n", "", "GPU ms", "GEMM+attn", "dequant", "outside", "host ms", "kernels");
+  std::printf("%-34s %9s %11s %9s %11s %9s %8s %8s\n", "", "GPU ms", "GEMM+attn", "dequant", "outside", "host ms", "kernels",
+              "mallocs");
   const Row ef = measure(forward, iters, none);
   print("eager forward", ef);
   const Row et = measure(train, iters, none);

@@ -3,9 +3,9 @@
 // against nn::chunked_linear_loss, frozen and trainable weight: time, effective TFLOP/s (2*N*H*V per
 // matmul pass: frozen = 2 passes, trainable = 3) and peak extra memory from the allocator's stats;
 // then the time of one chunk's parts, generic and fused (the built-in cross-entropy), and one fused
-// call at N 16384, chunk 512, op by op. Rows "in place": hidden made by an op in the step (as a model's final
-// norm makes it) and d(hidden) written over it (overwrite_hidden); extra memory beyond that hidden. Usage: cuda_chunked_loss [iterations] [tokens] (tokens: only
-// that row group, 16384 or 65536)
+// call at N 16384, chunk 512, op by op. Rows "in place": hidden made by an op in the step (as a model's
+// final norm makes it) and d(hidden) written over it (overwrite_hidden); extra memory beyond that hidden.
+// Usage: cuda_chunked_loss [iterations] [tokens] (tokens: only that row group, 16384 or 65536)
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
@@ -138,7 +138,9 @@ void fused_parts(int64_t c) {
   Tensor wt = kiln::transpose(w, 0, 1);
   Tensor scale = kiln::scalar_tensor(1.0 / static_cast<double>(c), DType::f32, kGPU);
   Tensor l16 = kiln::matmul(x, wt), dh = kiln::empty({c, kH}, DType::bf16, kGPU);
-  const double mm = 2.0 * static_cast<double>(c) * kH * kV, bytes = 3.0 * static_cast<double>(c) * kV * 2;
+  // bytes: the logits read once and written once, what memory must move (the kernel's second read of a row
+  // mostly hits L2)
+  const double mm = 2.0 * static_cast<double>(c) * kH * kV, bytes = 2.0 * static_cast<double>(c) * kV * 2;
   std::printf("one chunk of %lld tokens, fused cross-entropy (frozen weight), parts:\n", static_cast<long long>(c));
   const double g1 = kiln::bench::time_ms([&] { kiln::matmul_into(l16, x, wt); }, 20);
   std::printf("  %-44s %8.3f ms %8.1f TFLOP/s\n", "logits = x @ W^T (bf16, into place)", g1, mm / (g1 * 1e-3) / 1e12);
