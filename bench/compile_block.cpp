@@ -10,8 +10,9 @@
 // weight, T tokens) forward+backward with the built-in cross-entropy, nn::focal_loss(2) eager, and
 // focal loss through compile::compile_loss.
 // Rows: forward, forward+backward, and forward+backward with the layer checkpointed (its recompute leaves out
-// what backward never reads: down_proj).
-// Usage: compile_block [T] [iterations] [--qlora] [--ops] [--head]
+// what backward never reads: down_proj); eager and compiled alternate twice, after 3 s of warm-up.
+// `--sequence`: one forward's ops in order, eager and compiled, each with its time to the next op's start.
+// Usage: compile_block [T] [iterations] [--qlora] [--ops] [--head] [--sequence]
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -99,6 +100,60 @@ void print_ops(const char* title, const std::function<void()>& step) {
   for (const OpTimer::Row& r : timer.rows(key)) std::printf("%-44s %6d %9.3f\n", r.name.c_str(), r.calls, r.ms);
 }
 
+// One call's ops in the order they ran, an event recorded as each starts (one per op: the least a
+// timing can disturb back-to-back kernels), with each op's time to the next op's start (gaps included),
+// the inputs' shapes ("~": a strided view) and address alignment (bytes, up to 256).
+struct SequenceTimer : kiln::DispatchHandler {
+  struct Mark {
+    std::string what;
+    std::unique_ptr<cuda::Event> start;
+  };
+  std::vector<Mark> marks;
+  std::vector<Tensor> run(const kiln::PrimitivePtr& op, const std::vector<Tensor>& in) override {
+    if (op->is_view()) return kiln::dispatch_next(op, in);
+    mark(*op, in);
+    return kiln::dispatch_next(op, in);
+  }
+  void run_into(const kiln::PrimitivePtr& op, const std::vector<Tensor>& in, std::vector<Tensor>& out) override {
+    mark(*op, in);
+    kiln::dispatch_next_into(op, in, out);
+  }
+  void mark(const kiln::Primitive& op, const std::vector<Tensor>& in) {
+    std::string what = op.name();
+    for (const Tensor& t : in) {
+      what.push_back(' ');
+      for (size_t d = 0; d < t.shape().size(); ++d) {
+        if (d > 0) what.push_back('x');
+        what.append(std::to_string(t.shape()[d]));
+      }
+      if (!t.is_contiguous()) what.push_back('~');  // a strided view
+      const auto addr = reinterpret_cast<uintptr_t>(t.raw_data());
+      what.push_back('@');
+      what.append(std::to_string(addr == 0 ? 0 : std::min<uintptr_t>(addr & (~addr + 1), 256)));
+    }
+    marks.push_back({what, std::make_unique<cuda::Event>(true)});
+    marks.back().start->record();
+  }
+};
+
+void print_sequence(const char* title, const std::function<void()>& step) {
+  step();
+  cuda::synchronize();
+  SequenceTimer timer;
+  {
+    kiln::HandlerScope scope(&timer);
+    step();
+  }
+  cuda::Event end(true);
+  end.record();
+  end.synchronize();
+  std::printf("\n%s, op by op in order (ms to the next op's start):\n", title);
+  for (size_t i = 0; i < timer.marks.size(); ++i) {
+    const cuda::Event& next = i + 1 < timer.marks.size() ? *timer.marks[i + 1].start : end;
+    std::printf("%8.3f  %s\n", static_cast<double>(timer.marks[i].start->elapsed_ms(next)), timer.marks[i].what.c_str());
+  }
+}
+
 // The chunked LM head of Llama 3.1 8B (frozen bf16 weight), forward+backward, per loss function.
 void loss_heads(int64_t t, int iters) {
   namespace nn = kiln::nn;
@@ -136,11 +191,12 @@ int main(int argc, char** argv) {
     return 0;
   }
   std::vector<std::string> pos;
-  bool qlora = false, ops = false, head = false;
+  bool qlora = false, ops = false, head = false, sequence = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--qlora") qlora = true;
     else if (a == "--ops") ops = true;
+    else if (a == "--sequence") sequence = true;
     else if (a == "--head") head = true;
     else pos.push_back(a);
   }
@@ -181,43 +237,62 @@ int main(int argc, char** argv) {
     y.backward(g);
   };
   const auto none = [] { return 0; };
+  kiln::compile::CompileOptions co;
+  co.dynamic_dims = {{0, 1}};
+  co.name = "decoder layer";
+  const auto forward_groups = [] { return static_cast<int>(kiln::compile::stats().last_forward_groups); };
+  const auto train_groups = [] {
+    const kiln::compile::Stats s = kiln::compile::stats();
+    return static_cast<int>(s.last_forward_groups + s.last_backward_groups);
+  };
+  const auto checkpointed_groups = [] {  // the recompute runs the forward's plan again
+    const kiln::compile::Stats s = kiln::compile::stats();
+    return static_cast<int>(2 * s.last_forward_groups + s.last_backward_groups);
+  };
   std::printf("Llama 3.1 8B decoder layer%s, bf16, B=1, T=%lld, %d iterations\n",
               qlora ? " (NF4 base, LoRA r=16 on 7 linears)" : "", static_cast<long long>(t), iters);
+  // A GPU's clocks settle lower once it runs hot (power, heat): 3 s of training steps first, then eager and
+  // compiled rows alternate, so neither is measured on a cooler card.
+  for (auto until = std::chrono::steady_clock::now() + std::chrono::seconds(3); std::chrono::steady_clock::now() < until;) {
+    for (int i = 0; i < 10; ++i) train();
+    cuda::synchronize();
+  }
   std::printf("%-34s %9s %11s %9s %11s %9s %8s %8s\n", "", "GPU ms", "GEMM+attn", "dequant", "outside", "host ms", "kernels",
               "mallocs");
-  const Row ef = measure(forward, iters, none);
-  print("eager forward", ef);
-  const Row et = measure(train, iters, none);
-  print("eager forward+backward", et);
-  const Row ek = measure(train_checkpointed, iters, none);
-  print("eager checkpointed fwd+bwd", ek);
+  kiln::compile::reset_stats();
+  Row ef{}, et{}, ek{}, cf{}, ct{}, ck{};
+  kiln::compile::Stats per_layer{};
+  for (int round = 1; round <= 2; ++round) {
+    const std::string tag = " #" + std::to_string(round);
+    ef = measure(forward, iters, none);
+    print(("eager forward" + tag).c_str(), ef);
+    et = measure(train, iters, none);
+    print(("eager forward+backward" + tag).c_str(), et);
+    ek = measure(train_checkpointed, iters, none);
+    print(("eager checkpointed fwd+bwd" + tag).c_str(), ek);
+    kiln::HookHandle h = kiln::compile::compile_module(layer, co);
+    cf = measure(forward, iters, forward_groups);
+    print(("compiled forward" + tag).c_str(), cf);
+    ct = measure(train, iters, train_groups);
+    print(("compiled forward+backward" + tag).c_str(), ct);
+    per_layer = kiln::compile::stats();  // one plain forward+backward's plans (the recompute runs a smaller one)
+    ck = measure(train_checkpointed, iters, checkpointed_groups);
+    print(("compiled checkpointed fwd+bwd" + tag).c_str(), ck);
+    h.remove();
+  }
   if (ops) {
     print_ops("eager forward", forward);
     print_ops("eager forward+backward", train);
   }
-
-  kiln::compile::CompileOptions co;
-  co.dynamic_dims = {{0, 1}};
-  co.name = "decoder layer";
-  kiln::HookHandle h = kiln::compile::compile_module(layer, co);
-  kiln::compile::reset_stats();
-  const Row cf = measure(forward, iters, [] { return static_cast<int>(kiln::compile::stats().last_forward_groups); });
-  print("compiled forward", cf);
-  const Row ct = measure(train, iters, [] {
-    const kiln::compile::Stats s = kiln::compile::stats();
-    return static_cast<int>(s.last_forward_groups + s.last_backward_groups);
-  });
-  print("compiled forward+backward", ct);
-  // One plain forward+backward's plans (the checkpointed row's recompute runs a smaller one).
-  const kiln::compile::Stats per_layer = kiln::compile::stats();
-  const Row ck = measure(train_checkpointed, iters, [] {
-    const kiln::compile::Stats s = kiln::compile::stats();
-    return static_cast<int>(2 * s.last_forward_groups + s.last_backward_groups);
-  });
-  print("compiled checkpointed fwd+bwd", ck);
-  if (ops) {
-    print_ops("compiled forward (fused groups not listed)", forward);
-    print_ops("compiled forward+backward (fused groups not listed)", train);
+  if (sequence) print_sequence("eager forward", forward);
+  if (ops || sequence) {
+    kiln::HookHandle h = kiln::compile::compile_module(layer, co);
+    if (ops) {
+      print_ops("compiled forward (fused groups not listed)", forward);
+      print_ops("compiled forward+backward (fused groups not listed)", train);
+    }
+    if (sequence) print_sequence("compiled forward (fused groups not listed)", forward);
+    h.remove();
   }
   const kiln::compile::Stats s = kiln::compile::stats();
   std::printf("\ncompiled: %lld plans built, %lld adds in GEMM epilogues, %lld NVRTC compilations (%.0f ms), %lld kernels "
@@ -228,9 +303,9 @@ int main(int argc, char** argv) {
   std::printf("per layer: forward %lld kernels (%lld fused groups), backward %lld kernels (%lld fused groups)\n",
               static_cast<long long>(per_layer.last_forward_kernels), static_cast<long long>(per_layer.last_forward_groups),
               static_cast<long long>(per_layer.last_backward_kernels), static_cast<long long>(per_layer.last_backward_groups));
-  std::printf("outside GEMM+attention: forward %.3f -> %.3f ms, forward+backward %.3f -> %.3f ms, checkpointed %.3f -> %.3f ms\n",
+  std::printf("outside GEMM+attention (round 2): forward %.3f -> %.3f ms, forward+backward %.3f -> %.3f ms, checkpointed "
+              "%.3f -> %.3f ms\n",
               outside(ef), outside(cf), outside(et), outside(ct), outside(ek), outside(ck));
-  h.remove();
   if (head) loss_heads(t, iters);
   return 0;
 }

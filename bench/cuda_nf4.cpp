@@ -51,7 +51,8 @@ void dequant_table() {
   std::printf("\n## NF4 dequantise to bf16 (double quant, blocks of 64)\n");
   std::printf("%-16s %9s %9s %9s %9s %8s %10s %9s %10s %9s\n", "weight (N, K)", "MB moved", "kiln ms", "GB/s", "copy GB/s",
               "of copy", "3-step ms", "speedup", "memset ms", "call us");
-  const std::vector<Linear> shapes = {{"", 4096, 4096}, {"", 4096, 14336}, {"", 14336, 4096}, {"", 128256, 4096}};
+  const std::vector<Linear> shapes = {{"", 1024, 4096},  {"", 4096, 4096}, {"", 4096, 14336},  // k and v; q and o; down
+                                      {"", 14336, 4096}, {"", 128256, 4096}};              // gate and up; the head
   for (const Linear& l : shapes) {
     const int64_t n = l.n * l.k;
     quant::NF4Weight q = quant::quantize_nf4(kiln::randn({l.n, l.k}, DType::bf16, kGPU), true);
