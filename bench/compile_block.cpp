@@ -85,15 +85,18 @@ void print(const char* name, const Row& r) {
               r.host_ms, r.kernels, r.mallocs);
 }
 
-// Every op of one call with CUDA events around it (their cost included): where the time outside GEMMs goes.
-void print_ops(const char* title, const std::function<void()>& step) {
+// One call of `step` seen by `handler`, after a call that warms up what the first builds.
+void run_seen_by(kiln::DispatchHandler& handler, const std::function<void()>& step) {
   step();
   cuda::synchronize();
+  kiln::HandlerScope scope(&handler);
+  step();
+}
+
+// Every op of one call with CUDA events around it (their cost included): where the time outside GEMMs goes.
+void print_ops(const char* title, const std::function<void()>& step) {
   OpTimer timer(true);
-  {
-    kiln::HandlerScope scope(&timer);
-    step();
-  }
+  run_seen_by(timer, step);
   std::printf("\n%s, op by op:\n%-44s %6s %9s\n", title, "op", "calls", "GPU ms");
   // GEMMs by shape and layout: compiled and eager calls of one GEMM side by side
   const auto key = [](const OpTimer::Span& s) { return s.gemm_shape.empty() ? s.name : "matmul " + s.gemm_shape; };
@@ -137,13 +140,8 @@ struct SequenceTimer : kiln::DispatchHandler {
 };
 
 void print_sequence(const char* title, const std::function<void()>& step) {
-  step();
-  cuda::synchronize();
   SequenceTimer timer;
-  {
-    kiln::HandlerScope scope(&timer);
-    step();
-  }
+  run_seen_by(timer, step);
   cuda::Event end(true);
   end.record();
   end.synchronize();

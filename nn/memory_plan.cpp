@@ -114,6 +114,19 @@ struct StepModel {
   size_t qkv_bytes = 0;      // what an offload_qkv layer keeps there besides: q, k, v and the residual stream
   LayerMemory m;
 
+  // The moments between the last layer's forward and its backward, with `below` alive beneath the final
+  // norm: its forward, the loss head with one chunk of logits (and its per-row losses), its backward.
+  // d(hidden) takes the memory of the norm's output (the Trainer's loss: ChunkedLossOptions::
+  // overwrite_hidden), which is the incoming gradient of the norm's backward. Returns the activations
+  // alive when forward ends.
+  size_t add_head(Moments& moments, size_t below, int64_t chunk) const {
+    moments.emplace_back(below + m.norm.forward_peak.at(tokens), "the final norm's forward");
+    const size_t activations = below + m.norm.saved.at(tokens);
+    moments.emplace_back(activations + static_cast<size_t>(chunk) * (logit_bytes + 16), "the loss head");
+    moments.emplace_back(activations + m.norm.backward_extra.at(tokens), "the final norm's backward");
+    return activations;
+  }
+
   // The lowest `checkpointed` layers checkpointed, the lowest `offloaded` of them with their inputs in
   // host memory, the lowest `with_qkv` of those with q, k, v and the residual stream too. The peak is the
   // largest of the moments below: what is alive then, from the embeddings up.
@@ -139,13 +152,7 @@ struct StepModel {
       below += block(i).saved.at(tokens);
       if (offloaded(i)) below -= act_bytes;
     }
-    moments.emplace_back(below + m.norm.forward_peak.at(tokens), "the final norm's forward");
-    const size_t activations = below + m.norm.saved.at(tokens);
-    // The head: one chunk of logits (and its per-row losses); d(hidden) takes the memory of the final
-    // norm's output (the Trainer's loss: ChunkedLossOptions::overwrite_hidden), which is the incoming
-    // gradient of the norm's backward.
-    moments.emplace_back(activations + static_cast<size_t>(chunk) * (logit_bytes + 16), "the loss head");
-    moments.emplace_back(activations + m.norm.backward_extra.at(tokens), "the final norm's backward");
+    const size_t activations = add_head(moments, below, chunk);
     // Backward, top down: the layers above are freed; a layer's own forward leftovers (its output
     // at least), its input (fetched back when offloaded, with its attention output and LSE, which are
     // on the device before its recompute starts, while the one below's tensors are prefetched) and
@@ -184,10 +191,7 @@ struct StepModel {
       below += saved;
       if (j < offloaded) below -= act;
     }
-    moments.emplace_back(below + m.norm.forward_peak.at(tokens), "the final norm's forward");
-    const size_t activations = below + m.norm.saved.at(tokens);
-    moments.emplace_back(activations + static_cast<size_t>(chunk) * (logit_bytes + 16), "the loss head");  // as above
-    moments.emplace_back(activations + m.norm.backward_extra.at(tokens), "the final norm's backward");
+    const size_t activations = add_head(moments, below, chunk);
     // Backward, top down: the segment's input (fetched back when offloaded, the one below's prefetched
     // meanwhile), its leftovers, the gradient from above, the inputs its recompute keeps for its layers
     // above the first, and the top one's backward (its own recompute included).
