@@ -24,20 +24,6 @@ using detail::Replayer;
 using detail::ReplayGenerator;
 using detail::t_filling;
 
-// A root for backward that holds `t`'s node and metadata but not its data (backward reads only those);
-// a leaf (an input returned as is) stays itself, as its gradient accumulates into it.
-Tensor without_data(const Tensor& t) {
-  if (!t.grad_fn()) return t;
-  auto impl = std::make_shared<TensorImpl>();
-  impl->shape = t.shape();
-  impl->strides = t.strides();
-  impl->dtype = t.dtype();
-  impl->device = t.device();
-  impl->requires_grad = true;
-  impl->grad_fn = t.grad_fn();
-  impl->output_nr = t.impl()->output_nr;
-  return Tensor(impl);
-}
 
 // An offloaded checkpoint's inputs, linked to the one made before it in forward.
 struct Offloaded {
@@ -219,6 +205,19 @@ class ChunkedCheckpoint final : public Function {
 };
 
 }  // namespace
+
+Tensor without_data(const Tensor& t) {
+  if (!t.grad_fn()) return t;
+  auto impl = std::make_shared<TensorImpl>();
+  impl->shape = t.shape();
+  impl->strides = t.strides();
+  impl->dtype = t.dtype();
+  impl->device = t.device();
+  impl->requires_grad = true;
+  impl->grad_fn = t.grad_fn();
+  impl->output_nr = t.impl()->output_nr;
+  return Tensor(impl);
+}
 
 Tensor checkpoint_chunks(std::function<Tensor(const Tensor&)> fn, const Tensor& x, int64_t dim, int64_t chunk) {
   KILN_CHECK(x.defined() && x.dim() > 0, "checkpoint_chunks", "expected a tensor with at least one dim");

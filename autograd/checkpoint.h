@@ -50,6 +50,11 @@ std::vector<Tensor> checkpoint(CheckpointFn fn, const std::vector<Tensor>& input
 // attention). Elsewhere it does nothing.
 void keep_for_recompute(const Tensor& t);
 
+// A root for backward that holds `t`'s node and metadata but not its data (backward reads only those),
+// so the data can be freed before backward runs; a leaf (an input returned as is) stays itself, as its
+// gradient accumulates into it.
+Tensor without_data(const Tensor& t);
+
 // `fn` applied to `x` in pieces of `chunk` along `dim`, keeping only `x` for backward: the same
 // result as fn(x) where fn treats positions along `dim` independently and keeps a piece's shape (a
 // per-token MLP, a norm, a residual add). Forward writes each piece's output into one tensor;

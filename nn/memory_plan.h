@@ -51,10 +51,11 @@ struct BytesPerToken {
 // needs a gradient: bytes above that input.
 struct BlockMemory {
   BytesPerToken saved;           // allocated after forward with grad on (the output included)
+  BytesPerToken held;            // of that, what is left once the output is freed (before backward)
   BytesPerToken forward_peak;    // the most allocated during forward
-  BytesPerToken backward_extra;  // the most allocated during backward above what forward left plus the
-                                 // incoming gradient (the block's parameter gradients included; when
-                                 // checkpointed, the recomputed forward too)
+  BytesPerToken backward_extra;  // the most allocated during backward above what forward left (less the
+                                 // output) plus the incoming gradient (the block's parameter gradients
+                                 // included; when checkpointed, the recomputed forward too)
 };
 
 // The probe's measurements (plan_memory): one decoder layer kept whole and checkpointed, and the

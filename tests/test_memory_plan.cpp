@@ -503,27 +503,34 @@ TEST_CASE("memory plan: the parts of a plan and its description; the error below
   CHECK_THROWS_WITH(nn::plan_memory(*model, mo),
                     ContainsSubstring("[memory plan] a training step on batches of 2 x 64 tokens needs at least") &&
                         ContainsSubstring("Lower the sequence length or the batch size"));
-  mo.budget_bytes = plan.minimum_budget_bytes;
-  const nn::MemoryPlan tight = nn::plan_memory(*model, mo);
-  CHECK(tight.num_checkpointed() == 4);  // here the least memory puts the layers in segments
+
+  // Eight layers: the least memory puts them in segments (four have too few layer inputs to save).
+  nn::LlamaConfig deep_config = nn::LlamaConfig::named("tiny");
+  deep_config.num_hidden_layers = 8;
+  auto deep = qlora(deep_config, kCPU, DType::f32);
+  mo.budget_bytes = size_t{1} << 30;
+  const size_t least = nn::plan_memory(*deep, mo).minimum_budget_bytes;
+  mo.budget_bytes = least;
+  const nn::MemoryPlan tight = nn::plan_memory(*deep, mo);
+  CHECK(tight.num_checkpointed() == 8);
   REQUIRE(tight.segment_layers >= 2);
   const std::vector<nn::LayerActivations> seg = tight.layer_activations;
   for (size_t i = 0; i < seg.size(); ++i)
     CHECK(seg[i] == (i % static_cast<size_t>(tight.segment_layers) == 0 ? nn::LayerActivations::checkpoint
                                                                           : nn::LayerActivations::segment));
-  CHECK_THAT(tight.describe(), ContainsSubstring(fmt::format("decoder layers: all 4 in {} segment", 
-                                                             (4 + tight.segment_layers - 1) / tight.segment_layers)));
+  CHECK_THAT(tight.describe(), ContainsSubstring(fmt::format("decoder layers: all 8 in {} segment",
+                                                             (8 + tight.segment_layers - 1) / tight.segment_layers)));
   // Without segments the least plan checkpoints every layer, and needs more.
   mo.segments_when_needed = false;
   mo.budget_bytes = size_t{1} << 30;
-  const size_t without = nn::plan_memory(*model, mo).minimum_budget_bytes;
-  CHECK(without > plan.minimum_budget_bytes);
-  mo.budget_bytes = plan.minimum_budget_bytes;
-  CHECK_THROWS_WITH(nn::plan_memory(*model, mo), ContainsSubstring("needs at least"));
+  const size_t without = nn::plan_memory(*deep, mo).minimum_budget_bytes;
+  CHECK(without > least);
+  mo.budget_bytes = least;
+  CHECK_THROWS_WITH(nn::plan_memory(*deep, mo), ContainsSubstring("needs at least"));
   mo.budget_bytes = without;
-  const nn::MemoryPlan checkpointed = nn::plan_memory(*model, mo);
+  const nn::MemoryPlan checkpointed = nn::plan_memory(*deep, mo);
   CHECK(checkpointed.segment_layers == 0);
-  CHECK_THAT(checkpointed.describe(), ContainsSubstring("0 of 4 kept whole (none), 4 checkpointed (0-3)"));
+  CHECK_THAT(checkpointed.describe(), ContainsSubstring("0 of 8 kept whole (none), 8 checkpointed (0-7)"));
 }
 
 TEST_CASE("trainer: memory_budget needs a Llama trained with the default loss", "[memory_plan][trainer]") {
@@ -696,3 +703,4 @@ TEST_CASE("memory plan: on a GPU the least plan offloads what the host budget ho
     CHECK(std::abs(actual - predicted) <= 0.15 * predicted);
   }
 }
+
