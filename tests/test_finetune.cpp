@@ -262,6 +262,22 @@ TEST_CASE("finetune: settings from TOML round trip; bad files and values are err
   REQUIRE(back.data == "[ = \xc3\xa9\n");
   REQUIRE(back.tokenizer == "\xc3\xa9");
   REQUIRE(back.target_modules == std::vector<std::string>{"q_proj", "v_proj"});
+  // toml++ never meets a non-ASCII character where it may test for whitespace: a basic string's go in as
+  // escapes (the 10-minute fuzz run's input: a second '=' on the line, then a string toml++ reads as bare
+  // text), a literal string's after a parse with them as ASCII.
+  std::ofstream(root / "second_equals.toml") << "seq_len = 20a=\"n\xef\xbb\xaf\"size = 4\n";
+  REQUIRE_THROWS_WITH(back.load_toml((root / "second_equals.toml").string()), ContainsSubstring("second_equals.toml:1:"));
+  std::ofstream(root / "trimmed.toml") << "sample_prompt = \"\"\"caf\\\n  \xc3\xa9 \xf0\x9f\x94\xa5\"\"\"\n"
+                                       << "output = 'x\xe2\x80\x94y'\n";
+  back.load_toml((root / "trimmed.toml").string());
+  REQUIRE(back.sample_prompt == "caf\xc3\xa9 \xf0\x9f\x94\xa5");  // the line-ending backslash trims up to the first non-space
+  REQUIRE(back.output == "x\xe2\x80\x94y");
+  std::ofstream(root / "not_utf8.toml") << "output = \"a\xc3(\"\n";
+  REQUIRE_THROWS_WITH(back.load_toml((root / "not_utf8.toml").string()), ContainsSubstring("not_utf8.toml:1: a string holds bytes that are not UTF-8"));
+  std::ofstream(root / "escape.toml") << "output = \"a\\\xc3\xa9\"\n";
+  REQUIRE_THROWS_WITH(back.load_toml((root / "escape.toml").string()), ContainsSubstring("escape.toml:1: a backslash before a non-ASCII character"));
+  std::ofstream(root / "literal_bad.toml") << "output = 'a\xc3\xa9' 3\n";  // refused by the ASCII parse, file:line kept
+  REQUIRE_THROWS_WITH(back.load_toml((root / "literal_bad.toml").string()), ContainsSubstring("literal_bad.toml:1:"));
 
   app::FinetuneConfig bad = tiny_run(root, "y");
   bad.base = "int8";

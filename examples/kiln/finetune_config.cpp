@@ -102,7 +102,41 @@ std::string flag_name(const char* name) {
 // __builtin_unreachable for most non-ASCII characters where whitespace may stand. Neither can be part of
 // kiln's settings (key = value lines of strings, numbers, booleans and arrays of strings), so this scan,
 // which steps over strings and comments as TOML does, refuses both with file:line before toml++ reads the file.
-void check_toml_input(std::string_view text, const std::string& path) {
+// Non-ASCII text stays allowed in strings and comments, but toml++ never sees it where its whitespace test
+// could run on it (a value it reads as bare text up to a quote, `x = 20a="n\uFEEF"`, or a line-ending
+// backslash in a multi-line string): the scan returns the text toml++ parses, in which every non-ASCII
+// character of a "basic" string is a \u or \U escape (the same string) and of a comment '?'. A 'literal'
+// string cannot hold escapes: its bytes go in only after the text with them as 'x', ASCII only, parsed.
+struct TomlText {
+  std::string parsed;     // what toml::parse reads: basic strings escaped, literal strings as they are
+  std::string structure;  // the same with the literal strings' non-ASCII bytes as 'x': ASCII only
+};
+
+// The code point of the UTF-8 sequence at text[i] (i then at its last byte), or -1 when the bytes are not UTF-8.
+int64_t utf8_code_point(std::string_view text, size_t& i) {
+  const auto byte = [&](size_t k) { return static_cast<unsigned char>(text[k]); };
+  const unsigned char lead = byte(i);
+  const int n = lead >= 0xF0 ? 3 : lead >= 0xE0 ? 2 : 1;  // continuation bytes
+  if (lead < 0xC2 || lead > 0xF4 || text.size() - i <= static_cast<size_t>(n)) return -1;
+  int64_t cp = lead & (0x7F >> (n + 1));
+  for (int k = 1; k <= n; ++k) {
+    const unsigned char next = byte(i + static_cast<size_t>(k));
+    if ((next & 0xC0) != 0x80) return -1;
+    cp = (cp << 6) | (next & 0x3F);
+  }
+  const int64_t least = n == 1 ? 0x80 : n == 2 ? 0x800 : 0x10000;
+  if (cp < least || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return -1;  // overlong, too large, a surrogate
+  i += static_cast<size_t>(n);
+  return cp;
+}
+
+TomlText check_toml_input(std::string_view text, const std::string& path) {
+  TomlText out;
+  out.parsed.reserve(text.size());
+  const auto put = [&out](std::string_view both) {
+    out.parsed += both;
+    out.structure += both;
+  };
   auto key_start = [](char c) {
     return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_' || c == '-' ||
            c == '"' || c == '\'' || c == ']';
@@ -116,8 +150,11 @@ void check_toml_input(std::string_view text, const std::string& path) {
       ++line;
       line_start = true;
       prev = '\n';
+      put("\n");
     } else if (c == '#') {  // a comment, to the end of the line
-      i = std::min(text.find('\n', i), text.size()) - 1;
+      const size_t end = std::min(text.find('\n', i), text.size());
+      for (; i < end; ++i) put(static_cast<unsigned char>(text[i]) < 0x80 ? text.substr(i, 1) : "?");
+      --i;
     } else if (c == '"' || c == '\'') {  // a string: '...', "...", '''...''' or """..."""
       // Only where TOML lets a string start (a key at a line's start or after '.', a value after '=', '[' or
       // ','): elsewhere (after a value: `x = 0"...`) toml++ reads what follows as bare text, and its test for
@@ -125,15 +162,35 @@ void check_toml_input(std::string_view text, const std::string& path) {
       KILN_CHECK(prev == '\n' || prev == '=' || prev == '[' || prev == ',' || prev == '.', "finetune",
                  "{}:{}: a quote after '{}' (strings stand after '=', '[' or ',', or begin a key)", path, line, prev);
       const std::string_view delim = text.substr(i, 3) == std::string(3, c) ? text.substr(i, 3) : text.substr(i, 1);
+      put(delim);
       size_t j = i + delim.size();
       const int64_t start_line = line;
       for (; j < text.size() && text.substr(j, delim.size()) != delim; ++j) {
         if (text[j] == '\n' && delim.size() == 1) break;
-        if (c == '"' && text[j] == '\\') ++j;  // an escape: the next character is not a delimiter
+        if (c == '"' && text[j] == '\\') {  // an escape: the next character is not a delimiter
+          KILN_CHECK(j + 1 >= text.size() || static_cast<unsigned char>(text[j + 1]) < 0x80, "finetune",
+                     "{}:{}: a backslash before a non-ASCII character in a string (not an escape)", path, line);
+          put(text.substr(j, 2));
+          ++j;
+        } else if (static_cast<unsigned char>(text[j]) >= 0x80) {
+          const size_t first = j;
+          const int64_t cp = utf8_code_point(text, j);
+          KILN_CHECK(cp >= 0, "finetune", "{}:{}: a string holds bytes that are not UTF-8", path, line);
+          if (c == '"') {
+            put(cp > 0xFFFF ? fmt::format("\\U{:08X}", cp) : fmt::format("\\u{:04X}", cp));
+          } else {
+            out.parsed += text.substr(first, j - first + 1);
+            out.structure += std::string(j - first + 1, 'x');
+          }
+          continue;  // past the sequence's last byte
+        } else {
+          put(text.substr(j, 1));
+        }
         if (j < text.size() && text[j] == '\n') ++line;
       }
       KILN_CHECK(j < text.size() && text[j] != '\n', "finetune", "{}:{}: an unterminated string (a {} with no closing {})",
                  path, start_line, c == '"' ? "double quote" : "single quote", delim);
+      put(delim);
       i = j + delim.size() - 1;
       line_start = false;
       prev = c;
@@ -157,8 +214,10 @@ void check_toml_input(std::string_view text, const std::string& path) {
         line_start = false;
         prev = c;
       }
+      put(text.substr(i, 1));
     }
   }
+  return out;
 }
 
 }  // namespace
@@ -184,10 +243,11 @@ void apply_given_flags(const CLI::App& cmd, const FinetuneConfig& from, Finetune
 
 void FinetuneConfig::load_toml(const std::string& path) {
   const std::string text = read_file(path, "finetune");
-  check_toml_input(text, path);
+  const TomlText checked = check_toml_input(text, path);
   toml::table t;
   try {
-    t = toml::parse(text, path);
+    if (checked.structure != checked.parsed) (void)toml::parse(checked.structure, path);  // the literal strings are strings
+    t = toml::parse(checked.parsed, path);
   } catch (const toml::parse_error& e) {
     KILN_FAIL("finetune", "{}:{}: {}", path, e.source().begin.line, std::string(e.description()));
   }
