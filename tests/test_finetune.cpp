@@ -276,6 +276,8 @@ TEST_CASE("finetune: settings from TOML round trip; bad files and values are err
   REQUIRE_THROWS_WITH(back.load_toml((root / "not_utf8.toml").string()), ContainsSubstring("not_utf8.toml:1: a string holds bytes that are not UTF-8"));
   std::ofstream(root / "escape.toml") << "output = \"a\\\xc3\xa9\"\n";
   REQUIRE_THROWS_WITH(back.load_toml((root / "escape.toml").string()), ContainsSubstring("escape.toml:1: a backslash before a non-ASCII character"));
+  std::ofstream(root / "date.toml") << "lr = 1e-4\nseq_len = 1---------- 0\n";  // toml++ asserts on a date-like value, a space, a digit
+  REQUIRE_THROWS_WITH(back.load_toml((root / "date.toml").string()), ContainsSubstring("date.toml:2: '1----------' is no number"));
   std::ofstream(root / "literal_bad.toml") << "output = 'a\xc3\xa9' 3\n";  // refused by the ASCII parse, file:line kept
   REQUIRE_THROWS_WITH(back.load_toml((root / "literal_bad.toml").string()), ContainsSubstring("literal_bad.toml:1:"));
 

@@ -204,6 +204,15 @@ TomlText check_toml_input(std::string_view text, const std::string& path) {
                  "{}:{}: '{}' outside a string: inline tables are not kiln settings (key = value lines of strings, "
                  "numbers, booleans and arrays of strings)",
                  path, line, c);
+      if ((prev == '=' || prev == '[' || prev == ',') && c >= '0' && c <= '9') {  // a bare value starts
+        // toml++ 3.3 asserts (UB in a release build) on a date-like value followed by a space and one digit
+        // ("1---------- 0"): dates and times are no kiln setting, so a value starting with a digit takes a
+        // '-' only in an exponent.
+        const size_t end = std::min(text.find_first_of(" \t\r\n,]#", i), text.size());
+        for (size_t k = i + 1; k < end; ++k)
+          KILN_CHECK(text[k] != '-' || text[k - 1] == 'e' || text[k - 1] == 'E', "finetune",
+                     "{}:{}: '{}' is no number (dates and times are not kiln settings)", path, line, text.substr(i, end - i));
+      }
       if (line_start && c == '[') {  // [table] or [[array of tables]]
         size_t j = i + 1 < text.size() && text[i + 1] == '[' ? i + 2 : i + 1;
         while (j < text.size() && (text[j] == ' ' || text[j] == '\t')) ++j;
