@@ -31,6 +31,7 @@
 #include "core/cuda/runtime.h"
 #include "core/dispatch.h"
 #include "core/ops.h"
+#include "core/shape.h"
 #include "nn/chunked_loss.h"
 #include "nn/llama.h"
 #include "nn/lora.h"
@@ -125,10 +126,7 @@ struct SequenceTimer : kiln::DispatchHandler {
     std::string what = op.name();
     for (const Tensor& t : in) {
       what.push_back(' ');
-      for (size_t d = 0; d < t.shape().size(); ++d) {
-        if (d > 0) what.push_back('x');
-        what.append(std::to_string(t.shape()[d]));
-      }
+      what.append(kiln::shape_str(t.shape()));
       if (!t.is_contiguous()) what.push_back('~');  // a strided view
       const auto addr = reinterpret_cast<uintptr_t>(t.raw_data());
       what.push_back('@');

@@ -48,6 +48,16 @@ size_t find_invalid_utf8(std::string_view s) {
   return std::string_view::npos;
 }
 
+int32_t next_code_point(std::string_view s, size_t& i) {
+  const Sequence q = read_sequence(s, i);
+  if (!q.valid) return -1;
+  const auto b0 = static_cast<unsigned char>(s[i]);
+  int32_t cp = q.length == 1 ? b0 : b0 & (0x7F >> q.length);  // the lead byte's payload bits
+  for (size_t k = 1; k < q.length; ++k) cp = (cp << 6) | (static_cast<unsigned char>(s[i + k]) & 0x3F);
+  i += q.length;
+  return cp;
+}
+
 std::string to_valid_utf8(std::string_view s) {
   if (find_invalid_utf8(s) == std::string_view::npos) return std::string(s);
   std::string out;

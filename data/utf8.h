@@ -3,6 +3,7 @@
 // holds back a character split across tokens until its last byte arrives.
 #pragma once
 #include <cstddef>
+#include <cstdint>
 #include <string>
 #include <string_view>
 
@@ -15,6 +16,10 @@ inline constexpr std::string_view kReplacementCharacter = "\xEF\xBF\xBD";
 // surrogates and code points past U+10FFFF are invalid; so is a sequence cut off by the end), or
 // std::string_view::npos when all of `s` is valid.
 size_t find_invalid_utf8(std::string_view s);
+
+// The code point of the valid sequence starting at s[i], with i moved past it; -1 (i unchanged) when
+// the bytes at s[i] do not start a complete, valid sequence.
+int32_t next_code_point(std::string_view s, size_t& i);
 
 // `s` with each maximal invalid subsequence replaced by one U+FFFD (the WHATWG/Unicode "substitution of
 // maximal subparts" practice); valid text is returned unchanged.

@@ -14,6 +14,7 @@
 #include "core/error.h"
 #include "core/file_io.h"
 #include "data/default_corpus.h"
+#include "data/utf8.h"
 
 namespace kiln::app {
 
@@ -112,24 +113,6 @@ struct TomlText {
   std::string structure;  // the same with the literal strings' non-ASCII bytes as 'x': ASCII only
 };
 
-// The code point of the UTF-8 sequence at text[i] (i then at its last byte), or -1 when the bytes are not UTF-8.
-int64_t utf8_code_point(std::string_view text, size_t& i) {
-  const auto byte = [&](size_t k) { return static_cast<unsigned char>(text[k]); };
-  const unsigned char lead = byte(i);
-  const int n = lead >= 0xF0 ? 3 : lead >= 0xE0 ? 2 : 1;  // continuation bytes
-  if (lead < 0xC2 || lead > 0xF4 || text.size() - i <= static_cast<size_t>(n)) return -1;
-  int64_t cp = lead & (0x7F >> (n + 1));
-  for (int k = 1; k <= n; ++k) {
-    const unsigned char next = byte(i + static_cast<size_t>(k));
-    if ((next & 0xC0) != 0x80) return -1;
-    cp = (cp << 6) | (next & 0x3F);
-  }
-  const int64_t least = n == 1 ? 0x80 : n == 2 ? 0x800 : 0x10000;
-  if (cp < least || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return -1;  // overlong, too large, a surrogate
-  i += static_cast<size_t>(n);
-  return cp;
-}
-
 TomlText check_toml_input(std::string_view text, const std::string& path) {
   TomlText out;
   out.parsed.reserve(text.size());
@@ -174,15 +157,16 @@ TomlText check_toml_input(std::string_view text, const std::string& path) {
           ++j;
         } else if (static_cast<unsigned char>(text[j]) >= 0x80) {
           const size_t first = j;
-          const int64_t cp = utf8_code_point(text, j);
+          const int32_t cp = data::next_code_point(text, j);
           KILN_CHECK(cp >= 0, "finetune", "{}:{}: a string holds bytes that are not UTF-8", path, line);
           if (c == '"') {
             put(cp > 0xFFFF ? fmt::format("\\U{:08X}", cp) : fmt::format("\\u{:04X}", cp));
           } else {
-            out.parsed += text.substr(first, j - first + 1);
-            out.structure += std::string(j - first + 1, 'x');
+            out.parsed += text.substr(first, j - first);
+            out.structure += std::string(j - first, 'x');
           }
-          continue;  // past the sequence's last byte
+          --j;  // the loop steps past the sequence's last byte
+          continue;
         } else {
           put(text.substr(j, 1));
         }
