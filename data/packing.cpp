@@ -7,6 +7,7 @@
 #include <numeric>
 
 #include "core/error.h"
+#include "core/json_int.h"
 
 namespace kiln::data {
 
@@ -73,17 +74,17 @@ DataPosition DataPosition::from_json(std::string_view text) {
   nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded() || !j.is_object()) KILN_FAIL(kOp, "a data position JSON object, found {:?}", std::string(text));
   auto integer = [&](const char* key) {
-    KILN_CHECK(j.contains(key) && j[key].is_number_integer(), kOp, "data position field \"{}\" as an integer, found {}",
-               key, j.contains(key) ? j[key].dump() : "none");
-    return j[key];
+    const std::optional<int64_t> i = j.contains(key) ? json_int(j[key]) : std::nullopt;
+    KILN_CHECK(i, kOp, "data position field \"{}\" as an integer, found {}", key, j.contains(key) ? json_shown(j[key]) : "none");
+    return *i;
   };
   DataPosition p;
-  p.epoch = integer("epoch").get<int64_t>();
-  p.row = integer("row").get<int64_t>();
-  p.seq_len = integer("seq_len").get<int64_t>();
-  const nlohmann::json& seed = integer("seed");
-  KILN_CHECK(seed.is_number_unsigned(), kOp, "data position field \"seed\" >= 0, found {}", seed.dump());
-  p.seed = seed.get<uint64_t>();
+  p.epoch = integer("epoch");
+  p.row = integer("row");
+  p.seq_len = integer("seq_len");
+  const std::optional<uint64_t> seed = j.contains("seed") ? json_uint(j["seed"]) : std::nullopt;
+  KILN_CHECK(seed, kOp, "data position field \"seed\" as an integer >= 0, found {}", j.contains("seed") ? json_shown(j["seed"]) : "none");
+  p.seed = *seed;
   KILN_CHECK(j.contains("fingerprint") && j["fingerprint"].is_string(), kOp,
              "data position field \"fingerprint\" as a hex string, found {}",
              j.contains("fingerprint") ? j["fingerprint"].dump() : "none");

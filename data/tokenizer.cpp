@@ -18,6 +18,7 @@
 #include <unordered_map>
 
 #include "core/error.h"
+#include "core/json_int.h"
 
 namespace kiln::data {
 
@@ -400,14 +401,11 @@ Tokenizer Tokenizer::from_file(const std::string& path) {
 
 namespace {
 
-// A token id from tokenizer.json: a JSON integer in [0, 2^30) (nlohmann's get<int32_t>() of 1e85 is undefined behaviour).
+// A token id from tokenizer.json: a JSON integer in [0, 2^30).
 int32_t token_id(const json& v) {
-  const bool ok = v.is_number_unsigned() ? v.get<uint64_t>() < (uint64_t{1} << 30)
-                                        : v.is_number_integer() && v.get<int64_t>() >= 0 && v.get<int64_t>() < (int64_t{1} << 30);
-  KILN_CHECK(ok,
-             "tokenizer", "token id must be an integer in [0, 2^30), found {}",
-             v.is_primitive() ? v.dump() : std::string(v.type_name()));
-  return static_cast<int32_t>(v.get<int64_t>());
+  const std::optional<int64_t> id = json_int(v, 0, (int64_t{1} << 30) - 1);
+  KILN_CHECK(id, "tokenizer", "token id must be an integer in [0, 2^30), found {}", json_shown(v));
+  return static_cast<int32_t>(*id);
 }
 
 }  // namespace

@@ -10,6 +10,7 @@
 
 #include "autograd/grad_mode.h"
 #include "core/file_io.h"
+#include "core/json_int.h"
 #include "core/ops.h"
 #include "io/safetensors.h"
 
@@ -74,7 +75,10 @@ ShardSet open_shards(const fs::path& dir) {
     const json j = json::parse(read_file(index.string(), "sharded checkpoint"));
     KILN_CHECK(j.at("format").get<std::string>() == kFolderFormat, "sharded checkpoint", "{}: expected format '{}'",
                index.string(), kFolderFormat);
-    world = j.at("world_size").get<int>();
+    const std::optional<int64_t> w = json_int(j.at("world_size"), 1, 1 << 20);
+    KILN_CHECK(w, "sharded checkpoint", "{}: world_size must be an integer in [1, 2^20], found {}", index.string(),
+               json_shown(j.at("world_size")));
+    world = static_cast<int>(*w);
   } catch (const json::exception& e) {
     KILN_FAIL("sharded checkpoint", "{}: corrupt: {}", index.string(), e.what());
   }

@@ -6,6 +6,7 @@
 
 #include "nn/llama.h"
 #include "core/file_io.h"
+#include "core/json_int.h"
 
 namespace kiln::nn {
 
@@ -81,18 +82,16 @@ LlamaConfig LlamaConfig::from_json(const std::string& text, const std::string& s
     if (j.contains("model_type"))
       KILN_CHECK(j["model_type"] == "llama", "llama config", "{}: model_type is {}, expected \"llama\"", source,
                  j["model_type"].dump());
-    // Integers are read only from JSON integers: nlohmann's get<int64_t>() of 1e80 is undefined behaviour.
     auto integer = [&](const json& v, const std::string& key) -> int64_t {
-      KILN_CHECK(v.is_number_integer() && (!v.is_number_unsigned() || v.get<uint64_t>() <= INT64_MAX),
-                 "llama config", "{}: '{}' must be an integer, found {}", source, key,
-                 v.is_primitive() ? v.dump() : std::string(v.type_name()));
-      return v.get<int64_t>();
+      const std::optional<int64_t> i = json_int(v);
+      KILN_CHECK(i, "llama config", "{}: '{}' must be an integer, found {}", source, key, json_shown(v));
+      return *i;
     };
     auto optional_integer = [&](const char* key, int64_t fallback) {
       return j.contains(key) && !j[key].is_null() ? integer(j[key], key) : fallback;
     };
     auto need = [&](const char* key) -> int64_t {
-      KILN_CHECK(j.contains(key) && j[key].is_number_integer(), "llama config", "{}: missing integer '{}'", source, key);
+      KILN_CHECK(j.contains(key), "llama config", "{}: missing integer '{}'", source, key);
       return integer(j[key], key);
     };
     c.vocab_size = need("vocab_size");
@@ -173,13 +172,26 @@ void LlamaConfig::validate() const {
   KILN_CHECK(initializer_range > 0, "llama config", "initializer_range must be positive, found {}", initializer_range);
   KILN_CHECK(rms_norm_eps >= 0 && rope_theta > 1, "llama config", "need rms_norm_eps >= 0 and rope_theta > 1, found {} and {}",
              rms_norm_eps, rope_theta);
+  (void)num_parameters();  // a kiln::Error where the sizes' product leaves int64
 }
 
 int64_t LlamaConfig::num_parameters() const {
-  const int64_t attn = hidden_size * head_dim * (2 * num_attention_heads + 2 * num_key_value_heads);
-  const int64_t mlp = 3 * hidden_size * intermediate_size;
-  const int64_t per_layer = attn + mlp + 2 * hidden_size;
-  return vocab_size * hidden_size * (tie_word_embeddings ? 1 : 2) + num_hidden_layers * per_layer + hidden_size;
+  // Sizes come from outside (config.json): a count that leaves int64 is an error, not an overflow.
+  const auto mul = [](int64_t a, int64_t b) {
+    int64_t r = 0;
+    KILN_CHECK(!__builtin_mul_overflow(a, b, &r), "llama config", "the parameter count overflows 64 bits ({} x {})", a, b);
+    return r;
+  };
+  const auto add = [](int64_t a, int64_t b) {
+    int64_t r = 0;
+    KILN_CHECK(!__builtin_add_overflow(a, b, &r), "llama config", "the parameter count overflows 64 bits ({} + {})", a, b);
+    return r;
+  };
+  const int64_t attn = mul(mul(hidden_size, head_dim), add(mul(2, num_attention_heads), mul(2, num_key_value_heads)));
+  const int64_t mlp = mul(mul(3, hidden_size), intermediate_size);
+  const int64_t per_layer = add(add(attn, mlp), mul(2, hidden_size));
+  const int64_t embeddings = mul(mul(vocab_size, hidden_size), tie_word_embeddings ? 1 : 2);
+  return add(add(embeddings, mul(num_hidden_layers, per_layer)), hidden_size);
 }
 
 std::string LlamaConfig::to_json() const {

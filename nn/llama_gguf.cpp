@@ -11,6 +11,7 @@
 
 #include "autograd/grad_mode.h"
 #include "core/file_io.h"
+#include "core/json_int.h"
 #include "core/ops.h"
 #include "nn/merge.h"
 
@@ -58,18 +59,23 @@ GGUFVocab read_gguf_vocab(const std::string& dir, int64_t vocab_size) {
   const json tok = parse_json_file(tok_path);
   GGUFVocab v;
   std::map<int64_t, std::pair<std::string, int32_t>> by_id;  // id -> (token, type)
+  const auto token_id = [&](const json& id) {
+    const std::optional<int64_t> i = json_int(id);
+    KILN_CHECK(i, "gguf", "{}: a token id must be an integer, found {}", tok_path.string(), json_shown(id));
+    return *i;
+  };
   try {
     const json& model = tok.at("model");
     KILN_CHECK(model.value("type", std::string()) == "BPE", "gguf", "{}: only byte-level BPE tokenizers are exported, found {}",
                tok_path.string(), model.value("type", std::string("?")));
-    for (auto& [token, id] : model.at("vocab").items()) by_id[id.get<int64_t>()] = {token, kNormal};
+    for (auto& [token, id] : model.at("vocab").items()) by_id[token_id(id)] = {token, kNormal};
     for (const json& m : model.at("merges")) {
       if (m.is_string()) v.merges.push_back(m.get<std::string>());  // "left right" (older files)
       else v.merges.push_back(m.at(0).get<std::string>() + " " + m.at(1).get<std::string>());
     }
     if (tok.contains("added_tokens"))
       for (const json& a : tok["added_tokens"])
-        by_id[a.at("id").get<int64_t>()] = {a.at("content").get<std::string>(), a.value("special", false) ? kControl : kUserDefined};
+        by_id[token_id(a.at("id"))] = {a.at("content").get<std::string>(), a.value("special", false) ? kControl : kUserDefined};
   } catch (const json::exception& e) {
     KILN_FAIL("gguf", "{}: {}", tok_path.string(), e.what());
   }

@@ -1,6 +1,7 @@
 // LoRA layers, wrapping a model's linear layers by name, merge/unmerge, and PEFT adapter folders.
 #include "nn/lora.h"
 #include "core/file_io.h"
+#include "core/json_int.h"
 
 #include <cctype>
 #include <cmath>
@@ -156,10 +157,9 @@ LoraConfig LoraConfig::from_peft_json(const std::string& text, const std::string
   try {
     KILN_CHECK(j.is_object() && j.value("peft_type", std::string("LORA")) == "LORA", "adapter",
                "{}: expected a LORA adapter config, found peft_type {}", source, j.is_object() ? j.value("peft_type", std::string("?")) : "?");
-    const json& r = j.at("r");  // a JSON integer: nlohmann's get<int64_t>() of 6.5e40 is undefined behaviour
-    KILN_CHECK(r.is_number_integer() && (!r.is_number_unsigned() || r.get<uint64_t>() <= INT64_MAX), "adapter",
-               "{}: r must be an integer, found {}", source, r.is_primitive() ? r.dump() : r.type_name());
-    c.r = r.get<int64_t>();
+    const std::optional<int64_t> r = json_int(j.at("r"));
+    KILN_CHECK(r, "adapter", "{}: r must be an integer, found {}", source, json_shown(j.at("r")));
+    c.r = *r;
     c.alpha = j.at("lora_alpha").get<double>();
     c.dropout = j.value("lora_dropout", 0.0);
     c.use_rslora = j.value("use_rslora", false);

@@ -8,6 +8,8 @@
 #include <map>
 #include <nlohmann/json.hpp>
 
+#include "core/json_int.h"
+
 namespace kiln::quant {
 namespace {
 
@@ -57,12 +59,12 @@ NF4Weight read_impl(const Getter& get, const std::string& w_key) {
     KILN_CHECK(st.contains(name), kOp, "{}: the quant state has no \"{}\"", state_key, name);
     return st.at(name);
   };
-  // Integers only from JSON integers, the offset only if a float holds it: nlohmann's get<int64_t>() of 1e80
-  // and a cast of 1e300 to float are undefined behaviour.
+  // Integers only from JSON integers (json_int), the offset only if a float holds it: a cast of 1e300 to
+  // float is undefined behaviour.
   auto integer = [&](const json& v, const char* name) -> int64_t {
-    KILN_CHECK(v.is_number_integer() && (!v.is_number_unsigned() || v.get<uint64_t>() <= INT64_MAX), kOp,
-               "{}: \"{}\" must be an integer, found {}", state_key, name, v.is_primitive() ? v.dump() : v.type_name());
-    return v.get<int64_t>();
+    const std::optional<int64_t> i = json_int(v);
+    KILN_CHECK(i, kOp, "{}: \"{}\" must be an integer, found {}", state_key, name, json_shown(v));
+    return *i;
   };
   NF4Weight q;
   try {

@@ -224,4 +224,10 @@ TEST_CASE("llama config: parsing, named configs and errors", "[module]") {
           R"({"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 3})"),
       ContainsSubstring("multiple of num_key_value_heads"));
   REQUIRE_THROWS_WITH(nn::LlamaConfig::named("no-such-model"), ContainsSubstring("neither a known config"));
+  // A float where an integer belongs, and sizes whose parameter count leaves int64 (found by the fuzzer): errors.
+  REQUIRE_THROWS_WITH(nn::LlamaConfig::from_json(R"({"vocab_size": 8, "hidden_size": 8, "intermediate_size": 1e80,
+    "num_hidden_layers": 1, "num_attention_heads": 2})"), ContainsSubstring("'intermediate_size' must be an integer"));
+  REQUIRE_THROWS_WITH(nn::LlamaConfig::from_json(R"({"vocab_size": 256, "hidden_size": 860,
+    "intermediate_size": 1966666666666662, "num_hidden_layers": 2, "num_attention_heads": 2})"),
+                      ContainsSubstring("the parameter count overflows 64 bits"));
 }

@@ -374,6 +374,13 @@ TEST_CASE("trainer: corrupt, missing or mismatched checkpoints are clear errors"
   const std::string good = test::read_file(ckpt / "trainer_state.json");
   std::ofstream(ckpt / "trainer_state.json") << good.substr(0, good.size() / 2);
   REQUIRE_THROWS_WITH(resume(o), ContainsSubstring("[checkpoint]") && ContainsSubstring("corrupt trainer state"));
+  // A float where an integer belongs is refused, not converted (found by the trainer_state fuzzer).
+  std::string float_step = good;
+  const size_t step_at = float_step.find("\"step\": 2,");
+  REQUIRE(step_at != std::string::npos);
+  float_step.replace(step_at, 10, "\"step\": -1.1e59,");
+  REQUIRE_THROWS_WITH(train::TrainerState::from_json(float_step, "state.json"),
+                      ContainsSubstring("state.json: step must be an integer, found -1.1e+59"));
   std::ofstream(ckpt / "trainer_state.json") << good;
   REQUIRE_NOTHROW(resume(o));
 

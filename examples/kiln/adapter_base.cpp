@@ -7,6 +7,7 @@
 
 #include "core/error.h"
 #include "core/file_io.h"
+#include "core/json_int.h"
 
 namespace kiln::app {
 
@@ -54,7 +55,9 @@ std::optional<AdapterBase> read_adapter_base(const std::string& adapter_dir) {
                path.string(), kFormat, j.is_object() ? j.value("format", "(none)") : j.type_name());
     b.model_dir = j.at("model").get<std::string>();
     b.config = j.at("config").get<std::string>();
-    b.seed = j.at("seed").get<uint64_t>();
+    const std::optional<uint64_t> seed = json_uint(j.at("seed"));
+    KILN_CHECK(seed, "adapter", "{}: seed must be a non-negative integer, found {}", path.string(), json_shown(j.at("seed")));
+    b.seed = *seed;
     b.nf4 = j.at("nf4").get<bool>();
     b.tokenizer = j.value("tokenizer", "");
     b.dtype = j.value("dtype", "");

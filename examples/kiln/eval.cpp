@@ -15,6 +15,7 @@
 
 #include "autograd/grad_mode.h"
 #include "core/error.h"
+#include "core/json_int.h"
 #include "core/ops.h"
 #include "examples/kiln/adapter_base.h"
 
@@ -29,8 +30,9 @@ std::vector<int64_t> read_ids(const nlohmann::json& j, const char* what, bool al
   std::vector<int64_t> ids;
   ids.reserve(j.size());
   for (size_t i = 0; i < j.size(); ++i) {
-    KILN_CHECK(j[i].is_number_integer(), "eval", "{}: {}[{}] is not an integer: {}", where, what, i, j[i].dump());
-    const int64_t id = j[i].get<int64_t>();
+    const std::optional<int64_t> parsed = json_int(j[i]);
+    KILN_CHECK(parsed, "eval", "{}: {}[{}] is not an integer: {}", where, what, i, json_shown(j[i]));
+    const int64_t id = *parsed;
     KILN_CHECK((id >= 0 && id < vocab) || (allow_ignore && id == -100), "eval",
                "{}: {}[{}] = {} is outside the vocabulary [0, {}){}", where, what, i, id, vocab,
                allow_ignore ? " and is not -100" : "");
