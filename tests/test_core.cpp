@@ -1,11 +1,12 @@
 // Core layer tests: dtypes and half-precision conversions, devices, storage views, Philox
-// known-answer vectors, host copies, printing, the dispatch observer and device-mixing errors.
+// known-answer vectors, host copies, printing, the dispatch observer, device-mixing errors and JSON integers.
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
 #include <cmath>
 #include <cstring>
 
 #include "core/cuda/runtime.h"
+#include "core/json_int.h"
 #include "core/philox.h"
 #include "tests/helpers.h"
 
@@ -163,3 +164,22 @@ TEST_CASE("ops reject tensors on different devices before running", "[core]") {
   }
 }
 
+
+TEST_CASE("JSON integers from outside: only integers in range, never a float converted", "[core]") {
+  using nlohmann::json;
+  REQUIRE(json_int(json::parse("-9223372036854775808")) == std::numeric_limits<int64_t>::min());
+  REQUIRE(json_int(json::parse("9223372036854775807")) == std::numeric_limits<int64_t>::max());
+  REQUIRE_FALSE(json_int(json::parse("9223372036854775808")));  // an unsigned beyond int64
+  REQUIRE_FALSE(json_int(json::parse("-1.1e59")));
+  REQUIRE_FALSE(json_int(json::parse("4.0")));  // a float, even a whole one
+  REQUIRE_FALSE(json_int(json::parse("\"7\"")));
+  REQUIRE_FALSE(json_int(json::parse("null")));
+  REQUIRE(json_int(json::parse("7"), 0, 7) == 7);
+  REQUIRE_FALSE(json_int(json::parse("8"), 0, 7));
+  REQUIRE_FALSE(json_int(json::parse("-1"), 0, 7));
+  REQUIRE(json_uint(json::parse("18446744073709551615")) == std::numeric_limits<uint64_t>::max());
+  REQUIRE_FALSE(json_uint(json::parse("-1")));
+  REQUIRE_FALSE(json_uint(json::parse("1e3")));
+  REQUIRE(json_shown(json::parse("[1, 2]")) == "array");
+  REQUIRE(json_shown(json::parse("2.5")) == "2.5");
+}
