@@ -139,6 +139,7 @@ struct Tokenizer::Impl {
   std::vector<std::string> id_bytes;  // id -> raw bytes
   std::vector<uint8_t> id_special;    // 1 for added tokens marked special
   std::vector<uint8_t> id_valid;
+  size_t id_limit = size_t{1} << 30;  // ids below it (from_json: twice the tokens the file defines, plus 1024)
   std::array<int32_t, 256> byte_id{};
   MergeTable merges;
   bool ignore_merges = false;
@@ -164,7 +165,9 @@ struct Tokenizer::Impl {
   }
 
   void set_token(int32_t id, std::string token, std::string bytes, bool special) {
-    KILN_CHECK(id >= 0 && id < (1 << 30), "tokenizer", "token id in [0, 2^30), found {}", id);
+    KILN_CHECK(id >= 0 && static_cast<size_t>(id) < id_limit, "tokenizer",
+               "token id {} is out of range: the file defines too few tokens for ids past {} (holes in the ids are "
+               "allowed, but not ids beyond twice the token count plus 1024)", id, id_limit - 1);
     auto n = static_cast<size_t>(id) + 1;
     if (id_token.size() < n) {
       id_token.resize(n);
@@ -419,6 +422,9 @@ Tokenizer Tokenizer::from_json(std::string_view json_text) {
     std::string type = model.value("type", std::string("BPE"));
     KILN_CHECK(type == "BPE", "tokenizer", "expected a BPE model, found {:?}", type);
     impl->ignore_merges = model.value("ignore_merges", false);
+    // The id tables are dense: a few tokens with ids near 2^30 would make gigabytes of them from a tiny file.
+    const size_t added_count = j.contains("added_tokens") ? j["added_tokens"].size() : 0;
+    impl->id_limit = std::min(impl->id_limit, 2 * (model.at("vocab").size() + added_count) + 1024);
 
     // Vocabulary.
     for (const auto& [token, idj] : model.at("vocab").items()) {

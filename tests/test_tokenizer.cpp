@@ -107,6 +107,14 @@ TEST_CASE("tokenizer: tiny hand-written BPE", "[tokenizer]") {
   CHECK(tok.bos_id() == -1);
   REQUIRE_THROWS_WITH(tok.decode(std::vector<int32_t>{5, 260}), Catch::Matchers::StartsWith("[tokenizer] unknown token id 260"));
   REQUIRE_THROWS_WITH(tok.encode("a", true), Catch::Matchers::StartsWith("[tokenizer] add_bos"));
+  // Holes in the ids are allowed; an id far past the tokens the file defines is an error (the id tables are
+  // dense: found by the fuzzer, a tiny file asking for gigabytes).
+  json holes = j;
+  holes["added_tokens"][0]["id"] = 2 * 260 + 1023;
+  CHECK(Tokenizer::from_json(holes.dump()).token_to_id("<|end|>") == 2 * 260 + 1023);
+  json far = j;
+  far["added_tokens"][0]["id"] = (1 << 30) - 1;
+  REQUIRE_THROWS_WITH(Tokenizer::from_json(far.dump()), Catch::Matchers::ContainsSubstring("token id 1073741823 is out of range"));
 }
 
 TEST_CASE("tokenizer: Llama 3.1 ids match Hugging Face tokenizers", "[tokenizer]") {
