@@ -8,6 +8,8 @@
 #include <optional>
 #include <string>
 
+#include "core/error.h"
+
 namespace kiln {
 
 // v as an int64 when it is a JSON integer in [lo, hi]; nullopt for a float, a non-number or a value out of range.
@@ -35,5 +37,19 @@ inline std::optional<uint64_t> json_uint(const nlohmann::json& v) {
 
 // What an error message shows of v: the value, or its type for an array or object.
 inline std::string json_shown(const nlohmann::json& v) { return v.is_primitive() ? v.dump() : v.type_name(); }
+
+// json_int(v), or a kiln::Error "[op] <what> must be an integer, found <v>".
+inline int64_t need_json_int(const nlohmann::json& v, const char* op, const std::string& what) {
+  const std::optional<int64_t> i = json_int(v);
+  KILN_CHECK(i, op, "{} must be an integer, found {}", what, json_shown(v));
+  return *i;
+}
+
+// json_uint(v), or a kiln::Error "[op] <what> must be a non-negative integer, found <v>".
+inline uint64_t need_json_uint(const nlohmann::json& v, const char* op, const std::string& what) {
+  const std::optional<uint64_t> u = json_uint(v);
+  KILN_CHECK(u, op, "{} must be a non-negative integer, found {}", what, json_shown(v));
+  return *u;
+}
 
 }  // namespace kiln

@@ -82,10 +82,8 @@ LlamaConfig LlamaConfig::from_json(const std::string& text, const std::string& s
     if (j.contains("model_type"))
       KILN_CHECK(j["model_type"] == "llama", "llama config", "{}: model_type is {}, expected \"llama\"", source,
                  j["model_type"].dump());
-    auto integer = [&](const json& v, const std::string& key) -> int64_t {
-      const std::optional<int64_t> i = json_int(v);
-      KILN_CHECK(i, "llama config", "{}: '{}' must be an integer, found {}", source, key, json_shown(v));
-      return *i;
+    auto integer = [&](const json& v, const std::string& key) {
+      return need_json_int(v, "llama config", fmt::format("{}: '{}'", source, key));
     };
     auto optional_integer = [&](const char* key, int64_t fallback) {
       return j.contains(key) && !j[key].is_null() ? integer(j[key], key) : fallback;

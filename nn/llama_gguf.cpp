@@ -59,11 +59,8 @@ GGUFVocab read_gguf_vocab(const std::string& dir, int64_t vocab_size) {
   const json tok = parse_json_file(tok_path);
   GGUFVocab v;
   std::map<int64_t, std::pair<std::string, int32_t>> by_id;  // id -> (token, type)
-  const auto token_id = [&](const json& id) {
-    const std::optional<int64_t> i = json_int(id);
-    KILN_CHECK(i, "gguf", "{}: a token id must be an integer, found {}", tok_path.string(), json_shown(id));
-    return *i;
-  };
+  const std::string token_id_what = tok_path.string() + ": a token id";
+  const auto token_id = [&](const json& id) { return need_json_int(id, "gguf", token_id_what); };
   try {
     const json& model = tok.at("model");
     KILN_CHECK(model.value("type", std::string()) == "BPE", "gguf", "{}: only byte-level BPE tokenizers are exported, found {}",

@@ -157,9 +157,7 @@ LoraConfig LoraConfig::from_peft_json(const std::string& text, const std::string
   try {
     KILN_CHECK(j.is_object() && j.value("peft_type", std::string("LORA")) == "LORA", "adapter",
                "{}: expected a LORA adapter config, found peft_type {}", source, j.is_object() ? j.value("peft_type", std::string("?")) : "?");
-    const std::optional<int64_t> r = json_int(j.at("r"));
-    KILN_CHECK(r, "adapter", "{}: r must be an integer, found {}", source, json_shown(j.at("r")));
-    c.r = *r;
+    c.r = need_json_int(j.at("r"), "adapter", source + ": r");
     c.alpha = j.at("lora_alpha").get<double>();
     c.dropout = j.value("lora_dropout", 0.0);
     c.use_rslora = j.value("use_rslora", false);

@@ -61,10 +61,8 @@ NF4Weight read_impl(const Getter& get, const std::string& w_key) {
   };
   // Integers only from JSON integers (json_int), the offset only if a float holds it: a cast of 1e300 to
   // float is undefined behaviour.
-  auto integer = [&](const json& v, const char* name) -> int64_t {
-    const std::optional<int64_t> i = json_int(v);
-    KILN_CHECK(i, kOp, "{}: \"{}\" must be an integer, found {}", state_key, name, json_shown(v));
-    return *i;
+  auto integer = [&](const json& v, const char* name) {
+    return need_json_int(v, kOp, fmt::format("{}: \"{}\"", state_key, name));
   };
   NF4Weight q;
   try {

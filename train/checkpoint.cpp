@@ -51,22 +51,10 @@ json points_json(const std::vector<LossPoint>& pts) {
   return a;
 }
 
-// An integer field of trainer_state.json (json_int: a float there is refused, not converted).
-int64_t state_int(const json& v, const char* what, const std::string& source) {
-  const std::optional<int64_t> i = json_int(v);
-  KILN_CHECK(i, "checkpoint", "{}: {} must be an integer, found {}", source, what, json_shown(v));
-  return *i;
-}
-
-uint64_t state_uint(const json& v, const char* what, const std::string& source) {
-  const std::optional<uint64_t> u = json_uint(v);
-  KILN_CHECK(u, "checkpoint", "{}: {} must be a non-negative integer, found {}", source, what, json_shown(v));
-  return *u;
-}
-
 std::vector<LossPoint> points_from(const json& a, const std::string& source) {
   std::vector<LossPoint> out;
-  for (const json& p : a) out.push_back({state_int(p.at(0), "a loss point's step", source), p.at(1).get<double>()});
+  const std::string what = source + ": a loss point's step";
+  for (const json& p : a) out.push_back({need_json_int(p.at(0), "checkpoint", what), p.at(1).get<double>()});
   return out;
 }
 
@@ -132,12 +120,13 @@ TrainerState TrainerState::from_json(const std::string& text, const std::string&
     const json j = json::parse(text);
     KILN_CHECK(j.value("format", "") == kStateFormat, "checkpoint", "{}: expected format '{}', found '{}'", source,
                kStateFormat, j.value("format", ""));
-    s.step = state_int(j.at("step"), "step", source);
-    s.tokens = state_int(j.at("tokens"), "tokens", source);
-    if (j.contains("skipped_steps")) s.skipped_steps = state_int(j["skipped_steps"], "skipped_steps", source);  // absent in older builds' files
+    s.step = need_json_int(j.at("step"), "checkpoint", source + ": step");
+    s.tokens = need_json_int(j.at("tokens"), "checkpoint", source + ": tokens");
+    if (j.contains("skipped_steps"))  // absent in older builds' files
+      s.skipped_steps = need_json_int(j["skipped_steps"], "checkpoint", source + ": skipped_steps");
     s.data = data::DataPosition::from_json(j.at("data_position").dump());
-    s.rng.seed = state_uint(j.at("rng").at("seed"), "rng.seed", source);
-    s.rng.offset = state_uint(j.at("rng").at("offset"), "rng.offset", source);
+    s.rng.seed = need_json_uint(j.at("rng").at("seed"), "checkpoint", source + ": rng.seed");
+    s.rng.offset = need_json_uint(j.at("rng").at("offset"), "checkpoint", source + ": rng.offset");
     s.fingerprint = j.at("fingerprint").get<std::string>();
     s.train_losses = points_from(j.at("train_losses"), source);
     s.eval_losses = points_from(j.at("eval_losses"), source);

@@ -55,9 +55,7 @@ std::optional<AdapterBase> read_adapter_base(const std::string& adapter_dir) {
                path.string(), kFormat, j.is_object() ? j.value("format", "(none)") : j.type_name());
     b.model_dir = j.at("model").get<std::string>();
     b.config = j.at("config").get<std::string>();
-    const std::optional<uint64_t> seed = json_uint(j.at("seed"));
-    KILN_CHECK(seed, "adapter", "{}: seed must be a non-negative integer, found {}", path.string(), json_shown(j.at("seed")));
-    b.seed = *seed;
+    b.seed = need_json_uint(j.at("seed"), "adapter", path.string() + ": seed");
     b.nf4 = j.at("nf4").get<bool>();
     b.tokenizer = j.value("tokenizer", "");
     b.dtype = j.value("dtype", "");
