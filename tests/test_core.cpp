@@ -4,6 +4,7 @@
 #include <catch2/matchers/catch_matchers_string.hpp>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "core/cuda/runtime.h"
 #include "core/json_int.h"
@@ -163,7 +164,6 @@ TEST_CASE("ops reject tensors on different devices before running", "[core]") {
     REQUIRE_THROWS_AS(zeros({2}, DType::f32, Device("cuda:0")), Error);
   }
 }
-
 
 TEST_CASE("JSON integers from outside: only integers in range, never a float converted", "[core]") {
   using nlohmann::json;
