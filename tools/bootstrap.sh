@@ -3,7 +3,16 @@
 # Meson >= 1.3 and Catch2 3 from bookworm-backports; fmt, ninja, python3, a C++20 compiler and clang with
 # libFuzzer (tools/fuzz.sh) from Debian.
 # The CUDA toolkit is optional (the build is CPU-only where nvcc is absent). Does nothing when all is there.
+# --test-tools (tools/test.sh passes it) also installs llama-cpp-python, which builds llama.cpp from source
+# (about 5 minutes on 2 cores, once), for the [export] test that runs kiln's GGUF files in llama.cpp.
 set -euo pipefail
+test_tools=0
+for arg in "$@"; do
+  case $arg in
+    --test-tools) test_tools=1 ;;
+    *) echo "bootstrap: unknown argument '$arg' (the one argument is --test-tools)" >&2; exit 2 ;;
+  esac
+done
 
 if ! command -v dpkg >/dev/null || ! command -v apt-get >/dev/null; then
   # Not Debian: check, do not install.
@@ -105,13 +114,24 @@ if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then
 fi
 
 # Python packages the checks in tools/ use: numpy and gguf (llama.cpp's gguf-py, read by tools/check_gguf.py,
-# which the [export] test runs when `import gguf` works). Optional: a failure here only makes that check skip.
-if ! python3 -c "import gguf, numpy" >/dev/null 2>&1; then
-  if python3 -m pip install -q --user gguf numpy >/dev/null 2>&1 ||
-     python3 -m pip install -q --user --break-system-packages gguf numpy >/dev/null 2>&1 ||
-     python3 -m pip install -q gguf numpy >/dev/null 2>&1; then
-    echo "bootstrap: python packages gguf and numpy installed (tools/check_gguf.py)"
+# which the [export] test runs when `import gguf` works); with --test-tools also llama-cpp-python (llama.cpp
+# itself, run by tools/check_gguf_llamacpp.py). Optional: a failure here only makes those checks skip.
+pip_install() {  # pip_install IMPORTS WHAT PACKAGE...: installs the packages unless `import IMPORTS` works
+  local imports=$1 what=$2
+  shift 2
+  python3 -c "import $imports" >/dev/null 2>&1 && return
+  if python3 -m pip install -q --user "$@" >/dev/null 2>&1 ||
+     python3 -m pip install -q --user --break-system-packages "$@" >/dev/null 2>&1 ||
+     python3 -m pip install -q "$@" >/dev/null 2>&1; then
+    echo "bootstrap: python packages $* installed ($what)"
   else
-    echo "bootstrap: could not pip install gguf and numpy; the [export] GGUF check will be skipped" >&2
+    echo "bootstrap: could not pip install $*; $what will be skipped" >&2
   fi
+}
+pip_install "gguf, numpy" "tools/check_gguf.py, the [export] GGUF check" gguf numpy
+if [ $test_tools = 1 ]; then
+  # llama.cpp's CPU backend only, without its programs and multimodal library: what llama_cpp.Llama needs.
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF \
+-DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+    pip_install "llama_cpp, numpy" "tools/check_gguf_llamacpp.py, the [export] llama.cpp check" llama-cpp-python==0.3.36
 fi

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command: installs dependencies (tools/bootstrap.sh; skip with KILN_SKIP_BOOTSTRAP=1), configures
+# The test command: installs dependencies (tools/bootstrap.sh --test-tools, which adds llama-cpp-python for the
+# [export] check in llama.cpp; skip with KILN_SKIP_BOOTSTRAP=1), configures
 # build/ with tools/configure.sh (-Dwerror=true; the folder and options tools/run_example.sh uses too, so one
 # build serves both), builds, runs the Catch2 suite with a console and a JUnit reporter, and ends
 # with one line "N passed, N failed, N skipped" counting test cases. Arguments go to kiln_tests ("[autograd]").
@@ -37,7 +38,7 @@ bin="$build/tests/kiln_tests"
 junit="$build/junit.xml"
 
 if [ "${KILN_SKIP_BOOTSTRAP:-0}" != 1 ]; then
-  tools/bootstrap.sh || { echo "test.sh: tools/bootstrap.sh failed"; exit 1; }
+  tools/bootstrap.sh --test-tools || { echo "test.sh: tools/bootstrap.sh failed"; exit 1; }
 fi
 
 extra_passed=0 extra_failed=0 extra_skipped=0
