@@ -8,11 +8,13 @@
 #include <nlohmann/json.hpp>
 #include <numbers>
 #include <regex>
+#include <tuple>
 
 #include "autograd/grad_mode.h"
 #include "core/file_io.h"
 #include "core/json_int.h"
 #include "core/ops.h"
+#include "nn/lora.h"
 #include "nn/merge.h"
 
 namespace kiln::nn {
@@ -184,6 +186,28 @@ io::GGUFMetadata llama_gguf_metadata(const LlamaConfig& c, const GGUFVocab& voca
   return md;
 }
 
+namespace {
+
+// How a tensor of `shape` is stored when matrices are asked to be `type`: 1-d tensors f32; Q8_0 falls back to
+// f16 for rows that are not a multiple of its 32-value blocks (as convert_hf_to_gguf does).
+io::GGUFTensorType stored_type(const Shape& shape, io::GGUFTensorType type) {
+  if (shape.size() < 2) return io::GGUFTensorType::f32;
+  if (type == io::GGUFTensorType::q8_0 && shape.back() % 32 != 0) return io::GGUFTensorType::f16;
+  return type;
+}
+
+// The heads whose rows gguf_permute_qk reorders for the tensor `key` names (its rows are q's or k's
+// outputs); 0 for any other tensor.
+int64_t qk_permute_heads(const std::string& key, const LlamaConfig& c) {
+  for (const char* t : {".weight", ".bias", ".lora_B.weight"}) {
+    if (key.ends_with(std::string("self_attn.q_proj") + t)) return c.num_attention_heads;
+    if (key.ends_with(std::string("self_attn.k_proj") + t)) return c.num_key_value_heads;
+  }
+  return 0;
+}
+
+}  // namespace
+
 void write_llama_gguf(const std::string& path, Llama& model, const GGUFVocab& vocab, io::GGUFTensorType type,
                       const std::string& name) {
   const LlamaConfig& c = model.config();
@@ -192,14 +216,8 @@ void write_llama_gguf(const std::string& path, Llama& model, const GGUFVocab& vo
   std::vector<std::function<Tensor()>> sources;  // tensor i, computed when written
   for (const PlainTensor& p : plain) {
     if (c.tie_word_embeddings && p.key == "lm_head.weight") continue;
-    io::GGUFTensorInfo info{gguf_tensor_name(p.key), p.shape, io::GGUFTensorType::f32};
-    if (p.shape.size() >= 2) {
-      info.type = type;
-      if (type == io::GGUFTensorType::q8_0 && p.shape.back() % 32 != 0) info.type = io::GGUFTensorType::f16;
-    }
-    int64_t permute_heads = 0;
-    if (p.key.ends_with("self_attn.q_proj.weight") || p.key.ends_with("self_attn.q_proj.bias")) permute_heads = c.num_attention_heads;
-    if (p.key.ends_with("self_attn.k_proj.weight") || p.key.ends_with("self_attn.k_proj.bias")) permute_heads = c.num_key_value_heads;
+    const io::GGUFTensorInfo info{gguf_tensor_name(p.key), p.shape, stored_type(p.shape, type)};
+    const int64_t permute_heads = qk_permute_heads(p.key, c);
     infos.push_back(info);
     sources.push_back([get = p.get, permute_heads] {
       const Tensor t = get(DType::f32);  // merged in f32 (rounded once by the writer into the stored type)
@@ -212,6 +230,41 @@ void write_llama_gguf(const std::string& path, Llama& model, const GGUFVocab& vo
   }
   autograd::NoGradGuard no_grad;
   io::write_gguf(path, llama_gguf_metadata(c, vocab, type, name), infos, [&](size_t i) { return sources[i](); });
+}
+
+void write_llama_lora_gguf(const std::string& path, Llama& model, io::GGUFTensorType type, const std::string& name) {
+  const LlamaConfig& c = model.config();
+  const std::vector<std::pair<std::string, LoraLinear*>> layers = lora_layers(model);
+  KILN_CHECK(!layers.empty(), "gguf", "the model has no LoRA layers to write");
+  // llama.cpp scales every layer by alpha / rank with one alpha per file: kiln's scaling * r must agree.
+  const double alpha = layers[0].second->scaling() * static_cast<double>(layers[0].second->lora_a().size(0));
+  std::vector<io::GGUFTensorInfo> infos;
+  std::vector<std::function<Tensor()>> sources;  // tensor i, computed when written
+  for (const auto& [module_path, l] : layers) {
+    KILN_CHECK(!l->merged(), "gguf", "{}: the adapter is merged into its base; a LoRA file needs it apart", module_path);
+    const double a = l->scaling() * static_cast<double>(l->lora_a().size(0));
+    KILN_CHECK(std::abs(a - alpha) <= 1e-6 * std::abs(alpha), "gguf",
+               "{}: scaling * rank is {}, another layer's {}: llama.cpp's LoRA files hold one alpha for all layers",
+               module_path, a, alpha);
+    const std::string base = gguf_tensor_name(module_path + ".weight");
+    const int64_t permute_heads = qk_permute_heads(module_path + ".lora_B.weight", c);
+    // A (r, in) and B (out, r) as PEFT stores them are the shapes llama.cpp takes (ggml: ne = {in, r}, {r, out});
+    // B's rows are the base's output rows, so q's and k's are permuted as their weights are.
+    for (const auto& [suffix, t, heads] : {std::tuple{".lora_a", l->lora_a(), int64_t{0}}, {".lora_b", l->lora_b(), permute_heads}}) {
+      infos.push_back({base + suffix, t.shape(), stored_type(t.shape(), type)});
+      sources.push_back([t, heads] {
+        const Tensor v = cast(t, DType::f32);
+        return heads ? gguf_permute_qk(v, heads) : contiguous(v);
+      });
+    }
+  }
+  const io::GGUFMetadata md = {{"general.architecture", std::string("llama")},
+                               {"general.type", std::string("adapter")},
+                               {"general.name", name},
+                               {"adapter.type", std::string("lora")},
+                               {"adapter.lora.alpha", static_cast<float>(alpha)}};
+  autograd::NoGradGuard no_grad;
+  io::write_gguf(path, md, infos, [&](size_t i) { return sources[i](); });
 }
 
 }  // namespace kiln::nn

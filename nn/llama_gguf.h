@@ -1,7 +1,8 @@
 // A Llama as llama.cpp loads it from GGUF: the metadata keys, tensor names and q/k row order that
 // llama.cpp's convert_hf_to_gguf.py writes for LlamaForCausalLM, the "gpt2" (byte-level BPE)
 // tokenizer vocabulary read from a Hugging Face tokenizer.json, and the file itself (io/gguf.h),
-// with LoRA adapters merged and NF4 weights dequantised on the way (nn/merge.h).
+// with LoRA adapters merged and NF4 weights dequantised on the way (nn/merge.h); or the adapters alone
+// as a llama.cpp LoRA file.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -54,5 +55,13 @@ io::GGUFMetadata llama_gguf_metadata(const LlamaConfig& c, const GGUFVocab& voca
 // lm_head becomes output.weight; a tied one is left out (llama.cpp reuses token_embd).
 void write_llama_gguf(const std::string& path, Llama& model, const GGUFVocab& vocab, io::GGUFTensorType type,
                       const std::string& name = "kiln export");
+
+// Writes the LoRA adapters of `model` (LoraLinear layers, not merged) as a llama.cpp LoRA file
+// (general.type "adapter", adapter.type "lora", adapter.lora.alpha = scaling * rank, one for all layers):
+// "<base tensor>.lora_a" (r, in) and ".lora_b" (out, r), B's rows of q and k permuted as their weights
+// are. llama.cpp adds it to a base GGUF written by write_llama_gguf from the same (unmerged) base.
+// Matrices as `type` (Q8_0 rows that are not a multiple of 32 as f16).
+void write_llama_lora_gguf(const std::string& path, Llama& model, io::GGUFTensorType type,
+                           const std::string& name = "kiln LoRA");
 
 }  // namespace kiln::nn

@@ -1,8 +1,8 @@
 // `kiln export` and what it is built from: LoRA merged into Linear and NF4 bases (nn/merge.h), the
 // Hugging Face folder it writes loading back with the logits of the unmerged base + adapter, sharding
 // with an index that covers every tensor, bad input failing before anything is written, and the GGUF
-// file checked by tools/check_gguf.py with llama.cpp's own gguf package and run by llama.cpp itself
-// (tools/check_gguf_llamacpp.py; each skipped where its Python package is absent).
+// file checked by tools/check_gguf.py with llama.cpp's own gguf package and run by llama.cpp itself, merged
+// or as a base plus a LoRA file (tools/check_gguf_llamacpp.py; each skipped where its Python package is absent).
 #include <catch2/catch_test_macros.hpp>
 #include <sys/stat.h>
 #include <catch2/catch_get_random_seed.hpp>
@@ -69,11 +69,12 @@ app::ModelSpec base_spec(const std::string& config, bool nf4) {
 }
 
 // Trains nothing: an adapter with random A and B (B is zero after init) over the spec's base, saved as PEFT does.
-std::string write_adapter(const app::ModelSpec& spec, const fs::path& dir) {
+std::string write_adapter(const app::ModelSpec& spec, const fs::path& dir, bool rslora = false) {
   auto model = app::load_model(spec);
   nn::LoraConfig lc;
   lc.r = 4;
   lc.alpha = 8;
+  lc.use_rslora = rslora;
   nn::apply_lora(*model, lc, 3);
   autograd::NoGradGuard no_grad;
   uint64_t seed = 100;
@@ -148,7 +149,7 @@ TEST_CASE("export: the Hugging Face folder loads back with the logits of the unm
 
     const fs::path out = root / (nf4 ? "merged_nf4" : "merged_plain");
     const app::ExportResult r = app::run_export(export_command(spec, adapter, out));
-    CHECK(r.merged_layers == 14);  // 7 projections x 2 layers
+    CHECK(r.lora_layers == 14);  // 7 projections x 2 layers
     for (const char* f : {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"})
       CHECK(fs::exists(out / f));
     CHECK_FALSE(fs::exists(out / "model.safetensors.index.json"));
@@ -339,11 +340,12 @@ TEST_CASE("export: llama.cpp runs the GGUF files with kiln's logits and tokenize
          "them): GGUF files not run by llama.cpp");
   const fs::path root = test::scratch_dir("export", "llamacpp");
   // The default base (a pretrained 4-layer Llama: grouped-query attention, llama3 RoPE scaling) as QLoRA
-  // trains it, NF4, with a LoRA adapter on every projection.
+  // trains it, NF4, with a LoRA adapter on every projection (rsLoRA: scaling alpha / sqrt(r), which a llama.cpp
+  // LoRA file must express as its alpha / r).
   app::ModelSpec spec = base_spec("", true);
   spec.config.clear();
   spec.model_dir = data::find_default_file(data::DefaultFile::base);
-  const std::string adapter = write_adapter(spec, root / "adapter");
+  const std::string adapter = write_adapter(spec, root / "adapter", /*rslora=*/true);
   // kiln's logits of the unmerged base + adapter (`kiln eval --logits`) over fresh random ids
   const int64_t vocab = app::load_model(spec)->config().vocab_size;
   Generator gen(Catch::getSeed() + 11);
@@ -374,6 +376,24 @@ TEST_CASE("export: llama.cpp runs the GGUF files with kiln's logits and tokenize
   }
   // The comparison can fail: bf16 weights do not give kiln's f32 logits to 1e-6.
   CHECK(run_llamacpp_check(root, "'" + (root / "bf16.gguf").string() + "'" + inputs + " --tol 1e-6") != 0);
+
+  // The adapter apart (gguf-lora) over the base alone (NF4 dequantised, as trained): llama.cpp's --lora.
+  {
+    app::ExportCommand base = export_command(spec, "", root / "base.gguf");
+    base.format = "gguf";
+    app::run_export(base);
+    app::ExportCommand lora = export_command(spec, adapter, root / "adapter.gguf");
+    lora.format = "gguf-lora";
+    lora.gguf_type = "f32";
+    CHECK(app::run_export(lora).lora_layers == 28);  // 7 projections x 4 layers
+    const std::string with_lora = "'" + base.output + "'" + inputs + " --lora '" + lora.output + "'";
+    CHECK(run_llamacpp_check(root, with_lora + " --tol 5e-3") == 0);
+    // without the adapter llama.cpp's logits are the base's, which the check must tell from base + adapter
+    CHECK(run_llamacpp_check(root, "'" + base.output + "'" + inputs + " --tol 5e-3") != 0);
+    app::ExportCommand no_adapter = export_command(spec, "", root / "none.gguf");
+    no_adapter.format = "gguf-lora";
+    CHECK_THROWS_WITH(app::run_export(no_adapter), ContainsSubstring("[export]") && ContainsSubstring("give --adapter"));
+  }
 
   // Llama 3.1's own tokenizer (128,256 ids) in a tiny random model: llama.cpp's ids equal kiln's (which equal
   // Hugging Face's: [tokenizer]).

@@ -2,12 +2,13 @@
 """Runs a GGUF file written by `kiln export --format gguf` in llama.cpp (through llama-cpp-python, which
 builds llama.cpp from source) and compares what llama.cpp computes with what kiln computed:
 
-    tools/check_gguf_llamacpp.py MODEL.gguf --ids IDS.jsonl --logits EVAL.jsonl --tol 0.01
+    tools/check_gguf_llamacpp.py MODEL.gguf --ids IDS.jsonl --logits EVAL.jsonl --tol 0.01 [--lora ADAPTER.gguf]
     tools/check_gguf_llamacpp.py MODEL.gguf --tokens TOKENS.jsonl
 
 --ids/--logits: IDS.jsonl has one JSON array of token ids per line (what `kiln eval --ids` reads), EVAL.jsonl
 is `kiln eval --logits` over it, with the unmerged base and adapter. llama.cpp evaluates each sequence with
-logits for every position; per sequence, max |llama.cpp - kiln| / max |kiln| must be at most --tol, and at
+logits for every position (with --lora, the base MODEL.gguf plus that LoRA file, as `llama-cli --lora` runs
+them: `kiln export --format gguf-lora`); per sequence, max |llama.cpp - kiln| / max |kiln| must be at most --tol, and at
 every position llama.cpp's top token must be one kiln also ranks at the top, up to that tolerance (kiln's logit
 for it within tol * max |kiln| of kiln's largest).
 
@@ -85,13 +86,15 @@ def main():
     p.add_argument("--logits")
     p.add_argument("--tol", type=float, default=1e-2)
     p.add_argument("--tokens")
+    p.add_argument("--lora")
     a = p.parse_args()
     if bool(a.ids) != bool(a.logits) or not (a.ids or a.tokens):
         p.error("give --ids with --logits, and/or --tokens")
     n_ctx = 16
     if a.ids:
         n_ctx = max(n_ctx, max(len(s) for s in read_jsonl(a.ids)))
-    llm = Llama(model_path=a.gguf, n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False, n_threads=2, seed=0)
+    llm = Llama(model_path=a.gguf, lora_path=a.lora, n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False, n_threads=2,
+                seed=0)
     problems = []
     if a.ids:
         problems += check_logits(llm, a.ids, a.logits, a.tol)

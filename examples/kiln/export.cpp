@@ -1,5 +1,5 @@
 // `kiln export`: merge a LoRA adapter into its (NF4, bnb-4bit or plain) base and write the result as a
-// Hugging Face folder or a GGUF file. The output is built in a temporary folder (or file) next to it
+// Hugging Face folder or a GGUF file, or write the adapter alone as a llama.cpp LoRA file. The output is built in a temporary folder (or file) next to it
 // and renamed into place at the end, so an error leaves nothing behind.
 #include "examples/kiln/export.h"
 
@@ -65,9 +65,9 @@ void check_output(const ExportCommand& c) {
   if (fs::exists(out)) {
     const bool empty_dir = fs::is_directory(out) && fs::is_empty(out);
     KILN_CHECK(c.overwrite || empty_dir, "export", "{} exists (give --overwrite to replace it)", c.output);
-    KILN_CHECK(c.format == "gguf" || fs::is_directory(out), "export", "{} exists and is not a folder", c.output);
-    KILN_CHECK(c.format == "hf" || !fs::is_directory(out) || empty_dir, "export", "{} is a folder; --format gguf writes a file",
-               c.output);
+    KILN_CHECK(c.format != "hf" || fs::is_directory(out), "export", "{} exists and is not a folder", c.output);
+    KILN_CHECK(c.format == "hf" || !fs::is_directory(out) || empty_dir, "export", "{} is a folder; --format {} writes a file",
+               c.output, c.format);
   }
 }
 
@@ -123,7 +123,9 @@ std::vector<std::string> save_hf_folder(nn::Llama& model, const std::string& out
 }
 
 ExportResult run_export(const ExportCommand& c) {
-  KILN_CHECK(c.format == "hf" || c.format == "gguf", "export", "unknown --format '{}' (hf, gguf)", c.format);
+  KILN_CHECK(c.format == "hf" || c.format == "gguf" || c.format == "gguf-lora", "export", "unknown --format '{}' (hf, gguf, gguf-lora)",
+             c.format);
+  KILN_CHECK(c.format != "gguf-lora" || !c.model.adapter.empty(), "export", "--format gguf-lora writes an adapter: give --adapter");
   const DType dtype = resolve_dtype(c.dtype, kCPU);
   KILN_CHECK(dtype != DType::f64, "export", "--dtype must be bf16, f16 or f32");
   const io::GGUFTensorType gguf_type = io::parse_gguf_type(c.gguf_type);
@@ -134,7 +136,7 @@ ExportResult run_export(const ExportCommand& c) {
   // The base and the adapter, as finetune/generate build them (load_adapter checks every shape first).
   std::shared_ptr<nn::Llama> model = load_model(c.model);
   ExportResult result;
-  result.merged_layers = static_cast<int64_t>(nn::lora_layers(*model).size());
+  result.lora_layers = static_cast<int64_t>(nn::lora_layers(*model).size());
   const fs::path tok_json = tokenizer_json(c.tokenizer, c.model.model_dir);
   KILN_CHECK(fs::exists(tok_json), "export", "tokenizer {} does not exist", tok_json.string());
 
@@ -142,13 +144,17 @@ ExportResult run_export(const ExportCommand& c) {
   if (c.format == "hf") {
     result.files = save_hf_folder(*model, c.output, dtype, c.model.model_dir, c.tokenizer, c.max_shard_size);
   } else {
-    const nn::GGUFVocab vocab = nn::read_gguf_vocab(tok_json.parent_path().string(), model->config().vocab_size);
     const std::string name = !c.model.model_dir.empty() ? fs::path(c.model.model_dir).filename().string()
                                                          : fs::path(c.model.config).stem().string();
     TempFolder tmp(out);
     const fs::path file = tmp.path / "model.gguf";
     const std::string adapter = fs::path(c.model.adapter).filename().string();
-    nn::write_llama_gguf(file.string(), *model, vocab, gguf_type, adapter.empty() ? name : name + " + " + adapter);
+    if (c.format == "gguf-lora") {
+      nn::write_llama_lora_gguf(file.string(), *model, gguf_type, adapter + " (LoRA of " + name + ")");
+    } else {
+      const nn::GGUFVocab vocab = nn::read_gguf_vocab(tok_json.parent_path().string(), model->config().vocab_size);
+      nn::write_llama_gguf(file.string(), *model, vocab, gguf_type, adapter.empty() ? name : name + " + " + adapter);
+    }
     if (fs::is_directory(out)) fs::remove(out);  // an empty folder (checked above)
     move_into_place(file, out);
     result.files.push_back(out.filename().string());
@@ -158,7 +164,8 @@ ExportResult run_export(const ExportCommand& c) {
 
 void add_export_command(CLI::App& app) {
   auto c = std::make_shared<ExportCommand>();
-  CLI::App* cmd = app.add_subcommand("export", "merge a LoRA adapter into its base; write a Hugging Face folder or a GGUF file");
+  CLI::App* cmd = app.add_subcommand("export", "merge a LoRA adapter into its base; write a Hugging Face folder or a GGUF file "
+                                      "(or the adapter alone as a llama.cpp LoRA file)");
   auto* model = cmd->add_option("--model", c->model.model_dir, "the base: a Hugging Face folder (plain or bnb-4bit)");
   cmd->add_option("--config", c->model.config, "the base: a named config or config.json with random weights (--seed)")
       ->excludes(model);
@@ -172,10 +179,12 @@ void add_export_command(CLI::App& app) {
                   "finetune writes, gives --model/--config, --seed, --nf4 and --tokenizer by default); without it the base "
                   "alone is written (a random base, or a bnb-4bit or --nf4 one dequantised)");
   cmd->add_option("--tokenizer", c->tokenizer, "tokenizer.json or its folder (default: the model's, else kiln's)");
-  cmd->add_option("--output", c->output, "hf: the folder to create; gguf: the .gguf file")->required();
+  cmd->add_option("--output", c->output, "hf: the folder to create; gguf, gguf-lora: the .gguf file")->required();
   cmd->add_option("--dtype", c->dtype, "hf: dtype of the written tensors: bf16 | f16 | f32");
-  cmd->add_option("--format", c->format, "hf (a Hugging Face folder) | gguf (one file for llama.cpp)");
-  cmd->add_option("--gguf-type", c->gguf_type, "gguf: f16 | bf16 | q8_0 for matrices (1-d tensors stay f32)");
+  cmd->add_option("--format", c->format, "hf (a Hugging Face folder) | gguf (one file for llama.cpp) | gguf-lora (the "
+                  "--adapter alone, unmerged, as a llama.cpp LoRA file: llama-cli -m base.gguf --lora it.gguf, where base.gguf "
+                  "is this command's --format gguf without --adapter, --nf4 as trained)");
+  cmd->add_option("--gguf-type", c->gguf_type, "gguf, gguf-lora: f32 | f16 | bf16 | q8_0 for matrices (1-d tensors stay f32)");
   cmd->add_option("--max-shard-size", c->max_shard_size, "hf: at most this much per safetensors file (5GB, 500MB, ...)");
   cmd->add_option("--base-dtype", c->model.dtype, "dtype the base is built in, as kiln finetune's --dtype: auto | f32 | bf16 "
                   "(auto: bf16 on GPU, f32 on CPU); the merge itself is computed in f32");
@@ -185,7 +194,8 @@ void add_export_command(CLI::App& app) {
     for (const std::string& w : apply_adapter_base(c->model, &c->tokenizer, given_model_options(*cmd)))
       std::fprintf(stderr, "warning: %s\n", w.c_str());
     const ExportResult r = run_export(*c);
-    std::fprintf(stderr, "export: %lld LoRA layers merged; wrote %s:", static_cast<long long>(r.merged_layers), c->output.c_str());
+    std::fprintf(stderr, "export: %lld LoRA layers %s; wrote %s:", static_cast<long long>(r.lora_layers),
+                 c->format == "gguf-lora" ? "written apart" : "merged", c->output.c_str());
     for (const std::string& f : r.files) std::fprintf(stderr, " %s", f.c_str());
     std::fprintf(stderr, "\n");
   });

@@ -2,7 +2,8 @@
 // config with random weights; NF4 or not; what the adapter's kiln_base.json records by default), the
 // LoRA adapter merged into it (NF4 and bnb-4bit bases dequantised; the sum computed in f32 and rounded
 // once), written as a Hugging Face folder (config.json, safetensors shards with an index, generation
-// and tokenizer files) or as one GGUF file for llama.cpp. Without an adapter the base alone is written.
+// and tokenizer files) or as one GGUF file for llama.cpp; or the adapter alone, unmerged, as a llama.cpp
+// LoRA file (gguf-lora). Without an adapter the base alone is written.
 // Nothing partial is left on an error.
 #pragma once
 #include <string>
@@ -19,8 +20,8 @@ struct ExportCommand {
   std::string tokenizer;         // tokenizer.json or its folder; default: the model's, else kiln's
   std::string output;            // hf: the folder to create; gguf: the file
   std::string dtype = "bf16";    // hf: the dtype of the written tensors (bf16, f16, f32)
-  std::string format = "hf";     // hf | gguf
-  std::string gguf_type = "f16"; // gguf: f16 | bf16 | q8_0 (1-d tensors stay f32)
+  std::string format = "hf";     // hf | gguf | gguf-lora (the adapter alone, for llama.cpp's --lora)
+  std::string gguf_type = "f16"; // gguf, gguf-lora: f32 | f16 | bf16 | q8_0 (1-d tensors stay f32)
   std::string max_shard_size = "5GB";
   bool overwrite = false;        // replace an existing output
   bool random_init = false;      // --random-init: says the --config base has random weights (as it always has)
@@ -28,7 +29,7 @@ struct ExportCommand {
 
 struct ExportResult {
   std::vector<std::string> files;  // what was written, relative to the output folder (hf) or the file (gguf)
-  int64_t merged_layers = 0;       // LoRA layers merged
+  int64_t lora_layers = 0;         // LoRA layers merged (hf, gguf) or written (gguf-lora)
 };
 
 // Runs the export; kiln::Error "[export] ..." on bad input, before anything is written.
