@@ -1,5 +1,5 @@
-// Merging LoRA adapters and dequantising NF4 weights into plain Linear weights, and the plain
-// checkpoint of a whole model computed tensor by tensor.
+// Merging LoRA adapters and dequantising NF4 weights into plain Linear weights, and the plain (or
+// bnb-4bit) checkpoint of a whole model computed tensor by tensor.
 #include "nn/merge.h"
 
 #include <algorithm>
@@ -8,6 +8,7 @@
 #include "core/ops.h"
 #include "nn/lora.h"
 #include "nn/nf4_linear.h"
+#include "quant/bnb_checkpoint.h"
 
 namespace kiln::nn {
 
@@ -76,7 +77,7 @@ int64_t merge_and_unload(Module& root, DType dtype) {
   return static_cast<int64_t>(targets.size());
 }
 
-std::vector<PlainTensor> plain_tensors(Module& root) {
+std::vector<PlainTensor> plain_tensors(Module& root, bool nf4_as_bnb) {
   std::vector<std::pair<std::string, LinearBase*>> layers;  // outermost LoraLinear/NF4Linear layers by path
   for (auto& [path, m] : root.named_modules()) {
     bool inside = false;
@@ -92,7 +93,14 @@ std::vector<PlainTensor> plain_tensors(Module& root) {
   for (auto& [path, layer] : layers) {
     const std::string prefix = path.empty() ? "" : path + ".";
     LinearBase* l = layer;
-    out.push_back({prefix + "weight", Shape{l->out_features(), l->in_features()}, [l](DType dt) { return plain_weight(*l, dt); }});
+    if (const auto* nf4 = dynamic_cast<const NF4Linear*>(l); nf4 && nf4_as_bnb) {
+      for (auto& [key, t] : quant::bnb_nf4_tensors(prefix + "weight", nf4->weight()))  // stored as they are
+        out.push_back({key, t.shape(), [v = t](DType) { return v; }});
+    } else {
+      KILN_CHECK(!nf4_as_bnb || !dynamic_cast<const LoraLinear*>(l), "merge",
+                 "{}: a LoRA layer has no bnb-4bit form (merge it into a plain checkpoint instead)", path);
+      out.push_back({prefix + "weight", Shape{l->out_features(), l->in_features()}, [l](DType dt) { return plain_weight(*l, dt); }});
+    }
     if (plain_bias(*l, DType::f32).defined())
       out.push_back({prefix + "bias", Shape{l->out_features()}, [l](DType dt) { return plain_bias(*l, dt); }});
   }

@@ -30,9 +30,11 @@ struct PlainTensor {
   Shape shape;
   std::function<Tensor(DType dtype)> get;
 };
-// Every tensor of `root`'s checkpoint with linears made plain, in registration order, each computed only
-// when asked for (a merged weight exists only while the caller holds it). Floating tensors are cast to
-// the asked dtype; others keep theirs.
-std::vector<PlainTensor> plain_tensors(Module& root);
+// Every tensor of `root`'s checkpoint with linears made plain, sorted by key, each computed only when
+// asked for (a merged weight exists only while the caller holds it). Floating tensors are cast to the
+// asked dtype; others keep theirs. With `nf4_as_bnb`, NF4Linear weights stay quantised as a bnb-4bit
+// checkpoint stores them (quant/bnb_checkpoint.h: W, W.absmax, ..., W.quant_state.bitsandbytes__nf4,
+// whatever dtype is asked), and a LoraLinear is an error.
+std::vector<PlainTensor> plain_tensors(Module& root, bool nf4_as_bnb = false);
 
 }  // namespace kiln::nn

@@ -9,19 +9,9 @@
 #include "quant/bnb_checkpoint.h"
 #include "quant/nf4.h"
 #include "tests/helpers.h"
+#include "tests/nf4_fixtures.h"
 
 namespace fs = std::filesystem;
-
-namespace kiln::test::nf4 {  // defined in tests/test_nf4.cpp
-fs::path fixtures();
-void require_bytes_equal(const Tensor& a, const Tensor& b);
-void require_packed_match(const Tensor& w, const Tensor& absmax_f32, const Tensor& ours, const Tensor& theirs,
-                          int64_t blocksize);
-void require_codes_match(const Tensor& absmax_f32, float offset, const Tensor& nested, const Tensor& ours,
-                         const Tensor& theirs, const Tensor& code);
-quant::NF4Weight fixture_weight(const io::SafetensorsFile& f, const std::string& p);
-std::vector<std::string> fixture_cases(const io::SafetensorsFile& f);
-}  // namespace kiln::test::nf4
 
 namespace kiln {
 namespace {

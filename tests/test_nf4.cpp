@@ -11,6 +11,7 @@
 #include "quant/bnb_checkpoint.h"
 #include "quant/nf4.h"
 #include "tests/helpers.h"
+#include "tests/nf4_fixtures.h"
 
 namespace fs = std::filesystem;
 using Catch::Matchers::ContainsSubstring;
@@ -59,7 +60,7 @@ bool near_boundary(float x, float mid) {
 
 // Packed NF4 bytes of the CPU quantiser vs bnb's CUDA bytes: equal except near a midpoint.
 void require_packed_match(const Tensor& w, const Tensor& absmax_f32, const Tensor& ours, const Tensor& theirs,
-                          int64_t blocksize = 64) {
+                          int64_t blocksize) {
   const auto a = bytes_of(ours), b = bytes_of(theirs);
   REQUIRE(a.size() == b.size());
   const std::vector<float> wv = w.to(DType::f32).reshape({-1}).to_vector<float>();

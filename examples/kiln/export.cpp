@@ -9,6 +9,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fmt/format.h>
+#include <nlohmann/json.hpp>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -20,6 +21,7 @@
 #include "nn/llama_gguf.h"
 #include "nn/lora.h"
 #include "nn/merge.h"
+#include "nn/nf4_linear.h"
 
 namespace kiln::app {
 
@@ -55,26 +57,40 @@ struct TempFolder {
   TempFolder& operator=(const TempFolder&) = delete;
 };
 
-void check_output(const ExportCommand& c) {
-  KILN_CHECK(!c.output.empty(), "export", "give --output");
-  const fs::path out = fs::absolute(c.output);
-  const fs::path parent = out.parent_path();
-  KILN_CHECK(fs::is_directory(parent), "export", "{}: the folder to write into, {}, does not exist", c.output, parent.string());
-  KILN_CHECK(::access(parent.c_str(), W_OK) == 0, "export", "{}: cannot write into {}: {}", c.output, parent.string(),
-             std::strerror(errno));
-  if (fs::exists(out)) {
-    const bool empty_dir = fs::is_directory(out) && fs::is_empty(out);
-    KILN_CHECK(c.overwrite || empty_dir, "export", "{} exists (give --overwrite to replace it)", c.output);
-    KILN_CHECK(c.format != "hf" || fs::is_directory(out), "export", "{} exists and is not a folder", c.output);
-    KILN_CHECK(c.format == "hf" || !fs::is_directory(out) || empty_dir, "export", "{} is a folder; --format {} writes a file",
-               c.output, c.format);
-  }
-}
-
 void check_adapter(const std::string& dir) {
   KILN_CHECK(fs::is_directory(dir), "export", "adapter folder {} does not exist", dir);
   for (const char* f : {"adapter_config.json", "adapter_model.safetensors"})
     KILN_CHECK(fs::exists(fs::path(dir) / f), "export", "adapter folder {} has no {}", dir, f);
+}
+
+// config.json with the quantization_config transformers writes for a model loaded with
+// BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", ...): what lets transformers, and kiln,
+// load the NF4 tensors as they are. Double quantisation as the model's NF4 weights have it (all alike).
+std::string with_bnb_quantization_config(const std::string& config_json, nn::Llama& model) {
+  int double_quant = -1;  // unknown until the first NF4 layer
+  for (auto& [path, m] : model.named_modules())
+    if (const auto* nf4 = dynamic_cast<const nn::NF4Linear*>(m)) {
+      const int dq = nf4->weight().double_quant ? 1 : 0;
+      KILN_CHECK(double_quant < 0 || dq == double_quant, "export",
+                 "{}: NF4 weights with and without double quantisation; a bnb-4bit config holds one setting", path);
+      double_quant = dq;
+    }
+  KILN_CHECK(double_quant >= 0, "export", "the model has no NF4 layers to write as bnb-4bit");
+  nlohmann::ordered_json j = nlohmann::ordered_json::parse(config_json);
+  j["quantization_config"] = {{"_load_in_4bit", true},
+                              {"_load_in_8bit", false},
+                              {"bnb_4bit_compute_dtype", j.at("torch_dtype")},  // the dtype written
+                              {"bnb_4bit_quant_storage", "uint8"},
+                              {"bnb_4bit_quant_type", "nf4"},
+                              {"bnb_4bit_use_double_quant", double_quant == 1},
+                              {"llm_int8_enable_fp32_cpu_offload", false},
+                              {"llm_int8_has_fp16_weight", false},
+                              {"llm_int8_skip_modules", nullptr},
+                              {"llm_int8_threshold", 6.0},
+                              {"load_in_4bit", true},
+                              {"load_in_8bit", false},
+                              {"quant_method", "bitsandbytes"}};
+  return j.dump(2);
 }
 
 // Moves `from` over `to` (a folder or file), replacing what was there only once `from` is complete.
@@ -92,20 +108,37 @@ void move_into_place(const fs::path& from, const fs::path& to) {
 
 }  // namespace
 
+void check_output_path(const std::string& output, bool overwrite, bool file) {
+  KILN_CHECK(!output.empty(), "export", "give --output");
+  const fs::path out = fs::absolute(output);
+  const fs::path parent = out.parent_path();
+  KILN_CHECK(fs::is_directory(parent), "export", "{}: the folder to write into, {}, does not exist", output, parent.string());
+  KILN_CHECK(::access(parent.c_str(), W_OK) == 0, "export", "{}: cannot write into {}: {}", output, parent.string(),
+             std::strerror(errno));
+  if (fs::exists(out)) {
+    const bool empty_dir = fs::is_directory(out) && fs::is_empty(out);
+    KILN_CHECK(overwrite || empty_dir, "export", "{} exists (give --overwrite to replace it)", output);
+    KILN_CHECK(file || fs::is_directory(out), "export", "{} exists and is not a folder", output);
+    KILN_CHECK(!file || !fs::is_directory(out) || empty_dir, "export", "{} is a folder; a file is written there", output);
+  }
+}
+
 std::vector<std::string> save_hf_folder(nn::Llama& model, const std::string& output, DType dtype, const std::string& model_dir,
-                                        const std::string& tokenizer, const std::string& max_shard_size) {
+                                        const std::string& tokenizer, const std::string& max_shard_size, bool nf4_as_bnb) {
   const fs::path tok_json = tokenizer_json(tokenizer, model_dir);
   KILN_CHECK(fs::exists(tok_json), "export", "tokenizer {} does not exist", tok_json.string());
   const fs::path out = fs::absolute(output);
   TempFolder tmp(out);
   const fs::path& dir = tmp.path;
   io::ShardedSafetensorsWriter shards(dir.string(), io::parse_byte_size(max_shard_size), {{"format", "pt"}});
-  for (const nn::PlainTensor& t : nn::plain_tensors(model)) shards.add(t.key, t.get(dtype));
+  for (const nn::PlainTensor& t : nn::plain_tensors(model, nf4_as_bnb)) shards.add(t.key, t.get(dtype));
   std::vector<std::string> files = shards.finish();
   if (files.size() > 1) files.push_back("model.safetensors.index.json");
   nn::LlamaConfig config = model.config();
   config.torch_dtype = dtype;
-  write_file_atomic((dir / "config.json").string(), config.to_json() + "\n", "export");
+  std::string config_json = config.to_json();
+  if (nf4_as_bnb) config_json = with_bnb_quantization_config(config_json, model);
+  write_file_atomic((dir / "config.json").string(), config_json + "\n", "export");
   files.push_back("config.json");
   if (!model_dir.empty() && fs::exists(fs::path(model_dir) / "generation_config.json")) {
     fs::copy_file(fs::path(model_dir) / "generation_config.json", dir / "generation_config.json");
@@ -131,7 +164,7 @@ ExportResult run_export(const ExportCommand& c) {
   const io::GGUFTensorType gguf_type = io::parse_gguf_type(c.gguf_type);
   io::parse_byte_size(c.max_shard_size);  // a bad size is an error before the model is built
   if (!c.model.adapter.empty()) check_adapter(c.model.adapter);
-  check_output(c);
+  check_output_path(c.output, c.overwrite, /*file=*/c.format != "hf");
 
   // The base and the adapter, as finetune/generate build them (load_adapter checks every shape first).
   std::shared_ptr<nn::Llama> model = load_model(c.model);

@@ -38,9 +38,15 @@ ExportResult run_export(const ExportCommand& c);
 // `model` as a Hugging Face folder `output` (built in a temporary folder next to it, then renamed over
 // it): safetensors shards of at most `max_shard_size` ("5GB") in `dtype` with an index when there are
 // several, config.json, `model_dir`'s generation_config.json if any, and the tokenizer files (`tokenizer`,
-// else the model folder's, else kiln's default). Returns the files written.
+// else the model folder's, else kiln's default). With `nf4_as_bnb`, NF4 layers are written as a bnb-4bit
+// checkpoint (config.json's quantization_config as transformers writes it) instead of dequantised.
+// Returns the files written.
 std::vector<std::string> save_hf_folder(nn::Llama& model, const std::string& output, DType dtype,
                                         const std::string& model_dir, const std::string& tokenizer,
-                                        const std::string& max_shard_size = "5GB");
+                                        const std::string& max_shard_size = "5GB", bool nf4_as_bnb = false);
+
+// Checks before any work that `output` can be written: its folder exists and is writable, and it does
+// not exist (or is an empty folder) unless `overwrite`; `file`: a file is written there, else a folder.
+void check_output_path(const std::string& output, bool overwrite, bool file);
 
 }  // namespace kiln::app

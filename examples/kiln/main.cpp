@@ -1,5 +1,5 @@
 // `kiln`: fine-tune (finetune, on one or several processes: launch), evaluate (eval), sample from
-// (generate) and export merged (export) Llama models. Errors are reported as one line and exit code 1; nothing aborts.
+// (generate), export merged (export) and quantise (quantize) Llama models. Errors are reported as one line and exit code 1; nothing aborts.
 #include <cstdio>
 #include <string>
 
@@ -7,6 +7,7 @@
 #include "examples/kiln/distributed.h"
 #include "examples/kiln/export.h"
 #include "examples/kiln/memory_check.h"
+#include "examples/kiln/quantize.h"
 
 int main(int argc, char** argv) {
   kiln::app::set_command_line(argc, argv);
@@ -18,6 +19,7 @@ int main(int argc, char** argv) {
   kiln::app::add_eval_command(app);
   kiln::app::add_generate_command(app);
   kiln::app::add_export_command(app);
+  kiln::app::add_quantize_command(app);
   kiln::app::add_launch_command(app);
   try {
     app.parse(argc, argv);
