@@ -247,6 +247,8 @@ void write_llama_lora_gguf(const std::string& path, Llama& model, io::GGUFTensor
                "{}: scaling * rank is {}, another layer's {}: llama.cpp's LoRA files hold one alpha for all layers",
                module_path, a, alpha);
     const std::string base = gguf_tensor_name(module_path + ".weight");
+    KILN_CHECK(!(c.tie_word_embeddings && base == "output.weight"), "gguf",
+               "{}: the lm_head is tied to the embeddings, which llama.cpp keeps as one tensor: no LoRA file for it", module_path);
     const int64_t permute_heads = qk_permute_heads(module_path + ".lora_B.weight", c);
     // A (r, in) and B (out, r) as PEFT stores them are the shapes llama.cpp takes (ggml: ne = {in, r}, {r, out});
     // B's rows are the base's output rows, so q's and k's are permuted as their weights are.

@@ -1,6 +1,7 @@
 // `kiln export`: merge a LoRA adapter into its (NF4, bnb-4bit or plain) base and write the result as a
-// Hugging Face folder or a GGUF file, or write the adapter alone as a llama.cpp LoRA file. The output is built in a temporary folder (or file) next to it
-// and renamed into place at the end, so an error leaves nothing behind.
+// Hugging Face folder or a GGUF file, or write the adapter alone as a llama.cpp LoRA file. The output is
+// built in a temporary folder (or file) next to it and renamed into place at the end, so an error leaves
+// nothing behind.
 #include "examples/kiln/export.h"
 
 #include <cerrno>

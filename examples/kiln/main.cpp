@@ -1,5 +1,6 @@
 // `kiln`: fine-tune (finetune, on one or several processes: launch), evaluate (eval), sample from
-// (generate), export merged (export) and quantise (quantize) Llama models. Errors are reported as one line and exit code 1; nothing aborts.
+// (generate), export merged (export) and quantise (quantize) Llama models. Errors are reported as one
+// line and exit code 1; nothing aborts.
 #include <cstdio>
 #include <string>
 
