@@ -3,6 +3,7 @@
 #include "dist/init.h"
 
 #include <cerrno>
+#include <cmath>
 #include <cstdlib>
 
 #include "core/cuda/runtime.h"
@@ -26,6 +27,16 @@ int parse_int(const char* name, const char* value) {
   KILN_CHECK(errno == 0 && end != value && *end == '\0' && v >= 0 && v <= 1 << 30, "dist init",
              "{}='{}' is not a non-negative integer", name, value);
   return static_cast<int>(v);
+}
+
+// Seconds > 0 (fractions allowed) as milliseconds, at least 1.
+std::chrono::milliseconds parse_seconds(const char* name, const char* value) {
+  char* end = nullptr;
+  errno = 0;
+  const double v = std::strtod(value, &end);
+  KILN_CHECK(errno == 0 && end != value && *end == '\0' && std::isfinite(v) && v > 0 && v <= 1e7, "dist init",
+             "{}='{}': expected a number of seconds > 0 (at most 1e7)", name, value);
+  return std::chrono::milliseconds(std::max<int64_t>(1, std::llround(v * 1000.0)));
 }
 
 int env_int(const char* name, int fallback) {
@@ -82,6 +93,7 @@ Environment read_environment() {
     KILN_CHECK(e.local_world_size >= 1 && e.local_rank < e.local_world_size, "dist init",
                "local rank {} is out of range for a local world size of {}", e.local_rank, e.local_world_size);
   }
+  if (const char* t = env("KILN_DIST_TIMEOUT")) e.timeout = parse_seconds("KILN_DIST_TIMEOUT", t);
   if (const char* a = env("MASTER_ADDR")) e.master_addr = a;
   if (const char* p = env("MASTER_PORT")) {
     e.master_port = parse_int("MASTER_PORT", p);
@@ -94,6 +106,7 @@ Environment read_environment() {
 World init(const InitOptions& options) {
   World w;
   w.env = read_environment();
+  const std::chrono::milliseconds timeout = w.env.timeout.value_or(options.timeout);
   const std::string& b = options.backend;
   KILN_CHECK(b == "auto" || b == "local" || b == "gloo" || b == "nccl", "dist init",
              "expected backend auto, local, gloo or nccl, found '{}'", b);
@@ -109,25 +122,29 @@ World init(const InitOptions& options) {
              "the local backend runs ranks as threads (dist::run_local); a launcher started {} processes", w.env.world_size);
   KILN_CHECK(backend != "nccl" || w.device.is_cuda(), "dist init", "the nccl backend needs a CUDA device, found {}",
              w.device.str());
+  // NCCL takes one rank per GPU: more ranks on this node than GPUs would put two of them on one device.
+  KILN_CHECK(backend != "nccl" || w.env.local_world_size <= cuda::device_count(), "dist init",
+             "{} ranks on this node and {} CUDA devices: NCCL needs a GPU per rank (start at most {} here)",
+             w.env.local_world_size, cuda::device_count(), cuda::device_count());
   KILN_CHECK(backend != "gloo" || w.device.is_cpu(), "dist init", "the gloo backend takes CPU tensors, found {}",
              w.device.str());
   if (backend == "local") {
-    w.group = make_local_groups(1, options.timeout)[0];
-    for (const auto& [k, v] : options.same_settings) check_same(*w.group->store(), 0, 1, k, v, options.timeout);
+    w.group = make_local_groups(1, timeout)[0];
+    for (const auto& [k, v] : options.same_settings) check_same(*w.group->store(), 0, 1, k, v, timeout);
     return w;
   }
   // A world of one with an explicit gloo/nccl backend meets itself on a free loopback port.
   const bool alone = w.env.world_size == 1;
   auto store = std::make_shared<TcpStore>(alone ? "127.0.0.1" : w.env.master_addr, alone ? 0 : w.env.master_port,
-                                          w.env.rank, w.env.world_size, w.env.rank == 0, options.timeout);
+                                          w.env.rank, w.env.world_size, w.env.rank == 0, timeout);
   const int rank = w.env.rank, size = w.env.world_size;
-  check_same(*store, rank, size, "world_size", std::to_string(size), options.timeout);
-  check_same(*store, rank, size, "backend", backend, options.timeout);
-  check_same(*store, rank, size, "device_type", w.device.is_cuda() ? "cuda" : "cpu", options.timeout);
-  check_same(*store, rank, size, "timeout_ms", std::to_string(options.timeout.count()), options.timeout);
-  for (const auto& [k, v] : options.same_settings) check_same(*store, rank, size, k, v, options.timeout);
-  w.group = backend == "gloo" ? make_gloo_group(store, options.timeout)
-                              : make_nccl_group(store, w.device.index, options.timeout, "default", options.check_calls);
+  check_same(*store, rank, size, "world_size", std::to_string(size), timeout);
+  check_same(*store, rank, size, "backend", backend, timeout);
+  check_same(*store, rank, size, "device_type", w.device.is_cuda() ? "cuda" : "cpu", timeout);
+  check_same(*store, rank, size, "timeout_ms", std::to_string(timeout.count()), timeout);
+  for (const auto& [k, v] : options.same_settings) check_same(*store, rank, size, k, v, timeout);
+  w.group = backend == "gloo" ? make_gloo_group(store, timeout)
+                              : make_nccl_group(store, w.device.index, timeout, "default", options.check_calls);
   return w;
 }
 

@@ -23,6 +23,9 @@ struct Environment {
   std::string master_addr = "127.0.0.1";
   int master_port = 29500;
   std::string source = "none";  // "torchrun" (or kiln launch), "slurm", "openmpi", "none" (a world of one)
+  // KILN_DIST_TIMEOUT (seconds, e.g. "120" or "2.5"): the timeout of every collective and store wait,
+  // over InitOptions::timeout (a hang then ends, naming the missing rank, within a job's time limit).
+  std::optional<std::chrono::milliseconds> timeout;
 };
 // Throws kiln::Error "[dist init] ..." on malformed or inconsistent values.
 Environment read_environment();
@@ -33,7 +36,7 @@ struct InitOptions {
   std::string backend = "auto";
   // Default: cuda:<local rank % devices> where a GPU is visible and the backend is auto or nccl, else cpu.
   std::optional<Device> device;
-  std::chrono::milliseconds timeout = kDefaultTimeout;  // every collective and store wait
+  std::chrono::milliseconds timeout = kDefaultTimeout;  // every collective and store wait (KILN_DIST_TIMEOUT wins)
   // NCCL: exchange a 24-byte record per collective so calls that differ across ranks fail clearly
   // (one small all_gather more each); the local and Gloo backends always check.
   bool check_calls = true;

@@ -170,7 +170,10 @@ NcclGroup::NcclGroup(std::shared_ptr<TcpStore> store, int device, std::chrono::m
   }
   if (size() > 1)
     monitor_ = std::make_unique<Monitor>(*store_, "nccl/" + name + "/" + std::to_string(generation), rank(), size(),
-                                         timeout, [this](const std::string& m) { fail(m); });
+                                         timeout, [this](const std::string& m) {
+                                           (void)cudaSetDevice(device_);  // the monitor's thread: as the watchdog's
+                                           fail(m);
+                                         });
   watchdog_ = std::thread([this] { watchdog(); });
 }
 
@@ -294,7 +297,10 @@ Work NcclGroup::run(Call call) {
   auto work = std::make_shared<NcclWork>();
   work->error = error_;
   work->device = device_;
-  work->call = call;
+  // What the watchdog and the monitor name it by, without the tensors: a finished collective's memory
+  // goes back to the allocator when its caller drops it (record_stream below keeps it from reuse until
+  // `done`), not at the watchdog's next tick.
+  work->call = Call{call.kind, Tensor(), Tensor(), call.op, call.root, call.seq};
   work->deadline = Clock::now() + timeout();
   {
     // At most kRecordSlots calls in flight (their record slots are reused round robin).
@@ -340,6 +346,10 @@ Work NcclGroup::run(Call call) {
 }
 
 void NcclGroup::watchdog() {
+  // This thread's CUDA calls (event queries, the abort) are for the group's device: set it once, so that
+  // no guard restores a fresh thread's default device 0 (cudaSetDevice makes a context there). The
+  // device was set up by the constructor, so this does not fail (and a thread must not throw).
+  (void)cudaSetDevice(device_);
   const auto tick = std::clamp<std::chrono::milliseconds>(timeout() / 20, std::chrono::milliseconds(5),
                                                           std::chrono::milliseconds(100));
   std::unique_lock<std::mutex> lock(mutex_);

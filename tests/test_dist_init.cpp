@@ -22,7 +22,7 @@ class EnvScope {
     static const char* kNames[] = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                                    "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE",
                                    "SLURM_TASKS_PER_NODE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
-                                   "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"};
+                                   "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE", "KILN_DIST_TIMEOUT"};
     for (const char* n : kNames) {
       const char* v = std::getenv(n);
       if (v != nullptr) saved_[n] = v;
@@ -144,4 +144,37 @@ TEST_CASE("init from torchrun variables with an explicit gloo backend, world of 
   w.group->all_reduce(x, dist::ReduceOp::max).wait();
   REQUIRE(x.to(DType::f32).to_vector<float>() == std::vector<float>(4, 3.0f));
   w.group->barrier().wait();
+}
+
+TEST_CASE("KILN_DIST_TIMEOUT sets every collective's and store wait's timeout, over the program's", "[dist]") {
+  using std::chrono::milliseconds;
+  dist::InitOptions o;
+  o.device = kCPU;
+  o.timeout = std::chrono::seconds(600);
+  {
+    EnvScope env(std::map<std::string, std::string>{{"KILN_DIST_TIMEOUT", "2.5"}});
+    REQUIRE(dist::read_environment().timeout == milliseconds(2500));
+    REQUIRE(dist::init(o).group->timeout() == milliseconds(2500));
+  }
+  if (KILN_WITH_GLOO) {  // a group made through the store takes it too
+    EnvScope env({{"RANK", "0"}, {"WORLD_SIZE", "1"}, {"KILN_DIST_TIMEOUT", "90"}});
+    o.backend = "gloo";
+    REQUIRE(dist::init(o).group->timeout() == milliseconds(90000));
+    o.backend = "auto";
+  }
+  {
+    EnvScope env({});
+    REQUIRE_FALSE(dist::read_environment().timeout.has_value());
+    REQUIRE(dist::init(o).group->timeout() == milliseconds(600000));
+  }
+  {
+    EnvScope env(std::map<std::string, std::string>{{"KILN_DIST_TIMEOUT", ""}});  // empty: not set, as the launcher variables
+    REQUIRE_FALSE(dist::read_environment().timeout.has_value());
+  }
+  for (const char* bad : {"abc", "0", "-3", "inf", "nan", "5s"}) {
+    INFO("KILN_DIST_TIMEOUT='" << bad << "'");
+    EnvScope env(std::map<std::string, std::string>{{"KILN_DIST_TIMEOUT", bad}});
+    REQUIRE_THROWS_WITH(dist::read_environment(), ContainsSubstring("[dist init]") &&
+                                                      ContainsSubstring(std::string("KILN_DIST_TIMEOUT='") + bad + "'"));
+  }
 }

@@ -20,8 +20,10 @@
 #   head     the chunked linear+loss head (cuda_chunked_loss 5 16384)
 #   unsloth  the Unsloth anchor (UNSLOTH_PARTS, default train; ANCHOR_BUDGET, default 300 s)
 #   pcie     pinned host <-> device copy bandwidth (PyTorch), 256 MiB each way, alone and both at once
-#   multigpu on a machine of several GPUs: the NCCL tests, then `kiln finetune` 8B QLoRA B1 T4096 (10 steps) on one
-#            rank and on every GPU, sharded (--shard) and plain data parallel: losses and tokens/s side by side
+#   multigpu on a machine of several GPUs: the NCCL tests; the default model on one rank and on every GPU (sharded
+#            and plain: the same losses), a sharded resume on every rank and on one; then `kiln finetune` 8B QLoRA
+#            B1 T4096 (10 steps) on one rank (the ranks' global batch) and on every GPU, sharded and plain: losses,
+#            tokens/s and which processes hold memory on which GPU. KILN_DIST_TIMEOUT (default 60 s here) bounds a hang.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl/lib:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cudnn/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
@@ -72,16 +74,38 @@ for stage in "$@"; do
     multigpu)
       gpus=$(nvidia-smi -L | grep -c GPU)
       [ "$gpus" -ge 2 ] || { echo "multigpu: $gpus GPU on this machine (ask for a kind of several)"; continue; }
-      step $new/kiln_tests "[cuda][dist]"
+      # A hang ends within KILN_DIST_TIMEOUT (naming the missing rank) and every step within its own limit, so
+      # one stuck stage does not take the whole call; NCCL says why it failed.
+      export KILN_DIST_TIMEOUT=${KILN_DIST_TIMEOUT:-60} NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+      export KILN_DEFAULT_CORPUS=$root/third_party/corpus/devil.txt KILN_DEFAULT_BASE=$root/data/default/base
+      step timeout 150 $new/kiln_tests "[nccl]"
+      # The default model over NCCL, seconds a run: one rank with the same global batch, sharded, plain; the
+      # losses must agree (metrics.jsonl); then a sharded resume on every rank and on one.
+      tiny=(finetune --device cuda --steps 4 --seq-len 16 --eval-every 0 --sample-tokens 0 --save-every 0 --log-every 1
+            --warmup 0 --lr 0.01 --batch-size 1)
+      rm -rf /tmp/mg-1 /tmp/mg-s /tmp/mg-p
+      step timeout 60 $new/kiln "${tiny[@]}" --grad-accum "$gpus" --output /tmp/mg-1
+      step timeout 90 $new/kiln "${tiny[@]}" --nproc "$gpus" --shard --output /tmp/mg-s
+      step timeout 90 $new/kiln "${tiny[@]}" --nproc "$gpus" --output /tmp/mg-p
+      for d in /tmp/mg-1 /tmp/mg-s /tmp/mg-p; do echo "$d: $(grep -o '"loss": *[^,]*' $d/metrics.jsonl | tr '\n' ' ')"; done
+      ls /tmp/mg-s/checkpoint-4/shards 2>&1
+      step timeout 90 $new/kiln "${tiny[@]}" --nproc "$gpus" --shard --resume --steps 6 --output /tmp/mg-s
+      step timeout 60 $new/kiln "${tiny[@]}" --shard --resume --steps 8 --output /tmp/mg-s
+      # 8B QLoRA, checkpointing: one rank (global batch as the ranks'), every GPU sharded and plain; which
+      # processes hold memory on which GPU (a rank on another rank's GPU is a stray CUDA context).
       ft=(finetune --config llama3.1-8b --random-init --seq-len 4096 --batch-size 1 --checkpointing --steps 10
           --log-every 5 --eval-every 0 --save-every 0 --sample-tokens 0)
-      for n in 1 "$gpus"; do
-        for mode in --shard ""; do
-          [ "$n" = 1 ] && [ -n "$mode" ] && continue
-          echo "-- $n rank(s) ${mode:-plain}"
-          rm -rf /tmp/kiln-mg
-          step $new/kiln "${ft[@]}" --nproc "$n" $mode --output /tmp/kiln-mg
-        done
+      for run in "1 --grad-accum $gpus" "$gpus --shard" "$gpus"; do
+        set -- $run
+        n=$1
+        shift
+        echo "-- $n rank(s) $*"
+        rm -rf /tmp/kiln-mg /tmp/apps
+        (for i in $(seq 40); do nvidia-smi --query-compute-apps=pid,gpu_bus_id,used_memory --format=csv,noheader; sleep 5; done) >/tmp/apps 2>&1 &
+        apps=$!
+        step timeout 240 $new/kiln "${ft[@]}" --nproc "$n" "$@" --output /tmp/kiln-mg
+        kill $apps 2>/dev/null
+        sort -u /tmp/apps | awk -F, '{print "  app", $1, $2}' | sort -u
       done ;;
     nf4) step $new/cuda_nf4 ;;
     nf4ab)  # the NF4 bench of the base pack and of the new one, alternating
