@@ -252,8 +252,10 @@ void write_llama_lora_gguf(const std::string& path, Llama& model, io::GGUFTensor
     const int64_t permute_heads = qk_permute_heads(module_path + ".lora_B.weight", c);
     // A (r, in) and B (out, r) as PEFT stores them are the shapes llama.cpp takes (ggml: ne = {in, r}, {r, out});
     // B's rows are the base's output rows, so q's and k's are permuted as their weights are.
-    for (const auto& [suffix, t, heads] : {std::tuple{".lora_a", l->lora_a(), int64_t{0}}, {".lora_b", l->lora_b(), permute_heads}}) {
-      infos.push_back({base + suffix, t.shape(), stored_type(t.shape(), type)});
+    for (const auto& part : {std::tuple{".lora_a", l->lora_a(), int64_t{0}}, {".lora_b", l->lora_b(), permute_heads}}) {
+      const Tensor t = std::get<1>(part);  // a named copy: clang 14 cannot capture a structured binding
+      const int64_t heads = std::get<2>(part);
+      infos.push_back({base + std::get<0>(part), t.shape(), stored_type(t.shape(), type)});
       sources.push_back([t, heads] {
         const Tensor v = cast(t, DType::f32);
         return heads ? gguf_permute_qk(v, heads) : contiguous(v);
