@@ -22,6 +22,7 @@ void FsdpParallel::all_reduce_sum(std::vector<double>& values) {
   Tensor t = from_vector<double>(values, {static_cast<int64_t>(values.size())}, device_);
   group_->all_reduce(t).wait();
   values = t.to(kCPU).to_vector<double>();
+  group_->check_ok();
 }
 
 void FsdpParallel::all_reduce_gradients(const nn::NamedTensors& params) {
@@ -54,6 +55,7 @@ void FsdpParallel::all_reduce_gradients(const nn::NamedTensors& params) {
   }
   group_->all_reduce(flat).wait();
   const std::vector<float> flags = narrow(flat, 0, total, n).to(kCPU).to_vector<float>();
+  group_->check_ok();  // the sums are read: a failed group's would be garbage
   for (int64_t i = 0; i < n; ++i) {
     const Tensor& p = params[static_cast<size_t>(i)].second;
     if (flags[static_cast<size_t>(i)] == 0) continue;  // no rank had a gradient
@@ -70,6 +72,7 @@ double FsdpParallel::clip_grad_norm(const nn::NamedTensors& params, double max_n
 std::string FsdpParallel::save_checkpoint(const std::string& output, nn::Module& model, const nn::LoraConfig* lora,
                                           const nn::Optimizer& optimizer, const train::TrainerState& state) {
   if (root_) return save_sharded_checkpoint(output, *root_, optimizer, state);
+  group_->check_ok();  // no checkpoint of a step whose gradients a failed group summed
   std::string path = DataParallel::save_checkpoint(output, model, lora, optimizer, state);
   group_->barrier().wait();  // the folder is complete when any rank returns
   return path;

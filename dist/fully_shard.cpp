@@ -523,6 +523,7 @@ double clip_grad_norm_sharded(const std::vector<std::shared_ptr<FsdpUnit>>& unit
   Tensor total = from_vector<double>({sum_sq(parts[0])}, {1}, device);
   units[0]->group().all_reduce(total).wait();
   const double norm = std::sqrt(total.to(kCPU).item<double>() + sum_sq(parts[1]));
+  units[0]->group().check_ok();
   const double coef = max_norm / (norm + 1e-6);
   if (std::isfinite(norm) && coef < 1.0) {
     for (const auto& gs : parts) {

@@ -62,6 +62,10 @@ class NcclGroup final : public ProcessGroup {
   void abort(const std::string& message) override { fail(message); }
 
   std::string error() { return error_->get(); }  // "" while healthy
+  void check_ok() override {
+    const std::string e = error();
+    if (!e.empty()) throw Error(e);
+  }
 
  protected:
   bool supports(const Device& d) const override { return d.is_cuda(); }

@@ -86,6 +86,10 @@ class ProcessGroup {
   // Fails every pending and later collective of this rank with `message` (idempotent: the first
   // message stays). Backends also tell the other ranks where they can.
   virtual void abort(const std::string& message) = 0;
+  // Throws the group's failure, if it has failed. Call it after reading a collective's result on the host
+  // and before acting on it: an NCCL collective aborted after its wait() was queued completes with whatever
+  // its buffer held. (The local and Gloo backends fail in wait() itself.)
+  virtual void check_ok() {}
 
  protected:
   virtual Work run(Call call) = 0;
