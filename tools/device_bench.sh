@@ -108,7 +108,7 @@ for stage in "$@"; do
         rm -rf /tmp/kiln-mg /tmp/apps
         (for i in $(seq 40); do nvidia-smi --query-compute-apps=pid,gpu_bus_id,used_memory --format=csv,noheader; sleep 5; done) >/tmp/apps 2>&1 &
         apps=$!
-        step timeout 240 $new/kiln "${ft[@]}" --nproc "$n" "$@" --output /tmp/kiln-mg
+        step timeout 180 $new/kiln "${ft[@]}" --nproc "$n" "$@" --output /tmp/kiln-mg
         kill $apps 2>/dev/null
         sort -u /tmp/apps | awk -F, '{print "  app", $1, $2}' | sort -u
       done ;;
