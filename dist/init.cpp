@@ -122,10 +122,6 @@ World init(const InitOptions& options) {
              "the local backend runs ranks as threads (dist::run_local); a launcher started {} processes", w.env.world_size);
   KILN_CHECK(backend != "nccl" || w.device.is_cuda(), "dist init", "the nccl backend needs a CUDA device, found {}",
              w.device.str());
-  // NCCL takes one rank per GPU: more ranks on this node than GPUs would put two of them on one device.
-  KILN_CHECK(backend != "nccl" || w.env.local_world_size <= cuda::device_count(), "dist init",
-             "{} ranks on this node and {} CUDA devices: NCCL needs a GPU per rank (start at most {} here)",
-             w.env.local_world_size, cuda::device_count(), cuda::device_count());
   KILN_CHECK(backend != "gloo" || w.device.is_cpu(), "dist init", "the gloo backend takes CPU tensors, found {}",
              w.device.str());
   if (backend == "local") {

@@ -159,12 +159,15 @@ NcclGroup::NcclGroup(std::shared_ptr<TcpStore> store, int device, std::chrono::m
     for (int i = 0; i < size(); ++i) {
       if (!store_->contains(prefix + "joined/" + std::to_string(i))) missing += fmt::format(" rank {}", i);
     }
+    // NCCL's own words (two ranks on one GPU: "Duplicate GPU detected", ...), read before the abort frees comm_
+    const std::string detail = comm_ != nullptr ? ncclGetLastError(comm_) : "";
     if (comm_ != nullptr) ncclCommAbort(comm_);
     comm_ = nullptr;
     if (state == ncclInProgress)
       KILN_FAIL("dist nccl", "creating the communicator timed out after {}{}", format_duration(timeout),
                 missing.empty() ? std::string() : "; never joined:" + missing);
-    KILN_FAIL("dist nccl", "creating the communicator failed: {}", ncclGetErrorString(state));
+    KILN_FAIL("dist nccl", "creating the communicator failed: {}{}{}", ncclGetErrorString(state), detail.empty() ? "" : ": ",
+              detail);
   }
   stream_ = cuda::Stream::create(device_, /*high_priority=*/true);
   if (check_calls_) {
