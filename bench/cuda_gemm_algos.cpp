@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "autograd/grad_mode.h"
+#include "bench/cublas_check.h"
 #include "bench/cuda_timing.h"
 #include "core/cuda/runtime.h"
 #include "core/ops.h"
@@ -23,12 +24,7 @@ using kiln::Tensor;
 namespace cuda = kiln::cuda;
 const kiln::Device kGPU{kiln::DeviceType::cuda, 0};
 
-void check(cublasStatus_t s, const char* what) {
-  if (s != CUBLAS_STATUS_SUCCESS) {
-    std::fprintf(stderr, "%s failed: %s\n", what, cublasLtGetStatusString(s));
-    std::exit(1);
-  }
-}
+using kiln::bench::check_cublas;
 
 // Row-major out (M, N) = a (M, K) @ b (K, N), where a is stored (M, K) or, with a_t, as (K, M) (a = stored^T),
 // and b is stored (K, N) or, with b_t, as (N, K). To cuBLASLt (column-major): out^T (N, M) = op(b) op(a).
@@ -43,7 +39,7 @@ struct Lt {
   void* ws = nullptr;
   size_t ws_bytes = size_t{32} << 20;
   Lt() {
-    check(cublasLtCreate(&handle), "cublasLtCreate");
+    check_cublas(cublasLtCreate(&handle), "cublasLtCreate");
     cudaMalloc(&ws, ws_bytes);
   }
   ~Lt() {
@@ -61,31 +57,33 @@ void run_case(Lt& lt, const Case& c, int iters, int max_algos, cudaStream_t stre
   const cublasOperation_t op_a = c.b_t ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = c.a_t ? CUBLAS_OP_T : CUBLAS_OP_N;
   cublasLtMatmulDesc_t desc = nullptr;
   cublasLtMatrixLayout_t la = nullptr, lb = nullptr, lc = nullptr;
-  check(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "desc");
-  check(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof(op_a)), "transa");
-  check(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)), "transb");
+  check_cublas(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "desc");
+  check_cublas(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof(op_a)), "transa");
+  check_cublas(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)), "transb");
   const auto u = [](int64_t v) { return static_cast<uint64_t>(v); };
-  if (c.b_t) check(cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, u(c.k), u(c.n), c.k), "la");
-  else check(cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, u(c.n), u(c.k), c.n), "la");
-  if (c.a_t) check(cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, u(c.m), u(c.k), c.m), "lb");
-  else check(cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, u(c.k), u(c.m), c.k), "lb");
-  check(cublasLtMatrixLayoutCreate(&lc, CUDA_R_16BF, u(c.n), u(c.m), c.n), "lc");
+  if (c.b_t) check_cublas(cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, u(c.k), u(c.n), c.k), "la");
+  else check_cublas(cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, u(c.n), u(c.k), c.n), "la");
+  if (c.a_t) check_cublas(cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, u(c.m), u(c.k), c.m), "lb");
+  else check_cublas(cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, u(c.k), u(c.m), c.k), "lb");
+  check_cublas(cublasLtMatrixLayoutCreate(&lc, CUDA_R_16BF, u(c.n), u(c.m), c.n), "lc");
   cublasLtMatmulPreference_t pref = nullptr;
-  check(cublasLtMatmulPreferenceCreate(&pref), "pref");
-  check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &lt.ws_bytes, sizeof(lt.ws_bytes)),
-        "pref ws");
+  check_cublas(cublasLtMatmulPreferenceCreate(&pref), "pref");
+  check_cublas(
+      cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &lt.ws_bytes, sizeof(lt.ws_bytes)),
+      "pref ws");
   std::vector<cublasLtMatmulHeuristicResult_t> results(static_cast<size_t>(max_algos));
   int found = 0;
-  check(cublasLtMatmulAlgoGetHeuristic(lt.handle, desc, la, lb, lc, lc, pref, max_algos, results.data(), &found), "heuristic");
+  check_cublas(cublasLtMatmulAlgoGetHeuristic(lt.handle, desc, la, lb, lc, lc, pref, max_algos, results.data(), &found),
+               "heuristic");
   const double flops = 2.0 * static_cast<double>(c.m) * static_cast<double>(c.n) * static_cast<double>(c.k);
   const float one = 1.0f, zero = 0.0f;
   std::vector<double> tflops;
   for (int i = 0; i < found; ++i) {
     const cublasLtMatmulAlgo_t* algo = &results[static_cast<size_t>(i)].algo;
     auto call = [&] {
-      check(cublasLtMatmul(lt.handle, desc, &one, b.raw_data(), la, a.raw_data(), lb, &zero, out.raw_data(), lc, out.raw_data(),
-                           lc, algo, lt.ws, lt.ws_bytes, stream),
-            "cublasLtMatmul");
+      check_cublas(cublasLtMatmul(lt.handle, desc, &one, b.raw_data(), la, a.raw_data(), lb, &zero, out.raw_data(), lc,
+                                  out.raw_data(), lc, algo, lt.ws, lt.ws_bytes, stream),
+                   "cublasLtMatmul");
     };
     // two interleaved passes would need every algorithm twice in memory; the best of two timings instead
     const double ms = std::min(kiln::bench::time_ms(call, iters), kiln::bench::time_ms(call, iters));

@@ -13,6 +13,7 @@
 
 #include "autograd/grad_mode.h"
 #include "core/cuda/runtime.h"
+#include "bench/cublas_check.h"
 #include "bench/cuda_timing.h"
 #include "core/ops.h"
 
@@ -24,12 +25,7 @@ namespace cuda = kiln::cuda;
 
 const kiln::Device kGPU{kiln::DeviceType::cuda, 0};
 
-void check(cublasStatus_t s, const char* what) {
-  if (s != CUBLAS_STATUS_SUCCESS) {
-    std::fprintf(stderr, "%s failed: %s\n", what, cublasLtGetStatusString(s));
-    std::exit(1);
-  }
-}
+using kiln::bench::check_cublas;
 
 using kiln::bench::time_ms;
 
@@ -44,23 +40,23 @@ struct BareGemm {
   size_t ws_bytes = size_t{32} << 20;
 
   BareGemm(int64_t t, int64_t k, int64_t n) {
-    check(cublasLtCreate(&handle), "cublasLtCreate");
+    check_cublas(cublasLtCreate(&handle), "cublasLtCreate");
     cudaMalloc(&ws, ws_bytes);
-    check(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "desc");
+    check_cublas(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "desc");
     const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
-    check(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)), "transa");
-    check(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)), "transb");
-    check(cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, static_cast<uint64_t>(k), static_cast<uint64_t>(n), k), "la");
-    check(cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, static_cast<uint64_t>(k), static_cast<uint64_t>(t), k), "lb");
-    check(cublasLtMatrixLayoutCreate(&lc, CUDA_R_16BF, static_cast<uint64_t>(n), static_cast<uint64_t>(t), n), "lc");
+    check_cublas(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)), "transa");
+    check_cublas(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)), "transb");
+    check_cublas(cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, static_cast<uint64_t>(k), static_cast<uint64_t>(n), k), "la");
+    check_cublas(cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, static_cast<uint64_t>(k), static_cast<uint64_t>(t), k), "lb");
+    check_cublas(cublasLtMatrixLayoutCreate(&lc, CUDA_R_16BF, static_cast<uint64_t>(n), static_cast<uint64_t>(t), n), "lc");
     cublasLtMatmulPreference_t pref = nullptr;
-    check(cublasLtMatmulPreferenceCreate(&pref), "pref");
-    check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes,
-                                               sizeof(ws_bytes)),
-          "pref ws");
+    check_cublas(cublasLtMatmulPreferenceCreate(&pref), "pref");
+    check_cublas(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes,
+                                                      sizeof(ws_bytes)),
+                 "pref ws");
     cublasLtMatmulHeuristicResult_t result{};
     int found = 0;
-    check(cublasLtMatmulAlgoGetHeuristic(handle, desc, la, lb, lc, lc, pref, 1, &result, &found), "heuristic");
+    check_cublas(cublasLtMatmulAlgoGetHeuristic(handle, desc, la, lb, lc, lc, pref, 1, &result, &found), "heuristic");
     if (found == 0) {
       std::fprintf(stderr, "no algorithm\n");
       std::exit(1);
@@ -78,8 +74,8 @@ struct BareGemm {
   }
   void run(const void* w, const void* x, void* out, cudaStream_t s) const {
     const float one = 1.0f, zero = 0.0f;
-    check(cublasLtMatmul(handle, desc, &one, w, la, x, lb, &zero, out, lc, out, lc, &algo, ws, ws_bytes, s),
-          "cublasLtMatmul");
+    check_cublas(cublasLtMatmul(handle, desc, &one, w, la, x, lb, &zero, out, lc, out, lc, &algo, ws, ws_bytes, s),
+                 "cublasLtMatmul");
   }
 };
 
