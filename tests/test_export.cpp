@@ -105,6 +105,21 @@ int leftovers(const fs::path& dir) {
   return n;
 }
 
+// Runs the source tree's tools/`script` with `args` (quoted by the caller), its output in `root`/check.txt and
+// in the Catch2 report; returns its exit status.
+int run_check_script(const fs::path& root, const std::string& script, const std::string& args) {
+  const fs::path path = fs::path(KILN_TEST_DATA) / ".." / ".." / "tools" / script;
+  REQUIRE(fs::exists(path));
+  const fs::path log = root / "check.txt";
+  const std::string cmd = "python3 '" + path.string() + "' " + args + " > '" + log.string() + "' 2>&1";
+  const int rc = std::system(cmd.c_str());
+  UNSCOPED_INFO(read_file(log.string(), "test"));
+  return rc;
+}
+int run_llamacpp_check(const fs::path& root, const std::string& args) {
+  return run_check_script(root, "check_gguf_llamacpp.py", args);
+}
+
 }  // namespace
 
 TEST_CASE("export: plain_weight merges LoRA over Linear and NF4 bases in f32, merge_and_unload keeps the outputs", "[export]") {
@@ -289,31 +304,15 @@ TEST_CASE("export: GGUF files (f16, bf16, Q8_0) hold what gguf-py reads back as 
 
   if (std::system("python3 -c 'import gguf, numpy' > /dev/null 2>&1") != 0)
     SKIP("python3 with the gguf and numpy packages is not available (tools/bootstrap.sh installs them): GGUF files not checked by gguf-py");
-  const fs::path script = fs::path(KILN_TEST_DATA) / ".." / ".." / "tools" / "check_gguf.py";  // the source tree's
-  REQUIRE(fs::exists(script));
   for (const char* type : {"f16", "bf16", "q8_0"}) {
     INFO("gguf type " << type);
-    const std::string cmd = "python3 '" + script.string() + "' '" + (root / (std::string(type) + ".gguf")).string() + "' '" +
-                            (root / "hf").string() + "' --type " + type + " > '" + (root / "check.txt").string() + "' 2>&1";
-    const int rc = std::system(cmd.c_str());
-    INFO(read_file((root / "check.txt").string(), "test"));
-    CHECK(rc == 0);
+    const std::string args = "'" + (root / (std::string(type) + ".gguf")).string() + "' '" + (root / "hf").string() + "' --type " + type;
+    CHECK(run_check_script(root, "check_gguf.py", args) == 0);
   }
   fs::remove_all(root);
 }
 
 namespace {
-
-// Runs tools/check_gguf_llamacpp.py with `args`; its output goes into the Catch2 report.
-int run_llamacpp_check(const fs::path& root, const std::string& args) {
-  const fs::path script = fs::path(KILN_TEST_DATA) / ".." / ".." / "tools" / "check_gguf_llamacpp.py";  // the source tree's
-  REQUIRE(fs::exists(script));
-  const fs::path log = root / "llamacpp.txt";
-  const std::string cmd = "python3 '" + script.string() + "' " + args + " > '" + log.string() + "' 2>&1";
-  const int rc = std::system(cmd.c_str());
-  UNSCOPED_INFO(read_file(log.string(), "test"));
-  return rc;
-}
 
 // One JSON line per text: kiln's ids for it, with and without <|begin_of_text|> and special tokens.
 void write_token_lines(const data::Tokenizer& tok, const fs::path& path) {
@@ -347,7 +346,7 @@ TEST_CASE("export: llama.cpp runs the GGUF files with kiln's logits and tokenize
   spec.model_dir = data::find_default_file(data::DefaultFile::base);
   const std::string adapter = write_adapter(spec, root / "adapter", /*rslora=*/true);
   // kiln's logits of the unmerged base + adapter (`kiln eval --logits`) over fresh random ids
-  const int64_t vocab = app::load_model(spec)->config().vocab_size;
+  const int64_t vocab = nn::LlamaConfig::from_file((fs::path(spec.model_dir) / "config.json").string()).vocab_size;
   Generator gen(Catch::getSeed() + 11);
   {
     std::ofstream ids(root / "ids.jsonl");
